@@ -1,0 +1,111 @@
+"""adaptools: parameter-efficient fine-tuning adapters as files.
+
+This module is the public API. Plugins, built-in or third-party, import only from here.
+"""
+
+from __future__ import annotations
+
+from .adapter_io import detect_format, load, save
+from .errors import (
+    AdapterFormatError,
+    AdaptoolsError,
+    CheckFailedError,
+    IncompatibleBaseError,
+    InputError,
+    OutputExistsError,
+    PluginConflictError,
+    UnknownPluginError,
+    UnsafeInputError,
+    UnsupportedOperationError,
+)
+from .hookspecs import hookimpl
+from .interfaces import (
+    OPERATIONS,
+    AdapterFormat,
+    AdapterMethod,
+    Backend,
+    BaseInfo,
+    BaseTensor,
+    ReadOptions,
+    TensorUpdate,
+    ValidationContext,
+    Validator,
+    Verdict,
+)
+from .outputs import atomic_output
+from .registry import (
+    backends,
+    formats,
+    get_backend,
+    get_format,
+    get_method,
+    get_validator,
+    methods,
+    validators,
+)
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec, read_header, save_tensors
+from .schema import (
+    SCHEMA_VERSION,
+    Adapter,
+    BaseRef,
+    FileStore,
+    MemoryStore,
+    StoredTensorInfo,
+    TensorStore,
+    parse_metadata,
+    split_name,
+)
+
+from .version import __version__
+
+__all__ = [
+    "OPERATIONS",
+    "SCHEMA_VERSION",
+    "Adapter",
+    "AdapterFormat",
+    "AdapterFormatError",
+    "AdapterMethod",
+    "AdaptoolsError",
+    "Backend",
+    "BaseInfo",
+    "BaseRef",
+    "BaseTensor",
+    "CheckFailedError",
+    "FileStore",
+    "IncompatibleBaseError",
+    "InputError",
+    "MemoryStore",
+    "OutputExistsError",
+    "PluginConflictError",
+    "ReadOptions",
+    "SafetensorsFile",
+    "SafetensorsWriter",
+    "StoredTensorInfo",
+    "TensorSpec",
+    "TensorStore",
+    "TensorUpdate",
+    "UnknownPluginError",
+    "UnsafeInputError",
+    "UnsupportedOperationError",
+    "ValidationContext",
+    "Validator",
+    "Verdict",
+    "__version__",
+    "atomic_output",
+    "backends",
+    "formats",
+    "get_backend",
+    "get_format",
+    "get_method",
+    "get_validator",
+    "methods",
+    "validators",
+    "detect_format",
+    "hookimpl",
+    "load",
+    "parse_metadata",
+    "read_header",
+    "save",
+    "save_tensors",
+    "split_name",
+]

@@ -1,0 +1,5 @@
+"""``python -m adaptools`` runs the CLI."""
+
+from .cli import main
+
+main()

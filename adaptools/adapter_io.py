@@ -1,0 +1,68 @@
+"""Load any supported adapter into the schema, and save the schema to any writable format.
+
+Which format a path is in is decided by the registered formats' ``detect``; which method its tensors
+follow is recorded in the adapter and checked by that method's ``validate`` before anything else runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import registry
+from .errors import InputError, UnknownPluginError
+from .interfaces import ReadOptions
+from .outputs import atomic_output
+from .resolve import resolve
+from .schema import Adapter
+
+ADAPTER_FILE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin", "*.md"]
+
+
+def detect_format(path: Path) -> str:
+    """Name of the registered format that recognises ``path``."""
+    for name, entry in registry.formats().items():
+        if entry.obj.can_read and entry.obj.detect(path):
+            return name
+    if path.is_dir():
+        raise InputError("no adapter found in this directory", path=path,
+                         hint="expected adapter_config.json with adapter_model.safetensors, or a schema file")
+    raise InputError("not a recognised adapter file", path=path,
+                     hint=f"readable formats: {', '.join(sorted(registry.formats()))}")
+
+
+def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle: bool = False,
+         validate: bool = True) -> Adapter:
+    """Read an adapter from a local path or a hub reference into the canonical schema.
+
+    Args:
+        ref: a directory, a file, ``org/name`` or ``org/name@revision``.
+        format: force a format instead of detecting it.
+        allow_pickle: allow ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+        validate: check the tensors against the config and for NaN/Inf (recommended).
+
+    Raises:
+        InputError: unreadable or inconsistent input, naming the file and tensor.
+    """
+    path = resolve(ref, allow_patterns=ADAPTER_FILE_PATTERNS, what="adapter")
+    fmt_name = format or detect_format(path)
+    fmt = registry.get_format(fmt_name)
+    adapter = fmt.read(path, ReadOptions(allow_pickle=allow_pickle, validate=validate))
+    adapter.read_format = fmt_name
+    try:
+        method = registry.get_method(adapter.method)
+    except UnknownPluginError as exc:
+        raise UnknownPluginError(f"adapter uses method {adapter.method!r}, which no installed plugin provides",
+                                 path=path, hint=exc.hint) from None
+    method.validate(adapter, check_values=validate)
+    return adapter
+
+
+def save(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "schema", force: bool = False) -> Path:
+    """Write ``adapter`` in ``format`` to ``path`` atomically (a temporary sibling renamed into place)."""
+    fmt = registry.get_format(format)
+    if not fmt.can_write:
+        raise UnknownPluginError(f"format {format!r} cannot be written")
+    with atomic_output(path, force=force, directory=fmt.writes_directory) as tmp:
+        fmt.write(adapter, tmp)
+    return Path(path)

@@ -1,0 +1,226 @@
+"""The classes plugins subclass: adapter methods, file formats, weight backends and validators.
+
+A plugin (built-in or third-party) imports these from the top-level ``adaptools`` package, subclasses one,
+and hands an instance to the ``register`` callback of the matching hook (see ``hookspecs.py``). Each class
+declares what it can do through class attributes, so the core can refuse an unsupported operation before
+touching any tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import UnsupportedOperationError
+from .schema import Adapter
+
+#: Operations a method may declare in ``AdapterMethod.operations``.
+OPERATIONS = ("info", "convert", "merge", "apply")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a format reader may read its input."""
+
+    allow_pickle: bool = False  # unpickle legacy .bin files (weights_only=True only)
+    validate: bool = True  # check tensors against config, and values for NaN/Inf
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    """One tensor of a base checkpoint, known from headers only."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class BaseInfo:
+    """What a method may know about a base checkpoint before any weight is read.
+
+    ``tensors`` holds what is stored on disk; ``aliases`` maps a parameter that is tied to another and not
+    stored (``lm_head.weight`` under ``tie_word_embeddings``) to the tensor that holds its values.
+    """
+
+    tensors: dict[str, BaseTensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    path: str = "<base>"
+
+    def find(self, name: str) -> BaseTensor | None:
+        """The stored tensor that holds parameter ``name``, following ties; None if the base lacks it."""
+        if name in self.tensors:
+            return self.tensors[name]
+        stored = self.aliases.get(name)
+        if stored is not None:
+            t = self.tensors[stored]
+            return BaseTensor(name, t.dtype, t.shape)
+        return None
+
+    def locate(self, module: str, param: str) -> str | None:
+        """The base parameter name for ``module.param``, tolerating a head-class prefix difference.
+
+        An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0...``; a checkpoint saved from
+        ``LlamaModel`` names ``layers.0...`` (peft-format.md §2.4). Returns None if nothing fits.
+        """
+        head, _, rest = module.partition(".")
+        candidates = [module]
+        if rest:
+            candidates.append(rest)
+        candidates += [f"{prefix}.{module}" for prefix in ("model", "transformer")]
+        for candidate in candidates:
+            name = f"{candidate}.{param}"
+            if self.find(name) is not None:
+                return name
+        return None
+
+
+#: An update to one base tensor: given the current value and the original (both fp32), return the new one.
+UpdateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TensorUpdate:
+    """What a method does to one base parameter during a merge.
+
+    ``kind`` is ``"delta"`` (a function of the weight) or ``"replace"`` (a new tensor, possibly of another
+    shape, e.g. a resized vocabulary). Updates of several adapters on one parameter run in order.
+    """
+
+    target: str
+    kind: str
+    fn: UpdateFn
+    shape: tuple[int, ...] | None = None  # the result's shape when it differs from the base's
+    source: str = ""  # which adapter tensors, for messages
+
+
+class AdapterMethod(ABC):
+    """An adapter method (LoRA, OLoRA, ...): knows its tensors, its config and its math."""
+
+    #: What users type and what schema files record (``adaptools.method``).
+    name: ClassVar[str]
+    #: One line for ``adaptools plugins``.
+    description: ClassVar[str] = ""
+    #: Which of :data:`OPERATIONS` this method supports.
+    operations: ClassVar[frozenset[str]] = frozenset({"info", "convert"})
+    #: The tensor roles (suffixes) this method's adapters may contain.
+    roles: ClassVar[tuple[str, ...]] = ()
+    #: The PEFT ``peft_type`` values this method reads (empty: not a PEFT method).
+    peft_types: ClassVar[tuple[str, ...]] = ()
+    #: PEFT key suffix (after the module path, adapter name removed) -> canonical role.
+    peft_roles: ClassVar[dict[str, str]] = {}
+
+    def from_peft(self, peft_config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """Turn a PEFT ``adapter_config.json`` (base fields removed) into this method's config.
+
+        ``shapes`` maps canonical tensor names to shapes, for configs that record per-module facts.
+        """
+        return dict(peft_config)
+
+    def to_peft(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`from_peft`."""
+        return dict(config)
+
+    @abstractmethod
+    def validate(self, adapter: Adapter, *, check_values: bool = True) -> None:
+        """Raise :class:`AdapterFormatError` naming the tensor if tensors and config disagree."""
+
+    def summary(self, adapter: Adapter) -> dict[str, Any]:
+        """A JSON-able description for ``adaptools info``."""
+        return {}
+
+    def require(self, operation: str) -> None:
+        """Raise :class:`UnsupportedOperationError` unless this method supports ``operation``."""
+        if operation not in self.operations:
+            raise UnsupportedOperationError(
+                f"method {self.name!r} does not support {operation!r} "
+                f"(it supports: {', '.join(sorted(self.operations))})")
+
+    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""
+        self.require("merge")
+        raise NotImplementedError
+
+    def apply(self, adapter: Adapter, model: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:
+        """Apply the adapter to a live torch module *unmerged* (for validation); undone on exit."""
+        self.require("apply")
+        raise NotImplementedError
+
+
+class AdapterFormat(ABC):
+    """An on-disk adapter format: how to recognise, read and write it."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    can_read: ClassVar[bool] = True
+    can_write: ClassVar[bool] = True
+    #: True when the format writes a directory rather than a single file.
+    writes_directory: ClassVar[bool] = True
+
+    @abstractmethod
+    def detect(self, path: Path) -> bool:
+        """True if ``path`` (file or directory) is in this format. Must be cheap and never raise."""
+
+    def read(self, path: Path, options: ReadOptions) -> Adapter:
+        raise UnsupportedOperationError(f"format {self.name!r} cannot be read")
+
+    def write(self, adapter: Adapter, path: Path) -> None:
+        """Write ``adapter`` to ``path``, which does not exist yet (the caller renames it into place)."""
+        raise UnsupportedOperationError(f"format {self.name!r} cannot be written")
+
+
+class Backend(ABC):
+    """How a stored base weight decodes to a dense tensor and encodes back (dense dtypes, NF4, ...)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
+        """True if this backend stores ``tensor``."""
+
+    @abstractmethod
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored tensor -> dense float32."""
+
+    @abstractmethod
+    def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
+        """Dense float32 -> stored tensor, rounding once."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A validator's answer: passed or not, figures for machines, a sentence for people."""
+
+    passed: bool
+    message: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ValidationContext:
+    """What an operation hands a validator: its inputs, its output and the user's options."""
+
+    operation: str
+    base: str | None
+    adapters: list[Adapter]
+    output: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Validator(ABC):
+    """A check any operation can run after it has written its output (``--check NAME``)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def validate(self, context: ValidationContext) -> Verdict:
+        """Run the check and return a verdict; raise AdaptoolsError only for unusable input."""

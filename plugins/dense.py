@@ -1,0 +1,36 @@
+"""Dense backends: weights stored as plain fp32, fp16 or bf16 tensors. Decoding is a cast to fp32; encoding
+rounds once to the stored dtype, which is what makes a merge bit-exact against PEFT (peft-format.md §3.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import adaptools
+from adaptools import BaseTensor
+
+DTYPES = {"fp32": ("F32", torch.float32), "fp16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16)}
+
+
+class Dense(adaptools.Backend):
+    def __init__(self, name: str):
+        self.name = name  # type: ignore[misc]
+        self.code, self.dtype = DTYPES[name]
+        self.description = f"dense {name} tensors"  # type: ignore[misc]
+
+    def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
+        return tensor.dtype == self.code
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+    def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
+        return dense.to(self.dtype)
+
+
+@adaptools.hookimpl
+def register_backends(register: Any) -> None:
+    for name in DTYPES:
+        register(Dense(name))

@@ -1,0 +1,63 @@
+"""Shared fixtures. Entry-point plugins are off (ADAPTOOLS_LOAD_PLUGINS="") so that only the built-ins and
+what a test registers are loaded; tests that need entry points turn them on themselves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ADAPTOOLS_LOAD_PLUGINS", "")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", module="peft")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+BASES = FIXTURES / "bases"
+ADAPTERS = FIXTURES / "adapters"
+
+#: Every PEFT fixture adapter that reads without --allow-pickle, and the base it belongs to.
+SAFE_ADAPTERS = {
+    p.name: p.name.split("-")[0] for p in sorted(ADAPTERS.iterdir()) if (p / "adapter_model.safetensors").exists()
+}
+
+
+def adapter_path(name: str) -> Path:
+    return ADAPTERS / name
+
+
+def base_path(arch: str) -> Path:
+    return BASES / arch
+
+
+@pytest.fixture
+def cli_runner():
+    from click.testing import CliRunner
+
+    from adaptools.cli import get_cli
+
+    runner = CliRunner()
+    cli = get_cli()
+
+    def invoke(*args: str):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
