@@ -17,10 +17,13 @@ import click
 
 from . import registry
 from .adapter_io import load
-from .errors import AdaptoolsError
+from .errors import AdaptoolsError, CheckFailedError
 from .interfaces import OPERATIONS
+from .interfaces import ValidationContext
 from .operations import convert as convert_op
 from .operations import describe
+from .operations.merge import MergeEvent, MergeInput
+from .operations.merge import merge as merge_op
 from .plugins import load_plugins, pm
 from .version import __version__
 
@@ -141,6 +144,111 @@ def convert(adapter: str, out: str, to: str, force: bool, allow_pickle: bool, js
         emit_json({"input": adapter, "output": str(path), "format": to})
     else:
         click.echo(f"wrote {path} ({to})")
+
+
+def parse_size(text: str | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if text is None:
+        return None
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGIB")
+    try:
+        return int(float(number) * units[raw[len(number):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB", param_hint="--shard-size") from None
+
+
+class _Progress:
+    """A byte-based progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False)
+            self.bar.__enter__()
+
+    def __call__(self, event: MergeEvent) -> None:
+        if self.bar is not None:
+            self.bar.update(event.nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="BASE ADAPTER [ADAPTER ...] OUT")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Weight of each adapter's delta, once per adapter in order (default 1).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Output dtype; auto keeps the base's.")
+@click.option("--device", default="cpu", show_default=True, help="Where the fp32 arithmetic runs: cpu or cuda.")
+@click.option("--shard-size", help="Re-shard the output (e.g. 5GB); default keeps the base's shard layout.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--check", "checks", multiple=True, metavar="NAME",
+              help="Run a registered validator on the result (see `adaptools plugins`); exit 1 if it fails.")
+@click.option("--ignore-base-mismatch", is_flag=True,
+              help="Merge even if the adapter says it was trained on another architecture.")
+@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@click.option("--hash-base", is_flag=True, help="Record the sha256 of local base shards (an extra full read).")
+@json_option
+def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device: str, shard_size: str | None,
+          force: bool, checks: tuple[str, ...], ignore_base_mismatch: bool, allow_pickle: bool, hash_base: bool,
+          json_: bool) -> None:
+    """Merge one or more adapters into BASE and write a full checkpoint to OUT.
+
+    BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
+    with an index) or a hub reference. The merge streams one tensor at a
+    time: memory stays near the largest tensor, whatever the model size.
+    Deltas are computed in fp32 and rounded once to the output dtype, which
+    gives PEFT's merge_and_unload bit for bit.
+
+    Tied embeddings stay tied unless the adapter changes them differently;
+    then an explicit lm_head.weight is written and tie_word_embeddings set
+    to false, so the merged model behaves like the unmerged one.
+
+    \b
+    Examples:
+      adaptools merge meta-llama/Llama-3.2-1B ./my-lora ./merged
+      adaptools merge ./base ./style ./facts ./out --weight 0.7 --weight 1
+      adaptools merge ./base ./my-lora ./out --dtype bf16 --shard-size 5GB
+    """
+    if len(paths) < 3:
+        raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
+    base, adapter_refs, out = paths[0], paths[1:-1], paths[-1]
+    if weights and len(weights) != len(adapter_refs):
+        raise click.UsageError(f"{len(weights)} --weight values for {len(adapter_refs)} adapters")
+    validators = [registry.get_validator(name) for name in checks]
+    size = parse_size(shard_size)
+    inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
+              for i, ref in enumerate(adapter_refs)]
+    bar = _Progress(total=0, enabled=False, label="merging")
+    summary = merge_op(base, inputs, out, dtype=dtype, device=device, shard_size=size, force=force,
+                       ignore_base_mismatch=ignore_base_mismatch, hash_base=hash_base,
+                       command=" ".join(["adaptools", *sys.argv[1:]]), progress=bar)
+    bar.close()
+    verdicts = []
+    for validator in validators:
+        context = ValidationContext("merge", base, [i.adapter for i in inputs], str(out))
+        verdicts.append((validator.name, validator.validate(context)))
+    result = summary.to_json()
+    result["checks"] = [{"name": n, "passed": v.passed, "message": v.message, "figures": v.figures}
+                        for n, v in verdicts]
+    if json_:
+        emit_json(result)
+    else:
+        click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
+                   f"{summary.tensors_merged} merged, {summary.tensors_copied} copied byte for byte, "
+                   f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
+                   f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
+        if summary.untied_lm_head:
+            click.echo("note: lm_head now differs from the input embedding; written explicitly and "
+                       "tie_word_embeddings set to false")
+        for name, verdict in verdicts:
+            click.echo(f"check {name}: {'passed' if verdict.passed else 'FAILED'}: {verdict.message}")
+    if any(not v.passed for _, v in verdicts):
+        raise CheckFailedError(f"a check failed; the output is kept at {out} for inspection")
 
 
 @cli.command()

@@ -50,6 +50,9 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, director
     """
     final = check_output(path, force)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARKER}", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_root, 0o777 & ~umask)  # mkdtemp makes it private; outputs get the usual permissions
     tmp = tmp_root if directory else tmp_root / final.name
     try:
         yield tmp

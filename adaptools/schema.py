@@ -64,17 +64,19 @@ class TensorStore(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
-    def origin(self, name: str) -> str:
-        """A human description of where the tensor came from (file and original key), for errors."""
+    def origin(self, name: str) -> tuple[str, str]:
+        """(file, key in that file) the tensor came from, for error messages."""
         ...
 
 
 class MemoryStore:
     """Tensors already in memory (adapters built in code, or produced by an operation)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], origin: str = "<memory>"):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], origin: str = "<memory>",
+                 keys: Mapping[str, str] | None = None):
         self._tensors = dict(tensors)
         self._origin = origin
+        self._keys = dict(keys or {})
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -86,8 +88,8 @@ class MemoryStore:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def origin(self, name: str) -> str:
-        return f"{self._origin} [{name}]"
+    def origin(self, name: str) -> tuple[str, str]:
+        return self._origin, self._keys.get(name, name)
 
 
 class FileStore:
@@ -108,9 +110,9 @@ class FileStore:
         file, key = self._mapping[name]
         return file.get(key)
 
-    def origin(self, name: str) -> str:
+    def origin(self, name: str) -> tuple[str, str]:
         file, key = self._mapping[name]
-        return f"{file.path} [{key}]"
+        return str(file.path), key
 
     def source_key(self, name: str) -> str:
         return self._mapping[name][1]
@@ -153,6 +155,11 @@ class Adapter:
 
     def info(self, name: str) -> StoredTensorInfo:
         return self.tensors.info(name)
+
+    def where(self, name: str) -> dict[str, str]:
+        """``path=`` and ``tensor=`` keyword arguments for an error about tensor ``name``."""
+        path, key = self.tensors.origin(name)
+        return {"path": path, "tensor": key}
 
     def modules(self) -> dict[str, dict[str, str]]:
         """Module path -> {role: canonical tensor name}, in first-seen order."""

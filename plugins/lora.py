@@ -130,7 +130,7 @@ def token_indices(config: Mapping[str, Any], module: str) -> list[int] | None:
 def _finite(adapter: Adapter, name: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise AdapterFormatError(f"{bad} NaN/Inf value(s)", path=adapter.source, tensor=name,
+        raise AdapterFormatError(f"{bad} NaN/Inf value(s)", **adapter.where(name),
                                  hint="the adapter diverged in training or the file is corrupt")
 
 
@@ -183,24 +183,21 @@ class LoRA(adaptools.AdapterMethod):
         for module, roles in adapter.modules().items():
             for role, name in roles.items():
                 if role not in ROLES and not role.startswith("replace_"):
-                    raise AdapterFormatError(f"unknown LoRA tensor role {role!r}", path=adapter.source,
-                                             tensor=adapter.tensors.origin(name),
+                    raise AdapterFormatError(f"unknown LoRA tensor role {role!r}", **adapter.where(name),
                                              hint=f"known roles: {', '.join(ROLES)}, replace_<param>")
                 info = adapter.info(name)
                 if not info.dtype.startswith(("F", "BF")):
-                    raise AdapterFormatError(f"dtype {info.dtype} is not floating point", path=adapter.source,
-                                             tensor=adapter.tensors.origin(name))
+                    raise AdapterFormatError(f"dtype {info.dtype} is not floating point", **adapter.where(name))
             self._validate_module(adapter, module, roles)
         if check_values:
             for name in adapter.tensor_names():
-                _finite(adapter, adapter.tensors.origin(name), adapter.tensor(name))
+                _finite(adapter, name, adapter.tensor(name))
 
     def _validate_module(self, adapter: Adapter, module: str, roles: dict[str, str]) -> None:
         config = adapter.config
-        origin = adapter.tensors.origin
 
         def fail(message: str, role: str, hint: str | None = None) -> None:
-            raise AdapterFormatError(message, path=adapter.source, tensor=origin(roles[role]), hint=hint)
+            raise AdapterFormatError(message, hint=hint, **adapter.where(roles[role]))
 
         for a_role, b_role in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
             if (a_role in roles) != (b_role in roles):
@@ -306,8 +303,8 @@ class LoRA(adaptools.AdapterMethod):
         found = base.locate(module, param)
         if found is None:
             raise IncompatibleBaseError(
-                f"the adapter changes {module}.{param} but the base has no such tensor", path=adapter.source,
-                tensor=adapter.tensors.origin(tensor),
+                f"the adapter changes {module}.{param} but the base has no such tensor",
+                **adapter.where(tensor),
                 hint="the adapter was made for another model (check base_model_name_or_path)")
         return found
 
@@ -317,12 +314,16 @@ class LoRA(adaptools.AdapterMethod):
         base_shape = base.find(target).shape  # type: ignore[union-attr]
         if len(shape) != len(base_shape) or (shape[1:] != base_shape[1:]):
             raise IncompatibleBaseError(f"replacement shape {list(shape)} does not fit base {list(base_shape)}",
-                                        path=adapter.source, tensor=adapter.tensors.origin(name))
+                                        **adapter.where(name))
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-            return adapter.tensor(name).float()
+            return adapter.tensor(name).to(current.device).float()
 
-        return TensorUpdate(target, "replace", fn, shape=shape if shape != base_shape else None, source=name)
+        # modules_to_save replaces one module's copy; a saved base layer (resized vocab) replaces the storage
+        # itself, which a tied lm_head shares. PEFT matches modules_to_save with a plain endswith (§1.3).
+        saved = [m for m in adapter.config.get("modules_to_save") or [] if module.endswith(m)]
+        kind = "replace_module" if saved else "replace"
+        return TensorUpdate(target, kind, fn, shape=shape if shape != base_shape else None, source=name)
 
     def _delta_updates(self, adapter: Adapter, base: BaseInfo, module: str, roles: dict[str, str],
                        weight: float) -> list[TensorUpdate]:
@@ -332,6 +333,8 @@ class LoRA(adaptools.AdapterMethod):
         b_name = roles["lora_embedding_B" if embedding else "lora_B"]
         target = self._locate(adapter, base, module, "weight", a_name)
         base_shape = base.find(target).shape  # type: ignore[union-attr]
+        if "replace_weight" in roles:  # a saved (possibly resized) base layer is what the delta lands on
+            base_shape = adapter.info(roles["replace_weight"]).shape
         a_shape, b_shape = adapter.info(a_name).shape, adapter.info(b_name).shape
         rank, alpha = module_rank_alpha(config, module)
         s = scaling_for(config, rank, alpha) * weight
@@ -353,12 +356,13 @@ class LoRA(adaptools.AdapterMethod):
         if not ok:
             raise IncompatibleBaseError(
                 f"LoRA factors {list(a_shape)} x {list(b_shape)} do not fit base {target} {list(base_shape)}",
-                path=adapter.source, tensor=adapter.tensors.origin(a_name),
+                **adapter.where(a_name),
                 hint="the adapter was made for another model size")
         magnitude = roles.get("lora_magnitude")
 
-        def delta() -> torch.Tensor:
-            a, b = adapter.tensor(a_name).float(), adapter.tensor(b_name).float()
+        def delta(device: torch.device) -> torch.Tensor:
+            a = adapter.tensor(a_name).to(device).float()
+            b = adapter.tensor(b_name).to(device).float()
             if layout == "embedding":
                 return s * (b @ a).T
             if layout == "conv":
@@ -367,11 +371,11 @@ class LoRA(adaptools.AdapterMethod):
             return d.T if layout == "fan_in_fan_out" else d
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-            d = delta()
+            d = delta(current.device)
             if magnitude is None:
                 return current + d
             # DoRA (peft-format.md §3.6): the norm is of the *original* weight plus this delta.
-            m = adapter.tensor(magnitude).float()
+            m = adapter.tensor(magnitude).to(current.device).float()
             if layout == "embedding":
                 factor = (m / (original + d).norm(p=2, dim=0)).reshape(1, -1)
             elif layout == "conv":
@@ -390,10 +394,11 @@ class LoRA(adaptools.AdapterMethod):
             bias_target = base.locate(module, "bias")
             if bias_target is None:
                 raise IncompatibleBaseError(f"lora_bias needs a bias on {module}, and the base has none",
-                                            path=adapter.source, tensor=adapter.tensors.origin(bias_name))
+                                            **adapter.where(bias_name))
             updates.append(TensorUpdate(
                 bias_target, "delta",
-                lambda current, original: current + s * adapter.tensor(bias_name).float(), source=bias_name))
+                lambda current, original: current + s * adapter.tensor(bias_name).to(current.device).float(),
+                source=bias_name))
         return updates
 
     def _token_update(self, adapter: Adapter, base: BaseInfo, module: str, name: str) -> TensorUpdate:
@@ -402,7 +407,7 @@ class LoRA(adaptools.AdapterMethod):
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             out = current.clone()
-            out[indices] = adapter.tensor(name).float()
+            out[indices.to(current.device)] = adapter.tensor(name).to(current.device).float()
             return out
 
         return TensorUpdate(target, "replace_rows", fn, source=name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +127,12 @@ class PeftFormat(adaptools.AdapterFormat):
                 raise UnsafeInputError("weights are a pickle (adapter_model.bin), which can run code when read",
                                        path=pickle_path, hint="pass --allow-pickle if you trust this file")
             try:
-                state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises many types for bad pickles
-                raise InputError(f"cannot read pickle safely ({str(exc).splitlines()[0]})", path=pickle_path) from None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+            except Exception:  # torch raises many types for bad pickles; its advice (weights_only=False) is unsafe
+                raise InputError("cannot read pickle safely: it is corrupt or holds more than plain tensors",
+                                 path=pickle_path, hint="ask for a safetensors file instead") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise InputError("pickle does not hold a dict of tensors", path=pickle_path)
             raw = {key: tuple(t.shape) for key, t in state.items()}
@@ -145,7 +149,8 @@ class PeftFormat(adaptools.AdapterFormat):
         shapes = {name: raw[key] for name, (_, key) in mapping.items()}
         if isinstance(source, SafetensorsFile):
             return FileStore(mapping), shapes
-        return MemoryStore({name: source[key] for name, (_, key) in mapping.items()}, str(pickle_path)), shapes
+        return MemoryStore({name: source[key] for name, (_, key) in mapping.items()}, str(pickle_path),
+                           keys={name: key for name, (_, key) in mapping.items()}), shapes
 
     def write(self, adapter: Adapter, path: Path) -> None:
         method = adaptools.get_method(adapter.method)

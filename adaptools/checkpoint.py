@@ -1,0 +1,127 @@
+"""A Hugging Face checkpoint folder, known from its config and safetensors headers only.
+
+Nothing here reads weights: a :class:`Checkpoint` knows which tensor lives in which shard at which offset,
+what the config says, and which parameters are tied (``lm_head.weight`` absent under
+``tie_word_embeddings``), so that a merge can plan everything before it reads a byte of weight data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .interfaces import BaseInfo, BaseTensor
+from .resolve import resolve
+from .safetensors_io import Header, TensorInfo, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+#: Files of a checkpoint that hold weights; everything else (config, tokenizer, ...) is copied as is.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+#: Files a merge fetches from the hub: config, tokenizer, generation settings, and safetensors weights.
+BASE_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+#: Input-embedding tensor names, most specific first, used to resolve a tied ``lm_head.weight``.
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                   "tok_embeddings.weight", "embeddings.weight")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One safetensors file of a checkpoint, with its validated header."""
+
+    path: Path
+    header: Header
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+class Checkpoint:
+    """A local checkpoint folder (one ``model.safetensors`` or shards with an index)."""
+
+    def __init__(self, path: Path, config: dict[str, Any], shards: list[Shard], index: dict[str, Any] | None):
+        self.path = path
+        self.config = config
+        self.shards = shards
+        self.index = index
+        self.location: dict[str, tuple[Shard, TensorInfo]] = {}
+        for shard in shards:
+            for name, info in shard.header.tensors.items():
+                if name in self.location:
+                    raise InputError(f"tensor stored twice ({self.location[name][0].name} and {shard.name})",
+                                     path=path, tensor=name)
+                self.location[name] = (shard, info)
+        self.aliases = self._tied_aliases()
+
+    @classmethod
+    def open(cls, ref: str | os.PathLike[str]) -> Checkpoint:
+        """Open a local folder or a hub reference (only config, tokenizer and safetensors files fetched)."""
+        path = resolve(ref, allow_patterns=BASE_FILE_PATTERNS, what="base model")
+        if path.is_file():
+            raise InputError("the base must be a checkpoint folder, not a file", path=path,
+                             hint="pass the folder holding config.json and the .safetensors files")
+        config_path = path / "config.json"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError("no config.json: not a Hugging Face checkpoint folder", path=path) from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not valid JSON ({exc})", path=config_path) from None
+        index = None
+        if (path / INDEX).is_file():
+            try:
+                index = json.loads((path / INDEX).read_text(encoding="utf-8"))
+                files = sorted(set(index["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+                raise InputError(f"invalid index ({exc})", path=path / INDEX) from None
+        elif (path / SINGLE).is_file():
+            files = [SINGLE]
+        else:
+            if any(path.glob("*.bin")):
+                raise InputError("only pickle weights (.bin) here; adaptools merges safetensors checkpoints",
+                                 path=path, hint="convert the base to safetensors first")
+            raise InputError("no model.safetensors or model.safetensors.index.json", path=path)
+        shards = []
+        for name in files:
+            if not (path / name).is_file():
+                raise InputError("shard named in the index is missing", path=path / name)
+            shards.append(Shard(path / name, read_header(path / name)))
+        checkpoint = cls(path, config, shards, index)
+        if index is not None:
+            for name, file in index["weight_map"].items():
+                if name not in checkpoint.location or checkpoint.location[name][0].name != file:
+                    raise InputError(f"index says {file} holds it, but that shard does not", path=path / INDEX,
+                                     tensor=name)
+        return checkpoint
+
+    def _tied_aliases(self) -> dict[str, str]:
+        tied = self.config.get("tie_word_embeddings", True)
+        text_config = self.config.get("text_config")
+        if isinstance(text_config, dict):
+            tied = text_config.get("tie_word_embeddings", tied)
+        if not tied or "lm_head.weight" in self.location:
+            return {}
+        for suffix in EMBEDDING_NAMES:
+            for name in self.location:
+                if name == suffix or name.endswith("." + suffix):
+                    return {"lm_head.weight": name}
+        return {}
+
+    def base_info(self) -> BaseInfo:
+        tensors = {name: BaseTensor(name, info.dtype, info.shape) for name, (_, info) in self.location.items()}
+        return BaseInfo(tensors=tensors, config=self.config, aliases=dict(self.aliases), path=str(self.path))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for _, info in self.location.values())
+
+    def other_files(self) -> list[Path]:
+        """Non-weight files to carry into an output (tokenizer, generation config, ...)."""
+        skip = {INDEX, "config.json", "README.md", ".gitattributes"}
+        return sorted(p for p in self.path.iterdir()
+                      if p.is_file() and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES))

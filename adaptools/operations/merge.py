@@ -1,0 +1,429 @@
+"""Merge adapters into a dense base checkpoint, streaming one tensor at a time.
+
+The plan is made from headers before any weight is read: every adapter's method turns its tensors into
+per-parameter :class:`TensorUpdate` s against the base's :class:`BaseInfo`, so a missing module or a shape
+mismatch is refused before anything is written. Then each output shard is written header-first: touched
+tensors are read with a plain read, decoded to fp32, updated, rounded once to the output dtype and
+written; untouched tensors are copied byte for byte by the kernel. Peak memory is the largest tensor (a
+few copies of it in fp32) plus the adapters, whatever the model size.
+
+Tied embeddings: when ``lm_head.weight`` is not stored because it is tied to the input embedding, the two
+are computed separately from the shared tensor. If they come out equal they stay tied (a delta that
+appears on both, as with peft's ``ensure_weight_tying``, is applied once); otherwise an explicit
+``lm_head.weight`` is written and ``tie_word_embeddings`` set to false, matching the unmerged model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import registry
+from ..checkpoint import INDEX, Checkpoint, Shard
+from ..errors import IncompatibleBaseError, InputError
+from ..interfaces import Backend, BaseTensor, TensorUpdate
+from ..outputs import atomic_output, check_output, terminate_as_exception
+from ..safetensors_io import TORCH_TO_CODE, SafetensorsWriter, TensorInfo, TensorSpec, read_tensor
+from ..schema import Adapter
+from ..version import __version__
+
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: Update kinds that change the stored tensor itself, so a tied alias (lm_head) sees them too.
+STORAGE_KINDS = ("replace", "replace_rows")
+KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2}
+
+
+@dataclass
+class MergeInput:
+    """One adapter to merge and its weight (its deltas are multiplied by it)."""
+
+    adapter: Adapter
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MergeEvent:
+    """Progress: one output tensor written."""
+
+    tensor: str
+    shard: str
+    nbytes: int
+    merged: bool
+
+
+@dataclass
+class MergeSummary:
+    output: str
+    tensors: int = 0
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    shards: int = 0
+    untied_lm_head: bool = False
+    vocab_size: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _adapter_files(adapter: Adapter) -> list[Path]:
+    src = Path(adapter.source)
+    if not src.exists():  # built in memory
+        return []
+    if src.is_file():
+        return [src]
+    return sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+
+
+def _hub_sha256(path: Path) -> str | None:
+    """A hub cache snapshot file is a link to ``blobs/<sha256>`` for LFS files: the hash comes for free."""
+    if path.is_symlink():
+        target = os.path.basename(os.readlink(path))
+        if len(target) == 64 and all(c in "0123456789abcdef" for c in target):
+            return target
+    return None
+
+
+def _check_architecture(adapter: Adapter, checkpoint: Checkpoint) -> None:
+    mapping = adapter.config.get("auto_mapping") or {}
+    wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    architectures = checkpoint.config.get("architectures") or []
+    if wanted and architectures and wanted not in architectures:
+        raise IncompatibleBaseError(
+            f"the adapter was trained on {wanted}, the base is {', '.join(architectures)}", path=adapter.source,
+            hint="pass --ignore-base-mismatch if you are sure")
+
+
+def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
+                 ignore_base_mismatch: bool = False) -> dict[str, list[TensorUpdate]]:
+    """Every adapter's updates, grouped by base parameter, validated against the base's headers."""
+    info = checkpoint.base_info()
+    grouped: dict[str, list[TensorUpdate]] = {}
+    replaced_by: dict[str, str] = {}
+    for item in inputs:
+        method = registry.get_method(item.adapter.method)
+        method.require("merge")
+        if not ignore_base_mismatch:
+            _check_architecture(item.adapter, checkpoint)
+        for update in method.merge_updates(item.adapter, info, item.weight):
+            if update.kind in ("replace", "replace_module"):
+                if update.target in replaced_by and replaced_by[update.target] != item.adapter.source:
+                    raise IncompatibleBaseError(
+                        f"two adapters replace {update.target} ({replaced_by[update.target]} and "
+                        f"{item.adapter.source})", hint="merge them separately or drop one")
+                replaced_by[update.target] = item.adapter.source
+            grouped.setdefault(update.target, []).append(update)
+    return grouped
+
+
+def _ordered(updates: list[TensorUpdate]) -> list[TensorUpdate]:
+    return sorted(updates, key=lambda u: KIND_ORDER.get(u.kind, 1))
+
+
+def _apply(updates: list[TensorUpdate], original: torch.Tensor) -> torch.Tensor:
+    current = original
+    for update in _ordered(updates):
+        current = update.fn(current, original)
+    return current
+
+
+class _Codec:
+    """Picks the backend that decodes each stored tensor, and the one that encodes the output."""
+
+    def __init__(self, dtype: str, checkpoint_config: dict[str, Any]):
+        self.backends: list[Backend] = [e.obj for e in registry.backends().values()]
+        self.config = checkpoint_config
+        self.forced = registry.get_backend(dtype) if dtype != "auto" else None
+
+    def backend(self, tensor: BaseTensor) -> Backend | None:
+        for backend in self.backends:
+            if backend.claims(tensor, self.config):
+                return backend
+        return None
+
+    def output_dtype(self, tensor: BaseTensor) -> str:
+        if self.forced is not None and self.backend(tensor) is not None:
+            return TORCH_TO_CODE[DTYPE_NAMES[self.forced.name]]
+        return tensor.dtype
+
+    def encode(self, dense: torch.Tensor, tensor: BaseTensor) -> torch.Tensor:
+        backend = self.forced if self.forced is not None else self.backend(tensor)
+        if backend is None:
+            raise InputError(f"no backend stores dtype {tensor.dtype}", tensor=tensor.name)
+        return backend.encode(dense, tensor)
+
+
+def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str | os.PathLike[str], *,
+          dtype: str = "auto", device: str = "cpu", shard_size: int | None = None, force: bool = False,
+          ignore_base_mismatch: bool = False, hash_base: bool = False, command: str | None = None,
+          progress: Callable[[MergeEvent], None] | None = None) -> MergeSummary:
+    """Merge ``inputs`` into the checkpoint ``base`` and write a checkpoint folder at ``out``.
+
+    Args:
+        base: a local checkpoint folder or a hub reference.
+        inputs: adapters (already loaded and validated) with weights.
+        out: the output folder; written to a temporary sibling and renamed into place at the end.
+        dtype: ``auto`` (each tensor keeps the base's dtype) or ``fp32``/``fp16``/``bf16``.
+        device: where the fp32 arithmetic runs (``cpu`` or ``cuda``).
+        shard_size: re-shard the output to at most this many bytes per file (default: the base's layout).
+        force: replace an existing ``out``.
+        ignore_base_mismatch: merge even if the adapter names another architecture.
+        hash_base: record the sha256 of local base shards (costs a full extra read).
+        command: the command line, recorded in provenance.
+        progress: called once per written tensor.
+
+    Raises:
+        AdaptoolsError subclasses for anything the user can fix; nothing is written then.
+    """
+    started = time.perf_counter()
+    check_output(out, force)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but torch sees no CUDA device", hint="use --device cpu")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise InputError(f"unknown dtype {dtype!r}", hint="use auto, fp32, fp16 or bf16")
+    checkpoint = Checkpoint.open(base)
+    updates = plan_updates(inputs, checkpoint, ignore_base_mismatch)
+    codec = _Codec(dtype, checkpoint.config)
+    for target in updates:
+        stored = checkpoint.location.get(checkpoint.aliases.get(target, target))
+        if stored is not None and codec.backend(BaseTensor(target, stored[1].dtype, stored[1].shape)) is None:
+            raise InputError(f"cannot merge into a {stored[1].dtype} tensor: no backend decodes it",
+                             path=stored[0].path, tensor=target)
+    summary = MergeSummary(output=str(out))
+
+    precomputed, extra, untie = _plan_tied(checkpoint, updates, codec, device)
+    summary.untied_lm_head = untie
+    layout = _layout(checkpoint, extra, shard_size)
+    specs, new_shapes = _specs(checkpoint, updates, extra, precomputed, codec)
+    provenance = _provenance(checkpoint, inputs, command, hash_base)
+    metadata = {"format": "pt", "adaptools.provenance": json.dumps(provenance, sort_keys=True)}
+
+    with terminate_as_exception(), atomic_output(out, force=force) as tmp:
+        for shard_name, names in layout.items():
+            shard_specs = {name: specs[name] for name in names}
+            with SafetensorsWriter(tmp / shard_name, shard_specs, metadata) as writer:
+                _write_shard(writer, names, checkpoint, updates, precomputed, extra, codec, device, summary,
+                             shard_name, progress)
+        _write_index(tmp, layout, specs, multi=len(layout) > 1 or checkpoint.index is not None)
+        vocab = _write_config(tmp, checkpoint, codec, dtype, untie, new_shapes)
+        summary.vocab_size = vocab
+        for path in checkpoint.other_files():
+            shutil.copyfile(path, tmp / path.name)
+        _write_card(tmp, provenance)
+        summary.shards = len(layout)
+    summary.seconds = time.perf_counter() - started
+    summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return summary
+
+
+def _read(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    shard, info = checkpoint.location[name]
+    with open(shard.path, "rb") as fh:
+        return read_tensor(fh, info)
+
+
+def _plan_tied(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]], codec: _Codec,
+               device: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]], bool]:
+    """Resolve tied parameters now: (precomputed results, extra tensors {name: (after, value)}, untied?)."""
+    precomputed: dict[str, torch.Tensor] = {}
+    extra: dict[str, tuple[str, torch.Tensor]] = {}
+    untie = False
+    for alias, stored in checkpoint.aliases.items():
+        if alias not in updates and stored not in updates:
+            continue
+        info = checkpoint.location[stored][1]
+        like = BaseTensor(stored, info.dtype, info.shape)
+        original = _read(checkpoint, stored).to(device).float()
+        stored_result = codec.encode(_apply(updates.get(stored, []), original), like).cpu()
+        alias_updates = [u for u in updates.get(stored, []) if u.kind in STORAGE_KINDS] + updates.get(alias, [])
+        alias_result = codec.encode(_apply(alias_updates, original), like).cpu()
+        precomputed[stored] = stored_result
+        if not torch.equal(stored_result, alias_result):
+            extra[alias] = (stored, alias_result)
+            untie = True
+        updates.pop(alias, None)
+    return precomputed, extra, untie
+
+
+def _layout(checkpoint: Checkpoint, extra: dict[str, tuple[str, torch.Tensor]],
+            shard_size: int | None) -> dict[str, list[str]]:
+    """Output shard name -> tensor names in write order (the base's layout, or re-sharded)."""
+    ordered: list[tuple[Shard, str]] = []
+    for shard in checkpoint.shards:
+        names = sorted(shard.header.tensors, key=lambda n: shard.header.tensors[n].begin)
+        for name in names:
+            ordered.append((shard, name))
+            for alias, (after, _) in extra.items():
+                if after == name:
+                    ordered.append((shard, alias))
+    if shard_size is None:
+        layout: dict[str, list[str]] = {}
+        for shard, name in ordered:
+            layout.setdefault(shard.name, []).append(name)
+        return layout
+    groups: list[list[str]] = [[]]
+    size = 0
+    for _, name in ordered:
+        info = checkpoint.location.get(name)
+        nbytes = info[1].nbytes if info else extra[name][1].numel() * extra[name][1].element_size()
+        if groups[-1] and size + nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _specs(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]],
+           extra: dict[str, tuple[str, torch.Tensor]], precomputed: dict[str, torch.Tensor],
+           codec: _Codec) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, ...]]]:
+    specs: dict[str, TensorSpec] = {}
+    new_shapes: dict[str, tuple[int, ...]] = {}
+    for name, (_, info) in checkpoint.location.items():
+        like = BaseTensor(name, info.dtype, info.shape)
+        shape = info.shape
+        if name in precomputed:
+            shape = tuple(precomputed[name].shape)
+        for update in updates.get(name, []):
+            if update.shape is not None:
+                shape = tuple(update.shape)
+        if shape != info.shape:
+            new_shapes[name] = shape
+        specs[name] = TensorSpec(codec.output_dtype(like), shape)
+    for alias, (_, value) in extra.items():
+        specs[alias] = TensorSpec.of(value)
+        new_shapes[alias] = tuple(value.shape)
+    return specs, new_shapes
+
+
+def _write_shard(writer: SafetensorsWriter, names: list[str], checkpoint: Checkpoint,
+                 updates: dict[str, list[TensorUpdate]], precomputed: dict[str, torch.Tensor],
+                 extra: dict[str, tuple[str, torch.Tensor]], codec: _Codec, device: str, summary: MergeSummary,
+                 shard_name: str, progress: Callable[[MergeEvent], None] | None) -> None:
+    handles: dict[Path, Any] = {}
+    try:
+        for name in names:
+            merged = False
+            if name in extra:
+                value = extra[name][1]
+                writer.write(name, value)
+                nbytes, merged = value.numel() * value.element_size(), True
+            else:
+                shard, info = checkpoint.location[name]
+                src = handles.get(shard.path)
+                if src is None:
+                    src = handles[shard.path] = open(shard.path, "rb")
+                like = BaseTensor(name, info.dtype, info.shape)
+                if name in precomputed:
+                    value = precomputed.pop(name)
+                    writer.write(name, value)
+                    nbytes, merged = value.numel() * value.element_size(), True
+                elif name in updates:
+                    original = read_tensor(src, info).to(device).float()
+                    value = codec.encode(_apply(updates[name], original), like).cpu()
+                    writer.write(name, value)
+                    nbytes, merged = value.numel() * value.element_size(), True
+                    del original, value
+                elif codec.output_dtype(like) == info.dtype:
+                    writer.copy_range(name, src, info.begin, info.nbytes)
+                    nbytes = info.nbytes
+                else:
+                    value = codec.encode(read_tensor(src, info).float(), like)
+                    writer.write(name, value)
+                    nbytes = value.numel() * value.element_size()
+            summary.tensors += 1
+            summary.bytes_written += nbytes
+            if merged:
+                summary.tensors_merged += 1
+            else:
+                summary.tensors_copied += 1
+            if progress is not None:
+                progress(MergeEvent(name, shard_name, nbytes, merged))
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+
+def _write_index(tmp: Path, layout: dict[str, list[str]], specs: dict[str, TensorSpec], multi: bool) -> None:
+    if not multi or len(layout) == 1 and "model.safetensors" in layout:
+        return
+    weight_map = {name: shard for shard, names in layout.items() for name in names}
+    total = sum(specs[name].nbytes for name in weight_map)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_config(tmp: Path, checkpoint: Checkpoint, codec: _Codec, dtype: str, untie: bool,
+                  new_shapes: dict[str, tuple[int, ...]]) -> int | None:
+    config = dict(checkpoint.config)
+    if dtype != "auto":
+        name = CONFIG_DTYPE_NAMES[DTYPE_NAMES[dtype]]
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+    if untie:
+        config["tie_word_embeddings"] = False
+    vocab = None
+    embedding = checkpoint.aliases.get("lm_head.weight")
+    for name, shape in new_shapes.items():
+        if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) or name == embedding:
+            vocab = shape[0]
+    if vocab is not None:
+        config["vocab_size"] = vocab
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return vocab
+
+
+def _provenance(checkpoint: Checkpoint, inputs: Sequence[MergeInput], command: str | None,
+                hash_base: bool) -> dict[str, Any]:
+    base_files = []
+    for shard in checkpoint.shards:
+        sha = _hub_sha256(shard.path) or (_sha256(shard.path) if hash_base else None)
+        base_files.append({"file": shard.name, "bytes": shard.path.stat().st_size, "sha256": sha})
+    adapters = []
+    for item in inputs:
+        adapters.append({
+            "source": item.adapter.source,
+            "method": item.adapter.method,
+            "weight": item.weight,
+            "base": item.adapter.base.to_json(),
+            "files": [{"file": p.name, "sha256": _sha256(p)} for p in _adapter_files(item.adapter)],
+        })
+    return {"tool": f"adaptools {__version__}", "operation": "merge", "command": command,
+            "base": {"path": str(checkpoint.path), "files": base_files}, "adapters": adapters}
+
+
+def _write_card(tmp: Path, provenance: dict[str, Any]) -> None:
+    base = provenance["base"]["path"]
+    adapters = "\n".join(f"- `{a['source']}` ({a['method']}, weight {a['weight']})" for a in provenance["adapters"])
+    text = (f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- adaptools\n- merge\n---\n\n"
+            f"# Merged model\n\nMade by {provenance['tool']} by merging into `{base}`:\n\n{adapters}\n\n"
+            f"Command: `{provenance['command'] or '(library call)'}`\n\n"
+            "The full provenance (input hashes) is in each .safetensors file's metadata under "
+            "`adaptools.provenance`.\n")
+    (tmp / "README.md").write_text(text, encoding="utf-8")

@@ -1,0 +1,283 @@
+"""A corpus of broken adapters: each must end in one clear line naming the problem, exit 2, and no output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import adapter_path
+from safetensors.torch import load_file
+
+import adaptools
+
+SRC = adapter_path("llama-lora")
+A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def copy_adapter(tmp: Path, name: str = "llama-lora") -> Path:
+    out = tmp / "adapter"
+    shutil.copytree(adapter_path(name), out)
+    return out
+
+
+def edit_config(tmp: Path, **changes) -> Path:
+    out = copy_adapter(tmp)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config.update(changes)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def edit_tensors(tmp: Path, fn: Callable[[dict], None], name: str = "llama-lora") -> Path:
+    out = copy_adapter(tmp, name)
+    tensors = {k: v.clone() for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
+    (out / "adapter_model.safetensors").unlink()  # never rewrite a file that is memory-mapped
+    fn(tensors)
+    adaptools.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
+    return out
+
+
+def truncated(tmp):
+    out = copy_adapter(tmp)
+    f = out / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return out
+
+
+def lying_offsets(tmp):
+    out = copy_adapter(tmp)
+    f = out / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 4
+    new = json.dumps(header).encode()
+    new += b" " * (n - len(new)) if len(new) <= n else b""
+    f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    return out
+
+
+def huge_header_length(tmp):
+    out = copy_adapter(tmp)
+    f = out / "adapter_model.safetensors"
+    f.write_bytes(struct.pack("<Q", 2**40) + f.read_bytes()[8:])
+    return out
+
+
+def header_not_json(tmp):
+    out = copy_adapter(tmp)
+    f = out / "adapter_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[8:12] = b"!!!!"
+    f.write_bytes(bytes(raw))
+    return out
+
+
+def rank_mismatch(tmp):
+    return edit_config(tmp, r=8)
+
+
+def a_without_b(tmp):
+    return edit_tensors(tmp, lambda t: t.pop(B0))
+
+
+def nan_value(tmp):
+    def poison(t):
+        t[A0][0, 0] = float("nan")
+    return edit_tensors(tmp, poison)
+
+
+def inf_value(tmp):
+    def poison(t):
+        t[B0][1, 1] = float("inf")
+    return edit_tensors(tmp, poison)
+
+
+def invalid_json(tmp):
+    out = copy_adapter(tmp)
+    (out / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,')
+    return out
+
+
+def config_not_object(tmp):
+    out = copy_adapter(tmp)
+    (out / "adapter_config.json").write_text("[1, 2]")
+    return out
+
+
+def missing_peft_type(tmp):
+    out = copy_adapter(tmp)
+    config = json.loads((out / "adapter_config.json").read_text())
+    del config["peft_type"]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def unknown_method(tmp):
+    return edit_config(tmp, peft_type="SUPERLORA")
+
+
+def pickle_without_flag(tmp):
+    return adapter_path("llama-bin")
+
+
+def garbage_pickle_with_flag(tmp):
+    out = tmp / "adapter"
+    shutil.copytree(adapter_path("llama-bin"), out)
+    (out / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle at all")
+    return out
+
+
+def empty_directory(tmp):
+    out = tmp / "empty"
+    out.mkdir()
+    (out / "notes.txt").write_text("no adapter here")
+    return out
+
+
+def missing_path(tmp):
+    return tmp / "does-not-exist"
+
+
+def config_without_weights(tmp):
+    out = copy_adapter(tmp)
+    (out / "adapter_model.safetensors").unlink()
+    return out
+
+
+def rank_disagreement(tmp):
+    def shrink(t):
+        t[B0] = t[B0][:, :2].contiguous()
+    return edit_tensors(tmp, shrink)
+
+
+def integer_tensor(tmp):
+    def to_int(t):
+        t[A0] = t[A0].to(torch.int32)
+    return edit_tensors(tmp, to_int)
+
+
+def dora_without_magnitude(tmp):
+    return edit_config(tmp, use_dora=True)
+
+
+def lora_bias_not_in_config(tmp):
+    out = tmp / "adapter"
+    shutil.copytree(adapter_path("qwen2-lora-bias"), out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["lora_bias"] = False
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def token_rows_mismatch(tmp):
+    out = tmp / "adapter"
+    shutil.copytree(adapter_path("llama-trainable-tokens"), out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = [1, 5]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def untargeted_module(tmp):
+    return edit_config(tmp, target_modules=["q_proj"])
+
+
+def schema_from_the_future(tmp):
+    out = tmp / "future.safetensors"
+    adapter = adaptools.load(SRC)
+    adapter.schema_version = 99
+    adaptools.save(adapter, out)
+    return out
+
+
+def schema_unknown_method(tmp):
+    out = tmp / "odd.safetensors"
+    adapter = adaptools.load(SRC)
+    adapter.method = "hyperlora"
+    adaptools.save(adapter, out)
+    return out
+
+
+def truncated_schema_file(tmp):
+    out = tmp / "cut.safetensors"
+    adaptools.save(adaptools.load(SRC), out)
+    out.write_bytes(out.read_bytes()[:-100])
+    return out
+
+
+CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "truncated safetensors": (truncated, "truncated"),
+    "header offsets that lie": (lying_offsets, "data_offsets"),
+    "huge header length": (huge_header_length, "header length"),
+    "header not JSON": (header_not_json, "not valid JSON"),
+    "config r=8, tensors r=4": (rank_mismatch, "config gives rank 8"),
+    "lora_A without lora_B": (a_without_b, "has no matching lora_B"),
+    "NaN value": (nan_value, "NaN/Inf"),
+    "Inf value": (inf_value, "NaN/Inf"),
+    "invalid JSON config": (invalid_json, "not valid JSON"),
+    "config not an object": (config_not_object, "JSON object"),
+    "missing peft_type": (missing_peft_type, "no peft_type"),
+    "unknown method": (unknown_method, "SUPERLORA"),
+    "pickle without the flag": (pickle_without_flag, "--allow-pickle"),
+    "garbage pickle with the flag": (garbage_pickle_with_flag, "cannot read pickle safely"),
+    "directory with no adapter": (empty_directory, "no adapter found"),
+    "missing path": (missing_path, "not found"),
+    "config without weights": (config_without_weights, "no adapter_model.safetensors"),
+    "A and B ranks disagree": (rank_disagreement, "do not share a rank"),
+    "integer tensor": (integer_tensor, "not floating point"),
+    "use_dora without magnitude": (dora_without_magnitude, "no magnitude vector"),
+    "lora_B.bias without lora_bias": (lora_bias_not_in_config, "lora_bias is false"),
+    "trainable token count": (token_rows_mismatch, "3 trainable token rows but 2 indices"),
+    "weights for an untargeted module": (untargeted_module, "does not select it"),
+    "schema from a newer version": (schema_from_the_future, "newer than this adaptools"),
+    "schema with unknown method": (schema_unknown_method, "hyperlora"),
+    "truncated schema file": (truncated_schema_file, "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORPUS))
+@pytest.mark.parametrize("command", ["info", "convert"])
+def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(case, command, tmp_path, cli_runner):
+    make, expected = CORPUS[case]
+    bad = make(tmp_path)
+    extra = ["--allow-pickle"] if case == "garbage pickle with the flag" else []
+    out = tmp_path / "out.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [command, bad, *([out] if command == "convert" else []), *extra]
+    result = cli_runner(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary leftovers
+
+
+def test_corpus_is_big_enough():
+    assert len(CORPUS) >= 12
+
+
+def test_errors_name_the_tensor_and_file(tmp_path, cli_runner):
+    bad = nan_value(tmp_path)
+    result = cli_runner("info", bad)
+    assert "adapter_model.safetensors" in result.stderr
+    assert "layers.0.self_attn.q_proj.lora_A.weight" in result.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from adaptools.cli import get_cli
+
+    result = CliRunner().invoke(get_cli(), ["--debug", "info", str(tmp_path / "nope")])
+    assert isinstance(result.exception, adaptools.InputError)

@@ -1,0 +1,157 @@
+"""The plugin system: hooks, entry points, conflicts, and the `plugins` command."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import adaptools
+from adaptools import hookspecs, registry
+from adaptools.plugins import DEFAULT_PLUGINS, pm
+
+EXAMPLE = Path(__file__).parent / "example_plugin"
+
+
+class FakeDist:
+    """A stand-in distribution exposing one entry point, as importlib.metadata would."""
+
+    def __init__(self, name, module):
+        self.metadata = {"name": name}
+        self.version = "9.9"
+        self._name = name
+        self.entry_points = [importlib.metadata.EntryPoint(name="scale", value=module, group="adaptools")]
+
+    @property
+    def name(self):
+        return self._name
+
+
+@pytest.fixture
+def reload_plugins(monkeypatch):
+    """Reset the plugin manager so a test can load plugins afresh; restore it afterwards."""
+    import adaptools.plugins as plugins_module
+
+    saved = [(pm.get_name(p), p) for p in pm.get_plugins()]
+    for _, p in saved:
+        pm.unregister(p)
+    monkeypatch.setattr(plugins_module, "_loaded", False)
+    yield
+    for p in list(pm.get_plugins()):
+        pm.unregister(p)
+    for name, p in saved:
+        pm.register(p, name=name)
+    plugins_module._loaded = True
+
+
+def test_entry_point_plugin_adds_a_method_info_understands(reload_plugins, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from adaptools.cli import cli
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setenv("ADAPTOOLS_LOAD_PLUGINS", "scale")
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: [FakeDist("adaptools-scale", "adaptools_scale")])
+    assert "scale" in registry.methods()
+    assert registry.methods()["scale"].distribution == "adaptools-scale"
+    adapter = adaptools.Adapter(method="scale", config={}, tensors=adaptools.MemoryStore(
+        {"model.layers.0.mlp.down_proj.scale": torch.ones(64)}))
+    out = tmp_path / "scale.safetensors"
+    adaptools.save(adapter, out)
+    result = CliRunner().invoke(cli, ["info", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "scale"
+    assert data["summary"] == {"scaled_modules": 1}
+    listing = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).stdout)
+    assert {"name": "scale", "distribution": "adaptools-scale"}.items() <= next(
+        p for p in listing["plugins"] if p["methods"] == ["scale"]).items()
+
+
+def test_entry_points_off_means_builtins_only(reload_plugins, monkeypatch):
+    monkeypatch.setenv("ADAPTOOLS_LOAD_PLUGINS", "")
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: [FakeDist("adaptools-scale", "adaptools_scale")])
+    assert "scale" not in registry.methods()
+    assert sorted(pm.get_name(p) for p in pm.get_plugins()) == sorted(DEFAULT_PLUGINS)
+
+
+def test_duplicate_names_are_an_error_naming_both_plugins(reload_plugins):
+    class Copy:
+        @adaptools.hookimpl
+        def register_methods(self, register):
+            from adaptools_plugins.lora import LoRA
+
+            register(LoRA())
+
+    registry.methods()
+    pm.register(Copy(), name="copycat")
+    with pytest.raises(adaptools.PluginConflictError, match="adaptools_plugins.lora and copycat"):
+        registry.methods()
+
+
+def test_misspelt_hook_is_rejected_at_load(reload_plugins, monkeypatch):
+    module = type(sys)("adaptools_typo")
+
+    @adaptools.hookimpl
+    def register_method(register):  # missing "s"
+        pass
+
+    module.register_method = register_method
+    monkeypatch.setitem(sys.modules, "adaptools_typo", module)
+    import adaptools.plugins as plugins_module
+
+    monkeypatch.setattr(plugins_module, "DEFAULT_PLUGINS", DEFAULT_PLUGINS + ("adaptools_typo",))
+    from pluggy import PluginValidationError
+
+    with pytest.raises(PluginValidationError):
+        plugins_module.load_plugins()
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(adaptools.UnknownPluginError, match="did you mean 'lora'"):
+        adaptools.get_method("lorra")
+
+
+def test_every_hook_is_documented_in_the_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in ("register_methods", "register_formats", "register_backends", "register_validators",
+                 "register_commands"):
+        spec = getattr(hookspecs, name)
+        assert spec.__doc__
+        args = ", ".join(getattr(pm.hook, name).spec.argnames)
+        assert f"{name}({args})" in readme, name
+
+
+def test_register_commands_hook_adds_a_command(reload_plugins):
+    import click
+    from click.testing import CliRunner
+
+    import adaptools.cli as cli_module
+
+    class Extra:
+        @adaptools.hookimpl
+        def register_commands(self, cli):
+            @cli.command(name="hello-test")
+            def hello():
+                click.echo("hi")
+
+    pm.register(Extra(), name="extra")
+    pm.hook.register_commands(cli=cli_module.cli)
+    try:
+        assert CliRunner().invoke(cli_module.cli, ["hello-test"]).output == "hi\n"
+    finally:
+        cli_module.cli.commands.pop("hello-test", None)
+
+
+def test_plugins_command_lists_builtins_and_operations(cli_runner):
+    result = cli_runner("plugins")
+    assert result.exit_code == 0
+    for expected in ("adaptools_plugins.lora", "methods: lora", "formats: peft", "formats: schema",
+                     "backends: fp32, fp16, bf16"):
+        assert expected in result.stdout
+    data = json.loads(cli_runner("plugins", "--json").stdout)
+    assert data["operations"]["lora"] == ["apply", "convert", "info", "merge"]
