@@ -55,7 +55,6 @@ from .schema import (
     parse_metadata,
     split_name,
 )
-
 from .version import __version__
 
 __all__ = [

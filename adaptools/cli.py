@@ -18,8 +18,7 @@ import click
 from . import registry
 from .adapter_io import load
 from .errors import AdaptoolsError, CheckFailedError
-from .interfaces import OPERATIONS
-from .interfaces import ValidationContext
+from .interfaces import OPERATIONS, ValidationContext
 from .operations import convert as convert_op
 from .operations import describe
 from .operations.merge import MergeEvent, MergeInput

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import adaptools
-from adaptools import Adapter, FileStore, InputError, ReadOptions, SafetensorsFile, parse_metadata, read_header
+from adaptools import (
+    Adapter,
+    FileStore,
+    InputError,
+    ReadOptions,
+    SafetensorsFile,
+    parse_metadata,
+    read_header,
+)
 
 
 class SchemaFormat(adaptools.AdapterFormat):

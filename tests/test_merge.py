@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 import torch
 from conftest import SAFE_ADAPTERS, adapter_path, base_path
-from peft_oracle import INPUT_IDS, load_base, logits, peft_model
+from peft_oracle import load_base, logits, peft_model
 from safetensors.torch import load_file
 
 import adaptools

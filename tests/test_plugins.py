@@ -31,6 +31,10 @@ class FakeDist:
         return self._name
 
 
+def fake_distributions(**kw):
+    return [FakeDist("adaptools-scale", "adaptools_scale")]
+
+
 @pytest.fixture
 def reload_plugins(monkeypatch):
     """Reset the plugin manager so a test can load plugins afresh; restore it afterwards."""
@@ -55,7 +59,7 @@ def test_entry_point_plugin_adds_a_method_info_understands(reload_plugins, monke
 
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.setenv("ADAPTOOLS_LOAD_PLUGINS", "scale")
-    monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: [FakeDist("adaptools-scale", "adaptools_scale")])
+    monkeypatch.setattr(importlib.metadata, "distributions", fake_distributions)
     assert "scale" in registry.methods()
     assert registry.methods()["scale"].distribution == "adaptools-scale"
     adapter = adaptools.Adapter(method="scale", config={}, tensors=adaptools.MemoryStore(
@@ -74,7 +78,7 @@ def test_entry_point_plugin_adds_a_method_info_understands(reload_plugins, monke
 
 def test_entry_points_off_means_builtins_only(reload_plugins, monkeypatch):
     monkeypatch.setenv("ADAPTOOLS_LOAD_PLUGINS", "")
-    monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: [FakeDist("adaptools-scale", "adaptools_scale")])
+    monkeypatch.setattr(importlib.metadata, "distributions", fake_distributions)
     assert "scale" not in registry.methods()
     assert sorted(pm.get_name(p) for p in pm.get_plugins()) == sorted(DEFAULT_PLUGINS)
 

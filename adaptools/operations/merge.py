@@ -33,7 +33,7 @@ from ..checkpoint import INDEX, Checkpoint, Shard
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..outputs import atomic_output, check_output, terminate_as_exception
-from ..safetensors_io import TORCH_TO_CODE, SafetensorsWriter, TensorInfo, TensorSpec, read_tensor
+from ..safetensors_io import TORCH_TO_CODE, SafetensorsWriter, TensorSpec, read_tensor
 from ..schema import Adapter
 from ..version import __version__
 

@@ -1,0 +1,35 @@
+"""The committed fixtures are what fixtures/build.py generates (deterministic), and stay small."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import FIXTURES, ROOT
+from safetensors.torch import load_file
+
+
+def test_generator_reproduces_committed_fixtures(tmp_path):
+    subprocess.run([sys.executable, str(FIXTURES / "build.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True, cwd=ROOT)
+    committed = sorted(p.relative_to(FIXTURES) for p in FIXTURES.rglob("*.safetensors") if "cache" not in p.parts)
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors"))
+    assert committed == generated
+    for rel in committed:
+        a, b = load_file(str(FIXTURES / rel)), load_file(str(tmp_path / rel))
+        assert sorted(a) == sorted(b), rel
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{rel}: {key}"
+    for config in FIXTURES.glob("adapters/**/adapter_config.json"):
+        ours = json.loads(config.read_text())
+        theirs = json.loads((tmp_path / config.relative_to(FIXTURES)).read_text())
+        ours.pop("peft_version", None), theirs.pop("peft_version", None)
+        assert ours == theirs, config
+
+
+def test_committed_files_are_small():
+    for path in FIXTURES.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_size < 5 * 1024 * 1024, path
