@@ -90,8 +90,19 @@ UpdateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class TensorUpdate:
     """What a method does to one base parameter during a merge.
 
-    ``kind`` is ``"delta"`` (a function of the weight) or ``"replace"`` (a new tensor, possibly of another
-    shape, e.g. a resized vocabulary). Updates of several adapters on one parameter run in order.
+    ``kind`` says how the update composes (the merge applies replacements, then deltas, then row
+    replacements, adapters in order):
+
+    - ``"delta"``: a function of the current value (LoRA, DoRA, biases);
+    - ``"replace"``: the stored tensor itself is replaced (a saved base layer, maybe with a resized vocab),
+      so a parameter tied to it (lm_head) sees the new value too;
+    - ``"replace_module"``: one module's copy is replaced (PEFT ``modules_to_save``); ties do not follow;
+    - ``"replace_rows"``: some rows are replaced (trainable tokens); ties follow, as in PEFT.
+
+    ``fn(current, original)`` gets fp32 tensors on the merge device and returns the new value; it may
+    modify ``current`` in place but never ``original``. ``rows``, when given, is the same update restricted
+    to a block of rows (``rows(current_rows, row_slice)``), which lets the merge stream a large tensor
+    through the CPU cache block by block; it must give bit-identical results to ``fn``.
     """
 
     target: str
@@ -99,6 +110,8 @@ class TensorUpdate:
     fn: UpdateFn
     shape: tuple[int, ...] | None = None  # the result's shape when it differs from the base's
     source: str = ""  # which adapter tensors, for messages
+    rows: Callable[[torch.Tensor, slice], torch.Tensor] | None = None
+    needs_original: bool = False  # fn reads ``original`` (DoRA norms), so it must not alias ``current``
 
 
 class AdapterMethod(ABC):
@@ -193,6 +206,10 @@ class Backend(ABC):
     @abstractmethod
     def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
         """Dense float32 -> stored tensor, rounding once."""
+
+    #: True when decode and encode are plain dtype casts, so any block of rows can be decoded, updated and
+    #: encoded on its own (the merge then casts blocks straight into the output). NF4 and friends: False.
+    elementwise: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -216,13 +218,16 @@ class SafetensorsWriter:
     be buffered. Every declared tensor must be written exactly once, in order; closing early is an error,
     which keeps a half-written file from ever looking complete.
 
+    With ``background=True`` the bytes are written by a helper thread (at most ``depth`` tensors queued),
+    so the caller computes the next tensor while the kernel copies the last one into the page cache.
+
     Example:
         with SafetensorsWriter(path, {"w": TensorSpec("F32", (2, 2))}, {"format": "pt"}) as out:
             out.write("w", torch.zeros(2, 2))
     """
 
     def __init__(self, path: str | os.PathLike[str], specs: Mapping[str, TensorSpec],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, *, background: bool = False, depth: int = 2):
         self.path = Path(path)
         self._order = list(specs)
         self._specs = dict(specs)
@@ -241,6 +246,32 @@ class SafetensorsWriter:
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._next = 0
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._drain, name="adaptools-writer", daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._queue is None:
+            job()
+        else:
+            self._queue.put(job)
 
     def _expect(self, name: str, nbytes: int) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
@@ -255,22 +286,25 @@ class SafetensorsWriter:
         spec = TensorSpec.of(tensor)
         if spec != self._specs.get(name):
             raise ValueError(f"{name!r}: got {spec}, declared {self._specs.get(name)}")
-        data = tensor_bytes(tensor)
+        data = tensor_bytes(tensor)  # keeps ``tensor`` alive until written
         self._expect(name, len(data))
-        self._fh.write(data)
+        self._submit(lambda: self._fh.write(data) and None)
 
     def write_raw(self, name: str, data: bytes | memoryview) -> None:
         """Write the next tensor's stored bytes unchanged (byte-for-byte copy)."""
         self._expect(name, len(data))
-        self._fh.write(data)
+        self._submit(lambda: self._fh.write(data) and None)
 
     def copy_range(self, name: str, src: BinaryIO, offset: int, nbytes: int) -> None:
         """Write the next tensor by copying ``nbytes`` at ``offset`` of ``src`` (kernel-side when possible).
 
         Uses ``os.copy_file_range`` so untouched tensors never pass through Python memory; falls back to
-        bounded chunked reads where the kernel or filesystem cannot.
+        bounded chunked reads where the kernel or filesystem cannot. ``src`` must stay open until close().
         """
         self._expect(name, nbytes)
+        self._submit(lambda: self._copy(name, src, offset, nbytes))
+
+    def _copy(self, name: str, src: BinaryIO, offset: int, nbytes: int) -> None:
         self._fh.flush()
         done = 0
         copy = getattr(os, "copy_file_range", None)
@@ -286,16 +320,24 @@ class SafetensorsWriter:
             self._fh.seek(0, os.SEEK_END)
         chunk = 64 * 1024 * 1024
         while done < nbytes:
-            src.seek(offset + done)
-            data = src.read(min(chunk, nbytes - done))
+            data = os.pread(src.fileno(), min(chunk, nbytes - done), offset + done)
             if not data:
                 raise ValueError(f"{name!r}: source ended early")
             self._fh.write(data)
             done += len(data)
 
+    def _finish(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
     def close(self) -> None:
+        self._finish()
         complete = self._next == len(self._order)
         self._fh.close()
+        if self._error is not None:
+            raise self._error
         if not complete:
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
 
@@ -304,25 +346,29 @@ class SafetensorsWriter:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
+            self._error = self._error or RuntimeError("aborted")
+            self._finish()
             self._fh.close()
             return
         self.close()
 
 
 def read_tensor(src: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes with a plain read (no memory map, so RSS stays one tensor)."""
-    buf = bytearray(info.nbytes)
-    src.seek(info.begin)
-    view = memoryview(buf)
+    """Read one tensor's bytes with a plain read (no memory map, so RSS stays one tensor).
+
+    The buffer is allocated uninitialised and filled by ``readinto``: one pass over the bytes, not two.
+    """
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
     got = 0
     while got < info.nbytes:
-        n = src.readinto(view[got:])
+        n = os.preadv(src.fileno(), [view[got:]], info.begin + got)
         if not n:
             raise InputError("file ended inside a tensor", path=getattr(src, "name", None))
         got += n
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.torch_dtype)
-    return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+    return buf.view(info.torch_dtype).reshape(info.shape)
 
 
 def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],

@@ -132,6 +132,7 @@ def measure(cmd: list[str], out: Path) -> tuple[float, int]:
     when it forked.
     """
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # start every run with no dirty pages from the last one being written back
     env = {**os.environ, "ADAPTOOLS_LOAD_PLUGINS": "", "TRANSFORMERS_VERBOSITY": "error"}
     timer = shutil.which("time") or "/usr/bin/time"
     start = time.perf_counter()
@@ -167,8 +168,12 @@ def main() -> None:
         contenders["peft merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
     measure(contenders["cp -r"], out)  # warm the page cache
     results = {}
-    for name, cmd in contenders.items():
-        runs = [measure(cmd, out) for _ in range(args.repeat)]
+    runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
+    for _ in range(args.repeat):  # interleaved, so drift in disk state hits every contender alike
+        for name, cmd in contenders.items():
+            runs_by[name].append(measure(cmd, out))
+    for name in contenders:
+        runs = runs_by[name]
         results[name] = {"wall_s": statistics.median(r[0] for r in runs),
                          "peak_rss_bytes": statistics.median(r[1] for r in runs),
                          "runs": [{"wall_s": w, "peak_rss_bytes": m} for w, m in runs]}

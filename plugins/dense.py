@@ -15,6 +15,8 @@ DTYPES = {"fp32": ("F32", torch.float32), "fp16": ("F16", torch.float16), "bf16"
 
 
 class Dense(adaptools.Backend):
+    elementwise = True
+
     def __init__(self, name: str):
         self.name = name  # type: ignore[misc]
         self.code, self.dtype = DTYPES[name]

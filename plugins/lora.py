@@ -388,7 +388,19 @@ class LoRA(adaptools.AdapterMethod):
             merged = factor * (current + d)
             return merged if weight == 1.0 else current + weight * (merged - current)
 
-        updates = [TensorUpdate(target, "delta", fn, source=f"{a_name}, {b_name}")]
+        rows = None
+        if layout == "linear" and magnitude is None:
+            factors: dict[str, torch.Tensor] = {}
+
+            def rows(current: torch.Tensor, sl: slice) -> torch.Tensor:
+                # The same arithmetic as fn on a block of rows: (B[rows] @ A) * s, then one add.
+                if not factors:  # read once per merge, not once per block
+                    factors["a"] = adapter.tensor(a_name).to(current.device).float()
+                    factors["b"] = adapter.tensor(b_name).to(current.device).float()
+                return current.add_((factors["b"][sl] @ factors["a"]).mul_(s))
+
+        updates = [TensorUpdate(target, "delta", fn, source=f"{a_name}, {b_name}", rows=rows,
+                                needs_original=magnitude is not None)]
         if "lora_bias" in roles:
             bias_name = roles["lora_bias"]
             bias_target = base.locate(module, "bias")

@@ -21,7 +21,9 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from ..checkpoint import INDEX, Checkpoint, Shard
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..outputs import atomic_output, check_output, terminate_as_exception
-from ..safetensors_io import TORCH_TO_CODE, SafetensorsWriter, TensorSpec, read_tensor
+from ..safetensors_io import DTYPES, TORCH_TO_CODE, SafetensorsWriter, TensorSpec, read_tensor
 from ..schema import Adapter
 from ..version import __version__
 
@@ -41,6 +43,8 @@ DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: Update kinds that change the stored tensor itself, so a tied alias (lm_head) sees them too.
 STORAGE_KINDS = ("replace", "replace_rows")
+#: Threads that stream blocks of a large tensor on CPU.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
 KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2}
 
 
@@ -143,10 +147,62 @@ def _ordered(updates: list[TensorUpdate]) -> list[TensorUpdate]:
 
 
 def _apply(updates: list[TensorUpdate], original: torch.Tensor) -> torch.Tensor:
-    current = original
-    for update in _ordered(updates):
+    """Run a parameter's updates in order; ``original`` is never modified."""
+    chain = _ordered(updates)
+    current = original.clone() if any(u.needs_original for u in chain) or not chain else original
+    for update in chain:
         current = update.fn(current, original)
     return current
+
+
+def _row_step(shape: tuple[int, ...]) -> int:
+    """Rows per block so that a block of fp32 stays in cache (~256 KiB); a multiple of 16 rows, which
+    keeps blocked matrix products bit-identical to whole ones (tests/test_merge_blocks.py)."""
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return 16 * max(1, (1 << 16) // (16 * max(cols, 1)))
+
+
+def _merge_blocked(stored: torch.Tensor, chain: list[TensorUpdate], decode: Backend, encode: Backend,
+                   like: BaseTensor, out_dtype: torch.dtype, workers: int = 1) -> torch.Tensor:
+    """Decode, update and encode a tensor block of rows by block, so the fp32 working set stays in cache.
+
+    ``workers`` threads each take a contiguous range of blocks (torch releases the GIL in its kernels).
+    Elementwise backends encode by casting, so each block is cast straight into the output.
+    """
+    out = torch.empty(stored.shape, dtype=out_dtype)
+    step = _row_step(tuple(stored.shape))
+    total = stored.shape[0]
+    blocks = list(range(0, total, step))
+
+    def run(starts: list[int]) -> None:
+        for start in starts:
+            rows = slice(start, start + step)
+            current = decode.decode(stored[rows])
+            for update in chain:
+                current = update.rows(current, rows)  # type: ignore[misc]
+            out[rows].copy_(current)
+
+    if workers <= 1 or len(blocks) < 2 * workers:
+        run(blocks)
+        return out
+    per = -(-len(blocks) // workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(run, blocks[i:i + per]) for i in range(0, len(blocks), per)]:
+            future.result()
+    return out
+
+
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """Small per-block kernels run faster on one thread each; we parallelise over blocks instead."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _Codec:
@@ -168,11 +224,14 @@ class _Codec:
             return TORCH_TO_CODE[DTYPE_NAMES[self.forced.name]]
         return tensor.dtype
 
-    def encode(self, dense: torch.Tensor, tensor: BaseTensor) -> torch.Tensor:
+    def encoder(self, tensor: BaseTensor) -> Backend:
         backend = self.forced if self.forced is not None else self.backend(tensor)
         if backend is None:
             raise InputError(f"no backend stores dtype {tensor.dtype}", tensor=tensor.name)
-        return backend.encode(dense, tensor)
+        return backend
+
+    def encode(self, dense: torch.Tensor, tensor: BaseTensor) -> torch.Tensor:
+        return self.encoder(tensor).encode(dense, tensor)
 
 
 def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str | os.PathLike[str], *,
@@ -220,12 +279,18 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     provenance = _provenance(checkpoint, inputs, command, hash_base)
     metadata = {"format": "pt", "adaptools.provenance": json.dumps(provenance, sort_keys=True)}
 
-    with terminate_as_exception(), atomic_output(out, force=force) as tmp:
+    threads = _single_threaded_torch() if device == "cpu" else nullcontext()
+    with terminate_as_exception(), atomic_output(out, force=force) as tmp, threads:
         for shard_name, names in layout.items():
             shard_specs = {name: specs[name] for name in names}
-            with SafetensorsWriter(tmp / shard_name, shard_specs, metadata) as writer:
-                _write_shard(writer, names, checkpoint, updates, precomputed, extra, codec, device, summary,
-                             shard_name, progress)
+            handles: dict[Path, Any] = {}
+            try:
+                with SafetensorsWriter(tmp / shard_name, shard_specs, metadata, background=True) as writer:
+                    _write_shard(writer, names, checkpoint, updates, precomputed, extra, codec, device, summary,
+                                 shard_name, progress, handles)
+            finally:
+                for fh in handles.values():
+                    fh.close()
         _write_index(tmp, layout, specs, multi=len(layout) > 1 or checkpoint.index is not None)
         vocab = _write_config(tmp, checkpoint, codec, dtype, untie, new_shapes)
         summary.vocab_size = vocab
@@ -256,7 +321,7 @@ def _plan_tied(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]], c
         info = checkpoint.location[stored][1]
         like = BaseTensor(stored, info.dtype, info.shape)
         original = _read(checkpoint, stored).to(device).float()
-        stored_result = codec.encode(_apply(updates.get(stored, []), original), like).cpu()
+        stored_result = codec.encode(_apply(updates.get(stored, []), original.clone()), like).cpu()
         alias_updates = [u for u in updates.get(stored, []) if u.kind in STORAGE_KINDS] + updates.get(alias, [])
         alias_result = codec.encode(_apply(alias_updates, original), like).cpu()
         precomputed[stored] = stored_result
@@ -323,49 +388,55 @@ def _specs(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]],
 def _write_shard(writer: SafetensorsWriter, names: list[str], checkpoint: Checkpoint,
                  updates: dict[str, list[TensorUpdate]], precomputed: dict[str, torch.Tensor],
                  extra: dict[str, tuple[str, torch.Tensor]], codec: _Codec, device: str, summary: MergeSummary,
-                 shard_name: str, progress: Callable[[MergeEvent], None] | None) -> None:
-    handles: dict[Path, Any] = {}
-    try:
-        for name in names:
-            merged = False
-            if name in extra:
-                value = extra[name][1]
+                 shard_name: str, progress: Callable[[MergeEvent], None] | None, handles: dict[Path, Any]) -> None:
+    """Write one output shard. ``handles`` are open source files, closed by the caller after the writer
+    has drained (its background thread may still be copying from them)."""
+    for name in names:
+        merged = False
+        if name in extra:
+            value = extra[name][1]
+            writer.write(name, value)
+            nbytes, merged = value.numel() * value.element_size(), True
+        else:
+            shard, info = checkpoint.location[name]
+            src = handles.get(shard.path)
+            if src is None:
+                src = handles[shard.path] = open(shard.path, "rb")
+            like = BaseTensor(name, info.dtype, info.shape)
+            if name in precomputed:
+                value = precomputed.pop(name)
                 writer.write(name, value)
                 nbytes, merged = value.numel() * value.element_size(), True
-            else:
-                shard, info = checkpoint.location[name]
-                src = handles.get(shard.path)
-                if src is None:
-                    src = handles[shard.path] = open(shard.path, "rb")
-                like = BaseTensor(name, info.dtype, info.shape)
-                if name in precomputed:
-                    value = precomputed.pop(name)
-                    writer.write(name, value)
-                    nbytes, merged = value.numel() * value.element_size(), True
-                elif name in updates:
-                    original = read_tensor(src, info).to(device).float()
-                    value = codec.encode(_apply(updates[name], original), like).cpu()
-                    writer.write(name, value)
-                    nbytes, merged = value.numel() * value.element_size(), True
-                    del original, value
-                elif codec.output_dtype(like) == info.dtype:
-                    writer.copy_range(name, src, info.begin, info.nbytes)
-                    nbytes = info.nbytes
+            elif name in updates:
+                chain = _ordered(updates[name])
+                decoder, encoder = codec.backend(like), codec.encoder(like)
+                stored = read_tensor(src, info)
+                if (device == "cpu" and len(info.shape) >= 2 and all(u.rows is not None for u in chain)
+                        and decoder is not None and decoder.elementwise and encoder.elementwise):
+                    out_dtype = DTYPES[codec.output_dtype(like)][0]
+                    value = _merge_blocked(stored, chain, decoder, encoder, like, out_dtype)
                 else:
-                    value = codec.encode(read_tensor(src, info).float(), like)
-                    writer.write(name, value)
-                    nbytes = value.numel() * value.element_size()
-            summary.tensors += 1
-            summary.bytes_written += nbytes
-            if merged:
-                summary.tensors_merged += 1
+                    original = decoder.decode(stored.to(device))  # type: ignore[union-attr]
+                    value = codec.encode(_apply(chain, original), like).cpu()
+                    del original
+                writer.write(name, value)
+                nbytes, merged = value.numel() * value.element_size(), True
+                del stored, value
+            elif codec.output_dtype(like) == info.dtype:
+                writer.copy_range(name, src, info.begin, info.nbytes)
+                nbytes = info.nbytes
             else:
-                summary.tensors_copied += 1
-            if progress is not None:
-                progress(MergeEvent(name, shard_name, nbytes, merged))
-    finally:
-        for fh in handles.values():
-            fh.close()
+                value = codec.encode(read_tensor(src, info).float(), like)
+                writer.write(name, value)
+                nbytes = value.numel() * value.element_size()
+        summary.tensors += 1
+        summary.bytes_written += nbytes
+        if merged:
+            summary.tensors_merged += 1
+        else:
+            summary.tensors_copied += 1
+        if progress is not None:
+            progress(MergeEvent(name, shard_name, nbytes, merged))
 
 
 def _write_index(tmp: Path, layout: dict[str, list[str]], specs: dict[str, TensorSpec], multi: bool) -> None:
