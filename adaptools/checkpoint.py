@@ -11,12 +11,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import torch
 
 from .errors import InputError
 from .interfaces import BaseInfo, BaseTensor
 from .resolve import resolve
-from .safetensors_io import Header, TensorInfo, read_header
+from .safetensors_io import TORCH_TO_CODE, Header, TensorInfo, read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -57,6 +59,42 @@ class Checkpoint:
                                      path=path, tensor=name)
                 self.location[name] = (shard, info)
         self.aliases = self._tied_aliases()
+        self.groups: dict[str, tuple[Any, list[str]]] = {}
+        self.logical: dict[str, BaseTensor] = {}
+        self.companions: set[str] = set()
+
+    def find_groups(self, backends: list[Any]) -> None:
+        """Ask each backend which parameters it stores as groups (4-bit weights); record their dense view."""
+        stored = {name: BaseTensor(name, info.dtype, info.shape) for name, (_, info) in self.location.items()}
+        for backend in backends:
+            for param, names in backend.find_groups(stored).items():
+                self.groups[param] = (backend, names)
+                self.companions.update(names)
+                dtype, shape = backend.group_info(param, self.read_small)
+                self.logical[param] = BaseTensor(param, TORCH_TO_CODE[dtype], tuple(shape))
+
+    def read_small(self, name: str) -> torch.Tensor:
+        """Read one stored tensor by name (for the small parts of groups)."""
+        shard, info = self.location[name]
+        with open(shard.path, "rb") as fh:
+            return read_tensor(fh, info)
+
+    def read(self, name: str, handle: BinaryIO | None = None) -> torch.Tensor:
+        """A parameter's value: decoded from its group if it has one, else the stored tensor."""
+        if name in self.groups:
+            backend, names = self.groups[name]
+            return backend.decode_group(name, self.read_small, names)  # type: ignore[no-any-return]
+        shard, info = self.location[name]
+        if handle is not None:
+            return read_tensor(handle, info)
+        return self.read_small(name)
+
+    def tensor(self, name: str) -> BaseTensor:
+        """What a parameter looks like to a merge: dense for groups, as stored otherwise."""
+        if name in self.logical:
+            return self.logical[name]
+        info = self.location[name][1]
+        return BaseTensor(name, info.dtype, info.shape)
 
     @classmethod
     def open(cls, ref: str | os.PathLike[str]) -> Checkpoint:
@@ -113,7 +151,7 @@ class Checkpoint:
         return {}
 
     def base_info(self) -> BaseInfo:
-        tensors = {name: BaseTensor(name, info.dtype, info.shape) for name, (_, info) in self.location.items()}
+        tensors = {name: self.tensor(name) for name in self.location if name not in self.companions}
         return BaseInfo(tensors=tensors, config=self.config, aliases=dict(self.aliases), path=str(self.path))
 
     @property

@@ -251,6 +251,35 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
 
 
 @cli.command()
+@click.argument("base")
+@click.argument("out", type=click.Path())
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Output dtype; auto uses each weight's original dtype (from its quant state).")
+@click.option("--shard-size", help="Re-shard the output (e.g. 5GB); default keeps the base's shard layout.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@json_option
+def dequantize(base: str, out: str, dtype: str, shard_size: str | None, force: bool, json_: bool) -> None:
+    """Turn a bitsandbytes 4-bit (NF4/FP4) checkpoint into a dense one.
+
+    The output loads in transformers without bitsandbytes: quantization_config
+    is removed and every 4-bit weight is decoded exactly as bitsandbytes
+    decodes it (flat blocks, double quantization), one tensor at a time.
+
+    \b
+    Example:
+      adaptools dequantize ./llama-3-8b-nf4 ./llama-3-8b-bf16
+    """
+    summary = merge_op(base, [], out, dtype=dtype, shard_size=parse_size(shard_size), force=force,
+                       command=" ".join(["adaptools", *sys.argv[1:]]), operation="dequantize")
+    if json_:
+        emit_json(summary.to_json())
+    else:
+        click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
+                   f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
+                   f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
+
+
+@cli.command()
 @json_option
 def plugins(json_: bool) -> None:
     """List loaded plugins, what each provides, and the operations of each method."""

@@ -207,6 +207,22 @@ class Backend(ABC):
     def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
         """Dense float32 -> stored tensor, rounding once."""
 
+    def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
+        """Parameters this backend stores across several tensors: ``{param: [companion names]}``.
+
+        A quantized weight (NF4: packed bytes plus absmax, maps and a JSON state) is one such group; the
+        merge then sees the parameter as dense, with the shape and dtype from :meth:`group_info`.
+        """
+        return {}
+
+    def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dense dtype and shape of a grouped parameter, reading only small tensors."""
+        raise NotImplementedError
+
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+        """The dense value (in the group's dtype) of a grouped parameter."""
+        raise NotImplementedError
+
     #: True when decode and encode are plain dtype casts, so any block of rows can be decoded, updated and
     #: encoded on its own (the merge then casts blocks straight into the output). NF4 and friends: False.
     elementwise: ClassVar[bool] = False

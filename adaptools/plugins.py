@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.peft_format",
     "adaptools_plugins.schema_format",
     "adaptools_plugins.dense",
+    "adaptools_plugins.nf4",
 )
 
 pm = pluggy.PluginManager("adaptools")

@@ -42,8 +42,9 @@ def test_apply_refuses_base_mutating_init():
     ("model.layers.1.mlp.down_proj", (2, 3)),
 ])
 def test_rank_and_alpha_patterns_follow_peft(module, expected):
-    from adaptools_plugins.lora import module_rank_alpha
     from peft import LoraConfig
+
+    from adaptools_plugins.lora import module_rank_alpha
 
     config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"model.layers.0.self_attn.q_proj": 8, "down_proj": 2},
               "alpha_pattern": {r"layers\.1\..*_proj": 3}}
@@ -67,9 +68,10 @@ def test_rank_and_alpha_patterns_follow_peft(module, expected):
     {"target_modules": ["q_proj", "down_proj"], "exclude_modules": r".*layers\.1.*"},
 ])
 def test_target_matching_follows_peft(config):
-    from adaptools_plugins.lora import is_targeted
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
+
+    from adaptools_plugins.lora import is_targeted
 
     model = load_base(base_path("llama"))
     peft_config = LoraConfig(**config)

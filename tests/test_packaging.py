@@ -47,10 +47,11 @@ def test_wheel_contains_builtin_plugins(fresh_env):
     _, _, wheels = fresh_env
     wheel = next(w for w in wheels if w.name.startswith("adaptools-"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("lora", "peft_format", "schema_format", "dense"):
+    for module in ("lora", "peft_format", "schema_format", "dense", "nf4"):
         assert f"adaptools_plugins/{module}.py" in names
     assert "adaptools/schema-v1.json" in names
     assert "adaptools/py.typed" in names
+    assert any(n.startswith("adaptools_plugins/_nf4_kernels") and n.endswith(".so") for n in names)
 
 
 def test_installed_wheel_loads_builtins_and_entry_point_plugin(fresh_env, tmp_path):

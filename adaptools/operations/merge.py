@@ -35,7 +35,7 @@ from ..checkpoint import INDEX, Checkpoint, Shard
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..outputs import atomic_output, check_output, terminate_as_exception
-from ..safetensors_io import DTYPES, TORCH_TO_CODE, SafetensorsWriter, TensorSpec, read_tensor
+from ..safetensors_io import DTYPES, TORCH_TO_CODE, SafetensorsWriter, TensorSpec
 from ..schema import Adapter
 from ..version import __version__
 
@@ -237,7 +237,7 @@ class _Codec:
 def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str | os.PathLike[str], *,
           dtype: str = "auto", device: str = "cpu", shard_size: int | None = None, force: bool = False,
           ignore_base_mismatch: bool = False, hash_base: bool = False, command: str | None = None,
-          progress: Callable[[MergeEvent], None] | None = None) -> MergeSummary:
+          progress: Callable[[MergeEvent], None] | None = None, operation: str = "merge") -> MergeSummary:
     """Merge ``inputs`` into the checkpoint ``base`` and write a checkpoint folder at ``out``.
 
     Args:
@@ -252,6 +252,7 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
         hash_base: record the sha256 of local base shards (costs a full extra read).
         command: the command line, recorded in provenance.
         progress: called once per written tensor.
+        operation: recorded in provenance; ``"dequantize"`` also requires a quantized base.
 
     Raises:
         AdaptoolsError subclasses for anything the user can fix; nothing is written then.
@@ -263,20 +264,24 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise InputError(f"unknown dtype {dtype!r}", hint="use auto, fp32, fp16 or bf16")
     checkpoint = Checkpoint.open(base)
-    updates = plan_updates(inputs, checkpoint, ignore_base_mismatch)
     codec = _Codec(dtype, checkpoint.config)
+    checkpoint.find_groups(codec.backends)
+    if operation == "dequantize" and not checkpoint.groups:
+        raise InputError("no quantized weights here: nothing to dequantize", path=checkpoint.path,
+                         hint="expected a bitsandbytes 4-bit checkpoint (quant_state.bitsandbytes__nf4 tensors)")
+    updates = plan_updates(inputs, checkpoint, ignore_base_mismatch)
     for target in updates:
-        stored = checkpoint.location.get(checkpoint.aliases.get(target, target))
-        if stored is not None and codec.backend(BaseTensor(target, stored[1].dtype, stored[1].shape)) is None:
-            raise InputError(f"cannot merge into a {stored[1].dtype} tensor: no backend decodes it",
-                             path=stored[0].path, tensor=target)
+        stored_name = checkpoint.aliases.get(target, target)
+        if stored_name in checkpoint.location and codec.backend(checkpoint.tensor(stored_name)) is None:
+            raise InputError(f"cannot merge into a {checkpoint.tensor(stored_name).dtype} tensor: no backend "
+                             "decodes it", path=checkpoint.location[stored_name][0].path, tensor=target)
     summary = MergeSummary(output=str(out))
 
     precomputed, extra, untie = _plan_tied(checkpoint, updates, codec, device)
     summary.untied_lm_head = untie
     layout = _layout(checkpoint, extra, shard_size)
     specs, new_shapes = _specs(checkpoint, updates, extra, precomputed, codec)
-    provenance = _provenance(checkpoint, inputs, command, hash_base)
+    provenance = _provenance(checkpoint, inputs, command, hash_base, operation)
     metadata = {"format": "pt", "adaptools.provenance": json.dumps(provenance, sort_keys=True)}
 
     threads = _single_threaded_torch() if device == "cpu" else nullcontext()
@@ -303,12 +308,6 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     return summary
 
 
-def _read(checkpoint: Checkpoint, name: str) -> torch.Tensor:
-    shard, info = checkpoint.location[name]
-    with open(shard.path, "rb") as fh:
-        return read_tensor(fh, info)
-
-
 def _plan_tied(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]], codec: _Codec,
                device: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]], bool]:
     """Resolve tied parameters now: (precomputed results, extra tensors {name: (after, value)}, untied?)."""
@@ -318,9 +317,8 @@ def _plan_tied(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]], c
     for alias, stored in checkpoint.aliases.items():
         if alias not in updates and stored not in updates:
             continue
-        info = checkpoint.location[stored][1]
-        like = BaseTensor(stored, info.dtype, info.shape)
-        original = _read(checkpoint, stored).to(device).float()
+        like = checkpoint.tensor(stored)
+        original = checkpoint.read(stored).to(device).float()
         stored_result = codec.encode(_apply(updates.get(stored, []), original.clone()), like).cpu()
         alias_updates = [u for u in updates.get(stored, []) if u.kind in STORAGE_KINDS] + updates.get(alias, [])
         alias_result = codec.encode(_apply(alias_updates, original), like).cpu()
@@ -339,6 +337,8 @@ def _layout(checkpoint: Checkpoint, extra: dict[str, tuple[str, torch.Tensor]],
     for shard in checkpoint.shards:
         names = sorted(shard.header.tensors, key=lambda n: shard.header.tensors[n].begin)
         for name in names:
+            if name in checkpoint.companions:  # parts of a quantized parameter, written dense as one
+                continue
             ordered.append((shard, name))
             for alias, (after, _) in extra.items():
                 if after == name:
@@ -351,8 +351,10 @@ def _layout(checkpoint: Checkpoint, extra: dict[str, tuple[str, torch.Tensor]],
     groups: list[list[str]] = [[]]
     size = 0
     for _, name in ordered:
-        info = checkpoint.location.get(name)
-        nbytes = info[1].nbytes if info else extra[name][1].numel() * extra[name][1].element_size()
+        if name in extra:
+            nbytes = extra[name][1].numel() * extra[name][1].element_size()
+        else:
+            nbytes = TensorSpec(checkpoint.tensor(name).dtype, checkpoint.tensor(name).shape).nbytes
         if groups[-1] and size + nbytes > shard_size:
             groups.append([])
             size = 0
@@ -368,15 +370,17 @@ def _specs(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]],
            codec: _Codec) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, ...]]]:
     specs: dict[str, TensorSpec] = {}
     new_shapes: dict[str, tuple[int, ...]] = {}
-    for name, (_, info) in checkpoint.location.items():
-        like = BaseTensor(name, info.dtype, info.shape)
-        shape = info.shape
+    for name in checkpoint.location:
+        if name in checkpoint.companions:
+            continue
+        like = checkpoint.tensor(name)
+        shape = like.shape
         if name in precomputed:
             shape = tuple(precomputed[name].shape)
         for update in updates.get(name, []):
             if update.shape is not None:
                 shape = tuple(update.shape)
-        if shape != info.shape:
+        if shape != like.shape:
             new_shapes[name] = shape
         specs[name] = TensorSpec(codec.output_dtype(like), shape)
     for alias, (_, value) in extra.items():
@@ -402,7 +406,8 @@ def _write_shard(writer: SafetensorsWriter, names: list[str], checkpoint: Checkp
             src = handles.get(shard.path)
             if src is None:
                 src = handles[shard.path] = open(shard.path, "rb")
-            like = BaseTensor(name, info.dtype, info.shape)
+            like = checkpoint.tensor(name)
+            grouped = name in checkpoint.groups
             if name in precomputed:
                 value = precomputed.pop(name)
                 writer.write(name, value)
@@ -410,11 +415,11 @@ def _write_shard(writer: SafetensorsWriter, names: list[str], checkpoint: Checkp
             elif name in updates:
                 chain = _ordered(updates[name])
                 decoder, encoder = codec.backend(like), codec.encoder(like)
-                stored = read_tensor(src, info)
-                if (device == "cpu" and len(info.shape) >= 2 and all(u.rows is not None for u in chain)
+                stored = checkpoint.read(name, src)
+                if (device == "cpu" and len(like.shape) >= 2 and all(u.rows is not None for u in chain)
                         and decoder is not None and decoder.elementwise and encoder.elementwise):
                     out_dtype = DTYPES[codec.output_dtype(like)][0]
-                    value = _merge_blocked(stored, chain, decoder, encoder, like, out_dtype)
+                    value = _merge_blocked(stored, chain, decoder, encoder, like, out_dtype, WORKERS)
                 else:
                     original = decoder.decode(stored.to(device))  # type: ignore[union-attr]
                     value = codec.encode(_apply(chain, original), like).cpu()
@@ -422,11 +427,15 @@ def _write_shard(writer: SafetensorsWriter, names: list[str], checkpoint: Checkp
                 writer.write(name, value)
                 nbytes, merged = value.numel() * value.element_size(), True
                 del stored, value
-            elif codec.output_dtype(like) == info.dtype:
+            elif codec.output_dtype(like) == info.dtype and not grouped:
                 writer.copy_range(name, src, info.begin, info.nbytes)
                 nbytes = info.nbytes
+            elif grouped and codec.output_dtype(like) == like.dtype:
+                value = checkpoint.read(name, src)  # decoded straight to its dense dtype
+                writer.write(name, value)
+                nbytes = value.numel() * value.element_size()
             else:
-                value = codec.encode(read_tensor(src, info).float(), like)
+                value = codec.encode(checkpoint.read(name, src).float(), like)
                 writer.write(name, value)
                 nbytes = value.numel() * value.element_size()
         summary.tensors += 1
@@ -471,7 +480,7 @@ def _write_config(tmp: Path, checkpoint: Checkpoint, codec: _Codec, dtype: str, 
 
 
 def _provenance(checkpoint: Checkpoint, inputs: Sequence[MergeInput], command: str | None,
-                hash_base: bool) -> dict[str, Any]:
+                hash_base: bool, operation: str) -> dict[str, Any]:
     base_files = []
     for shard in checkpoint.shards:
         sha = _hub_sha256(shard.path) or (_sha256(shard.path) if hash_base else None)
@@ -485,15 +494,17 @@ def _provenance(checkpoint: Checkpoint, inputs: Sequence[MergeInput], command: s
             "base": item.adapter.base.to_json(),
             "files": [{"file": p.name, "sha256": _sha256(p)} for p in _adapter_files(item.adapter)],
         })
-    return {"tool": f"adaptools {__version__}", "operation": "merge", "command": command,
+    return {"tool": f"adaptools {__version__}", "operation": operation, "command": command,
             "base": {"path": str(checkpoint.path), "files": base_files}, "adapters": adapters}
 
 
 def _write_card(tmp: Path, provenance: dict[str, Any]) -> None:
     base = provenance["base"]["path"]
     adapters = "\n".join(f"- `{a['source']}` ({a['method']}, weight {a['weight']})" for a in provenance["adapters"])
-    text = (f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- adaptools\n- merge\n---\n\n"
-            f"# Merged model\n\nMade by {provenance['tool']} by merging into `{base}`:\n\n{adapters}\n\n"
+    what = (f"by merging into `{base}`:\n\n{adapters}" if adapters
+            else f"by {provenance['operation']} of `{base}` (dense weights, no quantization_config).")
+    text = (f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- adaptools\n- {provenance['operation']}\n"
+            f"---\n\n# {provenance['operation'].capitalize()}d model\n\nMade by {provenance['tool']} {what}\n\n"
             f"Command: `{provenance['command'] or '(library call)'}`\n\n"
             "The full provenance (input hashes) is in each .safetensors file's metadata under "
             "`adaptools.provenance`.\n")

@@ -1,0 +1,330 @@
+"""bitsandbytes 4-bit weights (NF4 and FP4): decode to dense and encode back, byte-identical to
+bitsandbytes 0.50.2's ``quantize_4bit`` on CPU (shared/docs/nf4-format.md §1-§4).
+
+A 4-bit parameter ``P.weight`` is stored across several tensors: the packed nibbles ``P.weight`` (U8
+``[(n+1)//2, 1]``, or another dtype viewing the same bytes), ``P.weight.absmax`` (F32, or U8 codes under
+double quantization), ``P.weight.quant_map``, ``P.weight.nested_absmax``, ``P.weight.nested_quant_map``
+and a JSON blob ``P.weight.quant_state.bitsandbytes__nf4``. The backends here recognise such groups, so
+a merge reads a 4-bit checkpoint as if it were dense.
+
+The heavy loops run in a small C library (``csrc/nf4_kernels.c``, loaded with ctypes, the GIL released,
+split over threads); without it an equivalent pure-torch path gives the same bytes, slower. Dequantization
+uses flat block indices everywhere, so bitsandbytes' CPU bug for ``ncols % blocksize != 0`` never reaches
+our results. On CUDA, bitsandbytes' own kernels are used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adaptools
+from adaptools import BaseTensor, InputError
+
+NF4_VALUES = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+FP4_VALUES = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+#: bitsandbytes' argsort of the FP4 table (its two zeros sort code 0 first), nibble for each sorted slot.
+FP4_ORDER = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+STATE_PREFIX = "quant_state.bitsandbytes__"
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def bnb_functional() -> Any:
+    """``bitsandbytes.functional``, imported quietly: on CPUs with AVX512-BF16 it logs a warning about an
+    optional hub kernel package at import, which is noise for our users (we never use that kernel)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional as F
+
+    return F
+
+
+def code_table(quant_type: str) -> torch.Tensor:
+    """The 16 fp32 code values, exactly as bitsandbytes builds them (list -> fp32 tensor -> / max)."""
+    values = torch.tensor(NF4_VALUES if quant_type == "nf4" else FP4_VALUES)
+    return values.div_(values.abs().max())
+
+
+def bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(15 fp32 midpoints between sorted codes, sorted slot -> nibble) as bitsandbytes' torch backend."""
+    code = code_table(quant_type)
+    order = torch.arange(16) if quant_type == "nf4" else torch.tensor(FP4_ORDER)
+    return (code[order[:-1]] + code[order[1:]]) / 2, order.to(torch.uint8)
+
+
+def _load_native() -> Any:
+    here = Path(__file__).resolve().parent
+    for path in sorted(here.glob("_nf4_kernels*.so")) + sorted(here.glob("_nf4_kernels*.pyd")):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        c_int = ctypes.c_int
+        lib.adaptools_quantize_4bit.argtypes = [ptr, c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+        lib.adaptools_quantize_4bit.restype = None
+        lib.adaptools_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, c_int, ptr]
+        lib.adaptools_dequantize_4bit.restype = None
+        return lib
+    return None
+
+
+NATIVE = None if os.environ.get("ADAPTOOLS_NF4_PURE_TORCH") else _load_native()
+
+
+@dataclass
+class QuantState:
+    """What a 4-bit tensor needs besides its packed bytes (bitsandbytes' QuantState, as stored)."""
+
+    quant_type: str
+    blocksize: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    absmax: torch.Tensor  # F32 [nb], or U8 [nb] codes under double quantization
+    quant_map: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    nested_quant_map: torch.Tensor | None = None
+    nested_offset: float | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def absmax_f32(self) -> torch.Tensor:
+        """Per-block scale in fp32: dyn[q] * nested_absmax, then + offset, each rounded (nf4-format §2)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        assert self.nested_quant_map is not None and self.nested_absmax is not None
+        nb = self.absmax.numel()
+        scale = self.nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[:nb]
+        values = self.nested_quant_map.float()[self.absmax.long()] * scale
+        return values + torch.tensor(self.nested_offset, dtype=torch.float32)
+
+    def to_state_dict(self, prefix: str, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors ``Linear4bit`` saves under ``prefix`` (e.g. ``model.layers.0.mlp.up_proj.weight``)."""
+        out = {prefix: packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.quant_map}
+        blob: dict[str, Any] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                                "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax  # type: ignore[assignment]
+            out[f"{prefix}.nested_quant_map"] = self.nested_quant_map  # type: ignore[assignment]
+            blob.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
+                         "nested_offset": self.nested_offset})
+        raw = json.dumps(blob).encode("utf-8")
+        out[f"{prefix}.{STATE_PREFIX}{self.quant_type}"] = torch.tensor(list(raw), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, prefix: str, tensors: Mapping[str, torch.Tensor], path: object = None) -> QuantState:
+        blobs = [k for k in tensors if k.startswith(f"{prefix}.{STATE_PREFIX}")]
+        if len(blobs) != 1:
+            raise InputError("expected exactly one quant_state blob", path=path, tensor=prefix)
+        try:
+            blob = json.loads(bytes(tensors[blobs[0]].to(torch.uint8).tolist()).decode("utf-8"))
+            dtype = DTYPE_NAMES[blob["dtype"]]
+            shape = tuple(int(d) for d in blob["shape"])
+            quant_type, blocksize = blob["quant_type"], int(blob["blocksize"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise InputError(f"unreadable 4-bit quant state ({exc})", path=path, tensor=blobs[0]) from None
+        if quant_type not in ("nf4", "fp4") or blocksize not in BLOCKSIZES:
+            raise InputError(f"unsupported 4-bit state {quant_type}/{blocksize}", path=path, tensor=blobs[0])
+        nested = "nested_offset" in blob
+        try:
+            return cls(quant_type, blocksize, dtype, shape, tensors[f"{prefix}.absmax"], tensors[f"{prefix}.quant_map"],
+                       tensors[f"{prefix}.nested_absmax"] if nested else None,
+                       tensors[f"{prefix}.nested_quant_map"] if nested else None,
+                       float(blob["nested_offset"]) if nested else None)
+        except KeyError as exc:
+            raise InputError(f"4-bit weight lacks {exc.args[0]}", path=path, tensor=prefix) from None
+
+
+def _parallel(n_items: int, work: Callable[[int, int], None]) -> None:
+    """Split [0, n_items) over threads; ctypes releases the GIL while the C code runs."""
+    if n_items == 0:
+        return
+    parts = min(THREADS, n_items)
+    step = -(-n_items // parts)
+    if parts == 1:
+        work(0, n_items)
+        return
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        for f in [pool.submit(work, s, min(s + step, n_items)) for s in range(0, n_items, step)]:
+            f.result()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def quantize_blocks(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed uint8 ``[(n+1)//2, 1]`` and fp32 absmax ``[ceil(n/bs)]``, byte-identical to bitsandbytes CPU."""
+    n = A.numel()
+    mid, order = bounds(quant_type)
+    nb = -(-n // blocksize)
+    if NATIVE is not None and A.device.type == "cpu":
+        # bf16 is widened exactly inside the kernel; other dtypes are widened to fp32 here (also exact).
+        src = A.reshape(-1).contiguous() if A.dtype in (torch.bfloat16, torch.float32) else A.reshape(-1).float()
+        kind = 1 if src.dtype == torch.bfloat16 else 0
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+        absmax = torch.empty(nb, dtype=torch.float32)
+        mid, order = mid.contiguous(), order.contiguous()
+        _parallel(nb, lambda b0, b1: NATIVE.adaptools_quantize_4bit(
+            _ptr(src), kind, n, blocksize, b0, b1, _ptr(mid), _ptr(order), _ptr(absmax), _ptr(packed)))
+        return packed.unsqueeze(1), absmax
+    flat = A.reshape(-1).float().contiguous()
+    # The same arithmetic in torch (bitsandbytes' default backend): reciprocal-multiply for full blocks,
+    # division for the partial tail, clamp, count of midpoints strictly below (ties go lower), pack.
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = flat[full:].abs().max()
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am.clamp(min=1e-38), -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = order.to(torch.long)[torch.bucketize(scaled, mid.to(scaled.device))].to(torch.uint8)
+    return ((q[::2] << 4) | q[1::2]).unsqueeze(1), absmax
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+                  quant_storage: torch.dtype = torch.uint8) -> tuple[torch.Tensor, QuantState]:
+    """Quantize like ``bitsandbytes.functional.quantize_4bit`` (CPU rules); returns (packed, state)."""
+    if blocksize not in BLOCKSIZES:
+        raise InputError(f"blocksize {blocksize} is not one of {BLOCKSIZES}")
+    if quant_type not in ("nf4", "fp4"):
+        raise InputError(f"quant type {quant_type!r} is not nf4 or fp4")
+    if A.device.type == "cuda":
+        F = bnb_functional()
+        packed, state = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type,
+                                        compress_statistics=double_quant, quant_storage=quant_storage)
+        return packed, _from_bnb_state(state)
+    packed, absmax = quantize_blocks(A, blocksize, quant_type)
+    if quant_storage != torch.uint8:
+        packed = packed.squeeze(1).view(quant_storage).unsqueeze(1)
+    state = QuantState(quant_type, blocksize, A.dtype, tuple(A.shape), absmax, code_table(quant_type))
+    if double_quant:
+        F = bnb_functional()  # the nested 8-bit codes use bitsandbytes' own CPU quantizer
+        offset = absmax.mean()
+        qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        state.absmax, state.nested_absmax, state.nested_quant_map = qabsmax, state2.absmax, state2.code.clone()
+        state.nested_offset = offset.item()
+    return packed, state
+
+
+def _from_bnb_state(state: Any) -> QuantState:
+    nested = getattr(state, "nested", False)
+    return QuantState(state.quant_type, state.blocksize, state.dtype, tuple(state.shape), state.absmax.cpu(),
+                      state.code.cpu(), state.state2.absmax.cpu() if nested else None,
+                      state.state2.code.cpu().clone() if nested else None,
+                      state.offset.item() if nested else None)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``code[nibble] * absmax`` in fp32 over flat blocks, then one round-to-nearest cast (nf4-format §1.6)."""
+    n = math.prod(state.shape)
+    raw = packed.reshape(-1).view(torch.uint8).contiguous()
+    if raw.numel() != (n + 1) // 2:
+        raise InputError(f"packed weight has {raw.numel()} bytes, shape {list(state.shape)} needs {(n + 1) // 2}")
+    out_dtype = dtype or state.dtype
+    if _bnb_dequant_is_exact(state, packed) and out_dtype == state.dtype:
+        return _bnb_dequantize(packed, state)
+    absmax = state.absmax_f32().contiguous()
+    code = code_table(state.quant_type)
+    if NATIVE is not None:
+        kind = 1 if out_dtype == torch.bfloat16 else 0
+        out = torch.empty(n, dtype=torch.bfloat16 if kind else torch.float32)
+        nb = absmax.numel()
+        _parallel(nb, lambda b0, b1: NATIVE.adaptools_dequantize_4bit(
+            _ptr(raw), _ptr(absmax), _ptr(code), n, state.blocksize, b0, b1, kind, _ptr(out)))
+    else:
+        nibbles = torch.stack([raw >> 4, raw & 0x0F], dim=1).reshape(-1)[:n].long()
+        out = code[nibbles] * absmax.repeat_interleave(state.blocksize)[:n]
+    return out.to(out_dtype).reshape(state.shape)
+
+
+def _bnb_dequant_is_exact(state: QuantState, packed: torch.Tensor) -> bool:
+    """bitsandbytes' native CPU dequantize (about 25 GB/s) indexes absmax per row, which is right only when
+    each row holds whole blocks (nf4-format §1.6); its other CPU paths are slow. Use it only where exact."""
+    cols = state.shape[-1] if state.shape else 0
+    return (packed.device.type == "cuda" or (
+        len(state.shape) == 2 and cols % state.blocksize == 0 and cols % 16 == 0 and state.blocksize < 2048
+        and state.dtype in (torch.bfloat16, torch.float16, torch.float32)))
+
+
+def _bnb_dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    F = bnb_functional()
+    device = packed.device
+    nested = None
+    if state.double_quant:
+        nested = F.QuantState(absmax=state.nested_absmax.to(device), code=state.nested_quant_map.to(device),
+                              blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    qs = F.QuantState(absmax=state.absmax.to(device), shape=torch.Size(state.shape), code=state.quant_map.to(device),
+                      blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
+                      offset=torch.tensor(state.nested_offset, device=device) if nested is not None else None,
+                      state2=nested)
+    return F.dequantize_4bit(packed.reshape(-1, 1) if packed.dim() == 1 else packed, qs)
+
+
+class FourBit(adaptools.Backend):
+    """Stored bitsandbytes 4-bit parameters of one quant type."""
+
+    def __init__(self, quant_type: str):
+        self.name = quant_type  # type: ignore[misc]
+        self.quant_type = quant_type
+        self.description = f"bitsandbytes {quant_type.upper()} 4-bit weights (decode and byte-exact encode)"  # type: ignore[misc]
+
+    def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
+        return False  # 4-bit parameters are groups, found by find_groups
+
+    def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
+        """``P.weight`` -> its companion tensors, for every parameter stored in this quant type."""
+        groups = {}
+        suffix = f".{STATE_PREFIX}{self.quant_type}"
+        for name in tensors:
+            if name.endswith(suffix):
+                param = name[: -len(suffix)]
+                if param in tensors:
+                    groups[param] = [n for n in tensors if n.startswith(param + ".")]
+        return groups
+
+    def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dense dtype and shape of a 4-bit parameter (from its JSON state; nothing big is read)."""
+        blob = read(f"{param}.{STATE_PREFIX}{self.quant_type}")
+        data = json.loads(bytes(blob.tolist()).decode("utf-8"))
+        return DTYPE_NAMES[data["dtype"]], tuple(int(d) for d in data["shape"])
+
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+        tensors = {name: read(name) for name in [param, *names]}
+        state = QuantState.from_state_dict(param, tensors)
+        return dequantize_4bit(tensors[param], state)
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("4-bit parameters decode as groups (decode_group)")
+
+    def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
+        raise NotImplementedError("4-bit parameters encode as groups (quantize_4bit)")
+
+
+@adaptools.hookimpl
+def register_backends(register: Any) -> None:
+    register(FourBit("nf4"))
+    register(FourBit("fp4"))

@@ -1,0 +1,149 @@
+"""NF4/FP4: byte identity with bitsandbytes' quantize_4bit, exact decoding, and 4-bit checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+
+import pytest
+import torch
+from conftest import adapter_path, base_path
+from peft_oracle import load_base, logits, peft_model
+from safetensors.torch import load_file
+
+import adaptools
+from adaptools_plugins import nf4
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+F = nf4.bnb_functional()
+NF4_BASE = base_path("llama-nf4")
+
+CASES = list(itertools.product(
+    [torch.bfloat16, torch.float16, torch.float32], [32, 64, 128, 256, 512, 1024, 2048, 4096], ["nf4", "fp4"],
+    [True, False]))
+SHAPES = [(96, 128), (1000, 77), (3, 5)]
+
+
+def sample(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=gen) * 0.02
+    a[0, : min(4, shape[1])] = 0.0  # a partly zero block
+    if a.numel() > 200:
+        a.view(-1)[64:128] = 0.0  # an all-zero block at bs 64
+    return a.to(dtype)
+
+
+def same_as_bnb(a, bs, qt, dq):
+    p1, s1 = F.quantize_4bit(a, blocksize=bs, quant_type=qt, compress_statistics=dq)
+    p2, s2 = nf4.quantize_4bit(a, blocksize=bs, quant_type=qt, double_quant=dq)
+    assert torch.equal(p1, p2)
+    assert torch.equal(s1.absmax, s2.absmax)
+    if dq:
+        assert torch.equal(s1.state2.absmax, s2.nested_absmax)
+        assert s1.offset.item() == s2.nested_offset
+    return p2, s2
+
+
+@pytest.mark.parametrize(("dtype", "bs", "qt", "dq"), CASES)
+def test_quantize_is_byte_identical_to_bitsandbytes(dtype, bs, qt, dq):
+    for i, shape in enumerate(SHAPES):
+        packed, state = same_as_bnb(sample(shape, dtype, i + bs), bs, qt, dq)
+        ref = reference_dequantize(packed, state)
+        assert torch.equal(nf4.dequantize_4bit(packed, state), ref)
+
+
+def reference_dequantize(packed, state):
+    """nf4-format §1.6, spelled out: code[nibble] * absmax over flat blocks in fp32, one rounding."""
+    n = torch.Size(state.shape).numel()
+    raw = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([raw >> 4, raw & 15], 1).reshape(-1)[:n].long()
+    absmax = state.absmax_f32().repeat_interleave(state.blocksize)[:n]
+    return (nf4.code_table(state.quant_type)[nibbles] * absmax).to(state.dtype).reshape(state.shape)
+
+
+def test_exact_ties_go_to_the_lower_code():
+    mid, _ = nf4.bounds("nf4")
+    a = torch.cat([torch.tensor([1.0]), mid]).reshape(1, 16)  # absmax 1: scaled values are the midpoints
+    same_as_bnb(a, 32, "nf4", False)
+
+
+def test_pure_torch_fallback_gives_the_same_bytes(monkeypatch):
+    a = sample((130, 70), torch.bfloat16, 7)
+    native = nf4.quantize_4bit(a, 64, "nf4", True)
+    monkeypatch.setattr(nf4, "NATIVE", None)
+    fallback = nf4.quantize_4bit(a, 64, "nf4", True)
+    assert torch.equal(native[0], fallback[0]) and torch.equal(native[1].absmax, fallback[1].absmax)
+    assert torch.equal(nf4.dequantize_4bit(*fallback), reference_dequantize(*native))
+
+
+def test_we_avoid_bitsandbytes_cpu_dequant_bug():
+    """bnb 0.50.2's CPU kernel indexes absmax per row: wrong when ncols % blocksize != 0 (nf4-format §1.6)."""
+    a = sample((64, 80), torch.bfloat16, 3)  # 80 % 16 == 0 but 80 % 64 != 0
+    packed, state = nf4.quantize_4bit(a, 64, "nf4", False)
+    ours = nf4.dequantize_4bit(packed, state)
+    assert torch.equal(ours, reference_dequantize(packed, state))
+    assert (ours.float() - a.float()).norm() / a.float().norm() < 0.15
+
+
+def test_fixture_checkpoint_reencodes_byte_for_byte():
+    """Re-quantizing the bf16 original with our encoder reproduces the transformers-saved 4-bit file."""
+    stored = load_file(str(NF4_BASE / "model.safetensors"))
+    original = {k: v.to(torch.bfloat16) for k, v in load_base(base_path("llama")).state_dict().items()}
+    params = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in stored if k.endswith("bitsandbytes__nf4")]
+    assert len(params) == 14
+    for param in params:
+        packed, state = nf4.quantize_4bit(original[param], 64, "nf4", True)
+        ours = state.to_state_dict(param, packed)
+        theirs = {k: v for k, v in stored.items() if k == param or k.startswith(param + ".")}
+        assert sorted(ours) == sorted(theirs)
+        for key in theirs:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+        decoded = nf4.dequantize_4bit(stored[param], nf4.QuantState.from_state_dict(param, stored))
+        assert torch.equal(decoded, reference_dequantize(packed, state))
+
+
+def test_dequantize_command_matches_transformers_dequantize(tmp_path, cli_runner):
+    from transformers import AutoModelForCausalLM
+
+    result = cli_runner("dequantize", NF4_BASE, tmp_path / "dense")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in config
+    ours = load_base(tmp_path / "dense", torch.bfloat16).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(NF4_BASE, device_map="cpu").dequantize(dtype=torch.bfloat16)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours[key], value.to(torch.bfloat16)), key
+
+
+def test_dequantize_refuses_a_dense_checkpoint(tmp_path, cli_runner):
+    result = cli_runner("dequantize", base_path("llama"), tmp_path / "x")
+    assert result.exit_code == 2 and "nothing to dequantize" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_merge_into_4bit_base_is_dequantize_then_merge(tmp_path):
+    from adaptools.operations.merge import MergeInput, merge
+
+    adapter = adaptools.load(adapter_path("llama-lora"))
+    merge(NF4_BASE, [MergeInput(adapter)], tmp_path / "direct")
+    merge(NF4_BASE, [], tmp_path / "dense", operation="dequantize")
+    merge(tmp_path / "dense", [MergeInput(adapter)], tmp_path / "two-step")
+    direct = load_file(str(tmp_path / "direct" / "model.safetensors"))
+    two_step = load_file(str(tmp_path / "two-step" / "model.safetensors"))
+    assert sorted(direct) == sorted(two_step)
+    assert all(torch.equal(direct[k], two_step[k]) for k in direct)
+    assert direct["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    # and the merged model behaves like the dequantized base with the adapter unmerged
+    expected = logits(peft_model(tmp_path / "dense", adapter_path("llama-lora"), dtype=torch.float32))
+    got = logits(load_base(tmp_path / "direct"))
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_quantize_and_dequantize_match_cpu():
+    a = sample((256, 512), torch.bfloat16, 11)
+    packed_cpu, state_cpu = nf4.quantize_4bit(a, 64, "nf4", False)
+    packed_gpu, state_gpu = nf4.quantize_4bit(a.cuda(), 64, "nf4", False)
+    assert torch.equal(packed_cpu, packed_gpu.cpu())
+    assert torch.equal(nf4.dequantize_4bit(packed_gpu, state_gpu).cpu(), nf4.dequantize_4bit(packed_cpu, state_cpu))
