@@ -17,12 +17,13 @@ import click
 
 from . import registry
 from .adapter_io import load
-from .errors import AdaptoolsError, CheckFailedError
+from .errors import AdaptoolsError, CheckFailedError, InputError
 from .interfaces import OPERATIONS, ValidationContext
 from .operations import convert as convert_op
 from .operations import describe
 from .operations.merge import MergeEvent, MergeInput
 from .operations.merge import merge as merge_op
+from .operations.quantized import QuantizeOptions
 from .plugins import load_plugins, pm
 from .version import __version__
 
@@ -191,10 +192,17 @@ class _Progress:
               help="Merge even if the adapter says it was trained on another architecture.")
 @click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
 @click.option("--hash-base", is_flag=True, help="Record the sha256 of local base shards (an extra full read).")
+@click.option("--requantize", is_flag=True,
+              help="4-bit base only: write 4-bit again (same settings; untouched layers copied byte for byte) "
+                   "and report how much of each change survived.")
+@click.option("--merge-base", type=click.Choice(["quantized", "original"]), default="quantized", show_default=True,
+              help="4-bit base only: land the delta on dequant(W4), what QLoRA trained against, or on the "
+                   "original 16-bit weights given by --original-base.")
+@click.option("--original-base", metavar="PATH", help="The 16-bit checkpoint the 4-bit base was made from.")
 @json_option
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device: str, shard_size: str | None,
           force: bool, checks: tuple[str, ...], ignore_base_mismatch: bool, allow_pickle: bool, hash_base: bool,
-          json_: bool) -> None:
+          requantize: bool, merge_base: str, original_base: str | None, json_: bool) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
@@ -206,6 +214,10 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     Tied embeddings stay tied unless the adapter changes them differently;
     then an explicit lm_head.weight is written and tie_word_embeddings set
     to false, so the merged model behaves like the unmerged one.
+
+    A bitsandbytes 4-bit BASE (QLoRA) is dequantized and merged into a dense
+    model in the quant state's dtype: the faithful result. --requantize writes
+    4-bit again and warns how much of the fine-tune the rounding erased.
 
     \b
     Examples:
@@ -223,9 +235,18 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
               for i, ref in enumerate(adapter_refs)]
     bar = _Progress(total=0, enabled=False, label="merging")
+    command = " ".join(["adaptools", *sys.argv[1:]])
+    quantize = None
+    if merge_base == "original":
+        if not original_base:
+            raise click.UsageError("--merge-base original needs --original-base PATH (the 16-bit checkpoint)")
+        quantize = quantize_options_of(base) if requantize else None
+        base, requantize = original_base, False
+    elif original_base:
+        raise click.UsageError("--original-base is only used with --merge-base original")
     summary = merge_op(base, inputs, out, dtype=dtype, device=device, shard_size=size, force=force,
-                       ignore_base_mismatch=ignore_base_mismatch, hash_base=hash_base,
-                       command=" ".join(["adaptools", *sys.argv[1:]]), progress=bar)
+                       ignore_base_mismatch=ignore_base_mismatch, hash_base=hash_base, command=command,
+                       progress=bar, requantize=requantize, quantize=quantize)
     bar.close()
     verdicts = []
     for validator in validators:
@@ -241,6 +262,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
                    f"{summary.tensors_merged} merged, {summary.tensors_copied} copied byte for byte, "
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
                    f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
+        _report_survival(summary.survival)
         if summary.untied_lm_head:
             click.echo("note: lm_head now differs from the input embedding; written explicitly and "
                        "tie_word_embeddings set to false")
@@ -277,6 +299,68 @@ def dequantize(base: str, out: str, dtype: str, shard_size: str | None, force: b
         click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
                    f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
+
+
+def _report_survival(survival: list[dict[str, Any]]) -> None:
+    if not survival:
+        return
+    kept = sorted(s["retained"] for s in survival)
+    median = kept[len(kept) // 2]
+    lost = sum(1 for k in kept if k < 0.5)
+    click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
+               f"(min {kept[0]:.0%}, max {kept[-1]:.0%})")
+    if lost:
+        click.echo(f"WARNING: in {lost} of {len(kept)} layers requantizing erased more than half of the "
+                   "adapter's change; the 4-bit model has largely lost the fine-tune. Merge without "
+                   "--requantize for a faithful 16-bit model.", err=True)
+
+
+def quantize_options_of(base: str) -> QuantizeOptions:
+    """The 4-bit settings a transformers bitsandbytes checkpoint was made with (its quantization_config)."""
+    from .checkpoint import Checkpoint
+
+    config = Checkpoint.open(base).config.get("quantization_config") or {}
+    if config.get("quant_method") != "bitsandbytes" or not config.get("load_in_4bit"):
+        raise InputError("the base is not a bitsandbytes 4-bit checkpoint", path=base)
+    return QuantizeOptions(quant_type=config.get("bnb_4bit_quant_type", "nf4"),
+                           double_quant=bool(config.get("bnb_4bit_use_double_quant")),
+                           skip_modules=tuple(config.get("llm_int8_skip_modules") or ()))
+
+
+@cli.command()
+@click.argument("dense")
+@click.argument("out", type=click.Path())
+@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True)
+@click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
+              default="64", show_default=True, help="Elements per absmax block (transformers always uses 64).")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="Quantize the absmax values too (bnb_4bit_use_double_quant).")
+@click.option("--skip-modules", default="", help="Comma-separated module names to keep dense (besides "
+              "lm_head, embeddings and norms, which always stay dense).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@json_option
+def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_quant: bool, skip_modules: str,
+               force: bool, json_: bool) -> None:
+    """Quantize a dense checkpoint to bitsandbytes 4-bit, as transformers would.
+
+    Linear weights become NF4 (or FP4) with bytes identical to bitsandbytes'
+    own quantize_4bit; lm_head, embeddings and norms stay dense. The result
+    loads with transformers' bitsandbytes integration (quantization_config
+    is written). Quantizing costs accuracy; see `adaptools merge --help`.
+
+    \b
+    Example:
+      adaptools requantize ./merged-bf16 ./merged-nf4
+    """
+    options = QuantizeOptions(quant_type=quant_type, blocksize=int(blocksize), double_quant=double_quant,
+                              skip_modules=tuple(filter(None, (m.strip() for m in skip_modules.split(",")))))
+    summary = merge_op(dense, [], out, force=force, quantize=options, operation="requantize",
+                       command=" ".join(["adaptools", *sys.argv[1:]]))
+    if json_:
+        emit_json(summary.to_json())
+    else:
+        click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
+                   f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s")
 
 
 @cli.command()

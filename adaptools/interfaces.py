@@ -223,6 +223,14 @@ class Backend(ABC):
         """The dense value (in the group's dtype) of a grouped parameter."""
         raise NotImplementedError
 
+    def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+        """How a grouped parameter was encoded (to encode a changed value the same way)."""
+        raise NotImplementedError
+
+    def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Encode a dense value as this backend's group of tensors, named as the checkpoint names them."""
+        raise NotImplementedError
+
     #: True when decode and encode are plain dtype casts, so any block of rows can be decoded, updated and
     #: encoded on its own (the merge then casts blocks straight into the output). NF4 and friends: False.
     elementwise: ClassVar[bool] = False

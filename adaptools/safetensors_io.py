@@ -353,6 +353,65 @@ class SafetensorsWriter:
         self.close()
 
 
+class DeferredSafetensorsWriter:
+    """Writes a safetensors file whose tensor sizes are only known as they are produced.
+
+    Tensor bytes go to a hidden data file next to ``path`` in the order written; ``close()`` writes the
+    header and then moves the data behind it with ``copy_file_range``. Used where a tensor's size depends on
+    its content (a 4-bit state's JSON blob). Memory stays one tensor; disk use is briefly twice the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self._metadata = dict(metadata or {})
+        self._data_path = self.path.with_name(f".{self.path.name}.data")
+        self._fh: BinaryIO = open(self._data_path, "wb+")
+        self._specs: dict[str, TensorSpec] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._specs:
+            raise ValueError(f"{name!r} written twice")
+        self._specs[name] = TensorSpec.of(tensor)
+        self._fh.write(tensor_bytes(tensor))
+
+    def copy_range(self, name: str, src: BinaryIO, offset: int, nbytes: int, spec: TensorSpec) -> None:
+        """Append a stored tensor's bytes unchanged."""
+        self._specs[name] = spec
+        self._fh.flush()
+        done = 0
+        while done < nbytes:
+            data = os.pread(src.fileno(), min(64 << 20, nbytes - done), offset + done)
+            if not data:
+                raise ValueError(f"{name!r}: source ended early")
+            self._fh.write(data)
+            done += len(data)
+
+    def close(self) -> None:
+        self._fh.flush()
+        size = self._fh.tell()
+        with SafetensorsWriter(self.path, self._specs, self._metadata) as out:
+            for name, spec in self._specs.items():
+                out._expect(name, spec.nbytes)
+            out._fh.flush()
+            done = 0
+            while done < size:
+                data = os.pread(self._fh.fileno(), min(64 << 20, size - done), done)
+                out._fh.write(data)
+                done += len(data)
+        self._fh.close()
+        self._data_path.unlink()
+
+    def __enter__(self) -> DeferredSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self._fh.close()
+            self._data_path.unlink(missing_ok=True)
+            return
+        self.close()
+
+
 def read_tensor(src: BinaryIO, info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes with a plain read (no memory map, so RSS stays one tensor).
 

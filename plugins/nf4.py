@@ -317,6 +317,19 @@ class FourBit(adaptools.Backend):
         state = QuantState.from_state_dict(param, tensors)
         return dequantize_4bit(tensors[param], state)
 
+    def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+        blob = json.loads(bytes(read(f"{param}.{STATE_PREFIX}{self.quant_type}").tolist()).decode("utf-8"))
+        return {"quant_type": blob["quant_type"], "blocksize": int(blob["blocksize"]),
+                "double_quant": "nested_offset" in blob, "dtype": DTYPE_NAMES[blob["dtype"]],
+                "storage": read(param).dtype}
+
+    def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Quantize ``dense`` (cast first to the state's dtype, so the JSON keeps e.g. bfloat16)."""
+        value = dense.to(settings.get("dtype", dense.dtype))
+        packed, state = quantize_4bit(value, settings.get("blocksize", 64), self.quant_type,
+                                      settings.get("double_quant", True), settings.get("storage", torch.uint8))
+        return state.to_state_dict(param, packed)
+
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("4-bit parameters decode as groups (decode_group)")
 

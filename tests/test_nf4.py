@@ -147,3 +147,105 @@ def test_cuda_quantize_and_dequantize_match_cpu():
     packed_gpu, state_gpu = nf4.quantize_4bit(a.cuda(), 64, "nf4", False)
     assert torch.equal(packed_cpu, packed_gpu.cpu())
     assert torch.equal(nf4.dequantize_4bit(packed_gpu, state_gpu).cpu(), nf4.dequantize_4bit(packed_cpu, state_cpu))
+
+
+# --- 4-bit output ---------------------------------------------------------------------------------------
+
+
+def state_of(folder):
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    from adaptools.operations.merge import merge
+
+    out = tmp_path_factory.mktemp("bf16") / "llama-bf16"
+    merge(base_path("llama"), [], out, dtype="bf16")
+    return out
+
+
+def test_requantize_reproduces_transformers_4bit_checkpoint(llama_bf16, tmp_path, cli_runner):
+    result = cli_runner("requantize", llama_bf16, tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    theirs = load_file(str(NF4_BASE / "model.safetensors"))
+    ours_merged = state_of(tmp_path / "q")
+    assert sorted(ours_merged) == sorted(theirs)
+    for key, value in theirs.items():
+        assert ours_merged[key].dtype == value.dtype and torch.equal(ours_merged[key], value), key
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    reference = json.loads((NF4_BASE / "config.json").read_text())["quantization_config"]
+    assert config["quantization_config"] == reference
+    assert len(list((tmp_path / "q").glob("*.safetensors"))) == 4  # the base's shard layout is kept
+
+
+def test_requantized_output_loads_and_runs_in_transformers(llama_bf16, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from adaptools.operations.merge import MergeInput, merge
+
+    merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-lora")))], tmp_path / "rq", requantize=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rq", device_map="cpu")
+    for module in model.modules():  # nf4-format §6.1: keep bitsandbytes' CPU forward from repacking weights
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_merge_requantize_copies_untouched_layers_and_reports_survival(tmp_path, cli_runner):
+    result = cli_runner("merge", NF4_BASE, adapter_path("llama-layers"), tmp_path / "rq", "--requantize", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sorted(s["tensor"] for s in data["survival"]) == [
+        "model.layers.1.self_attn.o_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    ours, theirs = state_of(tmp_path / "rq"), load_file(str(NF4_BASE / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    touched = ("model.layers.1.self_attn.o_proj.weight", "model.layers.1.self_attn.q_proj.weight")
+    for key in theirs:
+        if key.startswith(touched):
+            continue
+        assert torch.equal(ours[key], theirs[key]), key
+    # a touched layer is exactly quantize(dequant(W4) + delta) with the same settings
+    from adaptools.operations.merge import MergeInput, merge
+
+    merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-layers")))], tmp_path / "dense")
+    dense = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    packed, _ = nf4.quantize_4bit(dense[touched[1]], 64, "nf4", True)
+    assert torch.equal(ours[touched[1]], packed)
+
+
+def test_small_deltas_are_erased_by_requantizing_and_we_say_so(tmp_path, cli_runner):
+    result = cli_runner("merge", NF4_BASE, adapter_path("llama-lora"), tmp_path / "rq", "--requantize",
+                        "--weight", "0.003")
+    assert result.exit_code == 0
+    assert "WARNING" in result.stderr and "lost the fine-tune" in result.stderr
+
+
+def test_merge_base_original_lands_on_the_16bit_weights(llama_bf16, tmp_path, cli_runner):
+    assert cli_runner("merge", NF4_BASE, adapter_path("llama-lora"), tmp_path / "x", "--merge-base",
+                      "original").exit_code == 2
+    result = cli_runner("merge", NF4_BASE, adapter_path("llama-lora"), tmp_path / "orig", "--merge-base", "original",
+                        "--original-base", llama_bf16)
+    assert result.exit_code == 0, result.output
+    direct = cli_runner("merge", llama_bf16, adapter_path("llama-lora"), tmp_path / "direct")
+    assert direct.exit_code == 0
+    a, b = state_of(tmp_path / "orig"), state_of(tmp_path / "direct")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    result = cli_runner("merge", NF4_BASE, adapter_path("llama-lora"), tmp_path / "orig4", "--merge-base",
+                        "original", "--original-base", llama_bf16, "--requantize")
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" in json.loads((tmp_path / "orig4" / "config.json").read_text())
+
+
+def test_requantize_refusals(tmp_path, cli_runner):
+    result = cli_runner("requantize", NF4_BASE, tmp_path / "a")
+    assert result.exit_code == 2 and "already quantized" in result.stderr
+    result = cli_runner("requantize", base_path("gpt2"), tmp_path / "b")
+    assert result.exit_code == 2 and "Conv1D" in result.stderr
+    result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), tmp_path / "c", "--requantize")
+    assert result.exit_code == 2 and "needs a 4-bit base" in result.stderr
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -35,9 +35,24 @@ from ..checkpoint import INDEX, Checkpoint, Shard
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..outputs import atomic_output, check_output, terminate_as_exception
-from ..safetensors_io import DTYPES, TORCH_TO_CODE, SafetensorsWriter, TensorSpec
+from ..safetensors_io import (
+    DTYPES,
+    TORCH_TO_CODE,
+    DeferredSafetensorsWriter,
+    SafetensorsWriter,
+    TensorSpec,
+    read_header,
+)
 from ..schema import Adapter
 from ..version import __version__
+from .quantized import (
+    QuantizedPlan,
+    QuantizeOptions,
+    plan_quantize,
+    plan_requantize,
+    quantization_config,
+    write_quantized_shard,
+)
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -79,6 +94,7 @@ class MergeSummary:
     untied_lm_head: bool = False
     vocab_size: int | None = None
     warnings: list[str] = field(default_factory=list)
+    survival: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -237,7 +253,8 @@ class _Codec:
 def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str | os.PathLike[str], *,
           dtype: str = "auto", device: str = "cpu", shard_size: int | None = None, force: bool = False,
           ignore_base_mismatch: bool = False, hash_base: bool = False, command: str | None = None,
-          progress: Callable[[MergeEvent], None] | None = None, operation: str = "merge") -> MergeSummary:
+          progress: Callable[[MergeEvent], None] | None = None, operation: str = "merge",
+          requantize: bool = False, quantize: QuantizeOptions | None = None) -> MergeSummary:
     """Merge ``inputs`` into the checkpoint ``base`` and write a checkpoint folder at ``out``.
 
     Args:
@@ -253,6 +270,9 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
         command: the command line, recorded in provenance.
         progress: called once per written tensor.
         operation: recorded in provenance; ``"dequantize"`` also requires a quantized base.
+        requantize: keep a 4-bit base's weights 4-bit (changed ones re-encoded with their own settings,
+            untouched ones copied byte for byte); the summary reports how much of each change survived.
+        quantize: quantize a dense base's linear weights to 4-bit with these options.
 
     Raises:
         AdaptoolsError subclasses for anything the user can fix; nothing is written then.
@@ -269,6 +289,13 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     if operation == "dequantize" and not checkpoint.groups:
         raise InputError("no quantized weights here: nothing to dequantize", path=checkpoint.path,
                          hint="expected a bitsandbytes 4-bit checkpoint (quant_state.bitsandbytes__nf4 tensors)")
+    quantized: QuantizedPlan | None = None
+    if requantize or quantize is not None:
+        if shard_size is not None or dtype != "auto":
+            raise InputError("4-bit output keeps the base's shard layout and dtypes",
+                             hint="drop --shard-size and --dtype")
+        quantized = (plan_requantize(checkpoint) if requantize
+                     else plan_quantize(checkpoint, registry.get_backend(quantize.quant_type), quantize))
     updates = plan_updates(inputs, checkpoint, ignore_base_mismatch)
     for target in updates:
         stored_name = checkpoint.aliases.get(target, target)
@@ -285,6 +312,25 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     metadata = {"format": "pt", "adaptools.provenance": json.dumps(provenance, sort_keys=True)}
 
     threads = _single_threaded_torch() if device == "cpu" else nullcontext()
+    if quantized is not None:
+        with terminate_as_exception(), atomic_output(out, force=force) as tmp, threads:
+            _write_quantized(tmp, checkpoint, quantized, updates, precomputed, extra, codec, device, metadata,
+                             summary, progress)
+            config = dict(checkpoint.config)
+            if untie:
+                config["tie_word_embeddings"] = False
+            if quantize is not None:
+                compute = next(iter(quantized.targets.values()))[1]["dtype"]
+                config["quantization_config"] = quantization_config(
+                    quantize, CONFIG_DTYPE_NAMES[compute], quantize.skip_modules)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            for path in checkpoint.other_files():
+                shutil.copyfile(path, tmp / path.name)
+            _write_card(tmp, provenance)
+        summary.survival = [s.__dict__ for s in quantized.survival]
+        summary.seconds = time.perf_counter() - started
+        summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return summary
     with terminate_as_exception(), atomic_output(out, force=force) as tmp, threads:
         for shard_name, names in layout.items():
             shard_specs = {name: specs[name] for name in names}
@@ -306,6 +352,59 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return summary
+
+
+def _write_quantized(tmp: Path, checkpoint: Checkpoint, plan: QuantizedPlan, updates: dict[str, list[TensorUpdate]],
+                     precomputed: dict[str, torch.Tensor], extra: dict[str, tuple[str, torch.Tensor]], codec: _Codec,
+                     device: str, metadata: dict[str, str], summary: MergeSummary,
+                     progress: Callable[[MergeEvent], None] | None) -> None:
+    """4-bit output: every shard of the base, in its own order, through the quantized shard writer."""
+    weight_map: dict[str, str] = {}
+
+    def dense_value(name: str) -> torch.Tensor:
+        return _apply(updates.get(name, []), checkpoint.read(name).to(device).float()).cpu()
+
+    for shard in checkpoint.shards:
+        names = sorted(shard.header.tensors, key=lambda n: shard.header.tensors[n].begin)
+        names += [alias for alias, (after, _) in extra.items() if after in names]
+        handles: dict[Path, Any] = {}
+
+        def write_dense(writer: DeferredSafetensorsWriter, name: str) -> int:
+            if name in extra or name in precomputed:
+                value = extra[name][1] if name in extra else precomputed[name]
+            else:
+                like = checkpoint.tensor(name)
+                if name not in updates and codec.output_dtype(like) == like.dtype:
+                    shard_, info = checkpoint.location[name]
+                    fh = handles.get(shard_.path) or handles.setdefault(shard_.path, open(shard_.path, "rb"))
+                    writer.copy_range(name, fh, info.begin, info.nbytes, TensorSpec(info.dtype, info.shape))
+                    return info.nbytes
+                value = codec.encode(dense_value(name), like)
+            writer.write(name, value)
+            return value.numel() * value.element_size()
+
+        def on_tensor(name: str, nbytes: int, merged: bool, _shard: str = shard.name) -> None:
+            summary.tensors += 1
+            summary.bytes_written += nbytes
+            summary.tensors_merged += int(merged)
+            summary.tensors_copied += int(not merged)
+            if progress is not None:
+                progress(MergeEvent(name, _shard, nbytes, merged))
+
+        try:
+            write_quantized_shard(tmp / shard.name, names, checkpoint, plan, updates, dense_value, write_dense,
+                                  metadata, on_tensor)
+        finally:
+            for fh in handles.values():
+                fh.close()
+        for name in read_header(tmp / shard.name).tensors:
+            weight_map[name] = shard.name
+    summary.shards = len(checkpoint.shards)
+    if checkpoint.index is not None:
+        total = sum(info.nbytes for shard in checkpoint.shards
+                    for info in read_header(tmp / shard.name).tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _plan_tied(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]], codec: _Codec,
