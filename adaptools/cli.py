@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -199,10 +200,15 @@ class _Progress:
               help="4-bit base only: land the delta on dequant(W4), what QLoRA trained against, or on the "
                    "original 16-bit weights given by --original-base.")
 @click.option("--original-base", metavar="PATH", help="The 16-bit checkpoint the 4-bit base was made from.")
+@click.option("--eval-text", metavar="FILE", help="Evaluation text for --check perplexity (.txt or .jsonl).")
+@click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens of --eval-text to score.")
+@click.option("--ppl-tolerance", type=float, default=0.005, show_default=True,
+              help="--check perplexity passes when merged and unmerged perplexity differ by at most this share.")
 @json_option
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device: str, shard_size: str | None,
           force: bool, checks: tuple[str, ...], ignore_base_mismatch: bool, allow_pickle: bool, hash_base: bool,
-          requantize: bool, merge_base: str, original_base: str | None, json_: bool) -> None:
+          requantize: bool, merge_base: str, original_base: str | None, eval_text: str | None, max_tokens: int,
+          ppl_tolerance: float, json_: bool) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
@@ -218,6 +224,11 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     A bitsandbytes 4-bit BASE (QLoRA) is dequantized and merged into a dense
     model in the quant state's dtype: the faithful result. --requantize writes
     4-bit again and warns how much of the fine-tune the rounding erased.
+
+    --check perplexity --eval-text FILE then proves the merge kept the
+    fine-tune: it compares the merged model's perplexity with the base plus
+    the adapter applied unmerged, and exits 1 if they differ by more than
+    --ppl-tolerance (the output is kept, marked failed in adaptools_checks.json).
 
     \b
     Examples:
@@ -249,9 +260,13 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
                        progress=bar, requantize=requantize, quantize=quantize)
     bar.close()
     verdicts = []
+    options = {"eval_text": eval_text, "max_tokens": max_tokens, "tolerance": ppl_tolerance,
+               "weights": [i.weight for i in inputs]}
     for validator in validators:
-        context = ValidationContext("merge", base, [i.adapter for i in inputs], str(out))
+        context = ValidationContext("merge", base, [i.adapter for i in inputs], str(out), options)
         verdicts.append((validator.name, validator.validate(context)))
+    if verdicts:
+        record_checks(out, verdicts)
     result = summary.to_json()
     result["checks"] = [{"name": n, "passed": v.passed, "message": v.message, "figures": v.figures}
                         for n, v in verdicts]
@@ -299,6 +314,18 @@ def dequantize(base: str, out: str, dtype: str, shard_size: str | None, force: b
         click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
                    f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
+
+
+def record_checks(out: str, verdicts: list[tuple[str, Any]]) -> None:
+    """Write the verdicts beside the output (adaptools_checks.json) and flag a failure in its model card."""
+    folder = Path(out)
+    data = [{"name": n, "passed": v.passed, "message": v.message, "figures": v.figures} for n, v in verdicts]
+    (folder / "adaptools_checks.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    failed = [d for d in data if not d["passed"]]
+    if failed and (folder / "README.md").exists():
+        with open(folder / "README.md", "a", encoding="utf-8") as card:
+            for d in failed:
+                card.write(f"\n**CHECK FAILED: {d['name']}**: {d['message']}\n")
 
 
 def _report_survival(survival: list[dict[str, Any]]) -> None:
@@ -361,6 +388,39 @@ def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_qua
     else:
         click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s")
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--adapter", "adapters", multiple=True, help="Apply this adapter at runtime, unmerged (repeatable).")
+@click.option("--eval-text", required=True, metavar="FILE", help="A .txt or .jsonl (text field) file.")
+@click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to score at most.")
+@click.option("--window", type=int, default=256, show_default=True, help="Tokens per scoring window.")
+@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@json_option
+def eval_command(model: str, adapters: tuple[str, ...], eval_text: str, max_tokens: int, window: int,
+                 allow_pickle: bool, json_: bool) -> None:
+    """Print the perplexity of MODEL (optionally with adapters) on an evaluation text.
+
+    The text is tokenized with MODEL's tokenizer and scored in fixed,
+    non-overlapping windows. Needs transformers (pip install 'adaptools[eval]').
+
+    \b
+    Example:
+      adaptools eval ./merged --eval-text held-out.txt
+      adaptools eval ./base --adapter ./my-lora --eval-text held-out.txt --json
+    """
+    validator = registry.get_validator("perplexity")
+    evaluate = getattr(validator, "measure", None)
+    if evaluate is None:
+        raise InputError("the installed perplexity validator cannot measure a single model")
+    loaded = [load(a, allow_pickle=allow_pickle) for a in adapters]
+    ppl, tokens = evaluate(model, loaded, eval_text, max_tokens, window)
+    if json_:
+        emit_json({"model": model, "adapters": list(adapters), "perplexity": ppl, "tokens": tokens,
+                   "window": window})
+    else:
+        click.echo(f"perplexity {ppl:.4f} over {tokens} tokens (windows of {window})")
 
 
 @cli.command()

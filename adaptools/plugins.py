@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.schema_format",
     "adaptools_plugins.dense",
     "adaptools_plugins.nf4",
+    "adaptools_plugins.perplexity",
 )
 
 pm = pluggy.PluginManager("adaptools")

@@ -1,0 +1,172 @@
+"""The ``perplexity`` validator: prove that a merge kept the fine-tune.
+
+It measures perplexity on an evaluation text, in fixed non-overlapping windows, for the base, the base
+with the adapter(s) applied at runtime and unmerged (through the method plugin; peft is never imported),
+and the merged output. For a bitsandbytes 4-bit base it also measures the 4-bit base with the adapter,
+which is what QLoRA trained. The check passes when the merged perplexity is within a relative tolerance
+(default 0.5%) of the unmerged one, which catches merges that silently erase the fine-tune (requantizing
+into 4-bit) or silently do nothing (mismatched names, a wrong scale, a dropped module).
+
+Needs transformers (``pip install 'adaptools[eval]'``). Loaded models never run bitsandbytes' CPU 4-bit
+forward with its in-place weight repacking (nf4-format.md §6.1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adaptools
+from adaptools import InputError, ValidationContext, Verdict
+
+DEFAULT_TOLERANCE = 0.005
+DEFAULT_WINDOW = 256
+DEFAULT_MAX_TOKENS = 20_000
+
+
+def read_eval_text(source: str) -> str:
+    """A text file, a .jsonl with a ``text`` field per line, or a datasets name (``name`` or ``name:config``)."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            texts = []
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    try:
+                        texts.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise InputError(f"line {i + 1} is not a JSON object with a text field", path=path) from None
+            return "\n\n".join(texts)
+        return path.read_text(encoding="utf-8")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise InputError("evaluation text not found", path=source,
+                         hint="give a .txt or .jsonl file (datasets names need the datasets package)") from None
+    name, _, config = source.partition(":")
+    try:
+        data = datasets.load_dataset(name, config or None, split="test")
+    except Exception as exc:  # datasets raises many kinds
+        raise InputError(f"cannot load dataset: {str(exc).splitlines()[0]}", path=source) from None
+    return "\n\n".join(t for t in data["text"] if t)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("the perplexity check needs transformers", hint="pip install 'adaptools[eval]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # results go to stdout, and we print no bars
+    return transformers
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """A causal LM from a local folder or hub name, 4-bit ones included, safe for CPU forwards."""
+    transformers = _transformers()
+    kwargs: dict[str, Any] = {"device_map": "cpu"} if not torch.cuda.is_available() else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the model ({str(exc).splitlines()[0]})", path=path) from None
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # keep bitsandbytes from repacking weights in place
+    return model.eval()
+
+
+def tokenize(model_path: str | Path, text: str, max_tokens: int) -> torch.Tensor:
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"no tokenizer with the model ({str(exc).splitlines()[0]})", path=model_path) from None
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < 2:
+        raise InputError("the evaluation text is too short", hint="give at least a few hundred tokens")
+    return ids[:max_tokens]
+
+
+@torch.no_grad()
+def perplexity(model: Any, ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> tuple[float, int]:
+    """exp(mean next-token NLL) over non-overlapping windows of ``window`` tokens; returns (ppl, tokens scored)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    window = min(window, limit) if limit else window  # never score past the model's context
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start:start + window].unsqueeze(0).to(device)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total += float(nll)
+        count += chunk.shape[1] - 1
+    return math.exp(total / count), count
+
+
+def is_quantized(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "bitsandbytes"
+
+
+def evaluate(model_path: str | Path, ids: torch.Tensor, adapters: list[adaptools.Adapter],
+             window: int) -> tuple[float, int]:
+    """(perplexity, tokens scored) of a model, with adapters applied unmerged at runtime if any are given."""
+    model = load_model(model_path, None if is_quantized(model_path) else torch.float32)
+    with ExitStack() as stack:
+        for adapter in adapters:
+            stack.enter_context(adaptools.get_method(adapter.method).apply(adapter, model))
+        return perplexity(model, ids, window)
+
+
+class Perplexity(adaptools.Validator):
+    name = "perplexity"
+    description = "merged perplexity within a tolerance of base + adapter unmerged (needs transformers)"
+
+    def measure(self, model: str, adapters: list[adaptools.Adapter], eval_text: str,
+                max_tokens: int = DEFAULT_MAX_TOKENS, window: int = DEFAULT_WINDOW) -> tuple[float, int]:
+        """(perplexity, tokens scored) of one model, for ``adaptools eval``."""
+        ids = tokenize(model, read_eval_text(eval_text), max_tokens)
+        return evaluate(model, ids, adapters, window)
+
+    def validate(self, context: ValidationContext) -> Verdict:
+        options = context.options
+        if not options.get("eval_text"):
+            raise InputError("the perplexity check needs --eval-text FILE")
+        if context.base is None or context.output is None:
+            raise InputError("the perplexity check needs a base and an output")
+        if any(w != 1.0 for w in options.get("weights", [])):
+            raise InputError("the perplexity check compares against the unmerged adapters, so needs weight 1")
+        tolerance = float(options.get("tolerance", DEFAULT_TOLERANCE))
+        window = int(options.get("window", DEFAULT_WINDOW))
+        ids = tokenize(context.output, read_eval_text(options["eval_text"]), int(options.get("max_tokens",
+                                                                                           DEFAULT_MAX_TOKENS)))
+        base = context.base
+        figures: dict[str, Any] = {"window": window, "tolerance": tolerance}
+        figures["base"], figures["tokens"] = evaluate(base, ids, [], window)
+        figures["unmerged"] = evaluate(base, ids, context.adapters, window)[0]
+        if is_quantized(base):
+            figures["base_is_4bit"] = True  # "unmerged" is the 4-bit base with the adapter: what QLoRA trained
+        figures["merged"] = evaluate(context.output, ids, [], window)[0]
+        drift = abs(figures["merged"] - figures["unmerged"]) / figures["unmerged"]
+        figures["relative_difference"] = drift
+        passed = drift <= tolerance
+        message = (f"merged perplexity {figures['merged']:.4f} vs unmerged {figures['unmerged']:.4f} "
+                   f"(base {figures['base']:.4f}): {drift:.2%} apart, tolerance {tolerance:.2%}")
+        return Verdict(passed=passed, message=message, figures=figures)
+
+
+@adaptools.hookimpl
+def register_validators(register: Any) -> None:
+    register(Perplexity())
