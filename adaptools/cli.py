@@ -270,6 +270,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     result = summary.to_json()
     result["checks"] = [{"name": n, "passed": v.passed, "message": v.message, "figures": v.figures}
                         for n, v in verdicts]
+    _report_survival(summary.survival, quiet=json_)
     if json_:
         emit_json(result)
     else:
@@ -277,7 +278,6 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
                    f"{summary.tensors_merged} merged, {summary.tensors_copied} copied byte for byte, "
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
                    f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
-        _report_survival(summary.survival)
         if summary.untied_lm_head:
             click.echo("note: lm_head now differs from the input embedding; written explicitly and "
                        "tie_word_embeddings set to false")
@@ -328,14 +328,16 @@ def record_checks(out: str, verdicts: list[tuple[str, Any]]) -> None:
                 card.write(f"\n**CHECK FAILED: {d['name']}**: {d['message']}\n")
 
 
-def _report_survival(survival: list[dict[str, Any]]) -> None:
+def _report_survival(survival: list[dict[str, Any]], quiet: bool = False) -> None:
+    """Summarise how much of the change survived requantization; warn on stderr when most was lost."""
     if not survival:
         return
     kept = sorted(s["retained"] for s in survival)
     median = kept[len(kept) // 2]
     lost = sum(1 for k in kept if k < 0.5)
-    click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
-               f"(min {kept[0]:.0%}, max {kept[-1]:.0%})")
+    if not quiet:
+            click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
+                   f"(min {kept[0]:.0%}, max {kept[-1]:.0%})")
     if lost:
         click.echo(f"WARNING: in {lost} of {len(kept)} layers requantizing erased more than half of the "
                    "adapter's change; the 4-bit model has largely lost the fine-tune. Merge without "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -391,12 +392,14 @@ class LoRA(adaptools.AdapterMethod):
         rows = None
         if layout == "linear" and magnitude is None:
             factors: dict[str, torch.Tensor] = {}
+            lock = threading.Lock()  # the merge calls rows() from several threads
 
             def rows(current: torch.Tensor, sl: slice) -> torch.Tensor:
                 # The same arithmetic as fn on a block of rows: (B[rows] @ A) * s, then one add.
-                if not factors:  # read once per merge, not once per block
-                    factors["a"] = adapter.tensor(a_name).to(current.device).float()
-                    factors["b"] = adapter.tensor(b_name).to(current.device).float()
+                with lock:
+                    if not factors:  # read once per merge, not once per block
+                        factors["a"] = adapter.tensor(a_name).to(current.device).float()
+                        factors["b"] = adapter.tensor(b_name).to(current.device).float()
                 return current.add_((factors["b"][sl] @ factors["a"]).mul_(s))
 
         updates = [TensorUpdate(target, "delta", fn, source=f"{a_name}, {b_name}", rows=rows,

@@ -123,7 +123,9 @@ def is_quantized(path: str | Path) -> bool:
 def evaluate(model_path: str | Path, ids: torch.Tensor, adapters: list[adaptools.Adapter],
              window: int) -> tuple[float, int]:
     """(perplexity, tokens scored) of a model, with adapters applied unmerged at runtime if any are given."""
-    model = load_model(model_path, None if is_quantized(model_path) else torch.float32)
+    # Every model runs in its own dtype (a 4-bit model in its compute dtype), so that merged and unmerged
+    # are compared at the precision they would be served at.
+    model = load_model(model_path)
     with ExitStack() as stack:
         for adapter in adapters:
             stack.enter_context(adaptools.get_method(adapter.method).apply(adapter, model))
