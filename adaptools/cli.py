@@ -161,17 +161,20 @@ def parse_size(text: str | None) -> int | None:
 
 
 class _Progress:
-    """A byte-based progress bar on stderr, shown only on a terminal."""
+    """A byte-based progress bar on stderr, shown only on a terminal and never with --json."""
 
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False)
-            self.bar.__enter__()
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self.bar: Any = None
 
     def __call__(self, event: MergeEvent) -> None:
-        if self.bar is not None:
-            self.bar.update(event.nbytes)
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(event.total_bytes, 1), label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(event.nbytes)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -245,7 +248,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     size = parse_size(shard_size)
     inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
               for i, ref in enumerate(adapter_refs)]
-    bar = _Progress(total=0, enabled=False, label="merging")
+    bar = _Progress(enabled=not json_, label="merging")
     command = " ".join(["adaptools", *sys.argv[1:]])
     quantize = None
     if merge_base == "original":
@@ -306,8 +309,10 @@ def dequantize(base: str, out: str, dtype: str, shard_size: str | None, force: b
     Example:
       adaptools dequantize ./llama-3-8b-nf4 ./llama-3-8b-bf16
     """
+    bar = _Progress(enabled=not json_, label="dequantizing")
     summary = merge_op(base, [], out, dtype=dtype, shard_size=parse_size(shard_size), force=force,
-                       command=" ".join(["adaptools", *sys.argv[1:]]), operation="dequantize")
+                       command=" ".join(["adaptools", *sys.argv[1:]]), operation="dequantize", progress=bar)
+    bar.close()
     if json_:
         emit_json(summary.to_json())
     else:
@@ -383,8 +388,10 @@ def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_qua
     """
     options = QuantizeOptions(quant_type=quant_type, blocksize=int(blocksize), double_quant=double_quant,
                               skip_modules=tuple(filter(None, (m.strip() for m in skip_modules.split(",")))))
+    bar = _Progress(enabled=not json_, label="quantizing")
     summary = merge_op(dense, [], out, force=force, quantize=options, operation="requantize",
-                       command=" ".join(["adaptools", *sys.argv[1:]]))
+                       command=" ".join(["adaptools", *sys.argv[1:]]), progress=bar)
+    bar.close()
     if json_:
         emit_json(summary.to_json())
     else:

@@ -79,6 +79,7 @@ class MergeEvent:
     shard: str
     nbytes: int
     merged: bool
+    total_bytes: int = 0  # what the whole output will hold (an estimate for 4-bit output), for progress bars
 
 
 @dataclass
@@ -310,6 +311,13 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     specs, new_shapes = _specs(checkpoint, updates, extra, precomputed, codec)
     provenance = _provenance(checkpoint, inputs, command, hash_base, operation)
     metadata = {"format": "pt", "adaptools.provenance": json.dumps(provenance, sort_keys=True)}
+
+    total = sum(spec.nbytes for spec in specs.values())
+    if progress is not None:
+        user_progress = progress
+
+        def progress(event: MergeEvent) -> None:
+            user_progress(MergeEvent(event.tensor, event.shard, event.nbytes, event.merged, total))
 
     threads = _single_threaded_torch() if device == "cpu" else nullcontext()
     if quantized is not None:
