@@ -39,7 +39,8 @@ def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle
         ref: a directory, a file, ``org/name`` or ``org/name@revision``.
         format: force a format instead of detecting it.
         allow_pickle: allow ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
-        validate: check the tensors against the config and for NaN/Inf (recommended).
+        validate: check the tensors against the config and for NaN/Inf (recommended; ``check`` turns it off
+            to report every problem as a finding instead of stopping at the first).
 
     Raises:
         InputError: unreadable or inconsistent input, naming the file and tensor.
@@ -54,7 +55,8 @@ def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle
     except UnknownPluginError as exc:
         raise UnknownPluginError(f"adapter uses method {adapter.method!r}, which no installed plugin provides",
                                  path=path, hint=exc.hint) from None
-    method.validate(adapter, check_values=validate)
+    if validate:
+        method.validate(adapter)
     return adapter
 
 

@@ -399,6 +399,73 @@ def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_qua
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s")
 
 
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
+@click.option("--base", help="Check every target against this base (config and safetensors headers only).")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "info"]), default="error", show_default=True,
+              help="Exit 1 when a finding of this severity or worse is found.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "sarif", "junit"]), default="text",
+              show_default=True, help="Report format (sarif for code scanning, junit for CI test reports).")
+@click.option("--allow-pickle", is_flag=True, help="Read adapter_model.bin (with weights_only=True) to inspect it.")
+@click.option("--check", "checks", multiple=True, metavar="NAME",
+              help="Also run a validator that needs --base (e.g. perplexity, with --eval-text).")
+@click.option("--eval-text", metavar="FILE", help="Evaluation text for --check perplexity.")
+def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, allow_pickle: bool,
+          checks: tuple[str, ...], eval_text: str | None) -> None:
+    """Lint adapters before they are published (for CI jobs and pre-commit).
+
+    Every finding names a rule id, a severity, the file and tensor or config
+    field, and a one-line fix. With --base, every target module is checked
+    against the base's config.json and safetensors headers; its weights are
+    never downloaded or read. Exit code: 0 clean, 1 findings at or above
+    --fail-on, 2 unusable input. ADAPTER may also be a path to an
+    adapter_config.json (as pre-commit passes it).
+
+    \b
+    Examples:
+      adaptools check ./my-lora --base meta-llama/Llama-3.2-1B
+      adaptools check ./my-lora --format sarif > adaptools.sarif
+    """
+    from .operations import check as check_op
+
+    reports = [check_op.check(a, base=base, allow_pickle=allow_pickle) for a in dict.fromkeys(
+        str(Path(a).parent) if a.endswith(("adapter_config.json", "adapter_model.safetensors")) else a
+        for a in adapters)]
+    failed_checks = []
+    if checks:
+        if not base:
+            raise click.UsageError("--check needs --base")
+        import tempfile
+
+        for report in reports:
+            adapter = load(report.adapter, allow_pickle=allow_pickle)
+            with tempfile.TemporaryDirectory() as tmp:
+                merged = Path(tmp) / "merged"
+                merge_op(base, [MergeInput(adapter)], merged)
+                for name in checks:
+                    verdict = registry.get_validator(name).validate(ValidationContext(
+                        "check", base, [adapter], str(merged), {"eval_text": eval_text}))
+                    if not verdict.passed:
+                        failed_checks.append(f"{report.adapter}: check {name} failed: {verdict.message}")
+    if fmt == "json":
+        emit_json(check_op.to_json(reports))
+    elif fmt == "sarif":
+        emit_json(check_op.to_sarif(reports))
+    elif fmt == "junit":
+        click.echo(check_op.to_junit(reports, fail_on))
+    else:
+        for report in reports:
+            for f in report.findings:
+                where = f.tensor or f.field
+                click.echo(f"{f.path}: {where + ': ' if where else ''}{f.rule} {f.severity}: {f.message} "
+                           f"(fix: {f.fix})")
+            click.echo(f"{report.adapter}: {len(report.findings)} finding(s)")
+    for line in failed_checks:
+        click.echo(line, err=True)
+    if any(r.at_or_above(fail_on) for r in reports) or failed_checks:
+        sys.exit(1)
+
+
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--adapter", "adapters", multiple=True, help="Apply this adapter at runtime, unmerged (repeatable).")

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import UnsupportedOperationError
+from .errors import AdapterFormatError, UnsupportedOperationError
 from .schema import Adapter
 
 #: Operations a method may declare in ``AdapterMethod.operations``.
@@ -82,6 +82,22 @@ class BaseInfo:
         return None
 
 
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem ``adaptools check`` reports: which rule, how bad, where, and the one-line fix."""
+
+    rule: str
+    severity: str  # error | warning | info
+    message: str
+    fix: str
+    path: str | None = None
+    tensor: str | None = None
+    field: str | None = None
+
+
 #: An update to one base tensor: given the current value and the original (both fp32), return the new one.
 UpdateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -141,9 +157,19 @@ class AdapterMethod(ABC):
         """The inverse of :meth:`from_peft`."""
         return dict(config)
 
-    @abstractmethod
+    #: Lint rules this method checks: id -> (severity, one-line title), for ``adaptools check`` and SARIF.
+    rules: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
+        """Every problem found, as findings (``adaptools check``); ``base`` adds checks against a base model."""
+        return []
+
     def validate(self, adapter: Adapter, *, check_values: bool = True) -> None:
-        """Raise :class:`AdapterFormatError` naming the tensor if tensors and config disagree."""
+        """Raise :class:`AdapterFormatError` for the first error-severity finding (used by ``load``)."""
+        for finding in self.lint(adapter, None, check_values=check_values):
+            if finding.severity == "error":
+                raise AdapterFormatError(finding.message, path=finding.path, tensor=finding.tensor,
+                                         hint=finding.fix)
 
     def summary(self, adapter: Adapter) -> dict[str, Any]:
         """A JSON-able description for ``adaptools info``."""

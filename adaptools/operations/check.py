@@ -1,0 +1,158 @@
+"""``adaptools check``: lint an adapter before it is published, and report in text, JSON, SARIF or JUnit.
+
+Rules come from two places: file-level rules here (pickles, missing provenance) and the method's own
+``lint`` (tensors against config, values, and, given a base, every target against the base's config and
+safetensors headers; the base's weights are never read). Each finding names its rule, severity, file,
+tensor or config field, and a one-line fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import registry
+from ..adapter_io import ADAPTER_FILE_PATTERNS, load
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from ..interfaces import SEVERITIES, BaseInfo, BaseTensor, Finding
+from ..resolve import parse_hub_ref, resolve
+from ..version import __version__
+
+FILE_RULES = {
+    "AT001": ("warning", "weights are (also) a pickle: adapter_model.bin can run code when loaded"),
+    "AT002": ("warning", "base_model_name_or_path is not recorded"),
+    "AT003": ("info", "the base revision is not pinned"),
+    "AT004": ("error", "weights only as a pickle: not inspected (pass --allow-pickle to read it)"),
+}
+FILE_FIXES = {
+    "AT001": "publish adapter_model.safetensors only",
+    "AT002": "set base_model_name_or_path in adapter_config.json",
+    "AT003": "set revision in adapter_config.json to the base's commit",
+    "AT004": "convert the weights to safetensors (adaptools convert --allow-pickle)",
+}
+SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+
+
+@dataclass
+class CheckReport:
+    adapter: str
+    method: str | None
+    findings: list[Finding] = field(default_factory=list)
+    rules: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def at_or_above(self, severity: str) -> list[Finding]:
+        limit = SEVERITIES.index(severity)
+        return [f for f in self.findings if SEVERITIES.index(f.severity) <= limit]
+
+
+def base_info(ref: str) -> BaseInfo:
+    """A base's tensors from its config and safetensors headers only (for a hub base, nothing else fetched)."""
+    path = Path(ref).expanduser()
+    if path.exists() or parse_hub_ref(ref) is None:
+        return Checkpoint.open(ref).base_info()
+    repo, revision = parse_hub_ref(ref)  # type: ignore[misc]
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
+        meta = get_safetensors_metadata(repo, revision=revision)
+    except Exception as exc:  # huggingface-hub raises many kinds; all mean "cannot read that base"
+        raise InputError(f"cannot read the base's config and headers ({str(exc).splitlines()[0]})",
+                         path=ref) from None
+    tensors = {}
+    for file_meta in meta.files_metadata.values():
+        for name, info in file_meta.tensors.items():
+            tensors[name] = BaseTensor(name, info.dtype, tuple(info.shape))
+    aliases = {}
+    if config.get("tie_word_embeddings", True) and "lm_head.weight" not in tensors:
+        embed = next((n for n in tensors if n.endswith("embed_tokens.weight")), None)
+        if embed:
+            aliases["lm_head.weight"] = embed
+    return BaseInfo(tensors, config, aliases, ref)
+
+
+def check(ref: str | os.PathLike[str], *, base: str | None = None, allow_pickle: bool = False) -> CheckReport:
+    """Run every rule on one adapter. Raises InputError only when the adapter cannot be read at all."""
+    path = resolve(ref, allow_patterns=ADAPTER_FILE_PATTERNS, what="adapter")
+    if path.is_file() and path.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        path = path.parent
+    report = CheckReport(adapter=str(path), method=None, rules=dict(FILE_RULES))
+
+    def add(rule: str, message: str, file: Path | str, field_: str | None = None) -> None:
+        report.findings.append(Finding(rule, FILE_RULES[rule][0], message, FILE_FIXES[rule], str(file), None, field_))
+
+    config_file = path / "adapter_config.json" if path.is_dir() else None
+    if config_file is not None and (path / "adapter_model.bin").exists():
+        if (path / "adapter_model.safetensors").exists() or allow_pickle:
+            add("AT001", "adapter_model.bin is present", path / "adapter_model.bin")
+        else:
+            add("AT004", "only adapter_model.bin holds the weights", path / "adapter_model.bin")
+            return report
+    adapter = load(path, allow_pickle=allow_pickle, validate=False)
+    report.method = adapter.method
+    if config_file is not None:
+        if not adapter.base.name:
+            add("AT002", "base_model_name_or_path is null", config_file, "base_model_name_or_path")
+        elif not adapter.base.revision and parse_hub_ref(adapter.base.name) and not Path(adapter.base.name).exists():
+            add("AT003", "revision is null", config_file, "revision")
+    method = registry.get_method(adapter.method)
+    report.rules.update(method.rules)
+    report.findings.extend(method.lint(adapter, base_info(base) if base else None, check_values=True))
+    return report
+
+
+def to_json(reports: list[CheckReport]) -> dict[str, Any]:
+    return {"tool": f"adaptools {__version__}", "adapters": [
+        {"adapter": r.adapter, "method": r.method, "findings": [f.__dict__ for f in r.findings]} for r in reports]}
+
+
+def to_sarif(reports: list[CheckReport]) -> dict[str, Any]:
+    """SARIF 2.1.0, one run, the rules of every method involved, one result per finding."""
+    rules: dict[str, tuple[str, str]] = {}
+    for r in reports:
+        rules.update(r.rules)
+    results = []
+    for r in reports:
+        for f in r.findings:
+            location: dict[str, Any] = {"physicalLocation": {"artifactLocation": {"uri": _uri(f.path or r.adapter)}}}
+            if f.tensor or f.field:
+                location["logicalLocations"] = [{"name": f.tensor or f.field, "kind": "member"}]
+            results.append({"ruleId": f.rule, "level": SARIF_LEVEL[f.severity],
+                            "message": {"text": f"{f.message}. Fix: {f.fix}"}, "locations": [location]})
+    driver = {"name": "adaptools", "version": __version__, "informationUri": "https://pypi.org/project/adaptools/",
+              "rules": [{"id": rule, "shortDescription": {"text": title},
+                         "defaultConfiguration": {"level": SARIF_LEVEL[severity]}}
+                        for rule, (severity, title) in sorted(rules.items())]}
+    return {"$schema": "https://json.schemastore.org/sarif-2.1.0.json", "version": "2.1.0",
+            "runs": [{"tool": {"driver": driver}, "results": results}]}
+
+
+def to_junit(reports: list[CheckReport], fail_on: str) -> str:
+    """JUnit XML: one test suite per adapter, one test case per rule; a rule fails when it has findings
+    at or above ``fail_on``."""
+    suites = ET.Element("testsuites", name="adaptools check")
+    for r in reports:
+        failing = r.at_or_above(fail_on)
+        suite = ET.SubElement(suites, "testsuite", name=r.adapter, tests=str(len(r.rules)),
+                              failures=str(len({f.rule for f in failing})), errors="0")
+        for rule, (severity, title) in sorted(r.rules.items()):
+            case = ET.SubElement(suite, "testcase", classname=f"adaptools.{r.method or 'files'}",
+                                 name=f"{rule} {title}")
+            mine = [f for f in failing if f.rule == rule]
+            if mine:
+                failure = ET.SubElement(case, "failure", message=mine[0].message, type=severity)
+                failure.text = "\n".join(f"{f.path}: {f.tensor or f.field or ''}: {f.message} (fix: {f.fix})"
+                                         for f in mine)
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True)
+
+
+def _uri(path: str) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_uri()
