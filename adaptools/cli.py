@@ -466,6 +466,105 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@json_option
+def diff(a: str, b: str, allow_pickle: bool, json_: bool) -> None:
+    """Compare two adapters module by module, exactly, without forming any dense delta.
+
+    For each module: the Frobenius norm of each delta, of their difference,
+    the difference relative to A's, and the cosine between them; then the
+    config fields that differ. Sorted by difference, largest first.
+
+    \b
+    Example:
+      adaptools diff ./checkpoint-500 ./checkpoint-1000
+    """
+    from .operations.algebra import diff as diff_op
+
+    result = diff_op(load(a, allow_pickle=allow_pickle), load(b, allow_pickle=allow_pickle))
+    if json_:
+        emit_json(result.to_json())
+        return
+    click.echo(f"{'module':60s} {'|A|':>9s} {'|B|':>9s} {'|A-B|':>9s} {'rel':>8s} {'cos':>7s}")
+    for m in result.modules:
+        cos = f"{m.cosine:7.4f}" if m.cosine is not None else "      -"
+        click.echo(f"{m.module:60s} {m.norm_a:9.4g} {m.norm_b:9.4g} {m.difference:9.4g} {m.relative:8.3g} {cos}")
+    for key, (va, vb) in result.config.items():
+        click.echo(f"config {key}: {va!r} -> {vb!r}")
+
+
+def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:
+    from .adapter_io import save
+
+    save(adapter, out, format=to, force=force)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...] OUT")
+@click.option("--how", type=click.Choice(["cat", "linear", "svd"]), default="cat", show_default=True,
+              help="cat: exact (rank adds up); svd: exact sum truncated to --rank; linear: PEFT's approximation.")
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order.")
+@click.option("--rank", type=int, help="Target rank for --how svd (default: the largest input rank).")
+@click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+def combine(paths: tuple[str, ...], how: str, weights: tuple[float, ...], rank: int | None, to: str, force: bool,
+            allow_pickle: bool) -> None:
+    """Combine adapters into one: the weighted sum of their deltas.
+
+    Unlike PEFT's add_weighted_adapter, the result is right for rsLoRA and
+    rank/alpha patterns (each module's scaling is folded in; the output uses
+    scale 1), and weights (1, 0) give back the first adapter exactly. DoRA
+    and lora_bias are refused: their deltas are not low-rank products.
+
+    \b
+    Example:
+      adaptools combine ./style ./facts combined.safetensors --weight 0.5 --weight 1
+    """
+    from .operations.algebra import combine as combine_op
+    from .outputs import check_output
+
+    if len(paths) < 3:
+        raise click.UsageError("give at least two ADAPTERs and OUT")
+    check_output(paths[-1], force)
+    adapters = [load(p, allow_pickle=allow_pickle) for p in paths[:-1]]
+    _write_adapter(combine_op(adapters, weights or None, how, rank), paths[-1], to, force)
+    click.echo(f"wrote {paths[-1]} ({how} of {len(adapters)} adapters)")
+
+
+@cli.command()
+@click.argument("adapter")
+@click.argument("out", type=click.Path())
+@click.option("--rank", type=int, help="Keep this many singular directions per module.")
+@click.option("--energy", type=float, help="Keep the smallest rank holding this share of each module's ‖ΔW‖².")
+@click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@json_option
+def resize(adapter: str, out: str, rank: int | None, energy: float | None, to: str, force: bool,
+           json_: bool) -> None:
+    """Change an adapter's rank by truncated SVD of each module's delta.
+
+    \b
+    Example:
+      adaptools resize ./my-lora-r64 my-lora-r16.safetensors --rank 16
+      adaptools resize ./my-lora-r64 my-lora-small.safetensors --energy 0.9
+    """
+    from .operations.algebra import resize as resize_op
+    from .outputs import check_output
+
+    check_output(out, force)
+    result, retained = resize_op(load(adapter), rank=rank, energy=energy)
+    _write_adapter(result, out, to, force)
+    if json_:
+        emit_json({"output": out, "retained_energy": retained})
+    else:
+        worst = min(retained.values()) if retained else 1.0
+        click.echo(f"wrote {out}: {len(retained)} modules, lowest retained energy {worst:.1%}")
+
+
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--adapter", "adapters", multiple=True, help="Apply this adapter at runtime, unmerged (repeatable).")

@@ -21,7 +21,21 @@ from .errors import AdapterFormatError, UnsupportedOperationError
 from .schema import Adapter
 
 #: Operations a method may declare in ``AdapterMethod.operations``.
-OPERATIONS = ("info", "convert", "merge", "apply")
+OPERATIONS = ("info", "convert", "merge", "apply", "algebra")
+
+
+@dataclass
+class LowRank:
+    """A module's delta as a product: ``delta = b @ a`` (``b`` [out, r] with the scaling folded in, ``a``
+    [r, in]), in the layout the method stores (``kind`` says which: linear, embedding, conv)."""
+
+    b: torch.Tensor
+    a: torch.Tensor
+    kind: str = "linear"
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,20 @@ class AdapterMethod(ABC):
             raise UnsupportedOperationError(
                 f"method {self.name!r} does not support {operation!r} "
                 f"(it supports: {', '.join(sorted(self.operations))})")
+
+    def low_rank(self, adapter: Adapter) -> dict[str, LowRank]:
+        """Each module's delta as ``b @ a`` (scaling folded into ``b``), for diff, combine and resize.
+
+        Raise :class:`UnsupportedOperationError` when the delta is not a plain low-rank product (DoRA).
+        """
+        self.require("algebra")
+        raise NotImplementedError
+
+    def from_low_rank(self, template: Adapter, factors: dict[str, LowRank],
+                      extra: dict[str, torch.Tensor] | None = None) -> Adapter:
+        """A new adapter of this method holding ``factors`` (scale 1), with ``template``'s base and config."""
+        self.require("algebra")
+        raise NotImplementedError
 
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""

@@ -40,6 +40,7 @@ from adaptools import (
     BaseInfo,
     Finding,
     IncompatibleBaseError,
+    LowRank,
     TensorUpdate,
     UnsupportedOperationError,
 )
@@ -139,7 +140,7 @@ def _finite(adapter: Adapter, name: str, tensor: torch.Tensor) -> None:
 class LoRA(adaptools.AdapterMethod):
     name = "lora"
     description = "Low-rank adaptation (PEFT LORA): rsLoRA, DoRA, patterns, embeddings, biases, tokens"
-    operations = frozenset({"info", "convert", "merge", "apply"})
+    operations = frozenset({"info", "convert", "merge", "apply", "algebra"})
     roles = ROLES
     peft_types = ("LORA",)
     peft_roles = {
@@ -538,6 +539,59 @@ class LoRA(adaptools.AdapterMethod):
             return out
 
         return TensorUpdate(target, "replace_rows", fn, source=name)
+
+    # --- algebra: the delta as a low-rank product ------------------------------------------------------
+
+    def low_rank(self, adapter: Adapter) -> dict[str, LowRank]:
+        """(s·B, A) per module in float64; DoRA and lora_bias have no such form (refused, naming why)."""
+        config = adapter.config
+        if config.get("use_dora"):
+            raise UnsupportedOperationError("DoRA deltas are not low-rank products (the magnitude rescales "
+                                            "W + BA row by row); merge first, or extract a LoRA from the result",
+                                            path=adapter.source)
+        factors = {}
+        for module, roles in adapter.modules().items():
+            if "lora_bias" in roles:
+                raise UnsupportedOperationError("lora_bias adds a bias delta that is not a low-rank product",
+                                                **adapter.where(roles["lora_bias"]))
+            embedding = "lora_embedding_A" in roles
+            a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+            if a_role not in roles:
+                continue
+            rank, alpha = module_rank_alpha(config, module)
+            s = scaling_for(config, rank, alpha)
+            a = adapter.tensor(roles[a_role]).double()
+            b = adapter.tensor(roles[b_role]).double()
+            if a.dim() > 2:
+                raise UnsupportedOperationError("conv LoRA is not supported by adapter algebra yet",
+                                                **adapter.where(roles[a_role]))
+            factors[module] = LowRank(b * s, a, "embedding" if embedding else "linear")
+        return factors
+
+    def from_low_rank(self, template: Adapter, factors: dict[str, LowRank],
+                      extra: dict[str, torch.Tensor] | None = None) -> Adapter:
+        """A plain LoRA (scale 1 everywhere: alpha = r per module, no rsLoRA) holding ``factors`` in fp32."""
+        tensors: dict[str, torch.Tensor] = {}
+        ranks = {}
+        for module, f in factors.items():
+            a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if f.kind == "embedding" else ("lora_A", "lora_B")
+            tensors[f"{module}.{a_role}"] = f.a.float().contiguous()
+            tensors[f"{module}.{b_role}"] = f.b.float().contiguous()
+            ranks[module] = f.rank
+        tensors.update(extra or {})
+        default = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
+        config = {k: v for k, v in template.config.items() if k not in ("modules", "rank_pattern", "alpha_pattern")}
+        config.update({"r": default, "lora_alpha": default, "use_rslora": False, "use_dora": False,
+                       "lora_bias": False, "init_lora_weights": True,
+                       # exact module paths, anchored so that no other module matches (PEFT's pattern rule)
+                       "rank_pattern": {f"^{re.escape(m)}": r for m, r in ranks.items() if r != default},
+                       "alpha_pattern": {f"^{re.escape(m)}": r for m, r in ranks.items() if r != default}})
+        config["target_modules"] = sorted(factors) or config.get("target_modules")  # exact module paths
+        shapes = {f"{m}.{'lora_embedding_A' if f.kind == 'embedding' else 'lora_A'}": tuple(f.a.shape)
+                  for m, f in factors.items()}
+        config = self.from_peft(config, shapes)
+        return Adapter(self.name, config, adaptools.MemoryStore(tensors), base=template.base,
+                       provenance=dict(template.provenance))
 
     # --- runtime application (unmerged), for validation -----------------------------------------
 

@@ -1,0 +1,181 @@
+"""Adapter algebra on low-rank factors: diff, combine, resize.
+
+Every method that can express its delta per module as ``b @ a`` (``AdapterMethod.low_rank``) gets these
+operations without forming a dense delta: norms and inner products come from r×r products
+(``<B1 A1, B2 A2> = tr((B1ᵀ B2)(A2 A1ᵀ))``), and truncations from the SVD of an r×r core after two thin
+QR decompositions. Arithmetic is float64; results are written as plain LoRA with scale 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import registry
+from ..errors import IncompatibleBaseError, InputError, UnsupportedOperationError
+from ..interfaces import LowRank
+from ..schema import Adapter
+
+
+def _inner(x: LowRank, y: LowRank) -> float:
+    return float(torch.trace((x.b.T @ y.b) @ (y.a @ x.a.T)))
+
+
+def _norm2(x: LowRank) -> float:
+    return max(_inner(x, x), 0.0)
+
+
+@dataclass
+class ModuleDiff:
+    module: str
+    norm_a: float
+    norm_b: float
+    difference: float  # ‖ΔA − ΔB‖_F
+    relative: float  # difference / ‖ΔA‖ (inf when ΔA is zero and ΔB is not)
+    cosine: float | None
+
+
+@dataclass
+class AdapterDiff:
+    modules: list[ModuleDiff] = field(default_factory=list)
+    config: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"modules": [m.__dict__ for m in self.modules],
+                "config": {k: {"a": a, "b": b} for k, (a, b) in self.config.items()},
+                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b}
+
+
+def _factors(adapter: Adapter) -> dict[str, LowRank]:
+    method = registry.get_method(adapter.method)
+    method.require("algebra")
+    return method.low_rank(adapter)
+
+
+def diff(a: Adapter, b: Adapter) -> AdapterDiff:
+    """Per-module ‖ΔA − ΔB‖_F, relative difference and cosine, exactly from the factors, plus config changes."""
+    fa, fb = _factors(a), _factors(b)
+    result = AdapterDiff()
+    skip = {"modules", "peft_version"}
+    for key in sorted((set(a.config) | set(b.config)) - skip):
+        if a.config.get(key) != b.config.get(key):
+            result.config[key] = (a.config.get(key), b.config.get(key))
+    result.only_in_a = sorted(set(fa) - set(fb))
+    result.only_in_b = sorted(set(fb) - set(fa))
+    for module in sorted(set(fa) | set(fb)):
+        x, y = fa.get(module), fb.get(module)
+        na = math.sqrt(_norm2(x)) if x else 0.0
+        nb = math.sqrt(_norm2(y)) if y else 0.0
+        if x is not None and y is not None and torch.equal(x.a, y.a) and torch.equal(x.b, y.b):
+            d, cos = 0.0, 1.0 if na > 0 else None  # identical factors: exactly zero, not rounding noise
+        elif x is not None and y is not None:
+            ip = _inner(x, y)
+            d = math.sqrt(max(na * na + nb * nb - 2 * ip, 0.0))
+            cos = ip / (na * nb) if na > 0 and nb > 0 else None
+        else:
+            d, cos = (na or nb), None
+        rel = d / na if na > 0 else (0.0 if d == 0 else math.inf)
+        result.modules.append(ModuleDiff(module, na, nb, d, rel, cos))
+    result.modules.sort(key=lambda m: -m.difference)
+    return result
+
+
+def _svd_truncate(b: torch.Tensor, a: torch.Tensor, rank: int | None, energy: float | None) -> tuple[
+        torch.Tensor, torch.Tensor, float]:
+    """Best rank-k factors of ``b @ a`` (k fixed, or the smallest keeping ``energy`` of ‖·‖²); returns
+    (b_k, a_k, retained energy)."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    total = float((s * s).sum())
+    if rank is None:
+        cumulative = torch.cumsum(s * s, 0) / max(total, 1e-300)
+        rank = int((cumulative < (energy or 1.0) - 1e-12).sum().item()) + 1
+    rank = max(1, min(rank, s.numel()))
+    kept = float((s[:rank] ** 2).sum()) / total if total > 0 else 1.0
+    return (qb @ u[:, :rank]) * s[:rank], (qa @ vh[:rank].T).T, kept
+
+
+def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = None) -> tuple[Adapter,
+                                                                                              dict[str, float]]:
+    """SVD-truncate each module's delta to ``rank``, or to the smallest rank keeping ``energy`` of it."""
+    if (rank is None) == (energy is None):
+        raise InputError("give exactly one of --rank and --energy")
+    if energy is not None and not 0 < energy <= 1:
+        raise InputError(f"--energy must be in (0, 1], got {energy}")
+    factors, retained = {}, {}
+    for module, f in _factors(adapter).items():
+        b, a, kept = _svd_truncate(f.b, f.a, rank, energy)
+        factors[module] = LowRank(b, a, f.kind)
+        retained[module] = kept
+    method = registry.get_method(adapter.method)
+    return method.from_low_rank(adapter, factors, _full_tensors(adapter)), retained
+
+
+def _full_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Tensors that are not factors (modules_to_save, saved base layers, token rows), carried unchanged."""
+    return {n: adapter.tensor(n) for n in adapter.tensor_names()
+            if n.rpartition(".")[2].startswith("replace_") or n.endswith(".trainable_tokens")}
+
+
+COMBINATIONS = ("cat", "linear", "svd")
+
+
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, how: str = "cat",
+            rank: int | None = None) -> Adapter:
+    """Weighted combination of adapters of one method, defined on the deltas ``Σ w_i ΔW_i``.
+
+    - ``cat``: exact; rank Σ r_i (zero-weight adapters dropped; one adapter of weight 1 comes back as is).
+    - ``svd``: the exact sum truncated by SVD to ``rank`` (default: the largest input rank).
+    - ``linear``: PEFT's ``add_weighted_adapter`` linear (A and B summed with √|w·s|, equal ranks), with the
+      scaling of each module folded in first, so rsLoRA and patterns come out right. Approximate by nature
+      (cross terms), exact for a single adapter.
+    """
+    if how not in COMBINATIONS:
+        raise InputError(f"unknown combination {how!r}", hint=f"use one of {', '.join(COMBINATIONS)}")
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise InputError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if len({a.method for a in adapters}) != 1:
+        raise UnsupportedOperationError("adapters of different methods cannot be combined")
+    live = [(a, w) for a, w in zip(adapters, weights) if w != 0]
+    if not live:
+        raise InputError("every weight is zero: nothing to combine")
+    if len(live) == 1 and live[0][1] == 1.0 and how in ("cat", "linear"):
+        return live[0][0]  # the identity combination: the adapter itself, bit for bit
+    all_factors = [_factors(a) for a, _ in live]
+    extra: dict[str, torch.Tensor] = {}
+    for adapter, _ in live:
+        for name, tensor in _full_tensors(adapter).items():
+            if name in extra:
+                raise IncompatibleBaseError(f"two adapters replace {name}", path=adapter.source,
+                                            hint="combine them without one of these modules_to_save")
+            extra[name] = tensor
+    modules = sorted({m for f in all_factors for m in f})
+    out: dict[str, LowRank] = {}
+    for module in modules:
+        parts = [(f[module], w) for f, (_, w) in zip(all_factors, live) if module in f]
+        kind = parts[0][0].kind
+        if how == "cat" or how == "svd":
+            b = torch.cat([p.b * w for p, w in parts], dim=1)
+            a = torch.cat([p.a for p, _ in parts], dim=0)
+            if how == "svd":
+                target = rank or max(p.rank for p, _ in parts)
+                b, a, _ = _svd_truncate(b, a, target, None)
+            out[module] = LowRank(b, a, kind)
+        else:
+            ranks = {p.rank for p, _ in parts}
+            if len(ranks) != 1:
+                raise UnsupportedOperationError(f"linear combination needs equal ranks; {module} has {sorted(ranks)}",
+                                                hint="use --how cat (exact) or --how svd")
+            b = sum(math.sqrt(abs(w)) * p.b for p, w in parts)
+            a = sum(math.copysign(math.sqrt(abs(w)), w) * p.a for p, w in parts)
+            out[module] = LowRank(b, a, kind)  # type: ignore[arg-type]
+    method = registry.get_method(live[0][0].method)
+    return method.from_low_rank(live[0][0], out, extra)
