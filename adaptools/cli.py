@@ -469,31 +469,94 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
 @cli.command()
 @click.argument("a")
 @click.argument("b")
+@click.argument("tuned", required=False)
 @click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
 @json_option
-def diff(a: str, b: str, allow_pickle: bool, json_: bool) -> None:
-    """Compare two adapters module by module, exactly, without forming any dense delta.
+def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> None:
+    """Compare two adapters, two checkpoints, or an adapter against a fine-tune.
 
-    For each module: the Frobenius norm of each delta, of their difference,
-    the difference relative to A's, and the cosine between them; then the
-    config fields that differ. Sorted by difference, largest first.
+    \b
+    adaptools diff ADAPTER_A ADAPTER_B      per module: |dA|, |dB|, |dA - dB|, relative, cosine,
+                                            exactly from the factors; then config changes
+    adaptools diff CHECKPOINT_A CHECKPOINT_B   per tensor: max-abs and relative difference (streaming)
+    adaptools diff ADAPTER BASE TUNED       per module: how much of (TUNED - BASE) the adapter explains
+
+    Rows are sorted with the largest difference (or the least explained) first.
+    """
+    from .operations.algebra import diff as diff_op
+    from .operations.extract import diff_checkpoints, explain
+
+    def is_checkpoint(p: str) -> bool:
+        return (Path(p) / "config.json").is_file() and not (Path(p) / "adapter_config.json").is_file()
+
+    if tuned is not None:
+        result = explain(load(a, allow_pickle=allow_pickle), b, tuned)
+        if json_:
+            emit_json(result)
+            return
+        click.echo(f"{'module':60s} {'explained':>10s} {'|change|':>10s} {'|residual|':>10s}")
+        for m in result["modules"]:
+            click.echo(f"{m['module']:60s} {m['explained']:10.4f} {m['change_norm']:10.4g} {m['residual_norm']:10.4g}")
+        click.echo(f"overall: the adapter explains {result['explained']:.2%} of the fine-tune's change")
+        return
+    if is_checkpoint(a) and is_checkpoint(b):
+        data = diff_checkpoints(a, b)
+        if json_:
+            emit_json(data)
+            return
+        click.echo(f"{'tensor':60s} {'max abs':>10s} {'relative':>10s}")
+        for t in data["tensors"]:
+            click.echo(f"{t['tensor']:60s} {t['max_abs']:10.4g} {t['relative']:10.4g}")
+        for side in ("only_in_a", "only_in_b"):
+            for name in data[side]:
+                click.echo(f"{side.replace('_', ' ')}: {name}")
+        return
+    adapter_diff = diff_op(load(a, allow_pickle=allow_pickle), load(b, allow_pickle=allow_pickle))
+    if json_:
+        emit_json(adapter_diff.to_json())
+        return
+    click.echo(f"{'module':60s} {'|A|':>9s} {'|B|':>9s} {'|A-B|':>9s} {'rel':>8s} {'cos':>7s}")
+    for m in adapter_diff.modules:
+        cos = f"{m.cosine:7.4f}" if m.cosine is not None else "      -"
+        click.echo(f"{m.module:60s} {m.norm_a:9.4g} {m.norm_b:9.4g} {m.difference:9.4g} {m.relative:8.3g} {cos}")
+    for key, (va, vb) in adapter_diff.config.items():
+        click.echo(f"config {key}: {va!r} -> {vb!r}")
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.argument("out", type=click.Path())
+@click.option("--rank", type=int, help="Rank of every extracted module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
+@click.option("--max-rank", type=int, default=256, show_default=True, help="Cap for --energy.")
+@click.option("--to", default="peft", show_default=True, help="Output format: peft or schema.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@json_option
+def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_rank: int, to: str,
+            force: bool, json_: bool) -> None:
+    """Extract a LoRA from the difference of two checkpoints (TUNED - BASE).
+
+    Streams one weight at a time; each linear weight's change is factored by a
+    seeded randomized SVD; changed embeddings, heads, norms and biases are
+    saved whole (modules_to_save). Reports the share of each change kept.
 
     \b
     Example:
-      adaptools diff ./checkpoint-500 ./checkpoint-1000
+      adaptools extract ./llama-base ./llama-finetuned ./extracted-lora --rank 32
     """
-    from .operations.algebra import diff as diff_op
+    from .operations.extract import extract as extract_op
+    from .outputs import check_output
 
-    result = diff_op(load(a, allow_pickle=allow_pickle), load(b, allow_pickle=allow_pickle))
+    check_output(out, force)
+    result = extract_op(base, tuned, rank=rank, energy=energy, max_rank=max_rank)
+    _write_adapter(result.adapter, out, to, force)
     if json_:
-        emit_json(result.to_json())
-        return
-    click.echo(f"{'module':60s} {'|A|':>9s} {'|B|':>9s} {'|A-B|':>9s} {'rel':>8s} {'cos':>7s}")
-    for m in result.modules:
-        cos = f"{m.cosine:7.4f}" if m.cosine is not None else "      -"
-        click.echo(f"{m.module:60s} {m.norm_a:9.4g} {m.norm_b:9.4g} {m.difference:9.4g} {m.relative:8.3g} {cos}")
-    for key, (va, vb) in result.config.items():
-        click.echo(f"config {key}: {va!r} -> {vb!r}")
+        emit_json({"output": out, "retained_energy": result.retained, "modules_to_save": result.full_tensors})
+    else:
+        worst = min(result.retained.values()) if result.retained else 1.0
+        click.echo(f"wrote {out}: {len(result.retained)} low-rank modules (lowest retained energy {worst:.1%}), "
+                   f"{len(result.full_tensors)} full tensors")
 
 
 def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:

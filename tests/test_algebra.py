@@ -145,3 +145,61 @@ def test_refusals(tmp_path, cli_runner):
     result = cli_runner("resize", adapter_path("llama-lora"), tmp_path / "w", "--rank", "2", "--energy", "0.5")
     assert result.exit_code == 2
     assert not any((tmp_path / n).exists() for n in "xyzw")
+
+
+# --- checkpoint-level: diff, explain, extract ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    from adaptools.operations.merge import MergeInput, merge
+
+    out = tmp_path_factory.mktemp("tuned") / "llama-tuned"
+    merge(base_path("llama"), [MergeInput(load("llama-modules-to-save"))], out)
+    return out
+
+
+def test_checkpoint_diff_streams_per_tensor(tuned, cli_runner):
+    data = json.loads(cli_runner("diff", base_path("llama"), tuned, "--json").stdout)
+    changed = {t["tensor"] for t in data["tensors"] if t["relative"] > 0}
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.norm.weight" in changed
+    assert "model.layers.0.mlp.up_proj.weight" not in changed
+    same = json.loads(cli_runner("diff", base_path("llama"), base_path("llama"), "--json").stdout)
+    assert all(t["max_abs"] == 0 and t["relative"] == 0 for t in same["tensors"])
+
+
+def test_adapter_explains_its_own_fine_tune(tuned, cli_runner):
+    data = json.loads(cli_runner("diff", adapter_path("llama-modules-to-save"), base_path("llama"), tuned,
+                                 "--json").stdout)
+    assert data["explained"] > 0.999999
+    partial = json.loads(cli_runner("diff", adapter_path("llama-lora"), base_path("llama"), tuned, "--json").stdout)
+    assert partial["explained"] < 0.5
+
+
+def test_extract_recovers_the_adapter(tuned, tmp_path, cli_runner):
+    result = cli_runner("extract", base_path("llama"), tuned, tmp_path / "ex", "--rank", "4", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert min(data["retained_energy"].values()) > 0.999999
+    assert sorted(data["modules_to_save"]) == sorted([
+        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+        "model.norm.weight"])
+    extracted = adaptools.load(tmp_path / "ex")
+    original = load("llama-modules-to-save")
+    for m in diff(original, extracted).modules:
+        assert m.relative < 1e-5, m
+    # the extracted adapter, merged, gives the tuned model back (to fp32 rounding)
+    from peft_oracle import load_base, logits, peft_model
+
+    torch.testing.assert_close(logits(peft_model(base_path("llama"), tmp_path / "ex")), logits(load_base(tuned)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_extract_by_energy_reports_retained_share(tuned, tmp_path):
+    from adaptools.operations.extract import extract
+
+    result = extract(base_path("llama"), tuned, energy=0.5)
+    for module, kept in result.retained.items():
+        assert 0.5 <= kept <= 1.0
+    assert {m["rank"] for m in result.adapter.config["modules"].values()} <= {1, 2, 3, 4}

@@ -1,0 +1,160 @@
+"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract a LoRA.
+
+All three stream: one tensor of each checkpoint in memory at a time, read with plain reads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import registry
+from ..checkpoint import Checkpoint
+from ..errors import IncompatibleBaseError, InputError
+from ..interfaces import LowRank
+from ..schema import Adapter, BaseRef, MemoryStore
+
+#: Parameters that become modules_to_save instead of low-rank factors when they change.
+FULL_TENSOR_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_in", "embed_out")
+
+
+@dataclass
+class TensorDiff:
+    tensor: str
+    max_abs: float
+    relative: float  # ‖a − b‖ / ‖a‖
+
+
+def _pairs(a: Checkpoint, b: Checkpoint) -> tuple[list[str], list[str], list[str]]:
+    shared = [n for n in a.location if n in b.location]
+    return shared, sorted(set(a.location) - set(b.location)), sorted(set(b.location) - set(a.location))
+
+
+def diff_checkpoints(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-tensor max-abs and relative difference of two checkpoints, streaming, sorted largest first."""
+    a, b = Checkpoint.open(path_a), Checkpoint.open(path_b)
+    shared, only_a, only_b = _pairs(a, b)
+    rows = []
+    for name in shared:
+        x, y = a.read(name), b.read(name)
+        if x.shape != y.shape:
+            rows.append(TensorDiff(name, math.inf, math.inf))
+            continue
+        if not x.is_floating_point():
+            same = 0.0 if torch.equal(x, y) else math.inf
+            rows.append(TensorDiff(name, same, same))
+            continue
+        d = x.double() - y.double()
+        norm = float(x.double().norm())
+        rows.append(TensorDiff(name, float(d.abs().max()) if d.numel() else 0.0,
+                               float(d.norm()) / norm if norm > 0 else (0.0 if not d.any() else math.inf)))
+    rows.sort(key=lambda r: -r.relative)
+    return {"tensors": [r.__dict__ for r in rows], "only_in_a": only_a, "only_in_b": only_b}
+
+
+def explain(adapter: Adapter, base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """How much of (tuned − base) the adapter's delta explains, per module: 1 − ‖D − ΔW‖² / ‖D‖²."""
+    base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
+    factors = registry.get_method(adapter.method).low_rank(adapter)
+    info = base.base_info()
+    rows = []
+    total_d = total_r = 0.0
+    for module, f in factors.items():
+        target = info.locate(module, "weight")
+        if target is None or target not in tuned.location:
+            raise IncompatibleBaseError(f"no {module}.weight in both checkpoints", path=adapter.source)
+        d = tuned.read(target).double() - base.read(target).double()
+        delta = f.b @ f.a
+        if f.kind == "embedding" or delta.shape != d.shape:
+            delta = delta.T
+        if delta.shape != d.shape:
+            raise IncompatibleBaseError(f"{module}: delta {list(delta.shape)} vs weights {list(d.shape)}")
+        dn, rn = float(d.norm() ** 2), float((d - delta).norm() ** 2)
+        total_d, total_r = total_d + dn, total_r + rn
+        rows.append({"module": module, "explained": 1 - rn / dn if dn > 0 else (1.0 if rn == 0 else -math.inf),
+                     "change_norm": math.sqrt(dn), "residual_norm": math.sqrt(rn)})
+    rows.sort(key=lambda r: r["explained"])
+    return {"modules": rows, "explained": 1 - total_r / total_d if total_d > 0 else 1.0}
+
+
+@dataclass
+class Extraction:
+    adapter: Adapter
+    retained: dict[str, float] = field(default_factory=dict)
+    full_tensors: list[str] = field(default_factory=list)
+
+
+def _low_rank_of(d: torch.Tensor, rank: int | None, energy: float | None, max_rank: int,
+                 generator_seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Randomized SVD (seeded) of one difference: (b = U S, a = Vᵀ, share of ‖d‖² kept)."""
+    total = float(d.norm() ** 2)
+    limit = min(d.shape)
+    q = min(limit, (rank or max_rank) + 8)
+    torch.manual_seed(generator_seed)
+    if q >= limit:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        v = vh.T
+    else:
+        u, s, v = torch.svd_lowrank(d, q=q, niter=4)
+    if rank is None:
+        cumulative = torch.cumsum(s * s, 0) / max(total, 1e-300)
+        reached = (cumulative >= (energy or 1.0) - 1e-12).nonzero()
+        rank = int(reached[0]) + 1 if reached.numel() else min(max_rank, s.numel())
+    rank = max(1, min(rank, s.numel()))
+    kept = float((s[:rank] ** 2).sum()) / total if total > 0 else 1.0
+    return u[:, :rank] * s[:rank], v[:, :rank].T.contiguous(), kept
+
+
+def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str], *, rank: int | None = None,
+            energy: float | None = None, max_rank: int = 256, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> Extraction:
+    """A LoRA (``lora`` method, scale 1) approximating tuned − base, one weight at a time.
+
+    2-D weights of linear layers become rank-``rank`` factors (or the smallest rank keeping ``energy`` of
+    the change, up to ``max_rank``); changed embeddings, heads, norms and biases become modules_to_save.
+    """
+    if (rank is None) == (energy is None):
+        raise InputError("give exactly one of --rank and --energy")
+    base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
+    transposed = base.config.get("model_type") == "gpt2"  # Conv1D stores [in, out]
+    shared, only_base, only_tuned = _pairs(base, tuned)
+    if only_base or only_tuned:
+        raise IncompatibleBaseError(f"the checkpoints hold different tensors ({(only_base + only_tuned)[:3]} ...)",
+                                    path=tuned_path, hint="extract needs two checkpoints of one architecture")
+    factors: dict[str, LowRank] = {}
+    full: dict[str, torch.Tensor] = {}
+    result = Extraction(adapter=None)  # type: ignore[arg-type]
+    for i, name in enumerate(shared):
+        x, y = base.read(name), tuned.read(name)
+        if x.shape != y.shape:
+            raise IncompatibleBaseError(f"{list(x.shape)} vs {list(y.shape)}", path=tuned_path, tensor=name,
+                                        hint="resized vocabularies are not supported by extract yet")
+        if not x.is_floating_point() or torch.equal(x, y):
+            continue
+        module, _, param = name.rpartition(".")
+        if x.dim() == 2 and param == "weight" and not any(p in FULL_TENSOR_NAMES for p in module.split(".")):
+            d = y.double() - x.double()
+            if transposed:
+                d = d.T
+            b, a, kept = _low_rank_of(d, rank, energy, max_rank, seed + i)
+            factors[module] = LowRank(b, a, "linear")
+            result.retained[module] = kept
+        else:
+            full[f"{module}.replace_{param}"] = y.clone()
+            result.full_tensors.append(name)
+        if progress is not None:
+            progress(name)
+    method = registry.get_method("lora")
+    saved = sorted({n.rpartition(".")[0] for n in full})
+    template = Adapter("lora", {"peft_type": "LORA", "task_type": "CAUSAL_LM", "fan_in_fan_out": transposed,
+                                "modules_to_save": saved or None, "bias": "none", "lora_dropout": 0.0,
+                                "inference_mode": True},
+                       MemoryStore({}), base=BaseRef(name=str(base_path)),
+                       provenance={"operation": "extract", "base": str(base_path), "tuned": str(tuned_path)})
+    result.adapter = method.from_low_rank(template, factors, full)
+    return result
