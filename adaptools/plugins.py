@@ -51,10 +51,15 @@ def load_plugins() -> None:
         pm.add_hookcall_monitoring(before, after)
     only = os.environ.get("ADAPTOOLS_LOAD_PLUGINS")
     if only is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        names = sorted({ep.name for dist in metadata.distributions() for ep in dist.entry_points
+                        if ep.group == ENTRY_POINT_GROUP})
     else:
-        for name in filter(None, (n.strip() for n in only.split(","))):
+        names = list(filter(None, (n.strip() for n in only.split(","))))
+    for name in names:
+        try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except Exception as exc:  # a broken third-party plugin must not take the whole tool down
+            print(f"adaptools: plugin {name!r} failed to load and is skipped: {exc}", file=sys.stderr)
     for module_name in DEFAULT_PLUGINS:
         if pm.get_plugin(module_name) is None:
             pm.register(importlib.import_module(module_name), name=module_name)
