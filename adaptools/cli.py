@@ -124,11 +124,17 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
 @click.option("--to", "to", default="schema", show_default=True,
-              help="Output format: schema (one .safetensors) or peft (a directory).")
+              help="Output format (schema: one .safetensors; peft: a directory), or a method to convert to "
+                   "(lora: an OLoRA/PiSSA adapter as plain LoRA on the original base).")
+@click.option("--base", help="With --to lora: the original base, to recompute the initial factors.")
+@click.option("--initial", help="With --to lora: the adapter saved right after init (instead of --base).")
+@click.option("--format", "out_format", default="peft", show_default=True,
+              help="With --to METHOD: the output format (peft or schema).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
 @json_option
-def convert(adapter: str, out: str, to: str, force: bool, allow_pickle: bool, json_: bool) -> None:
+def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, out_format: str, force: bool,
+            allow_pickle: bool, json_: bool) -> None:
     """Convert ADAPTER to another format, losslessly, and write it to OUT.
 
     The output is written beside OUT under a temporary name and renamed into
@@ -138,9 +144,16 @@ def convert(adapter: str, out: str, to: str, force: bool, allow_pickle: bool, js
     Examples:
       adaptools convert ./my-lora my-lora.safetensors
       adaptools convert my-lora.safetensors ./my-lora-peft --to peft
+      adaptools convert ./olora-trained ./plain-lora --to lora --base ./base
     """
-    registry.get_format(to)  # unknown format: fail before reading anything
-    path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle)
+    if to in registry.methods():
+        from .operations.convert import convert_method
+
+        path = convert_method(adapter, out, base=base, initial=initial, to_format=out_format, force=force,
+                              allow_pickle=allow_pickle)
+    else:
+        registry.get_format(to)  # unknown format: fail before reading anything
+        path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle)
     if json_:
         emit_json({"input": adapter, "output": str(path), "format": to})
     else:
@@ -521,6 +534,41 @@ def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> 
         click.echo(f"{m.module:60s} {m.norm_a:9.4g} {m.norm_b:9.4g} {m.difference:9.4g} {m.relative:8.3g} {cos}")
     for key, (va, vb) in adapter_diff.config.items():
         click.echo(f"config {key}: {va!r} -> {vb!r}")
+
+
+@cli.command(name="init")
+@click.argument("base")
+@click.argument("out", type=click.Path())
+@click.option("--method", "init", type=click.Choice(["olora", "pissa"]), default="olora", show_default=True,
+              help="The initialisation (a LoRA whose factors start from the base's QR or SVD).")
+@click.option("--rank", type=int, required=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, help="lora_alpha (default: the rank).")
+@click.option("--targets", required=True, help="Comma-separated target modules (PEFT target_modules).")
+@click.option("--write-base", metavar="DIR", help="Also write the residual base W - s·B0A0 that training uses.")
+@click.option("--format", "out_format", default="peft", show_default=True, help="Output format: peft or schema.")
+@click.option("--force", is_flag=True, help="Replace outputs that exist.")
+def init_command(base: str, out: str, init: str, rank: int, alpha: float | None, targets: str,
+                 write_base: str | None, out_format: str, force: bool) -> None:
+    """Initialise an OLoRA (QR) or PiSSA (SVD) adapter from BASE, as PEFT would.
+
+    These inits move the base's principal part into the adapter, so training
+    runs on a residual base. PEFT recomputes it when it loads the adapter on
+    the original base; --write-base writes it for other trainers. After
+    training, `adaptools merge BASE ADAPTER OUT` recomputes the init on the fly,
+    and `adaptools convert ADAPTER OUT --to lora --base BASE` gives a plain
+    LoRA of rank 2r for the original base.
+
+    \b
+    Example:
+      adaptools init ./llama ./olora-init --rank 16 --targets q_proj,v_proj
+    """
+    from .operations.convert import initialize
+
+    options = {"init": init, "rank": rank, "alpha": alpha,
+               "targets": [t.strip() for t in targets.split(",") if t.strip()]}
+    path = initialize(base, out, method="lora", options=options, to_format=out_format, force=force,
+                      write_base=write_base)
+    click.echo(f"wrote {path}" + (f" and the residual base {write_base}" if write_base else ""))
 
 
 @cli.command()

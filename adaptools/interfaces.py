@@ -21,7 +21,7 @@ from .errors import AdapterFormatError, UnsupportedOperationError
 from .schema import Adapter
 
 #: Operations a method may declare in ``AdapterMethod.operations``.
-OPERATIONS = ("info", "convert", "merge", "apply", "algebra")
+OPERATIONS = ("info", "convert", "merge", "apply", "algebra", "init")
 
 
 @dataclass
@@ -209,6 +209,16 @@ class AdapterMethod(ABC):
         """A new adapter of this method holding ``factors`` (scale 1), with ``template``'s base and config."""
         self.require("algebra")
         raise NotImplementedError
+
+    def initialize(self, base: BaseInfo, read: Callable[[str], torch.Tensor], options: Mapping[str, Any]) -> Adapter:
+        """A freshly initialised adapter for ``base`` (``adaptools init``); ``read`` gives base weights."""
+        self.require("init")
+        raise NotImplementedError
+
+    def to_plain(self, adapter: Adapter, base: BaseInfo | None, read: Callable[[str], torch.Tensor] | None,
+                 initial: Adapter | None) -> Adapter:
+        """The adapter as its method's plain form on the original base (e.g. OLoRA -> LoRA of rank 2r)."""
+        raise UnsupportedOperationError(f"method {self.name!r} has no plain-form conversion")
 
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""

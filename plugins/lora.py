@@ -130,6 +130,29 @@ def token_indices(config: Mapping[str, Any], module: str) -> list[int] | None:
     return None
 
 
+#: Base-mutating inits that can be recomputed exactly from the original base weight.
+RECOMPUTABLE_INITS = ("olora", "pissa")
+
+
+def initial_factors(init: str, weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B0, A0) that PEFT's ``olora`` / ``pissa`` initialisation computes from a base weight [out, in].
+
+    OLoRA: reduced QR ``W = QR``; ``B0 = Q[:, :r]``, ``A0 = R[:r]``. PiSSA: ``W = V S Uᵀ`` (exact SVD), with
+    the top r singular values divided by the scaling; ``A0 = √S Uᵀ``, ``B0 = V √S``. Both in fp32, as peft.
+    The residual base PEFT trained on is ``W − (s·B0) @ A0``.
+    """
+    w = weight.to(torch.float32)
+    if init == "olora":
+        q, r = torch.linalg.qr(w)
+        return q[:, :rank].contiguous(), r[:rank].contiguous()
+    if init == "pissa":
+        v, sv, uh = torch.linalg.svd(w, full_matrices=False)
+        sr = sv[:rank] / scaling
+        return v[:, :rank] @ torch.diag(torch.sqrt(sr)), torch.diag(torch.sqrt(sr)) @ uh[:rank]
+    raise UnsupportedOperationError(f"init_lora_weights={init!r} cannot be recomputed from the base",
+                                    hint="pass the initial adapter saved at init time (--initial)")
+
+
 def _finite(adapter: Adapter, name: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
@@ -140,7 +163,7 @@ def _finite(adapter: Adapter, name: str, tensor: torch.Tensor) -> None:
 class LoRA(adaptools.AdapterMethod):
     name = "lora"
     description = "Low-rank adaptation (PEFT LORA): rsLoRA, DoRA, patterns, embeddings, biases, tokens"
-    operations = frozenset({"info", "convert", "merge", "apply", "algebra"})
+    operations = frozenset({"info", "convert", "merge", "apply", "algebra", "init"})
     roles = ROLES
     peft_types = ("LORA",)
     peft_roles = {
@@ -216,7 +239,7 @@ class LoRA(adaptools.AdapterMethod):
         "LORA011": "the adapter diverged in training or the file is corrupt: retrain or re-save",
         "LORA012": "publish the trained checkpoint, not the initial one",
         "LORA013": "check lora_alpha against r (and use_rslora)",
-        "LORA014": "convert it to plain LoRA against the original base before merging",
+        "LORA014": "adaptools merge recomputes olora/pissa inits; elsewhere convert it first (convert --to lora)",
         "LORA015": "list the module in modules_to_save, or drop the tensor",
         "LORA016": "use the base the adapter was trained on (base_model_name_or_path)",
         "LORA017": "use the base the adapter was trained on (model size)",
@@ -386,9 +409,12 @@ class LoRA(adaptools.AdapterMethod):
         """Why this adapter cannot be merged as plain LoRA, or None."""
         config = adapter.config
         init = config.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
-            return (f"init_lora_weights={init!r} trained on a modified base; merging it onto the original "
-                    "base as plain LoRA would be wrong (convert it to plain LoRA first)")
+        if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS) and init not in RECOMPUTABLE_INITS:
+            return (f"init_lora_weights={init!r} trained on a modified base that cannot be recomputed from the "
+                    "original; convert it to plain LoRA with the initial adapter first (convert --to lora "
+                    "--initial INIT)")
+        if init in RECOMPUTABLE_INITS and (config.get("fan_in_fan_out") or config.get("use_dora")):
+            return f"init_lora_weights={init!r} with fan_in_fan_out or DoRA is not supported yet"
         for key, why in UNMERGEABLE_FIELDS.items():
             if config.get(key):
                 return f"{key} is set: {why}"
@@ -484,8 +510,14 @@ class LoRA(adaptools.AdapterMethod):
             d = s * (b @ a)
             return d.T if layout == "fan_in_fan_out" else d
 
+        init = config.get("init_lora_weights")
+        recompute = init in RECOMPUTABLE_INITS and layout == "linear"
+
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             d = delta(current.device)
+            if recompute:  # trained on W - s·B0A0 (peft-format.md §4): the merged weight is W + s(BA - B0A0)
+                b0, a0 = initial_factors(init, original, rank, s / weight if weight else s)
+                d = d - (s * b0) @ a0
             if magnitude is None:
                 return current + d
             # DoRA (peft-format.md §3.6): the norm is of the *original* weight plus this delta.
@@ -503,7 +535,7 @@ class LoRA(adaptools.AdapterMethod):
             return merged if weight == 1.0 else current + weight * (merged - current)
 
         rows = None
-        if layout == "linear" and magnitude is None:
+        if layout == "linear" and magnitude is None and not recompute:
             factors: dict[str, torch.Tensor] = {}
             lock = threading.Lock()  # the merge calls rows() from several threads
 
@@ -516,7 +548,7 @@ class LoRA(adaptools.AdapterMethod):
                 return current.add_((factors["b"][sl] @ factors["a"]).mul_(s))
 
         updates = [TensorUpdate(target, "delta", fn, source=f"{a_name}, {b_name}", rows=rows,
-                                needs_original=magnitude is not None)]
+                                needs_original=magnitude is not None or recompute)]
         if "lora_bias" in roles:
             bias_name = roles["lora_bias"]
             bias_target = base.locate(module, "bias")
@@ -593,9 +625,88 @@ class LoRA(adaptools.AdapterMethod):
         return Adapter(self.name, config, adaptools.MemoryStore(tensors), base=template.base,
                        provenance=dict(template.provenance))
 
+    # --- base-mutating inits (OLoRA, PiSSA): init and conversion to plain LoRA ---------------------------
+
+    def initialize(self, base: BaseInfo, read: Callable[[str], torch.Tensor], options: Mapping[str, Any]) -> Adapter:
+        """The adapter PEFT's ``init_lora_weights="olora"|"pissa"`` creates: (B0, A0) per targeted Linear.
+
+        The config records the init, so the adapter is what PEFT saves before training. Training also needs
+        the residual base ``W - (s·B0) @ A0``: ``adaptools init --write-base`` writes it (a merge of this
+        adapter with weight -1), or PEFT recomputes it when it loads the adapter onto the original base.
+        """
+        init = options.get("init", "olora")
+        rank, alpha = int(options["rank"]), options.get("alpha") or options["rank"]
+        config: dict[str, Any] = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+                                  "target_modules": list(options["targets"]), "init_lora_weights": init,
+                                  "use_rslora": bool(options.get("use_rslora")), "lora_dropout": 0.0,
+                                  "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+        s = scaling_for(config, rank, alpha)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in base.tensors.items():
+            module, _, param = name.rpartition(".")
+            if param != "weight" or len(tensor.shape) != 2 or not is_targeted(config, module):
+                continue
+            b0, a0 = initial_factors(init, read(name), rank, s)
+            tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = a0, b0
+        if not tensors:
+            raise IncompatibleBaseError(f"no linear weight in the base matches {list(options['targets'])}",
+                                        path=base.path)
+        shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        return Adapter(self.name, self.from_peft(config, shapes), adaptools.MemoryStore(tensors),
+                       base=adaptools.BaseRef(name=base.path), provenance={"operation": "init", "init": init})
+
+    def to_plain(self, adapter: Adapter, base: BaseInfo | None, read: Callable[[str], torch.Tensor] | None,
+                 initial: Adapter | None) -> Adapter:
+        """An OLoRA/PiSSA adapter as a plain LoRA on the *original* base, exactly as PEFT's
+        ``path_initial_model_for_weight_conversion``: rank 2r, ``A' = [A; A0]``, ``B' = [B, -B0]``, alpha
+        doubled (×√2 with rsLoRA) so the scaling is unchanged. (B0, A0) come from ``initial`` or are
+        recomputed from the base. modules_to_save and other full tensors are kept (peft 0.21.2 drops them)."""
+        config = dict(adapter.config)
+        init = config.get("init_lora_weights")
+        if not (isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS)):
+            raise UnsupportedOperationError(f"init_lora_weights={init!r} already applies to the original base")
+        if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
+            raise UnsupportedOperationError("rsLoRA with rank/alpha patterns has no exact conversion "
+                                            "(peft refuses too)")
+        if initial is None and init not in RECOMPUTABLE_INITS:
+            raise UnsupportedOperationError(f"init_lora_weights={init!r} is not reproducible from the base",
+                                            hint="pass the initial adapter saved right after init (--initial)")
+        if initial is None and (base is None or read is None):
+            raise UnsupportedOperationError("recomputing the initial factors needs the base (--base)")
+        tensors: dict[str, torch.Tensor] = {}
+        for module, roles in adapter.modules().items():
+            for role, name in roles.items():
+                if role not in ("lora_A", "lora_B"):
+                    tensors[name] = adapter.tensor(name)
+            if "lora_A" not in roles:
+                continue
+            a, b = adapter.tensor(roles["lora_A"]).float(), adapter.tensor(roles["lora_B"]).float()
+            if initial is not None:
+                a0 = initial.tensor(f"{module}.lora_A").float()
+                b0 = initial.tensor(f"{module}.lora_B").float()
+            else:
+                rank, alpha = module_rank_alpha(config, module)
+                target = self._locate(adapter, base, module, "weight", roles["lora_A"])  # type: ignore[arg-type]
+                b0, a0 = initial_factors(init, read(target), rank, scaling_for(config, rank, alpha))  # type: ignore[misc]
+            tensors[f"{module}.lora_A"] = torch.cat([a, a0], 0)
+            tensors[f"{module}.lora_B"] = torch.cat([b, -b0], 1)
+        factor = math.sqrt(2) if config.get("use_rslora") else 2
+        config.update({"r": 2 * config.get("r", 8), "lora_alpha": config.get("lora_alpha", 8) * factor,
+                       "init_lora_weights": True,
+                       "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+                       "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}})
+        config.pop("modules", None)
+        shapes = {n: tuple(t.shape) for n, t in tensors.items() if n.endswith((".lora_A", ".lora_embedding_A"))}
+        return Adapter(self.name, self.from_peft(config, shapes), adaptools.MemoryStore(tensors), base=adapter.base,
+                       provenance={**adapter.provenance, "converted_from_init": init})
+
     # --- runtime application (unmerged), for validation -----------------------------------------
 
     def apply(self, adapter: Adapter, model: torch.nn.Module) -> Any:
+        init = adapter.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+            raise UnsupportedOperationError(f"init_lora_weights={init!r}: the adapter applies to a modified base; "
+                                            "convert it first (convert --to lora --base BASE)", path=adapter.source)
         why = self.merge_refusal(adapter)
         if why:
             raise UnsupportedOperationError(f"cannot apply: {why}", path=adapter.source)

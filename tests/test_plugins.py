@@ -158,4 +158,4 @@ def test_plugins_command_lists_builtins_and_operations(cli_runner):
                      "backends: fp32, fp16, bf16"):
         assert expected in result.stdout
     data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "merge"]
+    assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "init", "merge"]

@@ -20,3 +20,44 @@ def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
     provenance.setdefault("converted_by", f"adaptools {__version__}")
     adapter = replace(adapter, provenance=provenance)
     return save(adapter, out, format=to, force=force)
+
+
+def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, base: str | None = None,
+                   initial: str | None = None, to_format: str = "peft", force: bool = False,
+                   allow_pickle: bool = False) -> Path:
+    """Write ``ref`` in its method's plain form on the original base (OLoRA/PiSSA -> LoRA of rank 2r)."""
+    from .. import registry
+    from ..checkpoint import Checkpoint
+
+    check_output(out, force)
+    adapter = load(ref, allow_pickle=allow_pickle)
+    info = read = None
+    if base is not None:
+        checkpoint = Checkpoint.open(base)
+        checkpoint.find_groups([e.obj for e in registry.backends().values()])
+        info, read = checkpoint.base_info(), checkpoint.read
+    first = load(initial, allow_pickle=allow_pickle) if initial else None
+    plain = registry.get_method(adapter.method).to_plain(adapter, info, read, first)
+    return save(plain, out, format=to_format, force=force)
+
+
+def initialize(base: str | os.PathLike[str], out: str | os.PathLike[str], *, method: str,
+               options: dict[str, object], to_format: str = "peft", force: bool = False,
+               write_base: str | None = None) -> Path:
+    """A freshly initialised adapter (``adaptools init``), and optionally the residual base it trains on."""
+    from .. import registry
+    from ..checkpoint import Checkpoint
+    from .merge import MergeInput, merge
+
+    check_output(out, force)
+    if write_base:
+        check_output(write_base, force)
+    checkpoint = Checkpoint.open(base)
+    checkpoint.find_groups([e.obj for e in registry.backends().values()])
+    adapter = registry.get_method(method).initialize(checkpoint.base_info(), checkpoint.read, options)
+    saved = save(adapter, out, format=to_format, force=force)
+    if write_base:
+        # The residual W - s·B0A0 is the init adapter merged with weight -1 as a plain adapter.
+        plain = replace(adapter, config={**adapter.config, "init_lora_weights": True})
+        merge(base, [MergeInput(plain, -1.0)], write_base, force=force, operation="init-residual")
+    return saved
