@@ -189,12 +189,16 @@ class AdapterMethod(ABC):
         """A JSON-able description for ``adaptools info``."""
         return {}
 
+    #: Why an operation is not supported, for the error message: {operation: reason}.
+    unsupported: ClassVar[dict[str, str]] = {}
+
     def require(self, operation: str) -> None:
         """Raise :class:`UnsupportedOperationError` unless this method supports ``operation``."""
         if operation not in self.operations:
+            why = self.unsupported.get(operation)
             raise UnsupportedOperationError(
-                f"method {self.name!r} does not support {operation!r} "
-                f"(it supports: {', '.join(sorted(self.operations))})")
+                f"method {self.name!r} cannot {operation}" + (f": {why}" if why else "")
+                + f" (it supports: {', '.join(sorted(self.operations))})")
 
     def low_rank(self, adapter: Adapter) -> dict[str, LowRank]:
         """Each module's delta as ``b @ a`` (scaling folded into ``b``), for diff, combine and resize.

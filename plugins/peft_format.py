@@ -68,6 +68,8 @@ def split_peft_key(key: str, peft_roles: dict[str, str]) -> tuple[str, str]:
 
 def _match_role(key: str, peft_roles: dict[str, str]) -> tuple[str, str] | None:
     for suffix in sorted(peft_roles, key=len, reverse=True):
+        if key == suffix:  # prompt learning: model-level tensors with no module path
+            return "", peft_roles[suffix]
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], peft_roles[suffix]
     return None
@@ -78,6 +80,8 @@ def peft_key(module: str, role: str, roles_to_suffix: dict[str, str], has_factor
     if role.startswith("replace_"):
         infix = ".base_layer" if has_factors else ""
         return f"{PREFIX}{module}{infix}.{role[len('replace_'):]}"
+    if not module:  # prompt learning tensors carry no prefix at all
+        return roles_to_suffix[role]
     return f"{PREFIX}{module}.{roles_to_suffix[role]}"
 
 
@@ -142,7 +146,7 @@ class PeftFormat(adaptools.AdapterFormat):
         mapping: dict[str, tuple[Any, str]] = {}
         for key in raw:
             module, role = split_peft_key(key, method.peft_roles)
-            name = f"{module}.{role}"
+            name = f"{module}.{role}" if module else role
             if name in mapping:
                 raise InputError(f"two tensors map to {name}: {mapping[name][1]!r} and {key!r}", path=path)
             mapping[name] = (source, key)
