@@ -57,7 +57,8 @@ def test_merge_refuses_naming_why(prefix_adapter, tmp_path, cli_runner):
 
 def test_info_and_check(prefix_adapter, cli_runner, tmp_path):
     result = cli_runner("info", prefix_adapter)
-    assert result.exit_code == 0 and "method: prefix_tuning" in result.stdout and "num_virtual_tokens: 5" in result.stdout
+    assert result.exit_code == 0 and "method: prefix_tuning" in result.stdout
+    assert "num_virtual_tokens: 5" in result.stdout
     assert check(prefix_adapter).findings == []
     bad = tmp_path / "bad"
     import shutil
