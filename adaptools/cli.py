@@ -216,6 +216,9 @@ class _Progress:
               help="4-bit base only: land the delta on dequant(W4), what QLoRA trained against, or on the "
                    "original 16-bit weights given by --original-base.")
 @click.option("--original-base", metavar="PATH", help="The 16-bit checkpoint the 4-bit base was made from.")
+@click.option("--initial", "initials", multiple=True, metavar="PATH",
+              help="For an OLoRA/PiSSA-style adapter whose init cannot be recomputed: the adapter saved right "
+                   "after init (once per adapter, in order).")
 @click.option("--eval-text", metavar="FILE", help="Evaluation text for --check perplexity (.txt or .jsonl).")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens of --eval-text to score.")
 @click.option("--ppl-tolerance", type=float, default=0.005, show_default=True,
@@ -223,8 +226,8 @@ class _Progress:
 @json_option
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device: str, shard_size: str | None,
           force: bool, checks: tuple[str, ...], ignore_base_mismatch: bool, allow_pickle: bool, hash_base: bool,
-          requantize: bool, merge_base: str, original_base: str | None, eval_text: str | None, max_tokens: int,
-          ppl_tolerance: float, json_: bool) -> None:
+          requantize: bool, merge_base: str, original_base: str | None, initials: tuple[str, ...],
+          eval_text: str | None, max_tokens: int, ppl_tolerance: float, json_: bool) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
@@ -261,6 +264,12 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     size = parse_size(shard_size)
     inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
               for i, ref in enumerate(adapter_refs)]
+    if initials:
+        if len(initials) != len(inputs):
+            raise click.UsageError(f"{len(initials)} --initial values for {len(inputs)} adapters")
+        for item, initial in zip(inputs, initials):
+            method = registry.get_method(item.adapter.method)
+            item.adapter = method.to_plain(item.adapter, None, None, load(initial, allow_pickle=allow_pickle))
     bar = _Progress(enabled=not json_, label="merging")
     command = " ".join(["adaptools", *sys.argv[1:]])
     quantize = None

@@ -116,3 +116,13 @@ def test_non_reproducible_init_needs_initial(peft_run, tmp_path, cli_runner):
     assert result.exit_code == 2 and "--initial" in result.stderr
     result = cli_runner("merge", base_path("llama"), trained, tmp_path / "y")
     assert result.exit_code == 2 and "initial" in result.stderr
+
+
+def test_merge_with_initial_equals_merge_on_the_fly(peft_run, tmp_path, cli_runner):
+    init, tmp, _ = peft_run
+    assert cli_runner("merge", base_path("llama"), tmp / "trained", tmp_path / "a", "--initial",
+                      tmp / "initial").exit_code == 0
+    assert cli_runner("merge", base_path("llama"), tmp / "trained", tmp_path / "b").exit_code == 0
+    a, b = state(tmp_path / "a"), state(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6)
