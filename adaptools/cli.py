@@ -624,15 +624,18 @@ def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...] OUT")
-@click.option("--how", type=click.Choice(["cat", "linear", "svd"]), default="cat", show_default=True,
-              help="cat: exact (rank adds up); svd: exact sum truncated to --rank; linear: PEFT's approximation.")
+@click.option("--how", type=click.Choice(["cat", "linear", "svd", "ties", "dare"]), default="cat", show_default=True,
+              help="cat: exact (rank adds up); svd: exact sum truncated to --rank; linear: PEFT's approximation; "
+                   "ties/dare: TIES or DARE on each module's full delta, then truncated to --rank.")
+@click.option("--density", type=float, default=0.5, show_default=True, help="Share of entries kept by ties/dare.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for dare.")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order.")
 @click.option("--rank", type=int, help="Target rank for --how svd (default: the largest input rank).")
 @click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
-def combine(paths: tuple[str, ...], how: str, weights: tuple[float, ...], rank: int | None, to: str, force: bool,
-            allow_pickle: bool) -> None:
+def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights: tuple[float, ...],
+            rank: int | None, to: str, force: bool, allow_pickle: bool) -> None:
     """Combine adapters into one: the weighted sum of their deltas.
 
     Unlike PEFT's add_weighted_adapter, the result is right for rsLoRA and
@@ -651,7 +654,7 @@ def combine(paths: tuple[str, ...], how: str, weights: tuple[float, ...], rank: 
         raise click.UsageError("give at least two ADAPTERs and OUT")
     check_output(paths[-1], force)
     adapters = [load(p, allow_pickle=allow_pickle) for p in paths[:-1]]
-    _write_adapter(combine_op(adapters, weights or None, how, rank), paths[-1], to, force)
+    _write_adapter(combine_op(adapters, weights or None, how, rank, density, seed), paths[-1], to, force)
     click.echo(f"wrote {paths[-1]} ({how} of {len(adapters)} adapters)")
 
 

@@ -203,3 +203,51 @@ def test_extract_by_energy_reports_retained_share(tuned, tmp_path):
     for module, kept in result.retained.items():
         assert 0.5 <= kept <= 1.0
     assert {m["rank"] for m in result.adapter.config["modules"].values()} <= {1, 2, 3, 4}
+
+
+def reference_ties(deltas, weights, density):
+    """TIES spelled out element by element (float64), for a small module."""
+    trimmed = []
+    for d in deltas:
+        flat = d.flatten()
+        k = max(1, round(density * flat.numel()))
+        keep = set(flat.abs().argsort(descending=True)[:k].tolist())
+        trimmed.append(torch.tensor([v if i in keep else 0.0 for i, v in enumerate(flat.tolist())],
+                                    dtype=torch.float64).reshape(d.shape))
+    out = torch.zeros_like(deltas[0]).flatten()
+    for i in range(out.numel()):
+        values = [t.flatten()[i].item() for t in trimmed]
+        total = sum(values)
+        sign = (total > 0) - (total < 0)
+        agreeing = [(w * v) for w, v in zip(weights, values) if v != 0 and ((v > 0) - (v < 0)) == sign]
+        out[i] = sum(agreeing) / max(1, len(agreeing))
+    return out.reshape(deltas[0].shape)
+
+
+def test_ties_matches_an_elementwise_reference_before_truncation():
+    from adaptools.operations.algebra import ties_merge
+
+    gen = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(3)]
+    weights = [1.0, 0.5, 2.0]
+    torch.testing.assert_close(ties_merge(deltas, weights, 0.4), reference_ties(deltas, weights, 0.4))
+
+
+def test_ties_and_dare_at_full_density_and_rank_are_the_weighted_sum():
+    a, b = load("llama-lora"), load("llama-rslora-patterns")
+    reference = {m: 0.5 * dense(a).get(m, 0) + 0.5 * dense(b).get(m, 0) for m in set(dense(a)) | set(dense(b))}
+    dare = dense(combine([a, b], [0.5, 0.5], "dare", rank=64, density=1.0))
+    for module, delta in dare.items():
+        torch.testing.assert_close(delta, reference[module], rtol=1e-5, atol=1e-6)
+    single = dense(combine([a], [1.0], "ties", rank=64, density=1.0))
+    for module, delta in single.items():
+        torch.testing.assert_close(delta, dense(a)[module], rtol=1e-5, atol=1e-6)
+
+
+def test_dare_is_seeded():
+    a, b = load("llama-lora"), load("llama-layers")
+    x = dense(combine([a, b], None, "dare", density=0.3, seed=7))
+    y = dense(combine([a, b], None, "dare", density=0.3, seed=7))
+    z = dense(combine([a, b], None, "dare", density=0.3, seed=8))
+    assert all(torch.equal(x[m], y[m]) for m in x)
+    assert any(not torch.equal(x[m], z[m]) for m in x)

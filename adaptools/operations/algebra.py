@@ -124,11 +124,37 @@ def _full_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
             if n.rpartition(".")[2].startswith("replace_") or n.endswith(".trainable_tokens")}
 
 
-COMBINATIONS = ("cat", "linear", "svd")
+COMBINATIONS = ("cat", "linear", "svd", "ties", "dare")
+
+
+def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """TIES on full deltas (Yadav et al.): keep each delta's top-``density`` entries by magnitude, elect
+    each entry's sign from the sum of the trimmed deltas, and average the weighted entries that agree."""
+    trimmed = []
+    for d in deltas:
+        k = max(1, int(round(density * d.numel())))
+        threshold = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+        trimmed.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    stacked = torch.stack(trimmed)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    weighted = torch.stack([w * t for w, t in zip(weights, trimmed)])
+    count = agree.sum(0).clamp(min=1)
+    return (weighted * agree).sum(0) / count
+
+
+def dare_merge(deltas: list[torch.Tensor], weights: list[float], density: float, seed: int) -> torch.Tensor:
+    """DARE (Yu et al.): drop each entry with probability 1 − density (seeded), rescale by 1/density, sum."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas):
+        keep = torch.rand(d.shape, generator=gen, dtype=torch.float64) < density
+        out += w * torch.where(keep, d / density, torch.zeros_like(d))
+    return out
 
 
 def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, how: str = "cat",
-            rank: int | None = None) -> Adapter:
+            rank: int | None = None, density: float = 0.5, seed: int = 0) -> Adapter:
     """Weighted combination of adapters of one method, defined on the deltas ``Σ w_i ΔW_i``.
 
     - ``cat``: exact; rank Σ r_i (zero-weight adapters dropped; one adapter of weight 1 comes back as is).
@@ -136,6 +162,10 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     - ``linear``: PEFT's ``add_weighted_adapter`` linear (A and B summed with √|w·s|, equal ranks), with the
       scaling of each module folded in first, so rsLoRA and patterns come out right. Approximate by nature
       (cross terms), exact for a single adapter.
+    - ``ties`` / ``dare``: TIES (trim to ``density``, elect signs, disjoint mean) or DARE (random drop at
+      ``1 - density``, seeded, rescaled) on each module's *full* delta, one module at a time, then truncated
+      to ``rank`` by SVD (PEFT's ``*_svd`` variants; its plain variants act on A and B separately, which
+      is not the same operation).
     """
     if how not in COMBINATIONS:
         raise InputError(f"unknown combination {how!r}", hint=f"use one of {', '.join(COMBINATIONS)}")
@@ -147,6 +177,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     live = [(a, w) for a, w in zip(adapters, weights) if w != 0]
     if not live:
         raise InputError("every weight is zero: nothing to combine")
+    if how in ("ties", "dare") and not 0 < density <= 1:
+        raise InputError(f"density must be in (0, 1], got {density}")
     if len(live) == 1 and live[0][1] == 1.0 and how in ("cat", "linear"):
         return live[0][0]  # the identity combination: the adapter itself, bit for bit
     all_factors = [_factors(a) for a, _ in live]
@@ -162,6 +194,15 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     for module in modules:
         parts = [(f[module], w) for f, (_, w) in zip(all_factors, live) if module in f]
         kind = parts[0][0].kind
+        if how in ("ties", "dare"):
+            full = [p.b @ p.a for p, _ in parts]
+            ws = [w for _, w in parts]
+            merged = ties_merge(full, ws, density) if how == "ties" else dare_merge(full, ws, density, seed)
+            target = rank or max(p.rank for p, _ in parts)
+            u, sv, vh = torch.linalg.svd(merged, full_matrices=False)
+            target = min(target, sv.numel())
+            out[module] = LowRank(u[:, :target] * sv[:target], vh[:target], kind)
+            continue
         if how == "cat" or how == "svd":
             b = torch.cat([p.b * w for p, w in parts], dim=1)
             a = torch.cat([p.a for p, _ in parts], dim=0)
