@@ -8,6 +8,8 @@ medians, with ratios against `cp -r` measured in the same run.
     python benchmarks/merge.py                       # 1.1B, 3 repeats, all contenders
     python benchmarks/merge.py --size 3b --skip-peft # a 3.2B checkpoint (6.4 GB)
     python benchmarks/merge.py --json results.json
+    python benchmarks/merge.py --nf4                 # the same base quantized to NF4: dequantize-merge and
+                                                     # merge --requantize against cp -r of the 4-bit base
 
 Peak RSS is each process's own maximum resident set, from GNU time (/usr/bin/time, Debian package
 "time"). Wall time includes interpreter start-up.
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--nf4", action="store_true", help="benchmark a 4-bit (NF4) base instead")
     args = parser.parse_args()
     cfg = SIZES[args.size]
     base, adapter = args.work / f"base-{args.size}", args.work / f"lora-{args.size}"
@@ -160,13 +163,30 @@ def main() -> None:
     build_base(base, cfg)
     build_adapter(adapter, cfg)
     out = args.work / "out"
-    contenders = {
-        "cp -r": ["cp", "-r", str(base), str(out)],
-        "adaptools merge": [sys.executable, "-m", "adaptools", "merge", str(base), str(adapter), str(out)],
-    }
+    adaptools_cmd = [sys.executable, "-m", "adaptools"]
+    if args.nf4:
+        nf4 = args.work / f"base-{args.size}-nf4"
+        if not (nf4 / "config.json").exists():
+            print(f"quantizing {base} to {nf4} ...", file=sys.stderr)
+            subprocess.run([*adaptools_cmd, "requantize", str(base), str(nf4)], check=True, stdout=subprocess.DEVNULL)
+        base = nf4
+        contenders = {
+            "cp -r (4-bit base)": ["cp", "-r", str(base), str(out)],
+            "adaptools dequantize": [*adaptools_cmd, "dequantize", str(base), str(out)],
+            "adaptools merge (dequantize-merge)": [*adaptools_cmd, "merge", str(base), str(adapter), str(out)],
+            "adaptools merge --requantize": [*adaptools_cmd, "merge", str(base), str(adapter), str(out),
+                                             "--requantize"],
+        }
+        args.skip_peft = True
+    else:
+        contenders = {
+            "cp -r": ["cp", "-r", str(base), str(out)],
+            "adaptools merge": [*adaptools_cmd, "merge", str(base), str(adapter), str(out)],
+        }
     if not args.skip_peft:
         contenders["peft merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
-    measure(contenders["cp -r"], out)  # warm the page cache
+    baseline = next(iter(contenders))
+    measure(contenders[baseline], out)  # warm the page cache
     results = {}
     runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
     for _ in range(args.repeat):  # interleaved, so drift in disk state hits every contender alike
@@ -177,14 +197,14 @@ def main() -> None:
         results[name] = {"wall_s": statistics.median(r[0] for r in runs),
                          "peak_rss_bytes": statistics.median(r[1] for r in runs),
                          "runs": [{"wall_s": w, "peak_rss_bytes": m} for w, m in runs]}
-        print(f"{name:24s} {results[name]['wall_s']:7.2f} s  {results[name]['peak_rss_bytes'] / 2**30:6.2f} GiB",
+        print(f"{name:36s} {results[name]['wall_s']:7.2f} s  {results[name]['peak_rss_bytes'] / 2**30:6.2f} GiB",
               file=sys.stderr)
-    cp = results["cp -r"]["wall_s"]
+    cp = results[baseline]["wall_s"]
     size_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     print(f"\ncheckpoint: {args.size}, {size_bytes / 1e9:.2f} GB; medians of {args.repeat}")
-    print(f"{'contender':24s} {'wall s':>8s} {'x cp -r':>8s} {'peak RSS GiB':>13s}")
+    print(f"{'contender':36s} {'wall s':>8s} {'x cp -r':>8s} {'peak RSS GiB':>13s}")
     for name, r in results.items():
-        print(f"{name:24s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {r['peak_rss_bytes'] / 2**30:13.2f}")
+        print(f"{name:36s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {r['peak_rss_bytes'] / 2**30:13.2f}")
     if "peft merge_and_unload" in results:
         ratio = results["peft merge_and_unload"]["wall_s"] / results["adaptools merge"]["wall_s"]
         print(f"adaptools is {ratio:.1f}x faster than PEFT")
