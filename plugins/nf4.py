@@ -245,7 +245,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     if raw.numel() != (n + 1) // 2:
         raise InputError(f"packed weight has {raw.numel()} bytes, shape {list(state.shape)} needs {(n + 1) // 2}")
     out_dtype = dtype or state.dtype
-    if _bnb_dequant_is_exact(state, packed) and out_dtype == state.dtype:
+    # Our kernel when we have it (bitsandbytes' CPU kernel is faster per byte, but importing bitsandbytes
+    # costs ~3 s of torch.compile set-up); bitsandbytes on CUDA, or on CPU where it is correct and we have
+    # no kernel.
+    if (packed.device.type == "cuda" or NATIVE is None) and _bnb_dequant_is_exact(state, packed) \
+            and out_dtype == state.dtype:
         return _bnb_dequantize(packed, state)
     absmax = state.absmax_f32().contiguous()
     code = code_table(state.quant_type)

@@ -369,8 +369,10 @@ def _write_quantized(tmp: Path, checkpoint: Checkpoint, plan: QuantizedPlan, upd
     """4-bit output: every shard of the base, in its own order, through the quantized shard writer."""
     weight_map: dict[str, str] = {}
 
-    def dense_value(name: str) -> torch.Tensor:
-        return _apply(updates.get(name, []), checkpoint.read(name).to(device).float()).cpu()
+    def dense_value(name: str, keep_original: bool = False) -> Any:
+        original = checkpoint.read(name).to(device).float()
+        merged = _apply(updates.get(name, []), original.clone() if keep_original else original).cpu()
+        return (merged, original.cpu()) if keep_original else merged
 
     for shard in checkpoint.shards:
         names = sorted(shard.header.tensors, key=lambda n: shard.header.tensors[n].begin)

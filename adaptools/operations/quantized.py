@@ -104,7 +104,7 @@ def quantization_config(options: QuantizeOptions, compute_dtype: str, skip: tupl
 
 
 def write_quantized_shard(path: Path, names: list[str], checkpoint: Checkpoint, plan: QuantizedPlan,
-                          updates: Mapping[str, list[TensorUpdate]], dense_value: Callable[[str], torch.Tensor],
+                          updates: Mapping[str, list[TensorUpdate]], dense_value: Callable[..., Any],
                           write_dense: Callable[[DeferredSafetensorsWriter, str], int], metadata: dict[str, str],
                           on_tensor: Callable[[str, int, bool], None]) -> None:
     """Write one shard: changed or newly quantized parameters are encoded as groups; untouched groups and
@@ -127,12 +127,14 @@ def write_quantized_shard(path: Path, names: list[str], checkpoint: Checkpoint, 
                     on_tensor(name, raw_copy(writer, name), False)
                 elif name in plan.targets and not (plan.keep_untouched and name not in updates):
                     backend, settings = plan.targets[name]
-                    merged = dense_value(name)
+                    report = name in updates and name in checkpoint.groups
+                    merged, original = dense_value(name, True) if report else (dense_value(name), None)
                     group = backend.encode_group(name, merged, settings)
                     for key, value in group.items():
                         writer.write(key, value)
-                    if name in updates and name in checkpoint.groups:
-                        plan.survival.append(_survival(name, checkpoint, backend, merged, group))
+                    if report:
+                        plan.survival.append(_survival(name, checkpoint, backend, merged, original, group))
+                    del merged, original
                     on_tensor(name, sum(v.numel() * v.element_size() for v in group.values()), name in updates)
                 elif name in plan.targets:
                     on_tensor(name, raw_copy(writer, name), False)
@@ -143,14 +145,14 @@ def write_quantized_shard(path: Path, names: list[str], checkpoint: Checkpoint, 
             fh.close()
 
 
-def _survival(name: str, checkpoint: Checkpoint, backend: Backend, merged: torch.Tensor,
+def _survival(name: str, checkpoint: Checkpoint, backend: Backend, merged: torch.Tensor, base: torch.Tensor,
               group: dict[str, torch.Tensor]) -> Survival:
-    base = checkpoint.read(name).float()
-    delta = merged.float() - base
-    requantized = backend.decode_group(name, lambda key: group[key], [k for k in group if k != name]).float()
-    norm = float(delta.norm())
-    retained = float((requantized - base).norm()) / norm if norm > 0 else 1.0
+    """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the dequantized base (already decoded)."""
+    norm = float(torch.linalg.vector_norm(merged - base))
+    requantized = backend.decode_group(name, lambda key: group[key], [k for k in group if k != name])
+    kept = float(torch.linalg.vector_norm(requantized.float().sub_(base)))
+    retained = kept / norm if norm > 0 else 1.0
     before = checkpoint.read_small(name).reshape(-1).view(torch.uint8)
     after = group[name].reshape(-1).view(torch.uint8)
-    changed = float((before != after).float().mean())
+    changed = float((before != after).sum()) / max(1, before.numel())
     return Survival(name, norm, retained, changed)
