@@ -36,7 +36,6 @@ import torch
 import adaptools
 from adaptools import (
     Adapter,
-    AdapterFormatError,
     BaseInfo,
     Finding,
     IncompatibleBaseError,
@@ -151,13 +150,6 @@ def initial_factors(init: str, weight: torch.Tensor, rank: int, scaling: float) 
         return v[:, :rank] @ torch.diag(torch.sqrt(sr)), torch.diag(torch.sqrt(sr)) @ uh[:rank]
     raise UnsupportedOperationError(f"init_lora_weights={init!r} cannot be recomputed from the base",
                                     hint="pass the initial adapter saved at init time (--initial)")
-
-
-def _finite(adapter: Adapter, name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise AdapterFormatError(f"{bad} NaN/Inf value(s)", **adapter.where(name),
-                                 hint="the adapter diverged in training or the file is corrupt")
 
 
 class LoRA(adaptools.AdapterMethod):
