@@ -16,10 +16,12 @@ our results. On CUDA, bitsandbytes' own kernels are used.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
+@functools.cache
 def bnb_functional() -> Any:
     """``bitsandbytes.functional``, imported quietly: on CPUs with AVX512-BF16 it logs a warning about an
     optional hub kernel package at import, which is noise for our users (we never use that kernel)."""
@@ -163,9 +166,15 @@ def _parallel(n_items: int, work: Callable[[int, int], None]) -> None:
     if parts == 1:
         work(0, n_items)
         return
-    with ThreadPoolExecutor(max_workers=parts) as pool:
-        for f in [pool.submit(work, s, min(s + step, n_items)) for s in range(0, n_items, step)]:
-            f.result()
+    pool = _pool()
+    for f in [pool.submit(work, s, min(s + step, n_items)) for s in range(0, n_items, step)]:
+        f.result()
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One long-lived pool: starting threads on every call costs about as much as a small layer's work."""
+    return ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="adaptools-nf4")
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -245,11 +254,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     if raw.numel() != (n + 1) // 2:
         raise InputError(f"packed weight has {raw.numel()} bytes, shape {list(state.shape)} needs {(n + 1) // 2}")
     out_dtype = dtype or state.dtype
-    # Our kernel when we have it (bitsandbytes' CPU kernel is faster per byte, but importing bitsandbytes
-    # costs ~3 s of torch.compile set-up); bitsandbytes on CUDA, or on CPU where it is correct and we have
-    # no kernel.
-    if (packed.device.type == "cuda" or NATIVE is None) and _bnb_dequant_is_exact(state, packed) \
-            and out_dtype == state.dtype:
+    # bitsandbytes' CPU kernel is faster per byte than ours, but importing bitsandbytes costs ~3 s of
+    # torch.compile set-up: use it on CUDA, where we have no kernel, or once something imported it anyway;
+    # and on CPU only where its result is correct (nf4-format §1.6).
+    use_bnb = packed.device.type == "cuda" or NATIVE is None or "bitsandbytes.functional" in sys.modules
+    if use_bnb and _bnb_dequant_is_exact(state, packed) and out_dtype == state.dtype:
         return _bnb_dequantize(packed, state)
     absmax = state.absmax_f32().contiguous()
     code = code_table(state.quant_type)

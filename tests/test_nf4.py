@@ -249,3 +249,15 @@ def test_requantize_refusals(tmp_path, cli_runner):
     result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), tmp_path / "c", "--requantize")
     assert result.exit_code == 2 and "needs a 4-bit base" in result.stderr
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_native_decoder_matches_reference_when_bitsandbytes_is_not_loaded(quant_type, monkeypatch):
+    """Without bitsandbytes imported, decoding uses our C kernel for every shape; same bits as the reference."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes.functional", raising=False)
+    for i, (shape, dtype) in enumerate([((96, 128), torch.bfloat16), ((64, 80), torch.float16),
+                                        ((33, 65), torch.float32)]):
+        packed, state = nf4.quantize_4bit(sample(shape, dtype, 40 + i), 64, quant_type, True)
+        assert torch.equal(nf4.dequantize_4bit(packed, state), reference_dequantize(packed, state))
