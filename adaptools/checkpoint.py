@@ -130,6 +130,11 @@ class Checkpoint:
                 raise InputError("shard named in the index is missing", path=path / name)
             shards.append(Shard(path / name, read_header(path / name)))
         checkpoint = cls(path, config, shards, index)
+        # Every caller wants the dense view (a 4-bit weight as one parameter of its real shape), so the
+        # groups registered backends store (NF4 and friends) are found here, once, for all of them.
+        from . import registry  # late: registry loads plugins, which import adaptools
+
+        checkpoint.find_groups([entry.obj for entry in registry.backends().values()])
         if index is not None:
             for name, file in index["weight_map"].items():
                 if name not in checkpoint.location or checkpoint.location[name][0].name != file:

@@ -191,3 +191,9 @@ def test_check_with_perplexity(cli_runner):
     result = cli_runner("check", adapter_path("llama-lora"), "--base", base_path("llama"), "--check", "perplexity",
                         "--eval-text", FIXTURES / "text" / "GPL-3.txt")
     assert result.exit_code == 0, result.output
+
+
+def test_a_4bit_base_is_checked_in_its_dense_shapes():
+    """A QLoRA adapter against its NF4 base: targets are compared with the weights' real shapes, not the
+    packed bytes."""
+    assert check(adapter_path("llama-lora"), base=str(base_path("llama-nf4"))).findings == []

@@ -34,7 +34,6 @@ def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     info = read = None
     if base is not None:
         checkpoint = Checkpoint.open(base)
-        checkpoint.find_groups([e.obj for e in registry.backends().values()])
         info, read = checkpoint.base_info(), checkpoint.read
     first = load(initial, allow_pickle=allow_pickle) if initial else None
     plain = registry.get_method(adapter.method).to_plain(adapter, info, read, first)
@@ -53,7 +52,6 @@ def initialize(base: str | os.PathLike[str], out: str | os.PathLike[str], *, met
     if write_base:
         check_output(write_base, force)
     checkpoint = Checkpoint.open(base)
-    checkpoint.find_groups([e.obj for e in registry.backends().values()])
     adapter = registry.get_method(method).initialize(checkpoint.base_info(), checkpoint.read, options)
     saved = save(adapter, out, format=to_format, force=force)
     if write_base:

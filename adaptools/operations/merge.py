@@ -286,7 +286,6 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
         raise InputError(f"unknown dtype {dtype!r}", hint="use auto, fp32, fp16 or bf16")
     checkpoint = Checkpoint.open(base)
     codec = _Codec(dtype, checkpoint.config)
-    checkpoint.find_groups(codec.backends)
     if operation == "dequantize" and not checkpoint.groups:
         raise InputError("no quantized weights here: nothing to dequantize", path=checkpoint.path,
                          hint="expected a bitsandbytes 4-bit checkpoint (quant_state.bitsandbytes__nf4 tensors)")
