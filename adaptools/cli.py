@@ -124,17 +124,19 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
 @click.option("--to", "to", default="schema", show_default=True,
-              help="Output format (schema: one .safetensors; peft: a directory), or a method to convert to "
-                   "(lora: an OLoRA/PiSSA adapter as plain LoRA on the original base).")
+              help="Output format (schema: one .safetensors; peft, adapterhub: a directory), or a method to "
+                   "convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on the original base).")
 @click.option("--base", help="With --to lora: the original base, to recompute the initial factors.")
 @click.option("--initial", help="With --to lora: the adapter saved right after init (instead of --base).")
 @click.option("--format", "out_format", default="peft", show_default=True,
               help="With --to METHOD: the output format (peft or schema).")
+@click.option("--bake-projection", "bake", is_flag=True,
+              help="Prefix tuning: evaluate a stored projection MLP once into the plain prefix PEFT saves.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
 @json_option
-def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, out_format: str, force: bool,
-            allow_pickle: bool, json_: bool) -> None:
+def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, out_format: str, bake: bool,
+            force: bool, allow_pickle: bool, json_: bool) -> None:
     """Convert ADAPTER to another format, losslessly, and write it to OUT.
 
     The output is written beside OUT under a temporary name and renamed into
@@ -145,6 +147,8 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
       adaptools convert ./my-lora my-lora.safetensors
       adaptools convert my-lora.safetensors ./my-lora-peft --to peft
       adaptools convert ./olora-trained ./plain-lora --to lora --base ./base
+      adaptools convert ./prefix-checkpoint ./prefix --to peft --bake-projection
+      adaptools convert ./adapterhub-adapter houlsby.safetensors
     """
     if to in registry.methods():
         from .operations.convert import convert_method
@@ -153,7 +157,7 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
                               allow_pickle=allow_pickle)
     else:
         registry.get_format(to)  # unknown format: fail before reading anything
-        path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle)
+        path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle, bake=bake)
     if json_:
         emit_json({"input": adapter, "output": str(path), "format": to})
     else:
@@ -500,6 +504,7 @@ def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> 
     \b
     adaptools diff ADAPTER_A ADAPTER_B      per module: |dA|, |dB|, |dA - dB|, relative, cosine,
                                             exactly from the factors; then config changes
+                                            (bottleneck and prefix adapters: per tensor)
     adaptools diff CHECKPOINT_A CHECKPOINT_B   per tensor: max-abs and relative difference (streaming)
     adaptools diff ADAPTER BASE TUNED       per module: how much of (TUNED - BASE) the adapter explains
 
@@ -543,6 +548,11 @@ def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> 
         click.echo(f"{m.module:60s} {m.norm_a:9.4g} {m.norm_b:9.4g} {m.difference:9.4g} {m.relative:8.3g} {cos}")
     for key, (va, vb) in adapter_diff.config.items():
         click.echo(f"config {key}: {va!r} -> {vb!r}")
+    for key, (va, vb) in adapter_diff.shapes.items():
+        click.echo(f"shape {key}: {va} -> {vb}")
+    for side in ("only_in_a", "only_in_b"):
+        for name in getattr(adapter_diff, side):
+            click.echo(f"{side.replace('_', ' ')}: {name}")
 
 
 @cli.command(name="init")
@@ -740,8 +750,9 @@ def plugins(json_: bool) -> None:
         rows.setdefault(name, {"name": name, "distribution": None, "version": None, "methods": [],
                                "formats": [], "backends": [], "validators": []})
     matrix = {name: sorted(e.obj.operations) for name, e in kinds["methods"].items()}
+    conditional = {name: dict(e.obj.conditional) for name, e in kinds["methods"].items() if e.obj.conditional}
     if json_:
-        emit_json({"plugins": list(rows.values()), "operations": matrix})
+        emit_json({"plugins": list(rows.values()), "operations": matrix, "conditional": conditional})
         return
     for row in rows.values():
         dist = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else "-"
@@ -749,9 +760,13 @@ def plugins(json_: bool) -> None:
                              if row[k])
         click.echo(f"{row['name']}  ({dist})  {provides or 'commands only'}")
     click.echo("")
-    click.echo("method".ljust(12) + "".join(op.ljust(9) for op in OPERATIONS))
+    click.echo("method".ljust(15) + "".join(op.ljust(9) for op in OPERATIONS))
     for name, ops in matrix.items():
-        click.echo(name.ljust(12) + "".join(("yes" if op in ops else "-").ljust(9) for op in OPERATIONS))
+        marks = ["some" if op in conditional.get(name, {}) else "yes" if op in ops else "-" for op in OPERATIONS]
+        click.echo(name.ljust(15) + "".join(mark.ljust(9) for mark in marks))
+    for name, ops in conditional.items():
+        for op, when in ops.items():
+            click.echo(f"  {name} {op}: {when}")
 
 
 _commands_registered = False

@@ -191,6 +191,9 @@ class AdapterMethod(ABC):
 
     #: Why an operation is not supported, for the error message: {operation: reason}.
     unsupported: ClassVar[dict[str, str]] = {}
+    #: Operations in :attr:`operations` that work only for some adapters of the method: {operation: when}.
+    #: ``adaptools plugins`` shows them as "some"; the method refuses the others with the reason.
+    conditional: ClassVar[dict[str, str]] = {}
 
     def require(self, operation: str) -> None:
         """Raise :class:`UnsupportedOperationError` unless this method supports ``operation``."""
@@ -223,6 +226,11 @@ class AdapterMethod(ABC):
                  initial: Adapter | None) -> Adapter:
         """The adapter as its method's plain form on the original base (e.g. OLoRA -> LoRA of rank 2r)."""
         raise UnsupportedOperationError(f"method {self.name!r} has no plain-form conversion")
+
+    def bake(self, adapter: Adapter) -> Adapter:
+        """The adapter with training-time parts evaluated into what is served (``convert --bake-projection``:
+        a prefix's projection MLP into the plain prefix)."""
+        raise UnsupportedOperationError(f"method {self.name!r} has nothing to bake")
 
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""

@@ -45,11 +45,13 @@ class AdapterDiff:
     config: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # tensors whose shape differs
 
     def to_json(self) -> dict[str, Any]:
         return {"modules": [m.__dict__ for m in self.modules],
                 "config": {k: {"a": a, "b": b} for k, (a, b) in self.config.items()},
-                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b}
+                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
+                "shapes": {k: {"a": a, "b": b} for k, (a, b) in self.shapes.items()}}
 
 
 def _factors(adapter: Adapter) -> dict[str, LowRank]:
@@ -58,14 +60,54 @@ def _factors(adapter: Adapter) -> dict[str, LowRank]:
     return method.low_rank(adapter)
 
 
+def _config_changes(a: Adapter, b: Adapter) -> dict[str, tuple[Any, Any]]:
+    """Changed config fields; nested objects (AdapterHub's ``config``) are compared field by field."""
+    changes: dict[str, tuple[Any, Any]] = {}
+
+    def walk(x: dict[str, Any], y: dict[str, Any], prefix: str) -> None:
+        for key in sorted(set(x) | set(y)):
+            if prefix == "" and key in ("modules", "peft_version"):
+                continue
+            va, vb = x.get(key), y.get(key)
+            if isinstance(va, dict) and isinstance(vb, dict) and prefix == "":
+                walk(va, vb, f"{key}.")
+            elif va != vb:
+                changes[prefix + key] = (va, vb)
+
+    walk(a.config, b.config, "")
+    return changes
+
+
+def tensor_diff(a: Adapter, b: Adapter) -> AdapterDiff:
+    """Per-tensor ‖A − B‖_F, relative difference and cosine, for methods whose tensors are not a low-rank
+    delta (bottleneck, prefix): the rows name tensors instead of modules."""
+    result = AdapterDiff(config=_config_changes(a, b))
+    names_a, names_b = set(a.tensor_names()), set(b.tensor_names())
+    result.only_in_a, result.only_in_b = sorted(names_a - names_b), sorted(names_b - names_a)
+    for name in sorted(names_a & names_b):
+        x, y = a.tensor(name).double(), b.tensor(name).double()
+        if x.shape != y.shape:
+            result.shapes[name] = (list(x.shape), list(y.shape))
+            continue
+        na, nb = float(x.norm()), float(y.norm())
+        d = 0.0 if torch.equal(x, y) else float((x - y).norm())
+        cos = float((x * y).sum()) / (na * nb) if na > 0 and nb > 0 else None
+        rel = d / na if na > 0 else (0.0 if d == 0 else math.inf)
+        result.modules.append(ModuleDiff(name, na, nb, d, rel, cos))
+    result.modules.sort(key=lambda m: -m.difference)
+    return result
+
+
 def diff(a: Adapter, b: Adapter) -> AdapterDiff:
-    """Per-module ‖ΔA − ΔB‖_F, relative difference and cosine, exactly from the factors, plus config changes."""
+    """Per-module ‖ΔA − ΔB‖_F, relative difference and cosine, exactly from the factors, plus config changes.
+
+    Methods without a low-rank delta are compared tensor by tensor (:func:`tensor_diff`).
+    """
+    method = registry.get_method(a.method)
+    if a.method == b.method and "algebra" not in method.operations:
+        return tensor_diff(a, b)
     fa, fb = _factors(a), _factors(b)
-    result = AdapterDiff()
-    skip = {"modules", "peft_version"}
-    for key in sorted((set(a.config) | set(b.config)) - skip):
-        if a.config.get(key) != b.config.get(key):
-            result.config[key] = (a.config.get(key), b.config.get(key))
+    result = AdapterDiff(config=_config_changes(a, b))
     result.only_in_a = sorted(set(fa) - set(fb))
     result.only_in_b = sorted(set(fb) - set(fa))
     for module in sorted(set(fa) | set(fb)):

@@ -12,10 +12,17 @@ from ..version import __version__
 
 
 def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str = "schema", force: bool = False,
-            allow_pickle: bool = False) -> Path:
-    """Load ``ref`` (validated) and write it to ``out`` in format ``to``; nothing is written on error."""
+            allow_pickle: bool = False, bake: bool = False) -> Path:
+    """Load ``ref`` (validated) and write it to ``out`` in format ``to``; nothing is written on error.
+
+    ``bake`` first evaluates training-time parts into what is served (a prefix's projection MLP).
+    """
+    from .. import registry
+
     check_output(out, force)
     adapter = load(ref, allow_pickle=allow_pickle)
+    if bake:
+        adapter = registry.get_method(adapter.method).bake(adapter)
     provenance = dict(adapter.provenance)
     provenance.setdefault("converted_by", f"adaptools {__version__}")
     adapter = replace(adapter, provenance=provenance)
