@@ -23,6 +23,8 @@ ENTRY_POINT_GROUP = "adaptools"
 DEFAULT_PLUGINS = (
     "adaptools_plugins.lora",
     "adaptools_plugins.prefix_tuning",
+    "adaptools_plugins.bottleneck",
+    "adaptools_plugins.adapterhub_format",
     "adaptools_plugins.peft_format",
     "adaptools_plugins.schema_format",
     "adaptools_plugins.dense",

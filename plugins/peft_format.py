@@ -92,7 +92,9 @@ class PeftFormat(adaptools.AdapterFormat):
     def detect(self, path: Path) -> bool:
         if path.is_file() and path.name in (CONFIG, WEIGHTS, PICKLE):
             path = path.parent
-        return path.is_dir() and (path / CONFIG).is_file()
+        # AdapterHub directories also hold an adapter_config.json; their weights have other names.
+        adapterhub = (path / "adapter.safetensors").is_file() or (path / "pytorch_adapter.bin").is_file()
+        return path.is_dir() and (path / CONFIG).is_file() and not adapterhub
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         if path.is_file():

@@ -213,7 +213,61 @@ def truncated_schema_file(tmp):
     return out
 
 
+HUB = adapter_path("llama-lora").parent.parent / "adapterhub"
+
+
+def copy_hub(tmp: Path, name: str = "llama-seq-bn") -> Path:
+    out = tmp / "adapter"
+    shutil.copytree(HUB / name, out)
+    return out
+
+
+def hub_config(tmp, edit):
+    out = copy_hub(tmp)
+    config = json.loads((out / "adapter_config.json").read_text())
+    edit(config)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def hub_invalid_json(tmp):
+    out = copy_hub(tmp)
+    (out / "adapter_config.json").write_text('{"config": {')
+    return out
+
+
+def hub_reduction_factor(tmp):
+    return hub_config(tmp, lambda c: c["config"].__setitem__("reduction_factor", 4))
+
+
+def hub_no_config_object(tmp):
+    return hub_config(tmp, lambda c: c.__setitem__("config", "seq_bn"))
+
+
+def hub_unknown_activation(tmp):
+    return hub_config(tmp, lambda c: c["config"].__setitem__("non_linearity", "wobble"))
+
+
+def hub_pickle(tmp):
+    return HUB / "llama-seq-bn-extras"
+
+
+def hub_nan(tmp):
+    out = copy_hub(tmp)
+    tensors = {k: v.clone() for k, v in load_file(str(out / "adapter.safetensors")).items()}
+    next(v for k, v in sorted(tensors.items()) if k.endswith("adapter_up.weight"))[0, 0] = float("nan")
+    (out / "adapter.safetensors").unlink()
+    adaptools.save_tensors(out / "adapter.safetensors", tensors, {"format": "pt"})
+    return out
+
+
 CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "adapterhub: invalid JSON config": (hub_invalid_json, "not valid JSON"),
+    "adapterhub: reduction factor disagrees": (hub_reduction_factor, "reduction 4"),
+    "adapterhub: config is a name, not an object": (hub_no_config_object, 'no "config" object'),
+    "adapterhub: unknown activation": (hub_unknown_activation, "wobble"),
+    "adapterhub: pickle without the flag": (hub_pickle, "--allow-pickle"),
+    "adapterhub: NaN value": (hub_nan, "NaN/Inf"),
     "truncated safetensors": (truncated, "truncated"),
     "header offsets that lie": (lying_offsets, "data_offsets"),
     "huge header length": (huge_header_length, "header length"),

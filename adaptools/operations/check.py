@@ -95,7 +95,7 @@ def check(ref: str | os.PathLike[str], *, base: str | None = None, allow_pickle:
             return report
     adapter = load(path, allow_pickle=allow_pickle, validate=False)
     report.method = adapter.method
-    if config_file is not None:
+    if config_file is not None and adapter.read_format == "peft":
         if not adapter.base.name:
             add("AT002", "base_model_name_or_path is null", config_file, "base_model_name_or_path")
         elif not adapter.base.revision and parse_hub_ref(adapter.base.name) and not Path(adapter.base.name).exists():

@@ -1,0 +1,174 @@
+"""The AdapterHub (``adapters`` library) directory format, as ``model.save_adapter(dir, name)`` writes it.
+
+``adapter_config.json`` (``{"config": {...flags...}, "hidden_size", "model_class", "model_name",
+"model_type", "name", "version"}``) beside ``adapter.safetensors`` (``use_safetensors=True``) or the
+default pickle ``pytorch_adapter.bin`` (read only with --allow-pickle, and then with
+``torch.load(weights_only=True)``). Keys are ``<layer>.<attention|output|cross_attention>_adapters.
+adapters.<name>.<param>``. A ``head_config.json`` / ``model_head.*`` pair beside them is the model's
+prediction head, not part of the adapter: it is ignored and named in the provenance.
+
+Only bottleneck configurations are read (the ``bottleneck`` method); AdapterHub's LoRA, prefix tuning and
+union configs are refused with the reason. Writing produces ``adapter.safetensors``, which the library
+loads with ``load_adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adaptools
+from adaptools import (
+    Adapter,
+    BaseRef,
+    FileStore,
+    InputError,
+    MemoryStore,
+    ReadOptions,
+    SafetensorsFile,
+    UnsafeInputError,
+    UnsupportedOperationError,
+)
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter.safetensors"
+PICKLE = "pytorch_adapter.bin"
+HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")
+CONTAINERS = {"attention_adapters": "mh_adapter", "output_adapters": "output_adapter",
+              "cross_attention_adapters": "cross_adapter"}
+LOCATION_TO_CONTAINER = {v: k for k, v in CONTAINERS.items()}
+KEY = re.compile(r"^(?P<layer>.+)\.(?P<container>" + "|".join(CONTAINERS) + r")\.adapters\.(?P<name>[^.]+)\."
+                 r"(?P<param>.+)$")
+
+
+def param_to_role(param: str, ln_before: bool) -> str | None:
+    """An AdapterHub parameter name -> canonical role; None for the duplicate of ``adapter_norm_before``."""
+    kind, _, leaf = param.rpartition(".")
+    suffix = "_bias" if leaf == "bias" else ""
+    linear_index = "1" if ln_before else "0"
+    if param == "scaling":
+        return "scaling"
+    if kind == "adapter_down.0" and ln_before:
+        return None  # the same LayerNorm as adapter_norm_before, registered twice by the library
+    table = {f"adapter_down.{linear_index}": "down", "adapter_up": "up", "adapter_norm_before": "norm_before",
+             "adapter_norm_after": "norm_after", "gate": "gate"}
+    if kind in table and leaf in ("weight", "bias"):
+        return table[kind] + suffix
+    return f"unknown:{param}"
+
+
+def role_to_params(role: str, ln_before: bool) -> list[str]:
+    """The inverse of :func:`param_to_role` (the norm before is written under both of its names)."""
+    if role == "scaling":
+        return ["scaling"]
+    base, leaf = (role[: -len("_bias")], "bias") if role.endswith("_bias") else (role, "weight")
+    kinds = {"down": f"adapter_down.{1 if ln_before else 0}", "up": "adapter_up",
+             "norm_before": "adapter_norm_before", "norm_after": "adapter_norm_after", "gate": "gate"}
+    names = [f"{kinds[base]}.{leaf}"]
+    if base == "norm_before":
+        names.append(f"adapter_down.0.{leaf}")
+    return names
+
+
+class AdapterHubFormat(adaptools.AdapterFormat):
+    name = "adapterhub"
+    description = "AdapterHub `adapters` directory (adapter_config.json + adapter.safetensors)"
+
+    def detect(self, path: Path) -> bool:
+        if path.is_file() and path.name in (CONFIG, WEIGHTS, PICKLE):
+            path = path.parent
+        return path.is_dir() and (path / CONFIG).is_file() and ((path / WEIGHTS).is_file()
+                                                                 or (path / PICKLE).is_file())
+
+    def read(self, path: Path, options: ReadOptions) -> Adapter:
+        if path.is_file():
+            path = path.parent
+        config_path = path / CONFIG
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"not valid JSON ({exc})", path=config_path) from None
+        inner = config.get("config") if isinstance(config, dict) else None
+        if not isinstance(inner, dict):
+            raise InputError("has no \"config\" object", path=config_path,
+                             hint="is this an AdapterHub adapter saved with save_adapter?")
+        architecture = inner.get("architecture") or "bottleneck"
+        if architecture != "bottleneck":
+            raise UnsupportedOperationError(
+                f"AdapterHub {architecture!r} adapters are not supported (adaptools reads AdapterHub bottleneck "
+                "adapters)", path=config_path,
+                hint="for LoRA and prefix tuning, export with PEFT instead" if architecture != "union" else None)
+        ln_before = bool(inner.get("ln_before"))
+        source, raw = self._read_raw(path, options)
+        mapping: dict[str, tuple[Any, str]] = {}
+        for key in raw:
+            match = KEY.match(key)
+            if match is None:
+                raise InputError(f"tensor {key!r} is not a bottleneck adapter parameter", path=path,
+                                 hint="invertible adapters and fusion layers are not supported")
+            role = param_to_role(match["param"], ln_before)
+            if role is None:
+                continue
+            if role.startswith("unknown:"):
+                raise InputError(f"tensor {key!r}: unknown parameter {match['param']!r}", path=path,
+                                 hint="PHM (Compacter) layers are not supported")
+            mapping[f"{match['layer']}.{CONTAINERS[match['container']]}.{role}"] = (source, key)
+        if isinstance(source, SafetensorsFile):
+            tensors: Any = FileStore(mapping)
+        else:
+            tensors = MemoryStore({n: source[k] for n, (_, k) in mapping.items()}, str(path / PICKLE),
+                                  keys={n: k for n, (_, k) in mapping.items()})
+        provenance: dict[str, Any] = {"source_format": "adapterhub", "source": str(path)}
+        ignored = [name for name in HEAD_FILES if (path / name).is_file()]
+        if ignored:
+            provenance["ignored_head_files"] = ignored
+        return Adapter(method="bottleneck", config={k: v for k, v in config.items() if k != "model_name"},
+                       tensors=tensors, base=BaseRef(name=config.get("model_name")), provenance=provenance,
+                       source=str(path))
+
+    def _read_raw(self, path: Path, options: ReadOptions) -> tuple[Any, list[str]]:
+        if (path / WEIGHTS).is_file():
+            file = SafetensorsFile(path / WEIGHTS)
+            return file, list(file.keys())
+        pickle_path = path / PICKLE
+        if not options.allow_pickle:
+            raise UnsafeInputError(f"weights are a pickle ({PICKLE}), which can run code when read",
+                                   path=pickle_path, hint="pass --allow-pickle if you trust this file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception:  # torch raises many types for bad pickles; its advice (weights_only=False) is unsafe
+            raise InputError("cannot read pickle safely: it is corrupt or holds more than plain tensors",
+                             path=pickle_path, hint="ask for adapter.safetensors instead") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InputError("pickle does not hold a dict of tensors", path=pickle_path)
+        return state, list(state)
+
+    def write(self, adapter: Adapter, path: Path) -> None:
+        if adapter.method != "bottleneck":
+            raise UnsupportedOperationError(f"the AdapterHub format holds bottleneck adapters, not {adapter.method}")
+        config = dict(adapter.config)
+        config["model_name"] = adapter.base.name
+        name = config.get("name") or "adapter"
+        ln_before = bool((config.get("config") or {}).get("ln_before"))
+        tensors = {}
+        for module, roles in adapter.modules().items():
+            layer, _, location = module.rpartition(".")
+            for role, tensor_name in roles.items():
+                for param in role_to_params(role, ln_before):
+                    key = f"{layer}.{LOCATION_TO_CONTAINER[location]}.adapters.{name}.{param}"
+                    tensors[key] = adapter.tensor(tensor_name).contiguous().clone()
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        adaptools.save_tensors(path / WEIGHTS, dict(sorted(tensors.items())), {"format": "pt"})
+
+
+@adaptools.hookimpl
+def register_formats(register: Any) -> None:
+    register(AdapterHubFormat())

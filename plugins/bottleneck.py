@@ -1,0 +1,421 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer, parallel) as the AdapterHub ``adapters`` library defines them.
+
+A bottleneck adapter sits after a transformer sub-layer (``mh_adapter``: after attention; ``output_adapter``:
+after the feed-forward block) and adds ``up(act(down(x))) · scaling`` to the residual stream. Because of the
+non-linearity it is not a weight delta: it cannot be merged, except when the activation is linear and its
+input is the sub-layer's own output (Houlsby placement), where ``h' = (I + S·U·D)·h + S·(U·b_d + b_u)``
+folds exactly into the sub-layer's output projection. Everything else is served unmerged (:meth:`apply`).
+
+Canonical tensor names are ``<layer>.<location>.<role>``, e.g. ``model.layers.3.output_adapter.down``:
+
+===================  ===============  ==========================================================
+role                 shape            AdapterHub parameter (under ``<location>s.adapters.<name>.``)
+===================  ===============  ==========================================================
+down, down_bias      [d, H], [d]      ``adapter_down.0`` (``adapter_down.1`` with ``ln_before``)
+up, up_bias          [H, d], [H]      ``adapter_up``
+norm_before(_bias)   [H]              ``adapter_norm_before`` (``ln_before``)
+norm_after(_bias)    [H]              ``adapter_norm_after`` (``ln_after``)
+gate, gate_bias      [1, H], [1]      ``gate`` (``use_gating``)
+scaling              [1] or [H]       ``scaling`` (``scaling: "learned"`` or ``"channel"``)
+===================  ===============  ==========================================================
+
+The config mirrors the library's ``adapter_config.json`` (``config`` holds the architecture flags,
+``hidden_size``, ``model_type``, ``name``, ``version`` beside it), so it round-trips unchanged. The forward
+maths follows ``adapters`` 1.3.0 (``methods/modeling.py``: ``Adapter``, ``ParallelAdapter``) for pre-norm
+decoders, where the library passes no layer norm to the adapter; the fixtures check it against the
+library's own logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import adaptools
+from adaptools import Adapter, BaseInfo, Finding, IncompatibleBaseError, TensorUpdate, UnsupportedOperationError
+
+LOCATIONS = ("mh_adapter", "output_adapter", "cross_adapter")
+ROLES = ("down", "down_bias", "up", "up_bias", "norm_before", "norm_before_bias", "norm_after",
+         "norm_after_bias", "gate", "gate_bias", "scaling")
+#: Which flag in the config enables each role (None: always present).
+ROLE_FLAG = {"norm_before": "ln_before", "norm_before_bias": "ln_before", "norm_after": "ln_after",
+             "norm_after_bias": "ln_after", "gate": "use_gating", "gate_bias": "use_gating"}
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu, "relu6": F.relu6, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "swish": F.silu, "silu": F.silu,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "leakyrelu": F.leaky_relu, "leaky_relu": F.leaky_relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "mish": F.mish, "linear": lambda x: x,
+    "identity": lambda x: x,
+}
+LINEAR = ("linear", "identity")
+
+#: Per location: (sub-layer child names, the norm in front of it, whose input is the residual stream),
+#: then the base parameters that end the sub-layer (the output projection a linear adapter folds into).
+SUBLAYERS = {
+    "mh_adapter": ((("self_attn", "input_layernorm"), ("attn", "ln_1")),
+                   ("self_attn.o_proj", "attn.c_proj", "self_attn.out_proj")),
+    "output_adapter": ((("mlp", "post_attention_layernorm"), ("mlp", "ln_2")),
+                       ("mlp.down_proj", "mlp.c_proj", "mlp.fc2")),
+}
+#: Model types whose output projections are GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
+CONV1D_MODELS = ("gpt2",)
+NAMES = {"seq_bn": "Pfeiffer (sequential, after the FFN)", "double_seq_bn": "Houlsby (after attention and FFN)",
+         "par_bn": "parallel (He et al.)"}
+
+
+def flags(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture flags (``config["config"]``), with the library's defaults filled in."""
+    inner = dict(config.get("config") or {})
+    defaults = {"original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
+                "is_parallel": False, "scaling": 1.0, "use_gating": False, "residual_before_ln": True,
+                "adapter_residual_before_ln": False, "leave_out": [], "phm_layer": False, "inv_adapter": None,
+                "mh_adapter": False, "output_adapter": False, "cross_adapter": False}
+    return {**defaults, **inner}
+
+
+def architecture_name(f: Mapping[str, Any]) -> str:
+    if f["is_parallel"]:
+        return "par_bn"
+    if f["mh_adapter"] and f["output_adapter"]:
+        return "double_seq_bn"
+    return "seq_bn" if f["output_adapter"] else "custom"
+
+
+def reduction_for(f: Mapping[str, Any], layer: int) -> float | None:
+    rf = f.get("reduction_factor")
+    if isinstance(rf, Mapping):
+        rf = rf.get(str(layer), rf.get("default"))
+    try:
+        return float(rf)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def layer_index(module: str) -> int | None:
+    """The layer number in ``model.layers.3.output_adapter`` (the last integer path component)."""
+    numbers = [p for p in module.split(".") if p.isdigit()]
+    return int(numbers[-1]) if numbers else None
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=1e-5)  # nn.LayerNorm's default eps
+
+
+def bottleneck_forward(h: torch.Tensor, r: torch.Tensor, t: Mapping[str, torch.Tensor], f: Mapping[str, Any],
+                       act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The new residual stream after one adapter location, from the sub-layer output ``h`` and the residual
+    ``r`` that enters the sub-layer (the library's pre_forward, forward and post_forward with no layer norm)."""
+    if f["is_parallel"]:
+        x = residual = r
+    else:
+        x = h + r if f["original_ln_before"] else h
+        residual = h if f["residual_before_ln"] is True else x
+    z = _layer_norm(x, t["norm_before"], t["norm_before_bias"]) if f["ln_before"] else x
+    up = F.linear(act(F.linear(z, t["down"], t["down_bias"])), t["up"], t["up_bias"])
+    out = up * (t["scaling"] if "scaling" in t else float(f["scaling"]))
+    if f["use_gating"]:
+        out = out * torch.sigmoid(F.linear(x, t["gate"], t["gate_bias"])).mean(dim=1).unsqueeze(-1)
+    if f["is_parallel"]:
+        if f["ln_after"]:
+            out = _layer_norm(out, t["norm_after"], t["norm_after_bias"])
+        out = out + h
+    else:
+        if f["adapter_residual_before_ln"]:
+            out = out + residual
+        if f["ln_after"]:
+            out = _layer_norm(out, t["norm_after"], t["norm_after_bias"])
+        if not f["adapter_residual_before_ln"]:
+            out = out + residual
+    return out + r if f["original_ln_after"] else out
+
+
+class Bottleneck(adaptools.AdapterMethod):
+    name = "bottleneck"
+    description = "Bottleneck adapters (Houlsby, Pfeiffer, parallel) from the AdapterHub `adapters` library"
+    operations = frozenset({"info", "convert", "apply", "merge"})
+    #: merge is listed because a linear bottleneck folds exactly; every other one is refused with the reason.
+    conditional = {"merge": "only with a linear activation after the sub-layer (Houlsby placement)"}
+    roles = ROLES
+    unsupported = {"algebra": "a bottleneck adapter is not a low-rank weight delta; diff compares its tensors",
+                   "init": "train it with the adapters library"}
+    rules = {
+        "BN001": ("error", "tensor shape disagrees with the config (hidden size, reduction factor)"),
+        "BN002": ("error", "unknown tensor role or adapter location"),
+        "BN003": ("error", "an adapter location lacks its down or up projection"),
+        "BN004": ("error", "NaN or Inf values"),
+        "BN005": ("warning", "tensors at a location or layer the config disables (mh_adapter, leave_out)"),
+        "BN006": ("error", "activation function adaptools cannot evaluate"),
+        "BN007": ("error", "hidden size or layer count disagrees with the base model"),
+        "BN008": ("error", "configuration adaptools cannot apply (PHM layers, invertible adapters)"),
+        "BN009": ("warning", "the adapter was trained on another model type than the base"),
+    }
+
+    # --- reading and checking -----------------------------------------------------------------------
+
+    def unsupported_features(self, config: Mapping[str, Any]) -> str | None:
+        f = flags(config)
+        if f["phm_layer"]:
+            return "PHM (Compacter) layers"
+        if f["inv_adapter"]:
+            return f"invertible adapters ({f['inv_adapter']})"
+        return None
+
+    def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
+        f = flags(adapter.config)
+        hidden = adapter.config.get("hidden_size")
+        findings: list[Finding] = []
+        why = self.unsupported_features(adapter.config)
+        if why:
+            findings.append(Finding("BN008", "error", f"{why} are not supported", "use a plain bottleneck config",
+                                    path=adapter.source, field="config"))
+        act = str(f.get("non_linearity") or "linear").lower()
+        if act not in ACTIVATIONS:
+            findings.append(Finding("BN006", "error", f"unknown non_linearity {act!r}",
+                                    f"one of {', '.join(sorted(ACTIVATIONS))}", path=adapter.source,
+                                    field="config.non_linearity"))
+        for module, roles in adapter.modules().items():
+            location = module.rpartition(".")[2]
+            first = next(iter(roles.values()))
+            where = adapter.where(first)
+            if location not in LOCATIONS:
+                findings.append(Finding("BN002", "error", f"unknown adapter location {module}",
+                                        f"expected one of {', '.join(LOCATIONS)}", **where))
+                continue
+            layer = layer_index(module)
+            if not f.get(location) or (layer is not None and layer in (f.get("leave_out") or [])):
+                findings.append(Finding("BN005", "warning", f"{module}: the config disables this adapter",
+                                        "these tensors are ignored when the adapter is applied", **where))
+            findings += self._lint_module(adapter, module, roles, f, hidden, layer, check_values)
+        if base is not None:
+            findings += self._lint_base(adapter, base, hidden)
+        return findings
+
+    def _lint_module(self, adapter: Adapter, module: str, roles: dict[str, str], f: Mapping[str, Any],
+                     hidden: Any, layer: int | None, check_values: bool) -> list[Finding]:
+        findings = []
+        for role, name in roles.items():
+            if role not in ROLES:
+                findings.append(Finding("BN002", "error", f"unexpected tensor {name}", "drop it",
+                                        **adapter.where(name)))
+        if "down" not in roles or "up" not in roles:
+            missing = "down" if "down" not in roles else "up"
+            findings.append(Finding("BN003", "error", f"{module} has no {missing} projection",
+                                    "re-save the adapter", **adapter.where(next(iter(roles.values())))))
+            return findings
+        rf = reduction_for(f, layer or 0)
+        if isinstance(hidden, int) and rf:
+            size = max(int(hidden // rf), 1)
+            expected = {"down": (size, hidden), "down_bias": (size,), "up": (hidden, size), "up_bias": (hidden,)}
+            expected.update({r: (hidden,) for r in ("norm_before", "norm_before_bias", "norm_after",
+                                                    "norm_after_bias")})
+            expected.update({"gate": (1, hidden), "gate_bias": (1,)})
+            if f["scaling"] == "channel":
+                expected["scaling"] = (hidden,)
+            elif f["scaling"] == "learned":
+                expected["scaling"] = (1,)
+            for role, name in roles.items():
+                shape = tuple(adapter.info(name).shape)
+                if role in expected and shape != expected[role]:
+                    findings.append(Finding("BN001", "error", f"shape {list(shape)}, config implies "
+                                            f"{list(expected[role])} (hidden_size {hidden}, reduction {rf:g})",
+                                            "ship the adapter_config.json that belongs to these weights",
+                                            **adapter.where(name)))
+        if check_values and not findings:
+            for name in roles.values():
+                if not adapter.tensor(name).isfinite().all():
+                    findings.append(Finding("BN004", "error", "NaN/Inf values", "retrain or re-save",
+                                            **adapter.where(name)))
+        return findings
+
+    def _lint_base(self, adapter: Adapter, base: BaseInfo, hidden: Any) -> list[Finding]:
+        findings = []
+        base_hidden = base.config.get("hidden_size") or base.config.get("n_embd")
+        if isinstance(hidden, int) and base_hidden and base_hidden != hidden:
+            findings.append(Finding("BN007", "error", f"adapter hidden_size {hidden}, base {base_hidden}",
+                                    "use the base the adapter was trained on", path=adapter.source,
+                                    field="hidden_size"))
+        trained_on, base_type = adapter.config.get("model_type"), base.config.get("model_type")
+        if trained_on and base_type and trained_on != base_type:
+            findings.append(Finding("BN009", "warning", f"trained on a {trained_on} model, the base is {base_type}",
+                                    "check that this is the base the adapter belongs to", path=adapter.source,
+                                    field="model_type"))
+        layers = base.config.get("num_hidden_layers") or base.config.get("n_layer")
+        for module, roles in adapter.modules().items():
+            index = layer_index(module)
+            if layers and index is not None and index >= layers:
+                findings.append(Finding("BN007", "error", f"{module}: the base has only {layers} layers",
+                                        "use the base the adapter was trained on",
+                                        **adapter.where(next(iter(roles.values())))))
+        return findings
+
+    def summary(self, adapter: Adapter) -> dict[str, Any]:
+        f = flags(adapter.config)
+        arch = architecture_name(f)
+        locations = sorted({m.rpartition(".")[2] for m in adapter.modules()})
+        merge_refusal = self.merge_refusal(adapter)
+        return {"architecture": NAMES.get(arch, arch), "non_linearity": f.get("non_linearity"),
+                "reduction_factor": f.get("reduction_factor"), "locations": locations,
+                "adapters": len(adapter.modules()), "hidden_size": adapter.config.get("hidden_size"),
+                "adapterhub_name": adapter.config.get("name"),
+                "merge": "folds exactly (linear)" if merge_refusal is None else "refused: " + merge_refusal}
+
+    # --- merge: only the linear case folds ----------------------------------------------------------
+
+    def merge_refusal(self, adapter: Adapter) -> str | None:
+        f = flags(adapter.config)
+        act = str(f.get("non_linearity") or "linear").lower()
+        if act not in LINEAR:
+            return (f"its non-linearity {act!r} sits between the down and up projections, so the adapter is "
+                    "not a linear map of any weight; serve it with the adapter, or train one with "
+                    "non_linearity='linear' to merge")
+        reasons = {"is_parallel": "a parallel adapter reads the residual stream, not a sub-layer output",
+                   "original_ln_before": "its input includes the residual stream (original_ln_before)",
+                   "ln_before": "it normalises its input (ln_before)", "ln_after": "it normalises its output",
+                   "use_gating": "its gate averages over the sequence"}
+        for flag, reason in reasons.items():
+            if f[flag]:
+                return f"{reason}, which no weight change reproduces"
+        if not f["original_ln_after"]:
+            return "it drops the sub-layer's residual connection (original_ln_after=false)"
+        if f["residual_before_ln"] is not True:
+            return "its residual is taken after the residual add (residual_before_ln)"
+        return self.unsupported_features(adapter.config)
+
+    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        why = self.merge_refusal(adapter)
+        if why:
+            raise UnsupportedOperationError(f"cannot merge: {why}", path=adapter.source)
+        f = flags(adapter.config)
+        conv1d = base.config.get("model_type") in CONV1D_MODELS
+        updates = []
+        for module, roles in adapter.modules().items():
+            layer_path, _, location = module.rpartition(".")
+            layer = layer_index(module)
+            if not f.get(location) or (layer is not None and layer in (f.get("leave_out") or [])):
+                continue
+            target = self._projection(adapter, base, layer_path, location, roles)
+            updates += self._fold(adapter, base, f, roles, target, conv1d, weight)
+        return updates
+
+    def _projection(self, adapter: Adapter, base: BaseInfo, layer_path: str, location: str,
+                    roles: dict[str, str]) -> str:
+        for candidate in SUBLAYERS.get(location, ((), ()))[1]:
+            found = base.locate(f"{layer_path}.{candidate}", "weight")
+            if found is not None:
+                return found
+        raise IncompatibleBaseError(f"cannot find the output projection that {layer_path}.{location} follows",
+                                    **adapter.where(roles["down"]),
+                                    hint="adaptools knows Llama-style (o_proj, down_proj) and GPT-2 (c_proj)")
+
+    def _fold(self, adapter: Adapter, base: BaseInfo, f: Mapping[str, Any], roles: dict[str, str], target: str,
+              conv1d: bool, weight: float) -> list[TensorUpdate]:
+        down, up = adapter.tensor(roles["down"]).double(), adapter.tensor(roles["up"]).double()
+        hidden = up.shape[0]
+
+        def get(role: str, default: Callable[[], torch.Tensor]) -> torch.Tensor:
+            return (adapter.tensor(roles[role]) if role in roles else default()).double()
+
+        scale = get("scaling", lambda: torch.tensor(float(f["scaling"]))).expand(hidden).reshape(hidden, 1) * weight
+        mix = torch.eye(hidden, dtype=torch.float64) + scale * (up @ down)  # h' = mix @ h + shift
+        bias_down = get("down_bias", lambda: torch.zeros(down.shape[0]))
+        bias_up = get("up_bias", lambda: torch.zeros(hidden))
+        shift = scale[:, 0] * (up @ bias_down + bias_up)
+        stored = base.find(target)
+        out_dim = stored.shape[-1] if conv1d else stored.shape[0]  # type: ignore[union-attr]
+        if out_dim != hidden:
+            raise IncompatibleBaseError(f"{target} has {out_dim} outputs, the adapter expects {hidden}",
+                                        **adapter.where(roles["up"]))
+        mix32, shift32 = mix.float(), shift.float()
+
+        def fold_weight(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+            m = mix32.to(current.device)
+            return current @ m.T if conv1d else m @ current
+
+        updates = [TensorUpdate(target, "delta", fold_weight, source=roles["up"])]
+        bias_name = target[: -len("weight")] + "bias"
+        if base.find(bias_name) is not None:
+            def fold_bias(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+                return mix32.to(current.device) @ current + shift32.to(current.device)
+
+            updates.append(TensorUpdate(bias_name, "delta", fold_bias, source=roles["up_bias"]))
+        elif bool(shift.abs().max() > 0):
+            raise UnsupportedOperationError(
+                f"cannot merge: the adapter adds a constant through its biases, and {target} has no bias to "
+                "hold it (this architecture has none)", **adapter.where(roles["up_bias"]))
+        return updates
+
+    # --- runtime application, for validation --------------------------------------------------------
+
+    def apply(self, adapter: Adapter, model: torch.nn.Module) -> Any:
+        why = self.unsupported_features(adapter.config)
+        act = str(flags(adapter.config).get("non_linearity") or "linear").lower()
+        if why or act not in ACTIVATIONS:
+            raise UnsupportedOperationError(f"cannot apply: {why or f'unknown non_linearity {act!r}'}",
+                                            path=adapter.source)
+        return _applied(adapter, model, ACTIVATIONS[act])
+
+
+def _find(named: Mapping[str, torch.nn.Module], path: str, adapter: Adapter) -> torch.nn.Module:
+    for candidate in (path, path.partition(".")[2], f"model.{path}"):
+        if candidate in named:
+            return named[candidate]
+    raise IncompatibleBaseError(f"the model has no module {path}", path=adapter.source)
+
+
+@contextmanager
+def _applied(adapter: Adapter, model: torch.nn.Module, act: Callable[[torch.Tensor], torch.Tensor]
+             ) -> Iterator[torch.nn.Module]:
+    """Hooks that rewrite each adapted sub-layer's output to ``bottleneck_forward(h, r) - r``: the model adds
+    the residual ``r`` itself, and ``r`` is the input of the norm in front of the sub-layer (pre-norm)."""
+    f = flags(adapter.config)
+    named = dict(model.named_modules())
+    handles = []
+    try:
+        for module, roles in adapter.modules().items():
+            layer_path, _, location = module.rpartition(".")
+            layer_no = layer_index(module)
+            if not f.get(location) or (layer_no is not None and layer_no in (f.get("leave_out") or [])):
+                continue
+            layer = _find(named, layer_path, adapter)
+            pair = next(((s, n) for s, n in SUBLAYERS.get(location, ((), ()))[0]
+                         if hasattr(layer, s) and hasattr(layer, n)), None)
+            if pair is None:
+                raise UnsupportedOperationError(
+                    f"cannot apply {module}: adaptools applies bottleneck adapters to pre-norm decoder layers "
+                    f"(Llama-style or GPT-2); {type(layer).__name__} is neither", path=adapter.source)
+            sublayer, norm = getattr(layer, pair[0]), getattr(layer, pair[1])
+            tensors = {role: adapter.tensor(name).float() for role, name in roles.items()}
+            state: dict[str, torch.Tensor] = {}
+            handles.append(norm.register_forward_pre_hook(_capture(state)))
+            handles.append(sublayer.register_forward_hook(_rewrite(state, tensors, f, act)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _capture(state: dict[str, torch.Tensor]) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        state["residual"] = args[0]
+    return hook
+
+
+def _rewrite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], f: Mapping[str, Any],
+             act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        r = state["residual"]
+        t = {k: v.to(h.device) for k, v in tensors.items()}
+        new = (bottleneck_forward(h.float(), r.float(), t, f, act) - r.float()).to(h.dtype)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+    return hook
+
+
+@adaptools.hookimpl
+def register_methods(register: Any) -> None:
+    register(Bottleneck())
