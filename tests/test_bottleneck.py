@@ -266,3 +266,14 @@ def test_fixtures_are_what_the_library_writes_and_it_loads_ours(tmp_path):
                           capture_output=True, text=True)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(report) == set(NAMES) and max(report.values()) == 0.0, report
+
+
+def test_merge_check_perplexity_compares_with_the_adapter_applied(tmp_path, cli_runner):
+    text = FIXTURES / "text" / "GPL-3.txt"
+    result = cli_runner("merge", base_path("llama"), HUB / "llama-houlsby-linear", tmp_path / "out", "--check",
+                        "perplexity", "--eval-text", text, "--json")
+    assert result.exit_code == 0, result.stderr
+    (verdict,) = json.loads((tmp_path / "out" / "adaptools_checks.json").read_text())
+    figures = verdict["figures"]
+    assert verdict["name"] == "perplexity" and verdict["passed"]
+    assert figures["unmerged"] != figures["base"] and abs(figures["merged"] - figures["unmerged"]) < 1e-3
