@@ -35,6 +35,7 @@ from .interfaces import (
     Verdict,
 )
 from .outputs import atomic_output
+from .pickled import load_pickled_tensors
 from .registry import (
     backends,
     formats,
@@ -61,6 +62,7 @@ from .version import __version__
 
 __all__ = [
     "OPERATIONS",
+    "load_pickled_tensors",
     "SCHEMA_VERSION",
     "Adapter",
     "AdapterFormat",

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import adaptools
 from adaptools import (
@@ -31,7 +28,6 @@ from adaptools import (
     MemoryStore,
     ReadOptions,
     SafetensorsFile,
-    UnsafeInputError,
     UnsupportedOperationError,
 )
 
@@ -135,19 +131,7 @@ class AdapterHubFormat(adaptools.AdapterFormat):
         if (path / WEIGHTS).is_file():
             file = SafetensorsFile(path / WEIGHTS)
             return file, list(file.keys())
-        pickle_path = path / PICKLE
-        if not options.allow_pickle:
-            raise UnsafeInputError(f"weights are a pickle ({PICKLE}), which can run code when read",
-                                   path=pickle_path, hint="pass --allow-pickle if you trust this file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        except Exception:  # torch raises many types for bad pickles; its advice (weights_only=False) is unsafe
-            raise InputError("cannot read pickle safely: it is corrupt or holds more than plain tensors",
-                             path=pickle_path, hint="ask for adapter.safetensors instead") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise InputError("pickle does not hold a dict of tensors", path=pickle_path)
+        state = adaptools.load_pickled_tensors(path / PICKLE, allow_pickle=options.allow_pickle, instead=WEIGHTS)
         return state, list(state)
 
     def write(self, adapter: Adapter, path: Path) -> None:

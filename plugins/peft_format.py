@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import adaptools
 from adaptools import (
@@ -27,7 +24,6 @@ from adaptools import (
     ReadOptions,
     SafetensorsFile,
     UnknownPluginError,
-    UnsafeInputError,
     UnsupportedOperationError,
 )
 
@@ -129,18 +125,7 @@ class PeftFormat(adaptools.AdapterFormat):
             raw = {key: tuple(file.info(key).shape) for key in file.keys()}
             source: Any = file
         elif pickle_path.is_file():
-            if not options.allow_pickle:
-                raise UnsafeInputError("weights are a pickle (adapter_model.bin), which can run code when read",
-                                       path=pickle_path, hint="pass --allow-pickle if you trust this file")
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-            except Exception:  # torch raises many types for bad pickles; its advice (weights_only=False) is unsafe
-                raise InputError("cannot read pickle safely: it is corrupt or holds more than plain tensors",
-                                 path=pickle_path, hint="ask for a safetensors file instead") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise InputError("pickle does not hold a dict of tensors", path=pickle_path)
+            state = adaptools.load_pickled_tensors(pickle_path, allow_pickle=options.allow_pickle)
             raw = {key: tuple(t.shape) for key, t in state.items()}
             source = state
         else:
