@@ -15,6 +15,15 @@
 #include <string.h>
 #include <math.h>
 
+/* With GCC on x86-64, build each kernel twice, for AVX2 and for the baseline, and pick one at load time
+ * (ifunc): the wheel stays portable and AVX2 machines get 8-wide compares. Same arithmetic either way, so
+ * the same bytes. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -31,13 +40,16 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 }
 
 /* in_kind: 0 = float32, 1 = bfloat16 */
+MULTIVERSION
 void adaptools_quantize_4bit(const void *input, int in_kind, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                              const float *mid, const uint8_t *order, float *absmax, uint8_t *packed) {
     const int64_t full_blocks = n / bs;
     const float floor_ = 1e-38f;
+    float md[15];
+    for (int j = 0; j < 15; j++) md[j] = mid[j];
     float xb[4096 + 2];
     float scaled[4096 + 2];
-    uint8_t idx[4096 + 2];
+    int32_t idx[4096 + 2]; /* int32, not uint8: the compares vectorize at full width */
     for (int64_t b = b0; b < b1; b++) {
         const int64_t start = b * bs;
         const int64_t len = (start + bs > n) ? n - start : bs;
@@ -66,11 +78,12 @@ void adaptools_quantize_4bit(const void *input, int in_kind, int64_t n, int64_t 
             float v = scaled[i];
             v = v < -1.0f ? -1.0f : v;
             scaled[i] = v > 1.0f ? 1.0f : v;
-            idx[i] = 0;
         }
-        for (int j = 0; j < 15; j++) {
-            const float t = mid[j];
-            for (int64_t i = 0; i < m; i++) idx[i] += (uint8_t)(t < scaled[i]);
+        for (int64_t i = 0; i < m; i++) { /* per element, the 15 midpoints held in registers */
+            const float v = scaled[i];
+            int32_t c = 0;
+            for (int j = 0; j < 15; j++) c += (md[j] < v);
+            idx[i] = c;
         }
         uint8_t *out = packed + start / 2;
         for (int64_t i = 0; i < m; i += 2) out[i / 2] = (uint8_t)((order[idx[i]] << 4) | order[idx[i + 1]]);
@@ -80,6 +93,7 @@ void adaptools_quantize_4bit(const void *input, int in_kind, int64_t n, int64_t 
 /* Blocks [b0, b1): out[i] = code[nibble(i)] * absmax[i / bs] in float32, stored as float32 (out_kind 0)
  * or rounded to bfloat16 (out_kind 1). n is the element count; bs is even. The 16 products of a block
  * are computed once into a table; each element is then one lookup (the same products, the same rounding). */
+MULTIVERSION
 void adaptools_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *code, int64_t n, int64_t bs,
                                int64_t b0, int64_t b1, int out_kind, void *out) {
     float t32[16];
