@@ -71,6 +71,44 @@ def bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (code[order[:-1]] + code[order[1:]]) / 2, order.to(torch.uint8)
 
 
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``, nf4-format §2): for
+    each of 7 decades, ``10^(i-6)`` times the midpoints of ``linspace(0.1, 1, 2^i + 1)`` with both signs,
+    then 0 and 1.0; 256 sorted fp32 values."""
+    data: list[float] = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        data += ((10 ** (i - 6)) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+@functools.cache
+def _nested_lookup() -> torch.Tensor:
+    """65,536-entry table from a 16-bit grid position to the dynamic-map code whose midpoint interval
+    holds it: how bitsandbytes' native CPU ``quantize_blockwise`` picks codes (nf4-format §2)."""
+    code = dynamic_map()
+    grid = (-1 + 2 * torch.arange(65536, dtype=torch.float64) / 65535).float()
+    return torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+
+
+def quantize_nested(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes and per-256-block absmax of ``values`` (fp32), byte-identical to bitsandbytes 0.50.2's
+    CPU ``quantize_blockwise``: ``v = x · (1/absmax)``, grid position ``int(((v+1)·0.5)·65535 + 0.5)``,
+    each step rounded in fp32; an all-zero block gets code 0."""
+    n = values.numel()
+    nb = -(-n // NESTED_BLOCKSIZE)
+    blocks = torch.nn.functional.pad(values.reshape(-1).float(), (0, nb * NESTED_BLOCKSIZE - n)).view(nb, -1)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax).unsqueeze(1)).nan_to_num_(0.0).clamp_(-1, 1)  # 0·inf in zero blocks
+    position = scaled.add_(1).mul_(0.5).mul_(65535).add_(0.5).to(torch.int64)
+    codes = _nested_lookup()[position]
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:n].contiguous(), absmax
+
+
 def _load_native() -> Any:
     here = Path(__file__).resolve().parent
     for path in sorted(here.glob("_nf4_kernels*.so")) + sorted(here.glob("_nf4_kernels*.pyd")):
@@ -231,10 +269,9 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         packed = packed.squeeze(1).view(quant_storage).unsqueeze(1)
     state = QuantState(quant_type, blocksize, A.dtype, tuple(A.shape), absmax, code_table(quant_type))
     if double_quant:
-        F = bnb_functional()  # the nested 8-bit codes use bitsandbytes' own CPU quantizer
         offset = absmax.mean()
-        qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
-        state.absmax, state.nested_absmax, state.nested_quant_map = qabsmax, state2.absmax, state2.code.clone()
+        qabsmax, nested_absmax = quantize_nested(absmax - offset)
+        state.absmax, state.nested_absmax, state.nested_quant_map = qabsmax, nested_absmax, dynamic_map().clone()
         state.nested_offset = offset.item()
     return packed, state
 
@@ -254,9 +291,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     if raw.numel() != (n + 1) // 2:
         raise InputError(f"packed weight has {raw.numel()} bytes, shape {list(state.shape)} needs {(n + 1) // 2}")
     out_dtype = dtype or state.dtype
-    # bitsandbytes' CPU kernel is faster per byte than ours, but importing bitsandbytes costs ~3 s of
-    # torch.compile set-up: use it on CUDA, where we have no kernel, or once something imported it anyway;
-    # and on CPU only where its result is correct (nf4-format §1.6).
+    # Our kernel runs at bitsandbytes' speed on the CPU, and importing bitsandbytes costs 3-5 s of
+    # torch.compile set-up: use bitsandbytes on CUDA or without our kernel, or once something imported it
+    # anyway; and on the CPU only where its result is correct (nf4-format §1.6).
     use_bnb = packed.device.type == "cuda" or NATIVE is None or "bitsandbytes.functional" in sys.modules
     if use_bnb and _bnb_dequant_is_exact(state, packed) and out_dtype == state.dtype:
         return _bnb_dequantize(packed, state)

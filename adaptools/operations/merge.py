@@ -369,9 +369,20 @@ def _write_quantized(tmp: Path, checkpoint: Checkpoint, plan: QuantizedPlan, upd
     weight_map: dict[str, str] = {}
 
     def dense_value(name: str, keep_original: bool = False) -> Any:
-        original = checkpoint.read(name).to(device).float()
-        merged = _apply(updates.get(name, []), original.clone() if keep_original else original).cpu()
-        return (merged, original.cpu()) if keep_original else merged
+        """The merged value of a parameter about to be encoded (and, for the survival report, the decoded
+        original). Row-blocked where the updates allow it, as in the dense merge: full-size fp32 copies
+        of every layer cost more than the arithmetic; the encoder rounds to the stored dtype either way."""
+        like = checkpoint.tensor(name)
+        stored = checkpoint.read(name)
+        chain = _ordered(updates.get(name, []))
+        decoder = codec.backend(like)
+        if (device == "cpu" and chain and len(like.shape) >= 2 and all(u.rows is not None for u in chain)
+                and decoder is not None and decoder.elementwise):
+            with _single_threaded_torch():
+                merged = _merge_blocked(stored, chain, decoder, decoder, like, stored.dtype, WORKERS)
+        else:
+            merged = _apply(chain, stored.to(device).float()).cpu()
+        return (merged, stored) if keep_original else merged
 
     for shard in checkpoint.shards:
         names = sorted(shard.header.tensors, key=lambda n: shard.header.tensors[n].begin)

@@ -145,14 +145,25 @@ def write_quantized_shard(path: Path, names: list[str], checkpoint: Checkpoint, 
             fh.close()
 
 
+def distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """‖a − b‖ in fp32, a chunk of elements at a time (no full-size temporaries; sums in float64)."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, x.numel(), chunk):
+        d = x[start:start + chunk].float() - y[start:start + chunk].float()
+        total += float(torch.dot(d, d))
+    return total ** 0.5
+
+
 def _survival(name: str, checkpoint: Checkpoint, backend: Backend, merged: torch.Tensor, base: torch.Tensor,
               group: dict[str, torch.Tensor]) -> Survival:
-    """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the dequantized base (already decoded)."""
-    norm = float(torch.linalg.vector_norm(merged - base))
+    """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the dequantized base (already decoded)
+    and W+Δ as rounded to the stored dtype, which is what was encoded."""
+    norm = distance(merged, base)
     requantized = backend.decode_group(name, lambda key: group[key], [k for k in group if k != name])
-    kept = float(torch.linalg.vector_norm(requantized.float().sub_(base)))
+    kept = distance(requantized, base)
     retained = kept / norm if norm > 0 else 1.0
     before = checkpoint.read_small(name).reshape(-1).view(torch.uint8)
     after = group[name].reshape(-1).view(torch.uint8)
-    changed = float((before != after).sum()) / max(1, before.numel())
+    changed = int(torch.count_nonzero(before != after)) / max(1, before.numel())
     return Survival(name, norm, retained, changed)
