@@ -717,6 +717,8 @@ def eval_command(model: str, adapters: tuple[str, ...], eval_text: str, max_toke
     Example:
       adaptools eval ./merged --eval-text held-out.txt
       adaptools eval ./base --adapter ./my-lora --eval-text held-out.txt --json
+      adaptools eval ./base --adapter ./my-prefix --eval-text held-out.txt   (prefix and bottleneck
+                                       adapters, which cannot be merged, are scored this way)
     """
     validator = registry.get_validator("perplexity")
     evaluate = getattr(validator, "measure", None)
