@@ -90,7 +90,7 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
       adaptools convert ./adapterhub-adapter houlsby.safetensors
     """
     if to in registry.methods():
-        from .operations.convert import convert_method
+        from ..operations.convert import convert_method
 
         path = convert_method(adapter, out, base=base, initial=initial, to_format=out_format, force=force,
                               allow_pickle=allow_pickle)
@@ -130,7 +130,7 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
       adaptools check ./my-lora --base meta-llama/Llama-3.2-1B
       adaptools check ./my-lora --format sarif > adaptools.sarif
     """
-    from .operations import check as check_op
+    from ..operations import check as check_op
 
     reports = [check_op.check(a, base=base, allow_pickle=allow_pickle) for a in dict.fromkeys(
         str(Path(a).parent) if a.endswith(("adapter_config.json", "adapter_model.safetensors")) else a
@@ -188,8 +188,8 @@ def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> 
 
     Rows are sorted with the largest difference (or the least explained) first.
     """
-    from .operations.algebra import diff as diff_op
-    from .operations.extract import diff_checkpoints, explain
+    from ..operations.algebra import diff as diff_op
+    from ..operations.extract import diff_checkpoints, explain
 
     def is_checkpoint(p: str) -> bool:
         return (Path(p) / "config.json").is_file() and not (Path(p) / "adapter_config.json").is_file()
@@ -259,7 +259,7 @@ def init_command(base: str, out: str, init: str, rank: int, alpha: float | None,
     Example:
       adaptools init ./llama ./olora-init --rank 16 --targets q_proj,v_proj
     """
-    from .operations.convert import initialize
+    from ..operations.convert import initialize
 
     options = {"init": init, "rank": rank, "alpha": alpha,
                "targets": [t.strip() for t in targets.split(",") if t.strip()]}
@@ -290,8 +290,8 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
     Example:
       adaptools extract ./llama-base ./llama-finetuned ./extracted-lora --rank 32
     """
-    from .operations.extract import extract as extract_op
-    from .outputs import check_output
+    from ..operations.extract import extract as extract_op
+    from ..outputs import check_output
 
     check_output(out, force)
     result = extract_op(base, tuned, rank=rank, energy=energy, max_rank=max_rank)
@@ -305,7 +305,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
 
 
 def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:
-    from .adapter_io import save
+    from ..adapter_io import save
 
     save(adapter, out, format=to, force=force)
 
@@ -335,8 +335,8 @@ def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights
     Example:
       adaptools combine ./style ./facts combined.safetensors --weight 0.5 --weight 1
     """
-    from .operations.algebra import combine as combine_op
-    from .outputs import check_output
+    from ..operations.algebra import combine as combine_op
+    from ..outputs import check_output
 
     if len(paths) < 3:
         raise click.UsageError("give at least two ADAPTERs and OUT")
@@ -363,8 +363,8 @@ def resize(adapter: str, out: str, rank: int | None, energy: float | None, to: s
       adaptools resize ./my-lora-r64 my-lora-r16.safetensors --rank 16
       adaptools resize ./my-lora-r64 my-lora-small.safetensors --energy 0.9
     """
-    from .operations.algebra import resize as resize_op
-    from .outputs import check_output
+    from ..operations.algebra import resize as resize_op
+    from ..outputs import check_output
 
     check_output(out, force)
     result, retained = resize_op(load(adapter), rank=rank, energy=energy)

@@ -232,7 +232,7 @@ def _report_survival(survival: list[dict[str, Any]], quiet: bool = False) -> Non
 
 def quantize_options_of(base: str) -> QuantizeOptions:
     """The 4-bit settings a transformers bitsandbytes checkpoint was made with (its quantization_config)."""
-    from .checkpoint import Checkpoint
+    from ..checkpoint import Checkpoint
 
     config = Checkpoint.open(base).config.get("quantization_config") or {}
     if config.get("quant_method") != "bitsandbytes" or not config.get("load_in_4bit"):
