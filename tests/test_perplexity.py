@@ -104,3 +104,20 @@ def test_4bit_base_uses_the_4bit_model_with_the_adapter(lora, tmp_path):
     verdict = check(base_path("llama-nf4"), [lora], tmp_path / "deq-merge")
     assert verdict.figures["base_is_4bit"] is True
     assert verdict.passed, verdict.message
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from adaptools_plugins.perplexity import evaluate, tokenize
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ids = tokenize(base_path("llama"), (FIXTURES / "text" / "GPL-3.txt").read_text()[:2000], 600)
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        evaluate(base_path("llama"), ids, [], 128)
+        assert ("scoring llama" in stream.getvalue()) is shown
