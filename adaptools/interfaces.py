@@ -121,13 +121,15 @@ class TensorUpdate:
     """What a method does to one base parameter during a merge.
 
     ``kind`` says how the update composes (the merge applies replacements, then deltas, then row
-    replacements, adapters in order):
+    replacements, then output maps, adapters in order within each):
 
     - ``"delta"``: a function of the current value (LoRA, DoRA, biases);
     - ``"replace"``: the stored tensor itself is replaced (a saved base layer, maybe with a resized vocab),
       so a parameter tied to it (lm_head) sees the new value too;
     - ``"replace_module"``: one module's copy is replaced (PEFT ``modules_to_save``); ties do not follow;
-    - ``"replace_rows"``: some rows are replaced (trainable tokens); ties follow, as in PEFT.
+    - ``"replace_rows"``: some rows are replaced (trainable tokens); ties follow, as in PEFT;
+    - ``"output_map"``: a map of the layer's *output* (a linear bottleneck adapter folded into the output
+      projection), so it acts on the weight after every other change, whatever the adapters' order.
 
     ``fn(current, original)`` gets fp32 tensors on the merge device and returns the new value; it may
     modify ``current`` in place but never ``original``. ``rows``, when given, is the same update restricted

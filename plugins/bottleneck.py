@@ -336,13 +336,13 @@ class Bottleneck(adaptools.AdapterMethod):
             m = mix32.to(current.device)
             return current @ m.T if conv1d else m @ current
 
-        updates = [TensorUpdate(target, "delta", fold_weight, source=roles["up"])]
+        updates = [TensorUpdate(target, "output_map", fold_weight, source=roles["up"])]
         bias_name = target[: -len("weight")] + "bias"
         if base.find(bias_name) is not None:
             def fold_bias(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
                 return mix32.to(current.device) @ current + shift32.to(current.device)
 
-            updates.append(TensorUpdate(bias_name, "delta", fold_bias, source=roles["up_bias"]))
+            updates.append(TensorUpdate(bias_name, "output_map", fold_bias, source=roles["up_bias"]))
         elif bool(shift.abs().max() > 0):
             raise UnsupportedOperationError(
                 f"cannot merge: the adapter adds a constant through its biases, and {target} has no bias to "

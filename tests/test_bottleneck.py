@@ -277,3 +277,21 @@ def test_merge_check_perplexity_compares_with_the_adapter_applied(tmp_path, cli_
     figures = verdict["figures"]
     assert verdict["name"] == "perplexity" and verdict["passed"]
     assert figures["unmerged"] != figures["base"] and abs(figures["merged"] - figures["unmerged"]) < 1e-3
+
+
+@pytest.mark.parametrize("order", ["lora-first", "bottleneck-first"])
+def test_fold_lands_after_other_adapters_whatever_their_order(order, tmp_path, cli_runner):
+    """The bottleneck maps o_proj's *output*, LoRA included, so the fold must act last in either order."""
+    from conftest import adapter_path
+    from transformers import AutoModelForCausalLM
+
+    lora, bottleneck = adapter_path("llama-lora"), HUB / "llama-houlsby-linear"
+    pair = [lora, bottleneck] if order == "lora-first" else [bottleneck, lora]
+    assert cli_runner("merge", base_path("llama"), *pair, tmp_path / "out").exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(base_path("llama"), dtype=torch.float32).eval()
+    ids = REFERENCE["input_ids.llama"]
+    with torch.no_grad():
+        with adaptools.get_method("lora").apply(adaptools.load(lora), model), \
+                adaptools.get_method("bottleneck").apply(load("llama-houlsby-linear"), model):
+            want = model(input_ids=ids).logits
+    torch.testing.assert_close(model_logits(tmp_path / "out", "llama"), want, rtol=0, atol=2e-5)

@@ -60,7 +60,7 @@ CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.
 STORAGE_KINDS = ("replace", "replace_rows")
 #: Threads that stream blocks of a large tensor on CPU.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2}
+KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2, "output_map": 3}
 
 
 @dataclass
