@@ -172,6 +172,13 @@ def _apply(updates: list[TensorUpdate], original: torch.Tensor) -> torch.Tensor:
     return current
 
 
+def _blockable(device: str, like: BaseTensor, chain: list[TensorUpdate], *backends: Backend | None) -> bool:
+    """Whether a parameter can be merged block of rows by block (:func:`_merge_blocked`): on the CPU, a
+    matrix, every update able to work on rows, and backends that decode and encode element by element."""
+    return (device == "cpu" and len(like.shape) >= 2 and all(u.rows is not None for u in chain)
+            and all(b is not None and b.elementwise for b in backends))
+
+
 def _row_step(shape: tuple[int, ...]) -> int:
     """Rows per block so that a block of fp32 stays in cache (~256 KiB); a multiple of 16 rows, which
     keeps blocked matrix products bit-identical to whole ones (tests/test_merge_blocks.py)."""
@@ -376,8 +383,7 @@ def _write_quantized(tmp: Path, checkpoint: Checkpoint, plan: QuantizedPlan, upd
         stored = checkpoint.read(name)
         chain = _ordered(updates.get(name, []))
         decoder = codec.backend(like)
-        if (device == "cpu" and chain and len(like.shape) >= 2 and all(u.rows is not None for u in chain)
-                and decoder is not None and decoder.elementwise):
+        if chain and _blockable(device, like, chain, decoder):
             with _single_threaded_torch():
                 merged = _merge_blocked(stored, chain, decoder, decoder, like, stored.dtype, WORKERS)
         else:
@@ -535,8 +541,7 @@ def _write_shard(writer: SafetensorsWriter, names: list[str], checkpoint: Checkp
                 chain = _ordered(updates[name])
                 decoder, encoder = codec.backend(like), codec.encoder(like)
                 stored = checkpoint.read(name, src)
-                if (device == "cpu" and len(like.shape) >= 2 and all(u.rows is not None for u in chain)
-                        and decoder is not None and decoder.elementwise and encoder.elementwise):
+                if _blockable(device, like, chain, decoder, encoder):
                     out_dtype = DTYPES[codec.output_dtype(like)][0]
                     value = _merge_blocked(stored, chain, decoder, encoder, like, out_dtype, WORKERS)
                 else:
