@@ -102,6 +102,13 @@ def layer_index(module: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+def enabled(f: Mapping[str, Any], module: str) -> bool:
+    """Whether the config switches on the adapter at ``<layer>.<location>`` (its location flag, leave_out):
+    the library builds no adapter elsewhere, so tensors there are ignored."""
+    layer = layer_index(module)
+    return bool(f.get(module.rpartition(".")[2])) and (layer is None or layer not in (f.get("leave_out") or []))
+
+
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=1e-5)  # nn.LayerNorm's default eps
 
@@ -187,7 +194,7 @@ class Bottleneck(adaptools.AdapterMethod):
                                         f"expected one of {', '.join(LOCATIONS)}", **where))
                 continue
             layer = layer_index(module)
-            if not f.get(location) or (layer is not None and layer in (f.get("leave_out") or [])):
+            if not enabled(f, module):
                 findings.append(Finding("BN005", "warning", f"{module}: the config disables this adapter",
                                         "these tensors are ignored when the adapter is applied", **where))
             findings += self._lint_module(adapter, module, roles, f, hidden, layer, check_values)
@@ -295,8 +302,7 @@ class Bottleneck(adaptools.AdapterMethod):
         updates = []
         for module, roles in adapter.modules().items():
             layer_path, _, location = module.rpartition(".")
-            layer = layer_index(module)
-            if not f.get(location) or (layer is not None and layer in (f.get("leave_out") or [])):
+            if not enabled(f, module):
                 continue
             target = self._projection(adapter, base, layer_path, location, roles)
             updates += self._fold(adapter, base, f, roles, target, conv1d, weight)
@@ -378,8 +384,7 @@ def _applied(adapter: Adapter, model: torch.nn.Module, act: Callable[[torch.Tens
     try:
         for module, roles in adapter.modules().items():
             layer_path, _, location = module.rpartition(".")
-            layer_no = layer_index(module)
-            if not f.get(location) or (layer_no is not None and layer_no in (f.get("leave_out") or [])):
+            if not enabled(f, module):
                 continue
             layer = _find(named, layer_path, adapter)
             pair = next(((s, n) for s, n in SUBLAYERS.get(location, ((), ()))[0]
