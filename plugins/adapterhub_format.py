@@ -42,20 +42,27 @@ KEY = re.compile(r"^(?P<layer>.+)\.(?P<container>" + "|".join(CONTAINERS) + r")\
                  r"(?P<param>.+)$")
 
 
+def module_names(ln_before: bool) -> dict[str, str]:
+    """Role (without ``_bias``) -> the library's submodule name. With ``ln_before`` the library puts its
+    LayerNorm first in ``adapter_down``, so the linear layer is ``adapter_down.1``."""
+    return {"down": f"adapter_down.{1 if ln_before else 0}", "up": "adapter_up",
+            "norm_before": "adapter_norm_before", "norm_after": "adapter_norm_after", "gate": "gate"}
+
+
 def param_to_role(param: str, ln_before: bool) -> str | None:
-    """An AdapterHub parameter name -> canonical role; None for the duplicate of ``adapter_norm_before``."""
-    kind, _, leaf = param.rpartition(".")
-    suffix = "_bias" if leaf == "bias" else ""
-    linear_index = "1" if ln_before else "0"
+    """An AdapterHub parameter name -> canonical role; None for the duplicate of ``adapter_norm_before``.
+
+    Raises KeyError for a parameter that is not part of a plain bottleneck (PHM layers, for example).
+    """
     if param == "scaling":
         return "scaling"
+    kind, _, leaf = param.rpartition(".")
     if kind == "adapter_down.0" and ln_before:
         return None  # the same LayerNorm as adapter_norm_before, registered twice by the library
-    table = {f"adapter_down.{linear_index}": "down", "adapter_up": "up", "adapter_norm_before": "norm_before",
-             "adapter_norm_after": "norm_after", "gate": "gate"}
-    if kind in table and leaf in ("weight", "bias"):
-        return table[kind] + suffix
-    return f"unknown:{param}"
+    roles = {name: role for role, name in module_names(ln_before).items()}
+    if kind not in roles or leaf not in ("weight", "bias"):
+        raise KeyError(param)
+    return roles[kind] + ("_bias" if leaf == "bias" else "")
 
 
 def role_to_params(role: str, ln_before: bool) -> list[str]:
@@ -63,9 +70,7 @@ def role_to_params(role: str, ln_before: bool) -> list[str]:
     if role == "scaling":
         return ["scaling"]
     base, leaf = (role[: -len("_bias")], "bias") if role.endswith("_bias") else (role, "weight")
-    kinds = {"down": f"adapter_down.{1 if ln_before else 0}", "up": "adapter_up",
-             "norm_before": "adapter_norm_before", "norm_after": "adapter_norm_after", "gate": "gate"}
-    names = [f"{kinds[base]}.{leaf}"]
+    names = [f"{module_names(ln_before)[base]}.{leaf}"]
     if base == "norm_before":
         names.append(f"adapter_down.0.{leaf}")
     return names
@@ -107,12 +112,13 @@ class AdapterHubFormat(adaptools.AdapterFormat):
             if match is None:
                 raise InputError(f"tensor {key!r} is not a bottleneck adapter parameter", path=path,
                                  hint="invertible adapters and fusion layers are not supported")
-            role = param_to_role(match["param"], ln_before)
+            try:
+                role = param_to_role(match["param"], ln_before)
+            except KeyError:
+                raise InputError(f"tensor {key!r}: unknown parameter {match['param']!r}", path=path,
+                                 hint="PHM (Compacter) layers are not supported") from None
             if role is None:
                 continue
-            if role.startswith("unknown:"):
-                raise InputError(f"tensor {key!r}: unknown parameter {match['param']!r}", path=path,
-                                 hint="PHM (Compacter) layers are not supported")
             mapping[f"{match['layer']}.{CONTAINERS[match['container']]}.{role}"] = (source, key)
         if isinstance(source, SafetensorsFile):
             tensors: Any = FileStore(mapping)

@@ -295,3 +295,13 @@ def test_fold_lands_after_other_adapters_whatever_their_order(order, tmp_path, c
                 adaptools.get_method("bottleneck").apply(load("llama-houlsby-linear"), model):
             want = model(input_ids=ids).logits
     torch.testing.assert_close(model_logits(tmp_path / "out", "llama"), want, rtol=0, atol=2e-5)
+
+
+def test_unknown_parameter_is_refused_naming_it(tmp_path, cli_runner):
+    shutil.copytree(HUB / "llama-seq-bn", tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    tensors["model.layers.0.output_adapters.adapters.llama-seq-bn.adapter_down.0.W_left"] = torch.zeros(2, 2)
+    save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+    result = cli_runner("info", tmp_path / "a")
+    assert result.exit_code == 2 and "unknown parameter 'adapter_down.0.W_left'" in result.stderr
+    assert "PHM" in result.stderr and "Traceback" not in result.stderr
