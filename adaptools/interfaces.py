@@ -309,6 +309,16 @@ class Backend(ABC):
         """Encode a dense value as this backend's group of tensors, named as the checkpoint names them."""
         raise NotImplementedError
 
+    def quantize_settings(self, tensor: BaseTensor, options: Any) -> Mapping[str, Any]:
+        """How a dense weight would be encoded as this backend's group (``adaptools requantize``), given the
+        user's ``QuantizeOptions``; the result is passed to :meth:`encode_group`."""
+        raise UnsupportedOperationError(f"backend {self.name!r} cannot quantize dense weights")
+
+    def quantization_config(self, settings: Mapping[str, Any], options: Any) -> dict[str, Any]:
+        """The ``quantization_config`` a checkpoint quantized with these settings carries in config.json,
+        so that transformers loads it."""
+        raise UnsupportedOperationError(f"backend {self.name!r} cannot describe a quantized checkpoint")
+
     #: True when decode and encode are plain dtype casts, so any block of rows can be decoded, updated and
     #: encoded on its own (the merge then casts blocks straight into the output). NF4 and friends: False.
     elementwise: ClassVar[bool] = False
@@ -339,6 +349,9 @@ class Validator(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse unusable options (a missing evaluation file) before the operation writes anything."""
 
     @abstractmethod
     def validate(self, context: ValidationContext) -> Verdict:

@@ -1,91 +1,291 @@
-"""Write outputs so that nothing is ever half-written or silently overwritten.
+"""Write outputs so that nothing is ever half-written, silently overwritten, or lost.
 
 Every operation writes into a hidden temporary sibling of its output and renames it into place only when
-everything succeeded. An existing output is replaced only with ``force=True``. If the process is
-interrupted, the temporary sibling is removed (Ctrl-C, SIGTERM) or left hidden and unnamed (SIGKILL), and the
-output path itself never holds a partial result.
+everything succeeded (docs/outputs.md). The rules:
+
+- An existing output is replaced only with ``force=True``, and only if adaptools wrote it (its
+  safetensors or GGUF files carry adaptools metadata) or it is an empty folder; never an input, never a
+  folder that holds an input, never a symbolic link.
+- The replacement is atomic where the kernel allows (``renameat2(RENAME_EXCHANGE)``): the output path
+  always holds either the old output or the new one.
+- A temporary sibling is named after its writer's PID and locked (``flock``) while it is written; every
+  run removes stale ones whose writer is gone, whatever killed it.
+- SIGTERM, SIGHUP and SIGQUIT are handled like Ctrl-C; once an interruption has begun cleaning up, more
+  signals are ignored until the clean-up is done.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
 import shutil
 import signal
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, OutputExistsError
+from .errors import AdaptoolsError, InputError, OutputExistsError
 
 TEMP_MARKER = ".adaptools-tmp-"
+#: Signals that stop a run the way Ctrl-C does (with clean-up).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
+#: How far into a GGUF file its key-value metadata is searched for adaptools' key.
+GGUF_SNIFF_BYTES = 1 << 20
 
 
-def check_output(path: str | os.PathLike[str], force: bool) -> Path:
-    """Refuse early (before any work) when ``path`` exists and ``force`` is not set."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError("output already exists", path=path, hint="choose another path or pass --force")
-    if not path.parent.exists():
-        raise InputError("the output's parent directory does not exist", path=path.parent)
-    return path
+class OutputError(AdaptoolsError):
+    """The output cannot be written (permissions, disk full, a file in the way)."""
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP, SIGQUIT) turned into the exception Ctrl-C raises."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike[str], *, force: bool = False, directory: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it to ``path``, on failure delete it.
-
-    Args:
-        path: the final output (a directory when ``directory`` is true, else a file).
-        force: replace an existing output.
-        directory: create the temporary path as an empty directory (else yield a non-existent file path).
-    """
-    final = check_output(path, force)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARKER}", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_root, 0o777 & ~umask)  # mkdtemp makes it private; outputs get the usual permissions
-    tmp = tmp_root if directory else tmp_root / final.name
-    try:
-        yield tmp
-        if final.exists() or final.is_symlink():
-            if not force:  # appeared while we worked
-                raise OutputExistsError("output appeared while writing", path=final, hint="pass --force")
-            trash = final.parent / f".{final.name}{TEMP_MARKER}old-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            _remove(trash)
-        else:
-            os.replace(tmp, final)
-    finally:
-        _remove(tmp_root)
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM so that cleanup runs as for Ctrl-C."""
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt()
+    raise Interrupted(signum)
 
 
 @contextmanager
-def terminate_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into an exception for the duration, so ``atomic_output`` can clean up."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
+def stop_signals_raise() -> Iterator[None]:
+    """For the duration, SIGTERM/SIGHUP/SIGQUIT raise :class:`Interrupted`, as SIGINT raises
+    KeyboardInterrupt, so that ``finally`` clean-up runs. Outside the main thread it does nothing."""
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Ignore stop signals while a clean-up runs, so that a second Ctrl-C cannot cut it short."""
+    try:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def is_ours(path: Path) -> bool:
+    """True if adaptools wrote ``path``: a safetensors file with ``adaptools.*`` header metadata, a GGUF
+    file with adaptools' key, or a folder holding such a file directly. Links are never ours."""
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return any(_file_is_ours(p) for p in path.iterdir() if p.suffix in (".safetensors", ".gguf"))
+    return _file_is_ours(path)
+
+
+def _file_is_ours(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if head[:4] == b"GGUF":
+                return b"adaptools." in head + fh.read(GGUF_SNIFF_BYTES)
+            if len(head) < 8:
+                return False
+            (length,) = struct.unpack("<Q", head)
+            if length > 100 * 1024 * 1024:
+                return False
+            return b'"__metadata__"' in (raw := fh.read(length)) and b'"adaptools.' in raw
+    except OSError:
+        return False
+
+
+def _refuse_replacing(path: Path, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Raise unless ``--force`` may replace ``path``."""
+    resolved = path.resolve()
+    for item in inputs:
+        source = Path(item).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if resolved == source or resolved in source.parents:
+            raise OutputExistsError("the output is an input of this command, or a folder that holds one; "
+                                    "--force never replaces inputs", path=path, hint="choose another output path")
+    if path.is_symlink():
+        raise OutputExistsError("the output is a symbolic link; --force does not replace links", path=path,
+                                hint="remove the link yourself or choose another path")
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if not is_ours(path):
+        raise OutputExistsError("the output exists and was not written by adaptools; --force replaces only "
+                                "adaptools' own outputs", path=path, hint="remove it yourself or choose another path")
+
+
+def check_output(path: str | os.PathLike[str], force: bool, inputs: Sequence[str | os.PathLike[str]] = (),
+                 directory: bool | None = None) -> Path:
+    """Refuse early (before any work) what the final rename would refuse."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError("the output's parent folder does not exist", path=parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("cannot write in the output's parent folder (permission denied)", path=parent)
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise OutputExistsError("output already exists", path=path, hint="choose another path or pass --force")
+        _refuse_replacing(path, inputs)
+        if directory is not None and path.is_dir() != directory:
+            kinds = ("a file", "a folder")
+            raise OutputExistsError(f"the output is {kinds[path.is_dir()]}; this command writes {kinds[directory]}",
+                                    path=path, hint="choose another path")
+    return path
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Remove temporary siblings in ``parent`` whose writer is gone (unlocked, and its PID not running)."""
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(".") and TEMP_MARKER in p.name]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            pid = int(path.name.split(TEMP_MARKER, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        # A live PID is left alone even when unlocked (a writer starting up, or a reused PID): removing
+        # what another run is writing would be worse than leaving a stale folder one more time.
+        if pid == os.getpid() or _writer_alive(pid) or not _unlocked(path):
+            continue
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
+def _unlocked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _publish(tmp: Path, final: Path, force: bool, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    if final.exists() or final.is_symlink():
+        if not force:  # appeared while we worked
+            raise OutputExistsError("output appeared while writing", path=final, hint="pass --force")
+        _refuse_replacing(final, inputs)
+        if _exchange(tmp, final):
+            _remove(tmp)  # the old output, now under the temporary name
+            return
+        trash = final.parent / f".{final.name}{TEMP_MARKER}{os.getpid()}-old"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        _remove(trash)
+    else:
+        os.rename(tmp, final)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], *, force: bool = False, directory: bool = True,
+                  inputs: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it to ``path``, on failure delete it.
+
+    Args:
+        path: the final output (a folder when ``directory`` is true, else a file).
+        force: replace an existing output that adaptools wrote.
+        directory: create the temporary path as an empty folder (else yield a non-existent file path).
+        inputs: paths this run reads; the output may never replace them or a folder holding them.
+
+    Raises:
+        OutputExistsError: the output exists and may not be replaced.
+        OutputError: the output could not be written (permission denied, disk full), naming the path.
+    """
+    final = check_output(path, force, inputs, directory)
+    remove_stale(final.parent)
+    try:
+        tmp_root = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARKER}{os.getpid()}-", dir=final.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc.strerror or exc}", path=final.parent) from None
+    lock = os.open(tmp_root, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_root, 0o777 & ~umask)  # mkdtemp makes it private; outputs get the usual permissions
+        tmp = tmp_root if directory else tmp_root / final.name
+        with stop_signals_raise():
+            try:
+                yield tmp
+                _publish(tmp, final, force, inputs)
+            except OSError as exc:
+                writing = exc.filename is None or str(exc.filename).startswith(str(tmp_root))
+                raise OutputError(f"cannot {'write' if writing else 'read'}: {exc.strerror or exc}",
+                                  path=final if writing else exc.filename,
+                                  hint="free some space or choose another output" if exc.errno in (
+                                      errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None) from None
+    finally:
+        with shielded():
+            _remove(tmp_root)
+            os.close(lock)

@@ -281,14 +281,21 @@ class SafetensorsWriter:
             raise ValueError(f"{name!r}: {nbytes} bytes given, {self._specs[name].nbytes} declared")
         self._next += 1
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor; its dtype and shape must be the declared ones."""
+    def write(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
+        """Write the next tensor; its dtype and shape must be the declared ones. ``done`` is called once its
+        bytes are written (from the writer thread with ``background=True``), e.g. to reuse its buffer."""
         spec = TensorSpec.of(tensor)
         if spec != self._specs.get(name):
             raise ValueError(f"{name!r}: got {spec}, declared {self._specs.get(name)}")
         data = tensor_bytes(tensor)  # keeps ``tensor`` alive until written
         self._expect(name, len(data))
-        self._submit(lambda: self._fh.write(data) and None)
+
+        def job() -> None:
+            self._fh.write(data)
+            if done is not None:
+                done()
+
+        self._submit(job)
 
     def write_raw(self, name: str, data: bytes | memoryview) -> None:
         """Write the next tensor's stored bytes unchanged (byte-for-byte copy)."""
@@ -368,11 +375,13 @@ class DeferredSafetensorsWriter:
         self._fh: BinaryIO = open(self._data_path, "wb+")
         self._specs: dict[str, TensorSpec] = {}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
         if name in self._specs:
             raise ValueError(f"{name!r} written twice")
         self._specs[name] = TensorSpec.of(tensor)
         self._fh.write(tensor_bytes(tensor))
+        if done is not None:
+            done()
 
     def copy_range(self, name: str, src: BinaryIO, offset: int, nbytes: int, spec: TensorSpec) -> None:
         """Append a stored tensor's bytes unchanged."""
@@ -412,14 +421,15 @@ class DeferredSafetensorsWriter:
         self.close()
 
 
-def read_tensor(src: BinaryIO, info: TensorInfo) -> torch.Tensor:
+def read_tensor(src: BinaryIO, info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor's bytes with a plain read (no memory map, so RSS stays one tensor).
 
-    The buffer is allocated uninitialised and filled by ``readinto``: one pass over the bytes, not two.
+    The buffer (``into``, a uint8 tensor of exactly ``info.nbytes``, or a fresh one) is filled by
+    ``preadv``: one pass over the bytes, not two.
     """
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    buf = into if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     got = 0
     while got < info.nbytes:

@@ -380,6 +380,24 @@ class FourBit(adaptools.Backend):
                                       settings.get("double_quant", True), settings.get("storage", torch.uint8))
         return state.to_state_dict(param, packed)
 
+    def quantize_settings(self, tensor: BaseTensor, options: Any) -> dict[str, Any]:
+        """transformers' settings for a dense weight: the options' blocksize and double quantization,
+        the weight's own dtype as the state's dtype, uint8 storage."""
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[tensor.dtype]
+        return {"blocksize": options.blocksize, "double_quant": options.double_quant, "dtype": dtype,
+                "storage": torch.uint8}
+
+    def quantization_config(self, settings: Mapping[str, Any], options: Any) -> dict[str, Any]:
+        """The ``quantization_config`` block transformers writes for a bitsandbytes 4-bit model."""
+        compute = str(settings["dtype"]).removeprefix("torch.")
+        skip = list(options.skip_modules) or None
+        return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": compute,
+                "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": self.quant_type,
+                "bnb_4bit_use_double_quant": options.double_quant, "llm_int8_enable_fp32_cpu_offload": False,
+                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip,
+                "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+                "quant_method": "bitsandbytes"}
+
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("4-bit parameters decode as groups (decode_group)")
 

@@ -18,9 +18,11 @@ each model computes in its own dtype.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
+from collections.abc import Mapping
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -167,10 +169,27 @@ class Perplexity(adaptools.Validator):
         ids = tokenize(model, read_eval_text(eval_text), max_tokens)
         return evaluate(model, ids, adapters, window)
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse a missing or unreadable evaluation text before the merge writes anything."""
+        source = options.get("eval_text")
+        if not source:
+            raise InputError("the perplexity check needs --eval-text FILE")
+        path = Path(source)
+        if not path.is_file() and (path.suffix in (".txt", ".jsonl") or path.exists()
+                                   or importlib.util.find_spec("datasets") is None):
+            raise InputError("evaluation text not found (or not a file)", path=source,
+                             hint="give a .txt or .jsonl file (datasets names need the datasets package)")
+        if not path.is_file():
+            return
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot read the evaluation text: {exc.strerror or exc}", path=source) from None
+
     def validate(self, context: ValidationContext) -> Verdict:
         options = context.options
-        if not options.get("eval_text"):
-            raise InputError("the perplexity check needs --eval-text FILE")
+        self.check_options(options)
         if context.base is None or context.output is None:
             raise InputError("the perplexity check needs a base and an output")
         if any(w != 1.0 for w in options.get("weights", [])):

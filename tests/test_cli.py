@@ -57,9 +57,14 @@ def test_existing_output_needs_force(tmp_path, cli_runner):
     assert result.exit_code == 2
     assert "already exists" in result.stderr and "--force" in result.stderr
     assert out.read_text() == "precious"
-    assert cli_runner("convert", adapter_path("llama-lora"), out, "--force").exit_code == 0
-    assert adaptools.load(out).method == "lora"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    result = cli_runner("convert", adapter_path("llama-lora"), out, "--force")  # not ours: never replaced
+    assert result.exit_code == 2 and "not written by adaptools" in result.stderr
+    assert out.read_text() == "precious"
+    ours = tmp_path / "b.safetensors"
+    assert cli_runner("convert", adapter_path("llama-lora"), ours).exit_code == 0
+    assert cli_runner("convert", adapter_path("gpt2-lora"), ours, "--force").exit_code == 0
+    assert adaptools.load(ours).method == "lora" and "c_attn" in str(adaptools.load(ours).tensor_names())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
 
 
 def test_unknown_output_format_is_usage_error(tmp_path, cli_runner):

@@ -258,10 +258,17 @@ def test_refuses_existing_output_without_force(cli_runner, tmp_path):
     result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), out)
     assert result.exit_code == 2 and "--force" in result.stderr
     assert (out / "keep").read_text() == "x"
+    # --force replaces only what adaptools wrote: a folder of the user's stays untouched
     result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), out, "--force")
+    assert result.exit_code == 2 and "not written by adaptools" in result.stderr
+    assert (out / "keep").read_text() == "x"
+    mine = tmp_path / "mine"
+    assert cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), mine).exit_code == 0
+    (mine / "stale").write_text("x")
+    result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), mine, "--force")
     assert result.exit_code == 0
-    assert not (out / "keep").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (mine / "stale").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
 
 
 def test_refuses_bad_base(cli_runner, tmp_path):
@@ -295,10 +302,10 @@ SLOW_MERGE = """
 import sys, time
 import adaptools.safetensors_io as io
 original = io.SafetensorsWriter.write
-def slow(self, name, tensor):
+def slow(self, name, tensor, *rest):
     print("writing", name, flush=True)
     time.sleep(0.5)
-    return original(self, name, tensor)
+    return original(self, name, tensor, *rest)
 io.SafetensorsWriter.write = slow
 from adaptools.cli import main
 sys.argv = ["adaptools", "merge", sys.argv[1], sys.argv[2], sys.argv[3]]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 import adaptools
+from adaptools.engine.compute import apply_chain, merge_rows, row_step
+from adaptools.engine.plan import MERGE, Entry
 from adaptools.interfaces import BaseInfo, BaseTensor
-from adaptools.operations.merge import _apply, _merge_blocked, _row_step
 
 SHAPES = [(5632, 2048, 16), (2048, 5632, 16), (4096, 4096, 64), (3072, 8192, 16), (1000, 777, 5), (40, 3000, 8)]
 
@@ -26,9 +29,11 @@ def test_blocked_merge_is_bit_identical_to_whole_tensor(out_f, in_f, rank, dtype
     (update,) = adaptools.get_method("lora").merge_updates(adapter, base)
     assert update.rows is not None
     weight = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype)
-    whole = _apply([update], weight.float()).to(dtype)
+    whole = apply_chain([update], weight.float()).to(dtype)
     backend = adaptools.get_backend({torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype])
-    like = BaseTensor("w", code, (out_f, in_f))
-    blocked = _merge_blocked(weight, [update], backend, backend, like, dtype, workers=2)
+    entry = Entry("w", MERGE, "w", (out_f, in_f), code, (update,), backend, backend)
+    blocked = torch.empty_like(weight)
+    with ThreadPoolExecutor(2) as threads:
+        merge_rows(entry, weight, blocked, threads, workers=2)
     assert torch.equal(whole, blocked)
-    assert _row_step((out_f, in_f)) % 16 == 0
+    assert row_step((out_f, in_f)) % 16 == 0

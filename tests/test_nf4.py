@@ -269,7 +269,7 @@ def test_requantize_refusals(tmp_path, cli_runner):
     result = cli_runner("requantize", base_path("gpt2"), tmp_path / "b")
     assert result.exit_code == 2 and "Conv1D" in result.stderr
     result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), tmp_path / "c", "--requantize")
-    assert result.exit_code == 2 and "needs a 4-bit base" in result.stderr
+    assert result.exit_code == 2 and "needs a quantized base" in result.stderr
     assert not any((tmp_path / n).exists() for n in "abc")
 
 

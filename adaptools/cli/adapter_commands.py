@@ -10,11 +10,10 @@ import click
 
 from .. import registry
 from ..adapter_io import load
-from ..interfaces import ValidationContext
+from ..engine import CheckRequest, MergeInput
+from ..engine import merge as merge_op
 from ..operations import convert as convert_op
 from ..operations import describe
-from ..operations.merge import MergeInput
-from ..operations.merge import merge as merge_op
 from .group import _fmt_bytes, cli, emit_json, json_option
 
 
@@ -141,16 +140,13 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
             raise click.UsageError("--check needs --base")
         import tempfile
 
+        requests = tuple(CheckRequest(name, {"eval_text": eval_text}) for name in checks)
         for report in reports:
             adapter = load(report.adapter, allow_pickle=allow_pickle)
             with tempfile.TemporaryDirectory() as tmp:
-                merged = Path(tmp) / "merged"
-                merge_op(base, [MergeInput(adapter)], merged)
-                for name in checks:
-                    verdict = registry.get_validator(name).validate(ValidationContext(
-                        "check", base, [adapter], str(merged), {"eval_text": eval_text}))
-                    if not verdict.passed:
-                        failed_checks.append(f"{report.adapter}: check {name} failed: {verdict.message}")
+                summary = merge_op(base, [MergeInput(adapter)], Path(tmp) / "merged", checks=requests)
+                failed_checks += [f"{report.adapter}: check {c['name']} failed: {c['message']}"
+                                  for c in summary.checks if not c["passed"]]
     if fmt == "json":
         emit_json(check_op.to_json(reports))
     elif fmt == "sarif":

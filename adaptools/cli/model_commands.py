@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import registry
 from ..adapter_io import load
+from ..engine import CheckRequest, MergeEvent, MergeInput, MergeOptions, QuantizeOptions, execute
+from ..engine import plan as plan_merge
 from ..errors import CheckFailedError, InputError
-from ..interfaces import ValidationContext
-from ..operations.merge import MergeEvent, MergeInput
-from ..operations.merge import merge as merge_op
-from ..operations.quantized import QuantizeOptions
+from ..outputs import check_output
 from .group import _fmt_bytes, cli, emit_json, json_option
 
 
@@ -82,11 +80,13 @@ class _Progress:
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens of --eval-text to score.")
 @click.option("--ppl-tolerance", type=float, default=0.005, show_default=True,
               help="--check perplexity passes when merged and unmerged perplexity differ by at most this share.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (what would be merged, cast, copied, untied, resized, written) and exit.")
 @json_option
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device: str, shard_size: str | None,
           force: bool, checks: tuple[str, ...], ignore_base_mismatch: bool, allow_pickle: bool, hash_base: bool,
           requantize: bool, merge_base: str, original_base: str | None, initials: tuple[str, ...],
-          eval_text: str | None, max_tokens: int, ppl_tolerance: float, json_: bool) -> None:
+          eval_text: str | None, max_tokens: int, ppl_tolerance: float, dry_run: bool, json_: bool) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
@@ -106,31 +106,22 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     --check perplexity --eval-text FILE then proves the merge kept the
     fine-tune: it compares the merged model's perplexity with the base plus
     the adapter applied unmerged, and exits 1 if they differ by more than
-    --ppl-tolerance (the output is kept, marked failed in adaptools_checks.json).
+    --ppl-tolerance. Checks run before OUT is published; a failed one keeps
+    OUT, with the verdict in adaptools_checks.json and its model card.
 
     \b
     Examples:
       adaptools merge meta-llama/Llama-3.2-1B ./my-lora ./merged
       adaptools merge ./base ./style ./facts ./out --weight 0.7 --weight 1
       adaptools merge ./base ./my-lora ./out --dtype bf16 --shard-size 5GB
+      adaptools merge ./base ./my-lora ./out --dry-run --json
     """
     if len(paths) < 3:
         raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
     base, adapter_refs, out = paths[0], paths[1:-1], paths[-1]
     if weights and len(weights) != len(adapter_refs):
         raise click.UsageError(f"{len(weights)} --weight values for {len(adapter_refs)} adapters")
-    validators = [registry.get_validator(name) for name in checks]
-    size = parse_size(shard_size)
-    inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
-              for i, ref in enumerate(adapter_refs)]
-    if initials:
-        if len(initials) != len(inputs):
-            raise click.UsageError(f"{len(initials)} --initial values for {len(inputs)} adapters")
-        for item, initial in zip(inputs, initials):
-            method = registry.get_method(item.adapter.method)
-            item.adapter = method.to_plain(item.adapter, None, None, load(initial, allow_pickle=allow_pickle))
-    bar = _Progress(enabled=not json_, label="merging")
-    command = " ".join(["adaptools", *sys.argv[1:]])
+    check_options = {"eval_text": eval_text, "max_tokens": max_tokens, "tolerance": ppl_tolerance}
     quantize = None
     if merge_base == "original":
         if not original_base:
@@ -139,24 +130,34 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
         base, requantize = original_base, False
     elif original_base:
         raise click.UsageError("--original-base is only used with --merge-base original")
-    summary = merge_op(base, inputs, out, dtype=dtype, device=device, shard_size=size, force=force,
-                       ignore_base_mismatch=ignore_base_mismatch, hash_base=hash_base, command=command,
-                       progress=bar, requantize=requantize, quantize=quantize)
+    options = MergeOptions(dtype=dtype, device=device, shard_size=parse_size(shard_size), force=force,
+                           ignore_base_mismatch=ignore_base_mismatch, hash_base=hash_base,
+                           command=" ".join(["adaptools", *sys.argv[1:]]), requantize=requantize, quantize=quantize,
+                           checks=tuple(CheckRequest(name, check_options) for name in checks))
+    if not dry_run:
+        check_output(out, force, [base, *adapter_refs])
+    inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
+              for i, ref in enumerate(adapter_refs)]
+    if initials:
+        if len(initials) != len(inputs):
+            raise click.UsageError(f"{len(initials)} --initial values for {len(inputs)} adapters")
+        for item, initial in zip(inputs, initials):
+            method = registry.get_method(item.adapter.method)
+            item.adapter = method.to_plain(item.adapter, None, None, load(initial, allow_pickle=allow_pickle))
+    planned = plan_merge(base, inputs, options)
+    if dry_run:
+        data = planned.to_json()
+        if json_:
+            emit_json(data)
+            return
+        _echo_plan(data)
+        return
+    bar = _Progress(enabled=not json_, label="merging")
+    summary = execute(planned, out, progress=bar)
     bar.close()
-    verdicts = []
-    options = {"eval_text": eval_text, "max_tokens": max_tokens, "tolerance": ppl_tolerance,
-               "weights": [i.weight for i in inputs]}
-    for validator in validators:
-        context = ValidationContext("merge", base, [i.adapter for i in inputs], str(out), options)
-        verdicts.append((validator.name, validator.validate(context)))
-    if verdicts:
-        record_checks(out, verdicts)
-    result = summary.to_json()
-    result["checks"] = [{"name": n, "passed": v.passed, "message": v.message, "figures": v.figures}
-                        for n, v in verdicts]
     _report_survival(summary.survival, quiet=json_)
     if json_:
-        emit_json(result)
+        emit_json(summary.to_json())
     else:
         click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
                    f"{summary.tensors_merged} merged, {summary.tensors_copied} copied byte for byte, "
@@ -165,10 +166,28 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
         if summary.untied_lm_head:
             click.echo("note: lm_head now differs from the input embedding; written explicitly and "
                        "tie_word_embeddings set to false")
-        for name, verdict in verdicts:
-            click.echo(f"check {name}: {'passed' if verdict.passed else 'FAILED'}: {verdict.message}")
-    if any(not v.passed for _, v in verdicts):
+        for check in summary.checks:
+            click.echo(f"check {check['name']}: {'passed' if check['passed'] else 'FAILED'}: {check['message']}")
+    if not summary.checks_passed:
         raise CheckFailedError(f"a check failed; the output is kept at {out} for inspection")
+
+
+def _echo_plan(data: dict[str, Any]) -> None:
+    """The dry-run plan for people."""
+    click.echo(f"plan: {data['operation']} into {data['base']}")
+    for a in data["adapters"]:
+        click.echo(f"  adapter {a['source']} ({a['method']}, weight {a['weight']})")
+    click.echo(f"{data['tensors']} tensors: {len(data['merged'])} merged, {len(data['cast'])} cast, "
+               f"{data['copied']} copied byte for byte")
+    for name in data["untied"]:
+        click.echo(f"  untied: {name} (written explicitly)")
+    for name, (old, new) in data["resized"].items():
+        click.echo(f"  resized: {name} {old} -> {new}")
+    if data["config_changes"]:
+        click.echo(f"config.json changes: {json.dumps(data['config_changes'], sort_keys=True)}")
+    for shard in data["shards"]:
+        approx = "~" if shard["estimated"] else ""
+        click.echo(f"  {shard['file']}: {shard['tensors']} tensors, {approx}{_fmt_bytes(shard['bytes'])}")
 
 
 @cli.command()
@@ -191,8 +210,10 @@ def dequantize(base: str, out: str, dtype: str, shard_size: str | None, force: b
       adaptools dequantize ./llama-3-8b-nf4 ./llama-3-8b-bf16
     """
     bar = _Progress(enabled=not json_, label="dequantizing")
-    summary = merge_op(base, [], out, dtype=dtype, shard_size=parse_size(shard_size), force=force,
-                       command=" ".join(["adaptools", *sys.argv[1:]]), operation="dequantize", progress=bar)
+    options = MergeOptions(dtype=dtype, shard_size=parse_size(shard_size), force=force,
+                           command=" ".join(["adaptools", *sys.argv[1:]]), operation="dequantize")
+    check_output(out, force, [base])
+    summary = execute(plan_merge(base, [], options), out, progress=bar)
     bar.close()
     if json_:
         emit_json(summary.to_json())
@@ -200,18 +221,6 @@ def dequantize(base: str, out: str, dtype: str, shard_size: str | None, force: b
         click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), "
                    f"{_fmt_bytes(summary.bytes_written)} in {summary.seconds:.1f} s, "
                    f"peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
-
-
-def record_checks(out: str, verdicts: list[tuple[str, Any]]) -> None:
-    """Write the verdicts beside the output (adaptools_checks.json) and flag a failure in its model card."""
-    folder = Path(out)
-    data = [{"name": n, "passed": v.passed, "message": v.message, "figures": v.figures} for n, v in verdicts]
-    (folder / "adaptools_checks.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    failed = [d for d in data if not d["passed"]]
-    if failed and (folder / "README.md").exists():
-        with open(folder / "README.md", "a", encoding="utf-8") as card:
-            for d in failed:
-                card.write(f"\n**CHECK FAILED: {d['name']}**: {d['message']}\n")
 
 
 def _report_survival(survival: list[dict[str, Any]], quiet: bool = False) -> None:
@@ -270,8 +279,10 @@ def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_qua
     options = QuantizeOptions(quant_type=quant_type, blocksize=int(blocksize), double_quant=double_quant,
                               skip_modules=tuple(filter(None, (m.strip() for m in skip_modules.split(",")))))
     bar = _Progress(enabled=not json_, label="quantizing")
-    summary = merge_op(dense, [], out, force=force, quantize=options, operation="requantize",
-                       command=" ".join(["adaptools", *sys.argv[1:]]), progress=bar)
+    check_output(out, force, [dense])
+    merge_options = MergeOptions(force=force, quantize=options, operation="requantize",
+                                 command=" ".join(["adaptools", *sys.argv[1:]]))
+    summary = execute(plan_merge(dense, [], merge_options), out, progress=bar)
     bar.close()
     if json_:
         emit_json(summary.to_json())

@@ -1,0 +1,54 @@
+"""The one table of floating-point dtype names: what users type, what safetensors and config.json say.
+
+Users type ``fp32``/``fp16``/``bf16``; safetensors headers say ``F32``/``F16``/``BF16``; config.json and
+quant states say ``float32``/``float16``/``bfloat16``. Every module that translates between them uses
+this table, so that the spellings cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FloatType:
+    """One dense floating-point dtype under each of its names."""
+
+    short: str  # what users type: fp32
+    code: str  # safetensors dtype code: F32
+    config: str  # config.json / quant-state name: float32
+    torch: torch.dtype
+
+
+FLOAT_TYPES = (
+    FloatType("fp32", "F32", "float32", torch.float32),
+    FloatType("fp16", "F16", "float16", torch.float16),
+    FloatType("bf16", "BF16", "bfloat16", torch.bfloat16),
+)
+#: What ``--dtype`` accepts: ``auto`` keeps each tensor's dtype.
+DTYPE_CHOICES = ("auto", *(t.short for t in FLOAT_TYPES))
+
+_BY_SHORT = {t.short: t for t in FLOAT_TYPES}
+_BY_CODE = {t.code: t for t in FLOAT_TYPES}
+_BY_CONFIG = {t.config: t for t in FLOAT_TYPES}
+_BY_TORCH = {t.torch: t for t in FLOAT_TYPES}
+
+
+def by_short(name: str) -> FloatType:
+    return _BY_SHORT[name]
+
+
+def by_code(code: str) -> FloatType | None:
+    """The float type stored under a safetensors code, or None for non-float codes (I64, U8, ...)."""
+    return _BY_CODE.get(code)
+
+
+def by_config(name: str) -> FloatType | None:
+    """The float type a config.json or quant state names (``bfloat16``), or None."""
+    return _BY_CONFIG.get(name)
+
+
+def by_torch(dtype: torch.dtype) -> FloatType | None:
+    return _BY_TORCH.get(dtype)

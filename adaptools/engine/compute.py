@@ -1,0 +1,201 @@
+"""Stage 2 of the engine: materialise one planned entry (decode, apply the update chain, encode).
+
+A matrix whose updates can work on rows is streamed through the CPU cache a block of rows at a time,
+the blocks shared out over every core; anything else is computed whole on the merge device. Either way
+the result is rounded once to the output dtype, and checked: a merge never writes a NaN or an infinity
+where the base had a finite value (docs/merge-engine.md, "Never garbage").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from ..interfaces import Backend, BaseTensor, TensorUpdate
+from ..safetensors_io import DTYPES
+from .plan import CAST, Entry
+from .quantized import Survival, survival
+from .source import BufferPool, Reader
+
+
+@dataclass
+class Produced:
+    """What an entry produced: tensors to write in order, and what to give back once they are written."""
+
+    tensors: dict[str, torch.Tensor]
+    pooled: list[torch.Tensor] = field(default_factory=list)
+    survival: Survival | None = None
+
+
+def row_step(shape: Sequence[int]) -> int:
+    """Rows per block so that a block of fp32 stays in cache (~256 KiB); a multiple of 16 rows, which
+    keeps blocked matrix products bit-identical to whole ones (tests/test_merge_blocks.py)."""
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return 16 * max(1, (1 << 16) // (16 * max(cols, 1)))
+
+
+def blockable(entry: Entry, device: str) -> bool:
+    """Whether an entry can be computed block of rows by block: on the CPU, a matrix whose shape does not
+    change, every update able to work on rows, backends that decode and encode element by element."""
+    coders: list[Backend | None] = [entry.decoder, entry.encoder]
+    return (device == "cpu" and len(entry.shape) >= 2 and all(u.rows is not None for u in entry.chain)
+            and all(b is not None and b.elementwise for b in coders)
+            and all(u.shape is None for u in entry.chain))
+
+
+def apply_chain(chain: Sequence[TensorUpdate], original: torch.Tensor) -> torch.Tensor:
+    """Run a parameter's updates in order on a whole tensor; ``original`` is never modified."""
+    current = original.clone() if any(u.needs_original for u in chain) or not chain else original
+    for update in chain:
+        current = update.fn(current, original)
+    return current
+
+
+class NonFiniteError(InputError):
+    """A merge would write NaN or infinity where the base has a finite value."""
+
+
+def check_finite(entry: Entry, out: torch.Tensor, source: Callable[[], torch.Tensor | None]) -> None:
+    """Refuse an output that holds a non-finite value the base did not hold at the same place.
+
+    The common case costs one sum: a finite sum means every element is finite. Only a non-finite sum
+    (or an overflowing one) pays for the element-wise comparison with the decoded source.
+    """
+    if not out.is_floating_point() or bool(torch.isfinite(out.sum())):
+        return
+    bad = ~torch.isfinite(out)
+    if not bool(bad.any()):
+        return
+    original = source()
+    if original is not None and original.shape == out.shape:
+        bad &= torch.isfinite(original.to(bad.device))
+    count = int(bad.sum())
+    if count:
+        sources = "; ".join(u.source for u in entry.chain if u.source) or "a dtype cast"
+        raise NonFiniteError(
+            f"the result would hold {count} non-finite value(s) (NaN or infinity) where the base is finite "
+            f"(from {sources})", tensor=entry.name,
+            hint="the adapter's factors, scale or --weight overflow; check it with `adaptools check`, or keep a "
+                 "wider --dtype")
+
+
+def merge_rows(entry: Entry, stored: torch.Tensor, out: torch.Tensor, threads: ThreadPoolExecutor | None = None,
+               workers: int = 1) -> None:
+    """Compute ``entry`` into ``out`` a block of rows at a time, the blocks shared over ``workers`` threads
+    (torch releases the GIL in its kernels). Bit-identical to the whole-tensor computation."""
+    step = row_step(tuple(stored.shape))
+    starts = list(range(0, stored.shape[0], step))
+    decoder = entry.decoder
+    chain = entry.chain
+
+    def run(block_starts: Sequence[int]) -> None:
+        for start in block_starts:
+            rows = slice(start, start + step)
+            if chain:
+                current = decoder.decode(stored[rows])  # type: ignore[union-attr]
+                for update in chain:
+                    current = update.rows(current, rows)  # type: ignore[misc]
+                out[rows].copy_(current)
+            else:  # elementwise backends encode by casting: no fp32 copy for a plain cast
+                out[rows].copy_(stored[rows])
+            check_finite(entry, out[rows], lambda r=rows: decoder.decode(stored[r]))  # type: ignore[union-attr]
+
+    if threads is None or workers <= 1 or len(starts) < 2 * workers:
+        run(starts)
+        return
+    per = -(-len(starts) // workers)
+    futures = [threads.submit(run, starts[i:i + per]) for i in range(0, len(starts), per)]
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except BaseException as exc:  # wait for every thread before the buffers are reused
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+class Compute:
+    """Materialises entries, sharing the row blocks of each over a pool of threads."""
+
+    def __init__(self, checkpoint: Checkpoint, reader: Reader, pool: BufferPool, device: str, workers: int):
+        self.checkpoint = checkpoint
+        self.reader = reader
+        self.pool = pool
+        self.device = device
+        self.workers = max(1, workers)
+        self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="adaptools-merge") \
+            if self.workers > 1 else None
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown()
+
+    def __call__(self, entry: Entry) -> Produced:
+        stored, pooled = self.reader.read(entry.source)
+        try:
+            if entry.group is not None:
+                return self._group(entry, stored)
+            out = self._dense(entry, stored, entry.encoder, DTYPES[entry.dtype][0])
+            return Produced({entry.name: out}, [out] if out is not stored else [])
+        finally:
+            self.reader.release(stored, pooled)
+
+    def _dense(self, entry: Entry, stored: torch.Tensor, encoder: Backend | None, dtype: torch.dtype) -> torch.Tensor:
+        """The entry's dense value in ``dtype``: on a pooled buffer, or ``stored`` itself when nothing
+        changes (a decoded group already in that dtype)."""
+        if entry.action == CAST and not entry.chain and stored.dtype == dtype:
+            check_finite(entry, stored, lambda: None)
+            return stored
+        if blockable(entry, self.device):
+            out = self.pool.tensor(dtype, tuple(stored.shape))
+            try:
+                merge_rows(entry, stored, out, self._threads, self.workers)
+            except BaseException:
+                self.pool.give(out)
+                raise
+            return out
+        like = BaseTensor(entry.source, entry.dtype, tuple(stored.shape))
+        original = entry.decoder.decode(stored.to(self.device))  # type: ignore[union-attr]
+        value = encoder.encode(apply_chain(entry.chain, original), like).cpu()  # type: ignore[union-attr]
+        check_finite(entry, value, lambda: original)
+        return value
+
+    def _group(self, entry: Entry, stored: torch.Tensor) -> Produced:
+        """A parameter encoded as a backend's group (a quantized weight), from its merged dense value."""
+        assert entry.group is not None
+        dense_dtype = DTYPES[entry.dtype][0]
+        if entry.chain:
+            merged = self._dense(entry, stored, entry.decoder, dense_dtype)
+        else:
+            merged = stored
+            check_finite(entry, merged, lambda: None)
+        try:
+            group = entry.group.backend.encode_group(entry.name, merged, entry.group.settings)
+            report = None
+            if entry.survival:
+                before = self.checkpoint.read_small(entry.name)
+                report = survival(entry.name, before, entry.group.backend, merged, stored, group)
+        finally:
+            if merged is not stored:
+                self.pool.give(merged)
+        return Produced(group, survival=report)
+
+
+def dense_value(entry: Entry, checkpoint: Checkpoint, device: str) -> torch.Tensor:
+    """An entry's dense output computed on its own, whole (the plan uses it to decide ties)."""
+    pool = BufferPool()
+    with Reader(checkpoint, pool) as reader:
+        compute = Compute(checkpoint, reader, pool, device, workers=1)
+        try:
+            produced = compute(entry)
+            return produced.tensors[entry.name].clone()
+        finally:
+            compute.close()

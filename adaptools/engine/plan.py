@@ -1,0 +1,385 @@
+"""Stage 1 of the engine: the plan, made from headers and configs before any weight is written.
+
+Every output parameter becomes one :class:`Entry` that says what happens to it: copied byte for byte,
+cast (decoded and re-encoded without change: a dtype change, dequantization, quantization), or merged
+(decoded, updated, encoded). Tied and resized tensors are ordinary entries. Entries are laid out in
+:class:`ShardPlan` s, and the plan carries the output config (dtype, vocab_size, tie_word_embeddings,
+quantization_config) and the files to carry over, so that the dense and the quantized outputs are the
+same program with different encoders (docs/merge-engine.md).
+
+The only weight a plan ever reads is a tied embedding that an adapter changes: whether ``lm_head``
+stays tied depends on whether the two results come out equal, which only the numbers can say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import dtypes, registry
+from ..checkpoint import EMBEDDING_NAMES, INDEX, SINGLE, Checkpoint
+from ..errors import IncompatibleBaseError, InputError
+from ..interfaces import Backend, BaseTensor, TensorUpdate
+from ..safetensors_io import TensorSpec
+from .options import MergeInput, MergeOptions
+from .quantized import quantize_targets
+
+COPY, CAST, MERGE = "copy", "cast", "merge"
+#: Update kinds in the order the engine applies them; adapters keep their order within a kind.
+KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2, "output_map": 3}
+#: Update kinds that change the stored tensor itself, so a tied alias (lm_head) sees them too.
+STORAGE_KINDS = ("replace", "replace_rows")
+
+
+@dataclass(frozen=True)
+class GroupOutput:
+    """A parameter written as a backend's group of tensors (a quantized weight) instead of one tensor."""
+
+    backend: Backend
+    settings: Mapping[str, Any]
+
+
+@dataclass
+class Entry:
+    """One output parameter: where its value comes from and how it is encoded.
+
+    ``source`` is the stored parameter read (itself, or the tensor a tied ``lm_head`` shares); ``dtype``
+    and ``shape`` describe the dense value (for a group output, the value that is encoded).
+    """
+
+    name: str
+    action: str  # COPY, CAST or MERGE
+    source: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the dense output
+    chain: tuple[TensorUpdate, ...] = ()
+    decoder: Backend | None = None
+    encoder: Backend | None = None
+    group: GroupOutput | None = None
+    survival: bool = False
+    note: str = ""
+
+    @property
+    def merged(self) -> bool:
+        return self.action == MERGE
+
+    @property
+    def spec(self) -> TensorSpec | None:
+        """The written tensor's spec, or None when only encoding tells its size (a group)."""
+        return None if self.group is not None else TensorSpec(self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A place in an output shard: an entry's encoded output, or one stored tensor copied unchanged."""
+
+    entry: Entry
+    raw: str | None = None
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    slots: list[Slot] = field(default_factory=list)
+
+    @property
+    def deferred(self) -> bool:
+        """True when some tensor's size is known only after encoding (the header is written last)."""
+        return any(s.raw is None and s.entry.group is not None for s in self.slots)
+
+
+@dataclass
+class MergePlan:
+    checkpoint: Checkpoint
+    inputs: Sequence[MergeInput]
+    options: MergeOptions
+    entries: dict[str, Entry]
+    shards: list[ShardPlan]
+    config: dict[str, Any]
+    config_changes: dict[str, Any]
+    files: list[Path]
+    untied: bool = False
+    vocab_size: int | None = None
+
+    @property
+    def write_index(self) -> bool:
+        return len(self.shards) > 1 or (self.checkpoint.index is not None and self.shards[0].name != SINGLE)
+
+    def slot_bytes(self, slot: Slot) -> int:
+        """Bytes a slot writes (for a group, an estimate: the stored group, or half a byte a weight)."""
+        if slot.raw is not None:
+            return self.checkpoint.location[slot.raw][1].nbytes
+        spec = slot.entry.spec
+        if spec is not None:
+            return spec.nbytes
+        if slot.entry.name in self.checkpoint.groups:
+            names = [slot.entry.name, *self.checkpoint.groups[slot.entry.name][1]]
+            return sum(self.checkpoint.location[n][1].nbytes for n in names)
+        numel = 1
+        for d in slot.entry.shape:
+            numel *= d
+        return numel // 2 + 64
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.slot_bytes(slot) for shard in self.shards for slot in shard.slots)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a dry run prints: what would be merged, cast, copied, untied, resized and written."""
+        by_action: dict[str, list[str]] = {COPY: [], CAST: [], MERGE: []}
+        for entry in self.entries.values():
+            by_action[entry.action].append(entry.name)
+        resized = {e.name: [list(self.checkpoint.tensor(e.source).shape), list(e.shape)]
+                   for e in self.entries.values() if tuple(self.checkpoint.tensor(e.source).shape) != e.shape}
+        return {
+            "base": str(self.checkpoint.path),
+            "operation": self.options.operation,
+            "adapters": [{"source": i.adapter.source, "method": i.adapter.method, "weight": i.weight}
+                         for i in self.inputs],
+            "tensors": len(self.entries),
+            "merged": by_action[MERGE],
+            "cast": by_action[CAST],
+            "copied": len(by_action[COPY]),
+            "untied": [e.name for e in self.entries.values() if e.note.startswith("untied")],
+            "resized": resized,
+            "survival_reported": [e.name for e in self.entries.values() if e.survival],
+            "config_changes": self.config_changes,
+            "shards": [{"file": s.name, "tensors": sum(1 for x in s.slots),
+                        "bytes": sum(self.slot_bytes(x) for x in s.slots), "estimated": s.deferred}
+                       for s in self.shards],
+            "index": INDEX if self.write_index else None,
+            "files_copied": [p.name for p in self.files],
+        }
+
+
+def ordered(updates: Sequence[TensorUpdate]) -> tuple[TensorUpdate, ...]:
+    return tuple(sorted(updates, key=lambda u: KIND_ORDER[u.kind]))
+
+
+def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
+                 ignore_base_mismatch: bool = False) -> dict[str, list[TensorUpdate]]:
+    """Every adapter's updates, grouped by base parameter, validated against the base's headers."""
+    info = checkpoint.base_info()
+    grouped: dict[str, list[TensorUpdate]] = {}
+    replaced_by: dict[str, str] = {}
+    for item in inputs:
+        method = registry.get_method(item.adapter.method)
+        method.require("merge")
+        if not ignore_base_mismatch:
+            _check_architecture(item, checkpoint)
+        for update in method.merge_updates(item.adapter, info, item.weight):
+            if update.kind not in KIND_ORDER:
+                raise InputError(f"method {item.adapter.method!r} returned an update of unknown kind "
+                                 f"{update.kind!r}", tensor=update.target,
+                                 hint=f"kinds are {', '.join(KIND_ORDER)}; report this to the plugin's author")
+            if update.kind in ("replace", "replace_module"):
+                if update.target in replaced_by and replaced_by[update.target] != item.adapter.source:
+                    raise IncompatibleBaseError(
+                        f"two adapters replace {update.target} ({replaced_by[update.target]} and "
+                        f"{item.adapter.source})", hint="merge them separately or drop one")
+                replaced_by[update.target] = item.adapter.source
+            grouped.setdefault(update.target, []).append(update)
+    return grouped
+
+
+def _check_architecture(item: MergeInput, checkpoint: Checkpoint) -> None:
+    mapping = item.adapter.config.get("auto_mapping") or {}
+    wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    architectures = checkpoint.config.get("architectures") or []
+    if wanted and architectures and wanted not in architectures:
+        raise IncompatibleBaseError(
+            f"the adapter was trained on {wanted}, the base is {', '.join(map(str, architectures))}",
+            path=item.adapter.source, hint="pass --ignore-base-mismatch if you are sure")
+
+
+class _Backends:
+    """Which backend decodes each stored tensor, and which encodes the output."""
+
+    def __init__(self, options: MergeOptions, config: Mapping[str, Any]):
+        self.all: list[Backend] = [e.obj for e in registry.backends().values()]
+        self.config = config
+        self.forced = registry.get_backend(options.dtype) if options.dtype != "auto" else None
+
+    def decoder(self, tensor: BaseTensor) -> Backend | None:
+        return next((b for b in self.all if b.claims(tensor, self.config)), None)
+
+    def encoder(self, tensor: BaseTensor) -> Backend | None:
+        """The forced backend for anything a backend decodes (floats); else the tensor's own."""
+        decoder = self.decoder(tensor)
+        return self.forced if self.forced is not None and decoder is not None else decoder
+
+    def output_dtype(self, tensor: BaseTensor) -> str:
+        if self.forced is not None and self.decoder(tensor) is not None:
+            return dtypes.by_short(self.forced.name).code
+        return tensor.dtype
+
+
+def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: MergeOptions) -> MergePlan:
+    """The whole merge, decided: entries, shard layout, config and files (nothing is written)."""
+    if options.operation == "dequantize" and not checkpoint.groups:
+        raise InputError("no quantized weights here: nothing to dequantize", path=checkpoint.path,
+                         hint="expected a quantized checkpoint (e.g. bitsandbytes 4-bit)")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but torch sees no CUDA device", hint="use --device cpu")
+    backends = _Backends(options, checkpoint.config)
+    group_targets = _group_targets(checkpoint, options)
+    updates = plan_updates(inputs, checkpoint, options.ignore_base_mismatch)
+    for target in updates:
+        stored = checkpoint.aliases.get(target, target)
+        if stored in checkpoint.location and backends.decoder(checkpoint.tensor(stored)) is None:
+            raise InputError(f"cannot merge into a {checkpoint.tensor(stored).dtype} tensor: no backend decodes it",
+                             path=checkpoint.location[stored][0].path, tensor=target)
+
+    entries: dict[str, Entry] = {}
+    for name in checkpoint.location:
+        if name in checkpoint.companions:
+            continue
+        entries[name] = _entry(name, name, ordered(updates.get(name, [])), checkpoint, backends, group_targets,
+                               options)
+    aliases = _tied_aliases(checkpoint, updates, entries, backends, options)
+
+    shards = _layout(checkpoint, entries, aliases, options.shard_size)
+    entries.update(aliases)
+    vocab = _vocab_size(checkpoint, entries)
+    config, changes = _output_config(checkpoint, options, bool(aliases), vocab, group_targets)
+    return MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
+                     untied=bool(aliases), vocab_size=vocab)
+
+
+def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, GroupOutput]:
+    """Parameters the output stores as groups: every quantized one (requantize) or the chosen dense
+    linear weights (quantize)."""
+    if options.requantize:
+        if not checkpoint.groups:
+            raise InputError("--requantize needs a quantized base", path=checkpoint.path,
+                             hint="to quantize a dense model, use `adaptools requantize`")
+        return {param: GroupOutput(backend, backend.group_settings(param, checkpoint.read_small))
+                for param, (backend, _) in checkpoint.groups.items()}
+    if options.quantize is not None:
+        backend = registry.get_backend(options.quantize.quant_type)
+        return {name: GroupOutput(backend, settings)
+                for name, settings in quantize_targets(checkpoint, backend, options.quantize).items()}
+    return {}
+
+
+def _entry(name: str, source: str, chain: tuple[TensorUpdate, ...], checkpoint: Checkpoint, backends: _Backends,
+           group_targets: Mapping[str, GroupOutput], options: MergeOptions) -> Entry:
+    like = checkpoint.tensor(source)
+    shape = next((tuple(u.shape) for u in reversed(chain) if u.shape is not None), tuple(like.shape))
+    decoder = backends.decoder(like)
+    group = group_targets.get(source)
+    if group is not None:
+        if not chain and options.requantize:  # untouched: its stored group is copied byte for byte
+            return Entry(name, COPY, source, shape, like.dtype)
+        return Entry(name, MERGE if chain else CAST, source, shape, like.dtype, chain, decoder, decoder, group,
+                     survival=bool(chain) and source in checkpoint.groups)
+    out_dtype = backends.output_dtype(like)
+    if chain:
+        return Entry(name, MERGE, source, shape, out_dtype, chain, decoder, backends.encoder(like))
+    if out_dtype != like.dtype or source in checkpoint.groups:
+        return Entry(name, CAST, source, shape, out_dtype, (), decoder, backends.encoder(like))
+    return Entry(name, COPY, source, shape, out_dtype)
+
+
+def _tied_aliases(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]], entries: dict[str, Entry],
+                  backends: _Backends, options: MergeOptions) -> dict[str, Entry]:
+    """Resolve tied parameters: an alias (``lm_head``) that an adapter changes differently from its storage
+    becomes an explicit entry; one that comes out equal stays tied (the delta applied once)."""
+    from .compute import dense_value  # the one weight a plan computes
+
+    explicit: dict[str, Entry] = {}
+    for alias, stored in checkpoint.aliases.items():
+        if alias not in updates and stored not in updates:
+            continue
+        stored_entry = entries[stored]
+        alias_chain = ordered([u for u in stored_entry.chain if u.kind in STORAGE_KINDS] + updates.get(alias, []))
+        alias_entry = _entry(alias, stored, alias_chain, checkpoint, backends, {}, options)
+        alias_entry.action = MERGE
+        if dense_value(stored_entry, checkpoint, options.device).equal(
+                dense_value(alias_entry, checkpoint, options.device)):
+            continue
+        alias_entry.note = f"untied from {stored}"
+        explicit[alias] = alias_entry
+    return explicit
+
+
+def _layout(checkpoint: Checkpoint, entries: dict[str, Entry], aliases: dict[str, Entry],
+            shard_size: int | None) -> list[ShardPlan]:
+    """Output shards in the base's order (or re-sharded by size). A copied group keeps every stored
+    tensor in its place; an encoded one is written where its parameter was; an alias follows its storage."""
+    parents = {c: p for p, (_, names) in checkpoint.groups.items() for c in names}
+    placed: list[tuple[str, Slot]] = []
+    for shard in checkpoint.shards:
+        for name in sorted(shard.header.tensors, key=lambda n: shard.header.tensors[n].begin):
+            entry = entries[parents.get(name, name)]
+            if entry.action == COPY:
+                placed.append((shard.name, Slot(entry, raw=name)))
+            elif name not in parents:
+                placed.append((shard.name, Slot(entry)))
+            else:
+                continue
+            for alias in aliases.values():
+                if alias.source == name:
+                    placed.append((shard.name, Slot(alias)))
+    if shard_size is None:
+        layout: dict[str, ShardPlan] = {}
+        for shard_name, slot in placed:
+            layout.setdefault(shard_name, ShardPlan(shard_name)).slots.append(slot)
+        return list(layout.values())
+    groups: list[list[Slot]] = [[]]
+    size = 0
+    for _, slot in placed:
+        nbytes = checkpoint.location[slot.raw][1].nbytes if slot.raw else slot.entry.spec.nbytes  # type: ignore[union-attr]
+        if groups[-1] and size + nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(slot)
+        size += nbytes
+    if len(groups) == 1:
+        return [ShardPlan(SINGLE, groups[0])]
+    return [ShardPlan(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _vocab_size(checkpoint: Checkpoint, entries: Mapping[str, Entry]) -> int | None:
+    """The new vocabulary size when an adapter resized the input embedding or lm_head."""
+    vocab = None
+    for entry in entries.values():
+        is_vocab = entry.name == "lm_head.weight" or any(
+            entry.name == s or entry.name.endswith("." + s) for s in EMBEDDING_NAMES)
+        if is_vocab and entry.shape != tuple(checkpoint.tensor(entry.source).shape):
+            vocab = entry.shape[0]
+    return vocab
+
+
+def _output_config(checkpoint: Checkpoint, options: MergeOptions, untied: bool, vocab: int | None,
+                   group_targets: Mapping[str, GroupOutput]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The output's config.json and what changed in it."""
+    config = dict(checkpoint.config)
+    changes: dict[str, Any] = {}
+    if options.dtype != "auto":
+        name = dtypes.by_short(options.dtype).config
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                changes[key] = name
+    if untied:
+        changes["tie_word_embeddings"] = False
+    if vocab is not None:
+        changes["vocab_size"] = vocab
+    config.update(changes)
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        nested = {k: v for k, v in changes.items() if k in text_config}
+        if nested:
+            config["text_config"] = {**text_config, **nested}
+    if not options.quantized_output and "quantization_config" in config:
+        del config["quantization_config"]
+        changes["quantization_config"] = None
+    if options.quantize is not None:
+        first = next(iter(group_targets.values()))
+        config["quantization_config"] = changes["quantization_config"] = first.backend.quantization_config(
+            first.settings, options.quantize)
+    return config, changes

@@ -1,0 +1,85 @@
+"""Quantized outputs: which dense weights get quantized, and how much of a change survives re-encoding.
+
+Re-encoding is lossy and, with nested quantization, not even a fixed point, so the plan copies
+untouched groups byte for byte and re-encodes only what a merge changed. For each of those the report
+says how much of the change survived: ``‖deq(q(W + Δ)) − W‖ / ‖Δ‖`` with ``W`` the decoded base.
+Small deltas (QLoRA's usually are) round away, which is why dequantize-merge is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from ..interfaces import Backend
+from .options import QuantizeOptions
+
+#: Parameters transformers never quantizes (output and input embeddings), matched by module name part.
+NEVER_QUANTIZED = ("lm_head", "embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "embed_out",
+                   "tok_embeddings", "embeddings", "position_embeddings")
+#: Architectures whose linear layers are GPT-2 style Conv1D (weights stored transposed).
+CONV1D_MODEL_TYPES = ("gpt2",)
+
+
+@dataclass
+class Survival:
+    """How much of one parameter's merged change survived re-encoding."""
+
+    tensor: str
+    delta_norm: float
+    retained: float  # ‖deq(q(W+Δ)) − W‖ / ‖Δ‖
+    codes_changed: float  # share of stored bytes that changed
+
+
+def quantize_targets(checkpoint: Checkpoint, backend: Backend,
+                     options: QuantizeOptions) -> dict[str, Mapping[str, Any]]:
+    """The dense 2-D linear weights transformers' quantization integration would quantize, each with the
+    backend's settings. Embeddings, lm_head, norms, biases and ``skip_modules`` stay dense."""
+    if checkpoint.groups:
+        raise InputError("this checkpoint is already quantized", path=checkpoint.path,
+                         hint="dequantize it first, or use merge --requantize")
+    if checkpoint.config.get("model_type") in CONV1D_MODEL_TYPES:
+        raise InputError("GPT-2 style Conv1D weights are stored transposed; quantizing them is not supported",
+                         path=checkpoint.path)
+    targets: dict[str, Mapping[str, Any]] = {}
+    for name in checkpoint.location:
+        tensor = checkpoint.tensor(name)
+        module = name.rpartition(".")[0]
+        parts = module.split(".")
+        if (not name.endswith(".weight") or len(tensor.shape) != 2 or tensor.dtype not in ("F32", "F16", "BF16")
+                or any(p in NEVER_QUANTIZED for p in parts)
+                or any(module == s or module.endswith("." + s) or s in parts for s in options.skip_modules)):
+            continue
+        targets[name] = backend.quantize_settings(tensor, options)
+    if not targets:
+        raise InputError("no linear weights to quantize", path=checkpoint.path)
+    return targets
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """‖a − b‖ in fp32, a chunk of elements at a time (no full-size temporaries; sums in float64)."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, x.numel(), chunk):
+        d = x[start:start + chunk].float() - y[start:start + chunk].float()
+        total += float(torch.dot(d, d))
+    return float(total ** 0.5)
+
+
+def survival(name: str, before: torch.Tensor, backend: Backend, merged: torch.Tensor, base: torch.Tensor,
+             group: Mapping[str, torch.Tensor]) -> Survival:
+    """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the decoded base and W+Δ as rounded to
+    the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces."""
+    norm = distance(merged, base)
+    requantized = backend.decode_group(name, lambda key: group[key], [k for k in group if k != name])
+    kept = distance(requantized, base)
+    retained = kept / norm if norm > 0 else 1.0
+    old = before.reshape(-1).view(torch.uint8)
+    new = group[name].reshape(-1).view(torch.uint8)
+    changed = int(torch.count_nonzero(old != new)) / max(1, old.numel()) if old.numel() == new.numel() else 1.0
+    return Survival(name, norm, retained, changed)

@@ -1,0 +1,147 @@
+"""Run a plan: compute every entry, write every shard, finalize and check, all inside the temporary
+output, then publish it with one rename. ``merge`` is the library's front door.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import registry
+from ..checkpoint import Checkpoint
+from ..interfaces import ValidationContext
+from ..outputs import atomic_output
+from .compute import Compute
+from .finalize import provenance, record_checks, write_files, write_index
+from .options import MergeEvent, MergeInput, MergeOptions, MergeSummary
+from .plan import MergePlan, build_plan
+from .source import BufferPool, Reader
+from .writer import ShardWriter
+
+Progress = Callable[[MergeEvent], None]
+
+
+def workers_for(options: MergeOptions) -> int:
+    return options.workers or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        options.workers or os.cpu_count() or 1)
+
+
+@contextmanager
+def _torch_threads(device: str, workers: int) -> Iterator[None]:
+    """On the CPU the engine parallelises over row blocks, so each torch kernel runs on one thread."""
+    if device != "cpu" or workers <= 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], options: MergeOptions) -> MergePlan:
+    """Open the base and build the plan (what ``merge --dry-run`` prints)."""
+    for check in options.checks:
+        registry.get_validator(check.name).check_options(dict(check.options))
+    return build_plan(Checkpoint.open(base), inputs, options)
+
+
+def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | None = None) -> MergeSummary:
+    """Write the planned output at ``out``; checks run on it before it is published."""
+    started = time.perf_counter()
+    options = plan.options
+    checkpoint = plan.checkpoint
+    summary = MergeSummary(output=str(out), untied_lm_head=plan.untied, vocab_size=plan.vocab_size)
+    record = provenance(checkpoint, plan.inputs, options.command, options.hash_base, options.operation)
+    metadata = {"format": "pt", "adaptools.provenance": json.dumps(record, sort_keys=True)}
+    total = plan.total_bytes
+    workers = workers_for(options)
+    inputs = [str(checkpoint.path), *(i.adapter.source for i in plan.inputs)]
+    timings = {"compute_and_write": 0.0, "finalize": 0.0, "checks": 0.0}
+    pool = BufferPool()
+    with atomic_output(out, force=options.force, inputs=inputs) as tmp, \
+            _torch_threads(options.device, workers), Reader(checkpoint, pool) as reader:
+        compute = Compute(checkpoint, reader, pool, options.device, workers)
+        try:
+            t0 = time.perf_counter()
+            for shard in plan.shards:
+                with ShardWriter(tmp / shard.name, shard, lambda n: checkpoint.location[n][1], metadata) as writer:
+                    for slot in shard.slots:
+                        if slot.raw is not None:
+                            src, info = reader.raw(slot.raw)
+                            writer.copy(slot.raw, src, info)
+                            nbytes, merged = info.nbytes, False
+                        else:
+                            produced = compute(slot.entry)
+                            nbytes = 0
+                            for name, tensor in produced.tensors.items():
+                                done = (lambda t=tensor: pool.give(t)) if any(
+                                    tensor is p for p in produced.pooled) else None
+                                writer.write(name, tensor, done)
+                                nbytes += tensor.numel() * tensor.element_size()
+                            if produced.survival is not None:
+                                summary.survival.append(produced.survival.__dict__)
+                            merged = slot.entry.merged
+                        summary.tensors += 1
+                        summary.bytes_written += nbytes
+                        summary.tensors_merged += int(merged)
+                        summary.tensors_copied += int(not merged)
+                        if progress is not None:
+                            progress(MergeEvent(slot.raw or slot.entry.name, shard.name, nbytes, merged, total))
+            t1 = time.perf_counter()
+            write_index(tmp, plan)
+            write_files(tmp, plan, record)
+            t2 = time.perf_counter()
+            summary.checks = _run_checks(plan, tmp)
+            if summary.checks:
+                record_checks(tmp, summary.checks)
+            timings.update(compute_and_write=t1 - t0, finalize=t2 - t1, checks=time.perf_counter() - t2)
+        finally:
+            compute.close()
+    summary.shards = len(plan.shards)
+    summary.seconds = time.perf_counter() - started
+    summary.profile = timings
+    summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return summary
+
+
+def _run_checks(plan: MergePlan, tmp: Path) -> list[dict[str, Any]]:
+    """Each requested validator on the finished (not yet published) output."""
+    results = []
+    for check in plan.options.checks:
+        context = ValidationContext(plan.options.operation, str(plan.checkpoint.path),
+                                    [i.adapter for i in plan.inputs], str(tmp),
+                                    {**check.options, "weights": [i.weight for i in plan.inputs]})
+        verdict = registry.get_validator(check.name).validate(context)
+        results.append({"name": check.name, "passed": verdict.passed, "message": verdict.message,
+                        "figures": verdict.figures})
+    return results
+
+
+def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str | os.PathLike[str],
+          options: MergeOptions | None = None, *, progress: Progress | None = None, **overrides: Any) -> MergeSummary:
+    """Merge ``inputs`` into the checkpoint ``base`` and write a checkpoint folder at ``out``.
+
+    Args:
+        base: a local checkpoint folder or a hub reference.
+        inputs: adapters (already loaded and validated) with weights.
+        out: the output folder; written to a temporary sibling and renamed into place at the end.
+        options: how to merge (:class:`MergeOptions`); keyword ``overrides`` set single fields
+            (``merge(base, inputs, out, dtype="bf16")``).
+        progress: called once per written tensor.
+
+    Raises:
+        AdaptoolsError subclasses for anything the user can fix; nothing is written then.
+    """
+    options = replace(options or MergeOptions(), **overrides)
+    return execute(plan(base, inputs, options), out, progress)
