@@ -1,64 +1,155 @@
 """adaptools: parameter-efficient fine-tuning adapters as files.
 
-This module is the public API. Plugins, built-in or third-party, import only from here.
+This module is the public API. Plugins, built-in or third-party, import only from here. Names are
+imported on first use (PEP 562), so ``import adaptools`` and ``adaptools --version`` do not pay for torch.
 """
 
 from __future__ import annotations
 
-from .adapter_io import detect_format, load, save
-from .errors import (
-    AdapterFormatError,
-    AdaptoolsError,
-    CheckFailedError,
-    IncompatibleBaseError,
-    InputError,
-    OutputExistsError,
-    PluginConflictError,
-    UnknownPluginError,
-    UnsafeInputError,
-    UnsupportedOperationError,
-)
-from .hookspecs import hookimpl
-from .interfaces import (
-    OPERATIONS,
-    AdapterFormat,
-    AdapterMethod,
-    Backend,
-    BaseInfo,
-    BaseTensor,
-    Finding,
-    LowRank,
-    ReadOptions,
-    TensorUpdate,
-    ValidationContext,
-    Validator,
-    Verdict,
-)
-from .outputs import atomic_output
-from .pickled import load_pickled_tensors
-from .registry import (
-    backends,
-    formats,
-    get_backend,
-    get_format,
-    get_method,
-    get_validator,
-    methods,
-    validators,
-)
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec, read_header, save_tensors
-from .schema import (
-    SCHEMA_VERSION,
-    Adapter,
-    BaseRef,
-    FileStore,
-    MemoryStore,
-    StoredTensorInfo,
-    TensorStore,
-    parse_metadata,
-    split_name,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .adapter_io import (
+        detect_format,
+        load,
+        save,
+    )
+    from .errors import (
+        AdapterFormatError,
+        AdaptoolsError,
+        CheckFailedError,
+        IncompatibleBaseError,
+        InputError,
+        OutputExistsError,
+        PluginConflictError,
+        UnknownPluginError,
+        UnsafeInputError,
+        UnsupportedOperationError,
+    )
+    from .hookspecs import (
+        hookimpl,
+    )
+    from .interfaces import (
+        OPERATIONS,
+        AdapterFormat,
+        AdapterMethod,
+        Backend,
+        BaseInfo,
+        BaseTensor,
+        Finding,
+        LowRank,
+        ReadOptions,
+        TensorUpdate,
+        ValidationContext,
+        Validator,
+        Verdict,
+    )
+    from .outputs import (
+        atomic_output,
+    )
+    from .pickled import (
+        load_pickled_tensors,
+    )
+    from .registry import (
+        backends,
+        formats,
+        get_backend,
+        get_format,
+        get_method,
+        get_validator,
+        methods,
+        validators,
+    )
+    from .safetensors_io import (
+        SafetensorsFile,
+        SafetensorsWriter,
+        TensorSpec,
+        read_header,
+        save_tensors,
+    )
+    from .schema import (
+        SCHEMA_VERSION,
+        Adapter,
+        BaseRef,
+        FileStore,
+        MemoryStore,
+        StoredTensorInfo,
+        TensorStore,
+        parse_metadata,
+        split_name,
+    )
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "Adapter": ".schema",
+    "AdapterFormat": ".interfaces",
+    "AdapterFormatError": ".errors",
+    "AdapterMethod": ".interfaces",
+    "AdaptoolsError": ".errors",
+    "Backend": ".interfaces",
+    "BaseInfo": ".interfaces",
+    "BaseRef": ".schema",
+    "BaseTensor": ".interfaces",
+    "CheckFailedError": ".errors",
+    "FileStore": ".schema",
+    "Finding": ".interfaces",
+    "IncompatibleBaseError": ".errors",
+    "InputError": ".errors",
+    "LowRank": ".interfaces",
+    "MemoryStore": ".schema",
+    "OPERATIONS": ".interfaces",
+    "OutputExistsError": ".errors",
+    "PluginConflictError": ".errors",
+    "ReadOptions": ".interfaces",
+    "SCHEMA_VERSION": ".schema",
+    "SafetensorsFile": ".safetensors_io",
+    "SafetensorsWriter": ".safetensors_io",
+    "StoredTensorInfo": ".schema",
+    "TensorSpec": ".safetensors_io",
+    "TensorStore": ".schema",
+    "TensorUpdate": ".interfaces",
+    "UnknownPluginError": ".errors",
+    "UnsafeInputError": ".errors",
+    "UnsupportedOperationError": ".errors",
+    "ValidationContext": ".interfaces",
+    "Validator": ".interfaces",
+    "Verdict": ".interfaces",
+    "atomic_output": ".outputs",
+    "backends": ".registry",
+    "detect_format": ".adapter_io",
+    "formats": ".registry",
+    "get_backend": ".registry",
+    "get_format": ".registry",
+    "get_method": ".registry",
+    "get_validator": ".registry",
+    "hookimpl": ".hookspecs",
+    "load": ".adapter_io",
+    "load_pickled_tensors": ".pickled",
+    "methods": ".registry",
+    "parse_metadata": ".schema",
+    "read_header": ".safetensors_io",
+    "save": ".adapter_io",
+    "save_tensors": ".safetensors_io",
+    "split_name": ".schema",
+    "validators": ".registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adaptools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "OPERATIONS",

@@ -68,3 +68,17 @@ class CheckFailedError(AdaptoolsError):
     """A check ran and found a problem; the CLI exits 1."""
 
     exit_code = 1
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (newlines, escape codes) and lone
+    surrogates shown escaped, so a name from a file cannot rewrite what the user's terminal shows."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or 0xD800 <= code < 0xE000:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii") if code < 0xD800
+                       else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

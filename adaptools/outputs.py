@@ -50,7 +50,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_interrupted = False
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    """The first stop signal raises; every later one is ignored, so clean-up cannot be cut short."""
+    global _interrupted
+    _interrupted = True
+    ignore_stop_signals()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt()
     raise Interrupted(signum)
@@ -59,7 +66,8 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """For the duration, SIGTERM/SIGHUP/SIGQUIT raise :class:`Interrupted`, as SIGINT raises
-    KeyboardInterrupt, so that ``finally`` clean-up runs. Outside the main thread it does nothing."""
+    KeyboardInterrupt, so that ``finally`` clean-up runs. Outside the main thread it does nothing. After
+    an interruption the signals stay ignored: the process is ending."""
     try:
         previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
     except ValueError:  # not the main thread
@@ -68,8 +76,9 @@ def stop_signals_raise() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if not _interrupted:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 @contextmanager
@@ -85,6 +94,16 @@ def shielded() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def ignore_stop_signals() -> None:
+    """From now on ignore stop signals: the run is already ending after an interruption, and a second
+    Ctrl-C must not turn its one-line message into a traceback."""
+    for s in STOP_SIGNALS:
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            return
 
 
 def is_ours(path: Path) -> bool:

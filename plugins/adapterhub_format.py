@@ -156,7 +156,8 @@ class AdapterHubFormat(adaptools.AdapterFormat):
                     tensors[key] = adapter.tensor(tensor_name).contiguous().clone()
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        adaptools.save_tensors(path / WEIGHTS, dict(sorted(tensors.items())), {"format": "pt"})
+        adaptools.save_tensors(path / WEIGHTS, dict(sorted(tensors.items())),
+                               {"format": "pt", "adaptools.tool": f"adaptools {adaptools.__version__}"})
 
 
 @adaptools.hookimpl

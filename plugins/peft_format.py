@@ -161,7 +161,8 @@ class PeftFormat(adaptools.AdapterFormat):
                 tensors[key] = adapter.tensor(name).contiguous()
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        adaptools.save_tensors(path / WEIGHTS, dict(sorted(tensors.items())), {"format": "pt"})
+        adaptools.save_tensors(path / WEIGHTS, dict(sorted(tensors.items())),
+                               {"format": "pt", "adaptools.tool": f"adaptools {adaptools.__version__}"})
 
 
 @adaptools.hookimpl

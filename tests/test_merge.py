@@ -313,8 +313,12 @@ main()
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_interrupted_merge_leaves_no_output(sig, tmp_path):
+@pytest.mark.parametrize("sigs", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGHUP], [signal.SIGQUIT],
+                                  [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT], [signal.SIGKILL]],
+                         ids=["term", "int", "hup", "quit", "int-int", "term-int", "kill"])
+def test_interrupted_merge_leaves_no_output(sigs, tmp_path):
+    import time
+
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(base_path("llama")),
                              str(adapter_path("llama-lora")), str(out)], stdout=subprocess.PIPE,
@@ -322,14 +326,21 @@ def test_interrupted_merge_leaves_no_output(sig, tmp_path):
     try:
         for _ in range(3):  # let it write a few tensors
             assert "writing" in proc.stdout.readline()
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
+        for sig in sigs:  # a second signal 0.05 s later must not cut the clean-up short
+            proc.send_signal(sig)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode != 0
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
-    if sig == signal.SIGKILL:  # nothing can clean up after SIGKILL; what remains is hidden and marked
-        assert all(name.startswith(".out.adaptools-tmp-") for name in leftovers)
+    if sigs == [signal.SIGKILL]:  # nothing can clean up after SIGKILL: the next run into the folder does
+        assert leftovers and all(name.startswith(".out.adaptools-tmp-") for name in leftovers)
+        merge(base_path("llama"), [MergeInput(adaptools.load(adapter_path("llama-lora")))], tmp_path / "next")
+        assert [p.name for p in tmp_path.iterdir()] == ["next"]
     else:
         assert leftovers == []
+        assert proc.returncode == 128 + sigs[0]
+        assert "Traceback" not in err and err.strip().splitlines() == [
+            f"Interrupted ({signal.Signals(sigs[0]).name}): nothing was written."]

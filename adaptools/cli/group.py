@@ -4,29 +4,44 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ..errors import AdaptoolsError
+from ..errors import AdaptoolsError, printable
+from ..outputs import Interrupted, ignore_stop_signals
 from ..version import __version__
 
 
 class AdaptoolsGroup(click.Group):
-    """A click group that turns AdaptoolsError into one line on stderr and its exit code."""
+    """A click group that turns anything a user or a file can cause into one line on stderr and an exit
+    code: AdaptoolsError (its own code), an operating-system error (2), an interruption (128 + signal)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        debug = ctx.params.get("debug") or os.environ.get("ADAPTOOLS_RAISE_ERRORS")
         try:
             return super().invoke(ctx)
         except AdaptoolsError as exc:
-            if ctx.params.get("debug") or os.environ.get("ADAPTOOLS_RAISE_ERRORS"):
+            if debug:
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: nothing was written.", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            ignore_stop_signals()
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"Interrupted ({signal.Signals(signum).name}): nothing was written.", err=True)
+            ctx.exit(128 + signum)
+        except BrokenPipeError:  # `adaptools ... | head`: the reader has gone, nothing to report to
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            ctx.exit(1)
+        except OSError as exc:
+            if debug:
+                raise
+            where = f"{printable(str(exc.filename))}: " if exc.filename else ""
+            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:

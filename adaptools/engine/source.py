@@ -34,10 +34,9 @@ class BufferPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
-            fitting = [b for b in self._free if b.numel() >= nbytes]
-            if fitting:
-                buffer = min(fitting, key=lambda b: b.numel())
-                self._free.remove(buffer)
+            fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fitting:  # (by index: ``list.remove`` would compare tensors element by element)
+                buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
             else:
                 buffer = torch.empty(max(GRANULE, -(-nbytes // GRANULE) * GRANULE), dtype=torch.uint8)
             view = buffer[:nbytes]
@@ -51,7 +50,7 @@ class BufferPool:
                 return
             self._free.append(buffer)
             if len(self._free) > KEEP_FREE:
-                self._free.remove(min(self._free, key=lambda b: b.numel()))
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised tensor of ``dtype`` and ``shape`` on a pooled buffer (give it back when done)."""
