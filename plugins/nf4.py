@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -269,11 +270,29 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         packed = packed.squeeze(1).view(quant_storage).unsqueeze(1)
     state = QuantState(quant_type, blocksize, A.dtype, tuple(A.shape), absmax, code_table(quant_type))
     if double_quant:
-        offset = absmax.mean()
+        offset = mean_one_thread(absmax)
         qabsmax, nested_absmax = quantize_nested(absmax - offset)
         state.absmax, state.nested_absmax, state.nested_quant_map = qabsmax, nested_absmax, dynamic_map().clone()
         state.nested_offset = offset.item()
     return packed, state
+
+
+_THREADS = threading.Lock()
+
+
+def mean_one_thread(values: torch.Tensor) -> torch.Tensor:
+    """``values.mean()`` summed in one thread's order. bitsandbytes takes the nested offset as
+    ``absmax.mean()`` on however many threads torch has, and the sum's rounding depends on that count
+    (docs/nf4.md, "The nested offset"); one thread is the order that does not depend on the machine."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return values.mean()
+    with _THREADS:
+        torch.set_num_threads(1)
+        try:
+            return values.mean()
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _from_bnb_state(state: Any) -> QuantState:

@@ -83,6 +83,27 @@ def reference_dequantize(packed, state):
     return (nf4.code_table(state.quant_type)[nibbles] * absmax).to(state.dtype).reshape(state.shape)
 
 
+def test_nested_offset_does_not_depend_on_the_thread_count():
+    """bitsandbytes' offset is absmax.mean() on torch's threads; on this weight one and two threads round the
+    sum differently (one ulp, and absmax codes change). We always sum in one thread's order."""
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(5632, 2048, generator=gen) * 0.019).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p1, s1 = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        torch.set_num_threads(2)
+        _, s2 = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert s1.offset.item() != s2.offset.item()  # the hazard is real on this weight
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            packed, ours = nf4.quantize_4bit(w, 64, "nf4", True)
+            assert ours.nested_offset == s1.offset.item()
+            assert torch.equal(ours.absmax, s1.absmax) and torch.equal(packed, p1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_exact_ties_go_to_the_lower_code():
     mid, _ = nf4.bounds("nf4")
     a = torch.cat([torch.tensor([1.0]), mid]).reshape(1, 16)  # absmax 1: scaled values are the midpoints
