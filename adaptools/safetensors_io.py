@@ -16,6 +16,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,7 @@ class SafetensorsWriter:
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._next = 0
+        self.seconds = 0.0  # spent writing (in the background thread when there is one)
         self._queue: queue.Queue[Callable[[], None] | None] | None = None
         self._error: BaseException | None = None
         if background:
@@ -260,16 +262,20 @@ class SafetensorsWriter:
             if job is None:
                 return
             if self._error is None:
+                started = time.perf_counter()
                 try:
                     job()
                 except BaseException as exc:  # re-raised in the caller's thread
                     self._error = exc
+                self.seconds += time.perf_counter() - started
 
     def _submit(self, job: Callable[[], None]) -> None:
         if self._error is not None:
             raise self._error
         if self._queue is None:
+            started = time.perf_counter()
             job()
+            self.seconds += time.perf_counter() - started
         else:
             self._queue.put(job)
 
@@ -374,12 +380,15 @@ class DeferredSafetensorsWriter:
         self._data_path = self.path.with_name(f".{self.path.name}.data")
         self._fh: BinaryIO = open(self._data_path, "wb+")
         self._specs: dict[str, TensorSpec] = {}
+        self.seconds = 0.0
 
     def write(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
         if name in self._specs:
             raise ValueError(f"{name!r} written twice")
         self._specs[name] = TensorSpec.of(tensor)
+        started = time.perf_counter()
         self._fh.write(tensor_bytes(tensor))
+        self.seconds += time.perf_counter() - started
         if done is not None:
             done()
 
@@ -396,6 +405,7 @@ class DeferredSafetensorsWriter:
             done += len(data)
 
     def close(self) -> None:
+        started = time.perf_counter()
         self._fh.flush()
         size = self._fh.tell()
         with SafetensorsWriter(self.path, self._specs, self._metadata) as out:
@@ -409,6 +419,7 @@ class DeferredSafetensorsWriter:
                 done += len(data)
         self._fh.close()
         self._data_path.unlink()
+        self.seconds += time.perf_counter() - started
 
     def __enter__(self) -> DeferredSafetensorsWriter:
         return self

@@ -9,10 +9,14 @@ medians, with ratios against `cp -r` measured in the same run.
     python benchmarks/merge.py --size 3b --skip-peft # a 3.2B checkpoint (6.4 GB)
     python benchmarks/merge.py --json results.json
     python benchmarks/merge.py --nf4                 # the same base quantized to NF4: dequantize-merge and
-                                                     # merge --requantize against cp -r of the 4-bit base
+                                                     # merge --requantize against cp -r of the dense base
 
 Peak RSS is each process's own maximum resident set, from GNU time (/usr/bin/time, Debian package
-"time"). Wall time includes interpreter start-up.
+"time"). Wall time includes interpreter start-up, so the run also times `python -c "import torch"`:
+work time = wall time minus that, the figure the targets are about. The profile (from `merge --json`)
+says where a merge's time went: planning, reading, computing, encoding, writing (in a background
+thread, so it overlaps the rest), finalizing; start-up is the wall time the process spent before and
+around the engine.
 """
 
 from __future__ import annotations
@@ -127,8 +131,9 @@ model.save_pretrained(out)
 """
 
 
-def measure(cmd: list[str], out: Path) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of that process).
+def measure(cmd: list[str], out: Path, profile: dict | None = None) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of that process); ``profile`` receives the
+    engine's profile when the command prints a --json summary.
 
     GNU time reports the child's own peak; os.wait4 would count the pages this (large) parent process had
     when it forked.
@@ -138,13 +143,15 @@ def measure(cmd: list[str], out: Path) -> tuple[float, int]:
     env = {**os.environ, "ADAPTOOLS_LOAD_PLUGINS": "", "TRANSFORMERS_VERBOSITY": "error"}
     timer = shutil.which("time") or "/usr/bin/time"
     start = time.perf_counter()
-    proc = subprocess.run([timer, "-f", "adaptools-bench-rss %M", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.run([timer, "-f", "adaptools-bench-rss %M", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
     rss_kb = int(proc.stderr.rsplit("adaptools-bench-rss ", 1)[1].split()[0])
     shutil.rmtree(out, ignore_errors=True)
+    if profile is not None and proc.stdout.lstrip().startswith("{"):
+        data = json.loads(proc.stdout)
+        profile.update(data.get("profile", {}), engine=data.get("seconds", 0.0), wall=wall)
     return wall, rss_kb * 1024
 
 
@@ -156,6 +163,7 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--nf4", action="store_true", help="benchmark a 4-bit (NF4) base instead")
+    parser.add_argument("--profile", action="store_true", help="print where each adaptools run spent its time")
     args = parser.parse_args()
     cfg = SIZES[args.size]
     base, adapter = args.work / f"base-{args.size}", args.work / f"lora-{args.size}"
@@ -171,27 +179,35 @@ def main() -> None:
             subprocess.run([*adaptools_cmd, "requantize", str(base), str(nf4)], check=True, stdout=subprocess.DEVNULL)
         base = nf4
         contenders = {
+            "cp -r (dense base)": ["cp", "-r", str(args.work / f"base-{args.size}"), str(out)],
             "cp -r (4-bit base)": ["cp", "-r", str(base), str(out)],
-            "adaptools dequantize": [*adaptools_cmd, "dequantize", str(base), str(out)],
-            "adaptools merge (dequantize-merge)": [*adaptools_cmd, "merge", str(base), str(adapter), str(out)],
+            "adaptools dequantize": [*adaptools_cmd, "dequantize", str(base), str(out), "--json"],
+            "adaptools merge (dequantize-merge)": [*adaptools_cmd, "merge", str(base), str(adapter), str(out),
+                                                   "--json"],
             "adaptools merge --requantize": [*adaptools_cmd, "merge", str(base), str(adapter), str(out),
-                                             "--requantize"],
+                                             "--requantize", "--json"],
         }
         args.skip_peft = True
     else:
         contenders = {
             "cp -r": ["cp", "-r", str(base), str(out)],
-            "adaptools merge": [*adaptools_cmd, "merge", str(base), str(adapter), str(out)],
+            "adaptools merge": [*adaptools_cmd, "merge", str(base), str(adapter), str(out), "--json"],
         }
+    contenders['python -c "import torch"'] = [sys.executable, "-c", "import torch"]
+    contenders["adaptools --version"] = [*adaptools_cmd, "--version"]
     if not args.skip_peft:
         contenders["peft merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
     baseline = next(iter(contenders))
     measure(contenders[baseline], out)  # warm the page cache
     results = {}
     runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
+    profiles: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(args.repeat):  # interleaved, so drift in disk state hits every contender alike
         for name, cmd in contenders.items():
-            runs_by[name].append(measure(cmd, out))
+            profile: dict = {}
+            runs_by[name].append(measure(cmd, out, profile))
+            if profile:
+                profiles[name].append(profile)
     for name in contenders:
         runs = runs_by[name]
         results[name] = {"wall_s": statistics.median(r[0] for r in runs),
@@ -200,11 +216,29 @@ def main() -> None:
         print(f"{name:36s} {results[name]['wall_s']:7.2f} s  {results[name]['peak_rss_bytes'] / 2**30:6.2f} GiB",
               file=sys.stderr)
     cp = results[baseline]["wall_s"]
+    torch_s = results['python -c "import torch"']["wall_s"]
     size_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     print(f"\ncheckpoint: {args.size}, {size_bytes / 1e9:.2f} GB; medians of {args.repeat}")
-    print(f"{'contender':36s} {'wall s':>8s} {'x cp -r':>8s} {'peak RSS GiB':>13s}")
+    print(f"{'contender':36s} {'wall s':>8s} {'x cp -r':>8s} {'work s':>8s} {'work x cp':>10s} {'peak RSS GiB':>13s}")
     for name, r in results.items():
-        print(f"{name:36s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {r['peak_rss_bytes'] / 2**30:13.2f}")
+        work = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
+        r["work_s"] = work
+        print(f"{name:36s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {work:8.2f} {work / cp:10.2f} "
+              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
+    if args.nf4:
+        requantize = results["adaptools merge --requantize"]["wall_s"]
+        ratio = requantize / results["adaptools merge (dequantize-merge)"]["wall_s"]
+        print(f"merge --requantize takes {ratio:.2f}x dequantize-merge")
+    for name, runs in profiles.items():
+        if not runs:
+            continue
+        median = {k: statistics.median(p.get(k, 0.0) for p in runs) for k in runs[0]}
+        results[name]["profile"] = median
+        if args.profile:
+            startup = median["wall"] - median["engine"] - median.get("plan", 0.0)
+            parts = ", ".join(f"{k} {median[k]:.2f}" for k in ("plan", "read", "compute", "encode",
+                                                              "write_background", "finalize", "checks") if k in median)
+            print(f"  {name}: start-up and imports {startup:.2f} s; {parts} (seconds, medians)")
     if "peft merge_and_unload" in results:
         ratio = results["peft merge_and_unload"]["wall_s"] / results["adaptools merge"]["wall_s"]
         print(f"adaptools is {ratio:.1f}x faster than PEFT")

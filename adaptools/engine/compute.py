@@ -8,6 +8,7 @@ where the base had a finite value (docs/merge-engine.md, "Never garbage").
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class Compute:
         self.pool = pool
         self.device = device
         self.workers = max(1, workers)
+        self.seconds = {"compute": 0.0, "encode": 0.0}  # for the profile
         self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="adaptools-merge") \
             if self.workers > 1 else None
 
@@ -140,12 +142,14 @@ class Compute:
 
     def __call__(self, entry: Entry) -> Produced:
         stored, pooled = self.reader.read(entry.source)
+        started = time.perf_counter()
         try:
             if entry.group is not None:
                 return self._group(entry, stored)
             out = self._dense(entry, stored, entry.encoder, DTYPES[entry.dtype][0])
             return Produced({entry.name: out}, [out] if out is not stored else [])
         finally:
+            self.seconds["compute"] += time.perf_counter() - started
             self.reader.release(stored, pooled)
 
     def _dense(self, entry: Entry, stored: torch.Tensor, encoder: Backend | None, dtype: torch.dtype) -> torch.Tensor:
@@ -177,6 +181,7 @@ class Compute:
         else:
             merged = stored
             check_finite(entry, merged, lambda: None)
+        started = time.perf_counter()
         try:
             group = entry.group.backend.encode_group(entry.name, merged, entry.group.settings)
             report = None
@@ -184,6 +189,8 @@ class Compute:
                 before = self.checkpoint.read_small(entry.name)
                 report = survival(entry.name, before, entry.group.backend, merged, stored, group)
         finally:
+            self.seconds["encode"] += time.perf_counter() - started
+            self.seconds["compute"] -= time.perf_counter() - started
             if merged is not stored:
                 self.pool.give(merged)
         return Produced(group, survival=report)

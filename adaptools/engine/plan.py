@@ -104,6 +104,7 @@ class MergePlan:
     files: list[Path]
     untied: bool = False
     vocab_size: int | None = None
+    seconds: float = 0.0  # how long planning took, for the profile
 
     @property
     def write_index(self) -> bool:

@@ -51,9 +51,12 @@ def _torch_threads(device: str, workers: int) -> Iterator[None]:
 
 def plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], options: MergeOptions) -> MergePlan:
     """Open the base and build the plan (what ``merge --dry-run`` prints)."""
+    started = time.perf_counter()
     for check in options.checks:
         registry.get_validator(check.name).check_options(dict(check.options))
-    return build_plan(Checkpoint.open(base), inputs, options)
+    built = build_plan(Checkpoint.open(base), inputs, options)
+    built.seconds = time.perf_counter() - started
+    return built
 
 
 def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | None = None) -> MergeSummary:
@@ -67,7 +70,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
     total = plan.total_bytes
     workers = workers_for(options)
     inputs = [str(checkpoint.path), *(i.adapter.source for i in plan.inputs)]
-    timings = {"compute_and_write": 0.0, "finalize": 0.0, "checks": 0.0}
+    timings = {"plan": plan.seconds}
+    written = 0.0
     pool = BufferPool()
     with atomic_output(out, force=options.force, inputs=inputs) as tmp, \
             _torch_threads(options.device, workers), Reader(checkpoint, pool) as reader:
@@ -98,6 +102,7 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
                         summary.tensors_copied += int(not merged)
                         if progress is not None:
                             progress(MergeEvent(slot.raw or slot.entry.name, shard.name, nbytes, merged, total))
+                written += writer.seconds
             t1 = time.perf_counter()
             write_index(tmp, plan)
             write_files(tmp, plan, record)
@@ -105,7 +110,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             summary.checks = _run_checks(plan, tmp)
             if summary.checks:
                 record_checks(tmp, summary.checks)
-            timings.update(compute_and_write=t1 - t0, finalize=t2 - t1, checks=time.perf_counter() - t2)
+            timings.update(read=reader.seconds, compute=compute.seconds["compute"], encode=compute.seconds["encode"],
+                           write_background=written, shards=t1 - t0, finalize=t2 - t1, checks=time.perf_counter() - t2)
         finally:
             compute.close()
     summary.shards = len(plan.shards)

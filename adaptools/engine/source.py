@@ -9,6 +9,7 @@ back once the tensor has been written.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -72,6 +73,7 @@ class Reader:
         self.checkpoint = checkpoint
         self.pool = pool
         self._handles: dict[Path, BinaryIO] = {}
+        self.seconds = 0.0  # spent reading and decoding groups, for the profile
 
     def handle(self, path: Path) -> BinaryIO:
         fh = self._handles.get(path)
@@ -87,11 +89,14 @@ class Reader:
     def read(self, name: str) -> tuple[torch.Tensor, bool]:
         """A parameter's stored value (a quantized group decoded to its dense dtype), and whether it lives
         on a pooled buffer (then :meth:`release` it)."""
-        if name in self.checkpoint.groups:
-            return self.checkpoint.read(name), False
-        fh, info = self.raw(name)
-        buffer = self.pool.take(info.nbytes)
-        return read_tensor(fh, info, into=buffer), True
+        started = time.perf_counter()
+        try:
+            if name in self.checkpoint.groups:
+                return self.checkpoint.read(name), False
+            fh, info = self.raw(name)
+            return read_tensor(fh, info, into=self.pool.take(info.nbytes)), True
+        finally:
+            self.seconds += time.perf_counter() - started
 
     def release(self, tensor: torch.Tensor, pooled: bool) -> None:
         if pooled:

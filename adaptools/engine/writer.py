@@ -48,6 +48,11 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
         self._writer.write(name, tensor, done)
 
+    @property
+    def seconds(self) -> float:
+        """Time spent writing bytes (in a background thread for header-first shards)."""
+        return self._writer.seconds
+
     def __enter__(self) -> ShardWriter:
         return self
 
