@@ -17,6 +17,9 @@ if TYPE_CHECKING:
         load,
         save,
     )
+    from .datatypes import UpdateKind, WriteOptions
+    from .dtypes import FLOAT_TYPES, FloatType
+    from .engine.options import QuantizeOptions
     from .errors import (
         AdapterFormatError,
         AdaptoolsError,
@@ -25,9 +28,11 @@ if TYPE_CHECKING:
         InputError,
         OutputExistsError,
         PluginConflictError,
+        PluginContractError,
         UnknownPluginError,
         UnsafeInputError,
         UnsupportedOperationError,
+        printable,
     )
     from .hookspecs import (
         hookimpl,
@@ -37,14 +42,21 @@ if TYPE_CHECKING:
         AdapterFormat,
         AdapterMethod,
         Backend,
+        Bakeable,
         BaseInfo,
         BaseTensor,
         Finding,
+        Initializable,
         LowRank,
+        LowRankAlgebra,
+        Mergeable,
+        PlainConvertible,
         ReadOptions,
+        RuntimeApplicable,
         TensorUpdate,
         ValidationContext,
         Validator,
+        ValidatorOption,
         Verdict,
     )
     from .outputs import (
@@ -84,6 +96,20 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "Mergeable": ".interfaces",
+    "LowRankAlgebra": ".interfaces",
+    "Initializable": ".interfaces",
+    "RuntimeApplicable": ".interfaces",
+    "Bakeable": ".interfaces",
+    "PlainConvertible": ".interfaces",
+    "ValidatorOption": ".interfaces",
+    "UpdateKind": ".datatypes",
+    "WriteOptions": ".datatypes",
+    "PluginContractError": ".errors",
+    "printable": ".errors",
+    "QuantizeOptions": ".engine.options",
+    "FLOAT_TYPES": ".dtypes",
+    "FloatType": ".dtypes",
     "Adapter": ".schema",
     "AdapterFormat": ".interfaces",
     "AdapterFormatError": ".errors",
@@ -152,6 +178,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Mergeable",
+    "LowRankAlgebra",
+    "Initializable",
+    "RuntimeApplicable",
+    "Bakeable",
+    "PlainConvertible",
+    "ValidatorOption",
+    "UpdateKind",
+    "WriteOptions",
+    "PluginContractError",
+    "printable",
+    "QuantizeOptions",
+    "FLOAT_TYPES",
+    "FloatType",
     "OPERATIONS",
     "load_pickled_tensors",
     "SCHEMA_VERSION",

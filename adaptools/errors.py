@@ -82,3 +82,8 @@ def printable(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+class PluginContractError(AdaptoolsError):
+    """A plugin does not keep the contract: it claims an operation it does not implement, registers an
+    object of the wrong kind, or returns malformed data. The message names the plugin."""

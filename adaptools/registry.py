@@ -1,26 +1,32 @@
 """Look up methods, formats, backends and validators by name, knowing which plugin registered each.
 
-Hooks are called one plugin at a time so that every registered object is stamped with its owner; a name
-registered twice is an error that names both plugins.
+The registry is built once, after plugins load: each register hook is called through pluggy's own call
+path one plugin at a time (so ``ADAPTOOLS_TRACE_PLUGINS=1`` shows every call), every registered object
+is stamped with its owner and checked against the contract (:mod:`adaptools.contract`), and a name
+registered twice is an error that names both plugins. It is built again only when the set of plugins
+changes (a test or an application registering one at run time); :func:`reset` forces that.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import PluginConflictError, UnknownPluginError
+from . import contract
+from .errors import AdaptoolsError, PluginConflictError, PluginContractError, UnknownPluginError
 from .interfaces import AdapterFormat, AdapterMethod, Backend, Validator
 from .plugins import load_plugins, plugin_distribution, pm
 
 T = TypeVar("T")
 
-KINDS = {
-    "method": ("register_methods", AdapterMethod),
-    "format": ("register_formats", AdapterFormat),
-    "backend": ("register_backends", Backend),
-    "validator": ("register_validators", Validator),
+KINDS: dict[str, tuple[str, type, Callable[[Any, str], None]]] = {
+    "method": ("register_methods", AdapterMethod, contract.check_method),
+    "format": ("register_formats", AdapterFormat, contract.check_format),
+    "backend": ("register_backends", Backend, contract.check_backend),
+    "validator": ("register_validators", Validator,
+                  lambda v, plugin: contract.check_validator_options(v.options, plugin, v.name)),
 }
 
 
@@ -34,26 +40,55 @@ class Registered(Generic[T]):
     version: str | None
 
 
+_built: dict[str, dict[str, Registered[Any]]] = {}
+_built_for: frozenset[int] = frozenset()
+
+
+def reset() -> None:
+    """Forget what was registered; the next lookup calls the hooks again."""
+    _built.clear()
+
+
 def _collect(kind: str) -> dict[str, Registered[Any]]:
+    global _built_for
     load_plugins()
-    hook_name, base_class = KINDS[kind]
+    current = frozenset(map(id, pm.get_plugins()))
+    if current != _built_for:
+        _built.clear()
+        _built_for = current
+    if kind in _built:
+        return _built[kind]
+    hook_name, base_class, check = KINDS[kind]
     found: dict[str, Registered[Any]] = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    for impl in impls:  # registration order, one plugin at a time
         plugin_name = impl.plugin_name
         dist, version = plugin_distribution(impl.plugin)
 
         def register(obj: Any, _plugin: str = plugin_name, _dist: str | None = dist,
                      _version: str | None = version) -> None:
             if not isinstance(obj, base_class):
-                raise TypeError(f"plugin {_plugin} registered {obj!r}, which is not a {base_class.__name__}")
-            name = obj.name
+                raise PluginContractError(f"plugin {_plugin} registered {obj!r}, which is not a {base_class.__name__}")
+            name = getattr(obj, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginContractError(f"plugin {_plugin} registered a {kind} without a name")
+            check(obj, _plugin)
             if name in found:
                 raise PluginConflictError(
                     f"{kind} {name!r} is registered by both {found[name].plugin} and {_plugin}",
                     hint="uninstall one of them, or limit plugins with ADAPTOOLS_LOAD_PLUGINS")
             found[name] = Registered(obj, _plugin, _dist, _version)
 
-        impl.function(register=register)
+        others = [i.plugin for i in impls if i.plugin is not impl.plugin]
+        try:
+            pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+        except AdaptoolsError:
+            raise
+        except Exception as exc:  # a plugin's own bug (an abstract class instantiated, a typo): name the plugin
+            raise PluginContractError(f"plugin {plugin_name} failed in {hook_name}: {type(exc).__name__}: {exc}",
+                                      hint="fix or uninstall the plugin; ADAPTOOLS_LOAD_PLUGINS limits which load"
+                                      ) from None
+    _built[kind] = found
     return found
 
 

@@ -141,10 +141,9 @@ def bottleneck_forward(h: torch.Tensor, r: torch.Tensor, t: Mapping[str, torch.T
     return out + r if f["original_ln_after"] else out
 
 
-class Bottleneck(adaptools.AdapterMethod):
+class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.RuntimeApplicable):
     name = "bottleneck"
     description = "Bottleneck adapters (Houlsby, Pfeiffer, parallel) from the AdapterHub `adapters` library"
-    operations = frozenset({"info", "convert", "apply", "merge"})
     #: merge is listed because a linear bottleneck folds exactly; every other one is refused with the reason.
     conditional = {"merge": "only with a linear activation after the sub-layer (Houlsby placement)"}
     roles = ROLES
@@ -264,7 +263,7 @@ class Bottleneck(adaptools.AdapterMethod):
         f = flags(adapter.config)
         arch = architecture_name(f)
         locations = sorted({m.rpartition(".")[2] for m in adapter.modules()})
-        merge_refusal = self.merge_refusal(adapter)
+        merge_refusal = self.refusal("merge", adapter)
         return {"architecture": NAMES.get(arch, arch), "non_linearity": f.get("non_linearity"),
                 "reduction_factor": f.get("reduction_factor"), "locations": locations,
                 "adapters": len(adapter.modules()), "hidden_size": adapter.config.get("hidden_size"),
@@ -273,7 +272,10 @@ class Bottleneck(adaptools.AdapterMethod):
 
     # --- merge: only the linear case folds ----------------------------------------------------------
 
-    def merge_refusal(self, adapter: Adapter) -> str | None:
+    def refusal(self, operation: str, adapter: Adapter) -> str | None:
+        """Why this adapter cannot be merged: only a linear map after the sub-layer folds into a weight."""
+        if operation != "merge":
+            return None
         f = flags(adapter.config)
         act = str(f.get("non_linearity") or "linear").lower()
         if act not in LINEAR:
@@ -294,9 +296,7 @@ class Bottleneck(adaptools.AdapterMethod):
         return self.unsupported_features(adapter.config)
 
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
-        why = self.merge_refusal(adapter)
-        if why:
-            raise UnsupportedOperationError(f"cannot merge: {why}", path=adapter.source)
+        self.require("merge", adapter)
         f = flags(adapter.config)
         conv1d = base.config.get("model_type") in CONV1D_MODELS
         updates = []

@@ -83,10 +83,12 @@ def initial_factors(init: str, weight: torch.Tensor, rank: int, scaling: float) 
                                     hint="pass the initial adapter saved at init time (--initial)")
 
 
-class LoRA(adaptools.AdapterMethod):
+class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebra, adaptools.Initializable,
+           adaptools.RuntimeApplicable, adaptools.PlainConvertible):
     name = "lora"
     description = "Low-rank adaptation (PEFT LORA): rsLoRA, DoRA, patterns, embeddings, biases, tokens"
-    operations = frozenset({"info", "convert", "merge", "apply", "algebra", "init"})
+    plain_method = "lora"
+    unsupported = {"bake": "a LoRA has nothing to bake: its factors are what is served"}
     roles = ROLES
     peft_types = ("LORA",)
     peft_roles = {
@@ -157,9 +159,15 @@ class LoRA(adaptools.AdapterMethod):
 
     # --- merge ---------------------------------------------------------------------------------------
 
-    def merge_refusal(self, adapter: Adapter) -> str | None:
-        """Why this adapter cannot be merged as plain LoRA, or None."""
+    def refusal(self, operation: str, adapter: Adapter) -> str | None:
+        """Why this adapter cannot be merged or applied as plain LoRA, or None."""
+        if operation not in ("merge", "apply"):
+            return None
         config = adapter.config
+        init = config.get("init_lora_weights")
+        if operation == "apply" and isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+            return (f"init_lora_weights={init!r}: the adapter applies to a modified base; convert it first "
+                    "(convert --to lora --base BASE)")
         init = config.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS) and init not in RECOMPUTABLE_INITS:
             return (f"init_lora_weights={init!r} trained on a modified base that cannot be recomputed from the "
@@ -177,9 +185,7 @@ class LoRA(adaptools.AdapterMethod):
         return None
 
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
-        why = self.merge_refusal(adapter)
-        if why:
-            raise UnsupportedOperationError(f"cannot merge: {why}", path=adapter.source)
+        self.require("merge", adapter)
         replace, deltas, tokens = [], [], []
         for module, roles in adapter.modules().items():
             for role, name in roles.items():
@@ -352,7 +358,7 @@ class LoRA(adaptools.AdapterMethod):
             factors[module] = LowRank(b * s, a, "embedding" if embedding else "linear")
         return factors
 
-    def from_low_rank(self, template: Adapter, factors: dict[str, LowRank],
+    def from_low_rank(self, template: Adapter | None, factors: dict[str, LowRank],
                       extra: dict[str, torch.Tensor] | None = None) -> Adapter:
         """A plain LoRA (scale 1 everywhere: alpha = r per module, no rsLoRA) holding ``factors`` in fp32."""
         tensors: dict[str, torch.Tensor] = {}
@@ -408,7 +414,7 @@ class LoRA(adaptools.AdapterMethod):
                        base=adaptools.BaseRef(name=base.path), provenance={"operation": "init", "init": init})
 
     def to_plain(self, adapter: Adapter, base: BaseInfo | None, read: Callable[[str], torch.Tensor] | None,
-                 initial: Adapter | None) -> Adapter:
+                 initial: Adapter | None, options: Mapping[str, Any] | None = None) -> Adapter:
         """An OLoRA/PiSSA adapter as a plain LoRA on the *original* base, exactly as PEFT's
         ``path_initial_model_for_weight_conversion``: rank 2r, ``A' = [A; A0]``, ``B' = [B, -B0]``, alpha
         doubled (×√2 with rsLoRA) so the scaling is unchanged. (B0, A0) come from ``initial`` or are
@@ -455,13 +461,7 @@ class LoRA(adaptools.AdapterMethod):
     # --- runtime application (unmerged), for validation -----------------------------------------
 
     def apply(self, adapter: Adapter, model: torch.nn.Module) -> Any:
-        init = adapter.config.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
-            raise UnsupportedOperationError(f"init_lora_weights={init!r}: the adapter applies to a modified base; "
-                                            "convert it first (convert --to lora --base BASE)", path=adapter.source)
-        why = self.merge_refusal(adapter)
-        if why:
-            raise UnsupportedOperationError(f"cannot apply: {why}", path=adapter.source)
+        self.require("apply", adapter)
         return applied(adapter, model)
 
 

@@ -361,9 +361,6 @@ class FourBit(adaptools.Backend):
         self.quant_type = quant_type
         self.description = f"bitsandbytes {quant_type.upper()} 4-bit weights (decode and byte-exact encode)"  # type: ignore[misc]
 
-    def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
-        return False  # 4-bit parameters are groups, found by find_groups
-
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
         """``P.weight`` -> its companion tensors, for every parameter stored in this quant type."""
         groups = {}
@@ -417,11 +414,6 @@ class FourBit(adaptools.Backend):
                 "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
                 "quant_method": "bitsandbytes"}
 
-    def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("4-bit parameters decode as groups (decode_group)")
-
-    def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
-        raise NotImplementedError("4-bit parameters encode as groups (quantize_4bit)")
 
 
 @adaptools.hookimpl

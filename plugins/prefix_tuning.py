@@ -43,10 +43,9 @@ _PEFT_PROJECTION = {"embedding": "embedding.weight", "transform_in": "transform.
                     "transform_out_bias": "transform.2.bias"}
 
 
-class PrefixTuning(adaptools.AdapterMethod):
+class PrefixTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptools.Bakeable):
     name = "prefix_tuning"
     description = "Prefix tuning / P-tuning v2 (PEFT PREFIX_TUNING): per-layer virtual keys and values"
-    operations = frozenset({"info", "convert", "apply"})
     roles = (ROLE,) + PROJECTION
     peft_types = ("PREFIX_TUNING",)
     # Later entries win when writing, so the spelling without the adapter name ("default") comes last.

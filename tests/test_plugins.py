@@ -158,4 +158,5 @@ def test_plugins_command_lists_builtins_and_operations(cli_runner):
                      "backends: fp32, fp16, bf16"):
         assert expected in result.stdout
     data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "init", "merge"]
+    assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "init", "merge", "plain"]
+    assert data["operations"]["prefix_tuning"] == ["apply", "bake", "convert", "info"]

@@ -19,10 +19,12 @@ def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
     """
     from .. import registry
 
-    check_output(out, force)
+    check_output(out, force, [ref], directory=registry.get_format(to).writes_directory)
     adapter = load(ref, allow_pickle=allow_pickle)
     if bake:
-        adapter = registry.get_method(adapter.method).bake(adapter)
+        method = registry.get_method(adapter.method)
+        method.require("bake", adapter)
+        adapter = method.bake(adapter)  # type: ignore[attr-defined]
     provenance = dict(adapter.provenance)
     provenance.setdefault("converted_by", f"adaptools {__version__}")
     adapter = replace(adapter, provenance=provenance)
@@ -36,14 +38,16 @@ def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     from .. import registry
     from ..checkpoint import Checkpoint
 
-    check_output(out, force)
+    check_output(out, force, [ref, *(p for p in (base, initial) if p)])
     adapter = load(ref, allow_pickle=allow_pickle)
+    method = registry.get_method(adapter.method)
+    method.require("plain", adapter)
     info = read = None
     if base is not None:
         checkpoint = Checkpoint.open(base)
         info, read = checkpoint.base_info(), checkpoint.read
     first = load(initial, allow_pickle=allow_pickle) if initial else None
-    plain = registry.get_method(adapter.method).to_plain(adapter, info, read, first)
+    plain = method.to_plain(adapter, info, read, first)  # type: ignore[attr-defined]
     return save(plain, out, format=to_format, force=force)
 
 
