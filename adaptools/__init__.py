@@ -17,6 +17,7 @@ from .errors import (
     UnknownPluginError,
     UnsafeInputError,
     UnsupportedOperationError,
+    printable,
 )
 from .hookspecs import hookimpl
 from .interfaces import (
@@ -34,7 +35,10 @@ from .interfaces import (
     Validator,
     Verdict,
 )
+from .jsonio import check_json, json_problems, parse_json, read_json
 from .outputs import atomic_output
+from .patterns import compile_pattern
+from .patterns import match as match_pattern
 from .pickled import load_pickled_tensors
 from .registry import (
     backends,
@@ -97,6 +101,13 @@ __all__ = [
     "Verdict",
     "__version__",
     "atomic_output",
+    "check_json",
+    "compile_pattern",
+    "json_problems",
+    "match_pattern",
+    "parse_json",
+    "printable",
+    "read_json",
     "backends",
     "formats",
     "get_backend",

@@ -8,6 +8,19 @@ the tensor concerned, so that the message alone tells the user what to fix.
 from __future__ import annotations
 
 
+def printable(text: object) -> str:
+    """``text`` with every character a terminal could act on escaped (``\\n``, ``\\x1b``, ``\\ud800``).
+
+    Names come from files (tensor keys, config fields, paths): a name holding a newline or an escape
+    sequence must not rewrite what the user's terminal shows, nor split a one-line error. Printable
+    characters, non-ASCII letters included, are kept as they are.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class AdaptoolsError(Exception):
     """Base class: a problem the user can fix. The CLI prints ``str(error)`` on one line."""
 
@@ -29,7 +42,7 @@ class AdaptoolsError(Exception):
         text = f"{': '.join(where)}: {self.message}" if where else self.message
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        return printable(text)
 
 
 class InputError(AdaptoolsError):
