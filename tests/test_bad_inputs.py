@@ -286,7 +286,7 @@ CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing path": (missing_path, "not found"),
     "config without weights": (config_without_weights, "no adapter_model.safetensors"),
     "A and B ranks disagree": (rank_disagreement, "do not share a rank"),
-    "integer tensor": (integer_tensor, "not floating point"),
+    "integer tensor": (integer_tensor, "is not fp16, bf16, fp32 or fp64"),
     "use_dora without magnitude": (dora_without_magnitude, "no magnitude vector"),
     "lora_B.bias without lora_bias": (lora_bias_not_in_config, "lora_bias is false"),
     "trainable token count": (token_rows_mismatch, "3 trainable token rows but 2 indices"),
