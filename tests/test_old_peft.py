@@ -141,3 +141,12 @@ def test_old_peft_regenerates_the_fixtures_and_loads_what_resize_writes(tmp_path
                    capture_output=True)
     theirs = load_file(str(tmp_path / "theirs.safetensors"))["logits"]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_enable_lora_applies_unmerged_like_peft_0_2_0():
+    adapter = adaptools.load(ENABLE_LORA, allow_pickle=True)
+    ids, expected = reference(ENABLE_LORA)
+    model = load_base(base_path("gpt2"))
+    with adaptools.get_method("lora").apply(adapter, model), torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
