@@ -30,7 +30,8 @@ UNMERGEABLE_FIELDS = {
 #: a sane scale (an alpha of 1e300 merges into weights full of Inf).
 MAX_RANK = 65536
 MAX_ALPHA = 1e6
-_RANK = {"type": "integer", "minimum": 1, "maximum": MAX_RANK, "description": f"a positive integer (at most {MAX_RANK})"}
+_RANK = {"type": "integer", "minimum": 1, "maximum": MAX_RANK,
+         "description": f"a positive integer (at most {MAX_RANK})"}
 _ALPHA = {"type": "number", "minimum": -MAX_ALPHA, "maximum": MAX_ALPHA,
           "description": f"a finite number of size at most {MAX_ALPHA:g}"}
 _FLAG = {"type": ["boolean", "null"], "description": "true or false"}

@@ -44,10 +44,11 @@ def merged_shapes_problem(config: Mapping[str, Any], a_shape: tuple[int, ...], b
     if g == 0:
         return "enable_lora enables no block"
     if len(a_shape) != 2 or len(b_shape) != 3 or b_shape[2] != 1:
-        return f"with enable_lora, lora_A must be 2-D and lora_B [out, r·g/2, 1]; got {list(a_shape)} and {list(b_shape)}"
+        return (f"with enable_lora, lora_A must be 2-D and lora_B [out, r·g/2, 1]; got {list(a_shape)} and "
+                f"{list(b_shape)}")
     if a_shape[0] != r * g or (r * g) % GROUPS or b_shape[1] != r * g // GROUPS or b_shape[0] % GROUPS:
-        return (f"enable_lora {enable} with r={r} means lora_A [{r * g}, in] and lora_B [out, {r * g // GROUPS}, 1]; "
-                f"got {list(a_shape)} and {list(b_shape)}")
+        return (f"enable_lora {enable} with r={r} means lora_A [{r * g}, in] and lora_B [out, {r * g // GROUPS}, "
+                f"1]; got {list(a_shape)} and {list(b_shape)}")
     if (b_shape[0] * len(enable)) % g:
         return f"lora_B's {b_shape[0]} outputs do not split into {g} enabled blocks"
     return None

@@ -137,7 +137,8 @@ def _lint_config(adapter: Adapter, add: Callable[..., None]) -> bool:
         return False
     modules = config.get("modules")
     for module, info in (modules if isinstance(modules, dict) else {}).items():
-        if isinstance(info, dict) and isinstance(info.get("scaling"), (int, float)) and not 1 / 64 <= info["scaling"] <= 16:
+        scaling = info.get("scaling") if isinstance(info, dict) else None
+        if isinstance(scaling, (int, float)) and not 1 / 64 <= scaling <= 16:
             add("LORA013", f"module {module} has scaling {info['scaling']:g} (alpha {info['alpha']}, rank "
                 f"{info['rank']}{', rsLoRA' if config.get('use_rslora') else ''})", field="lora_alpha")
             break
