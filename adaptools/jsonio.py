@@ -74,9 +74,7 @@ def field_name(parts: Any) -> str:
             text += f"[{part}]"
         elif text == "" and str(part).isidentifier():
             text = str(part)
-        elif str(part).isidentifier():
-            text += f".{part}"
-        else:
+        else:  # keys below the top are often regexes or tensor names: always quoted
             text += f"[{json.dumps(str(part), ensure_ascii=False)}]"
     return printable(text) or "the document"
 
@@ -250,9 +248,12 @@ def _expected(error: Any) -> str:
         return " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
     if description:
         return str(description)
+    if keyword == "enum":
+        return "one of " + ", ".join(short(v) for v in wanted)
+    if keyword == "const":
+        return f"exactly {short(wanted)}"
     words = {"minimum": f"at least {wanted}", "maximum": f"at most {wanted}",
              "exclusiveMinimum": f"more than {wanted}", "exclusiveMaximum": f"less than {wanted}",
-             "enum": "one of " + ", ".join(short(v) for v in (wanted or [])), "const": f"exactly {short(wanted)}",
              "minLength": f"at least {wanted} characters", "maxLength": f"at most {wanted} characters",
              "minItems": f"at least {wanted} items", "maxItems": f"at most {wanted} items",
              "maxProperties": f"at most {wanted} entries", "pattern": f"text matching {wanted}"}

@@ -77,10 +77,11 @@ SINGLE_KEY_BEFORE = (0, 14)  # up to 0.13.x one key, searched in rank then alpha
 DOTTED_KEY_BEFORE = (0, 15)  # up to 0.14.x a key matched only after a dot: re.match(rf".*\.{key}$")
 
 
-def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(field, message)`` for every field that breaks :data:`CONFIG_SCHEMA` or holds an unusable regex."""
-    problems = adaptools.json_problems(config, CONFIG_SCHEMA)
-    bad = {field.split("[")[0].split(".")[0] for field, _ in problems}
+def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(field, message, rule)`` for every field that breaks :data:`CONFIG_SCHEMA` (LORA001) or holds an
+    unusable regex (LORA020)."""
+    problems = [(field, message, "LORA001") for field, message in adaptools.json_problems(config, CONFIG_SCHEMA)]
+    bad = {field.split("[")[0] for field, _, _ in problems}
     for field in ("target_modules", "exclude_modules", "layers_pattern"):
         value = config.get(field)
         if field in bad:
@@ -95,11 +96,11 @@ def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def _regex_problem(pattern: str, field: str) -> list[tuple[str, str]]:
+def _regex_problem(pattern: str, field: str) -> list[tuple[str, str, str]]:
     try:
         adaptools.compile_pattern(pattern, field=field)
     except adaptools.InputError as exc:
-        return [(field.split()[0], exc.message)]
+        return [(field.split()[0], exc.message, "LORA020")]
     return []
 
 

@@ -4,6 +4,7 @@ adapter can get wrong, from its config alone, its tensors, and against a base mo
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ from .lora_config import (
 from .lora_legacy import enabled_blocks, merged_out_features, merged_shapes_problem
 
 RULES = {
-    "LORA001": ("error", "config field has the wrong type"),
+    "LORA001": ("error", "config field has the wrong type or is out of range"),
     "LORA002": ("error", "tensor role unknown to LoRA"),
     "LORA003": ("error", "tensor dtype is not fp16, bf16, fp32 or fp64"),
     "LORA004": ("error", "lora_A without lora_B (or the reverse)"),
@@ -74,12 +75,21 @@ NDIM = {"lora_A": (2, 3, 4, 5), "lora_B": (2, 3, 4, 5), "lora_embedding_A": (2,)
         "lora_bias": (1,), "lora_magnitude": (1, 2, 3, 4, 5), "trainable_tokens": (2,)}
 FULL_FLOATS = ("F64", "F32", "F16", "BF16")
 
+def config_file(adapter: Adapter) -> str:
+    """The file a config finding is about: a PEFT directory's adapter_config.json, else the adapter."""
+    folder = Path(adapter.source)
+    if adapter.read_format == "peft" and (folder / "adapter_config.json").is_file():
+        return str(folder / "adapter_config.json")
+    return adapter.source
+
+
 def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
     findings: list[Finding] = []
 
     def add(rule: str, message: str, name: str | None = None, field: str | None = None,
             fix: str | None = None) -> None:
-        where = adapter.where(name) if name else {"path": adapter.source, "tensor": None}
+        where = adapter.where(name) if name else {"path": config_file(adapter) if field else adapter.source,
+                                                  "tensor": None}
         findings.append(Finding(rule, RULES[rule][0], message, fix or FIXES[rule],
                                 where["path"], where["tensor"], field))
 
@@ -130,9 +140,8 @@ def _lint_config(adapter: Adapter, add: Callable[..., None]) -> bool:
     """Config-only rules; False when a field is unusable, so that rules needing it are skipped."""
     config = adapter.config
     problems = config_problems(config)
-    for field, message in problems:
-        rule = "LORA020" if "regular expression" in message else "LORA001"
-        add(rule, message, field=field.split("[")[0].split(".")[0])
+    for field, message, rule in problems:
+        add(rule, message, field=field.split("[")[0])
     if problems:
         return False
     modules = config.get("modules")
