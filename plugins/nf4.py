@@ -258,6 +258,10 @@ class QuantState:
         else:
             need(self.absmax.is_floating_point() and bool(torch.isfinite(self.absmax.float()).all()),
                  "absmax must hold finite floats")
+        # A block's scale is the largest |value| of the block in the weight's own dtype, so it fits that dtype.
+        largest = float(self.absmax_f32().abs().max()) if blocks else 0.0
+        need(math.isfinite(largest) and largest <= torch.finfo(self.dtype).max,
+             f"block scales reach {largest:g}, beyond what {str(self.dtype).removeprefix('torch.')} holds")
 
 
 def _parallel(n_items: int, work: Callable[[int, int], None]) -> None:
