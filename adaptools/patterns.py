@@ -22,7 +22,7 @@ import regex
 from .errors import InputError
 
 #: Seconds one match may take; real patterns on real module names take microseconds.
-MATCH_TIMEOUT = 0.25
+MATCH_TIMEOUT = 0.1
 #: Longest pattern accepted (characters).
 MAX_PATTERN_LENGTH = 1000
 #: Longest module or tensor name matched against a pattern (characters).
