@@ -46,7 +46,7 @@ NESTED_BLOCKSIZE = 256
 STATE_PREFIX = "quant_state.bitsandbytes__"
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 THREADS = max(1, min(4, os.cpu_count() or 1))
-#: The JSON blob ``quant_state.bitsandbytes__<type>`` as bitsandbytes writes it (nf4-format.md §1.2).
+#: The JSON blob ``quant_state.bitsandbytes__<type>`` as bitsandbytes writes it (docs/input-validation.md).
 STATE_SCHEMA = {
     "type": "object",
     "required": ["quant_type", "blocksize", "dtype", "shape"],
@@ -228,7 +228,7 @@ class QuantState:
 
     def check(self, packed: torch.Tensor, name: str = "", path: object = None) -> None:
         """Refuse a state whose tensors do not fit its shape: every kernel trusts these sizes, and a short
-        absmax would make it read past the end and leave output uninitialised (nf4-format.md §1.2)."""
+        absmax would make it read past the end and leave output uninitialised (docs/input-validation.md)."""
         n = math.prod(self.shape)
         blocks = -(-n // self.blocksize)
         hint = "the 4-bit checkpoint is corrupt or truncated; quantize it again"
