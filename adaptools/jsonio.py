@@ -260,11 +260,25 @@ def _expected(error: Any) -> str:
     return words.get(keyword, error.message[:120])
 
 
+def _deepest(error: Any) -> Any:
+    """For an ``anyOf`` whose value had the right kind but broke a rule inside (``text_config.hidden_size``
+    is 0), the error inside; otherwise the error itself."""
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        deeper = [e for e in error.context if len(e.absolute_path) > len(error.absolute_path)]
+        if not deeper:
+            break
+        from jsonschema.exceptions import best_match
+
+        error = best_match(deeper)
+    return error
+
+
 def json_problems(value: Any, schema: Mapping[str, Any], *, limit: int = 20) -> list[tuple[str, str]]:
     """Every way ``value`` breaks ``schema``, as ``(field, message)`` pairs in document order (at most
     ``limit``): e.g. ``("r", "r is 'abc', expected a positive integer")``."""
     problems = []
     for error in sorted(_compiled(schema).iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path]):
+        error = _deepest(error)
         where = list(error.absolute_path)
         if error.validator == "required":
             missing = error.message.split("'")[1] if "'" in error.message else error.message
