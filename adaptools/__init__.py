@@ -59,9 +59,12 @@ if TYPE_CHECKING:
         ValidatorOption,
         Verdict,
     )
+    from .jsonio import check_json, json_problems, parse_json, read_json
     from .outputs import (
         atomic_output,
     )
+    from .patterns import compile_pattern
+    from .patterns import match as match_pattern
     from .pickled import (
         load_pickled_tensors,
     )
@@ -96,6 +99,12 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "read_json": ".jsonio",
+    "parse_json": ".jsonio",
+    "check_json": ".jsonio",
+    "json_problems": ".jsonio",
+    "compile_pattern": ".patterns",
+    "match_pattern": ".patterns:match",
     "Mergeable": ".interfaces",
     "LowRankAlgebra": ".interfaces",
     "Initializable": ".interfaces",
@@ -168,7 +177,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'adaptools' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    module, _, attr = module.partition(":")
+    value = getattr(importlib.import_module(module, __name__), attr or name)
     globals()[name] = value
     return value
 
@@ -228,6 +238,12 @@ __all__ = [
     "Verdict",
     "__version__",
     "atomic_output",
+    "check_json",
+    "compile_pattern",
+    "json_problems",
+    "match_pattern",
+    "parse_json",
+    "read_json",
     "backends",
     "formats",
     "get_backend",

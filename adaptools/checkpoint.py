@@ -7,7 +7,6 @@ what the config says, and which parameters are tied (``lm_head.weight`` absent u
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from .errors import InputError
 from .interfaces import BaseInfo, BaseTensor
+from .jsonio import read_json
 from .resolve import resolve
 from .safetensors_io import TORCH_TO_CODE, Header, TensorInfo, read_header, read_tensor
 
@@ -29,6 +29,48 @@ BASE_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", 
 #: Input-embedding tensor names, most specific first, used to resolve a tied ``lm_head.weight``.
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                    "tok_embeddings.weight", "embeddings.weight")
+
+_COUNT = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31, "description": "a positive integer"}
+#: What adaptools reads from a base ``config.json``; every other field is carried into an output unread.
+CONFIG_SCHEMA = {
+    "type": "object",
+    "description": "a JSON object",
+    "properties": {
+        "architectures": {"type": ["array", "null"], "items": {"type": "string", "maxLength": 200},
+                          "description": "a list of class names"},
+        "model_type": {"type": ["string", "null"], "maxLength": 200},
+        "tie_word_embeddings": {"type": ["boolean", "null"]},
+        "text_config": {"anyOf": [{"type": "null"}, {"$ref": "#"}], "description": "a JSON object"},
+        "quantization_config": {"type": ["object", "null"]},
+        **{key: _COUNT for key in ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads",
+                                   "n_head", "num_key_value_heads", "head_dim", "vocab_size",
+                                   "max_position_embeddings", "n_positions", "intermediate_size")},
+    },
+}
+#: ``model.safetensors.index.json``: which shard holds each tensor (docs/input-validation.md).
+INDEX_SCHEMA = {
+    "type": "object",
+    "description": "a JSON object",
+    "required": ["weight_map"],
+    "properties": {
+        "metadata": {"type": ["object", "null"]},
+        "weight_map": {
+            "type": "object",
+            "description": "an object mapping tensor names to shard file names",
+            "additionalProperties": {"type": "string", "minLength": 1, "maxLength": 255,
+                                     "description": "a shard file name"},
+        },
+    },
+}
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why an index's shard name must not be opened: only plain file names beside the index are."""
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        return "is a path, not the name of a file beside the index"
+    if not name.endswith(".safetensors"):
+        return "is not a .safetensors file"
+    return None
 
 
 @dataclass(frozen=True)
@@ -104,19 +146,20 @@ class Checkpoint:
             raise InputError("the base must be a checkpoint folder, not a file", path=path,
                              hint="pass the folder holding config.json and the .safetensors files")
         config_path = path / "config.json"
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError("no config.json: not a Hugging Face checkpoint folder", path=path) from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON ({exc})", path=config_path) from None
+        if not config_path.exists() and not config_path.is_symlink():
+            raise InputError("no config.json: not a Hugging Face checkpoint folder", path=path)
+        config = read_json(config_path, what="config.json", max_bytes=16 * 1024 * 1024, schema=CONFIG_SCHEMA,
+                           hint="fix the base model's config.json")
         index = None
-        if (path / INDEX).is_file():
-            try:
-                index = json.loads((path / INDEX).read_text(encoding="utf-8"))
-                files = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-                raise InputError(f"invalid index ({exc})", path=path / INDEX) from None
+        if (path / INDEX).exists() or (path / INDEX).is_symlink():
+            index = read_json(path / INDEX, what="index", schema=INDEX_SCHEMA,
+                              hint="the index is corrupt; download the checkpoint again")
+            for tensor, file in index["weight_map"].items():
+                problem = shard_name_problem(file)
+                if problem:
+                    raise InputError(f"the index entry {file!r} {problem}", path=path / INDEX, tensor=tensor,
+                                     hint="shards must sit beside the index; the index is corrupt or hostile")
+            files = sorted(set(index["weight_map"].values()))
         elif (path / SINGLE).is_file():
             files = [SINGLE]
         else:

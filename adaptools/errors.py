@@ -8,6 +8,19 @@ the tensor concerned, so that the message alone tells the user what to fix.
 from __future__ import annotations
 
 
+def printable(text: object) -> str:
+    """``text`` with every character a terminal could act on escaped (``\\n``, ``\\x1b``, ``\\ud800``).
+
+    Names come from files (tensor keys, config fields, paths): a name holding a newline or an escape
+    sequence must not rewrite what the user's terminal shows, nor split a one-line error. Printable
+    characters, non-ASCII letters included, are kept as they are.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class AdaptoolsError(Exception):
     """Base class: a problem the user can fix. The CLI prints ``str(error)`` on one line."""
 
@@ -29,7 +42,7 @@ class AdaptoolsError(Exception):
         text = f"{': '.join(where)}: {self.message}" if where else self.message
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        return printable(text)
 
 
 class InputError(AdaptoolsError):
@@ -68,20 +81,6 @@ class CheckFailedError(AdaptoolsError):
     """A check ran and found a problem; the CLI exits 1."""
 
     exit_code = 1
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print on a terminal: control characters (newlines, escape codes) and lone
-    surrogates shown escaped, so a name from a file cannot rewrite what the user's terminal shows."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or 0xD800 <= code < 0xE000:
-            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii") if code < 0xD800
-                       else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 class PluginContractError(AdaptoolsError):

@@ -133,6 +133,11 @@ class AdapterMethod(ABC):
 class Mergeable(ABC):
     """A method whose adapters change base weights (``merge``)."""
 
+    def merge_warnings(self, adapter: Adapter) -> list[str]:
+        """Sentences a merge should print about what it assumed for this adapter (an ambiguity of its
+        config that the adapter itself cannot settle); empty when there is nothing to say."""
+        return []
+
     @abstractmethod
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import stat
 import struct
 import threading
 import time
@@ -26,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError
+from .jsonio import parse_json, short
 
 #: safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -49,6 +51,16 @@ TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 #: A header larger than this is refused: real headers are a few MB at most, and a lying length
 #: field would otherwise make us allocate whatever it claims.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Longest tensor name, and most dimensions, a header may give (real ones: ~100 characters, 5 dims).
+MAX_TENSOR_NAME = 1024
+MAX_DIMS = 16
+#: Floating-point codes every torch operation supports; F8 values decode only through a cast to fp32.
+FULL_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def _is_size(value: object) -> bool:
+    """A shape entry or offset: a JSON integer (``true`` is an int in Python, and is refused), 0..2^63-1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,16 @@ class Header:
     data_start: int
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading without blocking on a FIFO or reading a device without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, device or socket)"
+        raise InputError(f"{kind}, not a safetensors file", path=path, hint="give a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of a safetensors file without reading any tensor data.
 
@@ -87,8 +109,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
                 raise InputError("not a safetensors file: shorter than its 8-byte header length", path=path,
@@ -100,28 +122,32 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raw = fh.read(header_len)
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"header is not valid JSON ({exc})", path=path, hint="the file is corrupt") from None
+    header = parse_json(raw, path=path, what="safetensors header", max_depth=4,
+                        hint="the file is corrupt or not safetensors")
     if not isinstance(header, dict):
         raise InputError("header is not a JSON object", path=path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError("__metadata__ must map strings to strings", path=path)
     data_start = 8 + header_len
     data_len = size - data_start
     entries = []
     for name, entry in header.items():
+        if not name or len(name) > MAX_TENSOR_NAME or not name.isprintable():
+            raise InputError("tensor name is empty, longer than 1024 characters, or holds control characters",
+                             path=path, tensor=name, hint="the file is corrupt or was made to mislead")
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise InputError("header entry lacks dtype, shape or data_offsets", path=path, tensor=name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise InputError(f"unsupported dtype {dtype!r}", path=path, tensor=name)
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets)):
-            raise InputError("malformed shape or data_offsets", path=path, tensor=name)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InputError(f"unsupported dtype {short(dtype)}", path=path, tensor=name,
+                             hint=f"adaptools reads {', '.join(DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_size(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets)):
+            raise InputError(f"malformed shape {short(shape)} or data_offsets {short(offsets)} (lists of "
+                             "non-negative integers)", path=path, tensor=name, hint="the file is corrupt")
         begin, end = offsets
         numel = 1
         for d in shape:

@@ -11,14 +11,17 @@ On disk the schema is one ``.safetensors`` file whose header metadata holds the 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Protocol
 
 import torch
 
 from .errors import InputError
+from .jsonio import check_json, parse_json
 from .safetensors_io import TORCH_TO_CODE, SafetensorsFile
 
 SCHEMA_VERSION = 1
@@ -198,27 +201,37 @@ class Adapter:
         }
 
 
+@functools.cache
+def metadata_schema() -> dict[str, Any]:
+    """The shipped JSON Schema of schema-file metadata (``adaptools/schema-v1.json``, docs/schema.md)."""
+    return json.loads(resources.files("adaptools").joinpath("schema-v1.json").read_text(encoding="utf-8"))
+
+
 def parse_metadata(metadata: Mapping[str, str], path: object) -> tuple[int, str, dict[str, Any], BaseRef,
                                                                           dict[str, Any]]:
-    """Validate schema-file header metadata; return (version, method, config, base, provenance)."""
+    """Validate schema-file header metadata; return (version, method, config, base, provenance).
+
+    The metadata and each JSON document in it are checked against ``adaptools/schema-v1.json`` and read
+    with the limits of :func:`adaptools.jsonio.parse_json` (finite numbers, bounded depth and size).
+    """
     missing = [k for k in (META_SCHEMA, META_METHOD, META_CONFIG) if k not in metadata]
     if missing:
         raise InputError(f"not an adaptools schema file: header metadata lacks {', '.join(missing)}", path=path)
-    try:
-        version = int(metadata[META_SCHEMA])
-    except ValueError:
-        raise InputError(f"{META_SCHEMA} is {metadata[META_SCHEMA]!r}, not an integer", path=path) from None
+    schema = metadata_schema()
+    check_json(dict(metadata), {k: v for k, v in schema.items() if k != "$defs"}, path=path,
+               what="header metadata", hint="the file is corrupt or was not written by adaptools")
+    version = int(metadata[META_SCHEMA])
     if version > SCHEMA_VERSION:
         raise InputError(f"schema version {version} is newer than this adaptools understands ({SCHEMA_VERSION})",
                          path=path, hint="upgrade adaptools")
     decoded = {}
     for key in (META_CONFIG, META_BASE, META_PROVENANCE):
-        try:
-            value = json.loads(metadata.get(key, "{}"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"metadata {key} is not valid JSON ({exc})", path=path) from None
+        value = parse_json(metadata.get(key, "{}"), path=path, what=f"metadata {key}",
+                           hint="the file is corrupt or was not written by adaptools")
         if not isinstance(value, dict):
             raise InputError(f"metadata {key} must be a JSON object", path=path)
+        check_json(value, schema["$defs"][key], path=path, what=f"metadata {key}",
+                   hint="the file is corrupt or was not written by adaptools")
         decoded[key] = value
     return (version, metadata[META_METHOD], decoded[META_CONFIG], BaseRef.from_json(decoded[META_BASE]),
             decoded[META_PROVENANCE])

@@ -39,6 +39,14 @@ HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.
 CONTAINERS = {"attention_adapters": "mh_adapter", "output_adapters": "output_adapter",
               "cross_attention_adapters": "cross_adapter"}
 LOCATION_TO_CONTAINER = {v: k for k, v in CONTAINERS.items()}
+_TEXT = {"type": ["string", "null"], "maxLength": 4096}
+#: The file's own fields; the architecture flags in "config" are the bottleneck method's to check.
+FILE_SCHEMA = {"type": "object", "properties": {
+    "model_name": _TEXT, "model_type": _TEXT, "model_class": _TEXT, "version": _TEXT,
+    "name": {"type": ["string", "null"], "maxLength": 200, "pattern": "^[^.]*$",
+             "description": "an adapter name without dots"},
+    "hidden_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31, "description": "a positive integer"},
+    "config": {"type": "object", "properties": {"architecture": _TEXT}}}}
 KEY = re.compile(r"^(?P<layer>.+)\.(?P<container>" + "|".join(CONTAINERS) + r")\.adapters\.(?P<name>[^.]+)\."
                  r"(?P<param>.+)$")
 
@@ -91,14 +99,12 @@ class AdapterHubFormat(adaptools.AdapterFormat):
         if path.is_file():
             path = path.parent
         config_path = path / CONFIG
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"not valid JSON ({exc})", path=config_path) from None
+        config = adaptools.read_json(config_path, what=CONFIG, max_bytes=4 * 1024 * 1024)
         inner = config.get("config") if isinstance(config, dict) else None
         if not isinstance(inner, dict):
             raise InputError("has no \"config\" object", path=config_path,
                              hint="is this an AdapterHub adapter saved with save_adapter?")
+        adaptools.check_json(config, FILE_SCHEMA, path=config_path, hint="fix adapter_config.json")
         architecture = inner.get("architecture") or "bottleneck"
         if architecture != "bottleneck":
             raise UnsupportedOperationError(

@@ -64,6 +64,27 @@ SUBLAYERS = {
 }
 #: Model types whose output projections are GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
 CONV1D_MODELS = ("gpt2",)
+_FLAG = {"type": ["boolean", "null"]}
+_FACTOR = {"type": "number", "exclusiveMinimum": 0, "maximum": 2**20, "description": "a positive number"}
+#: The architecture flags adaptools reads (``config["config"]``), with their types and ranges.
+FLAGS_SCHEMA = {"type": "object", "properties": {
+    **{flag: _FLAG for flag in ("original_ln_before", "original_ln_after", "ln_before", "ln_after", "is_parallel",
+                                "use_gating", "adapter_residual_before_ln", "mh_adapter", "output_adapter",
+                                "cross_adapter", "phm_layer")},
+    "residual_before_ln": {"type": ["boolean", "string", "null"], "maxLength": 40},
+    "non_linearity": {"type": ["string", "null"], "maxLength": 40},
+    "inv_adapter": {"type": ["string", "null"], "maxLength": 100},
+    "leave_out": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0, "maximum": 2**31},
+                  "description": "a list of layer indices"},
+    "scaling": {"anyOf": [{"type": "number", "minimum": -1e6, "maximum": 1e6}, {"enum": ["learned", "channel"]}],
+                "description": "a finite number, \"learned\" or \"channel\""},
+    "reduction_factor": {"anyOf": [_FACTOR, {"type": "object", "additionalProperties": _FACTOR}],
+                         "description": "a positive number, or an object of them per layer"},
+}}
+CONFIG_SCHEMA = {"type": "object", "properties": {
+    "config": FLAGS_SCHEMA,
+    "hidden_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31, "description": "a positive integer"},
+}}
 NAMES = {"seq_bn": "Pfeiffer (sequential, after the FFN)", "double_seq_bn": "Houlsby (after attention and FFN)",
          "par_bn": "parallel (He et al.)"}
 
@@ -159,6 +180,8 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
         "BN007": ("error", "hidden size or layer count disagrees with the base model"),
         "BN008": ("error", "configuration adaptools cannot apply (PHM layers, invertible adapters)"),
         "BN009": ("warning", "the adapter was trained on another model type than the base"),
+        "BN010": ("error", "config field has the wrong type or range"),
+        "BN011": ("error", "tensor dtype is not fp16, bf16, fp32 or fp64, or it has no dimensions"),
     }
 
     # --- reading and checking -----------------------------------------------------------------------
@@ -172,9 +195,20 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
         return None
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
+        problems = adaptools.json_problems(adapter.config, CONFIG_SCHEMA)
+        if problems:  # nothing below can trust the config
+            return [Finding("BN010", "error", message, "fix adapter_config.json (see the adapters library's "
+                            "BnConfig)", path=adapter.source, field=field) for field, message in problems]
         f = flags(adapter.config)
         hidden = adapter.config.get("hidden_size")
         findings: list[Finding] = []
+        for name in adapter.tensor_names():
+            info = adapter.info(name)
+            if info.dtype not in ("F64", "F32", "F16", "BF16") or not info.shape:
+                findings.append(Finding("BN011", "error", f"dtype {info.dtype}, shape {list(info.shape)}",
+                                        "save the adapter in fp32, fp16 or bf16", **adapter.where(name)))
+        if findings:
+            return findings
         why = self.unsupported_features(adapter.config)
         if why:
             findings.append(Finding("BN008", "error", f"{why} are not supported", "use a plain bottleneck config",

@@ -27,7 +27,6 @@ The config is PEFT's LoRA config (same field names, same meaning) plus ``modules
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 import adaptools
 from adaptools import (
     Adapter,
+    AdapterFormatError,
     BaseInfo,
     Finding,
     IncompatibleBaseError,
@@ -47,14 +47,18 @@ from adaptools import (
 
 from .lora_config import (
     BASE_MUTATING_INITS,
+    MAX_ALPHA,
+    MAX_RANK,
     ROLES,
     UNMERGEABLE_FIELDS,
     is_targeted,
     module_rank_alpha,
     pattern_key,
+    pattern_rule_differences,
     scaling_for,
     token_indices,
 )
+from .lora_legacy import enabled_blocks, merged_b, merged_out_features, merged_shapes_problem, portable_pattern_keys
 from .lora_lint import RULES, lint
 from .lora_runtime import applied
 
@@ -107,14 +111,19 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         """PEFT config -> canonical config: the same fields plus per-module ``modules``."""
         config = dict(peft_config)
         modules: dict[str, dict[str, Any]] = {}
+        enable = enabled_blocks(config)
         for name, shape in shapes.items():
             module, _, role = name.rpartition(".")
-            if role not in ("lora_A", "lora_embedding_A"):
-                continue
+            if role not in ("lora_A", "lora_embedding_A") or not shape:
+                continue  # a 0-d tensor: lint reports it (LORA022)
             try:
                 rank, alpha = module_rank_alpha(config, module)
-                scaling: float | None = scaling_for(config, int(shape[0]), alpha)
-            except (TypeError, ValueError, ZeroDivisionError):  # a malformed config: lint reports it (LORA001)
+                # peft 0.2.0's enable_lora scales by the config's r; A holds r per enabled block
+                scaling: float | None = scaling_for(config, rank if enable else int(shape[0]), alpha)
+                if enable:
+                    rank = int(shape[0])
+            except (TypeError, ValueError, ZeroDivisionError, adaptools.InputError):
+                # a malformed config: lint reports it (LORA001, LORA020)
                 rank, alpha, scaling = int(shape[0]), config.get("lora_alpha"), None
             kind = "embedding" if role == "lora_embedding_A" else ("conv" if len(shape) > 2 else "linear")
             modules[module] = {"kind": kind, "rank": int(shape[0]), "alpha": alpha, "scaling": scaling}
@@ -184,6 +193,20 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
             return "layer_replication is not supported yet"
         return None
 
+    def merge_warnings(self, adapter: Adapter) -> list[str]:
+        """What a merge should tell the user it assumed: rank/alpha patterns that peft 0.6 to 0.14 read
+        differently, when the config does not say which peft saved it (the rule of lint LORA021)."""
+        config = adapter.config
+        try:
+            differences = pattern_rule_differences(config, sorted(config.get("modules") or {}))
+        except adaptools.InputError:
+            return []  # an unusable pattern: validation refuses the adapter with the reason
+        if not differences:
+            return []
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        return [f"rank_pattern and alpha_pattern give {differences[0]}{more}; merged with today's rule, as "
+                "the config does not record peft_version (set it to the version that trained the adapter)"]
+
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         self.require("merge", adapter)
         replace, deltas, tokens = [], [], []
@@ -234,6 +257,13 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         if "replace_weight" in roles:  # a saved (possibly resized) base layer is what the delta lands on
             base_shape = adapter.info(roles["replace_weight"]).shape
         a_shape, b_shape = adapter.info(a_name).shape, adapter.info(b_name).shape
+        enable = None if embedding else enabled_blocks(config)
+        if enable:  # peft 0.2.0 MergedLinear: a block-structured B over the fused projection's outputs
+            problem = merged_shapes_problem(config, tuple(a_shape), tuple(b_shape))
+            if problem:
+                raise AdapterFormatError(problem, **adapter.where(b_name),
+                                         hint="the config does not belong to these weights")
+            b_shape = (merged_out_features(config, tuple(b_shape)), a_shape[0])
         rank, alpha = module_rank_alpha(config, module)
         s = scaling_for(config, rank, alpha) * weight
         if embedding:
@@ -258,9 +288,13 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
                 hint="the adapter was made for another model size")
         magnitude = roles.get("lora_magnitude")
 
-        def delta(device: torch.device) -> torch.Tensor:
+        def read_factors(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             a = adapter.tensor(a_name).to(device).float()
             b = adapter.tensor(b_name).to(device).float()
+            return a, (merged_b(config, a, b) if enable else b)
+
+        def delta(device: torch.device) -> torch.Tensor:
+            a, b = read_factors(device)
             if layout == "embedding":
                 return s * (b @ a).T
             if layout == "conv":
@@ -301,8 +335,7 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
                 # The same arithmetic as fn on a block of rows: (B[rows] @ A) * s, then one add.
                 with lock:
                     if not factors:  # read once per merge, not once per block
-                        factors["a"] = adapter.tensor(a_name).to(current.device).float()
-                        factors["b"] = adapter.tensor(b_name).to(current.device).float()
+                        factors["a"], factors["b"] = read_factors(current.device)
                 return current.add_((factors["b"][sl] @ factors["a"]).mul_(s))
 
         updates = [TensorUpdate(target, "delta", fn, source=f"{a_name}, {b_name}", rows=rows,
@@ -352,6 +385,11 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
             s = scaling_for(config, rank, alpha)
             a = adapter.tensor(roles[a_role]).double()
             b = adapter.tensor(roles[b_role]).double()
+            if enabled_blocks(config) and not embedding:
+                problem = merged_shapes_problem(config, tuple(a.shape), tuple(b.shape))
+                if problem:
+                    raise AdapterFormatError(problem, **adapter.where(roles[b_role]))
+                b = merged_b(config, a, b)
             if a.dim() > 2:
                 raise UnsupportedOperationError("conv LoRA is not supported by adapter algebra yet",
                                                 **adapter.where(roles[a_role]))
@@ -370,12 +408,20 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
             ranks[module] = f.rank
         tensors.update(extra or {})
         default = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
-        config = {k: v for k, v in template.config.items() if k not in ("modules", "rank_pattern", "alpha_pattern")}
-        config.update({"r": default, "lora_alpha": default, "use_rslora": False, "use_dora": False,
-                       "lora_bias": False, "init_lora_weights": True,
-                       # exact module paths, anchored so that no other module matches (PEFT's pattern rule)
-                       "rank_pattern": {f"^{re.escape(m)}": r for m, r in ranks.items() if r != default},
-                       "alpha_pattern": {f"^{re.escape(m)}": r for m, r in ranks.items() if r != default}})
+        had = template.config
+        # Only the fields the input had (peft before 0.8 refuses a config with a field it does not know),
+        # and pattern keys every peft since 0.6 matches the same way (lora_legacy.portable_pattern_keys).
+        config = {k: v for k, v in had.items() if k not in ("modules", "rank_pattern", "alpha_pattern",
+                                                               "enable_lora")}
+        config.update({"r": default, "lora_alpha": default})
+        for key, plain in (("use_rslora", False), ("use_dora", False), ("lora_bias", False),
+                           ("init_lora_weights", True)):
+            if key in had:
+                config[key] = plain
+        keys = portable_pattern_keys(sorted(ranks))
+        patterns = {keys[m]: r for m, r in sorted(ranks.items()) if r != default}
+        if patterns or "rank_pattern" in had or "alpha_pattern" in had:
+            config["rank_pattern"], config["alpha_pattern"] = patterns, dict(patterns)
         config["target_modules"] = sorted(factors) or config.get("target_modules")  # exact module paths
         shapes = {f"{m}.{'lora_embedding_A' if f.kind == 'embedding' else 'lora_A'}": tuple(f.a.shape)
                   for m, f in factors.items()}
@@ -393,7 +439,16 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         adapter with weight -1), or PEFT recomputes it when it loads the adapter onto the original base.
         """
         init = options.get("init", "olora")
-        rank, alpha = int(options["rank"]), options.get("alpha") or options["rank"]
+        rank, alpha = options.get("rank"), options.get("alpha")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
+            raise adaptools.InputError(f"the rank must be an integer from 1 to {MAX_RANK}, not {rank!r}",
+                                       hint="pass --rank N")
+        if alpha is None:
+            alpha = rank
+        elif (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha)
+              or not 0 < abs(alpha) <= MAX_ALPHA):
+            raise adaptools.InputError(f"alpha must be a finite non-zero number of size at most {MAX_ALPHA:g}, "
+                                       f"not {alpha!r}", hint="pass --alpha X, or leave it out for alpha = rank")
         config: dict[str, Any] = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
                                   "target_modules": list(options["targets"]), "init_lora_weights": init,
                                   "use_rslora": bool(options.get("use_rslora")), "lora_dropout": 0.0,

@@ -4,17 +4,28 @@ adapter can get wrong, from its config alone, its tensors, and against a base mo
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+import adaptools
 from adaptools import Adapter, BaseInfo, Finding
 
-from .lora_config import BASE_MUTATING_INITS, ROLES, is_targeted, module_rank_alpha, token_indices
+from .lora_config import (
+    BASE_MUTATING_INITS,
+    ROLES,
+    config_problems,
+    is_targeted,
+    module_rank_alpha,
+    pattern_rule_differences,
+    token_indices,
+)
+from .lora_legacy import enabled_blocks, merged_out_features, merged_shapes_problem
 
 RULES = {
-    "LORA001": ("error", "config field has the wrong type"),
+    "LORA001": ("error", "config field has the wrong type or is out of range"),
     "LORA002": ("error", "tensor role unknown to LoRA"),
-    "LORA003": ("error", "tensor dtype is not floating point"),
+    "LORA003": ("error", "tensor dtype is not fp16, bf16, fp32 or fp64"),
     "LORA004": ("error", "lora_A without lora_B (or the reverse)"),
     "LORA005": ("error", "lora_A and lora_B ranks differ"),
     "LORA006": ("error", "rank differs from r / rank_pattern"),
@@ -31,11 +42,14 @@ RULES = {
     "LORA017": ("error", "shape does not fit the base"),
     "LORA018": ("warning", "adapter on a tied embedding: merging changes both input and output embeddings"),
     "LORA019": ("error", "replacement tensor does not fit the base (vocabulary size)"),
+    "LORA020": ("error", "a config regex is invalid or too slow to match"),
+    "LORA021": ("warning", "rank/alpha patterns that peft 0.6 to 0.14 read differently"),
+    "LORA022": ("error", "tensor has the wrong number of dimensions"),
 }
 FIXES = {
     "LORA001": "fix the field in adapter_config.json (see PEFT's LoraConfig)",
     "LORA002": "remove the tensor, or install the plugin of the method that uses it",
-    "LORA003": "save the adapter in fp32, fp16 or bf16",
+    "LORA003": "save the adapter in fp32, fp16 or bf16 (LoRA maths never runs on 8-bit floats or integers)",
     "LORA004": "the adapter file is incomplete: save it again",
     "LORA005": "the adapter file is corrupt: save it again",
     "LORA006": "the config does not belong to these weights: ship the matching adapter_config.json",
@@ -52,30 +66,69 @@ FIXES = {
     "LORA017": "use the base the adapter was trained on (model size)",
     "LORA018": "set ensure_weight_tying or untie the embeddings before training; adaptools merge unties",
     "LORA019": "resize the base's vocabulary to the adapter's",
+    "LORA020": "fix the regular expression in adapter_config.json (Python re syntax, no catastrophic backtracking)",
+    "LORA021": "set peft_version in adapter_config.json to the peft that trained the adapter",
+    "LORA022": "the adapter file is corrupt: save it again",
 }
+#: Dimensions each role's tensor has (conv LoRA factors have more; peft 0.2.0's enable_lora lora_B has 3).
+NDIM = {"lora_A": (2, 3, 4, 5), "lora_B": (2, 3, 4, 5), "lora_embedding_A": (2,), "lora_embedding_B": (2,),
+        "lora_bias": (1,), "lora_magnitude": (1, 2, 3, 4, 5), "trainable_tokens": (2,)}
+FULL_FLOATS = ("F64", "F32", "F16", "BF16")
+
+def config_file(adapter: Adapter) -> str:
+    """The file a config finding is about: a PEFT directory's adapter_config.json, else the adapter."""
+    folder = Path(adapter.source)
+    if adapter.read_format == "peft" and (folder / "adapter_config.json").is_file():
+        return str(folder / "adapter_config.json")
+    return adapter.source
+
 
 def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
     findings: list[Finding] = []
 
     def add(rule: str, message: str, name: str | None = None, field: str | None = None,
             fix: str | None = None) -> None:
-        where = adapter.where(name) if name else {"path": adapter.source, "tensor": None}
+        where = adapter.where(name) if name else {"path": config_file(adapter) if field else adapter.source,
+                                                  "tensor": None}
         findings.append(Finding(rule, RULES[rule][0], message, fix or FIXES[rule],
                                 where["path"], where["tensor"], field))
 
-    _lint_config(adapter, add)
+    config_ok = _lint_config(adapter, add)
+    unusable = set()
     for module, roles in adapter.modules().items():
         for role, name in roles.items():
+            info = adapter.info(name)
             if role not in ROLES and not role.startswith("replace_"):
                 add("LORA002", f"unknown LoRA tensor role {role!r}", name,
                     fix=f"known roles: {', '.join(ROLES)}, replace_<param>")
-            elif not adapter.info(name).dtype.startswith(("F", "BF")):
-                add("LORA003", f"dtype {adapter.info(name).dtype} is not floating point", name)
-        _lint_module(adapter, module, roles, add)
-        if base is not None:
-            _lint_against_base(adapter, base, module, roles, add)
+            elif info.dtype not in FULL_FLOATS:
+                add("LORA003", f"dtype {info.dtype} is not fp16, bf16, fp32 or fp64", name)
+                unusable.add(name)
+            elif len(info.shape) not in NDIM.get(role, range(1, 9)):
+                add("LORA022", f"{role} has {len(info.shape)} dimensions {list(info.shape)}", name)
+                unusable.add(name)
+        if unusable & set(roles.values()):
+            continue
+        try:
+            _lint_module(adapter, module, roles, add, config_ok)
+            if base is not None:
+                _lint_against_base(adapter, base, module, roles, add)
+        except adaptools.InputError as exc:  # a pattern that runs out of time on this module's name
+            add("LORA020", exc.message, roles[next(iter(roles))])
+            config_ok = False
+    if config_ok:
+        try:
+            differences = pattern_rule_differences(adapter.config, sorted(adapter.modules()))
+        except adaptools.InputError:
+            differences = []
+        if differences:
+            more = f" (and {len(differences) - 1} more modules)" if len(differences) > 1 else ""
+            add("LORA021", f"{differences[0]}{more}; the config does not record which peft saved it",
+                field="rank_pattern")
     if check_values:
         for name in adapter.tensor_names():
+            if name in unusable:
+                continue
             tensor = adapter.tensor(name)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 add("LORA011", f"{int((~torch.isfinite(tensor)).sum())} NaN/Inf value(s)", name)
@@ -83,29 +136,28 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
                 add("LORA012", "lora_B is all zero", name)
     return findings
 
-def _lint_config(adapter: Adapter, add: Callable[..., None]) -> None:
+def _lint_config(adapter: Adapter, add: Callable[..., None]) -> bool:
+    """Config-only rules; False when a field is unusable, so that rules needing it are skipped."""
     config = adapter.config
-    types = {"r": int, "lora_alpha": (int, float), "use_rslora": bool, "use_dora": bool,
-             "fan_in_fan_out": bool, "rank_pattern": dict, "alpha_pattern": dict}
-    for key, kind in types.items():
-        value = config.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
-            add("LORA001", f"{key} is {value!r}", field=key)
-    if isinstance(config.get("r"), int) and config["r"] <= 0:
-        add("LORA001", f"r is {config['r']}", field="r")
-    targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, (str, list)):
-        add("LORA001", f"target_modules is {targets!r}", field="target_modules")
-    for module, info in config.get("modules", {}).items():
-        if isinstance(info.get("scaling"), (int, float)) and not 1 / 64 <= info["scaling"] <= 16:
+    problems = config_problems(config)
+    for field, message, rule in problems:
+        add(rule, message, field=field.split("[")[0])
+    if problems:
+        return False
+    modules = config.get("modules")
+    for module, info in (modules if isinstance(modules, dict) else {}).items():
+        scaling = info.get("scaling") if isinstance(info, dict) else None
+        if isinstance(scaling, (int, float)) and not 1 / 64 <= scaling <= 16:
             add("LORA013", f"module {module} has scaling {info['scaling']:g} (alpha {info['alpha']}, rank "
                 f"{info['rank']}{', rsLoRA' if config.get('use_rslora') else ''})", field="lora_alpha")
             break
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
         add("LORA014", f"init_lora_weights is {init!r}", field="init_lora_weights")
+    return True
 
-def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Callable[..., None]) -> None:
+def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Callable[..., None],
+                 config_ok: bool = True) -> None:
     config = adapter.config
     for a_role, b_role in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
         if (a_role in roles) != (b_role in roles):
@@ -115,8 +167,15 @@ def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Call
         if a_role not in roles:
             continue
         a, b = adapter.info(roles[a_role]).shape, adapter.info(roles[b_role]).shape
+        if a_role == "lora_A" and enabled_blocks(config) and config_ok:
+            problem = merged_shapes_problem(config, tuple(a), tuple(b))  # peft 0.2.0 (lora_legacy.py)
+            if problem:
+                add("LORA005", problem, roles[b_role], fix="ship the adapter_config.json of these weights")
+            continue
         if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
             add("LORA005", f"{a_role} {list(a)} and {b_role} {list(b)} do not share a rank", roles[a_role])
+            continue
+        if not config_ok:
             continue
         rank, _ = module_rank_alpha(config, module)
         if a[0] != rank:
@@ -139,13 +198,13 @@ def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Call
         elif "lora_B" not in roles or adapter.info(roles["lora_bias"]).shape[0] != \
                 adapter.info(roles["lora_B"]).shape[0]:
             add("LORA009", "lora_B.bias does not match lora_B's output size", roles["lora_bias"])
-    if "trainable_tokens" in roles:
+    if "trainable_tokens" in roles and config_ok:
         indices = token_indices(config, module) or []
         rows = adapter.info(roles["trainable_tokens"]).shape[0]
         if rows != len(indices):
             add("LORA010", f"{rows} trainable token rows but {len(indices)} indices in the config",
                 roles["trainable_tokens"], field="trainable_token_indices")
-    saved = config.get("modules_to_save") or []
+    saved = config.get("modules_to_save") if isinstance(config.get("modules_to_save"), list) else []
     bias_mode = config.get("bias", "none")
     for role, name in roles.items():
         if not role.startswith("replace_"):
@@ -181,6 +240,8 @@ def _lint_against_base(adapter: Adapter, base: BaseInfo, module: str, roles: dic
     if "replace_weight" in roles:
         w = tuple(adapter.info(roles["replace_weight"]).shape)
     a, b = adapter.info(a_name).shape, adapter.info(b_name).shape
+    if "lora_A" in roles and enabled_blocks(adapter.config) and len(b) == 3:  # peft 0.2.0 enable_lora
+        b = (merged_out_features(adapter.config, tuple(b)), a[0])
     fits = {(b[0], a[1]), (a[1], b[0])} if "lora_A" in roles else {(a[1], b[0])}
     if len(a) == 2 and len(b) == 2 and w not in fits:
         add("LORA017", f"LoRA factors {list(a)} x {list(b)} do not fit base {target} {list(w)}", a_name)

@@ -12,6 +12,7 @@ import torch
 from adaptools import Adapter, IncompatibleBaseError
 
 from .lora_config import module_rank_alpha, scaling_for, token_indices
+from .lora_legacy import enabled_blocks, merged_b
 
 
 @contextmanager
@@ -58,6 +59,8 @@ def _lora_hook(adapter: Adapter, module: str, roles: dict[str, str], layer: torc
     embedding = "lora_embedding_A" in roles
     a = adapter.tensor(roles["lora_embedding_A" if embedding else "lora_A"]).float()
     b = adapter.tensor(roles["lora_embedding_B" if embedding else "lora_B"]).float()
+    if not embedding and enabled_blocks(config):  # peft 0.2.0 enable_lora (lora_legacy.py)
+        b = merged_b(config, a, b)
     bias = adapter.tensor(roles["lora_bias"]).float() if "lora_bias" in roles else None
     magnitude = adapter.tensor(roles["lora_magnitude"]).float() if "lora_magnitude" in roles else None
     weight = layer.weight

@@ -47,6 +47,41 @@ NESTED_BLOCKSIZE = 256
 STATE_PREFIX = "quant_state.bitsandbytes__"
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 THREADS = max(1, min(4, os.cpu_count() or 1))
+#: The JSON blob ``quant_state.bitsandbytes__<type>`` as bitsandbytes writes it (docs/input-validation.md).
+STATE_SCHEMA = {
+    "type": "object",
+    "required": ["quant_type", "blocksize", "dtype", "shape"],
+    "properties": {
+        "quant_type": {"enum": ["nf4", "fp4"]},
+        "blocksize": {"type": "integer", "enum": list(BLOCKSIZES)},
+        "dtype": {"enum": list(DTYPE_NAMES)},
+        "shape": {"type": "array", "maxItems": 8, "items": {"type": "integer", "minimum": 0, "maximum": 2**40},
+                  "description": "a list of dimensions"},
+        "nested_blocksize": {"type": "integer", "enum": [NESTED_BLOCKSIZE]},
+        "nested_dtype": {"enum": ["float32"]},
+        "nested_offset": {"type": "number"},
+    },
+}
+#: A quant-state blob is a few hundred bytes.
+MAX_STATE_BYTES = 64 * 1024
+MAX_ELEMENTS = 2**40
+
+
+def parse_state(blob: torch.Tensor, name: str, path: object = None) -> dict[str, Any]:
+    """The validated JSON of a quant-state blob tensor (U8 bytes), or InputError naming it."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() > MAX_STATE_BYTES:
+        raise InputError(f"the 4-bit quant state must be at most {MAX_STATE_BYTES} bytes of U8, got "
+                         f"{str(blob.dtype).removeprefix('torch.')} {list(blob.shape)}", path=path, tensor=name)
+    hint = "the 4-bit checkpoint is corrupt; quantize it again"
+    try:
+        data = adaptools.parse_json(blob.numpy().tobytes(), path=path, what="4-bit quant state", max_depth=3,
+                                    hint=hint)
+        adaptools.check_json(data, STATE_SCHEMA, path=path, what="4-bit quant state", hint=hint)
+    except InputError as exc:
+        raise InputError(exc.message, path=path, tensor=name, hint=hint) from None
+    if math.prod(data["shape"]) > MAX_ELEMENTS:
+        raise InputError(f"4-bit quant state shape {data['shape']} is too large", path=path, tensor=name, hint=hint)
+    return data  # type: ignore[no-any-return]
 
 
 @functools.cache
@@ -174,26 +209,60 @@ class QuantState:
 
     @classmethod
     def from_state_dict(cls, prefix: str, tensors: Mapping[str, torch.Tensor], path: object = None) -> QuantState:
+        """The state stored under ``prefix``, checked against the packed weight before any kernel runs."""
         blobs = [k for k in tensors if k.startswith(f"{prefix}.{STATE_PREFIX}")]
         if len(blobs) != 1:
             raise InputError("expected exactly one quant_state blob", path=path, tensor=prefix)
-        try:
-            blob = json.loads(bytes(tensors[blobs[0]].to(torch.uint8).tolist()).decode("utf-8"))
-            dtype = DTYPE_NAMES[blob["dtype"]]
-            shape = tuple(int(d) for d in blob["shape"])
-            quant_type, blocksize = blob["quant_type"], int(blob["blocksize"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise InputError(f"unreadable 4-bit quant state ({exc})", path=path, tensor=blobs[0]) from None
-        if quant_type not in ("nf4", "fp4") or blocksize not in BLOCKSIZES:
-            raise InputError(f"unsupported 4-bit state {quant_type}/{blocksize}", path=path, tensor=blobs[0])
+        blob = parse_state(tensors[blobs[0]], blobs[0], path)
         nested = "nested_offset" in blob
         try:
-            return cls(quant_type, blocksize, dtype, shape, tensors[f"{prefix}.absmax"], tensors[f"{prefix}.quant_map"],
-                       tensors[f"{prefix}.nested_absmax"] if nested else None,
-                       tensors[f"{prefix}.nested_quant_map"] if nested else None,
-                       float(blob["nested_offset"]) if nested else None)
+            state = cls(blob["quant_type"], blob["blocksize"], DTYPE_NAMES[blob["dtype"]], tuple(blob["shape"]),
+                        tensors[f"{prefix}.absmax"], tensors[f"{prefix}.quant_map"],
+                        tensors[f"{prefix}.nested_absmax"] if nested else None,
+                        tensors[f"{prefix}.nested_quant_map"] if nested else None,
+                        float(blob["nested_offset"]) if nested else None)
         except KeyError as exc:
             raise InputError(f"4-bit weight lacks {exc.args[0]}", path=path, tensor=prefix) from None
+        if prefix in tensors:
+            state.check(tensors[prefix], prefix, path)
+        return state
+
+    def check(self, packed: torch.Tensor, name: str = "", path: object = None) -> None:
+        """Refuse a state whose tensors do not fit its shape: every kernel trusts these sizes, and a short
+        absmax would make it read past the end and leave output uninitialised (docs/input-validation.md)."""
+        n = math.prod(self.shape)
+        blocks = -(-n // self.blocksize)
+        hint = "the 4-bit checkpoint is corrupt or truncated; quantize it again"
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise InputError(what, path=path, tensor=name or None, hint=hint)
+
+        nbytes = packed.numel() * packed.element_size()
+        need(nbytes == (n + 1) // 2, f"packed weight has {nbytes} bytes, shape {list(self.shape)} needs {(n + 1) // 2}")
+        need(self.absmax.numel() == blocks, f"absmax has {self.absmax.numel()} values, {list(self.shape)} in blocks "
+             f"of {self.blocksize} needs {blocks}")
+        need(self.quant_map.numel() == 16 and self.quant_map.is_floating_point()
+             and bool(torch.isfinite(self.quant_map.float()).all()), "quant_map must hold 16 finite floats")
+        if self.double_quant:
+            assert self.nested_absmax is not None and self.nested_quant_map is not None
+            need(self.absmax.dtype == torch.uint8, f"absmax of a double-quantized weight must be U8 codes, got "
+                 f"{str(self.absmax.dtype).removeprefix('torch.')}")
+            nested = -(-blocks // NESTED_BLOCKSIZE)
+            need(self.nested_absmax.numel() == nested and self.nested_absmax.is_floating_point()
+                 and bool(torch.isfinite(self.nested_absmax.float()).all()),
+                 f"nested_absmax must hold {nested} finite floats, has {self.nested_absmax.numel()}")
+            need(self.nested_quant_map.numel() == 256 and self.nested_quant_map.is_floating_point()
+                 and bool(torch.isfinite(self.nested_quant_map.float()).all()),
+                 "nested_quant_map must hold 256 finite floats")
+            need(self.nested_offset is not None and math.isfinite(self.nested_offset), "nested_offset is not finite")
+        else:
+            need(self.absmax.is_floating_point() and bool(torch.isfinite(self.absmax.float()).all()),
+                 "absmax must hold finite floats")
+        # A block's scale is the largest |value| of the block in the weight's own dtype, so it fits that dtype.
+        largest = float(self.absmax_f32().abs().max()) if blocks else 0.0
+        need(math.isfinite(largest) and largest <= torch.finfo(self.dtype).max,
+             f"block scales reach {largest:g}, beyond what {str(self.dtype).removeprefix('torch.')} holds")
 
 
 def _parallel(n_items: int, work: Callable[[int, int], None]) -> None:
@@ -306,9 +375,8 @@ def _from_bnb_state(state: Any) -> QuantState:
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``code[nibble] * absmax`` in fp32 over flat blocks, then one round-to-nearest cast (nf4-format §1.6)."""
     n = math.prod(state.shape)
+    state.check(packed)  # before any kernel: they trust these sizes
     raw = packed.reshape(-1).view(torch.uint8).contiguous()
-    if raw.numel() != (n + 1) // 2:
-        raise InputError(f"packed weight has {raw.numel()} bytes, shape {list(state.shape)} needs {(n + 1) // 2}")
     out_dtype = dtype or state.dtype
     # Our kernel runs at bitsandbytes' speed on the CPU, and importing bitsandbytes costs 3-5 s of
     # torch.compile set-up: use bitsandbytes on CUDA or without our kernel, or once something imported it
@@ -374,9 +442,9 @@ class FourBit(adaptools.Backend):
 
     def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
         """The dense dtype and shape of a 4-bit parameter (from its JSON state; nothing big is read)."""
-        blob = read(f"{param}.{STATE_PREFIX}{self.quant_type}")
-        data = json.loads(bytes(blob.tolist()).decode("utf-8"))
-        return DTYPE_NAMES[data["dtype"]], tuple(int(d) for d in data["shape"])
+        name = f"{param}.{STATE_PREFIX}{self.quant_type}"
+        data = parse_state(read(name), name)
+        return DTYPE_NAMES[data["dtype"]], tuple(data["shape"])
 
     def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
         tensors = {name: read(name) for name in [param, *names]}
@@ -384,8 +452,9 @@ class FourBit(adaptools.Backend):
         return dequantize_4bit(tensors[param], state)
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
-        blob = json.loads(bytes(read(f"{param}.{STATE_PREFIX}{self.quant_type}").tolist()).decode("utf-8"))
-        return {"quant_type": blob["quant_type"], "blocksize": int(blob["blocksize"]),
+        name = f"{param}.{STATE_PREFIX}{self.quant_type}"
+        blob = parse_state(read(name), name)
+        return {"quant_type": blob["quant_type"], "blocksize": blob["blocksize"],
                 "double_quant": "nested_offset" in blob, "dtype": DTYPE_NAMES[blob["dtype"]],
                 "storage": read(param).dtype}
 

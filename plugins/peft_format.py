@@ -33,6 +33,13 @@ WEIGHTS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
 BASE_FIELDS = ("base_model_name_or_path", "revision")
+#: An adapter config is a few kilobytes; a larger one is not a config.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_TEXT = {"type": ["string", "null"], "maxLength": 4096, "description": "a string or null"}
+#: Fields every PEFT config shares; each method declares and checks its own (docs/input-validation.md).
+COMMON_SCHEMA = {"type": "object", "properties": {"peft_type": {"type": "string", "maxLength": 100},
+                                                  "base_model_name_or_path": _TEXT, "revision": _TEXT,
+                                                  "task_type": _TEXT}}
 
 
 def method_for_peft_type(peft_type: str, path: Path) -> AdapterMethod:
@@ -97,17 +104,15 @@ class PeftFormat(adaptools.AdapterFormat):
         if path.is_file():
             path = path.parent
         config_path = path / CONFIG
-        try:
-            peft_config = json.loads(config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError("no adapter_config.json here", path=path) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"not valid JSON ({exc})", path=config_path) from None
+        if not config_path.exists() and not config_path.is_symlink():
+            raise InputError("no adapter_config.json here", path=path)
+        peft_config = adaptools.read_json(config_path, what=CONFIG, max_bytes=MAX_CONFIG_BYTES)
         if not isinstance(peft_config, dict):
             raise InputError("must hold a JSON object", path=config_path)
         peft_type = peft_config.get("peft_type")
         if not isinstance(peft_type, str):
             raise InputError("has no peft_type", path=config_path, hint="is this a PEFT adapter?")
+        adaptools.check_json(peft_config, COMMON_SCHEMA, path=config_path, hint="fix adapter_config.json")
         method = method_for_peft_type(peft_type, path)
         tensors, shapes = self._read_tensors(path, method, options)
         base = BaseRef(name=peft_config.get("base_model_name_or_path"), revision=peft_config.get("revision"))

@@ -19,7 +19,6 @@ each model computes in its own dtype.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import sys
 from collections.abc import Mapping
@@ -31,11 +30,21 @@ import click
 import torch
 
 import adaptools
-from adaptools import InputError, ValidationContext, Verdict
+from adaptools import InputError, UnsafeInputError, ValidationContext, Verdict
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_WINDOW = 256
 DEFAULT_MAX_TOKENS = 20_000
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the evaluation text is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start})", path=path, hint="save it as UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"cannot read the evaluation text: {exc.strerror or exc}", path=path) from None
 
 
 def read_eval_text(source: str) -> str:
@@ -44,14 +53,17 @@ def read_eval_text(source: str) -> str:
     if path.is_file():
         if path.suffix == ".jsonl":
             texts = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            for i, line in enumerate(_read_text(path).splitlines()):
                 if line.strip():
                     try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise InputError(f"line {i + 1} is not a JSON object with a text field", path=path) from None
+                        text = adaptools.parse_json(line)["text"]
+                    except (InputError, KeyError, TypeError):
+                        text = None
+                    if not isinstance(text, str):
+                        raise InputError(f"line {i + 1} is not a JSON object with a text field", path=path)
+                    texts.append(text)
             return "\n\n".join(texts)
-        return path.read_text(encoding="utf-8")
+        return _read_text(path)
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
@@ -75,20 +87,34 @@ def _transformers() -> Any:
     return transformers
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None) -> Any:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Any:
     """A causal LM from a local folder or hub name, 4-bit ones included, safe for CPU forwards (which
-    compute in fp32 unless ``dtype`` says otherwise)."""
+    compute in fp32 unless ``dtype`` says otherwise).
+
+    Only safetensors weights are read unless ``allow_pickle`` (``--allow-pickle``): a ``pytorch_model.bin``
+    can run code when unpickled. Allowed, transformers reads it with ``torch.load(weights_only=True)``.
+    """
     transformers = _transformers()
+    folder = Path(str(path))
+    if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) \
+            and any(folder.glob("*.bin")):
+        raise UnsafeInputError("the model's weights are a pickle (pytorch_model.bin), which can run code when "
+                               "read", path=path, hint="pass --allow-pickle if you trust this file")
     on_cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = {"device_map": "cpu"} if on_cpu else {}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
     if dtype is None and on_cpu:
         dtype = torch.float32
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the model ({str(exc).splitlines()[0]})", path=path) from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "pickle" in str(exc).lower():  # never pass on torch's unsafe advice
+            first = "its pickle holds more than plain tensors, so it cannot be read safely"
+        raise InputError(f"cannot load the model ({first})", path=path) from None
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False  # keep bitsandbytes from repacking weights in place
@@ -143,15 +169,16 @@ def is_quantized(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == "bitsandbytes"
+    data = adaptools.read_json(config, what="config.json")
+    quant = data.get("quantization_config") if isinstance(data, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes"
 
 
 def evaluate(model_path: str | Path, ids: torch.Tensor, adapters: list[adaptools.Adapter],
-             window: int) -> tuple[float, int]:
+             window: int, allow_pickle: bool = False) -> tuple[float, int]:
     """(perplexity, tokens scored) of a model, with adapters applied unmerged at runtime if any are given."""
     # Weights as stored; the compute runs in fp32 on the CPU and in the model's own dtype on CUDA.
-    model = load_model(model_path)
+    model = load_model(model_path, allow_pickle=allow_pickle)
     with ExitStack() as stack:
         for adapter in adapters:
             stack.enter_context(adaptools.get_method(adapter.method).apply(adapter, model))
@@ -164,10 +191,11 @@ class Perplexity(adaptools.Validator):
     description = "merged perplexity within a tolerance of base + adapter unmerged (needs transformers)"
 
     def measure(self, model: str, adapters: list[adaptools.Adapter], eval_text: str,
-                max_tokens: int = DEFAULT_MAX_TOKENS, window: int = DEFAULT_WINDOW) -> tuple[float, int]:
-        """(perplexity, tokens scored) of one model, for ``adaptools eval``."""
+                max_tokens: int = DEFAULT_MAX_TOKENS, window: int = DEFAULT_WINDOW,
+                allow_pickle: bool = False) -> tuple[float, int]:
+        """(perplexity, tokens scored) of one model, for ``adaptools eval`` (pickle weights only when allowed)."""
         ids = tokenize(model, read_eval_text(eval_text), max_tokens)
-        return evaluate(model, ids, adapters, window)
+        return evaluate(model, ids, adapters, window, allow_pickle=allow_pickle)
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Refuse a missing or unreadable evaluation text before the merge writes anything."""

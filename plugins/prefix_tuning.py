@@ -43,6 +43,16 @@ _PEFT_PROJECTION = {"embedding": "embedding.weight", "transform_in": "transform.
                     "transform_out_bias": "transform.2.bias"}
 
 
+_COUNT = {"type": "integer", "minimum": 1, "maximum": 2**20, "description": "a positive integer"}
+#: The PrefixTuningConfig fields adaptools reads, with their types and ranges.
+CONFIG_SCHEMA = {"type": "object", "properties": {
+    "num_virtual_tokens": _COUNT, "num_layers": _COUNT, "token_dim": _COUNT, "num_attention_heads": _COUNT,
+    "num_transformer_submodules": {**_COUNT, "type": ["integer", "null"]},
+    "encoder_hidden_size": {**_COUNT, "type": ["integer", "null"]},
+    "prefix_projection": {"type": ["boolean", "null"]},
+}}
+
+
 class PrefixTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptools.Bakeable):
     name = "prefix_tuning"
     description = "Prefix tuning / P-tuning v2 (PEFT PREFIX_TUNING): per-layer virtual keys and values"
@@ -61,7 +71,9 @@ class PrefixTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptoo
              "PREFIX003": ("error", "NaN or Inf values"),
              "PREFIX004": ("info", "the projection MLP is stored; `convert --bake-projection` makes the plain "
                                    "prefix PEFT saves"),
-             "PREFIX005": ("error", "layer count or key/value width disagrees with the base model")}
+             "PREFIX005": ("error", "layer count or key/value width disagrees with the base model"),
+             "PREFIX006": ("error", "config field has the wrong type or range"),
+             "PREFIX007": ("error", "tensor dtype is not fp16, bf16, fp32 or fp64")}
 
     def expected_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
         try:
@@ -79,7 +91,17 @@ class PrefixTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptoo
 
     def lint(self, adapter: Adapter, base: adaptools.BaseInfo | None = None, *,
              check_values: bool = True) -> list[Finding]:
+        problems = adaptools.json_problems(adapter.config, CONFIG_SCHEMA)
+        if problems:  # nothing below can trust the config
+            return [Finding("PREFIX006", "error", message, "fix adapter_config.json (see PEFT's PrefixTuningConfig)",
+                            path=adapter.source, field=field) for field, message in problems]
         findings = []
+        for name in adapter.tensor_names():
+            if adapter.info(name).dtype not in ("F64", "F32", "F16", "BF16"):
+                findings.append(Finding("PREFIX007", "error", f"dtype {adapter.info(name).dtype}",
+                                        "save the adapter in fp32, fp16 or bf16", **adapter.where(name)))
+        if findings:
+            return findings
         expected = self.expected_shapes(adapter.config)
         names = {adaptools.split_name(n)[1]: n for n in adapter.tensor_names()}
         for name in adapter.tensor_names():

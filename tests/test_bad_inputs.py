@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -261,6 +262,110 @@ def hub_nan(tmp):
     return out
 
 
+# --- issue 13: hostile and sloppy inputs ---------------------------------------------------------------
+
+
+def raw_config(text: str | bytes):
+    def make(tmp):
+        out = copy_adapter(tmp)
+        target = out / "adapter_config.json"
+        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text, errors="surrogatepass")
+        return out
+    return make
+
+
+def config_with(**changes):
+    return lambda tmp: edit_config(tmp, **changes)
+
+
+def raw_header(header: str, data: bytes):
+    def make(tmp):
+        out = copy_adapter(tmp)
+        encoded = header.encode("utf-8", "surrogatepass")
+        (out / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+        return out
+    return make
+
+
+def tensor_edit(fn):
+    return lambda tmp: edit_tensors(tmp, fn)
+
+
+def zero_dim(t):
+    t[A0] = torch.tensor(1.0)
+
+
+def float8(t):
+    t[B0] = t[B0].to(torch.float8_e4m3fn)
+
+
+def fifo_config(tmp):
+    out = copy_adapter(tmp)
+    (out / "adapter_config.json").unlink()
+    os.mkfifo(out / "adapter_config.json")
+    return out
+
+
+def deep_schema_metadata(tmp):
+    out = tmp / "deep.safetensors"
+    adapter = adaptools.load(SRC)
+    adapter.provenance = {"x": json.loads("[" * 60 + "]" * 60)}
+    metadata = adapter.metadata()
+    metadata["adaptools.provenance"] = "[" * 3000 + "]" * 3000
+    adaptools.save_tensors(out, {n: adapter.tensor(n) for n in adapter.tensor_names()}, metadata)
+    return out
+
+
+def enable_lora_wrong_rank(tmp):
+    out = tmp / "adapter"
+    shutil.copytree(adapter_path("llama-lora").parent.parent / "old-peft" / "peft-0.2.0-gpt2-enable-lora", out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["r"] = 8
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def hub_reduction_zero(tmp):
+    return hub_config(tmp, lambda c: c["config"].__setitem__("reduction_factor", 0))
+
+
+HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "config r is NaN": (raw_config('{"peft_type": "LORA", "r": NaN}'), "NaN, which is not a JSON number"),
+    "config alpha Infinity": (raw_config('{"peft_type": "LORA", "lora_alpha": Infinity}'), "Infinity"),
+    "config r 1e400": (raw_config('{"peft_type": "LORA", "r": 1e400}'), "overflows to infinity"),
+    "config nested too deep": (raw_config('{"peft_type": "LORA", "x": ' + "[" * 50000 + "]" * 50000 + "}"),
+                               "nested"),
+    "config not UTF-8": (raw_config(b'{"peft_type": "LORA", "x": "\xff"}'), "not UTF-8"),
+    "config lone surrogate": (raw_config('{"peft_type": "LORA", "x": "\\ud800"}'), "lone surrogate"),
+    "config is a FIFO": (fifo_config, "no adapter found"),
+    "r is 'abc'": (config_with(r="abc"), 'r is "abc", expected a positive integer'),
+    "r is null": (config_with(r=None), "r is null"),
+    "r is [4]": (config_with(r=[4]), "r is [4]"),
+    "lora_alpha null": (config_with(lora_alpha=None), "lora_alpha is null"),
+    "lora_alpha 1e300": (config_with(lora_alpha=1e300), "lora_alpha is 1e+300"),
+    "target_modules 5": (config_with(target_modules=5), "target_modules is 5"),
+    "layers_to_transform '0'": (config_with(layers_to_transform="0"), 'layers_to_transform is "0"'),
+    "rank 0 via rank_pattern": (config_with(rank_pattern={"q_proj": 0}), 'rank_pattern["q_proj"] is 0'),
+    "alpha_pattern value not a number": (config_with(alpha_pattern={"q_proj": "big"}), 'alpha_pattern["q_proj"]'),
+    "invalid regex": (config_with(target_modules="(q_proj|v_proj"), "invalid regular expression"),
+    "catastrophic regex": (config_with(target_modules=r"([\w.]|[\w.])*\d"), "backtracking"),
+    "header bool shape": (raw_header('{"t": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', b"\0" * 4),
+                          "malformed shape"),
+    "header dtype list": (raw_header('{"t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4),
+                          "unsupported dtype"),
+    "header lone surrogate name": (raw_header('{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+                                              b"\0"), "lone surrogate"),
+    "header name with escape codes": (raw_header('{"a\\u001b[2Jb": {"dtype": "U8", "shape": [1], '
+                                                 '"data_offsets": [0, 1]}}', b"\0"), "control characters"),
+    "header nested": (raw_header('{"t": ' + "[" * 5000 + "]" * 5000 + "}", b""), "nested"),
+    "0-d tensor": (tensor_edit(zero_dim), "has 0 dimensions"),
+    "float8 tensor": (tensor_edit(float8), "F8_E4M3"),
+    "schema metadata nested": (deep_schema_metadata, "nested"),
+    "peft 0.2.0 enable_lora with the wrong r": (enable_lora_wrong_rank, "enable_lora"),
+    "adapterhub: reduction factor 0": (hub_reduction_zero, 'reduction_factor"] is 0'),
+}
+NEEDS_PICKLE = {"garbage pickle with the flag", "peft 0.2.0 enable_lora with the wrong r"}
+
 CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "adapterhub: invalid JSON config": (hub_invalid_json, "not valid JSON"),
     "adapterhub: reduction factor disagrees": (hub_reduction_factor, "reduction 4"),
@@ -286,7 +391,7 @@ CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing path": (missing_path, "not found"),
     "config without weights": (config_without_weights, "no adapter_model.safetensors"),
     "A and B ranks disagree": (rank_disagreement, "do not share a rank"),
-    "integer tensor": (integer_tensor, "not floating point"),
+    "integer tensor": (integer_tensor, "is not fp16, bf16, fp32 or fp64"),
     "use_dora without magnitude": (dora_without_magnitude, "no magnitude vector"),
     "lora_B.bias without lora_bias": (lora_bias_not_in_config, "lora_bias is false"),
     "trainable token count": (token_rows_mismatch, "3 trainable token rows but 2 indices"),
@@ -294,7 +399,13 @@ CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "schema from a newer version": (schema_from_the_future, "newer than this adaptools"),
     "schema with unknown method": (schema_unknown_method, "hyperlora"),
     "truncated schema file": (truncated_schema_file, "truncated"),
+    **HOSTILE,
 }
+
+
+def digest(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` and its bytes (FIFOs are not read)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))
@@ -302,9 +413,10 @@ CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
 def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(case, command, tmp_path, cli_runner):
     make, expected = CORPUS[case]
     bad = make(tmp_path)
-    extra = ["--allow-pickle"] if case == "garbage pickle with the flag" else []
+    extra = ["--allow-pickle"] if case in NEEDS_PICKLE else []
     out = tmp_path / "out.safetensors"
     before = sorted(p.name for p in tmp_path.iterdir())
+    contents = digest(tmp_path)
     args = [command, bad, *([out] if command == "convert" else []), *extra]
     result = cli_runner(*args)
     assert result.exit_code == 2, result.output
@@ -315,10 +427,12 @@ def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(case, command, tm
     assert "Traceback" not in result.output
     assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary leftovers
+    assert digest(tmp_path) == contents  # inputs intact
+    assert "\x1b" not in result.stderr
 
 
 def test_corpus_is_big_enough():
-    assert len(CORPUS) >= 12
+    assert len(CORPUS) >= 12 and len(HOSTILE) >= 25
 
 
 def test_errors_name_the_tensor_and_file(tmp_path, cli_runner):
@@ -335,3 +449,79 @@ def test_debug_shows_traceback(tmp_path):
 
     result = CliRunner().invoke(get_cli(), ["--debug", "info", str(tmp_path / "nope")])
     assert isinstance(result.exception, adaptools.InputError)
+
+
+# --- broken bases: merge, dequantize and eval refuse them before writing anything -------------------------
+
+
+def base_copy(tmp: Path, arch: str) -> Path:
+    out = tmp / "base"
+    shutil.copytree(adapter_path("llama-lora").parent.parent / "bases" / arch, out)
+    return out
+
+
+def base_file(arch: str, file: str, content: str):
+    def make(tmp):
+        out = base_copy(tmp, arch)
+        (out / file).unlink(missing_ok=True)
+        (out / file).write_text(content)
+        return out
+    return make
+
+
+def base_fifo_config(tmp):
+    out = base_copy(tmp, "llama")
+    (out / "config.json").unlink()
+    os.mkfifo(out / "config.json")
+    return out
+
+
+def nf4_short_absmax(tmp):
+    out = base_copy(tmp, "llama-nf4")
+    tensors = dict(load_file(str(out / "model.safetensors")))
+    key = "model.layers.0.self_attn.q_proj.weight.absmax"
+    tensors[key] = tensors[key][:1].clone()
+    (out / "model.safetensors").unlink()
+    adaptools.save_tensors(out / "model.safetensors", tensors, {"format": "pt"})
+    return out
+
+
+BAD_BASES: dict[str, tuple[Callable[[Path], Path], str, str]] = {
+    "config is a list": (base_file("llama", "config.json", "[1]"), "merge", "expected a JSON object"),
+    "config is a string": (base_file("llama", "config.json", '"llama"'), "merge", "expected a JSON object"),
+    "architectures: 5": (base_file("llama", "config.json", '{"architectures": 5}'), "merge", "architectures is 5"),
+    "config is a FIFO": (base_fifo_config, "merge", "not a regular file"),
+    "index is a list": (base_file("llama", "model.safetensors.index.json", "[]"), "merge", "JSON object"),
+    "index maps to integers": (base_file("llama", "model.safetensors.index.json", '{"weight_map": {"a": 3}}'),
+                               "merge", "is 3"),
+    "index escapes the base folder": (base_file("llama", "model.safetensors.index.json",
+                                                '{"weight_map": {"a": "../../../etc/hostname"}}'), "merge",
+                                      "is a path"),
+    "4-bit absmax truncated": (nf4_short_absmax, "dequantize", "absmax has 1 values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BASES))
+def test_bad_base_is_one_clear_line_exit_2_and_writes_nothing(case, tmp_path, cli_runner):
+    make, command, expected = BAD_BASES[case]
+    base = make(tmp_path)
+    contents = digest(tmp_path)
+    args = [command, base, *([SRC] if command == "merge" else []), tmp_path / "out"]
+    result = cli_runner(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and digest(tmp_path) == contents
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_never_unpickles_a_model_without_permission(tmp_path, cli_runner):
+    model = tmp_path / "model"
+    shutil.copytree(adapter_path("llama-lora").parent.parent / "bases" / "gpt2", model)
+    state = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world " * 50)
+    result = cli_runner("eval", model, "--eval-text", text)
+    assert result.exit_code == 2 and "--allow-pickle" in result.stderr and "weights_only" not in result.stderr

@@ -21,6 +21,19 @@ from ..interfaces import LowRank
 from ..schema import Adapter
 
 
+def check_rank(rank: object, what: str = "--rank") -> None:
+    """A target rank must be a positive integer (``True`` is an int in Python, and is refused)."""
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 2**20):
+        raise InputError(f"{what} must be a positive integer, got {rank!r}")
+
+
+def check_energy(energy: object) -> None:
+    """An energy share must be a number in (0, 1] (NaN is not)."""
+    if energy is not None and (not isinstance(energy, (int, float)) or isinstance(energy, bool)
+                               or not 0 < energy <= 1):
+        raise InputError(f"--energy must be in (0, 1], got {energy!r}")
+
+
 def _inner(x: LowRank, y: LowRank) -> float:
     return float(torch.trace((x.b.T @ y.b) @ (y.a @ x.a.T)))
 
@@ -149,8 +162,8 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     """SVD-truncate each module's delta to ``rank``, or to the smallest rank keeping ``energy`` of it."""
     if (rank is None) == (energy is None):
         raise InputError("give exactly one of --rank and --energy")
-    if energy is not None and not 0 < energy <= 1:
-        raise InputError(f"--energy must be in (0, 1], got {energy}")
+    check_rank(rank)
+    check_energy(energy)
     factors, retained = {}, {}
     for module, f in _factors(adapter).items():
         b, a, kept = _svd_truncate(f.b, f.a, rank, energy)
@@ -167,6 +180,50 @@ def _full_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare")
+
+
+def layer_stacks(adapter: Adapter) -> set[str]:
+    """Where an adapter's modules sit in their model: each module path up to its first layer number
+    (``model.layers``, ``transformer.h``); a module outside any numbered stack counts by its full path."""
+    stacks = set()
+    for module in adapter.modules():
+        parts = module.split(".")
+        digits = [i for i, p in enumerate(parts) if p.isdigit()]
+        stacks.add(".".join(parts[: digits[0]]) if digits else module)
+    return stacks
+
+
+def _check_same_model(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters made for different models: their modules lie in different layer stacks (a Llama's
+    ``model.layers`` against a GPT-2's ``transformer.h``), their stored orientation differs
+    (``fan_in_fan_out``), or one module has different input or output sizes in the two."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        why = None
+        if first.modules() and other.modules() and not layer_stacks(first) & layer_stacks(other):
+            why = (f"their modules lie in different models ({', '.join(sorted(layer_stacks(first))[:2])} against "
+                   f"{', '.join(sorted(layer_stacks(other))[:2])})")
+        elif bool(first.config.get("fan_in_fan_out")) != bool(other.config.get("fan_in_fan_out")):
+            why = "one stores its layers transposed (fan_in_fan_out, GPT-2 Conv1D) and the other does not"
+        else:
+            for module in sorted(set(first.modules()) & set(other.modules())):
+                sizes = [_in_out(a, module) for a in (first, other)]
+                if None not in sizes and sizes[0] != sizes[1]:
+                    why = f"{module} has (out, in) {sizes[0]} in one and {sizes[1]} in the other"
+                    break
+        if why:
+            names = [a.base.name for a in (first, other)]
+            made = f" (made for {names[0]} and {names[1]})" if all(names) and names[0] != names[1] else ""
+            raise IncompatibleBaseError(f"these adapters cannot be combined: {why}{made}", path=other.source,
+                                        hint="combine adapters trained on the same base model")
+
+
+def _in_out(adapter: Adapter, module: str) -> tuple[int, int] | None:
+    roles = adapter.modules()[module]
+    a, b = roles.get("lora_A") or roles.get("lora_embedding_A"), roles.get("lora_B") or roles.get("lora_embedding_B")
+    if not (a and b) or len(adapter.info(a).shape) < 2 or len(adapter.info(b).shape) < 2:
+        return None
+    return adapter.info(b).shape[0], adapter.info(a).shape[1]
 
 
 def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
@@ -214,13 +271,18 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise InputError(f"{len(weights)} weights for {len(adapters)} adapters")
+    for w in weights:
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or abs(w) > 1e6:
+            raise InputError(f"every --weight must be a finite number of size at most 1e6, got {w!r}")
+    check_rank(rank)
+    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise InputError(f"density must be in (0, 1], got {density!r}")
     if len({a.method for a in adapters}) != 1:
         raise UnsupportedOperationError("adapters of different methods cannot be combined")
+    _check_same_model(adapters)
     live = [(a, w) for a, w in zip(adapters, weights) if w != 0]
     if not live:
         raise InputError("every weight is zero: nothing to combine")
-    if how in ("ties", "dare") and not 0 < density <= 1:
-        raise InputError(f"density must be in (0, 1], got {density}")
     if len(live) == 1 and live[0][1] == 1.0 and how in ("cat", "linear"):
         return live[0][0]  # the identity combination: the adapter itself, bit for bit
     all_factors = [_factors(a) for a, _ in live]

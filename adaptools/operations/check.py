@@ -8,7 +8,6 @@ tensor or config field, and a one-line fix.
 
 from __future__ import annotations
 
-import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -17,9 +16,10 @@ from typing import Any
 
 from .. import registry
 from ..adapter_io import ADAPTER_FILE_PATTERNS, load
-from ..checkpoint import Checkpoint
-from ..errors import InputError
+from ..checkpoint import CONFIG_SCHEMA, Checkpoint
+from ..errors import InputError, printable
 from ..interfaces import SEVERITIES, BaseInfo, BaseTensor, Finding
+from ..jsonio import read_json
 from ..resolve import parse_hub_ref, resolve
 from ..version import __version__
 
@@ -59,11 +59,12 @@ def base_info(ref: str) -> BaseInfo:
     try:
         from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
-        config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
+        config_path = Path(hf_hub_download(repo, "config.json", revision=revision))
         meta = get_safetensors_metadata(repo, revision=revision)
     except Exception as exc:  # huggingface-hub raises many kinds; all mean "cannot read that base"
         raise InputError(f"cannot read the base's config and headers ({str(exc).splitlines()[0]})",
                          path=ref) from None
+    config = read_json(config_path, what="config.json", schema=CONFIG_SCHEMA, hint="fix the base model's config.json")
     tensors = {}
     for file_meta in meta.files_metadata.values():
         for name, info in file_meta.tensors.items():
@@ -138,15 +139,15 @@ def to_junit(reports: list[CheckReport], fail_on: str) -> str:
     suites = ET.Element("testsuites", name="adaptools check")
     for r in reports:
         failing = r.at_or_above(fail_on)
-        suite = ET.SubElement(suites, "testsuite", name=r.adapter, tests=str(len(r.rules)),
+        suite = ET.SubElement(suites, "testsuite", name=printable(r.adapter), tests=str(len(r.rules)),
                               failures=str(len({f.rule for f in failing})), errors="0")
         for rule, (severity, title) in sorted(r.rules.items()):
             case = ET.SubElement(suite, "testcase", classname=f"adaptools.{r.method or 'files'}",
                                  name=f"{rule} {title}")
             mine = [f for f in failing if f.rule == rule]
-            if mine:
-                failure = ET.SubElement(case, "failure", message=mine[0].message, type=severity)
-                failure.text = "\n".join(f"{f.path}: {f.tensor or f.field or ''}: {f.message} (fix: {f.fix})"
+            if mine:  # names from files are escaped: XML cannot hold control characters at all
+                failure = ET.SubElement(case, "failure", message=printable(mine[0].message), type=severity)
+                failure.text = "\n".join(printable(f"{f.path}: {f.tensor or f.field or ''}: {f.message} (fix: {f.fix})")
                                          for f in mine)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True)
 

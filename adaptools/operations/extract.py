@@ -18,6 +18,7 @@ from ..checkpoint import Checkpoint
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import LowRank
 from ..schema import Adapter, BaseRef, MemoryStore
+from .algebra import check_energy, check_rank
 
 #: Parameters that become modules_to_save instead of low-rank factors when they change.
 FULL_TENSOR_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_in", "embed_out")
@@ -28,6 +29,11 @@ class TensorDiff:
     tensor: str
     max_abs: float
     relative: float  # ‖a − b‖ / ‖a‖
+
+
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    """8-bit floats decode only by a cast (torch compares and subtracts no float8); everything else as is."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def _pairs(a: Checkpoint, b: Checkpoint) -> tuple[list[str], list[str], list[str]]:
@@ -41,7 +47,7 @@ def diff_checkpoints(path_a: str | os.PathLike[str], path_b: str | os.PathLike[s
     shared, only_a, only_b = _pairs(a, b)
     rows = []
     for name in shared:
-        x, y = a.read(name), b.read(name)
+        x, y = _comparable(a.read(name)), _comparable(b.read(name))
         if x.shape != y.shape:
             rows.append(TensorDiff(name, math.inf, math.inf))
             continue
@@ -120,6 +126,9 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
     """
     if (rank is None) == (energy is None):
         raise InputError("give exactly one of --rank and --energy")
+    check_rank(rank)
+    check_energy(energy)
+    check_rank(max_rank, "--max-rank")
     base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
     transposed = base.config.get("model_type") == "gpt2"  # Conv1D stores [in, out]
     shared, only_base, only_tuned = _pairs(base, tuned)
@@ -130,7 +139,7 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
     full: dict[str, torch.Tensor] = {}
     result = Extraction(adapter=None)  # type: ignore[arg-type]
     for i, name in enumerate(shared):
-        x, y = base.read(name), tuned.read(name)
+        x, y = _comparable(base.read(name)), _comparable(tuned.read(name))
         if x.shape != y.shape:
             raise IncompatibleBaseError(f"{list(x.shape)} vs {list(y.shape)}", path=tuned_path, tensor=name,
                                         hint="resized vocabularies are not supported by extract yet")
