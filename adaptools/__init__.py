@@ -17,8 +17,10 @@ if TYPE_CHECKING:
         load,
         save,
     )
+    from .checkpoint import Checkpoint
     from .datatypes import UpdateKind, WriteOptions
     from .dtypes import FLOAT_TYPES, FloatType
+    from .engine import CheckRequest, MergeInput, MergeOptions, merge
     from .engine.options import QuantizeOptions
     from .errors import (
         AdapterFormatError,
@@ -60,8 +62,10 @@ if TYPE_CHECKING:
         Verdict,
     )
     from .jsonio import check_json, json_problems, parse_json, read_json
+    from .operations.extract import extract as extract_adapter
     from .outputs import (
         atomic_output,
+        check_output,
     )
     from .patterns import compile_pattern
     from .patterns import match as match_pattern
@@ -99,6 +103,13 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "Checkpoint": ".checkpoint",
+    "check_output": ".outputs",
+    "merge": ".engine",
+    "MergeInput": ".engine",
+    "MergeOptions": ".engine",
+    "CheckRequest": ".engine",
+    "extract_adapter": ".operations.extract:extract",
     "read_json": ".jsonio",
     "parse_json": ".jsonio",
     "check_json": ".jsonio",
@@ -188,6 +199,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Checkpoint",
+    "check_output",
+    "merge",
+    "MergeInput",
+    "MergeOptions",
+    "CheckRequest",
+    "extract_adapter",
     "Mergeable",
     "LowRankAlgebra",
     "Initializable",

@@ -408,7 +408,7 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
             ranks[module] = f.rank
         tensors.update(extra or {})
         default = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
-        had = template.config
+        had = template.config if template is not None else {}
         # Only the fields the input had (peft before 0.8 refuses a config with a field it does not know),
         # and pattern keys every peft since 0.6 matches the same way (lora_legacy.portable_pattern_keys).
         config = {k: v for k, v in had.items() if k not in ("modules", "rank_pattern", "alpha_pattern",
@@ -426,8 +426,9 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         shapes = {f"{m}.{'lora_embedding_A' if f.kind == 'embedding' else 'lora_A'}": tuple(f.a.shape)
                   for m, f in factors.items()}
         config = self.from_peft(config, shapes)
-        return Adapter(self.name, config, adaptools.MemoryStore(tensors), base=template.base,
-                       provenance=dict(template.provenance))
+        return Adapter(self.name, config, adaptools.MemoryStore(tensors),
+                       base=template.base if template is not None else adaptools.BaseRef(),
+                       provenance=dict(template.provenance) if template is not None else {})
 
     # --- base-mutating inits (OLoRA, PiSSA): init and conversion to plain LoRA ---------------------------
 
@@ -523,3 +524,11 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
 @adaptools.hookimpl
 def register_methods(register: Any) -> None:
     register(LoRA())
+
+
+@adaptools.hookimpl
+def register_commands(cli: Any) -> None:
+    from .lora_commands import extract_command, init_command
+
+    cli.add_command(init_command)
+    cli.add_command(extract_command)

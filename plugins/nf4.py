@@ -472,6 +472,15 @@ class FourBit(adaptools.Backend):
         return {"blocksize": options.blocksize, "double_quant": options.double_quant, "dtype": dtype,
                 "storage": torch.uint8}
 
+    def quantize_options(self, config: Mapping[str, Any]) -> Any:
+        """The options a transformers bitsandbytes 4-bit checkpoint of this quant type was made with."""
+        if (config.get("quant_method") != "bitsandbytes" or not config.get("load_in_4bit")
+                or config.get("bnb_4bit_quant_type", "nf4") != self.quant_type):
+            return None
+        return adaptools.QuantizeOptions(quant_type=self.quant_type,
+                                         double_quant=bool(config.get("bnb_4bit_use_double_quant")),
+                                         skip_modules=tuple(config.get("llm_int8_skip_modules") or ()))
+
     def quantization_config(self, settings: Mapping[str, Any], options: Any) -> dict[str, Any]:
         """The ``quantization_config`` block transformers writes for a bitsandbytes 4-bit model."""
         compute = str(settings["dtype"]).removeprefix("torch.")

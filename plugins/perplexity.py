@@ -19,6 +19,7 @@ each model computes in its own dtype.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ import torch
 
 import adaptools
 from adaptools import InputError, UnsafeInputError, ValidationContext, Verdict
+from adaptools.cli.options import allow_pickle_option, json_option
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_WINDOW = 256
@@ -189,6 +191,16 @@ def evaluate(model_path: str | Path, ids: torch.Tensor, adapters: list[adaptools
 class Perplexity(adaptools.Validator):
     name = "perplexity"
     description = "merged perplexity within a tolerance of base + adapter unmerged (needs transformers)"
+    options = (
+        adaptools.ValidatorOption("eval_text", str, help="Evaluation text for --check perplexity (.txt or .jsonl).",
+                                  flag="--eval-text"),
+        adaptools.ValidatorOption("max_tokens", int, DEFAULT_MAX_TOKENS, help="Tokens of the text to score.",
+                                  flag="--max-tokens", minimum=2),
+        adaptools.ValidatorOption("tolerance", float, DEFAULT_TOLERANCE,
+                                  help="Passes when merged and unmerged perplexity differ by at most this share.",
+                                  flag="--ppl-tolerance", minimum=0),
+        adaptools.ValidatorOption("window", int, DEFAULT_WINDOW, help="Tokens per scoring window.", minimum=2),
+    )
 
     def measure(self, model: str, adapters: list[adaptools.Adapter], eval_text: str,
                 max_tokens: int = DEFAULT_MAX_TOKENS, window: int = DEFAULT_WINDOW,
@@ -244,3 +256,42 @@ class Perplexity(adaptools.Validator):
 @adaptools.hookimpl
 def register_validators(register: Any) -> None:
     register(Perplexity())
+
+
+@click.command(name="eval")
+@click.argument("model")
+@click.option("--adapter", "adapters", multiple=True, help="Apply this adapter at runtime, unmerged (repeatable).")
+@click.option("--eval-text", required=True, metavar="FILE", help="A .txt or .jsonl (text field) file.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="Tokens to score at most.")
+@click.option("--window", type=click.IntRange(min=2), default=DEFAULT_WINDOW, show_default=True,
+              help="Tokens per scoring window.")
+@allow_pickle_option
+@json_option
+def eval_command(model: str, adapters: tuple[str, ...], eval_text: str, max_tokens: int, window: int,
+                 allow_pickle: bool, json_: bool) -> None:
+    """Print the perplexity of MODEL (optionally with adapters) on an evaluation text.
+
+    The text is tokenized with MODEL's tokenizer and scored in fixed,
+    non-overlapping windows. Needs transformers (pip install 'adaptools[eval]').
+
+    \b
+    Example:
+      adaptools eval ./merged --eval-text held-out.txt
+      adaptools eval ./base --adapter ./my-lora --eval-text held-out.txt --json
+      adaptools eval ./base --adapter ./my-prefix --eval-text held-out.txt   (prefix and bottleneck
+                                       adapters, which cannot be merged, are scored this way)
+    """
+    Perplexity().check_options({"eval_text": eval_text})
+    loaded = [adaptools.load(a, allow_pickle=allow_pickle) for a in adapters]
+    ppl, tokens = Perplexity().measure(model, loaded, eval_text, max_tokens, window, allow_pickle=allow_pickle)
+    if json_:
+        click.echo(json.dumps({"model": model, "adapters": list(adapters), "perplexity": ppl, "tokens": tokens,
+                               "window": window}, indent=2))
+    else:
+        click.echo(f"perplexity {ppl:.4f} over {tokens} tokens (windows of {window})")
+
+
+@adaptools.hookimpl
+def register_commands(cli: Any) -> None:
+    cli.add_command(eval_command)

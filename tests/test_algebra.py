@@ -199,7 +199,7 @@ def test_extract_recovers_the_adapter(tuned, tmp_path, cli_runner):
 def test_extract_by_energy_reports_retained_share(tuned, tmp_path):
     from adaptools.operations.extract import extract
 
-    result = extract(base_path("llama"), tuned, energy=0.5)
+    result = extract(base_path("llama"), tuned, method="lora", energy=0.5)
     for module, kept in result.retained.items():
         assert 0.5 <= kept <= 1.0
     assert {m["rank"] for m in result.adapter.config["modules"].values()} <= {1, 2, 3, 4}

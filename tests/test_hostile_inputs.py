@@ -411,7 +411,7 @@ def test_resize_and_extract_refuse_ranks_and_energies(kwargs):
     with pytest.raises(adaptools.InputError):
         resize(adaptools.load(adapter_path("llama-lora")), **kwargs)
     with pytest.raises(adaptools.InputError):
-        extract(base_path("llama"), base_path("llama"), **kwargs)
+        extract(base_path("llama"), base_path("llama"), method="lora", **kwargs)
 
 
 @pytest.mark.parametrize("options, expected", [({"rank": 0}, "rank"), ({"rank": -2}, "rank"),

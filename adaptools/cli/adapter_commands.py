@@ -1,4 +1,4 @@
-"""Commands on adapters: info, convert, check, diff, init, extract, combine, resize."""
+"""Commands on adapters: info, convert, check, diff, combine, resize."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import click
 
 from .. import registry
 from ..adapter_io import load
-from ..engine import CheckRequest, MergeInput
-from ..engine import merge as merge_op
+from ..errors import printable
 from ..operations import convert as convert_op
 from ..operations import describe
-from .group import _fmt_bytes, cli, emit_json, json_option
+from .checks import check_options, check_requests
+from .group import _fmt_bytes, cli, emit_json
+from .options import FINITE, POSITIVE_INT, SHARE, allow_pickle_option, force_option, json_option
 
 
 @cli.command()
 @click.argument("adapter")
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor with dtype and shape.")
-@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@allow_pickle_option
 @json_option
 def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> None:
     """Describe an adapter: method, base model, size and configuration.
@@ -70,8 +71,8 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
               help="With --to METHOD: the output format (peft or schema).")
 @click.option("--bake-projection", "bake", is_flag=True,
               help="Prefix tuning: evaluate a stored projection MLP once into the plain prefix PEFT saves.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@force_option
+@allow_pickle_option
 @json_option
 def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, out_format: str, bake: bool,
             force: bool, allow_pickle: bool, json_: bool) -> None:
@@ -109,12 +110,10 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
               help="Exit 1 when a finding of this severity or worse is found.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "sarif", "junit"]), default="text",
               show_default=True, help="Report format (sarif for code scanning, junit for CI test reports).")
-@click.option("--allow-pickle", is_flag=True, help="Read adapter_model.bin (with weights_only=True) to inspect it.")
-@click.option("--check", "checks", multiple=True, metavar="NAME",
-              help="Also run a validator that needs --base (e.g. perplexity, with --eval-text).")
-@click.option("--eval-text", metavar="FILE", help="Evaluation text for --check perplexity.")
+@allow_pickle_option
+@check_options
 def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, allow_pickle: bool,
-          checks: tuple[str, ...], eval_text: str | None) -> None:
+          checks: tuple[str, ...], check_option_pairs: tuple[str, ...], **check_flags: Any) -> None:
     """Lint adapters before they are published (for CI jobs and pre-commit).
 
     Every finding names a rule id, a severity, the file and tensor or config
@@ -131,22 +130,17 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
     """
     from ..operations import check as check_op
 
+    requests = check_requests(checks, check_option_pairs, check_flags)
+    if requests and not base:
+        raise click.UsageError("--check needs --base")
     reports = [check_op.check(a, base=base, allow_pickle=allow_pickle) for a in dict.fromkeys(
         str(Path(a).parent) if a.endswith(("adapter_config.json", "adapter_model.safetensors")) else a
         for a in adapters)]
     failed_checks = []
-    if checks:
-        if not base:
-            raise click.UsageError("--check needs --base")
-        import tempfile
-
-        requests = tuple(CheckRequest(name, {"eval_text": eval_text}) for name in checks)
-        for report in reports:
-            adapter = load(report.adapter, allow_pickle=allow_pickle)
-            with tempfile.TemporaryDirectory() as tmp:
-                summary = merge_op(base, [MergeInput(adapter)], Path(tmp) / "merged", checks=requests)
-                failed_checks += [f"{report.adapter}: check {c['name']} failed: {c['message']}"
-                                  for c in summary.checks if not c["passed"]]
+    for report in reports if requests else []:
+        for verdict in check_op.run_validators(report.adapter, base, requests, allow_pickle=allow_pickle):  # type: ignore[arg-type]
+            if not verdict["passed"]:
+                failed_checks.append(f"{report.adapter}: check {verdict['name']} failed: {verdict['message']}")
     if fmt == "json":
         emit_json(check_op.to_json(reports))
     elif fmt == "sarif":
@@ -157,8 +151,8 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
         for report in reports:
             for f in report.findings:
                 where = f.tensor or f.field
-                click.echo(f"{f.path}: {where + ': ' if where else ''}{f.rule} {f.severity}: {f.message} "
-                           f"(fix: {f.fix})")
+                click.echo(printable(f"{f.path}: {where + ': ' if where else ''}{f.rule} {f.severity}: {f.message} "
+                                     f"(fix: {f.fix})"))
             click.echo(f"{report.adapter}: {len(report.findings)} finding(s)")
     for line in failed_checks:
         click.echo(line, err=True)
@@ -170,7 +164,7 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
 @click.argument("a")
 @click.argument("b")
 @click.argument("tuned", required=False)
-@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@allow_pickle_option
 @json_option
 def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> None:
     """Compare two adapters, two checkpoints, or an adapter against a fine-tune.
@@ -229,77 +223,6 @@ def diff(a: str, b: str, tuned: str | None, allow_pickle: bool, json_: bool) -> 
             click.echo(f"{side.replace('_', ' ')}: {name}")
 
 
-@cli.command(name="init")
-@click.argument("base")
-@click.argument("out", type=click.Path())
-@click.option("--method", "init", type=click.Choice(["olora", "pissa"]), default="olora", show_default=True,
-              help="The initialisation (a LoRA whose factors start from the base's QR or SVD).")
-@click.option("--rank", type=int, required=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, help="lora_alpha (default: the rank).")
-@click.option("--targets", required=True, help="Comma-separated target modules (PEFT target_modules).")
-@click.option("--write-base", metavar="DIR", help="Also write the residual base W - s·B0A0 that training uses.")
-@click.option("--format", "out_format", default="peft", show_default=True, help="Output format: peft or schema.")
-@click.option("--force", is_flag=True, help="Replace outputs that exist.")
-def init_command(base: str, out: str, init: str, rank: int, alpha: float | None, targets: str,
-                 write_base: str | None, out_format: str, force: bool) -> None:
-    """Initialise an OLoRA (QR) or PiSSA (SVD) adapter from BASE, as PEFT would.
-
-    These inits move the base's principal part into the adapter, so training
-    runs on a residual base. PEFT recomputes it when it loads the adapter on
-    the original base; --write-base writes it for other trainers. After
-    training, `adaptools merge BASE ADAPTER OUT` recomputes the init on the fly,
-    and `adaptools convert ADAPTER OUT --to lora --base BASE` gives a plain
-    LoRA of rank 2r for the original base.
-
-    \b
-    Example:
-      adaptools init ./llama ./olora-init --rank 16 --targets q_proj,v_proj
-    """
-    from ..operations.convert import initialize
-
-    options = {"init": init, "rank": rank, "alpha": alpha,
-               "targets": [t.strip() for t in targets.split(",") if t.strip()]}
-    path = initialize(base, out, method="lora", options=options, to_format=out_format, force=force,
-                      write_base=write_base)
-    click.echo(f"wrote {path}" + (f" and the residual base {write_base}" if write_base else ""))
-
-
-@cli.command()
-@click.argument("base")
-@click.argument("tuned")
-@click.argument("out", type=click.Path())
-@click.option("--rank", type=int, help="Rank of every extracted module.")
-@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
-@click.option("--max-rank", type=int, default=256, show_default=True, help="Cap for --energy.")
-@click.option("--to", default="peft", show_default=True, help="Output format: peft or schema.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@json_option
-def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_rank: int, to: str,
-            force: bool, json_: bool) -> None:
-    """Extract a LoRA from the difference of two checkpoints (TUNED - BASE).
-
-    Streams one weight at a time; each linear weight's change is factored by a
-    seeded randomized SVD; changed embeddings, heads, norms and biases are
-    saved whole (modules_to_save). Reports the share of each change kept.
-
-    \b
-    Example:
-      adaptools extract ./llama-base ./llama-finetuned ./extracted-lora --rank 32
-    """
-    from ..operations.extract import extract as extract_op
-    from ..outputs import check_output
-
-    check_output(out, force)
-    result = extract_op(base, tuned, rank=rank, energy=energy, max_rank=max_rank)
-    _write_adapter(result.adapter, out, to, force)
-    if json_:
-        emit_json({"output": out, "retained_energy": result.retained, "modules_to_save": result.full_tensors})
-    else:
-        worst = min(result.retained.values()) if result.retained else 1.0
-        click.echo(f"wrote {out}: {len(result.retained)} low-rank modules (lowest retained energy {worst:.1%}), "
-                   f"{len(result.full_tensors)} full tensors")
-
-
 def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:
     from ..adapter_io import save
 
@@ -311,13 +234,13 @@ def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:
 @click.option("--how", type=click.Choice(["cat", "linear", "svd", "ties", "dare"]), default="cat", show_default=True,
               help="cat: exact (rank adds up); svd: exact sum truncated to --rank; linear: PEFT's approximation; "
                    "ties/dare: TIES or DARE on each module's full delta, then truncated to --rank.")
-@click.option("--density", type=float, default=0.5, show_default=True, help="Share of entries kept by ties/dare.")
+@click.option("--density", type=SHARE, default=0.5, show_default=True, help="Share of entries kept by ties/dare.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed for dare.")
-@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order.")
-@click.option("--rank", type=int, help="Target rank for --how svd (default: the largest input rank).")
+@click.option("--weight", "weights", type=FINITE, multiple=True, help="Weight of each adapter, in order.")
+@click.option("--rank", type=POSITIVE_INT, help="Target rank for --how svd (default: the largest input rank).")
 @click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
+@force_option
+@allow_pickle_option
 def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights: tuple[float, ...],
             rank: int | None, to: str, force: bool, allow_pickle: bool) -> None:
     """Combine adapters into one: the weighted sum of their deltas.
@@ -336,7 +259,7 @@ def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights
 
     if len(paths) < 3:
         raise click.UsageError("give at least two ADAPTERs and OUT")
-    check_output(paths[-1], force)
+    check_output(paths[-1], force, list(paths[:-1]))
     adapters = [load(p, allow_pickle=allow_pickle) for p in paths[:-1]]
     _write_adapter(combine_op(adapters, weights or None, how, rank, density, seed), paths[-1], to, force)
     click.echo(f"wrote {paths[-1]} ({how} of {len(adapters)} adapters)")
@@ -345,10 +268,10 @@ def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights
 @cli.command()
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
-@click.option("--rank", type=int, help="Keep this many singular directions per module.")
-@click.option("--energy", type=float, help="Keep the smallest rank holding this share of each module's ‖ΔW‖².")
+@click.option("--rank", type=POSITIVE_INT, help="Keep this many singular directions per module.")
+@click.option("--energy", type=SHARE, help="Keep the smallest rank holding this share of each module's ‖ΔW‖².")
 @click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 @json_option
 def resize(adapter: str, out: str, rank: int | None, energy: float | None, to: str, force: bool,
            json_: bool) -> None:
@@ -362,7 +285,7 @@ def resize(adapter: str, out: str, rank: int | None, energy: float | None, to: s
     from ..operations.algebra import resize as resize_op
     from ..outputs import check_output
 
-    check_output(out, force)
+    check_output(out, force, [adapter])
     result, retained = resize_op(load(adapter), rank=rank, energy=energy)
     _write_adapter(result, out, to, force)
     if json_:

@@ -105,6 +105,7 @@ class MergePlan:
     untied: bool = False
     vocab_size: int | None = None
     seconds: float = 0.0  # how long planning took, for the profile
+    warnings: list[str] = field(default_factory=list)  # what the methods say a merge assumed
 
     @property
     def write_index(self) -> bool:
@@ -149,6 +150,7 @@ class MergePlan:
             "resized": resized,
             "survival_reported": [e.name for e in self.entries.values() if e.survival],
             "config_changes": self.config_changes,
+            "warnings": self.warnings,
             "shards": [{"file": s.name, "tensors": sum(1 for x in s.slots),
                         "bytes": sum(self.slot_bytes(x) for x in s.slots), "estimated": s.deferred}
                        for s in self.shards],
@@ -169,10 +171,10 @@ def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
     replaced_by: dict[str, str] = {}
     for item in inputs:
         method = registry.get_method(item.adapter.method)
-        method.require("merge")
+        method.require("merge", item.adapter)
         if not ignore_base_mismatch:
             _check_architecture(item, checkpoint)
-        for update in method.merge_updates(item.adapter, info, item.weight):
+        for update in method.merge_updates(item.adapter, info, item.weight):  # type: ignore[attr-defined]
             if update.kind not in KIND_ORDER:
                 raise InputError(f"method {item.adapter.method!r} returned an update of unknown kind "
                                  f"{update.kind!r}", tensor=update.target,
@@ -247,8 +249,10 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     entries.update(aliases)
     vocab = _vocab_size(checkpoint, entries)
     config, changes = _output_config(checkpoint, options, bool(aliases), vocab, group_targets)
+    warnings = [f"{item.adapter.source}: {w}" for item in inputs
+                for w in registry.get_method(item.adapter.method).merge_warnings(item.adapter)]  # type: ignore[attr-defined]
     return MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
-                     untied=bool(aliases), vocab_size=vocab)
+                     untied=bool(aliases), vocab_size=vocab, warnings=warnings)
 
 
 def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, GroupOutput]:

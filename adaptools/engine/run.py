@@ -64,7 +64,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
     started = time.perf_counter()
     options = plan.options
     checkpoint = plan.checkpoint
-    summary = MergeSummary(output=str(out), untied_lm_head=plan.untied, vocab_size=plan.vocab_size)
+    summary = MergeSummary(output=str(out), untied_lm_head=plan.untied, vocab_size=plan.vocab_size,
+                           warnings=list(plan.warnings))
     record = provenance(checkpoint, plan.inputs, options.command, options.hash_base, options.operation)
     metadata = {"format": "pt", "adaptools.provenance": json.dumps(record, sort_keys=True)}
     total = plan.total_bytes

@@ -157,3 +157,16 @@ def _uri(path: str) -> str:
         return Path(path).resolve().relative_to(Path.cwd()).as_posix()
     except ValueError:
         return Path(path).resolve().as_uri()
+
+
+def run_validators(ref: str, base: str, requests: tuple[Any, ...], *,
+                   allow_pickle: bool = False) -> list[dict[str, Any]]:
+    """``check --check NAME``: merge the adapter into ``base`` in a temporary folder, through the engine,
+    so that each validator sees exactly what ``merge --check`` would publish; return the verdicts."""
+    import tempfile
+
+    from ..engine import MergeInput, merge
+
+    adapter = load(ref, allow_pickle=allow_pickle)
+    with tempfile.TemporaryDirectory() as tmp:
+        return merge(base, [MergeInput(adapter)], Path(tmp) / "merged", checks=requests).checks

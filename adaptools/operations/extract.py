@@ -1,4 +1,4 @@
-"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract a LoRA.
+"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract an adapter.
 
 All three stream: one tensor of each checkpoint in memory at a time, read with plain reads.
 """
@@ -116,14 +116,18 @@ def _low_rank_of(d: torch.Tensor, rank: int | None, energy: float | None, max_ra
     return u[:, :rank] * s[:rank], v[:, :rank].T.contiguous(), kept
 
 
-def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str], *, rank: int | None = None,
-            energy: float | None = None, max_rank: int = 256, seed: int = 0,
+def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str], *, method: str,
+            rank: int | None = None, energy: float | None = None, max_rank: int = 256, seed: int = 0,
             progress: Callable[[str], None] | None = None) -> Extraction:
-    """A LoRA (``lora`` method, scale 1) approximating tuned − base, one weight at a time.
+    """An adapter of ``method`` (one with low-rank algebra; scale 1) approximating tuned − base, one weight
+    at a time.
 
     2-D weights of linear layers become rank-``rank`` factors (or the smallest rank keeping ``energy`` of
-    the change, up to ``max_rank``); changed embeddings, heads, norms and biases become modules_to_save.
+    the change, up to ``max_rank``); changed embeddings, heads, norms and biases become full tensors
+    (PEFT's modules_to_save).
     """
+    chosen = registry.get_method(method)
+    chosen.require("algebra")
     if (rank is None) == (energy is None):
         raise InputError("give exactly one of --rank and --energy")
     check_rank(rank)
@@ -158,12 +162,11 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
             result.full_tensors.append(name)
         if progress is not None:
             progress(name)
-    method = registry.get_method("lora")
     saved = sorted({n.rpartition(".")[0] for n in full})
-    template = Adapter("lora", {"peft_type": "LORA", "task_type": "CAUSAL_LM", "fan_in_fan_out": transposed,
-                                "modules_to_save": saved or None, "bias": "none", "lora_dropout": 0.0,
-                                "inference_mode": True},
+    # The PEFT config keys every PEFT method shares: orientation of the base's layers, whole modules saved.
+    template = Adapter(method, {"task_type": "CAUSAL_LM", "fan_in_fan_out": transposed,
+                                "modules_to_save": saved or None, "inference_mode": True},
                        MemoryStore({}), base=BaseRef(name=str(base_path)),
                        provenance={"operation": "extract", "base": str(base_path), "tuned": str(tuned_path)})
-    result.adapter = method.from_low_rank(template, factors, full)
+    result.adapter = chosen.from_low_rank(template, factors, full)  # type: ignore[attr-defined]
     return result
