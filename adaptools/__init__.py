@@ -33,6 +33,7 @@ from .interfaces import (
     ValidationContext,
     Validator,
     Verdict,
+    WriteOptions,
 )
 from .outputs import atomic_output
 from .pickled import load_pickled_tensors
@@ -95,6 +96,7 @@ __all__ = [
     "ValidationContext",
     "Validator",
     "Verdict",
+    "WriteOptions",
     "__version__",
     "atomic_output",
     "backends",

@@ -44,6 +44,17 @@ class ReadOptions:
 
     allow_pickle: bool = False  # unpickle legacy .bin files (weights_only=True only)
     validate: bool = True  # check tensors against config, and values for NaN/Inf
+    base: str | None = None  # the base model, for formats that need it to read (GGUF: attention head counts)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """What a format writer may need beyond the adapter: the base model it targets (GGUF takes the
+    architecture from it), the storage type of the output tensors, and format-specific extras."""
+
+    base: str | None = None
+    outtype: str | None = None  # e.g. f32, f16, bf16, q8_0; None: the format's default
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -262,8 +273,10 @@ class AdapterFormat(ABC):
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         raise UnsupportedOperationError(f"format {self.name!r} cannot be read")
 
-    def write(self, adapter: Adapter, path: Path) -> None:
-        """Write ``adapter`` to ``path``, which does not exist yet (the caller renames it into place)."""
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
+        """Write ``adapter`` to ``path``, which does not exist yet (the caller renames it into place).
+
+        Raise before creating ``path`` when the adapter cannot be written in this format."""
         raise UnsupportedOperationError(f"format {self.name!r} cannot be written")
 
 

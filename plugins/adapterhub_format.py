@@ -29,6 +29,7 @@ from adaptools import (
     ReadOptions,
     SafetensorsFile,
     UnsupportedOperationError,
+    WriteOptions,
 )
 
 CONFIG = "adapter_config.json"
@@ -140,7 +141,7 @@ class AdapterHubFormat(adaptools.AdapterFormat):
         state = adaptools.load_pickled_tensors(path / PICKLE, allow_pickle=options.allow_pickle, instead=WEIGHTS)
         return state, list(state)
 
-    def write(self, adapter: Adapter, path: Path) -> None:
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         if adapter.method != "bottleneck":
             raise UnsupportedOperationError(f"the AdapterHub format holds bottleneck adapters, not {adapter.method}")
         config = dict(adapter.config)

@@ -25,6 +25,7 @@ from adaptools import (
     SafetensorsFile,
     UnknownPluginError,
     UnsupportedOperationError,
+    WriteOptions,
 )
 
 CONFIG = "adapter_config.json"
@@ -143,7 +144,7 @@ class PeftFormat(adaptools.AdapterFormat):
         return MemoryStore({name: source[key] for name, (_, key) in mapping.items()}, str(pickle_path),
                            keys={name: key for name, (_, key) in mapping.items()}), shapes
 
-    def write(self, adapter: Adapter, path: Path) -> None:
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         method = adaptools.get_method(adapter.method)
         if not method.peft_types:
             raise UnsupportedOperationError(f"method {method.name!r} has no PEFT equivalent")

@@ -12,6 +12,7 @@ from adaptools import (
     InputError,
     ReadOptions,
     SafetensorsFile,
+    WriteOptions,
     parse_metadata,
     read_header,
 )
@@ -37,7 +38,7 @@ class SchemaFormat(adaptools.AdapterFormat):
         return Adapter(method=method, config=config, tensors=store, base=base, provenance=provenance,
                        source=str(path))
 
-    def write(self, adapter: Adapter, path: Path) -> None:
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         tensors = {name: adapter.tensor(name) for name in sorted(adapter.tensor_names())}
         adaptools.save_tensors(path, tensors, adapter.metadata())
 
