@@ -84,7 +84,7 @@ def plan(adapter: Adapter, options: WriteOptions) -> tuple[ModelShape, float, li
         for role, name in roles.items():
             if role in INEXPRESSIBLE_ROLES:
                 raise refusal(INEXPRESSIBLE_ROLES[role], adapter.where(name))
-            if role.startswith("replace_") and not _unchanged_embedding(adapter, shape, module, roles, role):
+            if role.startswith("replace_") and not _unchanged_base_layer(adapter, shape, module, roles, role):
                 replaced.append(name)
             elif role in ("lora_A", "lora_embedding_A") and len(adapter.info(name).shape) != 2:
                 raise refusal("conv LoRA (llama.cpp applies LoRA to matrix products only)", adapter.where(name))
@@ -106,9 +106,10 @@ def plan(adapter: Adapter, options: WriteOptions) -> tuple[ModelShape, float, li
         a_name = roles["lora_embedding_A" if f.kind == "embedding" else "lora_A"]
         where = adapter.where(a_name)
         target = shape.gguf_name(module + ".weight")
-        if target is None:
+        if target is None or shape.hf_module(target, shape.n_blocks or 0) != module:
             raise IncompatibleBaseError(f"module {module} has no GGUF tensor in architecture {shape.family.arch}",
-                                        **where, hint="llama.cpp could not apply it; " + MERGE_HINT)
+                                        **where, hint="is the base right? Otherwise llama.cpp cannot apply it; "
+                                                      + MERGE_HINT)
         if target in ("token_embd.weight", "output.weight") and shape.tied:
             raise UnsupportedOperationError(
                 f"{module} is tied to the {'output' if target == 'token_embd.weight' else 'input'} embedding in "
@@ -133,11 +134,12 @@ def plan(adapter: Adapter, options: WriteOptions) -> tuple[ModelShape, float, li
     return shape, alpha, tensors
 
 
-def _unchanged_embedding(adapter: Adapter, shape: ModelShape, module: str, roles: dict[str, str],
-                         role: str) -> bool:
-    """True for the embedding PEFT saves beside an embedding LoRA (``save_embedding_layers``) when it equals
-    the base's, which only a base with weights can tell: then it changes nothing and is left out."""
-    if role != "replace_weight" or "lora_embedding_A" not in roles or shape.hf_shapes is None:
+def _unchanged_base_layer(adapter: Adapter, shape: ModelShape, module: str, roles: dict[str, str],
+                          role: str) -> bool:
+    """True for the embedding or lm_head PEFT saves beside their LoRA (``save_embedding_layers``) when it
+    equals the base's, which only a base with weights can tell: then it changes nothing and is left out."""
+    has_factors = "lora_embedding_A" in roles or "lora_A" in roles
+    if role != "replace_weight" or not has_factors or shape.hf_shapes is None:
         return False
     hf = _hf_base(shape)
     name = hf.locate(module, "weight") if hf is not None else None
