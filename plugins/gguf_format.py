@@ -230,14 +230,17 @@ def read_gguf(path: Path, options: ReadOptions) -> Adapter:
     if alpha is None:
         raise InputError("adapter.lora.alpha is missing (llama.cpp would apply every pair unscaled)", path=path,
                          hint="set it explicitly, 0 meaning unscaled, with gguf-py's gguf_new_metadata")
-    shape = describe_base(options.base) if options.base else ModelShape(family_for_arch(arch, path))
-    if shape.family.arch != arch:
-        raise IncompatibleBaseError(f"the adapter is for {arch}, the base is {shape.family.arch}", path=path)
+    shape = ModelShape(family_for_arch(arch, path))
     for key, attr in (("block_count", "n_blocks"), ("attention.head_count", "n_head"),
                       ("attention.head_count_kv", "n_head_kv")):
-        value = scalar(reader, f"{arch}.{key}", int, path, required=False)
-        if value is not None and getattr(shape, attr) is None:
-            setattr(shape, attr, value)
+        setattr(shape, attr, scalar(reader, f"{arch}.{key}", int, path, required=False))
+    qk = any(t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]) for t in reader.tensors)
+    if shape.family.permute_qk and qk and shape.n_head is None and options.base:
+        # the file lacks the head counts (llama.cpp's converter writes none): take the base's
+        base = describe_base(options.base)
+        if base.family.arch != arch:
+            raise IncompatibleBaseError(f"the adapter is for {arch}, the base is {base.family.arch}", path=path)
+        shape.n_head, shape.n_head_kv = base.n_head, base.n_head_kv
     pairs: dict[str, dict[str, Any]] = {}
     ignored = []
     for tensor in reader.tensors:

@@ -406,6 +406,8 @@ def test_head_counts_can_come_from_the_base(tmp_path, cli_runner):
     assert result.exit_code == 0, result.output
     b = load(tmp_path / "out").tensor("model.layers.0.self_attn.q_proj.lora_B")
     assert b.shape == (64, 4)
+    other = cli_runner("convert", bad, tmp_path / "out2", "--to", "peft", "--base", BASES / "qwen2")
+    assert other.exit_code == 2 and "the adapter is for llama, the base is qwen2" in other.stderr
 
 
 def test_a_good_hand_written_file_reads(tmp_path):
