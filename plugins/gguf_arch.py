@@ -112,13 +112,19 @@ class ModelShape:
         blocks = max(n_blocks, self.n_blocks or 0)
         tmap = self.tensor_map(blocks)
         match = re.match(r"blk\.(\d+)\.", gguf_name)
-        ids = [int(match.group(1))] if match else [0]
+        bid = int(match.group(1)) if match else 0
+        suffix = ".bias" if gguf_name.endswith(".bias") else ".weight"
         for template in self.family.modules:
-            for bid in ids:
-                module = template.format(bid=bid)
-                if tmap.get_name(module + ".weight", try_suffixes=(".weight", ".bias")) == gguf_name:
-                    return module
+            module = template.format(bid=bid)
+            if tmap.get_name(module + suffix, try_suffixes=(".weight", ".bias")) == gguf_name:
+                return module
         return None
+
+    def hf_parameter(self, gguf_name: str, n_blocks: int) -> str | None:
+        """``blk.0.attn_qkv.bias`` -> ``transformer.h.0.attn.c_attn.bias`` (weights and biases of the
+        family's linear and embedding modules; None for anything else, norms included)."""
+        module = self.hf_module(gguf_name, n_blocks)
+        return None if module is None else module + (".bias" if gguf_name.endswith(".bias") else ".weight")
 
     def heads(self, path: object = None) -> tuple[int, int]:
         if not self.n_head:

@@ -449,6 +449,10 @@ def test_names_map_both_ways_for_every_base_parameter(arch):
         if target is None or param != "weight" or "norm" in target or "ln_" in name or "position" in target:
             continue
         assert shape.hf_module(target, shape.n_blocks) == module, name
+        bias = target[: -len("weight")] + "bias"
+        if module + ".bias" in shape.hf_shapes:
+            assert shape.hf_parameter(bias, shape.n_blocks) == module + ".bias"
+            assert shape.gguf_name(module + ".bias") == bias
         mapped += 1
     assert mapped >= 5
     hf, name = {"llama": ("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight"),
