@@ -120,14 +120,17 @@ def plan(adapter: Adapter, options: WriteOptions) -> tuple[ModelShape, float, li
         b = f.b * (f.rank / alpha) if alpha else f.b
         if f.kind == "embedding":
             lora_a, lora_b = f.a.T, b  # [vocab, r], [hidden, r]: llama.cpp gathers rows of lora_a per token
-            want = (int(f.a.shape[1]), int(b.shape[0]))
+            _check_base(shape, hf, module, target, (int(f.a.shape[1]), int(b.shape[0])), where)
         else:
             # [r, in] and [out, r] as PEFT stores them, Conv1D included (B @ A is already GGUF's [out, in]);
             # only Q/K rows move, as the converter moves the base's (docs/gguf.md §3)
-            heads = qk_heads(shape, target, options.base)
-            lora_a, lora_b = f.a, (b if heads is None else permute_qk(b, *heads))
             want = (int(b.shape[0]), int(f.a.shape[1]))
-        _check_base(shape, hf, module, target, want, where)
+            _check_base(shape, hf, module, target, want, where)
+            heads = qk_heads(shape, target, options.base)
+            if heads is not None and want[0] % (2 * heads[1]):
+                raise IncompatibleBaseError(f"{want[0]} rows of {module} do not split into the base's {heads[1]} "
+                                            "attention heads", **where, hint="is the base right?")
+            lora_a, lora_b = f.a, (b if heads is None else permute_qk(b, *heads))
         for suffix, value in ((".lora_a", lora_a), (".lora_b", lora_b)):
             array, qtype = encode_with_fallback(value.float().contiguous().numpy(), outtype)
             tensors.append((target + suffix, array, qtype))

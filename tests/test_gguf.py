@@ -213,6 +213,11 @@ def test_writing_needs_a_fitting_base(tmp_path, cli_runner):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
     bert = cli_runner("convert", ADAPTERS / "llama-lora", out, "--to", "gguf", "--base", tmp_path / "bert")
     assert bert.exit_code == 2 and "BertModel" in bert.stderr
+    heads = {**config, "num_attention_heads": 3, "num_key_value_heads": 3}  # 64 q rows do not split in 3 heads
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "config.json").write_text(json.dumps(heads))
+    wrong = cli_runner("convert", ADAPTERS / "llama-lora", out, "--to", "gguf", "--base", tmp_path / "heads")
+    assert wrong.exit_code == 2 and "do not split into the base's 3 attention heads" in wrong.stderr
     assert not out.exists()
 
 
