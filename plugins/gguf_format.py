@@ -236,7 +236,10 @@ def read_gguf(path: Path, options: ReadOptions) -> Adapter:
     shape = ModelShape(family_for_arch(arch, path))
     for key, attr in (("block_count", "n_blocks"), ("attention.head_count", "n_head"),
                       ("attention.head_count_kv", "n_head_kv")):
-        setattr(shape, attr, scalar(reader, f"{arch}.{key}", int, path, required=False))
+        value = scalar(reader, f"{arch}.{key}", int, path, required=False)
+        if value is not None and value <= 0:
+            raise InputError(f"GGUF metadata {arch}.{key} is {value}, not a positive count", path=path)
+        setattr(shape, attr, value)
     qk = any(t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]) for t in reader.tensors)
     if shape.family.permute_qk and qk and shape.n_head is None and options.base:
         # the file lacks the head counts (llama.cpp's converter writes none): take the base's

@@ -348,6 +348,11 @@ def q_rows_do_not_split(tmp_path):
                                                         "blk.0.attn_q.weight.lora_b": np.ones((60, 4), np.float32)})
 
 
+def zero_heads(tmp_path):
+    kvs = {"llama.attention.head_count": (0, gguf.GGUFValueType.INT32)}
+    return write(tmp_path / "a.gguf", kvs=kvs)
+
+
 def unknown_arch(tmp_path):
     return write(tmp_path / "a.gguf", arch="mamba")
 
@@ -382,6 +387,7 @@ HOSTILE = {
     "NaN in a factor": (nan_values, "NaN/Inf"),
     "Q rows without head counts": (q_without_head_counts, "head counts are unknown"),
     "Q rows that do not split into heads": (q_rows_do_not_split, "cannot be split into 4 attention heads"),
+    "zero attention heads": (zero_heads, "not a positive count"),
     "architecture without support": (unknown_arch, "'mamba' is not supported"),
     "tensor without a module name": (unmapped_tensor, "no Hugging Face module name"),
     "three-dimensional factor": (three_d, "non-empty matrices"),
