@@ -124,6 +124,50 @@ def test_embedding_and_lm_head_lora_on_an_untied_base(cache, cli_runner):
     assert r["lora"] < F32_TOLERANCE < r["effect"] / 100
 
 
+def tiny_base(tmp, arch):
+    """A seeded tiny Mistral or Qwen3 (architectures with no committed fixture), saved in fp32."""
+    import transformers
+
+    out = tmp / f"tiny-{arch}"
+    if not out.exists():
+        torch.manual_seed(7)
+        common = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                  "head_dim": 16, "tie_word_embeddings": False}
+        if arch == "mistral":
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
+        else:
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+        model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_more_architectures(arch, cache, cli_runner):
+    from peft import LoraConfig, get_peft_model
+
+    tmp = cache["tmp"]
+    base = tiny_base(tmp, arch)
+    adapter = tmp / f"{arch}-lora"
+    model = get_peft_model(load_base(base), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(adapter)
+    base_gguf = llamacpp.convert_base(base, tmp / f"tiny-{arch}.gguf")
+    r = compare_runtime(cache, cli_runner, arch, base, base_gguf, adapter)
+    print(f"{arch}: base {r['base']:.2e}, with adapter {r['lora']:.2e}, adapter effect {r['effect']:.2e}")
+    assert r["base"] < F32_TOLERANCE and r["lora"] < F32_TOLERANCE < r["effect"] / 100
+    done = llamacpp.convert_lora(adapter, base, tmp / f"ref-{arch}.gguf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    want, got = tensors(tmp / f"ref-{arch}.gguf"), tensors(tmp / f"{arch}.gguf")
+    assert sorted(got) == sorted(want)
+    assert all(np.array_equal(got[t][1], want[t][1]) for t in want)
+
+
 # --- (b) the converter's file where it is right; right where it is not ---------------------------------------
 
 
