@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import registry
 from .errors import InputError, UnknownPluginError
-from .interfaces import ReadOptions
+from .interfaces import ReadOptions, WriteOptions
 from .outputs import atomic_output
 from .resolve import resolve
 from .schema import Adapter
@@ -32,7 +32,7 @@ def detect_format(path: Path) -> str:
 
 
 def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle: bool = False,
-         validate: bool = True) -> Adapter:
+         validate: bool = True, base: str | None = None) -> Adapter:
     """Read an adapter from a local path or a hub reference into the canonical schema.
 
     Args:
@@ -41,6 +41,7 @@ def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle
         allow_pickle: allow ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
         validate: check the tensors against the config and for NaN/Inf (recommended; ``check`` turns it off
             to report every problem as a finding instead of stopping at the first).
+        base: the base model, for formats that need it to read (a GGUF LoRA without head counts).
 
     Raises:
         InputError: unreadable or inconsistent input, naming the file and tensor.
@@ -48,7 +49,7 @@ def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle
     path = resolve(ref, allow_patterns=ADAPTER_FILE_PATTERNS, what="adapter")
     fmt_name = format or detect_format(path)
     fmt = registry.get_format(fmt_name)
-    adapter = fmt.read(path, ReadOptions(allow_pickle=allow_pickle, validate=validate))
+    adapter = fmt.read(path, ReadOptions(allow_pickle=allow_pickle, validate=validate, base=base))
     adapter.read_format = fmt_name
     try:
         method = registry.get_method(adapter.method)
@@ -60,11 +61,14 @@ def load(ref: str | os.PathLike[str], *, format: str | None = None, allow_pickle
     return adapter
 
 
-def save(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "schema", force: bool = False) -> Path:
-    """Write ``adapter`` in ``format`` to ``path`` atomically (a temporary sibling renamed into place)."""
+def save(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "schema", force: bool = False,
+         options: WriteOptions | None = None) -> Path:
+    """Write ``adapter`` in ``format`` to ``path`` atomically (a temporary sibling renamed into place).
+
+    ``options`` carries what some formats need to write (GGUF: the base and the output tensor type)."""
     fmt = registry.get_format(format)
     if not fmt.can_write:
         raise UnknownPluginError(f"format {format!r} cannot be written")
     with atomic_output(path, force=force, directory=fmt.writes_directory) as tmp:
-        fmt.write(adapter, tmp)
+        fmt.write(adapter, tmp, options or WriteOptions())
     return Path(path)

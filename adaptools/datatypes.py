@@ -51,6 +51,7 @@ class ReadOptions:
 
     allow_pickle: bool = False  # unpickle legacy .bin files (weights_only=True only)
     validate: bool = True  # check tensors against config, and values for NaN/Inf
+    base: str | None = None  # the base model, for formats that need it to read (GGUF: attention head counts)
 
 
 @dataclass(frozen=True)

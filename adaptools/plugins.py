@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.adapterhub_format",
     "adaptools_plugins.peft_format",
     "adaptools_plugins.schema_format",
+    "adaptools_plugins.gguf_format",
     "adaptools_plugins.dense",
     "adaptools_plugins.nf4",
     "adaptools_plugins.perplexity",

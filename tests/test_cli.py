@@ -68,9 +68,9 @@ def test_existing_output_needs_force(tmp_path, cli_runner):
 
 
 def test_unknown_output_format_is_usage_error(tmp_path, cli_runner):
-    result = cli_runner("convert", adapter_path("llama-lora"), tmp_path / "x", "--to", "gguf")
+    result = cli_runner("convert", adapter_path("llama-lora"), tmp_path / "x", "--to", "onnx")
     assert result.exit_code == 2
-    assert "unknown format 'gguf'" in result.stderr
+    assert "unknown format 'onnx'" in result.stderr
     assert not (tmp_path / "x").exists()
 
 

@@ -63,9 +63,14 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
 @click.option("--to", "to", default="schema", show_default=True,
-              help="Output format (schema: one .safetensors; peft, adapterhub: a directory), or a method to "
+              help="Output format (schema: one .safetensors; peft, adapterhub: a directory; gguf: a llama.cpp LoRA "
+                   "file, needs --base), or a method to "
                    "convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on the original base).")
-@click.option("--base", help="With --to lora: the original base, to recompute the initial factors.")
+@click.option("--base", help="With --to lora: the original base, to recompute the initial factors. With --to gguf: "
+                             "the base the adapter is for (folder with config.json, or a .gguf), which gives the "
+                             "architecture; reading a GGUF LoRA: its head counts, if the file lacks them.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+              help="With --to gguf: the adapter tensors' type (default f32).")
 @click.option("--initial", help="With --to lora: the adapter saved right after init (instead of --base).")
 @click.option("--format", "out_format", default="peft", show_default=True,
               help="With --to METHOD: the output format (peft or schema).")
@@ -74,8 +79,8 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @force_option
 @allow_pickle_option
 @json_option
-def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, out_format: str, bake: bool,
-            force: bool, allow_pickle: bool, json_: bool) -> None:
+def convert(adapter: str, out: str, to: str, base: str | None, outtype: str | None, initial: str | None,
+            out_format: str, bake: bool, force: bool, allow_pickle: bool, json_: bool) -> None:
     """Convert ADAPTER to another format, losslessly, and write it to OUT.
 
     The output is written beside OUT under a temporary name and renamed into
@@ -88,6 +93,8 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
       adaptools convert ./olora-trained ./plain-lora --to lora --base ./base
       adaptools convert ./prefix-checkpoint ./prefix --to peft --bake-projection
       adaptools convert ./adapterhub-adapter houlsby.safetensors
+      adaptools convert ./my-lora my-lora.gguf --to gguf --base ./base --outtype f16
+      adaptools convert my-lora.gguf ./my-lora-peft --to peft
     """
     if to in registry.methods():
         from ..operations.convert import convert_method
@@ -96,7 +103,8 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
                               allow_pickle=allow_pickle)
     else:
         registry.get_format(to)  # unknown format: fail before reading anything
-        path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle, bake=bake)
+        path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle, bake=bake, base=base,
+                          outtype=outtype)
     if json_:
         emit_json({"input": adapter, "output": str(path), "format": to})
     else:

@@ -94,7 +94,7 @@ def check(ref: str | os.PathLike[str], *, base: str | None = None, allow_pickle:
         else:
             add("AT004", "only adapter_model.bin holds the weights", path / "adapter_model.bin")
             return report
-    adapter = load(path, allow_pickle=allow_pickle, validate=False)
+    adapter = load(path, allow_pickle=allow_pickle, validate=False, base=base)
     report.method = adapter.method
     if config_file is not None and adapter.read_format == "peft":
         if not adapter.base.name:

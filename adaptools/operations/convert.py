@@ -7,20 +7,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..adapter_io import load, save
+from ..interfaces import WriteOptions
 from ..outputs import check_output
 from ..version import __version__
 
 
 def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str = "schema", force: bool = False,
-            allow_pickle: bool = False, bake: bool = False) -> Path:
+            allow_pickle: bool = False, bake: bool = False, base: str | None = None,
+            outtype: str | None = None) -> Path:
     """Load ``ref`` (validated) and write it to ``out`` in format ``to``; nothing is written on error.
 
     ``bake`` first evaluates training-time parts into what is served (a prefix's projection MLP).
+    ``base`` and ``outtype`` go to formats that need them (GGUF: the architecture and the tensor type);
+    ``base`` also helps formats that need it to read (a GGUF LoRA without head counts).
     """
     from .. import registry
 
     check_output(out, force, [ref], directory=registry.get_format(to).writes_directory)
-    adapter = load(ref, allow_pickle=allow_pickle)
+    adapter = load(ref, allow_pickle=allow_pickle, base=base)
     if bake:
         method = registry.get_method(adapter.method)
         method.require("bake", adapter)
@@ -28,7 +32,7 @@ def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
     provenance = dict(adapter.provenance)
     provenance.setdefault("converted_by", f"adaptools {__version__}")
     adapter = replace(adapter, provenance=provenance)
-    return save(adapter, out, format=to, force=force)
+    return save(adapter, out, format=to, force=force, options=WriteOptions(base=base, outtype=outtype))
 
 
 def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, base: str | None = None,

@@ -1,0 +1,123 @@
+"""GGUF files through gguf-py: opening one safely, typed metadata, and one tensor to fp32 and back.
+
+gguf-py (llama.cpp's own Python library) does the parsing and the (de)quantization; this module only turns
+its failures on a hostile or truncated file into one :class:`adaptools.InputError`, checks metadata types the
+way llama.cpp checks them, and gives the numpy layout (``ReaderTensor.shape`` is ggml's ``ne``, fastest
+dimension first; the arrays here are always in numpy order, docs/gguf.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from adaptools import InputError
+
+MAGIC = b"GGUF"
+#: Types gguf-py can encode (quantize) in Python; the others (K-quants, IQ types) only decode.
+ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
+#: ``--outtype`` names of an adapter's tensors.
+OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+
+
+def is_gguf(path: Path) -> bool:
+    """True if ``path`` is a file starting with the GGUF magic. Never raises."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """A memory-mapped reader; any parse failure becomes one InputError naming the file."""
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py raises ValueError, IndexError, KeyError, ... on hostile bytes
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"not a readable GGUF file ({detail[:200]})", path=path,
+                         hint="the file is truncated or corrupt; write it again") from None
+
+
+_PY_TYPES = {
+    str: (gguf.GGUFValueType.STRING,),
+    int: (gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueType.UINT16, gguf.GGUFValueType.INT16,
+          gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32, gguf.GGUFValueType.UINT64, gguf.GGUFValueType.INT64),
+    float: (gguf.GGUFValueType.FLOAT32,),
+}
+
+
+def scalar(reader: gguf.GGUFReader, key: str, kind: type, path: object, *, required: bool = True) -> Any:
+    """The value of a scalar key, checked to be of the GGUF type llama.cpp reads it as (float: FLOAT32 only,
+    as ``gguf_get_val_f32`` asserts). None when absent and not required."""
+    field = reader.get_field(key)
+    if field is None:
+        if required:
+            raise InputError(f"the GGUF metadata has no {key}", path=path)
+        return None
+    if len(field.types) != 1 or field.types[0] not in _PY_TYPES[kind]:
+        got = "/".join(t.name for t in field.types) or "nothing"
+        raise InputError(f"GGUF metadata {key} is {got}, not a {_PY_TYPES[kind][0].name.lower()}"
+                         f"{' scalar' if kind is not str else ''}", path=path)
+    try:
+        value = field.contents()
+    except Exception:  # bytes that are not UTF-8, and the like
+        raise InputError(f"GGUF metadata {key} cannot be decoded", path=path) from None
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise InputError(f"GGUF metadata {key} is {value}", path=path)
+    elif kind is int:
+        value = int(value)
+    return value
+
+
+def numpy_shape(tensor: Any) -> tuple[int, ...]:
+    """A reader tensor's logical shape in numpy order (``ne`` reversed)."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def decode(tensor: Any, path: object = None) -> np.ndarray:
+    """One GGUF tensor as float32 in numpy order, through gguf-py's ``dequantize`` (every type it decodes,
+    K-quants and IQ types included). F32 is returned as a view; copy before changing it."""
+    qtype = tensor.tensor_type
+    try:
+        if qtype == Q.F32:
+            values = np.asarray(tensor.data, dtype=np.float32)
+        elif qtype == Q.F16:
+            values = np.asarray(tensor.data).astype(np.float32)
+        else:
+            values = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+        return values.reshape(numpy_shape(tensor))
+    except NotImplementedError:
+        raise InputError(f"gguf-py cannot decode {qtype.name} tensors", path=path, tensor=tensor.name) from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{qtype.name} data does not fit shape {list(numpy_shape(tensor))} ({exc})", path=path,
+                         tensor=tensor.name) from None
+
+
+def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 values (numpy order) -> the array gguf-py writes for ``qtype``: float32/float16 arrays, or
+    uint8 rows of blocks (BF16 and the block quants). Raises ``gguf.QuantError`` when the last dimension is
+    not a whole number of blocks, and KeyError for a type gguf-py cannot encode (see :data:`ENCODABLE`)."""
+    if qtype not in ENCODABLE:
+        raise KeyError(qtype)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == Q.F32:
+        return values
+    if qtype == Q.F16:
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, qtype)
+
+
+def encode_with_fallback(values: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
+    """:func:`encode`, falling back to F16 where the rows are not whole blocks (as llama.cpp's converter)."""
+    try:
+        return encode(values, qtype), qtype
+    except gguf.QuantError:
+        return encode(values, Q.F16), Q.F16
