@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "adaptools"
 DEFAULT_PLUGINS = (
     "adaptools_plugins.lora",
     "adaptools_plugins.prefix_tuning",
+    "adaptools_plugins.prompt_tuning",
     "adaptools_plugins.bottleneck",
     "adaptools_plugins.adapterhub_format",
     "adaptools_plugins.peft_format",
