@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import InputError
+from .errors import AdaptoolsError, InputError
 from .interfaces import BaseInfo, BaseTensor
 from .resolve import resolve
 from .safetensors_io import TORCH_TO_CODE, Header, TensorInfo, read_header, read_tensor
@@ -29,6 +29,12 @@ BASE_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", 
 #: Input-embedding tensor names, most specific first, used to resolve a tied ``lm_head.weight``.
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                    "tok_embeddings.weight", "embeddings.weight")
+
+
+class StoredTensors(dict[str, BaseTensor]):
+    """A checkpoint's stored tensors by name, as backends' ``find_groups`` sees them, with its config."""
+
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -65,13 +71,21 @@ class Checkpoint:
 
     def find_groups(self, backends: list[Any]) -> None:
         """Ask each backend which parameters it stores as groups (4-bit weights); record their dense view."""
-        stored = {name: BaseTensor(name, info.dtype, info.shape) for name, (_, info) in self.location.items()}
-        for backend in backends:
-            for param, names in backend.find_groups(stored).items():
-                self.groups[param] = (backend, names)
-                self.companions.update(names)
-                dtype, shape = backend.group_info(param, self.read_small)
-                self.logical[param] = BaseTensor(param, TORCH_TO_CODE[dtype], tuple(shape))
+        stored = StoredTensors({name: BaseTensor(name, info.dtype, info.shape)
+                                for name, (_, info) in self.location.items()})
+        stored.config = self.config
+        try:
+            for backend in backends:
+                for param, names in backend.find_groups(stored).items():
+                    self.groups[param] = (backend, names)
+                    self.companions.update(names)
+                    dtype, shape = backend.group_info(param, self.read_small)
+                    self.logical[param] = BaseTensor(param, TORCH_TO_CODE[dtype], tuple(shape))
+        except AdaptoolsError as exc:  # a backend knows the tensor, not the file: name the shard holding it
+            if exc.path is not None:
+                raise
+            where = self.location[exc.tensor][0].path if exc.tensor in self.location else self.path
+            raise type(exc)(exc.message, path=where, tensor=exc.tensor, hint=exc.hint) from None
 
     def read_small(self, name: str) -> torch.Tensor:
         """Read one stored tensor by name (for the small parts of groups)."""

@@ -289,7 +289,9 @@ class Backend(ABC):
         """Parameters this backend stores across several tensors: ``{param: [companion names]}``.
 
         A quantized weight (NF4: packed bytes plus absmax, maps and a JSON state) is one such group; the
-        merge then sees the parameter as dense, with the shape and dtype from :meth:`group_info`.
+        merge then sees the parameter as dense, with the shape and dtype from :meth:`group_info`. When a
+        checkpoint asks, ``tensors`` also has a ``config`` attribute: its config.json, for formats whose
+        layout depends on the architecture (8-bit GPT-2 weights are stored transposed).
         """
         return {}
 

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.schema_format",
     "adaptools_plugins.dense",
     "adaptools_plugins.nf4",
+    "adaptools_plugins.int8",
     "adaptools_plugins.perplexity",
 )
 
