@@ -57,7 +57,7 @@ def prepended(prompts: torch.Tensor, model: torch.nn.Module, source: str) -> Ite
         extra = bound.pop("kwargs", None)
         if isinstance(extra, dict):
             bound.update(extra)
-        cache = bound.get("past_key_values")
+        cache = bound.get("past_key_values", bound.get("cache"))  # transformers 5.24 starts renaming it
         if cache is not None and getattr(cache, "get_seq_length", lambda: 1)() > 0:
             raise UnsupportedOperationError("prompt tuning at runtime serves whole forwards, not incremental "
                                             "decoding with a filled cache", path=source)

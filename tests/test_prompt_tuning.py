@@ -207,6 +207,12 @@ def test_apply_refusals(tmp_path):
                              adaptools.MemoryStore({"prompt_embeddings": torch.zeros(5, 48)}))
     with pytest.raises(adaptools.IncompatibleBaseError, match="48 wide"):
         adaptools.get_method("prompt_tuning").apply(wide, load_base(base_path("llama")))
+    llama = load_base(base_path("llama"))
+    with adaptools.get_method("prompt_tuning").apply(adapter, llama), torch.no_grad():
+        cache = llama(input_ids=IDS[:1, :3], use_cache=True).past_key_values
+        assert cache.get_seq_length() == 5 + 3
+        with pytest.raises(adaptools.UnsupportedOperationError, match="incremental decoding"):
+            llama(input_ids=IDS[:1, 3:4], past_key_values=cache)
     gpt2 = load_base(base_path("gpt2"))  # learned positions: 128, the virtual tokens need 5 of them
     with adaptools.get_method("prompt_tuning").apply(adapter, gpt2), torch.no_grad():
         assert gpt2(input_ids=torch.zeros(1, 123, dtype=torch.long)).logits.shape == (1, 123, 128)
