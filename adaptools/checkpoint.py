@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import InputError
+from .errors import AdaptoolsError, InputError
 from .interfaces import BaseInfo, BaseTensor
 from .jsonio import read_json
 from .resolve import resolve
@@ -73,6 +73,12 @@ def shard_name_problem(name: str) -> str | None:
     return None
 
 
+class StoredTensors(dict[str, BaseTensor]):
+    """A checkpoint's stored tensors by name, as backends' ``find_groups`` sees them, with its config."""
+
+    config: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Shard:
     """One safetensors file of a checkpoint, with its validated header."""
@@ -107,13 +113,21 @@ class Checkpoint:
 
     def find_groups(self, backends: list[Any]) -> None:
         """Ask each backend which parameters it stores as groups (4-bit weights); record their dense view."""
-        stored = {name: BaseTensor(name, info.dtype, info.shape) for name, (_, info) in self.location.items()}
-        for backend in backends:
-            for param, names in backend.find_groups(stored).items():
-                self.groups[param] = (backend, names)
-                self.companions.update(names)
-                dtype, shape = backend.group_info(param, self.read_small)
-                self.logical[param] = BaseTensor(param, TORCH_TO_CODE[dtype], tuple(shape))
+        stored = StoredTensors({name: BaseTensor(name, info.dtype, info.shape)
+                                for name, (_, info) in self.location.items()})
+        stored.config = self.config
+        try:
+            for backend in backends:
+                for param, names in backend.find_groups(stored).items():
+                    self.groups[param] = (backend, names)
+                    self.companions.update(names)
+                    dtype, shape = backend.group_info(param, self.read_small)
+                    self.logical[param] = BaseTensor(param, TORCH_TO_CODE[dtype], tuple(shape))
+        except AdaptoolsError as exc:  # a backend knows the tensor, not the file: name the shard holding it
+            if exc.path is not None:
+                raise
+            where = self.location[exc.tensor][0].path if exc.tensor in self.location else self.path
+            raise type(exc)(exc.message, path=where, tensor=exc.tensor, hint=exc.hint) from None
 
     def read_small(self, name: str) -> torch.Tensor:
         """Read one stored tensor by name (for the small parts of groups)."""

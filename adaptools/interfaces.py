@@ -255,7 +255,13 @@ class Backend(ABC):
         raise UnsupportedOperationError(f"backend {self.name!r} stores parameters as groups, not tensors")
 
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
-        """Parameters this backend stores across several tensors: ``{param: [companion names]}``."""
+        """Parameters this backend stores across several tensors: ``{param: [companion names]}``.
+
+        A quantized weight (NF4: packed bytes plus absmax, maps and a JSON state) is one such group; the
+        merge then sees the parameter as dense, with the shape and dtype from :meth:`group_info`. When a
+        checkpoint asks, ``tensors`` also has a ``config`` attribute: its config.json, for formats whose
+        layout depends on the architecture (8-bit GPT-2 weights are stored transposed).
+        """
         return {}
 
     def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:

@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "adaptools"
 DEFAULT_PLUGINS = (
     "adaptools_plugins.lora",
     "adaptools_plugins.prefix_tuning",
+    "adaptools_plugins.prompt_tuning",
     "adaptools_plugins.bottleneck",
     "adaptools_plugins.adapterhub_format",
     "adaptools_plugins.peft_format",
@@ -30,6 +31,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.gguf_format",
     "adaptools_plugins.dense",
     "adaptools_plugins.nf4",
+    "adaptools_plugins.int8",
     "adaptools_plugins.perplexity",
 )
 

@@ -3,6 +3,7 @@ what a test registers are loaded; tests that need entry points turn them on them
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -25,6 +26,16 @@ ADAPTERS = FIXTURES / "adapters"
 SAFE_ADAPTERS = {
     p.name: p.name.split("-")[0] for p in sorted(ADAPTERS.iterdir()) if (p / "adapter_model.safetensors").exists()
 }
+#: PEFT types whose adapters are virtual tokens (extra inputs), not weight changes: nothing to merge.
+VIRTUAL_TOKEN_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def peft_type(name: str) -> str:
+    return json.loads((ADAPTERS / name / "adapter_config.json").read_text())["peft_type"]
+
+
+#: The fixtures that change weights (merge, LoRA runtime application), with their bases.
+WEIGHT_ADAPTERS = {name: arch for name, arch in SAFE_ADAPTERS.items() if peft_type(name) not in VIRTUAL_TOKEN_TYPES}
 
 
 def adapter_path(name: str) -> Path:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ADAPTERS, adapter_path
+from conftest import ADAPTERS, adapter_path, peft_type
 
 import adaptools
 
 ALL = sorted(p.name for p in ADAPTERS.iterdir())
+#: The method each fixture reads as, by its PEFT type.
+METHODS = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning"}
 
 
 def pickle_flag(name):
@@ -18,11 +20,12 @@ def pickle_flag(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_info_on_every_fixture(name, cli_runner):
+    method = METHODS[peft_type(name)]
     result = cli_runner("info", adapter_path(name), *pickle_flag(name))
     assert result.exit_code == 0, result.output
-    assert "method: lora" in result.stdout
+    assert f"method: {method}" in result.stdout
     data = json.loads(cli_runner("info", adapter_path(name), "--json", *pickle_flag(name)).stdout)
-    assert data["method"] == "lora"
+    assert data["method"] == method
     assert data["format"] == "peft"
     assert data["base"]["name"] == f"fixtures/bases/{name.split('-')[0]}"
     assert data["parameters"] == sum(

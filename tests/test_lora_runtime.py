@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SAFE_ADAPTERS, adapter_path, base_path
+from conftest import SAFE_ADAPTERS, WEIGHT_ADAPTERS, adapter_path, base_path
 from peft_oracle import load_base, logits, peft_model
 
 import adaptools
@@ -12,7 +12,7 @@ import adaptools
 RESIZED = {"llama-resized-vocab": 136}
 
 
-@pytest.mark.parametrize("name", sorted(SAFE_ADAPTERS))
+@pytest.mark.parametrize("name", sorted(WEIGHT_ADAPTERS))
 def test_apply_matches_peft_forward(name):
     arch = SAFE_ADAPTERS[name]
     expected = logits(peft_model(base_path(arch), adapter_path(name), resize=RESIZED.get(name)))

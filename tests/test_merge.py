@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SAFE_ADAPTERS, adapter_path, base_path
+from conftest import SAFE_ADAPTERS, WEIGHT_ADAPTERS, adapter_path, base_path
 from peft_oracle import load_base, logits, peft_model
 from safetensors.torch import load_file
 
@@ -47,7 +47,7 @@ def run_merge(name, out, **kw):
     return merge(base_path(SAFE_ADAPTERS[name]), [MergeInput(adaptools.load(adapter_path(name)))], out, **kw)
 
 
-@pytest.mark.parametrize("name", sorted(SAFE_ADAPTERS))
+@pytest.mark.parametrize("name", sorted(WEIGHT_ADAPTERS))
 def test_merge_equals_peft_merge_and_unload(name, tmp_path):
     summary = run_merge(name, tmp_path / "out")
     ours = merged_state(tmp_path / "out")
@@ -75,7 +75,7 @@ def test_multi_adapter_merge_with_dora_equals_peft(tmp_path):
         assert torch.equal(value, theirs[key]), f"{key}: {diff}"
 
 
-@pytest.mark.parametrize("name", sorted(SAFE_ADAPTERS))
+@pytest.mark.parametrize("name", sorted(WEIGHT_ADAPTERS))
 def test_merged_folder_loads_in_transformers_and_matches_unmerged_logits(name, tmp_path):
     arch = SAFE_ADAPTERS[name]
     run_merge(name, tmp_path / "out", dtype="fp32")
