@@ -139,9 +139,6 @@ class Int8(adaptools.Backend):
                             "bitsandbytes' decode, byte-exact encode")
         self._shapes: dict[str, tuple[int, ...]] = {}
 
-    def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
-        return False  # 8-bit weights are groups, found by find_groups
-
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
         """``P.weight`` -> ``[P.SCB, P.weight_format]`` for every 8-bit linear, with the headers checked;
         empty unless the checkpoint's dense dtype is this backend's."""
@@ -224,16 +221,21 @@ class Int8(adaptools.Backend):
         module = param.removesuffix(".weight")
         return {param: codes, f"{module}.SCB": scb, f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
 
-    def quantization_config(self, settings: Mapping[str, Any]) -> dict[str, Any]:
-        """What config.json needs for transformers to load what :meth:`encode_group` wrote
-        (``settings``: ``skip_modules``, ``threshold``)."""
-        return quantization_config(settings.get("skip_modules"), float(settings.get("threshold", 6.0)))
+    def quantize_settings(self, tensor: BaseTensor, options: Any) -> dict[str, Any]:
+        """LLM.int8 has no settings: one absmax scale per row, whatever the options."""
+        return {}
 
-    def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("8-bit parameters decode as groups (decode_group)")
+    def quantization_config(self, settings: Mapping[str, Any], options: Any) -> dict[str, Any]:
+        """What config.json needs for transformers to load what :meth:`encode_group` wrote (``settings`` may
+        carry an outlier ``threshold``; transformers' default is 6.0)."""
+        return quantization_config(list(options.skip_modules) or None, float(settings.get("threshold", 6.0)))
 
-    def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
-        raise NotImplementedError("8-bit parameters encode as groups (encode_group)")
+    def quantize_options(self, config: Mapping[str, Any]) -> Any:
+        """The options an 8-bit checkpoint was made with (its skip list, lm_head aside)."""
+        if config.get("quant_method") != "bitsandbytes" or not config.get("load_in_8bit") or self.name != "int8":
+            return None
+        skip = [m for m in config.get("llm_int8_skip_modules") or () if m != "lm_head"]
+        return adaptools.QuantizeOptions(quant_type=self.name, skip_modules=tuple(skip))
 
 
 @adaptools.hookimpl

@@ -71,10 +71,9 @@ def _positive(config: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-class PromptTuning(adaptools.AdapterMethod):
+class PromptTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptools.Bakeable):
     name = "prompt_tuning"
     description = "Prompt tuning (PEFT PROMPT_TUNING): learned virtual-token embeddings before the input"
-    operations = frozenset({"info", "convert", "apply"})
     roles: tuple[str, ...] = (ROLE, "embedding")
     peft_types: tuple[str, ...] = ("PROMPT_TUNING",)
     peft_roles = _peft_roles(roles)

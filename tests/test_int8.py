@@ -287,10 +287,10 @@ def test_quantization_config_is_what_transformers_writes():
     from transformers import BitsAndBytesConfig
 
     written = json.loads((INT8_BASE / "config.json").read_text())["quantization_config"]
-    assert int8.Int8("F16").quantization_config({}) == written
+    assert int8.Int8("F16").quantization_config({}, adaptools.QuantizeOptions()) == written
     skip = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "o_proj"],
                               llm_int8_threshold=4.0).to_dict()
-    ours = int8.Int8("F16").quantization_config({"skip_modules": ["o_proj"], "threshold": 4.0})
+    ours = int8.Int8("F16").quantization_config({"threshold": 4.0}, adaptools.QuantizeOptions(skip_modules=("o_proj",)))
     assert ours == {k: v for k, v in skip.items() if k in ours} and set(written) == set(ours)
 
 
@@ -314,10 +314,29 @@ def test_the_pieces_of_requantize_int8_rebuild_the_transformers_checkpoint(tmp_p
     shutil.copytree(INT8_BASE, out)
     adaptools.save_tensors(out / "model.safetensors", state, {"format": "pt"})
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = backend.quantization_config({})
+    config["quantization_config"] = backend.quantization_config({}, adaptools.QuantizeOptions())
     (out / "config.json").write_text(json.dumps(config))
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+
+
+def test_requantize_int8_writes_what_transformers_loads_as_8bit(tmp_path, cli_runner):
+    """The engine's dense -> int8 path: codes are bitsandbytes' quantization of each linear weight."""
+    from transformers import AutoModelForCausalLM
+
+    result = cli_runner("requantize", base_path("llama"), tmp_path / "q", "--quant-type", "int8", "--json")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    ours = {}
+    for f in (tmp_path / "q").glob("*.safetensors"):
+        ours.update(load_file(str(f)))
+    dense = Checkpoint.open(base_path("llama"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    codes, scb = int8.quantize_int8(dense.read(name))
+    assert torch.equal(ours[name], codes) and torch.equal(ours["model.layers.0.mlp.up_proj.SCB"], scb)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["load_in_8bit"] is True
 
 
 # --- hostile and sloppy checkpoints ---------------------------------------------------------------------
