@@ -236,7 +236,7 @@ def test_info_plugins_and_diff(cli_runner):
     assert result.exit_code == 0 and "method: p_tuning" in result.stdout
     assert "encoder_reparameterization_type: LSTM" in result.stdout and "training-time prompt encoder" in result.stdout
     matrix = json.loads(cli_runner("plugins", "--json").stdout)["operations"]
-    assert matrix["prompt_tuning"] == matrix["p_tuning"] == ["apply", "convert", "info"]
+    assert matrix["prompt_tuning"] == matrix["p_tuning"] == ["apply", "bake", "convert", "info"]
     from adaptools.operations.algebra import diff
 
     a, b = adaptools.load(adapter_path("llama-p-tuning-mlp")), adaptools.load(adapter_path("llama-p-tuning-lstm"))

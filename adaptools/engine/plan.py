@@ -249,8 +249,10 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     entries.update(aliases)
     vocab = _vocab_size(checkpoint, entries)
     config, changes = _output_config(checkpoint, options, bool(aliases), vocab, group_targets)
-    warnings = [f"{item.adapter.source}: {w}" for item in inputs
-                for w in registry.get_method(item.adapter.method).merge_warnings(item.adapter)]  # type: ignore[attr-defined]
+    warnings = []
+    for item in inputs:  # merge_warnings is optional (Mergeable has it; a plain merge_updates need not)
+        said = getattr(registry.get_method(item.adapter.method), "merge_warnings", None)
+        warnings += [f"{item.adapter.source}: {w}" for w in (said(item.adapter) if said else [])]
     return MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
                      untied=bool(aliases), vocab_size=vocab, warnings=warnings)
 
