@@ -140,8 +140,9 @@ class Compute:
         if self._threads is not None:
             self._threads.shutdown()
 
-    def __call__(self, entry: Entry) -> Produced:
-        stored, pooled = self.reader.read(entry.source)
+    def __call__(self, entry: Entry, source: tuple[torch.Tensor, bool] | None = None) -> Produced:
+        """Materialise ``entry``; ``source`` is its stored value if already read (by a prefetcher)."""
+        stored, pooled = source if source is not None else self.reader.read(entry.source)
         started = time.perf_counter()
         try:
             if entry.group is not None:

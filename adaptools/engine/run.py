@@ -4,6 +4,7 @@ output, then publish it with one rename. ``merge`` is the library's front door.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -24,7 +25,7 @@ from .compute import Compute
 from .finalize import provenance, record_checks, write_files, write_index
 from .options import MergeEvent, MergeInput, MergeOptions, MergeSummary
 from .plan import MergePlan, build_plan
-from .source import BufferPool, Reader
+from .source import BufferPool, Prefetch, Reader
 from .writer import ShardWriter
 
 Progress = Callable[[MergeEvent], None]
@@ -77,6 +78,9 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
     with atomic_output(out, force=options.force, inputs=inputs) as tmp, \
             _torch_threads(options.device, workers), Reader(checkpoint, pool) as reader:
         compute = Compute(checkpoint, reader, pool, options.device, workers)
+        prefetch = Prefetch(reader, [s.entry.source for shard in plan.shards for s in shard.slots if s.raw is None])
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # the run allocates many small objects (tensor views) and frees them at once; no cycles
         try:
             t0 = time.perf_counter()
             for shard in plan.shards:
@@ -87,7 +91,7 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
                             writer.copy(slot.raw, src, info)
                             nbytes, merged = info.nbytes, False
                         else:
-                            produced = compute(slot.entry)
+                            produced = compute(slot.entry, prefetch.get(slot.entry.source))
                             nbytes = 0
                             for name, tensor in produced.tensors.items():
                                 done = (lambda t=tensor: pool.give(t)) if any(
@@ -114,7 +118,10 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             timings.update(read=reader.seconds, compute=compute.seconds["compute"], encode=compute.seconds["encode"],
                            write_background=written, shards=t1 - t0, finalize=t2 - t1, checks=time.perf_counter() - t2)
         finally:
+            prefetch.close()
             compute.close()
+            if gc_was_enabled:
+                gc.enable()
     summary.shards = len(plan.shards)
     summary.seconds = time.perf_counter() - started
     summary.profile = timings

@@ -8,6 +8,7 @@ back once the tensor has been written.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from pathlib import Path
@@ -112,3 +113,56 @@ class Reader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Prefetch:
+    """Reads the sources of the entries to compute ahead of the computation, in a thread of its own, so
+    that reading (and decoding quantized groups) overlaps the arithmetic and the writing. At most
+    ``depth`` values wait in memory."""
+
+    _END = object()
+
+    def __init__(self, reader: Reader, names: list[str], depth: int = 2):
+        self.reader = reader
+        self._names = names
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adaptools-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name in self._names:
+            if self._stop.is_set():
+                return
+            try:
+                item: Any = (name, *self.reader.read(name))
+            except BaseException as exc:  # handed to the consumer, raised in its thread
+                item = (name, exc, False)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item[1], BaseException):
+                return
+
+    def get(self, name: str) -> tuple[torch.Tensor, bool]:
+        """The next source, which must be ``name`` (entries are computed in plan order)."""
+        got, value, pooled = self._queue.get()
+        if isinstance(value, BaseException):
+            raise value
+        if got != name:  # pragma: no cover - a bug in the caller's order
+            raise RuntimeError(f"prefetch order: expected {name}, read {got}")
+        return value, pooled
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # give back what was read ahead and never used
+            try:
+                _, value, pooled = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(value, torch.Tensor):
+                self.reader.release(value, pooled)
+        self._thread.join()
