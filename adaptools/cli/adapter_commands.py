@@ -64,9 +64,13 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.argument("out", type=click.Path())
 @click.option("--to", "to", default="schema", show_default=True,
               help="Output format (schema: one .safetensors; peft, adapterhub: a directory), or a method to "
-                   "convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on the original base).")
+                   "convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on the original base; AdaLoRA, "
+                   "LoHa and LoKr adapters as plain LoRA).")
 @click.option("--base", help="With --to lora: the original base, to recompute the initial factors.")
 @click.option("--initial", help="With --to lora: the adapter saved right after init (instead of --base).")
+@click.option("--rank", type=int, help="With --to METHOD: truncate each module to this rank by SVD.")
+@click.option("--energy", type=float,
+              help="With --to METHOD: per module, the smallest rank keeping this share of ‖ΔW‖².")
 @click.option("--format", "out_format", default="peft", show_default=True,
               help="With --to METHOD: the output format (peft or schema).")
 @click.option("--bake-projection", "bake", is_flag=True,
@@ -74,8 +78,8 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow adapter_model.bin (read with weights_only=True).")
 @json_option
-def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, out_format: str, bake: bool,
-            force: bool, allow_pickle: bool, json_: bool) -> None:
+def convert(adapter: str, out: str, to: str, base: str | None, initial: str | None, rank: int | None,
+            energy: float | None, out_format: str, bake: bool, force: bool, allow_pickle: bool, json_: bool) -> None:
     """Convert ADAPTER to another format, losslessly, and write it to OUT.
 
     The output is written beside OUT under a temporary name and renamed into
@@ -86,21 +90,27 @@ def convert(adapter: str, out: str, to: str, base: str | None, initial: str | No
       adaptools convert ./my-lora my-lora.safetensors
       adaptools convert my-lora.safetensors ./my-lora-peft --to peft
       adaptools convert ./olora-trained ./plain-lora --to lora --base ./base
+      adaptools convert ./loha-adapter ./lora-r16 --to lora --rank 16
       adaptools convert ./prefix-checkpoint ./prefix --to peft --bake-projection
       adaptools convert ./adapterhub-adapter houlsby.safetensors
     """
+    retained = None
     if to in registry.methods():
         from ..operations.convert import convert_method
 
-        path = convert_method(adapter, out, base=base, initial=initial, to_format=out_format, force=force,
-                              allow_pickle=allow_pickle)
+        path, retained = convert_method(adapter, out, base=base, initial=initial, to_format=out_format, force=force,
+                                        allow_pickle=allow_pickle, to_method=to, rank=rank, energy=energy)
     else:
+        if rank is not None or energy is not None:
+            raise click.UsageError("--rank and --energy go with --to METHOD (e.g. --to lora)")
         registry.get_format(to)  # unknown format: fail before reading anything
         path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle, bake=bake)
     if json_:
-        emit_json({"input": adapter, "output": str(path), "format": to})
+        emit_json({"input": adapter, "output": str(path), "format": to,
+                   **({"retained_energy": retained} if retained is not None else {})})
     else:
-        click.echo(f"wrote {path} ({to})")
+        worst = f", lowest retained energy {min(retained.values()):.1%}" if retained else ""
+        click.echo(f"wrote {path} ({to}{worst})")
 
 
 @cli.command()
