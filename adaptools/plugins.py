@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "adaptools"
 DEFAULT_PLUGINS = (
     "adaptools_plugins.lora",
     "adaptools_plugins.adalora",
+    "adaptools_plugins.loha",
     "adaptools_plugins.prefix_tuning",
     "adaptools_plugins.bottleneck",
     "adaptools_plugins.adapterhub_format",
