@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.lora",
     "adaptools_plugins.adalora",
     "adaptools_plugins.loha",
+    "adaptools_plugins.lokr",
     "adaptools_plugins.prefix_tuning",
     "adaptools_plugins.bottleneck",
     "adaptools_plugins.adapterhub_format",

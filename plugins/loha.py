@@ -67,7 +67,6 @@ class LoHa(Lycoris):
     peft_roles = {role: role for role in ROLES}
     rules = RULES
     fixes = FIXES
-    marker = "hada_w1_a"
     rule_ids = {"type": "LOHA001", "role": "LOHA002", "dtype": "LOHA003", "target": "LOHA007",
                 "values": "LOHA008", "missing": "LOHA010", "fit": "LOHA011"}
 
@@ -103,25 +102,25 @@ class LoHa(Lycoris):
         a = (a1[:, None, :] * a2[None, :, :]).reshape(-1, a1.shape[1])
         return b, a
 
-    def lint_module(self, report: Lint, module: str, roles: dict[str, str]) -> None:
+    def lint_module(self, report: Lint, module: str, roles: dict[str, str], base_shape: tuple[int, ...] | None) -> None:
         adapter = report.adapter
         missing = [r for r in FACTORS if r not in roles]
         if ("hada_t1" in roles) != ("hada_t2" in roles):
             missing.append("hada_t2" if "hada_t1" in roles else "hada_t1")
         if missing:
-            report.add("LOHA004", f"module {module} lacks {', '.join(missing)}", roles[self.marker])
+            report.add("LOHA004", f"module {module} lacks {', '.join(missing)}", self.anchor(roles))
             return
         shapes = self._shapes(adapter, roles)
         if self.delta_shape(shapes) is None:
             listed = ", ".join(f"{r} {list(s)}" for r, s in shapes.items())
-            report.add("LOHA005", f"factor shapes disagree: {listed}", roles[self.marker])
+            report.add("LOHA005", f"factor shapes disagree: {listed}", self.anchor(roles))
             return
         effective = "hada_t1" in roles
         found = shapes["hada_w1_b"][0]
         rank = config_rank(adapter.config, module)
         if rank is not None and found != rank:
             report.add("LOHA006", f"config gives rank {rank} (r / rank_pattern) but the factors have rank {found}",
-                       roles[self.marker], field="r")
+                       self.anchor(roles), field="r")
         if effective and not adapter.config.get("use_effective_conv2d"):
             report.add("LOHA006", "hada_t1/hada_t2 are saved but use_effective_conv2d is false",
                        roles["hada_t1"], field="use_effective_conv2d")

@@ -65,8 +65,6 @@ class Lycoris(adaptools.AdapterMethod):
     """A LyCORIS-style method: subclasses give the roles, the delta, its shape and its low-rank factors."""
 
     operations = frozenset({"info", "convert", "merge", "apply", "algebra"})
-    #: The role whose presence marks an adapted module.
-    marker: ClassVar[str]
     #: rule kind -> rule id, for the checks this class runs for its subclasses.
     rule_ids: ClassVar[dict[str, str]]
     fixes: ClassVar[dict[str, str]]
@@ -84,10 +82,19 @@ class Lycoris(adaptools.AdapterMethod):
         """(b, a) in float64 with ``b @ a`` equal to the unscaled delta of a Linear module."""
 
     @abstractmethod
-    def lint_module(self, report: Lint, module: str, roles: dict[str, str]) -> None:
-        """The method's own checks of one module (presence, ranks, shapes against the config)."""
+    def lint_module(self, report: Lint, module: str, roles: dict[str, str], base_shape: tuple[int, ...] | None) -> None:
+        """The method's own checks of one module (presence, ranks, shapes against the config); ``base_shape``
+        is the weight's shape when checked against a base."""
+
+    def refusal(self, roles: Mapping[str, str], weight_shape: tuple[int, ...]) -> str | None:
+        """Why a module cannot be merged or applied onto a weight of this shape (None: it can)."""
+        return None
 
     # --- shared plumbing -----------------------------------------------------------------------------------
+
+    def anchor(self, roles: Mapping[str, str]) -> str | None:
+        """The tensor that names an adapted module in messages (None: the module only has full tensors)."""
+        return next((roles[r] for r in self.roles if r in roles), None)
 
     def _shapes(self, adapter: Adapter, roles: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
         return {r: tuple(adapter.info(n).shape) for r, n in roles.items() if r in self.roles}
@@ -109,23 +116,24 @@ class Lycoris(adaptools.AdapterMethod):
             report.add(ids["type"], f"r is {r}", field="r")
         report.roles(ids["role"], ids["dtype"], self.roles)
         for module, roles in adapter.modules().items():
-            if self.marker not in roles:
+            anchor = self.anchor(roles)
+            if anchor is None:
                 continue
-            self.lint_module(report, module, roles)
-            report.targeted(ids["target"], module, roles[self.marker])
-            if base is not None:
-                found = report.base_tensor(ids["missing"], base, module, roles[self.marker])
-                shape = self.delta_shape(self._shapes(adapter, roles))
-                if found is not None and shape is not None and not fits(shape, tuple(found.shape)):
-                    report.add(ids["fit"], f"the delta {list(shape)} does not fit base {found.name} "
-                               f"{list(found.shape)}", roles[self.marker])
+            found = report.base_tensor(ids["missing"], base, module, anchor) if base is not None else None
+            base_shape = tuple(found.shape) if found is not None else None
+            self.lint_module(report, module, roles, base_shape)
+            report.targeted(ids["target"], module, anchor)
+            shape = self.delta_shape(self._shapes(adapter, roles))
+            if base_shape is not None and shape is not None and not fits(shape, base_shape):
+                report.add(ids["fit"], f"the delta {list(shape)} does not fit base {found.name} "  # type: ignore[union-attr]
+                           f"{list(base_shape)}", anchor)
         if check_values:
             report.finite(ids["values"])
         return [f for f in report.findings]
 
     def summary(self, adapter: Adapter) -> dict[str, Any]:
         config = adapter.config
-        modules = [m for m, roles in adapter.modules().items() if self.marker in roles]
+        modules = [m for m, roles in adapter.modules().items() if self.anchor(roles)]
         ranks = sorted({module_rank_alpha(config, m)[0] for m in modules})
         return {"rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": config.get("alpha"),
                 "rank_pattern": config.get("rank_pattern") or None,
@@ -138,14 +146,18 @@ class Lycoris(adaptools.AdapterMethod):
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         updates = replacement_updates(adapter, base)
         for module, roles in adapter.modules().items():
-            if self.marker not in roles:
+            anchor = self.anchor(roles)
+            if anchor is None:
                 continue
-            target = locate(adapter, base, module, "weight", roles[self.marker])
+            target = locate(adapter, base, module, "weight", anchor)
             base_shape = tuple(base.find(target).shape)  # type: ignore[union-attr]
             shape = self.delta_shape(self._shapes(adapter, roles))
+            why = self.refusal(roles, base_shape)
+            if why:
+                raise UnsupportedOperationError(f"cannot merge {module}: {why}", **adapter.where(anchor))
             if shape is None or not fits(shape, base_shape):
                 raise IncompatibleBaseError(f"{self.name} factors of {module} (delta {shape}) do not fit base "
-                                            f"{target} {list(base_shape)}", **adapter.where(roles[self.marker]),
+                                            f"{target} {list(base_shape)}", **adapter.where(anchor),
                                             hint="the adapter was made for another model size")
             updates.append(TensorUpdate(target, "delta", self._merge_fn(adapter, module, roles, weight),
                                         source=", ".join(n for r, n in roles.items() if r in self.roles)))
@@ -166,12 +178,13 @@ class Lycoris(adaptools.AdapterMethod):
         """Each Linear module's delta as exact float64 factors (scaling folded into ``b``)."""
         out = {}
         for module, roles in adapter.modules().items():
-            if self.marker not in roles:
+            anchor = self.anchor(roles)
+            if anchor is None:
                 continue
             shape = self.delta_shape(self._shapes(adapter, roles))
             if shape is None or len(shape) != 2 or any(len(s) != 2 for s in self._shapes(adapter, roles).values()):
                 raise UnsupportedOperationError(f"conv {self.name} modules are not supported by adapter algebra yet",
-                                                **adapter.where(roles[self.marker]))
+                                                **adapter.where(anchor))
             b, a = self.factors(self._tensors(adapter, roles, dtype=torch.float64))
             out[module] = LowRank(b * self.scaling(adapter.config, module), a, "linear")
         return out
@@ -192,8 +205,11 @@ class Lycoris(adaptools.AdapterMethod):
         """Forward hooks adding ``F.linear(x, delta)`` (or the conv with the layer's settings), as PEFT does."""
 
         def install(module: str, roles: dict[str, str], layer: torch.nn.Module) -> list[Any]:
-            if self.marker not in roles:
+            if self.anchor(roles) is None:
                 return []
+            why = self.refusal(roles, tuple(layer.weight.shape))
+            if why:
+                raise UnsupportedOperationError(f"cannot apply {module}: {why}", **adapter.where(self.anchor(roles)))
             delta = self.delta(self._tensors(adapter, roles), self.scaling(adapter.config, module))
             delta = delta.reshape(layer.weight.shape)
 
