@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.loha",
     "adaptools_plugins.lokr",
     "adaptools_plugins.vera",
+    "adaptools_plugins.oft",
     "adaptools_plugins.prefix_tuning",
     "adaptools_plugins.bottleneck",
     "adaptools_plugins.adapterhub_format",
