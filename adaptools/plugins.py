@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.lokr",
     "adaptools_plugins.vera",
     "adaptools_plugins.oft",
+    "adaptools_plugins.boft",
     "adaptools_plugins.prefix_tuning",
     "adaptools_plugins.bottleneck",
     "adaptools_plugins.adapterhub_format",
