@@ -125,6 +125,9 @@ class BOFT(Orthogonal):
     peft_types = ("BOFT",)
     peft_roles = {"boft_R": "boft_R", "boft_s": "boft_s"}
     rules = RULES
+    conditional = {"merge": "Linear layers at weight 1 (conv and embedding layers and weighted merges are refused, "
+                            "naming why)",
+                   "apply": "Linear layers (conv and embedding layers are refused, naming why)"}
     marker = "boft_R"
     markers = ("boft_R",)
 
