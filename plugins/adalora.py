@@ -112,6 +112,7 @@ class AdaLoRA(adaptools.AdapterMethod):
     operations = frozenset({"info", "convert", "merge", "apply", "algebra"})
     roles = ROLES
     peft_types = ("ADALORA",)
+    plain_method = "lora"  # what to_plain returns (convert --to lora)
     peft_roles = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}
     rules = RULES
 
@@ -249,7 +250,7 @@ class AdaLoRA(adaptools.AdapterMethod):
         return plain_lora(template, factors, extra)
 
     def to_plain(self, adapter: Adapter, base: BaseInfo | None, read: Callable[[str], torch.Tensor] | None,
-                 initial: Adapter | None) -> Adapter:
+                 initial: Adapter | None, options: Mapping[str, Any] | None = None) -> Adapter:
         """The same adapter as plain LoRA of the same ranks: ``A' = A ⊙ E``, ``B' = B · s`` (``convert --to lora``)."""
         for module, roles in adapter.modules().items():
             if "lora_A" in roles and len(adapter.info(roles["lora_A"]).shape) != 2:

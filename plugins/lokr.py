@@ -171,7 +171,7 @@ class LoKr(Lycoris):
         p2, q2 = split("lokr_w2", "lokr_w2_a", "lokr_w2_b")
         return torch.kron(p1, p2), torch.kron(q1, q2)
 
-    def refusal(self, roles: Mapping[str, str], weight_shape: tuple[int, ...]) -> str | None:
+    def layer_refusal(self, roles: Mapping[str, str], weight_shape: tuple[int, ...]) -> str | None:
         if "lokr_t2" in roles and len(weight_shape) == 3:
             return ("the effective form (lokr_t2) on a Conv1d layer fails inside peft 0.21.2 itself (torch.kron of "
                     "its [b, d, k, 1] factor), so no reference exists to merge it exactly")

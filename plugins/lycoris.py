@@ -65,6 +65,7 @@ class Lycoris(adaptools.AdapterMethod):
     """A LyCORIS-style method: subclasses give the roles, the delta, its shape and its low-rank factors."""
 
     operations = frozenset({"info", "convert", "merge", "apply", "algebra"})
+    plain_method = "lora"  # what to_plain returns (convert --to lora)
     #: rule kind -> rule id, for the checks this class runs for its subclasses.
     rule_ids: ClassVar[dict[str, str]]
     fixes: ClassVar[dict[str, str]]
@@ -86,7 +87,7 @@ class Lycoris(adaptools.AdapterMethod):
         """The method's own checks of one module (presence, ranks, shapes against the config); ``base_shape``
         is the weight's shape when checked against a base."""
 
-    def refusal(self, roles: Mapping[str, str], weight_shape: tuple[int, ...]) -> str | None:
+    def layer_refusal(self, roles: Mapping[str, str], weight_shape: tuple[int, ...]) -> str | None:
         """Why a module cannot be merged or applied onto a weight of this shape (None: it can)."""
         return None
 
@@ -152,7 +153,7 @@ class Lycoris(adaptools.AdapterMethod):
             target = locate(adapter, base, module, "weight", anchor)
             base_shape = tuple(base.find(target).shape)  # type: ignore[union-attr]
             shape = self.delta_shape(self._shapes(adapter, roles))
-            why = self.refusal(roles, base_shape)
+            why = self.layer_refusal(roles, base_shape)
             if why:
                 raise UnsupportedOperationError(f"cannot merge {module}: {why}", **adapter.where(anchor))
             if shape is None or not fits(shape, base_shape):
@@ -195,7 +196,7 @@ class Lycoris(adaptools.AdapterMethod):
         return plain_lora(template, factors, extra)
 
     def to_plain(self, adapter: Adapter, base: BaseInfo | None, read: Callable[[str], torch.Tensor] | None,
-                 initial: Adapter | None) -> Adapter:
+                 initial: Adapter | None, options: Mapping[str, Any] | None = None) -> Adapter:
         """The exact plain LoRA (``convert --to lora``; ``--rank``/``--energy`` then truncate it by SVD)."""
         return plain_lora(adapter, self.low_rank(adapter), full_tensors(adapter))
 
@@ -207,7 +208,7 @@ class Lycoris(adaptools.AdapterMethod):
         def install(module: str, roles: dict[str, str], layer: torch.nn.Module) -> list[Any]:
             if self.anchor(roles) is None:
                 return []
-            why = self.refusal(roles, tuple(layer.weight.shape))
+            why = self.layer_refusal(roles, tuple(layer.weight.shape))
             if why:
                 raise UnsupportedOperationError(f"cannot apply {module}: {why}", **adapter.where(self.anchor(roles)))
             delta = self.delta(self._tensors(adapter, roles), self.scaling(adapter.config, module))

@@ -179,7 +179,7 @@ class OFT(Orthogonal):
 
         return rotate
 
-    def refusal(self, adapter: Adapter, roles: Mapping[str, str]) -> str | None:
+    def module_refusal(self, adapter: Adapter, roles: Mapping[str, str]) -> str | None:
         if "oft_embedding_R" in roles:
             return "OFT on embedding layers is not supported yet"
         return None

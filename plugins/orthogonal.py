@@ -40,7 +40,7 @@ class Orthogonal(adaptools.AdapterMethod):
         """A per-output-row scale ``[out, 1]`` applied after the rotation (BOFT's ``boft_s``), or None."""
         return None
 
-    def refusal(self, adapter: Adapter, roles: Mapping[str, str]) -> str | None:
+    def module_refusal(self, adapter: Adapter, roles: Mapping[str, str]) -> str | None:
         """Why this module cannot be merged or applied (None: it can)."""
         return None
 
@@ -48,7 +48,7 @@ class Orthogonal(adaptools.AdapterMethod):
                weight: float = 1.0) -> int:
         """Refuse what cannot be done, naming why; return the layer's input size."""
         name = next(roles[r] for r in self.markers if r in roles)
-        why = self.refusal(adapter, roles)
+        why = self.module_refusal(adapter, roles)
         if why is None and len(weight_shape) != 2:
             why = CONV_REFUSAL
         if why is None and weight != 1.0:
