@@ -22,6 +22,12 @@ ENTRY_POINT_GROUP = "adaptools"
 
 DEFAULT_PLUGINS = (
     "adaptools_plugins.lora",
+    "adaptools_plugins.adalora",
+    "adaptools_plugins.loha",
+    "adaptools_plugins.lokr",
+    "adaptools_plugins.vera",
+    "adaptools_plugins.oft",
+    "adaptools_plugins.boft",
     "adaptools_plugins.prefix_tuning",
     "adaptools_plugins.prompt_tuning",
     "adaptools_plugins.bottleneck",

@@ -61,6 +61,7 @@ from .lora_config import (
 from .lora_legacy import enabled_blocks, merged_b, merged_out_features, merged_shapes_problem, portable_pattern_keys
 from .lora_lint import RULES, lint
 from .lora_runtime import applied
+from .peft_common import locate, matrix_layout, replacement_update
 
 __all__ = ["LoRA", "initial_factors", "is_targeted", "module_rank_alpha", "pattern_key", "scaling_for",
            "token_indices"]
@@ -213,7 +214,7 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         for module, roles in adapter.modules().items():
             for role, name in roles.items():
                 if role.startswith("replace_"):
-                    replace.append(self._replacement(adapter, base, module, role[len("replace_"):], name))
+                    replace.append(replacement_update(adapter, base, module, role[len("replace_"):], name))
             if "lora_A" in roles or "lora_embedding_A" in roles:
                 deltas.extend(self._delta_updates(adapter, base, module, roles, weight))
             if "trainable_tokens" in roles:
@@ -221,30 +222,7 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         return replace + deltas + tokens
 
     def _locate(self, adapter: Adapter, base: BaseInfo, module: str, param: str, tensor: str) -> str:
-        found = base.locate(module, param)
-        if found is None:
-            raise IncompatibleBaseError(
-                f"the adapter changes {module}.{param} but the base has no such tensor",
-                **adapter.where(tensor),
-                hint="the adapter was made for another model (check base_model_name_or_path)")
-        return found
-
-    def _replacement(self, adapter: Adapter, base: BaseInfo, module: str, param: str, name: str) -> TensorUpdate:
-        target = self._locate(adapter, base, module, param, name)
-        shape = adapter.info(name).shape
-        base_shape = base.find(target).shape  # type: ignore[union-attr]
-        if len(shape) != len(base_shape) or (shape[1:] != base_shape[1:]):
-            raise IncompatibleBaseError(f"replacement shape {list(shape)} does not fit base {list(base_shape)}",
-                                        **adapter.where(name))
-
-        def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-            return adapter.tensor(name).to(current.device).float()
-
-        # modules_to_save replaces one module's copy; a saved base layer (resized vocab) replaces the storage
-        # itself, which a tied lm_head shares. PEFT matches modules_to_save with a plain endswith (§1.3).
-        saved = [m for m in adapter.config.get("modules_to_save") or [] if module.endswith(m)]
-        kind = "replace_module" if saved else "replace"
-        return TensorUpdate(target, kind, fn, shape=shape if shape != base_shape else None, source=name)
+        return locate(adapter, base, module, param, tensor)
 
     def _delta_updates(self, adapter: Adapter, base: BaseInfo, module: str, roles: dict[str, str],
                        weight: float) -> list[TensorUpdate]:
@@ -274,13 +252,8 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
             layout = "conv"
             ok = len(base_shape) == len(a_shape) and base_shape[0] == b_shape[0] and base_shape[1] == a_shape[1]
         else:
-            out_in, in_out = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
-            if tuple(base_shape) == out_in and (out_in != in_out or not config.get("fan_in_fan_out")):
-                layout, ok = "linear", True
-            elif tuple(base_shape) == in_out:
-                layout, ok = "fan_in_fan_out", True
-            else:
-                layout, ok = "linear", False
+            found = matrix_layout(tuple(base_shape), b_shape[0], a_shape[1], bool(config.get("fan_in_fan_out")))
+            layout, ok = found or "linear", found is not None
         if not ok:
             raise IncompatibleBaseError(
                 f"LoRA factors {list(a_shape)} x {list(b_shape)} do not fit base {target} {list(base_shape)}",

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from adaptools import Adapter, IncompatibleBaseError
+from adaptools import Adapter
 
 from .lora_config import module_rank_alpha, scaling_for, token_indices
 from .lora_legacy import enabled_blocks, merged_b
+from .peft_common import find_module
 
 
 @contextmanager
@@ -23,15 +24,9 @@ def applied(adapter: Adapter, model: torch.nn.Module) -> Iterator[torch.nn.Modul
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     config = adapter.config
 
-    def find(module: str) -> torch.nn.Module:
-        for candidate in (module, module.partition(".")[2], f"model.{module}"):
-            if candidate in named:
-                return named[candidate]
-        raise IncompatibleBaseError(f"the model has no module {module}", path=adapter.source)
-
     try:
         for module_name, roles in adapter.modules().items():
-            layer = find(module_name)
+            layer = find_module(named, module_name, adapter)
             for role, tname in roles.items():
                 if role.startswith("replace_") or role == "trainable_tokens":
                     param = getattr(layer, role[len("replace_"):] if role != "trainable_tokens" else "weight")

@@ -1,4 +1,4 @@
-"""The LoRA method's unmerged runtime application gives PEFT's own forward (no peft import in the library)."""
+"""Each method's unmerged runtime application gives PEFT's own forward (no peft import in the library)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_apply_matches_peft_forward(name):
         model.resize_token_embeddings(RESIZED[name])
     before = logits(model)
     adapter = adaptools.load(adapter_path(name))
-    with adaptools.get_method("lora").apply(adapter, model):
+    with adaptools.get_method(adapter.method).apply(adapter, model):  # every PEFT method's fixtures
         got = logits(model)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, before, atol=1e-4), "the adapter had no effect: the test proves nothing"

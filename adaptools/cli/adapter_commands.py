@@ -64,14 +64,17 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.argument("out", type=click.Path())
 @click.option("--to", "to", default="schema", show_default=True,
               help="Output format (schema: one .safetensors; peft, adapterhub: a directory; gguf: a llama.cpp LoRA "
-                   "file, needs --base), or a method to "
-                   "convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on the original base).")
+                   "file, needs --base), or a method to convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on "
+                   "the original base; AdaLoRA, LoHa and LoKr adapters as plain LoRA).")
 @click.option("--base", help="With --to lora: the original base, to recompute the initial factors. With --to gguf: "
                              "the base the adapter is for (folder with config.json, or a .gguf), which gives the "
                              "architecture; reading a GGUF LoRA: its head counts, if the file lacks them.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
               help="With --to gguf: the adapter tensors' type (default f32).")
 @click.option("--initial", help="With --to lora: the adapter saved right after init (instead of --base).")
+@click.option("--rank", type=POSITIVE_INT, help="With --to METHOD: truncate each module to this rank by SVD.")
+@click.option("--energy", type=SHARE,
+              help="With --to METHOD: per module, the smallest rank keeping this share of ‖ΔW‖².")
 @click.option("--format", "out_format", default="peft", show_default=True,
               help="With --to METHOD: the output format (peft or schema).")
 @click.option("--bake-projection", "bake", is_flag=True,
@@ -80,7 +83,8 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @allow_pickle_option
 @json_option
 def convert(adapter: str, out: str, to: str, base: str | None, outtype: str | None, initial: str | None,
-            out_format: str, bake: bool, force: bool, allow_pickle: bool, json_: bool) -> None:
+            rank: int | None, energy: float | None, out_format: str, bake: bool, force: bool, allow_pickle: bool,
+            json_: bool) -> None:
     """Convert ADAPTER to another format, losslessly, and write it to OUT.
 
     The output is written beside OUT under a temporary name and renamed into
@@ -91,24 +95,30 @@ def convert(adapter: str, out: str, to: str, base: str | None, outtype: str | No
       adaptools convert ./my-lora my-lora.safetensors
       adaptools convert my-lora.safetensors ./my-lora-peft --to peft
       adaptools convert ./olora-trained ./plain-lora --to lora --base ./base
+      adaptools convert ./loha-adapter ./lora-r16 --to lora --rank 16
       adaptools convert ./prefix-checkpoint ./prefix --to peft --bake-projection
       adaptools convert ./adapterhub-adapter houlsby.safetensors
       adaptools convert ./my-lora my-lora.gguf --to gguf --base ./base --outtype f16
       adaptools convert my-lora.gguf ./my-lora-peft --to peft
     """
+    retained = None
     if to in registry.methods():
         from ..operations.convert import convert_method
 
-        path = convert_method(adapter, out, base=base, initial=initial, to_format=out_format, force=force,
-                              allow_pickle=allow_pickle)
+        path, retained = convert_method(adapter, out, base=base, initial=initial, to_format=out_format, force=force,
+                                        allow_pickle=allow_pickle, to_method=to, rank=rank, energy=energy)
     else:
+        if rank is not None or energy is not None:
+            raise click.UsageError("--rank and --energy go with --to METHOD (e.g. --to lora)")
         registry.get_format(to)  # unknown format: fail before reading anything
         path = convert_op(adapter, out, to=to, force=force, allow_pickle=allow_pickle, bake=bake, base=base,
                           outtype=outtype)
     if json_:
-        emit_json({"input": adapter, "output": str(path), "format": to})
+        emit_json({"input": adapter, "output": str(path), "format": to,
+                   **({"retained_energy": retained} if retained is not None else {})})
     else:
-        click.echo(f"wrote {path} ({to})")
+        worst = f", lowest retained energy {min(retained.values()):.1%}" if retained else ""
+        click.echo(f"wrote {path} ({to}{worst})")
 
 
 @cli.command()

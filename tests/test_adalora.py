@@ -1,0 +1,222 @@
+"""AdaLoRA against peft 0.21.2: merge, runtime application, conversion to plain LoRA, check rules, bad input.
+
+The fixtures cover full rank (llama-adalora), pruned ranks with a rank-0 module (llama-adalora-pruned:
+PEFT keeps ranknum = init_r) and GPT-2 Conv1D (gpt2-adalora). The generic suites (test_merge, test_roundtrip,
+test_lora_runtime, test_check) also run over them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import adapter_path, base_path
+from method_checks import (
+    assert_one_clear_line,
+    bf16_copy,
+    compare_apply,
+    compare_conv,
+    compare_merge,
+    conv_adapter,
+    conv_base,
+    edited,
+    merged_state,
+    with_unknown_role,
+)
+from peft_oracle import load_base, logits, peft_model
+
+import adaptools
+from adaptools.operations.algebra import diff
+from adaptools.operations.check import check
+from adaptools.operations.convert import convert_method
+from adaptools.operations.merge import MergeInput, merge
+
+FIXTURES = ["llama-adalora", "llama-adalora-pruned", "gpt2-adalora"]
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def bf16_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    return {arch: bf16_copy(base_path(arch), root / arch) for arch in ("llama", "gpt2")}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_bases, tmp_path):
+    arch = name.split("-")[0]
+    fp32 = compare_merge(base_path(arch), adapter_path(name), tmp_path / "fp32")
+    assert fp32["ulps"] == 0, fp32
+    bf16 = compare_merge(bf16_bases[arch], adapter_path(name), tmp_path / "bf16", torch.bfloat16)
+    if name != "llama-adalora-pruned":
+        assert bf16["ulps"] == 0, bf16
+        return
+    # PEFT quirk (docs/methods.md, AdaLoRA): resizing to the rank_pattern re-creates the factors in the base's
+    # dtype before the file is loaded, so on a bf16 base PEFT merges bf16-rounded factors. We keep the saved
+    # fp32 factors; the merged weights then differ by rounding only, and equal PEFT's bit for bit when the
+    # factors are rounded first.
+    assert 0 < bf16["max_abs"] <= 2.5e-4, bf16
+    rounded = edited(tmp_path, name, edit=lambda t: t.update({k: v.bfloat16().float() for k, v in t.items()}))
+    assert compare_merge(bf16_bases[arch], rounded, tmp_path / "rounded", torch.bfloat16)["ulps"] == 0
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_runtime_application_equals_peft_forward(name):
+    assert compare_apply(base_path(name.split("-")[0]), adapter_path(name)) == 0.0
+
+
+def test_ranknum_stays_init_r_after_pruning():
+    from adaptools_plugins.adalora import module_scales
+
+    adapter = adaptools.load(adapter_path("llama-adalora-pruned"))
+    assert module_scales(adapter.config, "model.layers.0.self_attn.q_proj") == (3, 12, 6.0)
+    assert module_scales(adapter.config, "model.layers.1.self_attn.k_proj") == (0, 12, 0.0)
+    assert adapter.info("model.layers.1.self_attn.k_proj.lora_A").shape == (0, 64)
+
+
+def test_conv2d_merge_and_application_equal_peft(tmp_path):
+    from peft import AdaLoraConfig
+
+    base = conv_base(tmp_path / "base")
+    config = AdaLoraConfig(init_r=3, lora_alpha=6, total_step=10, target_modules=["conv", "pointwise", "head"])
+    adapter = conv_adapter(base, config, tmp_path / "adapter")
+    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
+    assert merge_ulps == 0
+    assert apply_diff < 1e-6
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_convert_to_lora_is_exact_and_peft_loads_it(name, tmp_path):
+    arch = name.split("-")[0]
+    out, retained = convert_method(adapter_path(name), tmp_path / "lora", to_method="lora")
+    assert retained is None
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is False
+    lora = adaptools.load(out)
+    assert lora.method == "lora"
+    source = adaptools.load(adapter_path(name))
+    # the same ranks, module by module; E folded into A exactly (A ⊙ E is what PEFT computes too)
+    for module, roles in source.modules().items():
+        rank = source.info(roles["lora_A"]).shape[0]
+        if rank:
+            a = source.tensor(roles["lora_A"]) * source.tensor(roles["lora_E"])
+            assert torch.equal(lora.tensor(f"{module}.lora_A"), a)
+        else:
+            assert f"{module}.lora_A" not in lora.tensor_names()
+    expected = logits(peft_model(base_path(arch), adapter_path(name)))
+    got = logits(peft_model(base_path(arch), out))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # merged weights of the LoRA against PEFT's AdaLoRA merge: the scaling is folded into B, so the products
+    # round differently, by a few fp32 ulps of the delta
+    merge(base_path(arch), [MergeInput(lora)], tmp_path / "merged")
+    theirs = peft_model(base_path(arch), adapter_path(name)).merge_and_unload().state_dict()
+    original = load_base(base_path(arch)).state_dict()
+    for key, value in merged_state(tmp_path / "merged").items():
+        delta = (theirs[key] - original[key]).abs().max()
+        assert (value - theirs[key]).abs().max() <= 8 * torch.finfo(torch.float32).eps * max(delta, 1e-30), key
+
+
+def test_convert_to_lora_with_rank_reports_retained_energy(tmp_path, cli_runner):
+    result = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "r2", "--to", "lora", "--rank", "2",
+                        "--json")
+    assert result.exit_code == 0, result.output
+    retained = json.loads(result.stdout)["retained_energy"]
+    assert len(retained) == 6 and all(0 < v < 1 for v in retained.values())
+    assert adaptools.load(tmp_path / "r2").info("model.layers.0.self_attn.q_proj.lora_A").shape == (2, 64)
+    text = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "e", "--to", "lora", "--energy", "0.9")
+    assert text.exit_code == 0 and "lowest retained energy" in text.stdout
+    wrong = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "x", "--to", "peft", "--rank", "2")
+    assert wrong.exit_code == 2
+
+
+def test_convert_to_another_method_is_refused(tmp_path, cli_runner):
+    result = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "x", "--to", "prefix_tuning")
+    assert result.exit_code == 2 and "converts to 'lora'" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_diff_against_its_lora_form_is_rounding_only(tmp_path):
+    out, _ = convert_method(adapter_path("llama-adalora"), tmp_path / "lora", to_method="lora")
+    result = diff(adaptools.load(adapter_path("llama-adalora")), adaptools.load(out))
+    assert len(result.modules) == 6
+    assert all(m.relative < 1e-6 for m in result.modules)
+    same = diff(adaptools.load(adapter_path("llama-adalora")), adaptools.load(adapter_path("llama-adalora")))
+    assert all(m.difference == 0 for m in same.modules)
+
+
+def test_plugins_lists_adalora(cli_runner):
+    data = json.loads(cli_runner("plugins", "--json").stdout)
+    assert data["operations"]["adalora"] == ["algebra", "apply", "convert", "info", "merge"]
+
+
+def _set(key, fn):
+    def edit(t):
+        t[key] = fn(t[key])
+    return edit
+
+
+CORPUS = {
+    "ADALORA001": (lambda tmp: edited(tmp, "llama-adalora", {"init_r": "6"}), None),
+    "ADALORA002": (lambda tmp: with_unknown_role(tmp, "llama-adalora", "model.layers.0.self_attn.q_proj"), None),
+    "ADALORA003": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_A", lambda v: v.to(torch.int32))),
+                   None),
+    "ADALORA004": (lambda tmp: edited(tmp, "llama-adalora", edit=lambda t: t.pop(f"{Q0}.lora_E")), None),
+    "ADALORA005": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_E", lambda v: v[:4].contiguous())),
+                   None),
+    "ADALORA006": (lambda tmp: edited(tmp, "llama-adalora", {"init_r": 4}), None),
+    "ADALORA007": (lambda tmp: edited(tmp, "llama-adalora", {"target_modules": ["q_proj", "v_proj"]}), None),
+    "ADALORA008": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_B", lambda v: v / 0)), None),
+    "ADALORA009": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_E", torch.zeros_like)), None),
+    "ADALORA010": (lambda tmp: edited(tmp, "gpt2-adalora"), "llama"),
+    "ADALORA011": (lambda tmp: edited(tmp, "llama-adalora",
+                                      edit=_set(f"{Q0}.lora_A", lambda v: v[:, :32].contiguous())), "llama"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(CORPUS))
+def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
+    make, base = CORPUS[rule]
+    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
+    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
+    assert all(f.fix and f.message and f.path for f in report.findings)
+
+
+def test_pruned_rank_pattern_of_the_wrong_length_is_a_config_mismatch(tmp_path):
+    config = json.loads((adapter_path("llama-adalora-pruned") / "adapter_config.json").read_text())
+    pattern = config["rank_pattern"]
+    pattern["model.layers.0.self_attn.q_proj.lora_E"] = [True, False, True, False, True]
+    report = check(edited(tmp_path, "llama-adalora-pruned", {"rank_pattern": pattern}))
+    assert {f.rule for f in report.findings} == {"ADALORA006"}
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("lora_alpha is text", "lora_alpha is 'eight'"),
+    ("rank_pattern is not masks", "not a list of booleans"),
+    ("missing lora_E", "not lora_E"),
+    ("NaN in lora_A", "NaN/Inf"),
+    ("truncated weights", "adapter_model.safetensors"),
+])
+def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
+    def truncate(tmp):
+        out = edited(tmp, "llama-adalora")
+        f = out / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return out
+
+    make = {
+        "lora_alpha is text": lambda tmp: edited(tmp, "llama-adalora", {"lora_alpha": "eight"}),
+        "rank_pattern is not masks": lambda tmp: edited(tmp, "llama-adalora", {"rank_pattern": {"x.lora_E": 3}}),
+        "missing lora_E": lambda tmp: edited(tmp, "llama-adalora", edit=lambda t: t.pop(f"{Q0}.lora_E")),
+        "NaN in lora_A": lambda tmp: edited(tmp, "llama-adalora",
+                                            edit=_set(f"{Q0}.lora_A", lambda v: v.index_fill(0, torch.tensor([1]),
+                                                                                              float("nan")))),
+        "truncated weights": truncate,
+    }[case]
+    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+
+
+def test_merge_onto_the_wrong_base_is_refused_before_writing(tmp_path, cli_runner):
+    result = cli_runner("merge", base_path("gpt2"), adapter_path("llama-adalora"), tmp_path / "out",
+                        "--ignore-base-mismatch")
+    assert result.exit_code == 2 and "model.layers.0" in result.stderr
+    assert not (tmp_path / "out").exists()

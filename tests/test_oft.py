@@ -1,0 +1,185 @@
+"""OFT against peft 0.21.2: rotations (truncated series, exact Cayley, COFT, shared blocks), merge alone and
+stacked, runtime application, check rules, bad input. The generic suites (test_merge, test_roundtrip,
+test_lora_runtime, test_check) also run over the three fixtures."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import adapter_path, base_path
+from method_checks import (
+    assert_one_clear_line,
+    bf16_copy,
+    compare_apply,
+    compare_merge,
+    edited,
+    merged_state,
+    ulps,
+    with_unknown_role,
+)
+from peft_oracle import load_base, peft_model
+
+import adaptools
+from adaptools.operations.check import check
+from adaptools.operations.merge import MergeInput, merge
+
+FIXTURES = ["llama-oft", "llama-oft-coft", "llama-oft-shared"]
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory):
+    return bf16_copy(base_path("llama"), tmp_path_factory.mktemp("bf16") / "llama")
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_base, tmp_path):
+    fp32 = compare_merge(base_path("llama"), adapter_path(name), tmp_path / "fp32")
+    bf16 = compare_merge(bf16_base, adapter_path(name), tmp_path / "bf16", torch.bfloat16)
+    assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_runtime_application_equals_peft_forward(name):
+    assert compare_apply(base_path("llama"), adapter_path(name)) == 0.0
+
+
+def test_stacked_adapters_compose_in_order_as_peft_merges_them(tmp_path):
+    """Two rotations of q_proj: W R1ᵀ R2ᵀ, in the order given, as merge_and_unload(adapter_names=[...])."""
+    first, second = adapter_path("llama-oft"), adapter_path("llama-oft-shared")
+    merge(base_path("llama"), [MergeInput(adaptools.load(first)), MergeInput(adaptools.load(second))],
+          tmp_path / "out")
+    ours = merged_state(tmp_path / "out")
+    model = peft_model(base_path("llama"), first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.load_adapter(second, adapter_name="other")
+    theirs = model.merge_and_unload(adapter_names=["default", "other"]).state_dict()
+    assert max(ulps(v, theirs[k]) for k, v in ours.items()) == 0
+    merge(base_path("llama"), [MergeInput(adaptools.load(second)), MergeInput(adaptools.load(first))],
+          tmp_path / "reversed")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged_state(tmp_path / "reversed")[q], ours[q])  # rotations do not commute
+
+
+@pytest.mark.parametrize(("neumann", "terms"), [(True, 1), (True, 2), (True, 3), (True, 5), (True, 8), (False, 5)])
+def test_rotations_are_peft_s(neumann, terms):
+    from peft.tuners.oft.layer import OFTRotationModule
+
+    from adaptools_plugins.oft import cayley, project
+
+    gen = torch.Generator().manual_seed(terms)
+    module = OFTRotationModule(3, 28, 8, 24, coft=True, eps=1e-2)
+    vec = 0.1 * torch.randn(3, 28, generator=gen)
+    assert torch.equal(cayley(vec, 8, neumann, terms), module._cayley_batch(vec, 8, neumann, terms))
+    assert torch.equal(project(vec, 8, 1e-2), module._project_batch(vec, eps=1e-2))
+
+
+def test_block_size_adjustment_is_peft_s():
+    from peft.tuners.oft.layer import OFTLayer
+
+    from adaptools_plugins.oft import adjust
+
+    for n in range(2, 200):
+        for wanted in range(1, n + 3):
+            if n % wanted or wanted > n:
+                assert adjust(n, wanted) == OFTLayer.adjust_oft_parameters(None, n, wanted), (n, wanted)
+
+
+def test_weighted_merge_is_refused(tmp_path, cli_runner):
+    result = cli_runner("merge", base_path("llama"), adapter_path("llama-oft"), tmp_path / "out", "--weight", "0.5")
+    assert result.exit_code == 2 and "no weighted form" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_conv_and_embedding_layers_are_refused_with_the_reason(tmp_path):
+    from method_checks import conv_adapter, conv_base
+    from peft import OFTConfig
+
+    base = conv_base(tmp_path / "base")
+    adapter = conv_adapter(base, OFTConfig(oft_block_size=4, target_modules=["conv"]), tmp_path / "adapter")
+    with pytest.raises(adaptools.UnsupportedOperationError, match="conv layers are not supported"):
+        merge(base, [MergeInput(adaptools.load(adapter))], tmp_path / "out")
+    loaded = adaptools.load(adapter_path("llama-oft"))
+    tensors = {n: loaded.tensor(n) for n in loaded.tensor_names()}
+    tensors["model.embed_tokens.oft_embedding_R"] = torch.zeros(8, 28)
+    odd = adaptools.Adapter("oft", {**loaded.config, "target_modules": None}, adaptools.MemoryStore(tensors))
+    with pytest.raises(adaptools.UnsupportedOperationError, match="embedding"):
+        merge(base_path("llama"), [MergeInput(odd)], tmp_path / "out2")
+
+
+def test_plugins_lists_oft(cli_runner):
+    data = json.loads(cli_runner("plugins", "--json").stdout)
+    assert data["operations"]["oft"] == ["apply", "convert", "info", "merge"]
+
+
+def _set(key, fn):
+    def edit(t):
+        t[key] = fn(t[key])
+    return edit
+
+
+def _legacy(t):
+    t[f"{Q0}.oft_r"] = t.pop(f"{Q0}.oft_R.weight")
+
+
+CORPUS = {
+    "OFT001": (lambda tmp: edited(tmp, "llama-oft", {"coft": "no"}), None),
+    "OFT002": (lambda tmp: with_unknown_role(tmp, "llama-oft", "model.layers.0.self_attn.q_proj"), None),
+    "OFT003": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight",
+                                                              lambda v: (v * 100).to(torch.int16))), None),
+    "OFT004": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight", lambda v: v[:, :27].contiguous())),
+               None),
+    "OFT005": (lambda tmp: edited(tmp, "llama-oft", {"r": 8}), None),
+    "OFT006": (lambda tmp: edited(tmp, "llama-oft", {"oft_block_size": 16}), None),
+    "OFT007": (lambda tmp: edited(tmp, "llama-oft", {"target_modules": ["q_proj", "v_proj"]}), None),
+    "OFT008": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight", lambda v: v / 0)), None),
+    "OFT009": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight", torch.zeros_like)), None),
+    "OFT010": (lambda tmp: edited(tmp, "llama-oft"), "gpt2"),
+    "OFT011": (lambda tmp: edited(tmp, "llama-oft-shared", edit=_set(
+        f"{Q0}.oft_R.weight", lambda v: torch.zeros(1, 300) + 0.1)), "llama"),
+    "OFT012": (lambda tmp: edited(tmp, "llama-oft", edit=_legacy), None),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(CORPUS))
+def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
+    make, base = CORPUS[rule]
+    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
+    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
+    assert all(f.fix and f.message and f.path for f in report.findings)
+
+
+def test_shared_blocks_are_checked_against_the_base(tmp_path):
+    """With block_share only the base tells the layer's width: r = 2 is wrong for blocks of in/4."""
+    assert check(edited(tmp_path, "llama-oft-shared", {"r": 2})).findings == []
+    report = check(edited(tmp_path / "b", "llama-oft-shared", {"r": 2}), base=str(base_path("llama")))
+    assert {f.rule for f in report.findings} == {"OFT006"}
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("eps is text", "eps is 'small'"),
+    ("both r and block size", "r is 4 and oft_block_size is 8"),
+    ("not a triangle", "oft_R is [8, 27]"),
+    ("old checkpoint", "peft <= 0.15"),
+])
+def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
+    make = {
+        "eps is text": lambda tmp: edited(tmp, "llama-oft", {"eps": "small"}),
+        "both r and block size": lambda tmp: edited(tmp, "llama-oft", {"r": 4}),
+        "not a triangle": CORPUS["OFT004"][0],
+        "old checkpoint": CORPUS["OFT012"][0],
+    }[case]
+    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+
+
+def test_load_base_is_untouched_by_apply():
+    model = load_base(base_path("llama"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = adaptools.load(adapter_path("llama-oft-coft"))
+    with adaptools.get_method("oft").apply(adapter, model):
+        pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
