@@ -82,6 +82,7 @@ if TYPE_CHECKING:
         methods,
         validators,
     )
+    from .resolve import parse_hub_ref
     from .safetensors_io import (
         SafetensorsFile,
         SafetensorsWriter,
@@ -103,6 +104,7 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "parse_hub_ref": ".resolve",
     "Checkpoint": ".checkpoint",
     "check_output": ".outputs",
     "merge": ".engine",
@@ -199,6 +201,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "parse_hub_ref",
     "Checkpoint",
     "check_output",
     "merge",

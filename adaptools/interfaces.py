@@ -210,9 +210,17 @@ class AdapterFormat(ABC):
     def can_write(self) -> bool:
         return type(self).write is not AdapterFormat.write
 
+    #: File-level lint rules this format checks: id -> (severity, one-line title).
+    rules: ClassVar[dict[str, tuple[str, str]]] = {}
+
     @abstractmethod
     def detect(self, path: Path) -> bool:
         """True if ``path`` (file or directory) is in this format. Must be cheap and never raise."""
+
+    def lint(self, path: Path, adapter: Adapter | None, options: ReadOptions) -> list[Finding]:
+        """File-level findings for ``adaptools check``: called first with ``adapter=None`` (before anything is
+        read; an error finding ends the check there) and again with the adapter as read."""
+        return []
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         raise UnsupportedOperationError(f"format {self.name!r} cannot be read")

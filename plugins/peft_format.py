@@ -89,6 +89,25 @@ def peft_key(module: str, role: str, roles_to_suffix: dict[str, str], has_factor
     return f"{PREFIX}{module}.{roles_to_suffix[role]}"
 
 
+#: File-level rules of a PEFT adapter directory (``adaptools check``).
+FILE_RULES = {
+    "AT001": ("warning", "weights are (also) a pickle: adapter_model.bin can run code when loaded"),
+    "AT002": ("warning", "base_model_name_or_path is not recorded"),
+    "AT003": ("info", "the base revision is not pinned"),
+    "AT004": ("error", "weights only as a pickle: not inspected (pass --allow-pickle to read it)"),
+}
+FILE_FIXES = {
+    "AT001": "publish adapter_model.safetensors only",
+    "AT002": "set base_model_name_or_path in adapter_config.json",
+    "AT003": "set revision in adapter_config.json to the base's commit",
+    "AT004": "convert the weights to safetensors (adaptools convert --allow-pickle)",
+}
+
+
+def _finding(rule: str, message: str, file: Path, field: str | None = None) -> adaptools.Finding:
+    return adaptools.Finding(rule, FILE_RULES[rule][0], message, FILE_FIXES[rule], str(file), None, field)
+
+
 class PeftFormat(adaptools.AdapterFormat):
     name = "peft"
     description = "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)"
@@ -148,6 +167,26 @@ class PeftFormat(adaptools.AdapterFormat):
             return FileStore(mapping), shapes
         return MemoryStore({name: source[key] for name, (_, key) in mapping.items()}, str(pickle_path),
                            keys={name: key for name, (_, key) in mapping.items()}), shapes
+
+    rules = FILE_RULES
+
+    def lint(self, path: Path, adapter: Adapter | None, options: ReadOptions) -> list[adaptools.Finding]:
+        """Pickled weights (before reading), then an unrecorded or unpinned base (after)."""
+        if not path.is_dir():
+            return []
+        config = path / CONFIG
+        if adapter is None:
+            if not (path / PICKLE).exists():
+                return []
+            if (path / WEIGHTS).exists() or options.allow_pickle:
+                return [_finding("AT001", f"{PICKLE} is present", path / PICKLE)]
+            return [_finding("AT004", f"only {PICKLE} holds the weights", path / PICKLE)]
+        if not adapter.base.name:
+            return [_finding("AT002", "base_model_name_or_path is null", config, "base_model_name_or_path")]
+        name = adapter.base.name
+        if not adapter.base.revision and adaptools.parse_hub_ref(name) and not Path(name).exists():
+            return [_finding("AT003", "revision is null", config, "revision")]
+        return []
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         method = adaptools.get_method(adapter.method)

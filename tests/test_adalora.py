@@ -91,7 +91,7 @@ def test_convert_to_lora_is_exact_and_peft_loads_it(name, tmp_path):
     out, retained = convert_method(adapter_path(name), tmp_path / "lora", to_method="lora")
     assert retained is None
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["use_rslora"] is False
+    assert config["peft_type"] == "LORA" and config.get("use_rslora", False) is False
     lora = adaptools.load(out)
     assert lora.method == "lora"
     source = adaptools.load(adapter_path(name))
@@ -146,7 +146,7 @@ def test_diff_against_its_lora_form_is_rounding_only(tmp_path):
 
 def test_plugins_lists_adalora(cli_runner):
     data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["adalora"] == ["algebra", "apply", "convert", "info", "merge"]
+    assert data["operations"]["adalora"] == ["algebra", "apply", "convert", "info", "merge", "plain"]
 
 
 def _set(key, fn):

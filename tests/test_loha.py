@@ -99,7 +99,7 @@ def test_diff_is_exact_from_factors():
 
 def test_plugins_lists_loha(cli_runner):
     data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["loha"] == ["algebra", "apply", "convert", "info", "merge"]
+    assert data["operations"]["loha"] == ["algebra", "apply", "convert", "info", "merge", "plain"]
 
 
 def _set(key, fn):

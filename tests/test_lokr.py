@@ -118,7 +118,7 @@ def test_convert_to_lora_exact_and_truncated(tmp_path, cli_runner):
 
 def test_plugins_lists_lokr(cli_runner):
     data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["lokr"] == ["algebra", "apply", "convert", "info", "merge"]
+    assert data["operations"]["lokr"] == ["algebra", "apply", "convert", "info", "merge", "plain"]
 
 
 def _set(key, fn):

@@ -160,3 +160,134 @@ def test_plugins_command_lists_builtins_and_operations(cli_runner):
     data = json.loads(cli_runner("plugins", "--json").stdout)
     assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "init", "merge", "plain"]
     assert data["operations"]["prefix_tuning"] == ["apply", "bake", "convert", "info"]
+
+
+# --- the v2 contract: what a plugin claims is checked at load ------------------------------------------
+
+
+def _register_method(obj_factory, name="contract-test"):
+    class Plugin:
+        @adaptools.hookimpl
+        def register_methods(self, register):
+            register(obj_factory())
+
+    pm.register(Plugin(), name=name)
+    return name
+
+
+def test_a_method_claiming_an_operation_it_lacks_is_refused_at_load_naming_the_plugin(cli_runner):
+    class Claims(adaptools.AdapterMethod):
+        name = "claims"
+        operations = frozenset({"info", "convert", "merge"})  # but no merge_updates
+
+    name = _register_method(Claims)
+    try:
+        with pytest.raises(adaptools.PluginContractError, match="contract-test.*lists merge.*does not implement"):
+            registry.methods()
+        result = cli_runner("plugins")
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.count("\n") == 1 and "contract-test" in result.stderr
+    finally:
+        pm.unregister(name=name)
+
+
+def test_a_method_implementing_an_unlisted_operation_is_refused_too():
+    class Hides(adaptools.AdapterMethod, adaptools.Mergeable):
+        name = "hides"
+        operations = frozenset({"info", "convert"})
+
+        def merge_updates(self, adapter, base, weight=1.0):
+            return []
+
+    name = _register_method(Hides)
+    try:
+        with pytest.raises(adaptools.PluginContractError, match="implements merge but its `operations`"):
+            registry.methods()
+    finally:
+        pm.unregister(name=name)
+
+
+def test_operations_are_derived_from_capabilities():
+    class Both(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.RuntimeApplicable):
+        name = "both"
+
+        def merge_updates(self, adapter, base, weight=1.0):
+            return []
+
+        def apply(self, adapter, model):
+            raise NotImplementedError
+
+    assert Both().operations == {"info", "convert", "merge", "apply"}
+    with pytest.raises(TypeError):  # a capability left abstract cannot even be made
+        type("Half", (adaptools.AdapterMethod, adaptools.LowRankAlgebra), {"name": "half",
+             "low_rank": lambda self, a: {}})()
+
+
+def test_a_plugin_that_breaks_inside_its_hook_is_named():
+    name = _register_method(lambda: 1 / 0, name="broken-plugin")
+    try:
+        with pytest.raises(adaptools.PluginContractError, match="broken-plugin failed in register_methods"):
+            registry.methods()
+    finally:
+        pm.unregister(name=name)
+
+
+def test_update_kinds_and_severities_are_checked_when_made():
+    with pytest.raises(adaptools.PluginContractError, match="kind 'detla'"):
+        adaptools.TensorUpdate("w", "detla", lambda c, o: c)
+    with pytest.raises(adaptools.PluginContractError, match="severity 'fatal'"):
+        adaptools.Finding("X001", "fatal", "m", "f")
+    assert adaptools.TensorUpdate("w", "delta", lambda c, o: c).kind is adaptools.UpdateKind.DELTA
+
+
+def test_the_registry_is_built_once_and_follows_the_plugin_set():
+    assert adaptools.get_method("lora") is adaptools.get_method("lora")
+    before = set(registry.methods())
+
+    class Extra(adaptools.AdapterMethod):
+        name = "extra-method"
+
+    name = _register_method(Extra, name="extra-plugin")
+    try:
+        assert set(registry.methods()) == before | {"extra-method"}
+    finally:
+        pm.unregister(name=name)
+    assert set(registry.methods()) == before
+
+
+def test_tracing_shows_every_register_hook_call():
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "adaptools", "plugins"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "ADAPTOOLS_TRACE_PLUGINS": "1",
+                                 "ADAPTOOLS_LOAD_PLUGINS": ""})
+    assert result.returncode == 0, result.stderr
+    for hook in ("register_methods", "register_formats", "register_backends", "register_validators"):
+        assert f"hook {hook} -> ['adaptools_plugins." in result.stderr, hook
+
+
+def test_core_names_no_plugin():
+    """The core dispatches on no plugin's name: no code token and no whole string literal in adaptools/ is a
+    built-in plugin's method, format, backend or validator name (prose in help texts may mention them)."""
+    import ast
+    import io
+    import tokenize
+
+    from adaptools.dtypes import FLOAT_TYPES
+
+    names = {*registry.methods(), *registry.formats(), *registry.backends(), *registry.validators(),
+             "olora", "pissa", "bitsandbytes"} - {"schema"}  # the schema format is the core's own
+    names -= {t.short for t in FLOAT_TYPES}  # dense backends are named after the core's own dtype table
+    core = Path(adaptools.__file__).parent
+    offenders = []
+    for path in sorted(core.rglob("*.py")):
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            value = None
+            if token.type == tokenize.STRING:  # dispatch on a name is a string literal compared or looked up
+                try:
+                    value = ast.literal_eval(token.string)
+                except (ValueError, SyntaxError):
+                    continue
+            if isinstance(value, str) and value.lower() in names:
+                offenders.append(f"{path.relative_to(core)}:{token.start[0]}: {token.line.strip()}")
+    assert offenders == []

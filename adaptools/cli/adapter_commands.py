@@ -69,14 +69,14 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.option("--base", help="With --to lora: the original base, to recompute the initial factors. With --to gguf: "
                              "the base the adapter is for (folder with config.json, or a .gguf), which gives the "
                              "architecture; reading a GGUF LoRA: its head counts, if the file lacks them.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
-              help="With --to gguf: the adapter tensors' type (default f32).")
+@click.option("--outtype", help="For formats that store several types: the tensors' type (gguf: f32, f16, bf16 or "
+                                "q8_0; default f32).")
 @click.option("--initial", help="With --to lora: the adapter saved right after init (instead of --base).")
 @click.option("--rank", type=POSITIVE_INT, help="With --to METHOD: truncate each module to this rank by SVD.")
 @click.option("--energy", type=SHARE,
               help="With --to METHOD: per module, the smallest rank keeping this share of ‖ΔW‖².")
-@click.option("--format", "out_format", default="peft", show_default=True,
-              help="With --to METHOD: the output format (peft or schema).")
+@click.option("--format", "out_format",
+              help="With --to METHOD: the output format (default: the format ADAPTER was read from).")
 @click.option("--bake-projection", "bake", is_flag=True,
               help="Prefix tuning: evaluate a stored projection MLP once into the plain prefix PEFT saves.")
 @force_option

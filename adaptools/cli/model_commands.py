@@ -14,8 +14,8 @@ from ..adapter_io import load
 from ..checkpoint import Checkpoint
 from ..engine import MergeEvent, MergeInput, MergeOptions, MergeSummary, QuantizeOptions, execute
 from ..engine import plan as plan_merge
+from ..engine.plan import quantizing_backends
 from ..errors import CheckFailedError, InputError
-from ..interfaces import Backend
 from ..outputs import check_output
 from .checks import check_options, check_requests
 from .group import _fmt_bytes, cli, emit_json
@@ -250,13 +250,12 @@ def quantize_options_of(base: str) -> QuantizeOptions:
 
 
 class QuantType(click.ParamType):
-    """A registered backend that can quantize dense weights (nf4, fp4, ...)."""
+    """A registered backend that can quantize dense weights (see `adaptools plugins`)."""
 
     name = "quant_type"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        names = sorted(n for n, e in registry.backends().items()
-                       if type(e.obj).quantize_settings is not Backend.quantize_settings)
+        names = quantizing_backends()
         if value not in names:
             self.fail(f"{value!r} is not one of {', '.join(names)}", param, ctx)
         return str(value)
@@ -265,8 +264,8 @@ class QuantType(click.ParamType):
 @cli.command()
 @click.argument("dense")
 @click.argument("out", type=click.Path())
-@click.option("--quant-type", type=QuantType(), default="nf4", show_default=True,
-              help="A backend that quantizes (see `adaptools plugins`).")
+@click.option("--quant-type", type=QuantType(),
+              help="The backend that quantizes (default: the first installed that can; see `adaptools plugins`).")
 @click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
               default="64", show_default=True, help="Elements per absmax block (transformers always uses 64).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
@@ -275,7 +274,7 @@ class QuantType(click.ParamType):
               "lm_head, embeddings and norms, which always stay dense).")
 @force_option
 @json_option
-def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_quant: bool, skip_modules: str,
+def requantize(dense: str, out: str, quant_type: str | None, blocksize: str, double_quant: bool, skip_modules: str,
                force: bool, json_: bool) -> None:
     """Quantize a dense checkpoint as transformers would (bitsandbytes NF4/FP4 by default).
 
@@ -289,7 +288,7 @@ def requantize(dense: str, out: str, quant_type: str, blocksize: str, double_qua
       adaptools requantize ./merged-bf16 ./merged-nf4
     """
     check_output(out, force, [dense])
-    quantize = QuantizeOptions(quant_type=quant_type, blocksize=int(blocksize), double_quant=double_quant,
+    quantize = QuantizeOptions(quant_type=quant_type or "", blocksize=int(blocksize), double_quant=double_quant,
                                skip_modules=tuple(filter(None, (m.strip() for m in skip_modules.split(",")))))
     options = MergeOptions(force=force, quantize=quantize, operation="requantize", command=command_line())
     _report(_run(dense, [], out, options, "quantizing", json_), json_)

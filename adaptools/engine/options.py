@@ -35,9 +35,10 @@ class MergeInput:
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """Settings for turning dense weights into quantized ones (``adaptools requantize``)."""
+    """Settings for turning dense weights into quantized ones (``adaptools requantize``). ``quant_type`` names
+    the backend that quantizes; empty: the first registered backend that can."""
 
-    quant_type: str = "nf4"
+    quant_type: str = ""
     blocksize: int = 64
     double_quant: bool = True
     skip_modules: tuple[str, ...] = ()

@@ -267,10 +267,27 @@ def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, G
         return {param: GroupOutput(backend, backend.group_settings(param, checkpoint.read_small))
                 for param, (backend, _) in checkpoint.groups.items()}
     if options.quantize is not None:
-        backend = registry.get_backend(options.quantize.quant_type)
+        backend = quantizing_backend(options.quantize.quant_type)
         return {name: GroupOutput(backend, settings)
                 for name, settings in quantize_targets(checkpoint, backend, options.quantize).items()}
     return {}
+
+
+def quantizing_backends() -> list[str]:
+    """The registered backends that can quantize dense weights, in registration order."""
+    return [n for n, e in registry.backends().items() if type(e.obj).quantize_settings is not Backend.quantize_settings]
+
+
+def quantizing_backend(name: str) -> Backend:
+    """The backend ``name`` (empty: the first that can quantize), refusing one that cannot."""
+    names = quantizing_backends()
+    if not name:
+        if not names:
+            raise InputError("no installed backend can quantize dense weights")
+        name = names[0]
+    if name not in names:
+        raise InputError(f"backend {name!r} cannot quantize dense weights", hint=f"use one of {', '.join(names)}")
+    return registry.get_backend(name)
 
 
 def _entry(name: str, source: str, chain: tuple[TensorUpdate, ...], checkpoint: Checkpoint, backends: _Backends,

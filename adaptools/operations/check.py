@@ -15,26 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..adapter_io import ADAPTER_FILE_PATTERNS, load
+from ..adapter_io import ADAPTER_FILE_PATTERNS, detect_format, load
 from ..checkpoint import CONFIG_SCHEMA, Checkpoint
 from ..errors import InputError, printable
-from ..interfaces import SEVERITIES, BaseInfo, BaseTensor, Finding
+from ..interfaces import SEVERITIES, BaseInfo, BaseTensor, Finding, ReadOptions
 from ..jsonio import read_json
 from ..resolve import parse_hub_ref, resolve
 from ..version import __version__
 
-FILE_RULES = {
-    "AT001": ("warning", "weights are (also) a pickle: adapter_model.bin can run code when loaded"),
-    "AT002": ("warning", "base_model_name_or_path is not recorded"),
-    "AT003": ("info", "the base revision is not pinned"),
-    "AT004": ("error", "weights only as a pickle: not inspected (pass --allow-pickle to read it)"),
-}
-FILE_FIXES = {
-    "AT001": "publish adapter_model.safetensors only",
-    "AT002": "set base_model_name_or_path in adapter_config.json",
-    "AT003": "set revision in adapter_config.json to the base's commit",
-    "AT004": "convert the weights to safetensors (adaptools convert --allow-pickle)",
-}
 SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 
 
@@ -82,25 +70,16 @@ def check(ref: str | os.PathLike[str], *, base: str | None = None, allow_pickle:
     path = resolve(ref, allow_patterns=ADAPTER_FILE_PATTERNS, what="adapter")
     if path.is_file() and path.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
         path = path.parent
-    report = CheckReport(adapter=str(path), method=None, rules=dict(FILE_RULES))
-
-    def add(rule: str, message: str, file: Path | str, field_: str | None = None) -> None:
-        report.findings.append(Finding(rule, FILE_RULES[rule][0], message, FILE_FIXES[rule], str(file), None, field_))
-
-    config_file = path / "adapter_config.json" if path.is_dir() else None
-    if config_file is not None and (path / "adapter_model.bin").exists():
-        if (path / "adapter_model.safetensors").exists() or allow_pickle:
-            add("AT001", "adapter_model.bin is present", path / "adapter_model.bin")
-        else:
-            add("AT004", "only adapter_model.bin holds the weights", path / "adapter_model.bin")
-            return report
+    fmt = registry.get_format(detect_format(path))
+    report = CheckReport(adapter=str(path), method=None, rules=dict(fmt.rules))
+    options = ReadOptions(allow_pickle=allow_pickle, validate=False, base=base)
+    # The format's own file-level rules first; an error there (weights it may not read) ends the check.
+    report.findings.extend(fmt.lint(path, None, options))
+    if any(f.severity == "error" for f in report.findings):
+        return report
     adapter = load(path, allow_pickle=allow_pickle, validate=False, base=base)
     report.method = adapter.method
-    if config_file is not None and adapter.read_format == "peft":
-        if not adapter.base.name:
-            add("AT002", "base_model_name_or_path is null", config_file, "base_model_name_or_path")
-        elif not adapter.base.revision and parse_hub_ref(adapter.base.name) and not Path(adapter.base.name).exists():
-            add("AT003", "revision is null", config_file, "revision")
+    report.findings.extend(fmt.lint(path, adapter, options))
     method = registry.get_method(adapter.method)
     report.rules.update(method.rules)
     report.findings.extend(method.lint(adapter, base_info(base) if base else None, check_values=True))

@@ -36,7 +36,7 @@ def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
 
 
 def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, base: str | None = None,
-                   initial: str | None = None, to_format: str = "peft", force: bool = False,
+                   initial: str | None = None, to_format: str | None = None, force: bool = False,
                    allow_pickle: bool = False, to_method: str | None = None, rank: int | None = None,
                    energy: float | None = None) -> tuple[Path, dict[str, float] | None]:
     """Write ``ref`` in its method's plain form (OLoRA/PiSSA -> LoRA of rank 2r on the original base; AdaLoRA,
@@ -63,5 +63,5 @@ def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     retained = None
     if rank is not None or energy is not None:
         plain, retained = resize(plain, rank=rank, energy=energy)
-    return save(plain, out, format=to_format, force=force), retained
+    return save(plain, out, format=to_format or adapter.read_format or "schema", force=force), retained
 

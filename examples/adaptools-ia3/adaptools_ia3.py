@@ -1,6 +1,6 @@
 """IA3 for adaptools, packaged as any third party would: one module, one entry point, public API only.
 
-IA3 learns one vector per adapted module, ``ia3_l``, that rescales the layer (peft-format.md §5):
+IA3 learns one vector per adapted module, ``ia3_l``, that rescales the layer (docs/peft.md in the adaptools repository):
 attention-type modules scale output rows (``[out, 1]``, and the bias with them), modules listed in
 ``feedforward_modules`` scale input columns (``[1, in]``). Merging multiplies the weight by the vector,
 which is exact against PEFT's ``merge_and_unload``.
@@ -13,10 +13,9 @@ from typing import Any
 import adaptools
 
 
-class IA3(adaptools.AdapterMethod):
+class IA3(adaptools.AdapterMethod, adaptools.Mergeable):
     name = "ia3"
     description = "IA3: learned per-channel rescaling vectors (PEFT IA3)"
-    operations = frozenset({"info", "convert", "merge"})
     roles = ("ia3_l",)
     peft_types = ("IA3",)
     peft_roles = {"ia3_l": "ia3_l"}
