@@ -11,16 +11,14 @@ import torch
 import adaptools
 from adaptools import BaseTensor
 
-DTYPES = {"fp32": ("F32", torch.float32), "fp16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16)}
-
 
 class Dense(adaptools.Backend):
     elementwise = True
 
-    def __init__(self, name: str):
-        self.name = name  # type: ignore[misc]
-        self.code, self.dtype = DTYPES[name]
-        self.description = f"dense {name} tensors"  # type: ignore[misc]
+    def __init__(self, kind: adaptools.FloatType):
+        self.name = kind.short  # type: ignore[misc]
+        self.code, self.dtype = kind.code, kind.torch
+        self.description = f"dense {kind.short} tensors"  # type: ignore[misc]
 
     def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
         return tensor.dtype == self.code
@@ -34,5 +32,5 @@ class Dense(adaptools.Backend):
 
 @adaptools.hookimpl
 def register_backends(register: Any) -> None:
-    for name in DTYPES:
-        register(Dense(name))
+    for kind in adaptools.FLOAT_TYPES:
+        register(Dense(kind))

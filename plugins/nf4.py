@@ -45,7 +45,8 @@ FP4_ORDER = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 STATE_PREFIX = "quant_state.bitsandbytes__"
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: The dense dtypes a quant state names, by its name for them (``"bfloat16"``).
+DTYPE_NAMES = {t.config: t.torch for t in adaptools.FLOAT_TYPES}
 THREADS = max(1, min(4, os.cpu_count() or 1))
 #: The JSON blob ``quant_state.bitsandbytes__<type>`` as bitsandbytes writes it (docs/input-validation.md).
 STATE_SCHEMA = {
@@ -145,12 +146,21 @@ def quantize_nested(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(-1)[:n].contiguous(), absmax
 
 
-def _load_native() -> Any:
-    here = Path(__file__).resolve().parent
+#: The kernel library's interface version (``adaptools_nf4_abi`` in csrc/nf4_kernels.c).
+NATIVE_ABI = 2
+
+
+def _load_native(here: Path | None = None) -> Any:
+    """The kernel library beside this module (or in ``here``), if one of the right interface loads."""
+    here = here or Path(__file__).resolve().parent
     for path in sorted(here.glob("_nf4_kernels*.so")) + sorted(here.glob("_nf4_kernels*.pyd")):
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError:
+            lib.adaptools_nf4_abi.restype = ctypes.c_int
+            if lib.adaptools_nf4_abi() != NATIVE_ABI:
+                continue  # built from other sources: never call it with the wrong arguments
+            lib.adaptools_nf4_isa.restype = ctypes.c_int
+        except (OSError, AttributeError):
             continue
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         c_int = ctypes.c_int
@@ -429,6 +439,13 @@ class FourBit(adaptools.Backend):
         self.quant_type = quant_type
         self.description = f"bitsandbytes {quant_type.upper()} 4-bit weights (decode and byte-exact encode)"  # type: ignore[misc]
 
+    @property
+    def implementation(self) -> str:
+        if NATIVE is None:
+            return ("torch fallback (no native kernel: quantizing is about 10x slower; reinstall with a C "
+                    "compiler)")
+        return f"native kernel ({'avx2' if NATIVE.adaptools_nf4_isa() == 2 else 'baseline'})"
+
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
         """``P.weight`` -> its companion tensors, for every parameter stored in this quant type."""
         groups = {}
@@ -468,7 +485,7 @@ class FourBit(adaptools.Backend):
     def quantize_settings(self, tensor: BaseTensor, options: Any) -> dict[str, Any]:
         """transformers' settings for a dense weight: the options' blocksize and double quantization,
         the weight's own dtype as the state's dtype, uint8 storage."""
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[tensor.dtype]
+        dtype = next(t.torch for t in adaptools.FLOAT_TYPES if t.code == tensor.dtype)
         return {"blocksize": options.blocksize, "double_quant": options.double_quant, "dtype": dtype,
                 "storage": torch.uint8}
 

@@ -69,3 +69,60 @@ def test_installed_wheel_loads_builtins_and_entry_point_plugin(fresh_env, tmp_pa
     info = run(env_dir / "bin" / "adaptools", "info", ROOT / "fixtures" / "adapters" / "llama-lora", env=env,
                cwd=tmp_path)
     assert "method: lora" in info.stdout
+
+
+def _clean_copy(dest: Path) -> Path:
+    """The tracked sources alone (a build/ folder from an earlier build would hide a compiler's absence)."""
+    import shutil
+
+    files = run("git", "ls-files", cwd=ROOT).stdout.split()
+    for name in files:
+        if name.startswith(("fixtures/", "tests/", "benchmarks/")):
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    return dest
+
+
+def test_a_build_without_a_compiler_fails_loudly(tmp_path):
+    source = _clean_copy(tmp_path / "src")
+    env = {**os.environ, "CC": "/bin/false", "LDSHARED": "/bin/false"}
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                             str(tmp_path / "dist"), str(source)], capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert not list((tmp_path / "dist").glob("*.whl"))
+
+
+def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
+    env = {**os.environ, "ADAPTOOLS_NO_NATIVE": "1"}
+    source = _clean_copy(tmp_path / "src")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source,
+        env=env)
+    (wheel,) = (tmp_path / "dist").glob("adaptools-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    import zipfile
+
+    assert not any("_nf4_kernels" in n for n in zipfile.ZipFile(wheel).namelist())
+
+
+def test_plugins_says_which_nf4_code_runs():
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
+    assert json.loads(out)["backends"]["nf4"].startswith("native kernel (")
+    env = {**os.environ, "ADAPTOOLS_NF4_PURE_TORCH": "1"}
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
+    assert json.loads(out)["backends"]["nf4"].startswith("torch fallback")
+
+
+def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
+    import shutil
+
+    from adaptools_plugins import nf4
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "k.c"
+    src.write_text("int adaptools_nf4_abi(void) { return 999; }\nint adaptools_nf4_isa(void) { return 0; }\n")
+    run("cc", "-shared", "-fPIC", "-o", tmp_path / "_nf4_kernels.so", src)
+    assert nf4._load_native(tmp_path) is None
+    assert nf4._load_native() is not None

@@ -30,10 +30,12 @@ def plugins(json_: bool) -> None:
         name = pm.get_name(plugin) or repr(plugin)
         rows.setdefault(name, {"name": name, "distribution": None, "version": None, "methods": [],
                                "formats": [], "backends": [], "validators": []})
+    implementations = {name: e.obj.implementation for name, e in kinds["backends"].items()}
     matrix = {name: sorted(e.obj.operations) for name, e in kinds["methods"].items()}
     conditional = {name: dict(e.obj.conditional) for name, e in kinds["methods"].items() if e.obj.conditional}
     if json_:
-        emit_json({"plugins": list(rows.values()), "operations": matrix, "conditional": conditional})
+        emit_json({"plugins": list(rows.values()), "operations": matrix, "conditional": conditional,
+                   "backends": implementations})
         return
     for row in rows.values():
         dist = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else "-"
@@ -48,3 +50,7 @@ def plugins(json_: bool) -> None:
     for name, ops in conditional.items():
         for op, when in ops.items():
             click.echo(f"  {name} {op}: {when}")
+    click.echo("")
+    for name, how in implementations.items():
+        if how != "python":
+            click.echo(f"backend {name}: {how}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
+from ..safetensors_io import DTYPES
 from ..schema import Adapter
 
 
@@ -21,7 +22,7 @@ def describe(adapter: Adapter) -> dict[str, Any]:
             numel *= d
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
         tensors.append({"name": name, "dtype": info.dtype, "shape": list(info.shape)})
-        total_bytes += numel * {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(info.dtype, 1)
+        total_bytes += numel * (DTYPES[info.dtype][1] if info.dtype in DTYPES else 1)
     return {
         "source": adapter.source,
         "format": adapter.read_format,

@@ -125,3 +125,17 @@ void adaptools_dequantize_4bit(const uint8_t *packed, const float *absmax, const
         }
     }
 }
+
+/* The interface version the Python side expects (adaptools_plugins/nf4.py NATIVE_ABI): a library built
+ * from other sources is refused at load, not called with the wrong arguments. */
+int adaptools_nf4_abi(void) { return 2; }
+
+/* Which clone the loader picked: 2 for AVX2, 0 for the baseline (for `adaptools plugins`). */
+int adaptools_nf4_isa(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 2 : 0;
+#else
+    return 0;
+#endif
+}
