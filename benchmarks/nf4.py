@@ -76,7 +76,7 @@ def merge_base_table(weight: float) -> None:
     def run(model):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False  # nf4-format §6.1
+                module.support_avx512bf16_for_cpu = False  # docs/nf4.md, "Weight repacking in the CPU forward"
         with torch.no_grad():
             return model(input_ids=ids).logits.float().log_softmax(-1)
 

@@ -1,5 +1,6 @@
 """Dense backends: weights stored as plain fp32, fp16 or bf16 tensors. Decoding is a cast to fp32; encoding
-rounds once to the stored dtype, which is what makes a merge bit-exact against PEFT (peft-format.md §3.2)."""
+rounds once to the stored dtype, which is what makes a merge bit-exact against PEFT
+(docs/peft.md, "Linear layers and precision")."""
 
 from __future__ import annotations
 

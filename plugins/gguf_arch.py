@@ -1,5 +1,6 @@
 """What a GGUF file needs to know about a model architecture: HF names <-> GGUF names, the Q/K row
-order llama.cpp's converter uses, Conv1D orientation, head counts, tied embeddings (docs/gguf.md §3, §4).
+order llama.cpp's converter uses, Conv1D orientation, head counts, tied embeddings (docs/gguf.md, "Names, row
+order and orientation per architecture" and "Exact scales with one alpha").
 
 Names go through gguf-py's own tensor-name map (``gguf.get_tensor_name_map``), so every spelling it knows
 maps; the only table kept here is, per architecture family, which Hugging Face classes it covers, whether
@@ -30,7 +31,8 @@ _LLAMA_LIKE = ("model.embed_tokens", "lm_head", "model.layers.{bid}.self_attn.q_
 
 @dataclass(frozen=True)
 class Family:
-    """One GGUF architecture as llama.cpp's converter writes it (docs/gguf.md §3)."""
+    """One GGUF architecture as llama.cpp's converter writes it (docs/gguf.md, "Names, row order and orientation
+    per architecture")."""
 
     arch: str  # general.architecture
     hf_architectures: tuple[str, ...]  # config.json "architectures" it covers

@@ -3,7 +3,7 @@
 gguf-py (llama.cpp's own Python library) does the parsing and the (de)quantization; this module only turns
 its failures on a hostile or truncated file into one :class:`adaptools.InputError`, checks metadata types the
 way llama.cpp checks them, and gives the numpy layout (``ReaderTensor.shape`` is ggml's ``ne``, fastest
-dimension first; the arrays here are always in numpy order, docs/gguf.md §1).
+dimension first; the arrays here are always in numpy order, docs/gguf.md, "The file").
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 Writing (``convert ADAPTER OUT.gguf --to gguf --base BASE [--outtype ...]``): a PEFT LoRA becomes
 ``blk.N.<tensor>.weight.lora_a/.lora_b`` pairs with one file-wide ``adapter.lora.alpha``. llama.cpp scales
 each pair by ``alpha / rank``; PEFT's own scale (rank/alpha patterns, rsLoRA) is folded into ``lora_b`` so
-every module comes out exact (docs/gguf.md §4). What a GGUF LoRA cannot hold (DoRA, modules_to_save,
-lora_bias, trainable tokens, conv) is refused before anything is written.
+every module comes out exact (docs/gguf.md, "Exact scales with one alpha"). What a GGUF LoRA cannot hold
+(DoRA, modules_to_save, lora_bias, trainable tokens, conv) is refused before anything is written.
 
 Reading: a GGUF LoRA (ours, or llama.cpp's ``convert_lora_to_gguf.py``'s) becomes a plain PEFT LoRA: names
 mapped back through gguf-py's tensor map, Q/K rows put back in HF order, ``alpha / rank`` per module kept
-exactly with ``lora_alpha`` and a ``rank_pattern`` (docs/gguf.md §5).
+exactly with ``lora_alpha`` and a ``rank_pattern`` (docs/gguf.md, "Reading a GGUF LoRA back").
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def plan(adapter: Adapter, options: WriteOptions) -> tuple[ModelShape, float, li
             _check_base(shape, hf, module, target, (int(f.a.shape[1]), int(b.shape[0])), where)
         else:
             # [r, in] and [out, r] as PEFT stores them, Conv1D included (B @ A is already GGUF's [out, in]);
-            # only Q/K rows move, as the converter moves the base's (docs/gguf.md §3)
+            # only Q/K rows move, as the converter moves the base's
+            # (docs/gguf.md, "Names, row order and orientation per architecture")
             want = (int(b.shape[0]), int(f.a.shape[1]))
             _check_base(shape, hf, module, target, want, where)
             heads = qk_heads(shape, target, options.base)

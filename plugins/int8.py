@@ -33,7 +33,7 @@ INV_127 = 7.874015718698502e-3
 WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
 DENSE = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 #: Architectures whose linears are transformers' Conv1D (weight stored [in, out]): bitsandbytes stores them
-#: transposed, so their dense view would not be the dense checkpoint's layout (docs/int8.md §7).
+#: transposed, so their dense view would not be the dense checkpoint's layout (docs/int8.md, "Not covered").
 CONV1D_MODELS = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt", "clvp")
 #: Rows processed at a time, to bound the fp32 temporaries of a large weight (results do not depend on it).
 ROW_BLOCK = 2048
@@ -44,8 +44,9 @@ EMBEDDINGS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_
 
 def quantize_int8(weight: torch.Tensor, where: str = "<weight>") -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 ``CB``, fp32 ``SCB``) of a 2-D weight, byte-identical to bitsandbytes 0.50.2's CPU
-    ``int8_vectorwise_quant(weight.to(float16))`` (docs/int8.md §3). A zero row gets code 0 (bitsandbytes
-    casts a NaN there, which is undefined behaviour that happens to give 0 on x86)."""
+    ``int8_vectorwise_quant(weight.to(float16))`` (docs/int8.md, "Quantization (bytes identical to
+    bitsandbytes)"). A zero row gets code 0 (bitsandbytes casts a NaN there, which is undefined behaviour
+    that happens to give 0 on x86)."""
     if weight.dim() != 2:
         raise InputError(f"an 8-bit weight must be 2-D, this one is {list(weight.shape)}", tensor=where)
     half = weight.to(torch.float16)
@@ -63,7 +64,8 @@ def quantize_int8(weight: torch.Tensor, where: str = "<weight>") -> tuple[torch.
 
 def dequantize_int8(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """bitsandbytes' ``int8_vectorwise_dequant``: ``CB · SCB · 7.874015718698502e-3`` in fp32, evaluated left
-    to right (another order gives other bits, docs/int8.md §4), then rounded once to ``dtype``."""
+    to right (another order gives other bits, docs/int8.md, "Dequantization
+    (bit-identical to bitsandbytes)"), then rounded once to ``dtype``."""
     out = torch.empty(codes.shape, dtype=dtype)
     for start in range(0, codes.shape[0], ROW_BLOCK):
         rows = slice(start, start + ROW_BLOCK)
@@ -77,7 +79,7 @@ def quantization_config(skip_modules: list[str] | None = None, threshold: float 
 
     A skip list *replaces* transformers' default skips when it loads the model, the output embedding
     included; so a given list is written with ``lm_head`` in front, which :func:`quantized_weights` never
-    quantizes (docs/int8.md §6)."""
+    quantizes (docs/int8.md, "Quantizing a dense model (`requantize --quant-type int8`)")."""
     skip = list(dict.fromkeys(["lm_head", *skip_modules])) if skip_modules else None
     return {"_load_in_4bit": False, "_load_in_8bit": True, "bnb_4bit_compute_dtype": "float32",
             "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
@@ -99,8 +101,9 @@ def skipped(module: str, patterns: list[str]) -> bool:
 def quantized_weights(tensors: Mapping[str, BaseTensor], aliases: Mapping[str, str] | None = None,
                       skip_modules: list[str] | None = None) -> list[str]:
     """Which dense weights to store as LLM.int8 so that transformers, loading with
-    :func:`quantization_config` ``(skip_modules)``, builds ``Linear8bitLt`` for exactly these (docs/int8.md
-    §6), judged from headers: every 2-D floating ``*.weight`` of a linear layer, except input embeddings,
+    :func:`quantization_config` ``(skip_modules)``, builds ``Linear8bitLt`` for exactly these (docs/int8.md,
+    "Quantizing a dense model (`requantize --quant-type int8`)"), judged from headers: every 2-D floating
+    ``*.weight`` of a linear layer, except input embeddings,
     the output embedding (``lm_head``), both sides of a tie (``aliases``: ``lm_head.weight`` -> the
     embedding) and modules matching ``skip_modules`` (transformers' rule: from the start up to a module
     boundary, as a regex, or as a suffix).

@@ -21,7 +21,7 @@ replace_<param>     the base parameter's (maybe resized)  ``<param>`` / ``base_l
 
 The config is PEFT's LoRA config (same field names, same meaning) plus ``modules``: per module its
 ``kind``, ``rank``, ``alpha`` and ``scaling``, so that a reader needs no pattern logic. The maths follows
-``shared/docs/peft-format.md`` §3, checked bit-for-bit against peft 0.21.2 by the test suite.
+docs/peft.md (from "Scaling, rank and alpha" on), checked bit-for-bit against peft 0.21.2 by the test suite.
 """
 
 from __future__ import annotations
@@ -280,12 +280,12 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             d = delta(current.device)
-            if recompute:  # trained on W - s·B0A0 (peft-format.md §4): the merged weight is W + s(BA - B0A0)
+            if recompute:  # trained on W - s·B0A0, so W + s(BA - B0A0) (docs/peft.md, "OLoRA and PiSSA")
                 b0, a0 = initial_factors(init, original, rank, s / weight if weight else s)
                 d = d - (s * b0) @ a0
             if magnitude is None:
                 return current + d
-            # DoRA (peft-format.md §3.6): the norm is of the *original* weight plus this delta.
+            # DoRA (docs/peft.md, "DoRA"): the norm is of the *original* weight plus this delta.
             m = adapter.tensor(magnitude).to(current.device).float()
             if layout == "embedding":
                 factor = (m / (original + d).norm(p=2, dim=0)).reshape(1, -1)

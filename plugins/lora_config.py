@@ -1,6 +1,7 @@
 """What a PEFT LoRA config means: roles, per-module rank and alpha with PEFT's pattern precedence, scaling,
-which modules are targeted, trainable token rows (peft-format.md §1.3, §3.1), and the declared schema of
-the fields adaptools reads (docs/input-validation.md).
+which modules are targeted, trainable token rows (docs/peft.md, "Config fields adaptools reads", "Which modules
+are targeted", "Scaling, rank and alpha"), and the declared schema of the fields adaptools reads
+(docs/input-validation.md).
 
 Config regexes are matched through ``adaptools.match_pattern``: PEFT's ``re`` semantics, with a time limit.
 """
@@ -17,7 +18,7 @@ from adaptools import AdapterFormatError
 
 FACTOR_ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 ROLES = FACTOR_ROLES + ("lora_bias", "lora_magnitude", "trainable_tokens")
-#: init_lora_weights values whose training started from a modified base (peft-format.md §4).
+#: init_lora_weights values whose training started from a modified base (docs/peft.md, "OLoRA and PiSSA").
 BASE_MUTATING_INITS = ("olora", "pissa", "corda", "lora_ga", "loftq")
 #: LoRA variants peft cannot merge, and why.
 UNMERGEABLE_FIELDS = {

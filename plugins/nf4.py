@@ -1,5 +1,5 @@
 """bitsandbytes 4-bit weights (NF4 and FP4): decode to dense and encode back, byte-identical to
-bitsandbytes 0.50.2's ``quantize_4bit`` on CPU (shared/docs/nf4-format.md §1-§4).
+bitsandbytes 0.50.2's ``quantize_4bit`` on CPU (docs/nf4.md, "Encoding").
 
 A 4-bit parameter ``P.weight`` is stored across several tensors: the packed nibbles ``P.weight`` (U8
 ``[(n+1)//2, 1]``, or another dtype viewing the same bytes), ``P.weight.absmax`` (F32, or U8 codes under
@@ -110,9 +110,9 @@ def bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``, nf4-format §2): for
-    each of 7 decades, ``10^(i-6)`` times the midpoints of ``linspace(0.1, 1, 2^i + 1)`` with both signs,
-    then 0 and 1.0; 256 sorted fp32 values."""
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``; docs/nf4.md, "Double
+    quantization"): for each of 7 decades, ``10^(i-6)`` times the midpoints of ``linspace(0.1, 1, 2^i + 1)``
+    with both signs, then 0 and 1.0; 256 sorted fp32 values."""
     data: list[float] = []
     for i in range(7):
         edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
@@ -125,7 +125,8 @@ def dynamic_map() -> torch.Tensor:
 @functools.cache
 def _nested_lookup() -> torch.Tensor:
     """65,536-entry table from a 16-bit grid position to the dynamic-map code whose midpoint interval
-    holds it: how bitsandbytes' native CPU ``quantize_blockwise`` picks codes (nf4-format §2)."""
+    holds it: how bitsandbytes' native CPU ``quantize_blockwise`` picks codes (docs/nf4.md, "Double
+    quantization")."""
     code = dynamic_map()
     grid = (-1 + 2 * torch.arange(65536, dtype=torch.float64) / 65535).float()
     return torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
@@ -194,7 +195,7 @@ class QuantState:
         return self.nested_absmax is not None
 
     def absmax_f32(self) -> torch.Tensor:
-        """Per-block scale in fp32: dyn[q] * nested_absmax, then + offset, each rounded (nf4-format §2)."""
+        """Per-block scale in fp32: dyn[q] * nested_absmax, then + offset, each rounded (docs/nf4.md, "Decoding")."""
         if not self.double_quant:
             return self.absmax.float()
         assert self.nested_quant_map is not None and self.nested_absmax is not None
@@ -383,14 +384,14 @@ def _from_bnb_state(state: Any) -> QuantState:
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``code[nibble] * absmax`` in fp32 over flat blocks, then one round-to-nearest cast (nf4-format §1.6)."""
+    """``code[nibble] * absmax`` in fp32 over flat blocks, then one round-to-nearest cast (docs/nf4.md, "Decoding")."""
     n = math.prod(state.shape)
     state.check(packed)  # before any kernel: they trust these sizes
     raw = packed.reshape(-1).view(torch.uint8).contiguous()
     out_dtype = dtype or state.dtype
     # Our kernel runs at bitsandbytes' speed on the CPU, and importing bitsandbytes costs 3-5 s of
     # torch.compile set-up: use bitsandbytes on CUDA or without our kernel, or once something imported it
-    # anyway; and on the CPU only where its result is correct (nf4-format §1.6).
+    # anyway; and on the CPU only where its result is correct (docs/nf4.md, "Per-row absmax indexing").
     use_bnb = packed.device.type == "cuda" or NATIVE is None or "bitsandbytes.functional" in sys.modules
     if use_bnb and _bnb_dequant_is_exact(state, packed) and out_dtype == state.dtype:
         return _bnb_dequantize(packed, state)
@@ -410,7 +411,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
 def _bnb_dequant_is_exact(state: QuantState, packed: torch.Tensor) -> bool:
     """bitsandbytes' native CPU dequantize (about 25 GB/s) indexes absmax per row, which is right only when
-    each row holds whole blocks (nf4-format §1.6); its other CPU paths are slow. Use it only where exact."""
+    each row holds whole blocks (docs/nf4.md, "Per-row absmax indexing"); its other CPU paths are slow.
+    Use it only where exact."""
     cols = state.shape[-1] if state.shape else 0
     return (packed.device.type == "cuda" or (
         len(state.shape) == 2 and cols % state.blocksize == 0 and cols % 16 == 0 and state.blocksize < 2048

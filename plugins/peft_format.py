@@ -1,6 +1,6 @@
 """The PEFT adapter directory format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Reads any method that declares ``peft_types`` and ``peft_roles``; the key grammar is peft-format.md §2.
+Reads any method that declares ``peft_types`` and ``peft_roles``; the key grammar is in docs/peft.md, "Tensor keys".
 Named adapters saved by ``save_pretrained`` live in subfolders (``dir/<name>/``): pass that subfolder.
 Legacy ``adapter_model.bin`` pickles are read only when allowed, and then only with
 ``torch.load(weights_only=True)``.
@@ -51,7 +51,8 @@ def method_for_peft_type(peft_type: str, path: Path) -> AdapterMethod:
 
 
 def split_peft_key(key: str, peft_roles: dict[str, str]) -> tuple[str, str]:
-    """A PEFT state-dict key -> (module path, canonical role), tolerating legacy spellings (§2.4, §8.14)."""
+    """A PEFT state-dict key -> (module path, canonical role), tolerating legacy spellings
+    (docs/peft.md, "Legacy spellings")."""
     k = key[len(PREFIX):] if key.startswith(PREFIX) else key
     if k.endswith(".lora_magnitude_vector.weight"):
         k = k[: -len(".weight")]

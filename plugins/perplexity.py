@@ -8,7 +8,7 @@ which is what QLoRA trained. The check passes when the merged perplexity is with
 into 4-bit) or silently do nothing (mismatched names, a wrong scale, a dropped module).
 
 Needs transformers (``pip install 'adaptools[eval]'``). Loaded models never run bitsandbytes' CPU 4-bit
-forward with its in-place weight repacking (nf4-format.md §6.1).
+forward with its in-place weight repacking (docs/nf4.md, "Weight repacking in the CPU forward").
 
 On the CPU every model computes in fp32, whatever its stored dtype: the weights compared are still the
 stored ones (bf16 and 4-bit values are exact in fp32), and CPUs without native bf16 (no AVX512-BF16 or

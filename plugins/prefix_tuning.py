@@ -1,7 +1,7 @@
 """Prefix tuning and P-tuning v2 (PEFT ``PREFIX_TUNING``): learned key/value vectors for every layer.
 
-What ``save_pretrained`` writes is one tensor, ``prompt_embeddings`` ``[T, L·2·token_dim]`` (peft-format.md
-§5.5): T virtual tokens, L layers, keys and values, ``token_dim = head_dim · num_key_value_heads`` for GQA
+What ``save_pretrained`` writes is one tensor, ``prompt_embeddings`` ``[T, L·2·token_dim]`` (docs/peft.md,
+"Prefix tuning"): T virtual tokens, L layers, keys and values, ``token_dim = head_dim · num_key_value_heads`` for GQA
 models. With ``prefix_projection`` PEFT saves the projection MLP's *output*, not the MLP, so that file is
 a plain prefix too. A training checkpoint of the model itself (``accelerate``'s ``save_state``, a
 ``state_dict`` dump) instead holds the prompt encoder: the embedding ``[T, token_dim]`` and the MLP

@@ -1,6 +1,6 @@
 """Serving virtual-token embeddings at runtime, as ``PeftModelForCausalLM.forward`` does for prompt tuning
-and P-tuning (docs/prompt-tuning.md §4): the prompts go in front of the input embeddings, and the
-attention mask and labels grow by as many positions.
+and P-tuning (docs/prompt-tuning.md, "Runtime application (`PeftModelForCausalLM.forward`)"): the prompts
+go in front of the input embeddings, and the attention mask and labels grow by as many positions.
 
 The hooks work on any transformers causal LM: a pre-hook on the model's forward turns ``input_ids`` into
 ``inputs_embeds`` with the prompts in front, and a hook after it drops the virtual positions from the

@@ -7,7 +7,8 @@ P-tuning it is the *output* of the prompt encoder, evaluated once at save time; 
 MLP, or a bidirectional LSTM with an MLP head) is only in training checkpoints of the model
 (``prompt_encoder.default.*`` keys). Those read into the roles below, and ``convert --bake-projection``
 evaluates the encoder once into the embeddings PEFT would have saved, bit for bit, and labels the result
-plain prompt tuning, which PEFT loads and serves identically (docs/prompt-tuning.md §3).
+plain prompt tuning, which PEFT loads and serves identically (docs/prompt-tuning.md, "Baking
+(`adaptools convert --bake-projection`)").
 
 =======================  =========================  ==============================================
 role                     shape                      key in a training checkpoint
@@ -259,7 +260,7 @@ class PTuning(PromptTuning):
     def evaluate_encoder(self, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """PEFT's ``get_prompt_embedding_to_save``: ``encoder(arange(T)[None])[0]``, computed the way
         ``save_pretrained`` computes it (grad mode on, which picks the LSTM kernel PEFT's saved values
-        come from; docs/prompt-tuning.md §3)."""
+        come from; docs/prompt-tuning.md, "Baking (`adaptools convert --bake-projection`)")."""
         config = adapter.config
         x = tensors["embedding"].unsqueeze(0)
         if config["encoder_reparameterization_type"] == "LSTM":

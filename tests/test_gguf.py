@@ -81,7 +81,8 @@ def test_round_trip_within_the_storage_type(outtype, tol, tmp_path, cli_runner):
 
 
 def test_file_is_what_llama_cpp_reads(tmp_path, cli_runner):
-    """Metadata types, names, ne order, Q/K interleaving and the folded scale (docs/gguf.md §2-§4)."""
+    """Metadata types, names, ne order, Q/K interleaving and the folded scale (docs/gguf.md, "A LoRA adapter as
+    llama.cpp loads it", "Names, row order and orientation per architecture", "Exact scales with one alpha")."""
     reader = to_gguf(cli_runner, "llama-rslora-patterns", tmp_path / "a.gguf")
     fields = {k: f for k, f in reader.fields.items()}
     assert fields["general.type"].contents() == "adapter"

@@ -21,7 +21,7 @@ from adaptools.operations.merge import MergeInput, merge
 RESIZED = {"llama-resized-vocab": 136}
 BASE_DTYPE = {"llama": torch.float32, "gpt2": torch.float32, "qwen2": torch.bfloat16}
 #: Fixtures where PEFT's merge is *wrong* on a tied model (it changes lm_head through the shared tensor,
-#: peft-format.md §8.1): we keep lm_head as the unmerged model sees it instead.
+#: docs/peft.md, "Tied embeddings"): we keep lm_head as the unmerged model sees it instead.
 TIED_DIVERGENCE = {"llama-embedding", "llama-resized-vocab"}
 
 

@@ -53,7 +53,8 @@ def test_dynamic_map_is_bitsandbytes_own():
 @pytest.mark.parametrize("seed", range(6))
 def test_nested_8bit_codes_are_byte_identical_to_bitsandbytes(seed):
     """Double quantization's 8-bit codes, without bitsandbytes: its CPU quantize_blockwise picks codes
-    through a 16-bit grid (nf4-format §2), which differs from the nearest code for ~0.2% of values."""
+    through a 16-bit grid (docs/nf4.md, "Double quantization"), which differs from the nearest code for
+    ~0.2% of values."""
     gen = torch.Generator().manual_seed(seed)
     for n in (1, 255, 256, 257, 5000, 70_001):
         x = torch.randn(n, generator=gen) * (0.5 + seed)
@@ -75,7 +76,7 @@ def test_quantize_is_byte_identical_to_bitsandbytes(dtype, bs, qt, dq):
 
 
 def reference_dequantize(packed, state):
-    """nf4-format §1.6, spelled out: code[nibble] * absmax over flat blocks in fp32, one rounding."""
+    """docs/nf4.md, "Decoding", spelled out: code[nibble] * absmax over flat blocks in fp32, one rounding."""
     n = torch.Size(state.shape).numel()
     raw = packed.reshape(-1).view(torch.uint8)
     nibbles = torch.stack([raw >> 4, raw & 15], 1).reshape(-1)[:n].long()
@@ -120,7 +121,8 @@ def test_pure_torch_fallback_gives_the_same_bytes(monkeypatch):
 
 
 def test_we_avoid_bitsandbytes_cpu_dequant_bug():
-    """bnb 0.50.2's CPU kernel indexes absmax per row: wrong when ncols % blocksize != 0 (nf4-format §1.6)."""
+    """bnb 0.50.2's CPU kernel indexes absmax per row: wrong when ncols % blocksize != 0
+    (docs/nf4.md, "Per-row absmax indexing")."""
     a = sample((64, 80), torch.bfloat16, 3)  # 80 % 16 == 0 but 80 % 64 != 0
     packed, state = nf4.quantize_4bit(a, 64, "nf4", False)
     ours = nf4.dequantize_4bit(packed, state)
@@ -231,7 +233,8 @@ def test_requantized_output_loads_and_runs_in_transformers(llama_bf16, tmp_path)
 
     merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-lora")))], tmp_path / "rq", requantize=True)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "rq", device_map="cpu")
-    for module in model.modules():  # nf4-format §6.1: keep bitsandbytes' CPU forward from repacking weights
+    # keep bitsandbytes' CPU forward from repacking weights (docs/nf4.md, "Weight repacking in the CPU forward")
+    for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

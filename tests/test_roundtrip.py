@@ -105,7 +105,8 @@ def test_pickle_read_only_when_allowed_and_equal_to_safetensors(tmp_path):
 
 
 def test_legacy_key_spellings_are_normalised(tmp_path):
-    """Keys with a leftover adapter name, no base_model prefix, and magnitude.weight (peft-format §8.14)."""
+    """Keys with a leftover adapter name, no base_model prefix, and magnitude.weight
+    (docs/peft.md, "Legacy spellings")."""
     src = adapter_path("llama-dora")
     state = peft_tensors(src)
     legacy = {}

@@ -1,6 +1,6 @@
 """IA3 for adaptools, packaged as any third party would: one module, one entry point, public API only.
 
-IA3 learns one vector per adapted module, ``ia3_l``, that rescales the layer (docs/peft.md in the adaptools repository):
+IA3 learns one vector per adapted module, ``ia3_l``, that rescales the layer (docs/peft.md, "IA3"):
 attention-type modules scale output rows (``[out, 1]``, and the bias with them), modules listed in
 ``feedforward_modules`` scale input columns (``[1, in]``). Merging multiplies the weight by the vector,
 which is exact against PEFT's ``merge_and_unload``.
