@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 
-from .datatypes import (  # noqa: F401  (re-exported: the contract's data lives beside it)
+from .datatypes import (  # re-exported: the contract's data lives beside it
     SEVERITIES,
     BaseInfo,
     BaseTensor,
@@ -35,6 +35,13 @@ from .datatypes import (  # noqa: F401  (re-exported: the contract's data lives 
 from .errors import AdapterFormatError, UnsupportedOperationError
 from .schema import Adapter
 
+__all__ = [
+    "CAPABILITIES", "OPERATIONS", "SEVERITIES", "AdapterFormat", "AdapterMethod", "Backend", "Bakeable", "BaseInfo",
+    "BaseTensor", "Finding", "Initializable", "LowRank", "LowRankAlgebra", "Mergeable", "PlainConvertible",
+    "ReadOptions", "RuntimeApplicable", "TensorUpdate", "UpdateKind", "ValidationContext", "Validator",
+    "ValidatorOption", "Verdict", "WriteOptions", "capability", "implemented_operations",
+]
+
 #: Operation -> the methods a class must have to support it. ``info`` and ``convert`` every method has.
 CAPABILITIES: dict[str, tuple[str, ...]] = {
     "merge": ("merge_updates",),
@@ -48,10 +55,20 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
 OPERATIONS = ("info", "convert", *CAPABILITIES)
 
 
+C = TypeVar("C")
+
+
+def capability(method: AdapterMethod, operation: str, kind: type[C], adapter: Adapter | None = None) -> C:
+    """``method`` as the capability ``kind`` after :meth:`AdapterMethod.require` (a method written before
+    the capability classes, with the methods but not the base class, passes too)."""
+    method.require(operation, adapter)
+    return cast(C, method)
+
+
 def implemented_operations(cls: type) -> frozenset[str]:
     """The operations a method class implements: the always-present ones and each capability whose
     methods it has (concretely: an abstract method does not count)."""
-    abstract = getattr(cls, "__abstractmethods__", frozenset())
+    abstract: frozenset[str] = getattr(cls, "__abstractmethods__", frozenset())
     return frozenset({"info", "convert"}) | frozenset(
         op for op, names in CAPABILITIES.items()
         if all(callable(getattr(cls, n, None)) and n not in abstract for n in names))

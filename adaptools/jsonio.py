@@ -206,7 +206,7 @@ def _validator_class() -> Any:
         return isinstance(instance, (int, float)) and not isinstance(instance, bool)
 
     checker = Draft202012Validator.TYPE_CHECKER.redefine_many({"integer": is_integer, "number": is_number})
-    return validators.extend(Draft202012Validator, type_checker=checker)
+    return validators.extend(Draft202012Validator, type_checker=checker)  # type: ignore[no-untyped-call]
 
 
 _VALIDATOR: Any = None
@@ -257,7 +257,7 @@ def _expected(error: Any) -> str:
              "minLength": f"at least {wanted} characters", "maxLength": f"at most {wanted} characters",
              "minItems": f"at least {wanted} items", "maxItems": f"at most {wanted} items",
              "maxProperties": f"at most {wanted} entries", "pattern": f"text matching {wanted}"}
-    return words.get(keyword, error.message[:120])
+    return str(words.get(keyword, error.message[:120]))
 
 
 def _deepest(error: Any) -> Any:

@@ -187,7 +187,7 @@ def _writer_alive(pid: int) -> bool:
 
 def remove_stale(parent: Path) -> list[Path]:
     """Remove temporary siblings in ``parent`` whose writer is gone (unlocked, and its PID not running)."""
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [p for p in parent.iterdir() if p.name.startswith(".") and TEMP_MARKER in p.name]
     except OSError:

@@ -6,6 +6,7 @@ unchanged. Only the files an operation needs are fetched (``allow_patterns``).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
     return m.group("repo"), m.group("rev")
 
 
-def resolve(ref: str | Path, *, allow_patterns: list[str] | None = None, what: str = "input") -> Path:
+def resolve(ref: str | os.PathLike[str], *, allow_patterns: list[str] | None = None, what: str = "input") -> Path:
     """A local path for ``ref``: the path itself if it exists, else a hub snapshot in the local cache.
 
     Raises:

@@ -198,7 +198,8 @@ class SafetensorsFile:
         """Return one tensor (a fresh CPU tensor; the file stays memory-mapped, not read whole)."""
         if self._handle is None:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._handle.get_tensor(name)
+        tensor: torch.Tensor = self._handle.get_tensor(name)
+        return tensor
 
     def read_bytes(self, name: str, fh: BinaryIO | None = None) -> bytes:
         """The raw stored bytes of one tensor, for byte-for-byte copies that never decode."""
@@ -235,7 +236,7 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return b""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 class SafetensorsWriter:
@@ -332,7 +333,11 @@ class SafetensorsWriter:
     def write_raw(self, name: str, data: bytes | memoryview) -> None:
         """Write the next tensor's stored bytes unchanged (byte-for-byte copy)."""
         self._expect(name, len(data))
-        self._submit(lambda: self._fh.write(data) and None)
+
+        def job() -> None:
+            self._fh.write(data)
+
+        self._submit(job)
 
     def copy_range(self, name: str, src: BinaryIO, offset: int, nbytes: int) -> None:
         """Write the next tensor by copying ``nbytes`` at ``offset`` of ``src`` (kernel-side when possible).
@@ -467,7 +472,7 @@ def read_tensor(src: BinaryIO, info: TensorInfo, into: torch.Tensor | None = Non
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     buf = into if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data
     got = 0
     while got < info.nbytes:
         n = os.preadv(src.fileno(), [view[got:]], info.begin + got)

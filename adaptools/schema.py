@@ -204,7 +204,9 @@ class Adapter:
 @functools.cache
 def metadata_schema() -> dict[str, Any]:
     """The shipped JSON Schema of schema-file metadata (``adaptools/schema-v1.json``, docs/schema.md)."""
-    return json.loads(resources.files("adaptools").joinpath("schema-v1.json").read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(resources.files("adaptools").joinpath("schema-v1.json").read_text(
+        encoding="utf-8"))
+    return schema
 
 
 def parse_metadata(metadata: Mapping[str, str], path: object) -> tuple[int, str, dict[str, Any], BaseRef,

@@ -12,8 +12,6 @@ traceback instead.
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ..plugins import load_plugins, pm
@@ -43,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

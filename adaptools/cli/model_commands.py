@@ -22,6 +22,7 @@ from .group import _fmt_bytes, cli, emit_json
 from .options import (
     FINITE,
     Device,
+    ParamType,
     allow_pickle_option,
     command_line,
     dtype_option,
@@ -249,7 +250,7 @@ def quantize_options_of(base: str) -> QuantizeOptions:
                      hint="--merge-base original needs the quantized base as BASE")
 
 
-class QuantType(click.ParamType):
+class QuantType(ParamType):
     """A registered backend that can quantize dense weights (see `adaptools plugins`)."""
 
     name = "quant_type"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,13 +18,18 @@ from ..dtypes import DTYPE_CHOICES
 
 F = Callable[..., Any]
 
+if TYPE_CHECKING:  # click >= 8.3 types ParamType by its value; older versions cannot subscript it at runtime
+    ParamType = click.ParamType[Any]
+else:
+    ParamType = click.ParamType
+
 
 def command_line() -> str:
     """The command as the user typed it, for provenance records."""
     return " ".join(["adaptools", *sys.argv[1:]])
 
 
-class FiniteFloat(click.ParamType):
+class FiniteFloat(ParamType):
     """A float that is finite, optionally within [minimum, maximum] (or (minimum, ...] when open)."""
 
     name = "number"
@@ -47,7 +52,7 @@ class FiniteFloat(click.ParamType):
         return number
 
 
-class ByteSize(click.ParamType):
+class ByteSize(ParamType):
     """'5GB', '500MB', '2GiB' or a byte count, as a positive integer number of bytes."""
 
     name = "size"
@@ -73,7 +78,7 @@ class ByteSize(click.ParamType):
         return size
 
 
-class Device(click.ParamType):
+class Device(ParamType):
     """cpu, cuda or cuda:N."""
 
     name = "device"

@@ -18,8 +18,9 @@ def plugins(json_: bool) -> None:
     """List loaded plugins, what each provides, and the operations of each method."""
     load_plugins()
     rows: dict[str, dict[str, Any]] = {}
-    kinds = {"methods": registry.methods(), "formats": registry.formats(), "backends": registry.backends(),
-             "validators": registry.validators()}
+    kinds: dict[str, dict[str, registry.Registered[Any]]] = {
+        "methods": registry.methods(), "formats": registry.formats(), "backends": registry.backends(),
+        "validators": registry.validators()}
     for kind, entries in kinds.items():
         for name, entry in entries.items():
             row = rows.setdefault(entry.plugin, {"name": entry.plugin, "distribution": entry.distribution,
@@ -47,8 +48,8 @@ def plugins(json_: bool) -> None:
     for name, ops in matrix.items():
         marks = ["some" if op in conditional.get(name, {}) else "yes" if op in ops else "-" for op in OPERATIONS]
         click.echo(name.ljust(15) + "".join(mark.ljust(9) for mark in marks))
-    for name, ops in conditional.items():
-        for op, when in ops.items():
+    for name, whens in conditional.items():
+        for op, when in whens.items():
             click.echo(f"  {name} {op}: {when}")
     click.echo("")
     for name, how in implementations.items():

@@ -8,6 +8,7 @@ where the base had a finite value (docs/merge-engine.md, "Never garbage").
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,11 @@ def check_finite(entry: Entry, out: torch.Tensor, source: Callable[[], torch.Ten
                  "wider --dtype")
 
 
+def decode_rows(decoder: Backend | None, stored: torch.Tensor, rows: slice) -> torch.Tensor | None:
+    """The decoded source rows (for the rare element-wise comparison of :func:`check_finite`)."""
+    return decoder.decode(stored[rows]) if decoder is not None else None
+
+
 def merge_rows(entry: Entry, stored: torch.Tensor, out: torch.Tensor, threads: ThreadPoolExecutor | None = None,
                workers: int = 1) -> None:
     """Compute ``entry`` into ``out`` a block of rows at a time, the blocks shared over ``workers`` threads
@@ -106,7 +112,7 @@ def merge_rows(entry: Entry, stored: torch.Tensor, out: torch.Tensor, threads: T
                 out[rows].copy_(current)
             else:  # elementwise backends encode by casting: no fp32 copy for a plain cast
                 out[rows].copy_(stored[rows])
-            check_finite(entry, out[rows], lambda r=rows: decoder.decode(stored[r]))  # type: ignore[union-attr]
+            check_finite(entry, out[rows], functools.partial(decode_rows, decoder, stored, rows))
 
     if threads is None or workers <= 1 or len(starts) < 2 * workers:
         run(starts)

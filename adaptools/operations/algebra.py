@@ -17,7 +17,7 @@ import torch
 
 from .. import registry
 from ..errors import IncompatibleBaseError, InputError, UnsupportedOperationError
-from ..interfaces import LowRank
+from ..interfaces import LowRank, LowRankAlgebra, capability
 from ..schema import Adapter
 
 
@@ -68,9 +68,7 @@ class AdapterDiff:
 
 
 def _factors(adapter: Adapter) -> dict[str, LowRank]:
-    method = registry.get_method(adapter.method)
-    method.require("algebra")
-    return method.low_rank(adapter)
+    return capability(registry.get_method(adapter.method), "algebra", LowRankAlgebra).low_rank(adapter)
 
 
 def _config_changes(a: Adapter, b: Adapter) -> dict[str, tuple[Any, Any]]:
@@ -169,7 +167,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         b, a, kept = _svd_truncate(f.b, f.a, rank, energy)
         factors[module] = LowRank(b, a, f.kind)
         retained[module] = kept
-    method = registry.get_method(adapter.method)
+    method = capability(registry.get_method(adapter.method), "algebra", LowRankAlgebra)
     return method.from_low_rank(adapter, factors, _full_tensors(adapter)), retained
 
 
@@ -319,8 +317,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             if len(ranks) != 1:
                 raise UnsupportedOperationError(f"linear combination needs equal ranks; {module} has {sorted(ranks)}",
                                                 hint="use --how cat (exact) or --how svd")
-            b = sum(math.sqrt(abs(w)) * p.b for p, w in parts)
-            a = sum(math.copysign(math.sqrt(abs(w)), w) * p.a for p, w in parts)
-            out[module] = LowRank(b, a, kind)  # type: ignore[arg-type]
-    method = registry.get_method(live[0][0].method)
+            b = torch.stack([math.sqrt(abs(w)) * p.b for p, w in parts]).sum(0)
+            a = torch.stack([math.copysign(math.sqrt(abs(w)), w) * p.a for p, w in parts]).sum(0)
+            out[module] = LowRank(b, a, kind)
+    method = capability(registry.get_method(live[0][0].method), "algebra", LowRankAlgebra)
     return method.from_low_rank(live[0][0], out, extra)

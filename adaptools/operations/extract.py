@@ -16,7 +16,7 @@ import torch
 from .. import registry
 from ..checkpoint import Checkpoint
 from ..errors import IncompatibleBaseError, InputError
-from ..interfaces import LowRank
+from ..interfaces import LowRank, LowRankAlgebra, capability
 from ..schema import Adapter, BaseRef, MemoryStore
 from .algebra import check_energy, check_rank
 
@@ -66,7 +66,7 @@ def diff_checkpoints(path_a: str | os.PathLike[str], path_b: str | os.PathLike[s
 def explain(adapter: Adapter, base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str]) -> dict[str, Any]:
     """How much of (tuned − base) the adapter's delta explains, per module: 1 − ‖D − ΔW‖² / ‖D‖²."""
     base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
-    factors = registry.get_method(adapter.method).low_rank(adapter)
+    factors = capability(registry.get_method(adapter.method), "algebra", LowRankAlgebra).low_rank(adapter)
     info = base.base_info()
     rows = []
     total_d = total_r = 0.0
@@ -84,7 +84,7 @@ def explain(adapter: Adapter, base_path: str | os.PathLike[str], tuned_path: str
         total_d, total_r = total_d + dn, total_r + rn
         rows.append({"module": module, "explained": 1 - rn / dn if dn > 0 else (1.0 if rn == 0 else -math.inf),
                      "change_norm": math.sqrt(dn), "residual_norm": math.sqrt(rn)})
-    rows.sort(key=lambda r: r["explained"])
+    rows.sort(key=lambda r: float(r["explained"]))  # type: ignore[arg-type]
     return {"modules": rows, "explained": 1 - total_r / total_d if total_d > 0 else 1.0}
 
 
@@ -126,8 +126,7 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
     the change, up to ``max_rank``); changed embeddings, heads, norms and biases become full tensors
     (PEFT's modules_to_save).
     """
-    chosen = registry.get_method(method)
-    chosen.require("algebra")
+    chosen = capability(registry.get_method(method), "algebra", LowRankAlgebra)
     if (rank is None) == (energy is None):
         raise InputError("give exactly one of --rank and --energy")
     check_rank(rank)
@@ -168,5 +167,5 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
                                 "modules_to_save": saved or None, "inference_mode": True},
                        MemoryStore({}), base=BaseRef(name=str(base_path)),
                        provenance={"operation": "extract", "base": str(base_path), "tuned": str(tuned_path)})
-    result.adapter = chosen.from_low_rank(template, factors, full)  # type: ignore[attr-defined]
+    result.adapter = chosen.from_low_rank(template, factors, full)
     return result
