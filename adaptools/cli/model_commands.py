@@ -16,6 +16,7 @@ from ..engine import MergeEvent, MergeInput, MergeOptions, MergeSummary, Quantiz
 from ..engine import plan as plan_merge
 from ..engine.plan import quantizing_backends
 from ..errors import CheckFailedError, InputError
+from ..operations.convert import with_initial
 from ..outputs import check_output
 from .checks import check_options, check_requests
 from .group import _fmt_bytes, cli, emit_json
@@ -165,10 +166,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
     inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
               for i, ref in enumerate(adapter_refs)]
     for item, initial in zip(inputs, initials):
-        method = registry.get_method(item.adapter.method)
-        method.require("plain", item.adapter)
-        item.adapter = method.to_plain(item.adapter, None, None,  # type: ignore[attr-defined]
-                                       load(initial, allow_pickle=allow_pickle))
+        item.adapter = with_initial(item.adapter, load(initial, allow_pickle=allow_pickle))
     if dry_run:
         data = plan_merge(base, inputs, options).to_json()
         emit_json(data) if json_ else _echo_plan(data)

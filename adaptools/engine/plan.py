@@ -23,7 +23,7 @@ import torch
 from .. import dtypes, registry
 from ..checkpoint import EMBEDDING_NAMES, INDEX, SINGLE, Checkpoint
 from ..errors import IncompatibleBaseError, InputError
-from ..interfaces import Backend, BaseTensor, TensorUpdate
+from ..interfaces import Backend, BaseTensor, Mergeable, TensorUpdate, capability
 from ..safetensors_io import TensorSpec
 from .options import MergeInput, MergeOptions
 from .quantized import quantize_targets
@@ -170,11 +170,10 @@ def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
     grouped: dict[str, list[TensorUpdate]] = {}
     replaced_by: dict[str, str] = {}
     for item in inputs:
-        method = registry.get_method(item.adapter.method)
-        method.require("merge", item.adapter)
+        method = capability(registry.get_method(item.adapter.method), "merge", Mergeable, item.adapter)
         if not ignore_base_mismatch:
             _check_architecture(item, checkpoint)
-        for update in method.merge_updates(item.adapter, info, item.weight):  # type: ignore[attr-defined]
+        for update in method.merge_updates(item.adapter, info, item.weight):
             if update.kind not in KIND_ORDER:
                 raise InputError(f"method {item.adapter.method!r} returned an update of unknown kind "
                                  f"{update.kind!r}", tensor=update.target,

@@ -7,8 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..adapter_io import load, save
-from ..interfaces import WriteOptions
+from ..interfaces import Bakeable, PlainConvertible, WriteOptions, capability
 from ..outputs import check_output
+from ..schema import Adapter
 from ..version import __version__
 
 
@@ -26,9 +27,7 @@ def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
     check_output(out, force, [ref], directory=registry.get_format(to).writes_directory)
     adapter = load(ref, allow_pickle=allow_pickle, base=base)
     if bake:
-        method = registry.get_method(adapter.method)
-        method.require("bake", adapter)
-        adapter = method.bake(adapter)  # type: ignore[attr-defined]
+        adapter = capability(registry.get_method(adapter.method), "bake", Bakeable, adapter).bake(adapter)
     provenance = dict(adapter.provenance)
     provenance.setdefault("converted_by", f"adaptools {__version__}")
     adapter = replace(adapter, provenance=provenance)
@@ -49,14 +48,13 @@ def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, 
 
     check_output(out, force, [ref, *(p for p in (base, initial) if p)])
     adapter = load(ref, allow_pickle=allow_pickle)
-    method = registry.get_method(adapter.method)
-    method.require("plain", adapter)
+    method = capability(registry.get_method(adapter.method), "plain", PlainConvertible, adapter)
     info = read = None
     if base is not None:
         checkpoint = Checkpoint.open(base)
         info, read = checkpoint.base_info(), checkpoint.read
     first = load(initial, allow_pickle=allow_pickle) if initial else None
-    plain = method.to_plain(adapter, info, read, first)  # type: ignore[attr-defined]
+    plain = method.to_plain(adapter, info, read, first)
     if to_method is not None and plain.method != to_method:
         raise UnsupportedOperationError(f"method {adapter.method!r} converts to {plain.method!r}, not {to_method!r}",
                                         path=ref)
@@ -65,3 +63,12 @@ def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         plain, retained = resize(plain, rank=rank, energy=energy)
     return save(plain, out, format=to_format or adapter.read_format or "schema", force=force), retained
 
+
+
+def with_initial(adapter: Adapter, initial: Adapter) -> Adapter:
+    """An adapter trained on a modified base, as its plain form on the original base, using the adapter
+    saved right after init (``merge --initial``)."""
+    from .. import registry
+
+    method = capability(registry.get_method(adapter.method), "plain", PlainConvertible, adapter)
+    return method.to_plain(adapter, None, None, initial)
