@@ -56,7 +56,7 @@ def cli_runner():
     cli = get_cli()
 
     def invoke(*args: str):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False, prog_name="adaptools")
 
     return invoke
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,30 @@ from ..version import __version__
 
 class AdaptoolsGroup(click.Group):
     """A click group that turns anything a user or a file can cause into one line on stderr and an exit
-    code: AdaptoolsError (its own code), an operating-system error (2), an interruption (128 + signal)."""
+    code: AdaptoolsError (its own code), a usage error or an operating-system error (2), an interruption
+    (128 + signal)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `adaptools` alone: the help, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {printable(exc.format_message())}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {printable(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            ignore_stop_signals()
+            click.echo("Interrupted (SIGINT): nothing was written.", err=True)
+            sys.exit(128 + signal.SIGINT)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = ctx.params.get("debug") or os.environ.get("ADAPTOOLS_RAISE_ERRORS")
