@@ -39,24 +39,24 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
         emit_json(data)
         return
     base = data["base"]
-    click.echo(f"adapter:    {data['source']}")
-    click.echo(f"format:     {data['format']}   method: {data['method']}   schema v{data['schema_version']}")
+    click.echo(printable(f"adapter:    {data['source']}"))
+    click.echo(printable(f"format:     {data['format']}   method: {data['method']}   schema v{data['schema_version']}"))
     revision = f" @ {base['revision']}" if base.get("revision") else ""
-    click.echo(f"base:       {base.get('name') or '(not recorded)'}{revision}")
+    click.echo(printable(f"base:       {base.get('name') or '(not recorded)'}{revision}"))
     dtypes = ", ".join(sorted(data["dtypes"]))
-    click.echo(f"size:       {data['parameters']:,} parameters in {len(data['tensors'])} tensors "
-               f"({_fmt_bytes(data['bytes'])}, {dtypes})")
-    click.echo(f"modules:    {data['modules']}")
+    click.echo(printable(f"size:       {data['parameters']:,} parameters in {len(data['tensors'])} tensors "
+               f"({_fmt_bytes(data['bytes'])}, {dtypes})"))
+    click.echo(printable(f"modules:    {data['modules']}"))
     for key, value in data["summary"].items():
         if value in (None, [], {}, False):
             continue
-        click.echo(f"{key + ':':<11} {value}")
+        click.echo(printable(f"{key + ':':<11} {value}"))
     if data["provenance"].get("named_adapters"):
-        click.echo(f"also here:  named adapters {', '.join(data['provenance']['named_adapters'])} "
-                   "(pass the subfolder to read one)")
+        click.echo(printable(f"also here:  named adapters {', '.join(data['provenance']['named_adapters'])} "
+                   "(pass the subfolder to read one)"))
     if show_tensors:
         for t in data["tensors"]:
-            click.echo(f"  {t['name']}  {t['dtype']}  {t['shape']}")
+            click.echo(printable(f"  {t['name']}  {t['dtype']}  {t['shape']}"))
 
 
 @cli.command()
