@@ -101,9 +101,11 @@ if TYPE_CHECKING:
         parse_metadata,
         split_name,
     )
+    from .values import count_nonfinite
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "count_nonfinite": ".values",
     "parse_hub_ref": ".resolve",
     "Checkpoint": ".checkpoint",
     "check_output": ".outputs",
@@ -201,6 +203,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "count_nonfinite",
     "parse_hub_ref",
     "Checkpoint",
     "check_output",

@@ -267,7 +267,7 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
                                             **adapter.where(name)))
         if check_values and not findings:
             for name in roles.values():
-                if not adapter.tensor(name).isfinite().all():
+                if adaptools.count_nonfinite(adapter.tensor(name)):
                     findings.append(Finding("BN004", "error", "NaN/Inf values", "retrain or re-save",
                                             **adapter.where(name)))
         return findings

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 import adaptools
 from adaptools import Adapter, BaseInfo, Finding
 
@@ -130,8 +128,9 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
             if name in unusable:
                 continue
             tensor = adapter.tensor(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                add("LORA011", f"{int((~torch.isfinite(tensor)).sum())} NaN/Inf value(s)", name)
+            bad = adaptools.count_nonfinite(tensor)
+            if bad:
+                add("LORA011", f"{bad} NaN/Inf value(s)", name)
             elif name.endswith((".lora_B", ".lora_embedding_B")) and tensor.numel() and not bool(tensor.any()):
                 add("LORA012", "lora_B is all zero", name)
     return findings

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from adaptools import Adapter, BaseInfo, BaseTensor, Finding, IncompatibleBaseError, TensorUpdate
+from adaptools import Adapter, BaseInfo, BaseTensor, Finding, IncompatibleBaseError, TensorUpdate, count_nonfinite
 
 from .lora_config import is_targeted  # PEFT's module matching, the same for every tuner
 
@@ -142,8 +142,9 @@ class Lint:
         """No NaN or Inf in any tensor (reads every tensor)."""
         for name in self.adapter.tensor_names():
             tensor = self.adapter.tensor(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                self.add(rule, f"{int((~torch.isfinite(tensor)).sum())} NaN/Inf value(s)", name)
+            bad = count_nonfinite(tensor)
+            if bad:
+                self.add(rule, f"{bad} NaN/Inf value(s)", name)
 
     def targeted(self, rule: str, module: str, name: str) -> None:
         """target_modules (with exclude_modules and layers_to_transform) selects the module."""

@@ -115,7 +115,7 @@ class PrefixTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptoo
                 implied = list(expected[role]) if expected and role in expected else "nothing (fields missing)"
                 findings.append(Finding("PREFIX001", "error", f"shape {list(shape)}, config implies {implied}",
                                         "ship the adapter_config.json that belongs to these weights", **where))
-            elif check_values and not adapter.tensor(name).isfinite().all():
+            elif check_values and adaptools.count_nonfinite(adapter.tensor(name)):
                 findings.append(Finding("PREFIX003", "error", "NaN/Inf values", "retrain or re-save", **where))
         if ROLE not in names and not set(PROJECTION) <= set(names):
             findings.append(Finding("PREFIX002", "error", "neither prompt_embeddings nor the whole prompt encoder "

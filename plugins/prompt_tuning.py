@@ -138,7 +138,7 @@ class PromptTuning(adaptools.AdapterMethod, adaptools.RuntimeApplicable, adaptoo
             elif info.dtype not in ("F32", "F16", "BF16", "F64"):
                 findings.append(Finding("PROMPT003", "error", f"dtype {info.dtype}, not a float", "re-save the "
                                         "adapter", **where))
-            elif check_values and not adapter.tensor(name).isfinite().all():
+            elif check_values and adaptools.count_nonfinite(adapter.tensor(name)):
                 findings.append(Finding("PROMPT003", "error", "NaN/Inf values", "retrain or re-save", **where))
         encoder = set(self.encoder_roles(adapter.config))
         if ROLE not in present and not encoder <= present:

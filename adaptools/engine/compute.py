@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..safetensors_io import DTYPES
+from ..values import count_nonfinite
 from .plan import CAST, Entry
 from .quantized import Survival, survival
 from .source import BufferPool, Reader
@@ -70,11 +71,9 @@ def check_finite(entry: Entry, out: torch.Tensor, source: Callable[[], torch.Ten
     The common case costs one sum: a finite sum means every element is finite. Only a non-finite sum
     (or an overflowing one) pays for the element-wise comparison with the decoded source.
     """
-    if not out.is_floating_point() or bool(torch.isfinite(out.sum())):
+    if not count_nonfinite(out):
         return
     bad = ~torch.isfinite(out)
-    if not bool(bad.any()):
-        return
     original = source()
     if original is not None and original.shape == out.shape:
         bad &= torch.isfinite(original.to(bad.device))
