@@ -8,6 +8,11 @@ import sys
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # answered before torch and the plugins load (~2 s)
+        from .version import __version__
+
+        print(f"adaptools, version {__version__}")
+        return
     from .outputs import Interrupted, ignore_stop_signals, stop_signals_raise
 
     try:
