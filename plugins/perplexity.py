@@ -279,7 +279,7 @@ def eval_command(model: str, adapters: tuple[str, ...], eval_text: str, max_toke
     Example:
       adaptools eval ./merged --eval-text held-out.txt
       adaptools eval ./base --adapter ./my-lora --eval-text held-out.txt --json
-      adaptools eval ./base --adapter ./my-prefix --eval-text held-out.txt   (prefix and bottleneck
+      adaptools eval ./base --adapter ./my-prefix --eval-text held-out.txt   (prefix, prompt, P-tuning and bottleneck
                                        adapters, which cannot be merged, are scored this way)
     """
     Perplexity().check_options({"eval_text": eval_text})

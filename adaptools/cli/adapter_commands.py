@@ -78,7 +78,8 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.option("--format", "out_format",
               help="With --to METHOD: the output format (default: the format ADAPTER was read from).")
 @click.option("--bake-projection", "bake", is_flag=True,
-              help="Prefix tuning: evaluate a stored projection MLP once into the plain prefix PEFT saves.")
+              help="Evaluate training-time parts once into what is served (prefix tuning's projection MLP, "
+                   "P-tuning's prompt encoder), as PEFT saves them.")
 @force_option
 @allow_pickle_option
 @json_option
