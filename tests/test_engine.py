@@ -295,3 +295,25 @@ def test_an_unwritable_output_folder_is_one_clean_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     with pytest.raises(adaptools.AdaptoolsError, match="Permission denied"):
         merge(base_path("gpt2"), [MergeInput(adaptools.load(adapter_path("gpt2-lora")))], tmp_path / "out")
+
+
+def test_lm_head_lora_on_a_tied_base_unties_and_leaves_the_embedding(tmp_path):
+    """Only the alias changes: the stored embedding is copied, lm_head written explicitly as W + sBA."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 64, generator=gen) * 0.1, torch.randn(128, 4, generator=gen) * 0.1
+    method = adaptools.get_method("lora")
+    config = method.from_peft({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["lm_head"]},
+                              {"lm_head.lora_A": (4, 64)})
+    adapter = adaptools.Adapter("lora", config, adaptools.MemoryStore({"lm_head.lora_A": a, "lm_head.lora_B": b}),
+                                source="lm-head-only")
+    summary = merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
+    assert summary.untied_lm_head
+    state = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        state.update(load_file(str(f)))
+    base = {}
+    for f in base_path("llama").glob("*.safetensors"):
+        base.update(load_file(str(f)))
+    embedding = base["model.embed_tokens.weight"]
+    assert torch.equal(state["model.embed_tokens.weight"], embedding)
+    assert torch.equal(state["lm_head.weight"], embedding + (b @ a) * 2.0)

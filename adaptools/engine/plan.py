@@ -14,7 +14,7 @@ stays tied depends on whether the two results come out equal, which only the num
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -320,14 +320,24 @@ def _tied_aliases(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]]
             continue
         stored_entry = entries[stored]
         alias_chain = ordered([u for u in stored_entry.chain if u.kind in STORAGE_KINDS] + updates.get(alias, []))
-        alias_entry = _entry(alias, stored, alias_chain, checkpoint, backends, {}, options)
-        alias_entry.action = MERGE
-        if dense_value(stored_entry, checkpoint, options.device).equal(
+        alias_entry = _computed(_entry(alias, stored, alias_chain, checkpoint, backends, {}, options), backends,
+                                checkpoint)
+        if dense_value(_computed(stored_entry, backends, checkpoint), checkpoint, options.device).equal(
                 dense_value(alias_entry, checkpoint, options.device)):
             continue
         alias_entry.note = f"untied from {stored}"
         explicit[alias] = alias_entry
     return explicit
+
+
+def _computed(entry: Entry, backends: _Backends, checkpoint: Checkpoint) -> Entry:
+    """``entry`` as one that is computed (never a byte copy): an explicit alias, or a storage whose value
+    must be compared with it, even when neither changes anything."""
+    if entry.action != COPY:
+        return entry
+    like = checkpoint.tensor(entry.source)
+    return replace(entry, action=MERGE if entry.chain else CAST, decoder=backends.decoder(like),
+                   encoder=backends.encoder(like))
 
 
 def _layout(checkpoint: Checkpoint, entries: dict[str, Entry], aliases: dict[str, Entry],
