@@ -317,3 +317,16 @@ def test_lm_head_lora_on_a_tied_base_unties_and_leaves_the_embedding(tmp_path):
     embedding = base["model.embed_tokens.weight"]
     assert torch.equal(state["model.embed_tokens.weight"], embedding)
     assert torch.equal(state["lm_head.weight"], embedding + (b @ a) * 2.0)
+
+
+@pytest.mark.gpu
+def test_cuda_merge_agrees_with_the_cpu_merge(tmp_path):
+    """--device cuda runs the arithmetic on the GPU (whole tensors); the result matches the CPU's to the
+    output dtype's rounding (GPU matrix products sum in another order)."""
+    adapter = MergeInput(adaptools.load(adapter_path("qwen2-lora-bias")))
+    merge(base_path("qwen2"), [adapter], tmp_path / "cpu")
+    merge(base_path("qwen2"), [adapter], tmp_path / "gpu", device="cuda")
+    cpu, gpu = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(
+        str(tmp_path / "gpu" / "model.safetensors"))
+    for name, value in cpu.items():
+        torch.testing.assert_close(gpu[name].float(), value.float(), rtol=1e-2, atol=1e-2)
