@@ -38,6 +38,7 @@ from .schema import Adapter
 #: Operation -> the methods a class must have to support it. ``info`` and ``convert`` every method has.
 CAPABILITIES: dict[str, tuple[str, ...]] = {
     "merge": ("merge_updates",),
+    "unmerge": ("unmerge_updates",),
     "apply": ("apply",),
     "algebra": ("low_rank", "from_low_rank"),
     "init": ("initialize",),
@@ -54,7 +55,14 @@ def implemented_operations(cls: type) -> frozenset[str]:
     abstract = getattr(cls, "__abstractmethods__", frozenset())
     return frozenset({"info", "convert"}) | frozenset(
         op for op, names in CAPABILITIES.items()
-        if all(callable(getattr(cls, n, None)) and n not in abstract for n in names))
+        if all(callable(getattr(cls, n, None)) and n not in abstract
+               and not getattr(getattr(cls, n), "refuses", False) for n in names))
+
+
+def refusing_default(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a capability's default implementation that only refuses, so it does not count as implemented."""
+    fn.refuses = True  # type: ignore[attr-defined]
+    return fn
 
 
 class AdapterMethod(ABC):
@@ -141,6 +149,18 @@ class Mergeable(ABC):
     @abstractmethod
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""
+
+    @refusing_default
+    def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        """The updates that take this adapter (merged with ``weight``) back out of ``base``, a merged model
+        (``adaptools unmerge``, ``swap``). They run in the order returned, after the inverses of adapters
+        merged later, and are usually of kind ``delta`` (any function of the current value). Raise
+        UnsupportedOperationError naming why when an adapter's merge cannot be undone (the reason also
+        belongs in :meth:`AdapterMethod.refusal` for ``"unmerge"``). By default a merge is not invertible:
+        a method says how to undo it by overriding this."""
+        name = getattr(self, "name", type(self).__name__)
+        raise UnsupportedOperationError(f"method {name!r} cannot unmerge: it does not say how to undo its merge",
+                                        path=adapter.source)
 
 
 class LowRankAlgebra(ABC):

@@ -61,6 +61,7 @@ from .lora_config import (
 from .lora_legacy import enabled_blocks, merged_b, merged_out_features, merged_shapes_problem, portable_pattern_keys
 from .lora_lint import RULES, lint
 from .lora_runtime import applied
+from .lora_unmerge import unmerge_refusal
 
 __all__ = ["LoRA", "initial_factors", "is_targeted", "module_rank_alpha", "pattern_key", "scaling_for",
            "token_indices"]
@@ -93,6 +94,7 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
     description = "Low-rank adaptation (PEFT LORA): rsLoRA, DoRA, patterns, embeddings, biases, tokens"
     plain_method = "lora"
     unsupported = {"bake": "a LoRA has nothing to bake: its factors are what is served"}
+    conditional = {"unmerge": "plain deltas only: not DoRA, OLoRA/PiSSA-style inits, replaced modules or tokens"}
     roles = ROLES
     peft_types = ("LORA",)
     peft_roles = {
@@ -169,7 +171,9 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
     # --- merge ---------------------------------------------------------------------------------------
 
     def refusal(self, operation: str, adapter: Adapter) -> str | None:
-        """Why this adapter cannot be merged or applied as plain LoRA, or None."""
+        """Why this adapter cannot be merged, unmerged or applied as plain LoRA, or None."""
+        if operation == "unmerge":
+            return self.refusal("merge", adapter) or unmerge_refusal(adapter)
         if operation not in ("merge", "apply"):
             return None
         config = adapter.config
@@ -228,6 +232,14 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
                 **adapter.where(tensor),
                 hint="the adapter was made for another model (check base_model_name_or_path)")
         return found
+
+    def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        """The merge's own updates with the weight negated. Rounding is symmetric in sign, so the delta computed
+        is exactly the negative of the one the merge added, and OUT is MERGED minus it, rounded once: a base
+        that merges back to MERGED bit for bit, and the original wherever the merge's rounding kept it
+        (docs/unmerge.md). Refuses what cannot be undone (:func:`lora_unmerge.unmerge_refusal`)."""
+        self.require("unmerge", adapter)
+        return self.merge_updates(adapter, base, -weight)
 
     def _replacement(self, adapter: Adapter, base: BaseInfo, module: str, param: str, name: str) -> TensorUpdate:
         target = self._locate(adapter, base, module, param, name)

@@ -140,8 +140,8 @@ class MergePlan:
         return {
             "base": str(self.checkpoint.path),
             "operation": self.options.operation,
-            "adapters": [{"source": i.adapter.source, "method": i.adapter.method, "weight": i.weight}
-                         for i in self.inputs],
+            "adapters": [{"source": i.adapter.source, "method": i.adapter.method, "weight": i.weight,
+                          **({"removed": True} if i.invert else {})} for i in self.inputs],
             "tensors": len(self.entries),
             "merged": by_action[MERGE],
             "cast": by_action[CAST],
@@ -169,12 +169,14 @@ def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
     info = checkpoint.base_info()
     grouped: dict[str, list[TensorUpdate]] = {}
     replaced_by: dict[str, str] = {}
-    for item in inputs:
+    # inverses first, in the reverse of the order the adapters were merged (docs/unmerge.md)
+    for item in [*reversed([i for i in inputs if i.invert]), *(i for i in inputs if not i.invert)]:
         method = registry.get_method(item.adapter.method)
-        method.require("merge", item.adapter)
+        method.require("unmerge" if item.invert else "merge", item.adapter)
         if not ignore_base_mismatch:
             _check_architecture(item, checkpoint)
-        for update in method.merge_updates(item.adapter, info, item.weight):  # type: ignore[attr-defined]
+        produce = method.unmerge_updates if item.invert else method.merge_updates  # type: ignore[attr-defined]
+        for update in produce(item.adapter, info, item.weight):
             if update.kind not in KIND_ORDER:
                 raise InputError(f"method {item.adapter.method!r} returned an update of unknown kind "
                                  f"{update.kind!r}", tensor=update.target,
