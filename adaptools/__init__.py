@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .datatypes import UpdateKind, WriteOptions
     from .dtypes import FLOAT_TYPES, FloatType
     from .engine import CheckRequest, MergeInput, MergeOptions, merge
+    from .operations.unmerge import unmerge
     from .engine.options import QuantizeOptions
     from .errors import (
         AdapterFormatError,
@@ -106,6 +107,7 @@ _EXPORTS = {
     "Checkpoint": ".checkpoint",
     "check_output": ".outputs",
     "merge": ".engine",
+    "unmerge": ".operations.unmerge",
     "MergeInput": ".engine",
     "MergeOptions": ".engine",
     "CheckRequest": ".engine",
@@ -202,6 +204,7 @@ __all__ = [
     "Checkpoint",
     "check_output",
     "merge",
+    "unmerge",
     "MergeInput",
     "MergeOptions",
     "CheckRequest",

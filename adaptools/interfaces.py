@@ -153,11 +153,12 @@ class Mergeable(ABC):
     @refusing_default
     def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates that take this adapter (merged with ``weight``) back out of ``base``, a merged model
-        (``adaptools unmerge``, ``swap``). They run in the order returned, after the inverses of adapters
-        merged later, and are usually of kind ``delta`` (any function of the current value). Raise
-        UnsupportedOperationError naming why when an adapter's merge cannot be undone (the reason also
-        belongs in :meth:`AdapterMethod.refusal` for ``"unmerge"``). By default a merge is not invertible:
-        a method says how to undo it by overriding this."""
+        (``adaptools unmerge``, ``swap``): one inverse per update :meth:`merge_updates` makes, in the same
+        order, each labelled with the kind of the update it undoes. The engine runs them before every other
+        update, in the exact reverse of the merge's order (docs/unmerge.md). Raise UnsupportedOperationError
+        naming why when an adapter's merge cannot be undone (the reason also belongs in
+        :meth:`AdapterMethod.refusal` for ``"unmerge"``). By default a merge is not invertible: a method says
+        how to undo it by overriding this."""
         name = getattr(self, "name", type(self).__name__)
         raise UnsupportedOperationError(f"method {name!r} cannot unmerge: it does not say how to undo its merge",
                                         path=adapter.source)

@@ -54,17 +54,18 @@ def unfold_updates(adapter: Adapter, target: str, bias_name: str | None, scaled_
                    down: torch.Tensor, shift: torch.Tensor, conv1d: bool, source: tuple[str, str],
                    where: str) -> list[TensorUpdate]:
     """The inverse of the fold: ``W = M⁻¹·W'`` (GPT-2 Conv1D stores ``Wᵀ``: ``W = W'·M⁻ᵀ``) and
-    ``b = M⁻¹·(b' − c)``, in float64, rounded once by the merge engine."""
+    ``b = M⁻¹·(b' − c)``, in float64, rounded once by the merge engine. Labelled ``output_map``, the kind they
+    undo, so the engine runs them where the reverse of the merge's order puts them."""
     inverse = inverse_map(scaled_up, down, where, adapter)
 
     def unfold_weight(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         x = current.double()
         return (inverse(x.T).T if conv1d else inverse(x)).float()
 
-    updates = [TensorUpdate(target, "delta", unfold_weight, source=source[0])]
+    updates = [TensorUpdate(target, "output_map", unfold_weight, source=source[0])]
     if bias_name is not None:
         def unfold_bias(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             return inverse(current.double() - shift.to(current.device).float().double()).float()
 
-        updates.append(TensorUpdate(bias_name, "delta", unfold_bias, source=source[1]))
+        updates.append(TensorUpdate(bias_name, "output_map", unfold_bias, source=source[1]))
     return updates

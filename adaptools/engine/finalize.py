@@ -34,7 +34,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _adapter_files(adapter: Adapter) -> list[Path]:
+def adapter_files(adapter: Adapter) -> list[Path]:
     src = Path(adapter.source)
     if not src.exists():  # built in memory
         return []
@@ -61,7 +61,7 @@ def provenance(checkpoint: Checkpoint, inputs: Sequence[MergeInput], command: st
         base_files.append({"file": shard.name, "bytes": shard.path.stat().st_size, "sha256": sha})
     adapters = [{"source": item.adapter.source, "method": item.adapter.method, "weight": item.weight,
                  **({"removed": True} if item.invert else {}), "base": item.adapter.base.to_json(),
-                 "files": [{"file": p.name, "sha256": sha256(p)} for p in _adapter_files(item.adapter)]}
+                 "files": [{"file": p.name, "sha256": sha256(p)} for p in adapter_files(item.adapter)]}
                 for item in inputs]
     return {"tool": f"adaptools {__version__}", "operation": operation, "command": command,
             "base": {"path": str(checkpoint.path), "files": base_files}, "adapters": adapters}

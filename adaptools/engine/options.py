@@ -23,8 +23,8 @@ OPERATIONS = ("merge", "dequantize", "requantize", "unmerge", "swap", "init-resi
 @dataclass
 class MergeInput:
     """One adapter to merge and its weight (its deltas are multiplied by it). ``invert``: take it back out
-    instead (unmerge, swap): the method's ``unmerge_updates`` for the weight it was merged with; inverted
-    inputs run first, last-merged first (docs/unmerge.md)."""
+    instead (unmerge, swap), given the weight it was merged with; inverted inputs are listed in the order
+    they were merged, and are undone first, in reverse (docs/unmerge.md)."""
 
     adapter: Adapter
     weight: float = 1.0

@@ -14,7 +14,7 @@ stays tied depends on whether the two results come out equal, which only the num
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from .quantized import quantize_targets
 
 COPY, CAST, MERGE = "copy", "cast", "merge"
 #: Update kinds in the order the engine applies them; adapters keep their order within a kind.
-KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2, "output_map": 3}
+KIND_ORDER = {"undo": -1, "replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2, "output_map": 3}
 #: Update kinds that change the stored tensor itself, so a tied alias (lm_head) sees them too.
 STORAGE_KINDS = ("replace", "replace_rows")
 
@@ -168,26 +168,31 @@ def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
     """Every adapter's updates, grouped by base parameter, validated against the base's headers."""
     info = checkpoint.base_info()
     grouped: dict[str, list[TensorUpdate]] = {}
+    undone: dict[str, list[TensorUpdate]] = {}
     replaced_by: dict[str, str] = {}
-    # inverses first, in the reverse of the order the adapters were merged (docs/unmerge.md)
-    for item in [*reversed([i for i in inputs if i.invert]), *(i for i in inputs if not i.invert)]:
+    for item in [*(i for i in inputs if i.invert), *(i for i in inputs if not i.invert)]:
         method = registry.get_method(item.adapter.method)
         method.require("unmerge" if item.invert else "merge", item.adapter)
         if not ignore_base_mismatch:
             _check_architecture(item, checkpoint)
         produce = method.unmerge_updates if item.invert else method.merge_updates  # type: ignore[attr-defined]
         for update in produce(item.adapter, info, item.weight):
-            if update.kind not in KIND_ORDER:
+            if update.kind not in KIND_ORDER or update.kind == "undo":
                 raise InputError(f"method {item.adapter.method!r} returned an update of unknown kind "
                                  f"{update.kind!r}", tensor=update.target,
-                                 hint=f"kinds are {', '.join(KIND_ORDER)}; report this to the plugin's author")
-            if update.kind in ("replace", "replace_module"):
+                                 hint=f"kinds are {', '.join(k for k in KIND_ORDER if k != 'undo')}; report this "
+                                      "to the plugin's author")
+            if update.kind in ("replace", "replace_module") and not item.invert:
                 if update.target in replaced_by and replaced_by[update.target] != item.adapter.source:
                     raise IncompatibleBaseError(
                         f"two adapters replace {update.target} ({replaced_by[update.target]} and "
                         f"{item.adapter.source})", hint="merge them separately or drop one")
                 replaced_by[update.target] = item.adapter.source
-            grouped.setdefault(update.target, []).append(update)
+            (undone if item.invert else grouped).setdefault(update.target, []).append(update)
+    # Inverses are labelled with the kind of the change they undo: the exact reverse of the merge's chain
+    # runs first, as undos (docs/unmerge.md, "Order").
+    for target, inverses in undone.items():
+        grouped[target] = [replace(u, kind="undo") for u in reversed(ordered(inverses))] + grouped.get(target, [])
     return grouped
 
 
