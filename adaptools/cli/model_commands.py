@@ -171,9 +171,11 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
     fine-tune the rounding erased.
 
     --check NAME runs a validator on OUT before it is published (see
-    `adaptools plugins`; e.g. --check perplexity --eval-text FILE). A failed
-    check exits 1 and keeps OUT, with the verdict in adaptools_checks.json
-    and its model card.
+    `adaptools plugins`): --check logits (does OUT compute what base + adapter
+    computes, within the output dtype's rounding? seconds on a CPU), --check
+    generate (greedy continuations, first divergence), --check perplexity
+    --eval-text FILE. A failed check exits 1 and keeps OUT, with the verdict
+    in adaptools_checks.json and its model card (docs/validation.md).
 
     \b
     Examples:
@@ -181,6 +183,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
       adaptools merge ./base ./style ./facts ./out --weight 0.7 --weight 1
       adaptools merge ./base ./my-lora ./out --dtype bf16 --shard-size 5GB
       adaptools merge ./base ./my-lora ./out --dry-run --json
+      adaptools merge ./llama-nf4 ./my-qlora ./merged --check logits --check generate
     """
     if len(paths) < 3:
         raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
@@ -226,11 +229,11 @@ def unmerge(paths: tuple[str, ...], weights: tuple[float, ...], original: str | 
 
     The inverse of `adaptools merge`, streamed the same way: each adapter's
     delta is computed exactly as the merge computed it and subtracted, in
-    fp32, rounded once. The result merges back to MERGED bit for bit; it is
-    the original base wherever the merge's own rounding kept the base's
-    value, and at most one rounding of the merged value away elsewhere
-    (docs/unmerge.md). Give --base ORIGINAL to measure how far OUT is from
-    it. Adapters whose merge cannot be undone are refused, naming why (DoRA,
+    fp32, rounded once. Merged again, the result gives MERGED back bit for
+    bit (in every case measured), so it is the original base wherever the
+    merge's own rounding kept the base's value, and at most one rounding of
+    the merged value away elsewhere (docs/unmerge.md). Give --base ORIGINAL
+    to measure how far OUT is from it. Adapters whose merge cannot be undone are refused, naming why (DoRA,
     replaced modules, trainable tokens, bottleneck folds with a singular map).
 
     \b
