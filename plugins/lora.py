@@ -61,7 +61,7 @@ from .lora_config import (
 from .lora_legacy import enabled_blocks, merged_b, merged_out_features, merged_shapes_problem, portable_pattern_keys
 from .lora_lint import RULES, lint
 from .lora_runtime import applied
-from .lora_unmerge import unmerge_refusal
+from .lora_unmerge import preimages, unmerge_refusal
 
 __all__ = ["LoRA", "initial_factors", "is_targeted", "module_rank_alpha", "pattern_key", "scaling_for",
            "token_indices"]
@@ -234,12 +234,11 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
         return found
 
     def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
-        """The merge's own updates with the weight negated. Rounding is symmetric in sign, so the delta computed
-        is exactly the negative of the one the merge added, and OUT is MERGED minus it, rounded once: a base
-        that merges back to MERGED bit for bit, and the original wherever the merge's rounding kept it
-        (docs/unmerge.md). Refuses what cannot be undone (:func:`lora_unmerge.unmerge_refusal`)."""
+        """MERGED minus the very delta the merge added (computed by the merge's own updates), rounded once and
+        nudged where needed to a base that merges back to MERGED bit for bit: the original wherever the
+        merge's rounding kept it (lora_unmerge.py, docs/unmerge.md). Refuses what cannot be undone."""
         self.require("unmerge", adapter)
-        return self.merge_updates(adapter, base, -weight)
+        return preimages(self.merge_updates(adapter, base, weight), base)
 
     def _replacement(self, adapter: Adapter, base: BaseInfo, module: str, param: str, name: str) -> TensorUpdate:
         target = self._locate(adapter, base, module, param, name)

@@ -294,3 +294,28 @@ def test_dry_run_shows_what_is_removed(tmp_path, cli_runner):
     assert result.exit_code == 0 and not (tmp_path / "u").exists()
     data = json.loads(result.stdout)
     assert data["operation"] == "unmerge" and data["adapters"][0]["removed"] is True and len(data["merged"]) == 14
+
+
+def test_where_double_rounding_meets_a_power_of_two_the_neighbour_is_taken():
+    """The merge adds in fp32 and rounds to bf16 after: a sum landing exactly on a bf16 tie next to 2⁻⁸
+    rounds down to 2⁻⁸, and plain subtraction then gives a value that merges elsewhere (6 elements of a
+    bf16 SmolLM2 merge do this). The neighbour above is the base that merges to M."""
+    from adaptools_plugins.lora_unmerge import _undo
+
+    bf16 = torch.bfloat16
+    base = torch.tensor([0.003936767578125])
+    delta = torch.tensor([-1.5258689927577507e-05])
+    merged = (base + delta).to(bf16).float()
+    assert merged.item() == 2.0**-8
+    plain = (merged - delta).to(bf16).float()
+    assert (plain + delta).to(bf16).float().item() != merged.item()  # what a plain subtraction gives is wrong
+    undone = _undo(merged, lambda x: x + delta, bf16)
+    assert (undone + delta).to(bf16).float().item() == merged.item() and undone.item() == base.item()
+    # and in general: a million random bf16 pairs near powers of two all merge back
+    gen = torch.Generator().manual_seed(0)
+    exponent = torch.randint(-12, 2, (1_000_000,), generator=gen).float()
+    base = (2.0**exponent * (1 + 0.01 * torch.randn(1_000_000, generator=gen))).to(bf16).float()
+    delta = torch.randn(1_000_000, generator=gen) * 2.0 ** (exponent - 9)
+    merged = (base + delta).to(bf16).float()
+    undone = _undo(merged, lambda x: x + delta, bf16)
+    assert torch.equal((undone + delta).to(bf16).float(), merged)
