@@ -21,7 +21,17 @@ import torch
 import adaptools
 from adaptools import ValidationContext, Verdict
 
-from .logits import Logits, Sequences, Tolerance, output_dtype, progress, sides, token_sequences, with_adapters
+from .logits import (
+    Logits,
+    Sequences,
+    Tolerance,
+    needs_transformers,
+    output_dtype,
+    progress,
+    sides,
+    token_sequences,
+    with_adapters,
+)
 
 DEFAULT_PROMPTS = 3
 DEFAULT_PROMPT_TOKENS = 16
@@ -67,6 +77,7 @@ class Generate(adaptools.Validator):
         options = context.options
         self.check_options(options)
         reference, candidate = sides(context, self.name)
+        needs_transformers(self.name)
         dtype = output_dtype(context.output)  # type: ignore[arg-type]
         new_tokens = int(options.get("new_tokens") or DEFAULT_NEW_TOKENS)
         sequences = token_sequences(context.output, options.get("eval_text"),  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ import torch
 import adaptools
 from adaptools import InputError, ValidationContext, Verdict
 
-from .perplexity import _transformers, load_model, read_eval_text
+from .perplexity import load_model, read_eval_text
 
 DEFAULT_SEQUENCES = 4
 DEFAULT_TOKENS = 64
@@ -114,8 +114,19 @@ class Sequences:
         return str(self.tokenizer.decode([int(i) for i in ids]))
 
 
+def needs_transformers(check: str) -> Any:
+    """transformers, or an error naming the check that needs it (the models are loaded through it)."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"the {check} check needs transformers", hint="pip install 'adaptools[eval]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # our own bar, on a terminal only
+    return transformers
+
+
 def _tokenizer(model_path: str) -> Any:
-    transformers = _transformers()
+    transformers = needs_transformers("logits")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError, KeyError):  # no tokenizer files, or ones transformers cannot read
@@ -189,7 +200,7 @@ def sides(context: ValidationContext, check: str) -> tuple[Side, Side]:
 def with_adapters(side: Side, run: Callable[[Any], Any], bare: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """``run(model)`` on the side's model with its adapters applied (and ``bare(model)`` before they are),
     loading the model for this call only, so that one model is in memory at a time."""
-    model = load_model(side.path, dtype=torch.float32)  # compare in fp32 on every device: the weights, not the arithmetic
+    model = load_model(side.path, dtype=torch.float32)  # fp32 on every device: compare the weights, not the arithmetic
     first = bare(model) if bare is not None else None
     with ExitStack() as stack:
         for adapter in side.adapters:
@@ -305,6 +316,7 @@ class Logits(adaptools.Validator):
         options = context.options
         self.check_options(options)
         reference, candidate = sides(context, self.name)
+        needs_transformers(self.name)
         dtype = output_dtype(context.output)  # type: ignore[arg-type]
         sequences = token_sequences(context.output, options.get("eval_text"),  # type: ignore[arg-type]
                                     int(options.get("sequences") or DEFAULT_SEQUENCES),

@@ -16,8 +16,8 @@ from ..engine import MergeEvent, MergeInput, MergeOptions, MergePlan, MergeSumma
 from ..engine import plan as plan_merge
 from ..errors import CheckFailedError, InputError
 from ..interfaces import Backend
-from ..outputs import check_output
 from ..operations import unmerge as unmerge_op
+from ..outputs import check_output
 from .checks import check_options, check_requests
 from .group import _fmt_bytes, cli, emit_json
 from .options import (
@@ -306,7 +306,8 @@ def _echo_plan(data: dict[str, Any]) -> None:
     """The dry-run plan for people."""
     click.echo(f"plan: {data['operation']} into {data['base']}")
     for a in data["adapters"]:
-        click.echo(f"  adapter {a['source']} ({a['method']}, weight {a['weight']}{', removed' if a.get('removed') else ''})")
+        removed = ", removed" if a.get("removed") else ""
+        click.echo(f"  adapter {a['source']} ({a['method']}, weight {a['weight']}{removed})")
     click.echo(f"{data['tensors']} tensors: {len(data['merged'])} merged, {len(data['cast'])} cast, "
                f"{data['copied']} copied byte for byte")
     for name in data["untied"]:
