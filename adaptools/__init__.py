@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from .datatypes import UpdateKind, WriteOptions
     from .dtypes import FLOAT_TYPES, FloatType
     from .engine import CheckRequest, MergeInput, MergeOptions, merge
-    from .operations.unmerge import unmerge
     from .engine.options import QuantizeOptions
     from .errors import (
         AdapterFormatError,
@@ -64,6 +63,7 @@ if TYPE_CHECKING:
     )
     from .jsonio import check_json, json_problems, parse_json, read_json
     from .operations.extract import extract as extract_adapter
+    from .operations.unmerge import unmerge
     from .outputs import (
         atomic_output,
         check_output,
