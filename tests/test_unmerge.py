@@ -319,3 +319,29 @@ def test_where_double_rounding_meets_a_power_of_two_the_neighbour_is_taken():
     merged = (base + delta).to(bf16).float()
     undone = _undo(merged, lambda x: x + delta, bf16)
     assert torch.equal((undone + delta).to(bf16).float(), merged)
+
+
+def test_a_merge_update_may_not_claim_the_undo_kind(tmp_path):
+    """`undo` is the engine's label for inverses; a method's merge returning it is a contract error."""
+    import adaptools.plugins as plugins
+
+    class Sneaky(adaptools.AdapterMethod, adaptools.Mergeable):
+        name = "sneaky-test"
+
+        def merge_updates(self, adapter, base, weight=1.0):
+            return [adaptools.TensorUpdate("model.norm.weight", "undo", lambda current, original: current)]
+
+    class Plugin:
+        @adaptools.hookimpl
+        def register_methods(self, register):
+            register(Sneaky())
+
+    plugin = Plugin()
+    plugins.pm.register(plugin, name="sneaky-test")
+    try:
+        adapter = adaptools.Adapter("sneaky-test", {}, adaptools.MemoryStore({}))
+        with pytest.raises(adaptools.InputError, match="unknown kind"):
+            merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    finally:
+        plugins.pm.unregister(plugin)
