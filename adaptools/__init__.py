@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     )
     from .jsonio import check_json, json_problems, parse_json, read_json
     from .operations.extract import extract as extract_adapter
+    from .operations.unmerge import unmerge
     from .outputs import (
         atomic_output,
         check_output,
@@ -110,6 +111,7 @@ _EXPORTS = {
     "Checkpoint": ".checkpoint",
     "check_output": ".outputs",
     "merge": ".engine",
+    "unmerge": ".operations.unmerge",
     "MergeInput": ".engine",
     "MergeOptions": ".engine",
     "CheckRequest": ".engine",
@@ -208,6 +210,7 @@ __all__ = [
     "Checkpoint",
     "check_output",
     "merge",
+    "unmerge",
     "MergeInput",
     "MergeOptions",
     "CheckRequest",

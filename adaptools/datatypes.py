@@ -18,13 +18,15 @@ from .schema import Adapter
 
 class UpdateKind(str, Enum):
     """How a :class:`TensorUpdate` composes with the others on the same parameter. The merge applies
-    replacements, then deltas, then row replacements, then output maps, adapters in order within each."""
+    replacements, then deltas, then row replacements, then output maps, adapters in order within each.
+    Undos (the inverses an unmerge asks for) run before all of them, in the exact reverse of that order."""
 
     REPLACE = "replace"  # the stored tensor itself is replaced (a tied alias sees it)
     REPLACE_MODULE = "replace_module"  # one module's copy is replaced (PEFT modules_to_save); ties do not follow
     DELTA = "delta"  # any function of the current value (LoRA, DoRA, biases, multiplicative updates)
     REPLACE_ROWS = "replace_rows"  # some rows are replaced (trainable tokens); ties follow, as in PEFT
     OUTPUT_MAP = "output_map"  # a map of the layer's output, acting after every other change
+    UNDO = "undo"  # takes a merged adapter's change back out (unmerge, swap): before everything, set by the engine
 
 
 #: Finding severities, most severe first.

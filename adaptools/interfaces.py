@@ -45,6 +45,7 @@ __all__ = [
 #: Operation -> the methods a class must have to support it. ``info`` and ``convert`` every method has.
 CAPABILITIES: dict[str, tuple[str, ...]] = {
     "merge": ("merge_updates",),
+    "unmerge": ("unmerge_updates",),
     "apply": ("apply",),
     "algebra": ("low_rank", "from_low_rank"),
     "init": ("initialize",),
@@ -71,7 +72,14 @@ def implemented_operations(cls: type) -> frozenset[str]:
     abstract: frozenset[str] = getattr(cls, "__abstractmethods__", frozenset())
     return frozenset({"info", "convert"}) | frozenset(
         op for op, names in CAPABILITIES.items()
-        if all(callable(getattr(cls, n, None)) and n not in abstract for n in names))
+        if all(callable(getattr(cls, n, None)) and n not in abstract
+               and not getattr(getattr(cls, n), "refuses", False) for n in names))
+
+
+def refusing_default(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a capability's default implementation that only refuses, so it does not count as implemented."""
+    fn.refuses = True  # type: ignore[attr-defined]
+    return fn
 
 
 class AdapterMethod(ABC):
@@ -158,6 +166,19 @@ class Mergeable(ABC):
     @abstractmethod
     def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """The updates a merge applies to the base. Raise IncompatibleBaseError if it does not fit."""
+
+    @refusing_default
+    def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        """The updates that take this adapter (merged with ``weight``) back out of ``base``, a merged model
+        (``adaptools unmerge``, ``swap``): one inverse per update :meth:`merge_updates` makes, in the same
+        order, each labelled with the kind of the update it undoes. The engine runs them before every other
+        update, in the exact reverse of the merge's order (docs/unmerge.md). Raise UnsupportedOperationError
+        naming why when an adapter's merge cannot be undone (the reason also belongs in
+        :meth:`AdapterMethod.refusal` for ``"unmerge"``). By default a merge is not invertible: a method says
+        how to undo it by overriding this."""
+        name = getattr(self, "name", type(self).__name__)
+        raise UnsupportedOperationError(f"method {name!r} cannot unmerge: it does not say how to undo its merge",
+                                        path=adapter.source)
 
 
 class LowRankAlgebra(ABC):

@@ -39,6 +39,8 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.nf4",
     "adaptools_plugins.int8",
     "adaptools_plugins.perplexity",
+    "adaptools_plugins.logits",
+    "adaptools_plugins.generate",
 )
 
 pm = pluggy.PluginManager("adaptools")

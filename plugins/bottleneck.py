@@ -38,6 +38,8 @@ import torch.nn.functional as F
 import adaptools
 from adaptools import Adapter, BaseInfo, Finding, IncompatibleBaseError, TensorUpdate, UnsupportedOperationError
 
+from .bottleneck_unfold import unfold_updates
+
 LOCATIONS = ("mh_adapter", "output_adapter", "cross_adapter")
 ROLES = ("down", "down_bias", "up", "up_bias", "norm_before", "norm_before_bias", "norm_after",
          "norm_after_bias", "gate", "gate_bias", "scaling")
@@ -166,7 +168,8 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
     name = "bottleneck"
     description = "Bottleneck adapters (Houlsby, Pfeiffer, parallel) from the AdapterHub `adapters` library"
     #: merge is listed because a linear bottleneck folds exactly; every other one is refused with the reason.
-    conditional = {"merge": "only with a linear activation after the sub-layer (Houlsby placement)"}
+    conditional = {"merge": "only with a linear activation after the sub-layer (Houlsby placement)",
+                   "unmerge": "as merge, and only when the folded map I + S·U·D is invertible"}
     roles = ROLES
     unsupported = {"algebra": "a bottleneck adapter is not a low-rank weight delta; diff compares its tensors",
                    "init": "train it with the adapters library"}
@@ -307,8 +310,9 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
     # --- merge: only the linear case folds ----------------------------------------------------------
 
     def refusal(self, operation: str, adapter: Adapter) -> str | None:
-        """Why this adapter cannot be merged: only a linear map after the sub-layer folds into a weight."""
-        if operation != "merge":
+        """Why this adapter cannot be merged (or unmerged): only a linear map after the sub-layer folds into a
+        weight. Whether a fold can be undone also depends on its values: :meth:`unmerge_updates` says."""
+        if operation not in ("merge", "unmerge"):
             return None
         f = flags(adapter.config)
         act = str(f.get("non_linearity") or "linear").lower()
@@ -329,8 +333,14 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
             return "its residual is taken after the residual add (residual_before_ln)"
         return self.unsupported_features(adapter.config)
 
-    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
-        self.require("merge", adapter)
+    def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        """The fold undone: the inverse map of each location (bottleneck_unfold.py); refuses a singular one."""
+        self.require("unmerge", adapter)
+        return self.merge_updates(adapter, base, weight, invert=True)
+
+    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0, *,
+                      invert: bool = False) -> list[TensorUpdate]:
+        self.require("unmerge" if invert else "merge", adapter)
         f = flags(adapter.config)
         conv1d = base.config.get("model_type") in CONV1D_MODELS
         updates = []
@@ -339,7 +349,7 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
             if not enabled(f, module):
                 continue
             target = self._projection(adapter, base, layer_path, location, roles)
-            updates += self._fold(adapter, base, f, roles, target, conv1d, weight)
+            updates += self._fold(adapter, base, f, roles, target, conv1d, weight, invert, module)
         return updates
 
     def _projection(self, adapter: Adapter, base: BaseInfo, layer_path: str, location: str,
@@ -353,7 +363,7 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
                                     hint="adaptools knows Llama-style (o_proj, down_proj) and GPT-2 (c_proj)")
 
     def _fold(self, adapter: Adapter, base: BaseInfo, f: Mapping[str, Any], roles: dict[str, str], target: str,
-              conv1d: bool, weight: float) -> list[TensorUpdate]:
+              conv1d: bool, weight: float, invert: bool = False, module: str = "") -> list[TensorUpdate]:
         down, up = adapter.tensor(roles["down"]).double(), adapter.tensor(roles["up"]).double()
         hidden = up.shape[0]
 
@@ -370,6 +380,11 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
         if out_dim != hidden:
             raise IncompatibleBaseError(f"{target} has {out_dim} outputs, the adapter expects {hidden}",
                                         **adapter.where(roles["up"]))
+        bias_name = target[: -len("weight")] + "bias"
+        has_bias = base.find(bias_name) is not None
+        if invert and (has_bias or not bool(shift.abs().max() > 0)):
+            return unfold_updates(adapter, target, bias_name if has_bias else None, scale * up, down, shift, conv1d,
+                                  (roles["up"], roles.get("up_bias", roles["up"])), module)
         mix32, shift32 = mix.float(), shift.float()
 
         def fold_weight(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -377,8 +392,7 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
             return current @ m.T if conv1d else m @ current
 
         updates = [TensorUpdate(target, "output_map", fold_weight, source=roles["up"])]
-        bias_name = target[: -len("weight")] + "bias"
-        if base.find(bias_name) is not None:
+        if has_bias:
             def fold_bias(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
                 return mix32.to(current.device) @ current + shift32.to(current.device)
 

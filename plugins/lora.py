@@ -61,6 +61,7 @@ from .lora_config import (
 from .lora_legacy import enabled_blocks, merged_b, merged_out_features, merged_shapes_problem, portable_pattern_keys
 from .lora_lint import RULES, lint
 from .lora_runtime import applied
+from .lora_unmerge import preimages, unmerge_refusal
 from .peft_common import locate, matrix_layout, replacement_update
 
 __all__ = ["LoRA", "initial_factors", "is_targeted", "module_rank_alpha", "pattern_key", "scaling_for",
@@ -94,6 +95,7 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
     description = "Low-rank adaptation (PEFT LORA): rsLoRA, DoRA, patterns, embeddings, biases, tokens"
     plain_method = "lora"
     unsupported = {"bake": "a LoRA has nothing to bake: its factors are what is served"}
+    conditional = {"unmerge": "plain deltas only: not DoRA, OLoRA/PiSSA-style inits, replaced modules or tokens"}
     roles = ROLES
     peft_types = ("LORA",)
     peft_roles = {
@@ -170,7 +172,9 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
     # --- merge ---------------------------------------------------------------------------------------
 
     def refusal(self, operation: str, adapter: Adapter) -> str | None:
-        """Why this adapter cannot be merged or applied as plain LoRA, or None."""
+        """Why this adapter cannot be merged, unmerged or applied as plain LoRA, or None."""
+        if operation == "unmerge":
+            return self.refusal("merge", adapter) or unmerge_refusal(adapter)
         if operation not in ("merge", "apply"):
             return None
         config = adapter.config
@@ -223,6 +227,13 @@ class LoRA(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.LowRankAlgebr
 
     def _locate(self, adapter: Adapter, base: BaseInfo, module: str, param: str, tensor: str) -> str:
         return locate(adapter, base, module, param, tensor)
+
+    def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        """MERGED minus the very delta the merge added (computed by the merge's own updates), rounded once and
+        nudged where needed to a base that merges back to MERGED bit for bit: the original wherever the
+        merge's rounding kept it (lora_unmerge.py, docs/unmerge.md). Refuses what cannot be undone."""
+        self.require("unmerge", adapter)
+        return preimages(self.merge_updates(adapter, base, weight), base)
 
     def _delta_updates(self, adapter: Adapter, base: BaseInfo, module: str, roles: dict[str, str],
                        weight: float) -> list[TensorUpdate]:

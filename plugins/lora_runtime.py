@@ -59,6 +59,10 @@ def _lora_hook(adapter: Adapter, module: str, roles: dict[str, str], layer: torc
     bias = adapter.tensor(roles["lora_bias"]).float() if "lora_bias" in roles else None
     magnitude = adapter.tensor(roles["lora_magnitude"]).float() if "lora_magnitude" in roles else None
     weight = layer.weight
+    device = weight.device  # the adapter's path computes where its layer does (a 4-bit layer lives on CUDA)
+    a, b = a.to(device), b.to(device)
+    bias = bias.to(device) if bias is not None else None
+    magnitude = magnitude.to(device) if magnitude is not None else None
     transposed = not embedding and tuple(weight.shape) == (a.shape[1], b.shape[0]) and \
         (weight.shape[0] != weight.shape[1] or bool(config.get("fan_in_fan_out")))
 

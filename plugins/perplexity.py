@@ -192,7 +192,7 @@ class Perplexity(adaptools.Validator):
     name = "perplexity"
     description = "merged perplexity within a tolerance of base + adapter unmerged (needs transformers)"
     options = (
-        adaptools.ValidatorOption("eval_text", str, help="Evaluation text for --check perplexity (.txt or .jsonl).",
+        adaptools.ValidatorOption("eval_text", str, help="Evaluation text (.txt or .jsonl).",
                                   flag="--eval-text"),
         adaptools.ValidatorOption("max_tokens", int, DEFAULT_MAX_TOKENS, help="Tokens of the text to score.",
                                   flag="--max-tokens", minimum=2),

@@ -158,7 +158,9 @@ def test_plugins_command_lists_builtins_and_operations(cli_runner):
                      "backends: fp32, fp16, bf16"):
         assert expected in result.stdout
     data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "init", "merge", "plain"]
+    assert data["operations"]["lora"] == ["algebra", "apply", "convert", "info", "init", "merge", "plain", "unmerge"]
+    assert data["operations"]["bottleneck"] == ["apply", "convert", "info", "merge", "unmerge"]
+    assert "unmerge" in data["conditional"]["lora"] and "unmerge" in data["conditional"]["bottleneck"]
     assert data["operations"]["prefix_tuning"] == ["apply", "bake", "convert", "info"]
 
 

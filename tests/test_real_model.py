@@ -70,3 +70,38 @@ def test_qlora_merge_phenomenon_and_table(real, cli_runner):
     assert abs(merged4 - reference) / reference > 0.005
     checks = json.loads(requantized.stdout)["checks"][0]
     assert checks["passed"] is False and checks["figures"]["base_is_4bit"] is True
+
+
+def test_logits_check_flags_the_4bit_merge_and_passes_the_dequantize_merge(real, cli_runner):
+    """The cheap half of validation (issue 17): no held-out text, seconds on a CPU (times in docs/validation.md)."""
+    tmp, nf4, adapter = real["tmp"], real["nf4"], real["adapter"]
+    requantized = cli_runner("merge", nf4, adapter, tmp / "logits-4bit", "--requantize", "--check", "logits", "--json")
+    assert requantized.exit_code == 1, requantized.output
+    check = json.loads(requantized.stdout)["checks"][0]
+    figures = check["figures"]
+    assert not check["passed"] and figures["mean_kl"] > 10 * figures["tolerance"]["mean_kl"]
+    assert figures["adapter_effect"]["mean_kl"] > 0.1  # the fine-tune moves the model, and the 4-bit merge loses it
+    deq = cli_runner("merge", nf4, adapter, tmp / "logits-deq", "--check", "logits", "--check", "generate", "--json")
+    assert deq.exit_code == 0, deq.output
+    logits, generate = json.loads(deq.stdout)["checks"]
+    assert logits["passed"] and logits["figures"]["tolerance"]["dtype"] == "BF16" and generate["passed"]
+    assert logits["figures"]["mean_kl"] < logits["figures"]["adapter_effect"]["mean_kl"] / 100
+    checked = cli_runner("check", adapter, "--base", nf4, "--check", "logits")
+    assert checked.exit_code == 0, checked.output
+
+
+def test_unmerge_of_the_trained_adapter_on_the_bf16_base(real, cli_runner):
+    """A real fine-tune's deltas are small next to the weights: most elements come back bit for bit, all
+    within one rounding, and re-merging gives the merged model back exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    tmp, dense, adapter = real["tmp"], real["dense"], real["adapter"]
+    assert cli_runner("merge", dense, adapter, tmp / "u-merged").exit_code == 0
+    result = cli_runner("unmerge", tmp / "u-merged", adapter, tmp / "u-base", "--base", dense, "--json")
+    assert result.exit_code == 0, result.output
+    distance = json.loads(result.stdout)["distance"]
+    assert distance["share_equal"] > 0.98 and distance["max_relative"] < 1e-2
+    assert cli_runner("merge", tmp / "u-base", adapter, tmp / "u-remerged").exit_code == 0
+    merged, remerged = (load_file(str(tmp / d / "model.safetensors")) for d in ("u-merged", "u-remerged"))
+    assert all(torch.equal(merged[k], remerged[k]) for k in merged)

@@ -142,10 +142,15 @@ def check(adapters: tuple[str, ...], base: str | None, fail_on: str, fmt: str, a
     --fail-on, 2 unusable input. ADAPTER may also be a path to an
     adapter_config.json (as pre-commit passes it).
 
+    --check NAME (with --base) merges into a temporary folder and runs the
+    validator: --check logits also fails an adapter that does not change the
+    base's outputs at all (lora_B = 0, alpha 0) or makes them non-finite.
+
     \b
     Examples:
       adaptools check ./my-lora --base meta-llama/Llama-3.2-1B
       adaptools check ./my-lora --format sarif > adaptools.sarif
+      adaptools check ./my-lora --base ./base --check logits --check generate
     """
     from ..operations import check as check_op
 

@@ -20,7 +20,7 @@ from ..engine import CheckRequest
 from ..interfaces import ValidatorOption
 
 #: The commands that take ``--check`` (their validator flags are added when plugins have loaded).
-CHECK_COMMANDS = ("merge", "check")
+CHECK_COMMANDS = ("merge", "unmerge", "swap", "check")
 
 
 def check_options(f: Any) -> Any:

@@ -34,7 +34,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _adapter_files(adapter: Adapter) -> list[Path]:
+def adapter_files(adapter: Adapter) -> list[Path]:
     src = Path(adapter.source)
     if not src.exists():  # built in memory
         return []
@@ -60,8 +60,8 @@ def provenance(checkpoint: Checkpoint, inputs: Sequence[MergeInput], command: st
         sha = _hub_sha256(shard.path) or (sha256(shard.path) if hash_base else None)
         base_files.append({"file": shard.name, "bytes": shard.path.stat().st_size, "sha256": sha})
     adapters = [{"source": item.adapter.source, "method": item.adapter.method, "weight": item.weight,
-                 "base": item.adapter.base.to_json(),
-                 "files": [{"file": p.name, "sha256": sha256(p)} for p in _adapter_files(item.adapter)]}
+                 **({"removed": True} if item.invert else {}), "base": item.adapter.base.to_json(),
+                 "files": [{"file": p.name, "sha256": sha256(p)} for p in adapter_files(item.adapter)]}
                 for item in inputs]
     return {"tool": f"adaptools {__version__}", "operation": operation, "command": command,
             "base": {"path": str(checkpoint.path), "files": base_files}, "adapters": adapters}
@@ -91,11 +91,13 @@ def write_files(tmp: Path, plan: MergePlan, record: dict[str, Any]) -> None:
 
 def _write_card(tmp: Path, record: dict[str, Any]) -> None:
     base = record["base"]["path"]
-    adapters = "\n".join(f"- `{a['source']}` ({a['method']}, weight {a['weight']})" for a in record["adapters"])
-    what = (f"by merging into `{base}`:\n\n{adapters}" if adapters
-            else f"by {record['operation']} of `{base}`.")
+    adapters = "\n".join(f"- `{a['source']}` ({a['method']}, weight {a['weight']}"
+                         f"{', taken out' if a.get('removed') else ''})" for a in record["adapters"])
+    verb = {"unmerge": "unmerging from", "swap": "swapping adapters in"}.get(record["operation"], "merging into")
+    what = f"by {verb} `{base}`:\n\n{adapters}" if adapters else f"by {record['operation']} of `{base}`."
+    title = {"swap": "Swapped", "check": "Checked"}.get(record["operation"], record["operation"].capitalize() + "d")
     text = (f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- adaptools\n- {record['operation']}\n"
-            f"---\n\n# {record['operation'].capitalize()}d model\n\nMade by {record['tool']} {what}\n\n"
+            f"---\n\n# {title} model\n\nMade by {record['tool']} {what}\n\n"
             f"Command: `{record['command'] or '(library call)'}`\n\n"
             "The full provenance (input hashes) is in each .safetensors file's metadata under "
             "`adaptools.provenance`.\n")

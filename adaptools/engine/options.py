@@ -17,15 +17,18 @@ from ..errors import InputError
 from ..schema import Adapter
 
 #: Operations that run through the engine, as recorded in provenance and model cards.
-OPERATIONS = ("merge", "dequantize", "requantize", "unmerge", "init-residual")
+OPERATIONS = ("merge", "dequantize", "requantize", "unmerge", "swap", "init-residual", "check")
 
 
 @dataclass
 class MergeInput:
-    """One adapter to merge and its weight (its deltas are multiplied by it)."""
+    """One adapter to merge and its weight (its deltas are multiplied by it). ``invert``: take it back out
+    instead (unmerge, swap), given the weight it was merged with; inverted inputs are listed in the order
+    they were merged, and are undone first, in reverse (docs/unmerge.md)."""
 
     adapter: Adapter
     weight: float = 1.0
+    invert: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):

@@ -30,7 +30,7 @@ from .quantized import quantize_targets
 
 COPY, CAST, MERGE = "copy", "cast", "merge"
 #: Update kinds in the order the engine applies them; adapters keep their order within a kind.
-KIND_ORDER = {"replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2, "output_map": 3}
+KIND_ORDER = {"undo": -1, "replace": 0, "replace_module": 0, "delta": 1, "replace_rows": 2, "output_map": 3}
 #: Update kinds that change the stored tensor itself, so a tied alias (lm_head) sees them too.
 STORAGE_KINDS = ("replace", "replace_rows")
 
@@ -140,8 +140,8 @@ class MergePlan:
         return {
             "base": str(self.checkpoint.path),
             "operation": self.options.operation,
-            "adapters": [{"source": i.adapter.source, "method": i.adapter.method, "weight": i.weight}
-                         for i in self.inputs],
+            "adapters": [{"source": i.adapter.source, "method": i.adapter.method, "weight": i.weight,
+                          **({"removed": True} if i.invert else {})} for i in self.inputs],
             "tensors": len(self.entries),
             "merged": by_action[MERGE],
             "cast": by_action[CAST],
@@ -168,23 +168,31 @@ def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
     """Every adapter's updates, grouped by base parameter, validated against the base's headers."""
     info = checkpoint.base_info()
     grouped: dict[str, list[TensorUpdate]] = {}
+    undone: dict[str, list[TensorUpdate]] = {}
     replaced_by: dict[str, str] = {}
-    for item in inputs:
-        method = capability(registry.get_method(item.adapter.method), "merge", Mergeable, item.adapter)
+    for item in [*(i for i in inputs if i.invert), *(i for i in inputs if not i.invert)]:
+        method = capability(registry.get_method(item.adapter.method), "unmerge" if item.invert else "merge",
+                            Mergeable, item.adapter)
         if not ignore_base_mismatch:
             _check_architecture(item, checkpoint)
-        for update in method.merge_updates(item.adapter, info, item.weight):
-            if update.kind not in KIND_ORDER:
+        produce = method.unmerge_updates if item.invert else method.merge_updates
+        for update in produce(item.adapter, info, item.weight):
+            if update.kind not in KIND_ORDER or update.kind == "undo":
                 raise InputError(f"method {item.adapter.method!r} returned an update of unknown kind "
                                  f"{update.kind!r}", tensor=update.target,
-                                 hint=f"kinds are {', '.join(KIND_ORDER)}; report this to the plugin's author")
-            if update.kind in ("replace", "replace_module"):
+                                 hint=f"kinds are {', '.join(k for k in KIND_ORDER if k != 'undo')}; report this "
+                                      "to the plugin's author")
+            if update.kind in ("replace", "replace_module") and not item.invert:
                 if update.target in replaced_by and replaced_by[update.target] != item.adapter.source:
                     raise IncompatibleBaseError(
                         f"two adapters replace {update.target} ({replaced_by[update.target]} and "
                         f"{item.adapter.source})", hint="merge them separately or drop one")
                 replaced_by[update.target] = item.adapter.source
-            grouped.setdefault(update.target, []).append(update)
+            (undone if item.invert else grouped).setdefault(update.target, []).append(update)
+    # Inverses are labelled with the kind of the change they undo: the exact reverse of the merge's chain
+    # runs first, as undos (docs/unmerge.md, "Order").
+    for target, inverses in undone.items():
+        grouped[target] = [replace(u, kind="undo") for u in reversed(ordered(inverses))] + grouped.get(target, [])
     return grouped
 
 

@@ -135,7 +135,8 @@ def _run_checks(plan: MergePlan, tmp: Path) -> list[dict[str, Any]]:
     for check in plan.options.checks:
         context = ValidationContext(plan.options.operation, str(plan.checkpoint.path),
                                     [i.adapter for i in plan.inputs], str(tmp),
-                                    {**check.options, "weights": [i.weight for i in plan.inputs]})
+                                    {**check.options, "weights": [i.weight for i in plan.inputs],
+                                     "removed": [i.invert for i in plan.inputs]})
         verdict = registry.get_validator(check.name).validate(context)
         results.append({"name": check.name, "passed": verdict.passed, "message": verdict.message,
                         "figures": verdict.figures})

@@ -17,7 +17,7 @@ from typing import Any
 from .. import registry
 from ..adapter_io import ADAPTER_FILE_PATTERNS, detect_format, load
 from ..checkpoint import CONFIG_SCHEMA, Checkpoint
-from ..errors import InputError, printable
+from ..errors import IncompatibleBaseError, InputError, printable
 from ..interfaces import SEVERITIES, BaseInfo, BaseTensor, Finding, ReadOptions
 from ..jsonio import read_json
 from ..resolve import parse_hub_ref, resolve
@@ -141,11 +141,17 @@ def _uri(path: str) -> str:
 def run_validators(ref: str, base: str, requests: tuple[Any, ...], *,
                    allow_pickle: bool = False) -> list[dict[str, Any]]:
     """``check --check NAME``: merge the adapter into ``base`` in a temporary folder, through the engine,
-    so that each validator sees exactly what ``merge --check`` would publish; return the verdicts."""
+    so that each validator sees exactly what ``merge --check`` would publish (operation ``check``); return
+    the verdicts. An adapter that does not fit the base at all (targets the base lacks) fails every check,
+    with the reason: whatever loads it ignores it or refuses it."""
     import tempfile
 
     from ..engine import MergeInput, merge
 
     adapter = load(ref, allow_pickle=allow_pickle)
     with tempfile.TemporaryDirectory() as tmp:
-        return merge(base, [MergeInput(adapter)], Path(tmp) / "merged", checks=requests).checks
+        try:
+            return merge(base, [MergeInput(adapter)], Path(tmp) / "merged", checks=requests, operation="check").checks
+        except IncompatibleBaseError as exc:
+            return [{"name": r.name, "passed": False, "message": f"the adapter does not apply to this base: {exc}",
+                     "figures": {}} for r in requests]

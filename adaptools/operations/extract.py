@@ -29,6 +29,8 @@ class TensorDiff:
     tensor: str
     max_abs: float
     relative: float  # ‖a − b‖ / ‖a‖
+    differing: int = 0  # elements whose values are not equal
+    elements: int = 0
 
 
 def _comparable(t: torch.Tensor) -> torch.Tensor:
@@ -49,16 +51,18 @@ def diff_checkpoints(path_a: str | os.PathLike[str], path_b: str | os.PathLike[s
     for name in shared:
         x, y = _comparable(a.read(name)), _comparable(b.read(name))
         if x.shape != y.shape:
-            rows.append(TensorDiff(name, math.inf, math.inf))
+            rows.append(TensorDiff(name, math.inf, math.inf, max(x.numel(), y.numel()), x.numel()))
             continue
         if not x.is_floating_point():
             same = 0.0 if torch.equal(x, y) else math.inf
-            rows.append(TensorDiff(name, same, same))
+            rows.append(TensorDiff(name, same, same, int((x != y).sum()), x.numel()))
             continue
         d = x.double() - y.double()
         norm = float(x.double().norm())
+        differing = int(((x != y) & ~(x.isnan() & y.isnan())).sum())
         rows.append(TensorDiff(name, float(d.abs().max()) if d.numel() else 0.0,
-                               float(d.norm()) / norm if norm > 0 else (0.0 if not d.any() else math.inf)))
+                               float(d.norm()) / norm if norm > 0 else (0.0 if not d.any() else math.inf),
+                               differing, x.numel()))
     rows.sort(key=lambda r: -r.relative)
     return {"tensors": [r.__dict__ for r in rows], "only_in_a": only_a, "only_in_b": only_b}
 
