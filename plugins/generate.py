@@ -8,7 +8,7 @@ continuations part is reported with both texts.
 
 A divergence fails the check unless it is a near-tie: where the reference's own logits for the two tokens
 differ by no more than the output dtype's max |Δlogit| tolerance, either choice is within rounding of the
-other, and greedy decoding picking one is not a change of behaviour (docs/validation.md, "generate").
+other, and greedy decoding picking one is not a change of behaviour (docs/validation.md, "`generate`").
 """
 
 from __future__ import annotations

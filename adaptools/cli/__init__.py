@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 
 from ..plugins import load_plugins, pm
-from . import adapter_commands, model_commands, plugin_commands  # noqa: F401  (importing them registers them)
+from . import adapter_commands, model_commands, plugin_commands, quant_commands  # noqa: F401  (importing them registers them)
 from .checks import add_validator_flags
 from .group import cli, emit_json, json_option
 

@@ -1,0 +1,182 @@
+"""What the commands that write checkpoints through the engine share: their options, the progress bar,
+the report, the dry-run plan for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..adapter_io import load
+from ..engine import MergeEvent, MergeInput, MergeOptions, MergePlan, MergeSummary, execute
+from ..engine import plan as plan_merge
+from ..errors import CheckFailedError
+from ..operations import unmerge as unmerge_op
+from .checks import check_options, check_requests
+from .group import _fmt_bytes, emit_json
+from .options import (
+    Device,
+    F,
+    allow_pickle_option,
+    command_line,
+    dtype_option,
+    force_option,
+    json_option,
+    shard_size_option,
+)
+
+
+class _Progress:
+    """A byte-based progress bar on stderr, shown only on a terminal and never with --json."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, event: MergeEvent) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(event.total_bytes, 1), label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(event.nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _run(base: str | MergePlan, inputs: list[MergeInput], out: str, options: MergeOptions, label: str,
+         json_: bool) -> MergeSummary:
+    """Plan (unless given a plan) and execute, with a progress bar on a terminal."""
+    bar = _Progress(enabled=not json_, label=label)
+    try:
+        planned = base if isinstance(base, MergePlan) else plan_merge(base, inputs, options)
+        return execute(planned, out, progress=bar)
+    finally:
+        bar.close()
+
+
+def _report(summary: MergeSummary, json_: bool, extra: dict[str, Any] | None = None, verb: str = "merged") -> None:
+    for warning in summary.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    _report_survival(summary.survival, quiet=json_)
+    if json_:
+        emit_json({**summary.to_json(), **(extra or {})})
+        return
+    merged = f"{summary.tensors_merged} {verb}, " if summary.tensors_merged else ""
+    click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), {merged}"
+               f"{summary.tensors_copied} copied byte for byte, {_fmt_bytes(summary.bytes_written)} in "
+               f"{summary.seconds:.1f} s, peak memory {_fmt_bytes(summary.peak_rss_bytes)}")
+    if summary.untied_lm_head:
+        click.echo("note: lm_head now differs from the input embedding; written explicitly and "
+                   "tie_word_embeddings set to false")
+    for check in summary.checks:
+        click.echo(f"check {check['name']}: {'passed' if check['passed'] else 'FAILED'}: {check['message']}")
+    distance = (extra or {}).get("distance")
+    if distance:
+        click.echo(f"distance from {distance['original']}: {distance['elements'] - distance['elements_differing']} "
+                   f"of {distance['elements']} elements equal ({distance['share_equal']:.4%}; "
+                   f"{distance['tensors_equal']} of {distance['tensors']} tensors bit for bit), max |Δ| "
+                   f"{distance['max_abs']:.3g}, max relative ‖Δ‖/‖base‖ {distance['max_relative']:.3g}")
+
+
+def engine_options(dtype_help: str) -> Callable[[F], F]:
+    """The options every command that writes a checkpoint through the engine shares (merge, unmerge, swap)."""
+    def decorate(f: F) -> F:
+        for option in reversed((
+            dtype_option(dtype_help),
+            click.option("--device", type=Device(), default="cpu", show_default=True,
+                         help="Where the fp32 arithmetic runs: cpu, cuda or cuda:N."),
+            shard_size_option, force_option, check_options,
+            click.option("--ignore-base-mismatch", is_flag=True,
+                         help="Go ahead even if an adapter says it was trained on another architecture."),
+            allow_pickle_option,
+            click.option("--hash-base", is_flag=True,
+                         help="Record the sha256 of local base shards (an extra full read)."),
+            click.option("--dry-run", is_flag=True, help="Print the plan (what would be merged, cast, copied, "
+                         "untied, resized, written) and exit."),
+            click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Threads for the arithmetic (0: one per core)."),
+            json_option,
+        )):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _engine_options(kw: dict[str, Any], **extra: Any) -> MergeOptions:
+    """MergeOptions from the shared options (``kw`` also holds the validators' own flags)."""
+    requests = check_requests(kw["checks"], kw["check_option_pairs"],
+                              {k: v for k, v in kw.items() if k.startswith("checkflag_")})
+    return MergeOptions(dtype=kw["dtype"], device=kw["device"], shard_size=kw["shard_size"], force=kw["force"],
+                        ignore_base_mismatch=kw["ignore_base_mismatch"], hash_base=kw["hash_base"],
+                        command=command_line(), checks=requests, workers=kw["workers"], **extra)
+
+
+def _weighted(refs: tuple[str, ...], weights: tuple[float, ...], flag: str, allow_pickle: bool) -> list[MergeInput]:
+    if weights and len(weights) != len(refs):
+        raise click.UsageError(f"{len(weights)} {flag} values for {len(refs)} adapters")
+    return [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
+            for i, ref in enumerate(refs)]
+
+
+def _finish(summary: MergeSummary, json_: bool, out: str, extra: dict[str, Any] | None = None,
+            verb: str = "merged") -> None:
+    """Report a written output; exit 1 (output kept, verdicts in it) when a check failed."""
+    _report(summary, json_, extra, verb)
+    if not summary.checks_passed:
+        raise CheckFailedError(f"a check failed; the output is kept at {out} for inspection")
+
+
+def _write(planned: MergePlan, out: str, kw: dict[str, Any], label: str, original: str | None) -> None:
+    """Print a dry run's plan, or write it and report (with the distance from ``original`` when given)."""
+    json_ = kw["json_"]
+    if kw["dry_run"]:
+        data = planned.to_json()
+        emit_json(data) if json_ else _echo_plan(data)
+        return
+    summary = _run(planned, [], out, planned.options, label, json_)
+    extra = {"distance": unmerge_op.distance(out, original)} if original else None
+    _finish(summary, json_, out, extra, verb="changed")
+
+
+def _echo_plan(data: dict[str, Any]) -> None:
+    """The dry-run plan for people."""
+    click.echo(f"plan: {data['operation']} into {data['base']}")
+    for a in data["adapters"]:
+        removed = ", removed" if a.get("removed") else ""
+        click.echo(f"  adapter {a['source']} ({a['method']}, weight {a['weight']}{removed})")
+    click.echo(f"{data['tensors']} tensors: {len(data['merged'])} merged, {len(data['cast'])} cast, "
+               f"{data['copied']} copied byte for byte")
+    for name in data["untied"]:
+        click.echo(f"  untied: {name} (written explicitly)")
+    for name, (old, new) in data["resized"].items():
+        click.echo(f"  resized: {name} {old} -> {new}")
+    for warning in data["warnings"]:
+        click.echo(f"  warning: {warning}")
+    if data["config_changes"]:
+        click.echo(f"config.json changes: {json.dumps(data['config_changes'], sort_keys=True)}")
+    for shard in data["shards"]:
+        approx = "~" if shard["estimated"] else ""
+        click.echo(f"  {shard['file']}: {shard['tensors']} tensors, {approx}{_fmt_bytes(shard['bytes'])}")
+
+
+def _report_survival(survival: list[dict[str, Any]], quiet: bool = False) -> None:
+    """Summarise how much of the change survived requantization; warn on stderr when most was lost."""
+    if not survival:
+        return
+    kept = sorted(s["retained"] for s in survival)
+    median = kept[len(kept) // 2]
+    lost = sum(1 for k in kept if k < 0.5)
+    if not quiet:
+        click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
+                   f"(min {kept[0]:.0%}, max {kept[-1]:.0%})")
+    if lost:
+        click.echo(f"WARNING: in {lost} of {len(kept)} layers requantizing erased more than half of the "
+                   "adapter's change; the quantized model has largely lost the fine-tune. Merge without "
+                   "--requantize for a faithful 16-bit model.", err=True)
