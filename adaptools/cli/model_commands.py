@@ -55,7 +55,7 @@ class _Progress:
 def _run(base: str, inputs: list[MergeInput], out: str, options: MergeOptions, label: str, json_: bool) -> MergeSummary:
     bar = _Progress(enabled=not json_, label=label)
     try:
-        return execute(plan_merge(base, inputs, options), out, progress=bar)
+        return execute(plan_merge(base, inputs, options, out), out, progress=bar)
     finally:
         bar.close()
 
@@ -106,16 +106,25 @@ def _report(summary: MergeSummary, json_: bool) -> None:
               help="Print the plan (what would be merged, cast, copied, untied, resized, written) and exit.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads for the arithmetic (0: one per core).")
+@click.option("--to", "to", metavar="CONTAINER",
+              help="Write OUT in another container than a checkpoint folder: one a backend offers (`adaptools "
+                   "plugins` lists them). An OUT ending in a container's suffix chooses it without --to.")
+@click.option("--outtype", metavar="TYPE",
+              help="The storage type, for containers that offer several (see the container's documentation).")
 @json_option
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device: str, shard_size: int | None,
           force: bool, checks: tuple[str, ...], check_option_pairs: tuple[str, ...], ignore_base_mismatch: bool,
           allow_pickle: bool, hash_base: bool, requantize: bool, merge_base: str, original_base: str | None,
-          initials: tuple[str, ...], dry_run: bool, workers: int, json_: bool, **check_flags: Any) -> None:
+          initials: tuple[str, ...], dry_run: bool, workers: int, to: str | None, outtype: str | None, json_: bool,
+          **check_flags: Any) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
     with an index) or a hub reference. The merge streams one tensor at a
     time: memory stays near the largest tensor, whatever the model size.
+    BASE may also be one model file of a format an installed backend reads
+    (`adaptools plugins`); OUT is then a file of that format (--to, or its
+    suffix), untouched tensors copied byte for byte.
     Deltas are computed in fp32 and rounded once to the output dtype, which
     gives PEFT's merge_and_unload bit for bit.
 
@@ -158,7 +167,8 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
         raise click.UsageError("--original-base is only used with --merge-base original")
     options = MergeOptions(dtype=dtype, device=device, shard_size=shard_size, force=force,
                            ignore_base_mismatch=ignore_base_mismatch, hash_base=hash_base, command=command_line(),
-                           requantize=requantize, quantize=quantize, checks=requests, workers=workers)
+                           requantize=requantize, quantize=quantize, checks=requests, workers=workers, to=to,
+                           outtype=outtype)
     if not dry_run:
         check_output(out, force, [base, *adapter_refs, *initials])
     inputs = [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
@@ -169,7 +179,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], dtype: str, device
         item.adapter = method.to_plain(item.adapter, None, None,  # type: ignore[attr-defined]
                                        load(initial, allow_pickle=allow_pickle))
     if dry_run:
-        data = plan_merge(base, inputs, options).to_json()
+        data = plan_merge(base, inputs, options, out).to_json()
         emit_json(data) if json_ else _echo_plan(data)
         return
     summary = _run(base, inputs, out, options, "merging", json_)
