@@ -247,7 +247,7 @@ class Backend(ABC):
         return False
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        """Stored tensor -> dense float32."""
+        """Stored tensor -> dense float32, always a new tensor (the merge updates it in place)."""
         raise UnsupportedOperationError(f"backend {self.name!r} stores parameters as groups, not tensors")
 
     def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:

@@ -68,6 +68,8 @@ def _report(summary: MergeSummary, json_: bool) -> None:
         emit_json(summary.to_json())
         return
     merged = f"{summary.tensors_merged} merged, " if summary.tensors_merged else ""
+    converted = summary.tensors - summary.tensors_merged - summary.tensors_copied
+    merged += f"{converted} converted, " if converted else ""
     click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), {merged}"
                f"{summary.tensors_copied} copied byte for byte, {_fmt_bytes(summary.bytes_written)} in "
                f"{summary.seconds:.1f} s, peak memory {_fmt_bytes(summary.peak_rss_bytes)}")

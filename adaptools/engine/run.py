@@ -102,7 +102,7 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
                         summary.tensors += 1
                         summary.bytes_written += nbytes
                         summary.tensors_merged += int(merged)
-                        summary.tensors_copied += int(not merged)
+                        summary.tensors_copied += int(slot.raw is not None)
                         if progress is not None:
                             progress(MergeEvent(slot.raw or slot.entry.name, shard.name, nbytes, merged, total))
                 written += writer.seconds
