@@ -51,9 +51,10 @@ class Spec:
         return nbytes(self.qtype, self.shape)
 
 
-def outtype_of(options: Any) -> Q | None:
+def outtype_of(options: Any, default: Q | None = None) -> Q | None:
+    """``--outtype`` as a GGUF type (``default`` when not given). Mind that F32 is 0: test with ``is None``."""
     if options.outtype is None:
-        return None
+        return default
     qtype = OUTTYPES.get(options.outtype.lower())
     if qtype is None:
         raise InputError(f"--outtype {options.outtype!r} is not one of {', '.join(OUTTYPES)}")
@@ -76,7 +77,7 @@ class GGUFContainer(adaptools.OutputContainer):
         if backend is None:
             from .gguf_export import dense_encodings
 
-            return dense_encodings(checkpoint, outtype or Q.F16)
+            return dense_encodings(checkpoint, outtype_of(options, Q.F16))  # type: ignore[arg-type]
         if not isinstance(backend, GGUFBackend):
             raise UnsupportedOperationError(f"a base opened by the {backend.name!r} backend cannot be written as "
                                             "GGUF", path=checkpoint.path)
@@ -120,7 +121,7 @@ class GGUFContainer(adaptools.OutputContainer):
         from .gguf_export import dense_model, write_metadata
 
         model = dense_model(plan.checkpoint)
-        specs = [self._spec(slot, model, None, outtype_of(plan.options) or Q.F16) for slot in shard.slots]
+        specs = [self._spec(slot, model, None, outtype_of(plan.options, Q.F16)) for slot in shard.slots]
         return GGUFFileWriter(path, model.family.arch, provenance, lambda w: write_metadata(plan, model, specs, w),
                               specs, gguf.GGUF_DEFAULT_ALIGNMENT)
 
@@ -141,7 +142,7 @@ class GGUFContainer(adaptools.OutputContainer):
         if backend is not None and entry.source in backend.stored:
             qtype = changed_type(backend.stored[entry.source].qtype, shape[-1])
         else:
-            qtype = changed_type(dense_type or Q.F16, shape[-1])
+            qtype = changed_type(Q.F16 if dense_type is None else dense_type, shape[-1])
         settings = settings_for(model, name, shape, qtype)
         return Spec(entry.name, name, qtype, shape,
                     lambda value: GGUFBackend().encode_group(entry.name, value, settings)[entry.name])
