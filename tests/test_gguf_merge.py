@@ -459,7 +459,7 @@ def test_dense_base_into_one_gguf_file(outtype, weights, bpe_llama, tmp_path, cl
         "llama.context_length": 128, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
         "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.vocab_size": 300,
         "llama.rope.dimension_count": 16, "llama.attention.key_length": 16, "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.bos_token_id": 0}
+        "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 0}
     assert meta["general.file_type"] == int({Q.F16: 1, Q.Q8_0: 7, Q.F32: 0, Q.BF16: 32}[weights])
     assert meta["llama.rope.freq_base"] == pytest.approx(10000.0)
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
@@ -516,7 +516,7 @@ def test_pre_tokenizer_names_follow_the_tokenizer_structure():
     from adaptools_plugins.gguf_export import LLAMA3_SPLIT, pre_tokenizer
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    assert pre_tokenizer({"pre_tokenizer": byte_level}, "t") == "gpt2"
+    assert pre_tokenizer({"pre_tokenizer": byte_level}, "t") == "gpt-2"
     digits = {"type": "Digits", "individual_digits": True}
     smollm = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
     assert pre_tokenizer({"pre_tokenizer": smollm}, "t") == "smollm"
