@@ -88,7 +88,7 @@ def pre_tokenizer(tokenizer: Mapping[str, Any], path: Path) -> str:
     kinds = [s.get("type") for s in steps if isinstance(s, dict)]
     if tokenizer.get("normalizer") is None:
         if len(steps) == 1 and all(steps[0].get(k) == v for k, v in GPT2_BYTE_LEVEL.items()):
-            return "gpt2"
+            return "gpt-2"
         if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex"):
             return "smollm"
         if (kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
