@@ -112,7 +112,24 @@ def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
         return values
     if qtype == Q.F16:
         return values.astype(np.float16)
-    return gguf.quants.quantize(values, qtype)
+    if values.ndim < 2 or values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.quants.quantize(values, qtype)  # (gguf-py refuses partial blocks itself)
+    return gguf.quants.quantize(wide_rows(values), qtype).reshape(*values.shape[:-1], -1)
+
+
+#: Values per row handed to gguf-py at once (see :func:`wide_rows`).
+ROW_VALUES = 1 << 15
+
+
+def wide_rows(values: np.ndarray) -> np.ndarray:
+    """The same values as fewer, longer rows (whole rows joined): gguf-py (de)quantizes a block at a time
+    within rows, in Python-level groups of 16 rows, so longer rows mean fewer calls and the same bytes."""
+    cols = values.shape[-1]
+    rows = values.size // cols
+    join = max(1, ROW_VALUES // cols)
+    while rows % join:
+        join -= 1
+    return values.reshape(rows // join, cols * join)
 
 
 def encode_with_fallback(values: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
@@ -151,9 +168,8 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
 
 def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
     """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by gguf-py a row at a time."""
-    rows = shape[-1] if shape else 1
-    row_bytes = nbytes(qtype, (rows,))
-    values = gguf.quants.dequantize(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes), qtype)
+    row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
+    values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
