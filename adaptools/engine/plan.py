@@ -267,8 +267,9 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     aliases = _tied_aliases(checkpoint, updates, entries, backends, options)
 
     shards = _layout(checkpoint, entries, aliases, options.shard_size)
-    if not container.directory and len(shards) > 1:  # one file: every slot, in the base's order
-        shards = [ShardPlan(shards[0].name, [slot for shard in shards for slot in shard.slots])]
+    if not container.directory:  # one file (named as the output): every slot, in the base's order
+        shards = [ShardPlan(Path(out).name if out is not None else f"{container.name} file",
+                            [slot for shard in shards for slot in shard.slots])]
     entries.update(aliases)
     vocab = _vocab_size(checkpoint, entries)
     config, changes = _output_config(checkpoint, options, bool(aliases), vocab, group_targets)
