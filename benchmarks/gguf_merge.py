@@ -6,8 +6,10 @@ every linear layer that benchmarks/merge.py uses, then runs each contender --rep
 first ``cp`` also warms the page cache), and prints median wall time and peak RSS with ratios against ``cp``
 measured in the same run, and where the merge's time went (the engine profile from ``merge --json``).
 
-    python benchmarks/gguf.py                 # 1.1B Q8_0, 3 repeats
-    python benchmarks/gguf.py --json results.json
+    python benchmarks/gguf_merge.py                 # 1.1B Q8_0, 3 repeats
+    python benchmarks/gguf_merge.py --json results.json
+
+(Named gguf_merge.py: a script named gguf.py would shadow the gguf package it imports.)
 
 Every linear weight changes, so this is the heavy case: about 90% of the file is decoded, merged and
 re-encoded by gguf-py; the embedding, the output and the norms are copied byte for byte.
