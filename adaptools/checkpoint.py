@@ -1,4 +1,5 @@
-"""A Hugging Face checkpoint folder, known from its config and safetensors headers only.
+"""A Hugging Face checkpoint folder (or a single-file base a backend opens), known from its config and
+headers only.
 
 Nothing here reads weights: a :class:`Checkpoint` knows which tensor lives in which shard at which offset,
 what the config says, and which parameters are tied (``lm_head.weight`` absent under
@@ -8,6 +9,7 @@ what the config says, and which parameters are tied (``lm_head.weight`` absent u
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -110,6 +112,20 @@ class Checkpoint:
         self.groups: dict[str, tuple[Any, list[str]]] = {}
         self.logical: dict[str, BaseTensor] = {}
         self.companions: set[str] = set()
+        #: The backend that opened this checkpoint from a single file of its own format (None: a folder).
+        self.opened_by: Any = None
+
+    @classmethod
+    def from_file(cls, path: Path, config: dict[str, Any], tensors: Mapping[str, TensorInfo],
+                  opened_by: Any) -> Checkpoint:
+        """A base stored as one file of another format, for a backend's ``open_checkpoint``: ``tensors``
+        says where each stored tensor's bytes lie in the file (absolute offsets; dtype ``U8`` and shape
+        ``(nbytes,)`` for bytes only the backend decodes), ``config`` is what the file says in config.json's
+        terms (``tie_word_embeddings``, ``architectures``). The backend then registers its groups with
+        :meth:`find_groups`."""
+        checkpoint = cls(path, config, [Shard(path, Header(dict(tensors), {}, 0))], None)
+        checkpoint.opened_by = opened_by
+        return checkpoint
 
     def find_groups(self, backends: list[Any]) -> None:
         """Ask each backend which parameters it stores as groups (4-bit weights); record their dense view."""
@@ -156,7 +172,13 @@ class Checkpoint:
     def open(cls, ref: str | os.PathLike[str]) -> Checkpoint:
         """Open a local folder or a hub reference (only config, tokenizer and safetensors files fetched)."""
         path = resolve(ref, allow_patterns=BASE_FILE_PATTERNS, what="base model")
+        from . import registry  # late: registry loads plugins, which import adaptools
+
         if path.is_file():
+            for entry in registry.backends().values():  # a single-file format some backend reads
+                opened = entry.obj.open_checkpoint(path)
+                if opened is not None:
+                    return opened  # type: ignore[no-any-return]
             raise InputError("the base must be a checkpoint folder, not a file", path=path,
                              hint="pass the folder holding config.json and the .safetensors files")
         config_path = path / "config.json"
@@ -189,8 +211,6 @@ class Checkpoint:
         checkpoint = cls(path, config, shards, index)
         # Every caller wants the dense view (a 4-bit weight as one parameter of its real shape), so the
         # groups registered backends store (NF4 and friends) are found here, once, for all of them.
-        from . import registry  # late: registry loads plugins, which import adaptools
-
         checkpoint.find_groups([entry.obj for entry in registry.backends().values()])
         if index is not None:
             for name, file in index["weight_map"].items():
@@ -223,5 +243,7 @@ class Checkpoint:
     def other_files(self) -> list[Path]:
         """Non-weight files to carry into an output (tokenizer, generation config, ...)."""
         skip = {INDEX, "config.json", "README.md", ".gitattributes"}
+        if not self.path.is_dir():  # a single-file base carries everything inside
+            return []
         return sorted(p for p in self.path.iterdir()
                       if p.is_file() and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES))

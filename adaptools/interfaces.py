@@ -11,7 +11,7 @@ declared ``operations`` claim more, or less, than it implements.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +293,7 @@ class Backend(ABC):
         return False
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        """Stored tensor -> dense float32."""
+        """Stored tensor -> dense float32, always a new tensor (the merge updates it in place)."""
         raise UnsupportedOperationError(f"backend {self.name!r} stores parameters as groups, not tensors")
 
     def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
@@ -340,6 +340,57 @@ class Backend(ABC):
         """The ``QuantizeOptions`` a quantized checkpoint's config.json says it was made with, or None when
         this backend did not make it (``merge --merge-base original --requantize``)."""
         return None
+
+    def open_checkpoint(self, path: Path) -> Any:
+        """A base stored as one file of a format this backend reads (not a Hugging Face folder), as an
+        ``adaptools.Checkpoint`` (see ``Checkpoint.from_file``), or None when the file is not one. Must be
+        cheap for files that are not its own, and raise an AdaptoolsError for one of its own that is broken."""
+        return None
+
+    def containers(self) -> Sequence[OutputContainer]:
+        """The output containers this backend writes (``merge ... --to NAME``, or an output path ending in
+        a container's suffix)."""
+        return ()
+
+
+class OutputContainer(ABC):
+    """Where an engine run (merge, dequantize, requantize) puts its output. The engine's own is a Hugging
+    Face checkpoint folder of safetensors shards; a backend may offer others (:meth:`Backend.containers`),
+    such as a single file of another format.
+
+    The plan calls :meth:`prepare` before it decides any entry, and :meth:`warnings` once it has; the run
+    opens one :meth:`writer` per planned shard (a single-file container gets one shard, written at the
+    output path itself), then calls :meth:`finalize`, all inside the temporary output before it is
+    published.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: An output path ending in this is written in this container without ``--to``.
+    suffix: ClassVar[str | None] = None
+    #: True: the output is a folder; False: one file.
+    directory: ClassVar[bool] = False
+
+    def prepare(self, checkpoint: Any, options: Any) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
+        """Refuse (raise an AdaptoolsError) what this container cannot hold, before anything is read, and
+        return the parameters it stores through a backend's :meth:`Backend.encode_group`:
+        ``{param: (backend, settings)}``. An untouched parameter whose stored group belongs to that same
+        backend is copied byte for byte; every other one is encoded."""
+        return {}
+
+    def warnings(self, plan: Any) -> list[str]:
+        """Sentences about the finished plan the user should read (a changed tensor stored in another type)."""
+        return []
+
+    @abstractmethod
+    def writer(self, path: Path, shard: Any, plan: Any, record: Mapping[str, Any]) -> Any:
+        """A context manager writing one planned shard at ``path``, in slot order: ``copy(name, src, info)``
+        for a stored tensor kept byte for byte (``info``: its ``TensorInfo`` in ``src``), ``write(name,
+        tensor, done=None)`` for a computed one (``done`` called once its bytes are written), and a
+        ``seconds`` attribute (time spent writing). ``record`` is the provenance to store."""
+
+    def finalize(self, path: Path, plan: Any, record: Mapping[str, Any]) -> None:
+        """Write what goes beside the tensors (index, config, model card) once every shard is written."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ DEFAULT_PLUGINS = (
     "adaptools_plugins.peft_format",
     "adaptools_plugins.schema_format",
     "adaptools_plugins.gguf_format",
+    "adaptools_plugins.gguf_base",
     "adaptools_plugins.dense",
     "adaptools_plugins.nf4",
     "adaptools_plugins.int8",

@@ -25,7 +25,9 @@ class Dense(adaptools.Backend):
         return tensor.dtype == self.code
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.float()
+        # always a new tensor: the merge updates what decode returns in place, and an fp32 ``float()`` would
+        # hand back the stored tensor itself (the base the non-finite check and survival compare with)
+        return stored.to(torch.float32, copy=True)
 
     def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
         return dense.to(self.dtype)

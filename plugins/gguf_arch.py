@@ -180,9 +180,15 @@ def describe_base(ref: str) -> ModelShape:
 
 
 def _describe_gguf(path: Path) -> ModelShape:
-    from .gguf_codec import open_reader, scalar
+    from .gguf_codec import open_reader
 
-    reader = open_reader(path)
+    return describe_reader(open_reader(path), path)
+
+
+def describe_reader(reader: gguf.GGUFReader, path: Path) -> ModelShape:
+    """The architecture facts of an open GGUF model file (refusing an adapter file)."""
+    from .gguf_codec import scalar
+
     if scalar(reader, "general.type", str, path, required=False) == "adapter":
         raise InputError("this GGUF file is an adapter, not a base model", path=path)
     arch = scalar(reader, "general.architecture", str, path)

@@ -112,7 +112,24 @@ def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
         return values
     if qtype == Q.F16:
         return values.astype(np.float16)
-    return gguf.quants.quantize(values, qtype)
+    if values.ndim < 2 or values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.quants.quantize(values, qtype)  # (gguf-py refuses partial blocks itself)
+    return gguf.quants.quantize(wide_rows(values), qtype).reshape(*values.shape[:-1], -1)
+
+
+#: Values per row handed to gguf-py at once (see :func:`wide_rows`).
+ROW_VALUES = 1 << 15
+
+
+def wide_rows(values: np.ndarray) -> np.ndarray:
+    """The same values as fewer, longer rows (whole rows joined): gguf-py (de)quantizes a block at a time
+    within rows, in Python-level groups of 16 rows, so longer rows mean fewer calls and the same bytes."""
+    cols = values.shape[-1]
+    rows = values.size // cols
+    join = max(1, ROW_VALUES // cols)
+    while rows % join:
+        join -= 1
+    return values.reshape(rows // join, cols * join)
 
 
 def encode_with_fallback(values: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
@@ -121,3 +138,44 @@ def encode_with_fallback(values: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
         return encode(values, qtype), qtype
     except gguf.QuantError:
         return encode(values, Q.F16), Q.F16
+
+
+# --- raw tensor bytes (a GGUF base's tensors, read without the reader) ---------------------------------------
+
+_DECODABLE: dict[Q, bool] = {}
+
+
+def decodable(qtype: Q) -> bool:
+    """Whether gguf-py decodes ``qtype`` (probed once per type on one block of zeros)."""
+    if qtype not in _DECODABLE:
+        try:
+            _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+            _DECODABLE[qtype] = True
+        except (NotImplementedError, KeyError):
+            _DECODABLE[qtype] = False
+    return _DECODABLE[qtype]
+
+
+def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of ``qtype`` and numpy ``shape`` takes (the last dimension must be whole blocks)."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel // block * type_size
+
+
+def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by gguf-py a row at a time."""
+    row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
+    values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def changed_type(stored: Q, row: int, override: Q | None = None) -> Q:
+    """The type a tensor a merge changed is written in: ``override`` (``--outtype``) if given, else its own
+    where gguf-py encodes it, else Q8_0 (K-quants, IQ types); F16 where its rows are not whole blocks of
+    that type (docs/gguf.md §6)."""
+    want = override if override is not None else stored if stored in ENCODABLE else Q.Q8_0
+    return want if row % gguf.GGML_QUANT_SIZES[want][0] == 0 else Q.F16

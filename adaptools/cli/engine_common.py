@@ -55,7 +55,7 @@ def _run(base: str | MergePlan, inputs: list[MergeInput], out: str, options: Mer
     """Plan (unless given a plan) and execute, with a progress bar on a terminal."""
     bar = _Progress(enabled=not json_, label=label)
     try:
-        planned = base if isinstance(base, MergePlan) else plan_merge(base, inputs, options)
+        planned = base if isinstance(base, MergePlan) else plan_merge(base, inputs, options, out)
         return execute(planned, out, progress=bar)
     finally:
         bar.close()
@@ -69,6 +69,8 @@ def _report(summary: MergeSummary, json_: bool, extra: dict[str, Any] | None = N
         emit_json({**summary.to_json(), **(extra or {})})
         return
     merged = f"{summary.tensors_merged} {verb}, " if summary.tensors_merged else ""
+    converted = summary.tensors - summary.tensors_merged - summary.tensors_copied
+    merged += f"{converted} converted, " if converted else ""
     click.echo(f"wrote {summary.output}: {summary.tensors} tensors in {summary.shards} shard(s), {merged}"
                f"{summary.tensors_copied} copied byte for byte, {_fmt_bytes(summary.bytes_written)} in "
                f"{summary.seconds:.1f} s, peak memory {_fmt_bytes(summary.peak_rss_bytes)}")

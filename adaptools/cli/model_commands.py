@@ -34,13 +34,22 @@ from .quant_commands import quantize_options_of
 @click.option("--initial", "initials", multiple=True, metavar="PATH",
               help="For an adapter trained on a modified base whose init cannot be recomputed (OLoRA/PiSSA-style): "
                    "the adapter saved right after init (once per adapter, in order).")
+@click.option("--to", "to", metavar="CONTAINER",
+              help="Write OUT in another container than a checkpoint folder: one a backend offers (`adaptools "
+                   "plugins` lists them). An OUT ending in a container's suffix chooses it without --to.")
+@click.option("--outtype", metavar="TYPE",
+              help="The storage type, for containers that offer several (see the container's documentation).")
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, merge_base: str,
-          original_base: str | None, initials: tuple[str, ...], **kw: Any) -> None:
+          original_base: str | None, initials: tuple[str, ...], to: str | None, outtype: str | None,
+          **kw: Any) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
     with an index) or a hub reference. The merge streams one tensor at a
     time: memory stays near the largest tensor, whatever the model size.
+    BASE may also be one model file of a format an installed backend reads
+    (`adaptools plugins`); OUT is then a file of that format (--to, or its
+    suffix), untouched tensors copied byte for byte.
     Deltas are computed in fp32 and rounded once to the output dtype, which
     gives PEFT's merge_and_unload bit for bit.
 
@@ -83,7 +92,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
         base, requantize = original_base, False
     elif original_base:
         raise click.UsageError("--original-base is only used with --merge-base original")
-    options = _engine_options(kw, requantize=requantize, quantize=quantize)
+    options = _engine_options(kw, requantize=requantize, quantize=quantize, to=to, outtype=outtype)
     allow_pickle, dry_run, json_ = kw["allow_pickle"], kw["dry_run"], kw["json_"]
     if not dry_run:
         check_output(out, kw["force"], [base, *adapter_refs, *initials])
@@ -91,7 +100,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
     for item, initial in zip(inputs, initials):
         item.adapter = with_initial(item.adapter, load(initial, allow_pickle=allow_pickle))
     if dry_run:
-        data = plan_merge(base, inputs, options).to_json()
+        data = plan_merge(base, inputs, options, out).to_json()
         emit_json(data) if json_ else _echo_plan(data)
         return
     _finish(_run(base, inputs, out, options, "merging", json_), json_, out)

@@ -27,6 +27,8 @@ def plugins(json_: bool) -> None:
                                                  "version": entry.version, "methods": [], "formats": [],
                                                  "backends": [], "validators": []})
             row[kind].append(name)
+            if kind == "backends":  # the output containers a backend offers (merge --to)
+                row.setdefault("containers", []).extend(c.name for c in entry.obj.containers())
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin) or repr(plugin)
         rows.setdefault(name, {"name": name, "distribution": None, "version": None, "methods": [],
@@ -40,8 +42,8 @@ def plugins(json_: bool) -> None:
         return
     for row in rows.values():
         dist = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else "-"
-        provides = "; ".join(f"{k}: {', '.join(row[k])}" for k in ("methods", "formats", "backends", "validators")
-                             if row[k])
+        provides = "; ".join(f"{k}: {', '.join(row[k])}" for k in ("methods", "formats", "backends", "containers",
+                                                                    "validators") if row.get(k))
         click.echo(f"{row['name']}  ({dist})  {provides or 'commands only'}")
     click.echo("")
     click.echo("method".ljust(15) + "".join(op.ljust(9) for op in OPERATIONS))

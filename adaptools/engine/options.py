@@ -73,6 +73,9 @@ class MergeOptions:
         quantize: quantize a dense base's linear weights with these options, through ``quant_backend``.
         workers: threads for the arithmetic (0: one per core).
         checks: validators run on the finished output before it is renamed into place.
+        to: the output container by name (default: chosen by the output path's suffix, else a checkpoint
+            folder); containers other than the folder come from backends.
+        outtype: the storage type, for containers that offer several (the folder takes ``dtype``).
     """
 
     dtype: str = "auto"
@@ -87,8 +90,14 @@ class MergeOptions:
     quantize: QuantizeOptions | None = None
     workers: int = 0
     checks: tuple[CheckRequest, ...] = ()
+    to: str | None = None
+    outtype: str | None = None
 
     def __post_init__(self) -> None:
+        for key in ("to", "outtype"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InputError(f"{key} {value!r} must be a name")
         if self.dtype not in DTYPE_CHOICES:
             raise InputError(f"unknown dtype {self.dtype!r}", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
         device = self.device.split(":")[0]

@@ -13,6 +13,7 @@ stays tied depends on whether the two results come out equal, which only the num
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from .. import dtypes, registry
 from ..checkpoint import EMBEDDING_NAMES, INDEX, SINGLE, Checkpoint
 from ..errors import IncompatibleBaseError, InputError
-from ..interfaces import Backend, BaseTensor, Mergeable, TensorUpdate, capability
+from ..interfaces import Backend, BaseTensor, Mergeable, OutputContainer, TensorUpdate, capability
 from ..safetensors_io import TensorSpec
 from .options import MergeInput, MergeOptions
 from .quantized import quantize_targets
@@ -106,9 +107,12 @@ class MergePlan:
     vocab_size: int | None = None
     seconds: float = 0.0  # how long planning took, for the profile
     warnings: list[str] = field(default_factory=list)  # what the methods say a merge assumed
+    container: OutputContainer | None = None  # where the output goes (None: the checkpoint folder)
 
     @property
     def write_index(self) -> bool:
+        if self.container is not None and not self.container.directory:
+            return False
         return len(self.shards) > 1 or (self.checkpoint.index is not None and self.shards[0].name != SINGLE)
 
     def slot_bytes(self, slot: Slot) -> int:
@@ -140,6 +144,7 @@ class MergePlan:
         return {
             "base": str(self.checkpoint.path),
             "operation": self.options.operation,
+            "container": self.container.name if self.container is not None else "safetensors",
             "adapters": [{"source": i.adapter.source, "method": i.adapter.method, "weight": i.weight,
                           **({"removed": True} if i.invert else {})} for i in self.inputs],
             "tensors": len(self.entries),
@@ -228,15 +233,31 @@ class _Backends:
         return tensor.dtype
 
 
-def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: MergeOptions) -> MergePlan:
-    """The whole merge, decided: entries, shard layout, config and files (nothing is written)."""
+def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: MergeOptions,
+               out: str | os.PathLike[str] | None = None) -> MergePlan:
+    """The whole merge, decided: entries, shard layout, config and files (nothing is written). ``out``,
+    when given, chooses the output container by its suffix (``options.to`` names one outright)."""
+    from .containers import choose
+
+    container = choose(options, out)
+    if options.checks and not container.directory:
+        raise InputError(f"--check runs on a checkpoint folder, not on a {container.name} output",
+                         hint="merge to a folder to check it, or drop --check")
+    if options.shard_size is not None and not container.directory:
+        raise InputError(f"a {container.name} output is one file; --shard-size does not apply")
+    encodings = container.prepare(checkpoint, options)
     if options.operation == "dequantize" and not checkpoint.groups:
         raise InputError("no quantized weights here: nothing to dequantize", path=checkpoint.path,
                          hint="expected a quantized checkpoint (e.g. bitsandbytes 4-bit)")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but torch sees no CUDA device", hint="use --device cpu")
     backends = _Backends(options, checkpoint.config)
-    group_targets = _group_targets(checkpoint, options)
+    if encodings:
+        if options.quantize is not None:
+            raise InputError(f"a {container.name} output stores its own types; it cannot also be quantized")
+        group_targets = {param: GroupOutput(backend, settings) for param, (backend, settings) in encodings.items()}
+    else:
+        group_targets = _group_targets(checkpoint, options)
     updates = plan_updates(inputs, checkpoint, options.ignore_base_mismatch)
     for target in updates:
         stored = checkpoint.aliases.get(target, target)
@@ -253,6 +274,9 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     aliases = _tied_aliases(checkpoint, updates, entries, backends, options)
 
     shards = _layout(checkpoint, entries, aliases, options.shard_size)
+    if not container.directory:  # one file (named as the output): every slot, in the base's order
+        shards = [ShardPlan(Path(out).name if out is not None else f"{container.name} file",
+                            [slot for shard in shards for slot in shard.slots])]
     entries.update(aliases)
     vocab = _vocab_size(checkpoint, entries)
     config, changes = _output_config(checkpoint, options, bool(aliases), vocab, group_targets)
@@ -260,8 +284,10 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     for item in inputs:  # merge_warnings is optional (Mergeable has it; a plain merge_updates need not)
         said = getattr(registry.get_method(item.adapter.method), "merge_warnings", None)
         warnings += [f"{item.adapter.source}: {w}" for w in (said(item.adapter) if said else [])]
-    return MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
-                     untied=bool(aliases), vocab_size=vocab, warnings=warnings)
+    built = MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
+                      untied=bool(aliases), vocab_size=vocab, warnings=warnings, container=container)
+    built.warnings += container.warnings(built)
+    return built
 
 
 def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, GroupOutput]:
@@ -304,8 +330,9 @@ def _entry(name: str, source: str, chain: tuple[TensorUpdate, ...], checkpoint: 
     decoder = backends.decoder(like)
     group = group_targets.get(source)
     if group is not None:
-        if not chain and options.requantize:  # untouched: its stored group is copied byte for byte
-            return Entry(name, COPY, source, shape, like.dtype)
+        stored = checkpoint.groups.get(source)
+        if not chain and stored is not None and stored[0] is group.backend:
+            return Entry(name, COPY, source, shape, like.dtype)  # untouched, in its own encoding: copied as is
         return Entry(name, MERGE if chain else CAST, source, shape, like.dtype, chain, decoder, decoder, group,
                      survival=bool(chain) and source in checkpoint.groups)
     out_dtype = backends.output_dtype(like)
@@ -330,7 +357,9 @@ def _tied_aliases(checkpoint: Checkpoint, updates: dict[str, list[TensorUpdate]]
         alias_chain = ordered([u for u in stored_entry.chain if u.kind in STORAGE_KINDS] + updates.get(alias, []))
         alias_entry = _computed(_entry(alias, stored, alias_chain, checkpoint, backends, {}, options), backends,
                                 checkpoint)
-        if dense_value(_computed(stored_entry, backends, checkpoint), checkpoint, options.device).equal(
+        # compared as dense values, before any group encoding (which only the stored entry has)
+        stored_dense = replace(stored_entry, group=None) if stored_entry.group else stored_entry
+        if dense_value(_computed(stored_dense, backends, checkpoint), checkpoint, options.device).equal(
                 dense_value(alias_entry, checkpoint, options.device)):
             continue
         alias_entry.note = f"untied from {stored}"

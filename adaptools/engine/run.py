@@ -5,7 +5,6 @@ output, then publish it with one rename. ``merge`` is the library's front door.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import time
@@ -22,11 +21,11 @@ from ..checkpoint import Checkpoint
 from ..interfaces import ValidationContext
 from ..outputs import atomic_output
 from .compute import Compute
-from .finalize import provenance, record_checks, write_files, write_index
+from .containers import FOLDER
+from .finalize import provenance, record_checks
 from .options import MergeEvent, MergeInput, MergeOptions, MergeSummary
 from .plan import MergePlan, build_plan
 from .source import BufferPool, Prefetch, Reader
-from .writer import ShardWriter
 
 Progress = Callable[[MergeEvent], None]
 
@@ -50,12 +49,14 @@ def _torch_threads(device: str, workers: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], options: MergeOptions) -> MergePlan:
-    """Open the base and build the plan (what ``merge --dry-run`` prints)."""
+def plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], options: MergeOptions,
+         out: str | os.PathLike[str] | None = None) -> MergePlan:
+    """Open the base and build the plan (what ``merge --dry-run`` prints); ``out`` chooses the output
+    container by its suffix when ``options.to`` does not name one."""
     started = time.perf_counter()
     for check in options.checks:
         registry.get_validator(check.name).check_options(dict(check.options))
-    built = build_plan(Checkpoint.open(base), inputs, options)
+    built = build_plan(Checkpoint.open(base), inputs, options, out)
     built.seconds = time.perf_counter() - started
     return built
 
@@ -68,14 +69,14 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
     summary = MergeSummary(output=str(out), untied_lm_head=plan.untied, vocab_size=plan.vocab_size,
                            warnings=list(plan.warnings))
     record = provenance(checkpoint, plan.inputs, options.command, options.hash_base, options.operation)
-    metadata = {"format": "pt", "adaptools.provenance": json.dumps(record, sort_keys=True)}
+    container = plan.container or FOLDER
     total = plan.total_bytes
     workers = workers_for(options)
     inputs = [str(checkpoint.path), *(i.adapter.source for i in plan.inputs)]
     timings = {"plan": plan.seconds}
     written = 0.0
     pool = BufferPool()
-    with atomic_output(out, force=options.force, inputs=inputs) as tmp, \
+    with atomic_output(out, force=options.force, directory=container.directory, inputs=inputs) as tmp, \
             _torch_threads(options.device, workers), Reader(checkpoint, pool) as reader:
         compute = Compute(checkpoint, reader, pool, options.device, workers)
         prefetch = Prefetch(reader, [s.entry.source for shard in plan.shards for s in shard.slots if s.raw is None])
@@ -84,7 +85,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
         try:
             t0 = time.perf_counter()
             for shard in plan.shards:
-                with ShardWriter(tmp / shard.name, shard, lambda n: checkpoint.location[n][1], metadata) as writer:
+                with container.writer(tmp / shard.name if container.directory else tmp, shard, plan,
+                                      record) as writer:
                     for slot in shard.slots:
                         if slot.raw is not None:
                             src, info = reader.raw(slot.raw)
@@ -104,13 +106,12 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
                         summary.tensors += 1
                         summary.bytes_written += nbytes
                         summary.tensors_merged += int(merged)
-                        summary.tensors_copied += int(not merged)
+                        summary.tensors_copied += int(slot.raw is not None)
                         if progress is not None:
                             progress(MergeEvent(slot.raw or slot.entry.name, shard.name, nbytes, merged, total))
                 written += writer.seconds
             t1 = time.perf_counter()
-            write_index(tmp, plan)
-            write_files(tmp, plan, record)
+            container.finalize(tmp, plan, record)
             t2 = time.perf_counter()
             summary.checks = _run_checks(plan, tmp)
             if summary.checks:
@@ -150,7 +151,8 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
     Args:
         base: a local checkpoint folder or a hub reference.
         inputs: adapters (already loaded and validated) with weights.
-        out: the output folder; written to a temporary sibling and renamed into place at the end.
+        out: the output folder (or file, for a single-file container: ``options.to``, or chosen by the
+            path's suffix); written to a temporary sibling and renamed into place at the end.
         options: how to merge (:class:`MergeOptions`); keyword ``overrides`` set single fields
             (``merge(base, inputs, out, dtype="bf16")``).
         progress: called once per written tensor.
@@ -159,4 +161,4 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
         AdaptoolsError subclasses for anything the user can fix; nothing is written then.
     """
     options = replace(options or MergeOptions(), **overrides)
-    return execute(plan(base, inputs, options), out, progress)
+    return execute(plan(base, inputs, options, out), out, progress)

@@ -1,0 +1,81 @@
+"""Where an engine run's output goes: the engine's own Hugging Face checkpoint folder, or a container a
+backend offers (``merge ... --to NAME``, or an output path ending in that container's suffix).
+
+The plan asks the chosen container which parameters it stores through a backend's group encoder and what
+to warn about; the run asks it for one writer per shard and to finalize. The folder container below is
+the default and what every run wrote before containers existed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import registry
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from ..interfaces import Backend, OutputContainer
+from .options import MergeOptions
+
+
+class SafetensorsFolder(OutputContainer):
+    """A Hugging Face checkpoint folder: safetensors shards (provenance in each header), the index,
+    config.json, the base's other files and a model card."""
+
+    name = "safetensors"
+    description = "a Hugging Face checkpoint folder of safetensors shards (the default)"
+    directory = True
+
+    def prepare(self, checkpoint: Checkpoint, options: MergeOptions) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
+        if checkpoint.opened_by is not None:
+            suffixes = [c.suffix for c in checkpoint.opened_by.containers() if c.suffix]
+            raise InputError("this base is a single file without config.json; it cannot become a checkpoint "
+                             "folder", path=checkpoint.path,
+                             hint=f"write the merge as one file: give OUT ending in {' or '.join(suffixes)}"
+                             if suffixes else None)
+        if options.outtype is not None:
+            raise InputError(f"--outtype {options.outtype} applies to containers with storage types of their "
+                             "own (--to); a checkpoint folder takes --dtype", hint="use --dtype fp32|fp16|bf16")
+        return {}
+
+    def writer(self, path: Path, shard: Any, plan: Any, record: Mapping[str, Any]) -> Any:
+        from .writer import ShardWriter
+
+        metadata = {"format": "pt", "adaptools.provenance": json.dumps(record, sort_keys=True)}
+        return ShardWriter(path, shard, lambda n: plan.checkpoint.location[n][1], metadata)
+
+    def finalize(self, path: Path, plan: Any, record: Mapping[str, Any]) -> None:
+        from .finalize import write_files, write_index
+
+        write_index(path, plan)
+        write_files(path, plan, record)  # type: ignore[arg-type]
+
+
+FOLDER = SafetensorsFolder()
+
+
+def containers() -> dict[str, OutputContainer]:
+    """Every output container by name: the folder, then those the installed backends offer."""
+    found: dict[str, OutputContainer] = {FOLDER.name: FOLDER}
+    for entry in registry.backends().values():
+        for container in entry.obj.containers():
+            found.setdefault(container.name, container)
+    return found
+
+
+def choose(options: MergeOptions, out: str | os.PathLike[str] | None) -> OutputContainer:
+    """``--to NAME``; else the container whose suffix ``out`` ends in; else the folder."""
+    found = containers()
+    if options.to is not None:
+        if options.to not in found:
+            raise InputError(f"unknown output container {options.to!r}", hint=f"use one of {', '.join(found)}")
+        return found[options.to]
+    if out is not None:
+        name = os.fspath(out).lower()
+        for container in found.values():
+            if container.suffix and name.endswith(container.suffix.lower()):
+                return container
+    return FOLDER
