@@ -333,3 +333,31 @@ def test_cuda_merge_agrees_with_the_cpu_merge(tmp_path):
         str(tmp_path / "gpu" / "model.safetensors"))
     for name, value in cpu.items():
         torch.testing.assert_close(gpu[name].float(), value.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_an_in_place_update_cannot_hide_the_infinities_it_makes(tmp_path):
+    """An update with no row form that scales ``current`` in place also scales the decoded original it
+    aliases; the non-finite check must compare with the stored value, not with that."""
+    from adaptools.plugins import pm
+
+    class Blow(adaptools.AdapterMethod, adaptools.Mergeable):
+        name = "blow-up-test"
+        roles = ("scale",)
+
+        def merge_updates(self, adapter, base, weight=1.0):
+            target = base.locate("model.layers.0.mlp.up_proj", "weight")
+            return [adaptools.TensorUpdate(target, "delta", lambda current, original: current.mul_(1e39))]
+
+    class Plugin:
+        @adaptools.hookimpl
+        def register_methods(self, register):
+            register(Blow())
+
+    pm.register(Plugin(), name="blow-up-plugin")
+    try:
+        adapter = adaptools.Adapter("blow-up-test", {}, adaptools.MemoryStore({}), source="blow")
+        with pytest.raises(adaptools.InputError, match="non-finite"):
+            merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
+    finally:
+        pm.unregister(name="blow-up-plugin")
+    assert list(tmp_path.iterdir()) == []

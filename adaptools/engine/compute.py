@@ -175,7 +175,8 @@ class Compute:
         like = BaseTensor(entry.source, entry.dtype, tuple(stored.shape))
         original = entry.decoder.decode(stored.to(self.device))  # type: ignore[union-attr]
         value = encoder.encode(apply_chain(entry.chain, original), like).cpu()  # type: ignore[union-attr]
-        check_finite(entry, value, lambda: original)
+        # the chain may have changed ``original`` in place: decode the stored value again (rare path)
+        check_finite(entry, value, lambda: entry.decoder.decode(stored.to(self.device)))  # type: ignore[union-attr]
         return value
 
     def _group(self, entry: Entry, stored: torch.Tensor) -> Produced:
