@@ -176,6 +176,6 @@ def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarr
 def changed_type(stored: Q, row: int, override: Q | None = None) -> Q:
     """The type a tensor a merge changed is written in: ``override`` (``--outtype``) if given, else its own
     where gguf-py encodes it, else Q8_0 (K-quants, IQ types); F16 where its rows are not whole blocks of
-    that type (docs/gguf.md §6)."""
+    that type (docs/gguf.md, "Tensor types gguf-py encodes and decodes")."""
     want = override if override is not None else stored if stored in ENCODABLE else Q.Q8_0
     return want if row % gguf.GGML_QUANT_SIZES[want][0] == 0 else Q.F16

@@ -4,9 +4,9 @@
 From a GGUF base, the file is the base's: every metadata key kept (plus ``adaptools.provenance``, near the
 start so that ``--force`` recognises the file as ours), every tensor in the base's order, untouched ones
 copied byte for byte, changed ones re-encoded (their own type where gguf-py encodes it, else Q8_0, or
-``--outtype``), and the plan warns about every changed tensor whose type changed (docs/gguf.md §8). From a
-dense Hugging Face base, ``gguf_export.py`` says which tensors and metadata llama.cpp's converter would
-write.
+``--outtype``), and the plan warns about every changed tensor whose type changed (docs/gguf.md, "Merging into
+a GGUF base"). From a dense Hugging Face base, ``gguf_export.py`` says which tensors and metadata llama.cpp's
+converter would write.
 
 The writer declares every tensor (gguf-py's ``GGUFWriter``: header, metadata, tensor infos) before the
 first byte of data, so the sizes come from the plan, then streams the tensors in order, one at a time.

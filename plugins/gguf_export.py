@@ -3,12 +3,11 @@
 
 What llama.cpp's converter (``convert_hf_to_gguf.py``) writes for a Llama-family model, built with gguf-py
 (its writer's metadata helpers, ``gguf.Metadata``, ``gguf.vocab.BpeVocab`` and ``SpecialVocab``, the tensor
-name map): names and Q/K row order from ``gguf_arch``, norms and biases in F32, the weights in
-``--outtype`` (default F16; Q8_0 falls back to F16 where rows are not whole blocks), the model's
-hyperparameters and its byte-level BPE vocabulary. What this cannot write faithfully is refused, naming what
-is missing (docs/gguf.md §9): another architecture, a quantized base, RoPE scaling, a tokenizer that is
-not byte-level BPE, a pre-tokenizer llama.cpp has no name for here.
-"""
+name map): names and Q/K row order from ``gguf_arch``, norms and biases in F32, the weights in ``--outtype``
+(default F16; Q8_0 falls back to F16 where rows are not whole blocks), the model's hyperparameters and its
+byte-level BPE vocabulary. What this cannot write faithfully is refused, naming what is missing (docs/gguf.md,
+"A dense base merged into one GGUF file"): another architecture, a quantized base, RoPE scaling, a tokenizer
+that is not byte-level BPE, a pre-tokenizer llama.cpp has no name for here."""
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from .gguf_codec import changed_type
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 #: llama.cpp's pre-tokenizer names for the tokenizer.json pre-tokenizers that are exactly one of its
-#: regex sets (docs/gguf.md §9): a structural description -> the name.
+#: regex sets (docs/gguf.md, "A dense base merged into one GGUF file"): a structural description -> the name.
 GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
