@@ -28,140 +28,33 @@ library's own logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import adaptools
 from adaptools import Adapter, BaseInfo, Finding, IncompatibleBaseError, TensorUpdate, UnsupportedOperationError
 
+from .bottleneck_config import (  # noqa: F401  (re-exported for the format and the tests)
+    ACTIVATIONS,
+    CONFIG_SCHEMA,
+    CONV1D_MODELS,
+    FLAGS_SCHEMA,
+    LINEAR,
+    LOCATIONS,
+    NAMES,
+    ROLE_FLAG,
+    ROLES,
+    SUBLAYERS,
+    architecture_name,
+    enabled,
+    flags,
+    layer_index,
+    reduction_for,
+)
+from .bottleneck_runtime import applied
 from .bottleneck_unfold import unfold_updates
-
-LOCATIONS = ("mh_adapter", "output_adapter", "cross_adapter")
-ROLES = ("down", "down_bias", "up", "up_bias", "norm_before", "norm_before_bias", "norm_after",
-         "norm_after_bias", "gate", "gate_bias", "scaling")
-#: Which flag in the config enables each role (None: always present).
-ROLE_FLAG = {"norm_before": "ln_before", "norm_before_bias": "ln_before", "norm_after": "ln_after",
-             "norm_after_bias": "ln_after", "gate": "use_gating", "gate_bias": "use_gating"}
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu, "relu6": F.relu6, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "swish": F.silu, "silu": F.silu,
-    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "leakyrelu": F.leaky_relu, "leaky_relu": F.leaky_relu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "mish": F.mish, "linear": lambda x: x,
-    "identity": lambda x: x,
-}
-LINEAR = ("linear", "identity")
-
-#: Per location: (sub-layer child names, the norm in front of it, whose input is the residual stream),
-#: then the base parameters that end the sub-layer (the output projection a linear adapter folds into).
-SUBLAYERS = {
-    "mh_adapter": ((("self_attn", "input_layernorm"), ("attn", "ln_1")),
-                   ("self_attn.o_proj", "attn.c_proj", "self_attn.out_proj")),
-    "output_adapter": ((("mlp", "post_attention_layernorm"), ("mlp", "ln_2")),
-                       ("mlp.down_proj", "mlp.c_proj", "mlp.fc2")),
-}
-#: Model types whose output projections are GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
-CONV1D_MODELS = ("gpt2",)
-_FLAG = {"type": ["boolean", "null"]}
-_FACTOR = {"type": "number", "exclusiveMinimum": 0, "maximum": 2**20, "description": "a positive number"}
-#: The architecture flags adaptools reads (``config["config"]``), with their types and ranges.
-FLAGS_SCHEMA = {"type": "object", "properties": {
-    **{flag: _FLAG for flag in ("original_ln_before", "original_ln_after", "ln_before", "ln_after", "is_parallel",
-                                "use_gating", "adapter_residual_before_ln", "mh_adapter", "output_adapter",
-                                "cross_adapter", "phm_layer")},
-    "residual_before_ln": {"type": ["boolean", "string", "null"], "maxLength": 40},
-    "non_linearity": {"type": ["string", "null"], "maxLength": 40},
-    "inv_adapter": {"type": ["string", "null"], "maxLength": 100},
-    "leave_out": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0, "maximum": 2**31},
-                  "description": "a list of layer indices"},
-    "scaling": {"anyOf": [{"type": "number", "minimum": -1e6, "maximum": 1e6}, {"enum": ["learned", "channel"]}],
-                "description": "a finite number, \"learned\" or \"channel\""},
-    "reduction_factor": {"anyOf": [_FACTOR, {"type": "object", "additionalProperties": _FACTOR}],
-                         "description": "a positive number, or an object of them per layer"},
-}}
-CONFIG_SCHEMA = {"type": "object", "properties": {
-    "config": FLAGS_SCHEMA,
-    "hidden_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31, "description": "a positive integer"},
-}}
-NAMES = {"seq_bn": "Pfeiffer (sequential, after the FFN)", "double_seq_bn": "Houlsby (after attention and FFN)",
-         "par_bn": "parallel (He et al.)"}
-
-
-def flags(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The architecture flags (``config["config"]``), with the library's defaults filled in."""
-    inner = dict(config.get("config") or {})
-    defaults = {"original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
-                "is_parallel": False, "scaling": 1.0, "use_gating": False, "residual_before_ln": True,
-                "adapter_residual_before_ln": False, "leave_out": [], "phm_layer": False, "inv_adapter": None,
-                "mh_adapter": False, "output_adapter": False, "cross_adapter": False}
-    return {**defaults, **inner}
-
-
-def architecture_name(f: Mapping[str, Any]) -> str:
-    if f["is_parallel"]:
-        return "par_bn"
-    if f["mh_adapter"] and f["output_adapter"]:
-        return "double_seq_bn"
-    return "seq_bn" if f["output_adapter"] else "custom"
-
-
-def reduction_for(f: Mapping[str, Any], layer: int) -> float | None:
-    rf = f.get("reduction_factor")
-    if isinstance(rf, Mapping):
-        rf = rf.get(str(layer), rf.get("default"))
-    try:
-        return float(rf)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def layer_index(module: str) -> int | None:
-    """The layer number in ``model.layers.3.output_adapter`` (the last integer path component)."""
-    numbers = [p for p in module.split(".") if p.isdigit()]
-    return int(numbers[-1]) if numbers else None
-
-
-def enabled(f: Mapping[str, Any], module: str) -> bool:
-    """Whether the config switches on the adapter at ``<layer>.<location>`` (its location flag, leave_out):
-    the library builds no adapter elsewhere, so tensors there are ignored."""
-    layer = layer_index(module)
-    return bool(f.get(module.rpartition(".")[2])) and (layer is None or layer not in (f.get("leave_out") or []))
-
-
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=1e-5)  # nn.LayerNorm's default eps
-
-
-def bottleneck_forward(h: torch.Tensor, r: torch.Tensor, t: Mapping[str, torch.Tensor], f: Mapping[str, Any],
-                       act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The new residual stream after one adapter location, from the sub-layer output ``h`` and the residual
-    ``r`` that enters the sub-layer (the library's pre_forward, forward and post_forward with no layer norm)."""
-    if f["is_parallel"]:
-        x = residual = r
-    else:
-        x = h + r if f["original_ln_before"] else h
-        residual = h if f["residual_before_ln"] is True else x
-    z = _layer_norm(x, t["norm_before"], t["norm_before_bias"]) if f["ln_before"] else x
-    up = F.linear(act(F.linear(z, t["down"], t["down_bias"])), t["up"], t["up_bias"])
-    out = up * (t["scaling"] if "scaling" in t else float(f["scaling"]))
-    if f["use_gating"]:
-        out = out * torch.sigmoid(F.linear(x, t["gate"], t["gate_bias"])).mean(dim=1).unsqueeze(-1)
-    if f["is_parallel"]:
-        if f["ln_after"]:
-            out = _layer_norm(out, t["norm_after"], t["norm_after_bias"])
-        out = out + h
-    else:
-        if f["adapter_residual_before_ln"]:
-            out = out + residual
-        if f["ln_after"]:
-            out = _layer_norm(out, t["norm_after"], t["norm_after_bias"])
-        if not f["adapter_residual_before_ln"]:
-            out = out + residual
-    return out + r if f["original_ln_after"] else out
 
 
 class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.RuntimeApplicable):
@@ -411,62 +304,7 @@ class Bottleneck(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.Runtime
         if why or act not in ACTIVATIONS:
             raise UnsupportedOperationError(f"cannot apply: {why or f'unknown non_linearity {act!r}'}",
                                             path=adapter.source)
-        return _applied(adapter, model, ACTIVATIONS[act])
-
-
-def _find(named: Mapping[str, torch.nn.Module], path: str, adapter: Adapter) -> torch.nn.Module:
-    for candidate in (path, path.partition(".")[2], f"model.{path}"):
-        if candidate in named:
-            return named[candidate]
-    raise IncompatibleBaseError(f"the model has no module {path}", path=adapter.source)
-
-
-@contextmanager
-def _applied(adapter: Adapter, model: torch.nn.Module, act: Callable[[torch.Tensor], torch.Tensor]
-             ) -> Iterator[torch.nn.Module]:
-    """Hooks that rewrite each adapted sub-layer's output to ``bottleneck_forward(h, r) - r``: the model adds
-    the residual ``r`` itself, and ``r`` is the input of the norm in front of the sub-layer (pre-norm)."""
-    f = flags(adapter.config)
-    named = dict(model.named_modules())
-    handles = []
-    try:
-        for module, roles in adapter.modules().items():
-            layer_path, _, location = module.rpartition(".")
-            if not enabled(f, module):
-                continue
-            layer = _find(named, layer_path, adapter)
-            pair = next(((s, n) for s, n in SUBLAYERS.get(location, ((), ()))[0]
-                         if hasattr(layer, s) and hasattr(layer, n)), None)
-            if pair is None:
-                raise UnsupportedOperationError(
-                    f"cannot apply {module}: adaptools applies bottleneck adapters to pre-norm decoder layers "
-                    f"(Llama-style or GPT-2); {type(layer).__name__} is neither", path=adapter.source)
-            sublayer, norm = getattr(layer, pair[0]), getattr(layer, pair[1])
-            tensors = {role: adapter.tensor(name).float() for role, name in roles.items()}
-            state: dict[str, torch.Tensor] = {}
-            handles.append(norm.register_forward_pre_hook(_capture(state)))
-            handles.append(sublayer.register_forward_hook(_rewrite(state, tensors, f, act)))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _capture(state: dict[str, torch.Tensor]) -> Callable[..., None]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        state["residual"] = args[0]
-    return hook
-
-
-def _rewrite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], f: Mapping[str, Any],
-             act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        h = output[0] if isinstance(output, tuple) else output
-        r = state["residual"]
-        t = {k: v.to(h.device) for k, v in tensors.items()}
-        new = (bottleneck_forward(h.float(), r.float(), t, f, act) - r.float()).to(h.dtype)
-        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-    return hook
+        return applied(adapter, model, ACTIVATIONS[act])
 
 
 @adaptools.hookimpl

@@ -8,8 +8,9 @@
   provenance and check verdicts, all before :mod:`.run` publishes the output with one rename.
 """
 
+from .entries import MergePlan
 from .options import CheckRequest, MergeEvent, MergeInput, MergeOptions, MergeSummary, QuantizeOptions
-from .plan import MergePlan, build_plan, plan_updates
+from .plan import build_plan, plan_updates
 from .run import execute, merge, plan
 
 __all__ = ["CheckRequest", "MergeEvent", "MergeInput", "MergeOptions", "MergePlan", "MergeSummary",

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..safetensors_io import DTYPES
 from ..values import count_nonfinite
-from .plan import CAST, Entry
+from .entries import CAST, Entry
 from .quantized import Survival, survival
 from .source import BufferPool, Reader
 

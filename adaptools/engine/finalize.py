@@ -19,8 +19,8 @@ from ..checkpoint import INDEX, Checkpoint
 from ..safetensors_io import read_header
 from ..schema import Adapter
 from ..version import __version__
+from .entries import MergePlan
 from .options import MergeInput
-from .plan import MergePlan
 
 #: Where the checks' verdicts are written in the output folder.
 CHECKS_FILE = "adaptools_checks.json"

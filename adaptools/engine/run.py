@@ -22,9 +22,10 @@ from ..interfaces import ValidationContext
 from ..outputs import atomic_output
 from .compute import Compute
 from .containers import FOLDER
+from .entries import MergePlan
 from .finalize import provenance, record_checks
 from .options import MergeEvent, MergeInput, MergeOptions, MergeSummary
-from .plan import MergePlan, build_plan
+from .plan import build_plan
 from .source import BufferPool, Prefetch, Reader
 
 Progress = Callable[[MergeEvent], None]

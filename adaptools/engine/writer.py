@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..safetensors_io import DeferredSafetensorsWriter, SafetensorsWriter, TensorInfo, TensorSpec
-from .plan import ShardPlan
+from .entries import ShardPlan
 
 
 class ShardWriter:
