@@ -344,3 +344,66 @@ def test_interrupted_merge_leaves_no_output(sigs, tmp_path):
         assert proc.returncode == 128 + sigs[0]
         assert "Traceback" not in err and err.strip().splitlines() == [
             f"Interrupted ({signal.Signals(sigs[0]).name}): nothing was written."]
+
+
+FULL_DISK = """
+import errno, os, sys
+calls = []
+def full(fd, offset, size):
+    calls.append(size)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+os.posix_fallocate = full
+import adaptools.safetensors_io as io
+original = io.SafetensorsWriter.write
+def counted(self, name, tensor, *rest):
+    print("wrote", name, flush=True)
+    return original(self, name, tensor, *rest)
+io.SafetensorsWriter.write = counted
+from adaptools.cli import main
+sys.argv = ["adaptools", "merge", sys.argv[1], sys.argv[2], sys.argv[3]]
+main()
+"""
+
+
+def test_full_disk_is_found_before_any_tensor_is_written(tmp_path):
+    """Each shard is reserved whole before its first byte: a disk without room fails at once, in one line
+    that says what to do, with no tensor computed for nothing and nothing left behind."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(base_path("llama")), str(adapter_path("llama-lora")),
+                           str(out)], capture_output=True, text=True, env={**os.environ, "ADAPTOOLS_LOAD_PLUGINS": ""})
+    assert done.returncode == 2, done.stderr
+    assert "wrote" not in done.stdout
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "No space left" in done.stderr and "free some space" in done.stderr and str(out) in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_without_fallocate_support_still_writes(tmp_path, monkeypatch):
+    import errno
+
+    from adaptools.safetensors_io import SafetensorsWriter, TensorSpec
+
+    def unsupported(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    with SafetensorsWriter(tmp_path / "x.safetensors", {k: TensorSpec.of(v) for k, v in tensors.items()}) as out:
+        for name, tensor in tensors.items():
+            out.write(name, tensor)
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_writer_reserves_exactly_the_file_size(tmp_path):
+    from adaptools.safetensors_io import SafetensorsWriter, TensorSpec
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.zeros(7, dtype=torch.float16)}
+    path = tmp_path / "x.safetensors"
+    with SafetensorsWriter(path, {k: TensorSpec.of(v) for k, v in tensors.items()}) as out:
+        assert path.stat().st_size > 8 + 60 + 14  # header and data reserved before any tensor
+        reserved = path.stat().st_size
+        for name, tensor in tensors.items():
+            out.write(name, tensor)
+    assert path.stat().st_size == reserved
+    assert torch.equal(load_file(path)["a"], tensors["a"])
