@@ -164,18 +164,19 @@ class SafetensorsWriter:
 
     def _copy(self, name: str, src: BinaryIO, offset: int, nbytes: int) -> None:
         self._fh.flush()
+        start = self._fh.tell()  # not the file's end: the file is reserved at its full size (_reserve)
         done = 0
         copy = getattr(os, "copy_file_range", None)
         if copy is not None:
             try:
                 while done < nbytes:
-                    n = copy(src.fileno(), self._fh.fileno(), nbytes - done, offset + done)
+                    n = copy(src.fileno(), self._fh.fileno(), nbytes - done, offset + done, start + done)
                     if n == 0:
                         break
                     done += n
             except OSError:
                 pass
-            self._fh.seek(0, os.SEEK_END)
+            self._fh.seek(start + done)
         chunk = 64 * 1024 * 1024
         while done < nbytes:
             data = os.pread(src.fileno(), min(chunk, nbytes - done), offset + done)

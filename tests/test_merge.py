@@ -407,3 +407,24 @@ def test_writer_reserves_exactly_the_file_size(tmp_path):
             out.write(name, tensor)
     assert path.stat().st_size == reserved
     assert torch.equal(load_file(path)["a"], tensors["a"])
+
+
+def test_every_output_file_is_exactly_its_header_and_data(tmp_path):
+    """A merge copies untouched tensors in-kernel into a file reserved at its full size; each file must end
+    where its last tensor does (safetensors refuses a file 'not fully covered')."""
+    import struct
+
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    merge(base_path("llama"), [MergeInput(adaptools.load(adapter_path("llama-lora")))], out, shard_size=20_000)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 1
+    for path in files:
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        assert len(raw) == 8 + n + end, path.name
+        with safe_open(path, "pt") as f:  # the reference reader accepts it
+            assert list(f.keys())
