@@ -183,6 +183,25 @@ def compare_conv(base: Path, adapter: Path, out: Path) -> tuple[int, float]:
     return worst, float((got - expected).abs().max())
 
 
+def assert_conv_like_peft(base: Path, adapter: Path, out: Path) -> None:
+    """``compare_conv``: the merge equals merge_and_unload bit for bit, the application PeftModel to 1e-6."""
+    merge_ulps, apply_diff = compare_conv(base, adapter, out)
+    assert merge_ulps == 0
+    assert apply_diff < 1e-6
+
+
+def saved_roles(adapter: Path) -> set[str]:
+    """Every tensor role the adapter at ``adapter`` holds, over all its modules."""
+    return {role for roles in adaptools.load(adapter).modules().values() for role in roles}
+
+
+def retained_at_rank(cli_runner, name: str, out: Path, rank: int) -> dict[str, float]:
+    """``convert --to lora --rank`` of fixture ``name`` (exit 0): the energy it reports kept, module by module."""
+    result = cli_runner("convert", adapter_path(name), out, "--to", "lora", "--rank", str(rank), "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["retained_energy"]
+
+
 def edited(tmp: Path, name: str, config: dict | None = None, edit=None) -> Path:
     """A copy of fixture adapter ``name`` with config fields changed and/or its tensors edited in place."""
     import shutil

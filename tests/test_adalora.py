@@ -15,8 +15,8 @@ from conftest import adapter_path, base_path
 from method_checks import (
     Q0,
     application_exactness_test,
+    assert_conv_like_peft,
     assert_merge_refused,
-    compare_conv,
     compare_merge,
     compare_merge_fp32_and_bf16,
     conv_adapter,
@@ -26,6 +26,7 @@ from method_checks import (
     listed_operations,
     merged_state,
     one_clear_line_test,
+    retained_at_rank,
     rule_corpus_test,
     truncated,
     with_unknown_role,
@@ -75,9 +76,7 @@ def test_conv2d_merge_and_application_equal_peft(tmp_path):
     base = conv_base(tmp_path / "base")
     config = AdaLoraConfig(init_r=3, lora_alpha=6, total_step=10, target_modules=["conv", "pointwise", "head"])
     adapter = conv_adapter(base, config, tmp_path / "adapter")
-    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
-    assert merge_ulps == 0
-    assert apply_diff < 1e-6
+    assert_conv_like_peft(base, adapter, tmp_path / "merged")
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -112,10 +111,7 @@ def test_convert_to_lora_is_exact_and_peft_loads_it(name, tmp_path):
 
 
 def test_convert_to_lora_with_rank_reports_retained_energy(tmp_path, cli_runner):
-    result = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "r2", "--to", "lora", "--rank", "2",
-                        "--json")
-    assert result.exit_code == 0, result.output
-    retained = json.loads(result.stdout)["retained_energy"]
+    retained = retained_at_rank(cli_runner, "llama-adalora", tmp_path / "r2", 2)
     assert len(retained) == 6 and all(0 < v < 1 for v in retained.values())
     assert adaptools.load(tmp_path / "r2").info("model.layers.0.self_attn.q_proj.lora_A").shape == (2, 64)
     text = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "e", "--to", "lora", "--energy", "0.9")

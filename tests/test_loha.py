@@ -4,16 +4,14 @@ over the llama-loha fixture (rank and alpha patterns)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
     Q0,
+    assert_conv_like_peft,
     assert_merge_refused,
     compare_apply,
-    compare_conv,
     compare_merge_fp32_and_bf16,
     conv_adapter,
     conv_base,
@@ -21,7 +19,9 @@ from method_checks import (
     edited,
     listed_operations,
     one_clear_line_test,
+    retained_at_rank,
     rule_corpus_test,
+    saved_roles,
     with_unknown_role,
 )
 from peft_oracle import logits, peft_model
@@ -51,11 +51,8 @@ def test_conv_layers_merge_and_apply_like_peft(effective, tmp_path):
     config = LoHaConfig(r=3, alpha=5, use_effective_conv2d=effective,
                         target_modules=["conv", "pointwise", "seq", "head"])
     adapter = conv_adapter(base, config, tmp_path / "adapter")
-    roles = {r for m in adaptools.load(adapter).modules().values() for r in m}
-    assert ("hada_t1" in roles) == effective
-    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
-    assert merge_ulps == 0
-    assert apply_diff < 1e-6
+    assert ("hada_t1" in saved_roles(adapter)) == effective
+    assert_conv_like_peft(base, adapter, tmp_path / "merged")
 
 
 def test_low_rank_factors_are_the_delta():
@@ -76,9 +73,7 @@ def test_convert_to_lora_exact_and_truncated(tmp_path, cli_runner):
     assert lora.method == "lora" and lora.info("model.layers.0.self_attn.q_proj.lora_A").shape == (16, 64)
     expected = logits(peft_model(base_path("llama"), adapter_path(NAME)))
     torch.testing.assert_close(logits(peft_model(base_path("llama"), out)), expected, rtol=0, atol=1e-5)
-    result = cli_runner("convert", adapter_path(NAME), tmp_path / "r4", "--to", "lora", "--rank", "4", "--json")
-    assert result.exit_code == 0, result.output
-    retained = json.loads(result.stdout)["retained_energy"]
+    retained = retained_at_rank(cli_runner, NAME, tmp_path / "r4", 4)
     # down_proj has rank 2, so its delta has rank 4 and nothing is lost there
     assert len(retained) == 8 and all(0 < v < 1 for m, v in retained.items() if "down_proj" not in m)
     assert all(v == pytest.approx(1) for m, v in retained.items() if "down_proj" in m)

@@ -4,16 +4,14 @@ test_lora_runtime, test_check) also run over the two llama-lokr fixtures."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
     Q0,
     application_exactness_test,
+    assert_conv_like_peft,
     assert_merge_refused,
-    compare_conv,
     conv_adapter,
     conv_base,
     edit_tensor,
@@ -21,7 +19,9 @@ from method_checks import (
     listed_operations,
     merge_exactness_test,
     one_clear_line_test,
+    retained_at_rank,
     rule_corpus_test,
+    saved_roles,
     with_unknown_role,
 )
 from peft_oracle import logits, peft_model
@@ -46,11 +46,8 @@ def test_conv_layers_merge_and_apply_like_peft(r, effective, tmp_path):
     targets = ["conv", "pointwise", "head"] + ([] if effective else ["seq"])  # see the Conv1d test below
     config = LoKrConfig(r=r, alpha=2, use_effective_conv2d=effective, target_modules=targets)
     adapter = conv_adapter(base, config, tmp_path / "adapter")
-    roles = {r for m in adaptools.load(adapter).modules().values() for r in m}
-    assert ("lokr_t2" in roles) == effective
-    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
-    assert merge_ulps == 0
-    assert apply_diff < 1e-6
+    assert ("lokr_t2" in saved_roles(adapter)) == effective
+    assert_conv_like_peft(base, adapter, tmp_path / "merged")
 
 
 def test_effective_form_on_conv1d_is_refused_as_peft_cannot_compute_it(tmp_path, cli_runner):
@@ -96,10 +93,7 @@ def test_convert_to_lora_exact_and_truncated(tmp_path, cli_runner):
     assert lora.info("model.layers.0.mlp.down_proj.lora_A").shape == (32, 128)  # full 8×8, rank-4 right factor
     expected = logits(peft_model(base_path("llama"), adapter_path("llama-lokr")))
     torch.testing.assert_close(logits(peft_model(base_path("llama"), out)), expected, rtol=0, atol=1e-5)
-    result = cli_runner("convert", adapter_path("llama-lokr"), tmp_path / "r8", "--to", "lora", "--rank", "8",
-                        "--json")
-    assert result.exit_code == 0, result.output
-    retained = json.loads(result.stdout)["retained_energy"]
+    retained = retained_at_rank(cli_runner, "llama-lokr", tmp_path / "r8", 8)
     assert len(retained) == 4 and all(0 < v < 1 for v in retained.values())
     assert adaptools.load(tmp_path / "r8").info("model.layers.0.self_attn.q_proj.lora_A").shape == (8, 64)
 
