@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ADAPTERS, BASES
 from gguf import GGMLQuantizationType as Q
-from peft_oracle import load_base, peft_model
+from peft_oracle import load_base, peft_model, seeded_lora
 
 import adaptools
 from adaptools import load
@@ -146,16 +146,10 @@ def test_info_check_diff_work_on_a_gguf_lora(tmp_path, cli_runner):
 def test_embedding_lora_on_an_untied_base(tmp_path, cli_runner):
     """qwen2's fixture base has its own lm_head: embed_tokens and lm_head LoRAs both have a GGUF place. The
     embedding PEFT saves beside the LoRA equals the base's and is left out; a changed one is refused."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    model = get_peft_model(load_base(BASES / "qwen2"), LoraConfig(r=4, lora_alpha=6, use_rslora=True,
-                                                                  target_modules=["embed_tokens", "lm_head", "v_proj"]))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(tmp_path / "emb")
+    config = LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["embed_tokens", "lm_head", "v_proj"])
+    seeded_lora(BASES / "qwen2", config, tmp_path / "emb", 5, 0.1)
     result = cli_runner("convert", tmp_path / "emb", tmp_path / "emb.gguf", "--to", "gguf", "--base", BASES / "qwen2")
     assert result.exit_code == 0, result.output
     reader = gguf.GGUFReader(tmp_path / "emb.gguf")
