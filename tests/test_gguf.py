@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ADAPTERS, BASES
 from gguf import GGMLQuantizationType as Q
+from gguf_bases import finish
 from peft_oracle import load_base, peft_model, seeded_lora
 
 import adaptools
@@ -230,10 +231,7 @@ def test_config_json_alone_is_enough_and_so_is_a_gguf_base(tmp_path, cli_runner)
             stem = t.name[: -len(".lora_a")]
             b = next(u for u in first.tensors if u.name == stem + ".lora_b")
             writer.add_tensor(stem, np.zeros((int(b.shape[1]), int(t.shape[0])), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     second = to_gguf(cli_runner, "llama-lora", tmp_path / "b.gguf", base=tmp_path / "base.gguf")
     for t, u in zip(first.tensors, second.tensors):
         assert t.name == u.name and np.array_equal(t.data, u.data)
@@ -255,10 +253,7 @@ def write(path, kvs=None, tensors=None, arch="llama", alpha: float | None = 8.0)
                "blk.0.attn_v.weight.lora_b": rng.standard_normal((32, 4)).astype(np.float32)}
     for name, array in (default if tensors is None else tensors).items():
         writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
@@ -295,20 +290,14 @@ def alpha_nan(tmp_path):
 def type_not_string(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "a.gguf", "llama")
     writer.add_uint32("general.type", 3)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return tmp_path / "a.gguf"
 
 
 def a_model_not_an_adapter(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return tmp_path / "m.gguf"
 
 
@@ -488,10 +477,7 @@ def test_encode_decode_every_encodable_type(qtype, tol, tmp_path):
     encoded = gguf_codec.encode(values, qtype)
     writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
     writer.add_tensor("t", encoded, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     tensor = gguf.GGUFReader(tmp_path / "q.gguf").tensors[0]
     assert tensor.tensor_type == qtype and gguf_codec.numpy_shape(tensor) == (6, 64)
     decoded = gguf_codec.decode(tensor)
