@@ -107,19 +107,7 @@ def main() -> None:
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
         "adaptools --version": [*adaptools_cmd, "--version"],
     }
-    measure(contenders["cp (Q8_0 base)"], out)  # warm the page cache
-    runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
-    profiles: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(args.repeat):  # interleaved, so drift in disk state hits every contender alike
-        for name, cmd in contenders.items():
-            profile: dict = {}
-            runs_by[name].append(measure(cmd, out, profile))
-            if profile:
-                profiles[name].append(profile)
-    results = {name: {"wall_s": statistics.median(r[0] for r in runs),
-                      "peak_rss_bytes": statistics.median(r[1] for r in runs),
-                      "runs": [{"wall_s": w, "peak_rss_bytes": m} for w, m in runs]}
-               for name, runs in runs_by.items()}
+    results, profiles = dense.run_interleaved(contenders, out, args.repeat, measure)  # cp first: warms the cache
     cp = results["cp (Q8_0 base)"]["wall_s"]
     torch_s = results['python -c "import torch"']["wall_s"]
     print(f"\nbase: {base.stat().st_size / 1e9:.2f} GB Q8_0; r=16 LoRA on every linear layer; medians of {args.repeat}")

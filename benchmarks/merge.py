@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -155,6 +156,28 @@ def measure(cmd: list[str], out: Path, profile: dict | None = None) -> tuple[flo
     return wall, rss_kb * 1024
 
 
+def run_interleaved(contenders: dict[str, list[str]], out: Path, repeat: int,
+                    timer: Callable[[list[str], Path, dict | None], tuple[float, int]] = measure,
+                    ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Each contender ``repeat`` times with ``timer``, after one warm-up run of the first (the page cache), in
+    turn, so that drift in disk state hits every contender alike: (median wall seconds and peak RSS bytes with
+    every run, by contender; the engine profiles of the runs that printed one, by contender)."""
+    timer(next(iter(contenders.values())), out, None)  # warm the page cache
+    runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
+    profiles: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, cmd in contenders.items():
+            profile: dict = {}
+            runs_by[name].append(timer(cmd, out, profile))
+            if profile:
+                profiles[name].append(profile)
+    results = {name: {"wall_s": statistics.median(r[0] for r in runs),
+                      "peak_rss_bytes": statistics.median(r[1] for r in runs),
+                      "runs": [{"wall_s": w, "peak_rss_bytes": m} for w, m in runs]}
+               for name, runs in runs_by.items()}
+    return results, profiles
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
@@ -198,21 +221,8 @@ def main() -> None:
     if not args.skip_peft:
         contenders["peft merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
     baseline = next(iter(contenders))
-    measure(contenders[baseline], out)  # warm the page cache
-    results = {}
-    runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
-    profiles: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(args.repeat):  # interleaved, so drift in disk state hits every contender alike
-        for name, cmd in contenders.items():
-            profile: dict = {}
-            runs_by[name].append(measure(cmd, out, profile))
-            if profile:
-                profiles[name].append(profile)
+    results, profiles = run_interleaved(contenders, out, args.repeat)
     for name in contenders:
-        runs = runs_by[name]
-        results[name] = {"wall_s": statistics.median(r[0] for r in runs),
-                         "peak_rss_bytes": statistics.median(r[1] for r in runs),
-                         "runs": [{"wall_s": w, "peak_rss_bytes": m} for w, m in runs]}
         print(f"{name:36s} {results[name]['wall_s']:7.2f} s  {results[name]['peak_rss_bytes'] / 2**30:6.2f} GiB",
               file=sys.stderr)
     cp = results[baseline]["wall_s"]

@@ -25,13 +25,12 @@ from .logits import (
     Logits,
     Sequences,
     Tolerance,
-    needs_transformers,
-    output_dtype,
+    compared_sides,
     progress,
-    sides,
     token_sequences,
     with_adapters,
 )
+from .perplexity import EVAL_TEXT_OPTION
 
 DEFAULT_PROMPTS = 3
 DEFAULT_PROMPT_TOKENS = 16
@@ -63,7 +62,7 @@ class Generate(adaptools.Validator):
     name = "generate"
     description = "greedy continuations of a few prompts agree with base + adapter unmerged (first divergence)"
     options = (
-        adaptools.ValidatorOption("eval_text", str, help="Evaluation text (.txt or .jsonl).", flag="--eval-text"),
+        EVAL_TEXT_OPTION,
         adaptools.ValidatorOption("prompts", int, DEFAULT_PROMPTS, help="Prompts to continue.", minimum=1),
         adaptools.ValidatorOption("prompt_tokens", int, DEFAULT_PROMPT_TOKENS, help="Tokens per prompt.", minimum=1),
         adaptools.ValidatorOption("new_tokens", int, DEFAULT_NEW_TOKENS, help="Tokens to generate per prompt.",
@@ -75,10 +74,7 @@ class Generate(adaptools.Validator):
 
     def validate(self, context: ValidationContext) -> Verdict:
         options = context.options
-        self.check_options(options)
-        reference, candidate = sides(context, self.name)
-        needs_transformers(self.name)
-        dtype = output_dtype(context.output)  # type: ignore[arg-type]
+        reference, candidate, dtype = compared_sides(self, context)
         new_tokens = int(options.get("new_tokens") or DEFAULT_NEW_TOKENS)
         sequences = token_sequences(context.output, options.get("eval_text"),  # type: ignore[arg-type]
                                     int(options.get("prompts") or DEFAULT_PROMPTS),

@@ -33,7 +33,7 @@ import torch
 import adaptools
 from adaptools import InputError, ValidationContext, Verdict
 
-from .perplexity import load_model, read_eval_text
+from .perplexity import EVAL_TEXT_OPTION, load_model, read_eval_text
 
 DEFAULT_SEQUENCES = 4
 DEFAULT_TOKENS = 64
@@ -197,6 +197,15 @@ def sides(context: ValidationContext, check: str) -> tuple[Side, Side]:
     return Side(context.base, added), Side(context.output, taken)
 
 
+def compared_sides(check: adaptools.Validator, context: ValidationContext) -> tuple[Side, Side, str]:
+    """How a check that compares the output with base + adapters unmerged starts: its options checked, the
+    two sides, transformers present: (reference, candidate, the output's dtype)."""
+    check.check_options(context.options)
+    reference, candidate = sides(context, check.name)
+    needs_transformers(check.name)
+    return reference, candidate, output_dtype(context.output)  # type: ignore[arg-type]
+
+
 def with_adapters(side: Side, run: Callable[[Any], Any], bare: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """``run(model)`` on the side's model with its adapters applied (and ``bare(model)`` before they are),
     loading the model for this call only, so that one model is in memory at a time."""
@@ -296,8 +305,7 @@ class Logits(adaptools.Validator):
     name = "logits"
     description = "the output's next-token logits match base + adapter unmerged, within the dtype's tolerance"
     options = (
-        adaptools.ValidatorOption("eval_text", str, help="Evaluation text (.txt or .jsonl).",
-                                  flag="--eval-text"),
+        EVAL_TEXT_OPTION,
         adaptools.ValidatorOption("sequences", int, DEFAULT_SEQUENCES, help="Token sequences to compare.", minimum=1),
         adaptools.ValidatorOption("tokens", int, DEFAULT_TOKENS, help="Tokens per sequence.", minimum=2),
         adaptools.ValidatorOption("max_kl", float, help="Override the dtype's mean-KL tolerance.", minimum=0),
@@ -314,10 +322,7 @@ class Logits(adaptools.Validator):
 
     def validate(self, context: ValidationContext) -> Verdict:
         options = context.options
-        self.check_options(options)
-        reference, candidate = sides(context, self.name)
-        needs_transformers(self.name)
-        dtype = output_dtype(context.output)  # type: ignore[arg-type]
+        reference, candidate, dtype = compared_sides(self, context)
         sequences = token_sequences(context.output, options.get("eval_text"),  # type: ignore[arg-type]
                                     int(options.get("sequences") or DEFAULT_SEQUENCES),
                                     int(options.get("tokens") or DEFAULT_TOKENS))

@@ -13,7 +13,7 @@ from adaptools import Adapter
 
 from .lora_config import module_rank_alpha, scaling_for, token_indices
 from .lora_legacy import enabled_blocks, merged_b
-from .peft_common import find_module
+from .peft_common import find_module, undo
 
 
 @contextmanager
@@ -41,10 +41,7 @@ def applied(adapter: Adapter, model: torch.nn.Module) -> Iterator[torch.nn.Modul
                 handles.append(layer.register_forward_hook(_lora_hook(adapter, module_name, roles, layer)))
         yield model
     finally:
-        for h in handles:
-            h.remove()
-        for param, value in reversed(saved):
-            param.data = value
+        undo(handles, saved)
 
 
 def _lora_hook(adapter: Adapter, module: str, roles: dict[str, str], layer: torch.nn.Module) -> Any:

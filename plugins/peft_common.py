@@ -99,10 +99,16 @@ def hooked(adapter: Adapter, model: torch.nn.Module, install: HookInstaller) -> 
                 handles.extend(install(module_name, roles, layer))
         yield model
     finally:
-        for h in handles:
-            h.remove()
-        for param, value in reversed(saved):
-            param.data = value
+        undo(handles, saved)
+
+
+def undo(handles: list[Any], saved: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Take a runtime application off a live model: its hooks removed, each swapped parameter given back the
+    tensor it held (in reverse order, so a parameter swapped twice ends with its original)."""
+    for h in handles:
+        h.remove()
+    for param, value in reversed(saved):
+        param.data = value
 
 
 class Lint:

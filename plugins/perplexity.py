@@ -49,6 +49,12 @@ def _read_text(path: Path) -> str:
         raise InputError(f"cannot read the evaluation text: {exc.strerror or exc}", path=path) from None
 
 
+#: The evaluation-text option of the checks that score or compare models on a text (perplexity, logits,
+#: generate): the same name, flag and meaning in each.
+EVAL_TEXT_OPTION = adaptools.ValidatorOption("eval_text", str, help="Evaluation text (.txt or .jsonl).",
+                                             flag="--eval-text")
+
+
 def read_eval_text(source: str) -> str:
     """A text file, a .jsonl with a ``text`` field per line, or a datasets name (``name`` or ``name:config``)."""
     path = Path(source)
@@ -192,8 +198,7 @@ class Perplexity(adaptools.Validator):
     name = "perplexity"
     description = "merged perplexity within a tolerance of base + adapter unmerged (needs transformers)"
     options = (
-        adaptools.ValidatorOption("eval_text", str, help="Evaluation text (.txt or .jsonl).",
-                                  flag="--eval-text"),
+        EVAL_TEXT_OPTION,
         adaptools.ValidatorOption("max_tokens", int, DEFAULT_MAX_TOKENS, help="Tokens of the text to score.",
                                   flag="--max-tokens", minimum=2),
         adaptools.ValidatorOption("tolerance", float, DEFAULT_TOLERANCE,

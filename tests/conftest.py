@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# the method suites' shared checks assert in method_checks: rewrite them so a failure shows the values
+pytest.register_assert_rewrite("method_checks")
+
 os.environ.setdefault("ADAPTOOLS_LOAD_PLUGINS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -44,6 +47,15 @@ def adapter_path(name: str) -> Path:
 
 def base_path(arch: str) -> Path:
     return BASES / arch
+
+
+@pytest.fixture(scope="session")
+def bf16_base(tmp_path_factory):
+    """``arch -> path``: that fixture base saved again in bf16 by transformers, made once a session on first use."""
+    from method_checks import bf16_copy
+
+    root = tmp_path_factory.mktemp("bf16")
+    return lambda arch: bf16_copy(base_path(arch), root / arch)
 
 
 @pytest.fixture

@@ -78,11 +78,16 @@ def write_base(hf_dir: Path, out: Path, weights: Q = Q.F32, *, kquant: dict[str,
             continue
         qtype = Q.F32 if array.ndim == 1 else gguf_codec.changed_type(weights, array.shape[-1], weights)
         writer.add_tensor(gname, gguf_codec.encode(array, qtype), raw_dtype=qtype)
+    finish(writer)
+    return out
+
+
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write what ``writer`` was given (header, metadata, tensors, in the order gguf-py needs) and close it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out
 
 
 def decoded(path: Path) -> dict[str, np.ndarray]:

@@ -1,6 +1,8 @@
 """What every PEFT-method test compares with the real peft: merges (fp32, and on a bf16 copy of the base)
 measured in ulps against ``merge_and_unload``, and runtime application against PeftModel's forward. Also a
-tiny conv model for the conv variants (no transformers model has conv layers of every kind)."""
+tiny conv model for the conv variants (no transformers model has conv layers of every kind), defective copies
+of the fixtures, and the tests every method file runs the same way (made here once, parametrised by the
+file's fixtures and cases, and bound to a ``test_*`` name in that file so that pytest collects them there)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,18 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
-from peft_oracle import INPUT_IDS, load_base, logits, peft_model
+from conftest import adapter_path, base_path
+from peft_oracle import load_base, logits, peft_model
 from safetensors.torch import load_file, save_file
 
 import adaptools
+from adaptools.operations.check import check
 from adaptools.operations.merge import MergeInput, merge
+
+#: The first layer's q_proj as PEFT names it in a saved llama adapter.
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
@@ -73,6 +81,36 @@ def compare_apply(base: Path, adapter: Path, dtype: torch.dtype = torch.float32)
     assert not torch.allclose(got, before, atol=1e-4), "the adapter had no effect: the test proves nothing"
     assert torch.equal(logits(model), before)
     return float((got - expected).abs().max())
+
+
+def compare_merge_fp32_and_bf16(name: str, bf16_base, tmp: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """``compare_merge`` of fixture ``name`` on its fp32 base and on that base's bf16 copy (``bf16_base``, the
+    conftest fixture): (fp32 figures, bf16 figures)."""
+    arch = name.split("-")[0]
+    fp32 = compare_merge(base_path(arch), adapter_path(name), tmp / "fp32")
+    bf16 = compare_merge(bf16_base(arch), adapter_path(name), tmp / "bf16", torch.bfloat16)
+    return fp32, bf16
+
+
+def merge_exactness_test(fixtures: list[str]):
+    """test_merge_is_bit_exact_against_peft_in_fp32_and_bf16 over ``fixtures``: 0 ulps in both dtypes."""
+
+    @pytest.mark.parametrize("name", fixtures)
+    def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_base, tmp_path):
+        fp32, bf16 = compare_merge_fp32_and_bf16(name, bf16_base, tmp_path)
+        assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
+
+    return test_merge_is_bit_exact_against_peft_in_fp32_and_bf16
+
+
+def application_exactness_test(fixtures: list[str]):
+    """test_runtime_application_equals_peft_forward over ``fixtures``: the logits equal PeftModel's exactly."""
+
+    @pytest.mark.parametrize("name", fixtures)
+    def test_runtime_application_equals_peft_forward(name):
+        assert compare_apply(base_path(name.split("-")[0]), adapter_path(name)) == 0.0
+
+    return test_runtime_application_equals_peft_forward
 
 
 class ConvNet(torch.nn.Module):
@@ -145,15 +183,28 @@ def compare_conv(base: Path, adapter: Path, out: Path) -> tuple[int, float]:
     return worst, float((got - expected).abs().max())
 
 
-__all__ = ["INPUT_IDS", "bf16_copy", "compare_apply", "compare_conv", "compare_merge", "conv_adapter", "conv_base",
-           "merged_state", "ulps"]
+def assert_conv_like_peft(base: Path, adapter: Path, out: Path) -> None:
+    """``compare_conv``: the merge equals merge_and_unload bit for bit, the application PeftModel to 1e-6."""
+    merge_ulps, apply_diff = compare_conv(base, adapter, out)
+    assert merge_ulps == 0
+    assert apply_diff < 1e-6
+
+
+def saved_roles(adapter: Path) -> set[str]:
+    """Every tensor role the adapter at ``adapter`` holds, over all its modules."""
+    return {role for roles in adaptools.load(adapter).modules().values() for role in roles}
+
+
+def retained_at_rank(cli_runner, name: str, out: Path, rank: int) -> dict[str, float]:
+    """``convert --to lora --rank`` of fixture ``name`` (exit 0): the energy it reports kept, module by module."""
+    result = cli_runner("convert", adapter_path(name), out, "--to", "lora", "--rank", str(rank), "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["retained_energy"]
 
 
 def edited(tmp: Path, name: str, config: dict | None = None, edit=None) -> Path:
     """A copy of fixture adapter ``name`` with config fields changed and/or its tensors edited in place."""
     import shutil
-
-    from conftest import adapter_path
 
     out = tmp / "adapter"
     shutil.copytree(adapter_path(name), out)
@@ -190,3 +241,59 @@ def assert_one_clear_line(cli_runner, tmp: Path, bad: Path, expected: str) -> No
         assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
         assert "Traceback" not in result.output and result.stdout == ""
         assert sorted(p.name for p in tmp.iterdir()) == before
+
+
+def edit_tensor(key: str, change):
+    """An ``edit`` for ``edited``: tensor ``key`` replaced by ``change(tensor)``."""
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key] = change(tensors[key])
+
+    return edit
+
+
+def truncated(tmp: Path, name: str) -> Path:
+    """A copy of fixture adapter ``name`` whose weights file is cut in half (a download that stopped)."""
+    out = edited(tmp, name)
+    f = out / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return out
+
+
+def listed_operations(cli_runner, method: str) -> list[str]:
+    """What ``adaptools plugins --json`` says ``method`` can do."""
+    return json.loads(cli_runner("plugins", "--json").stdout)["operations"][method]
+
+
+def assert_merge_refused(cli_runner, tmp: Path, base: Path, adapter: Path, expected: str, *options: str) -> None:
+    """``merge`` (with ``options``) exits 2 with ``expected`` in its message, no traceback, and writes nothing."""
+    result = cli_runner("merge", base, adapter, tmp / "out", *options)
+    assert result.exit_code == 2 and expected in result.stderr, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp / "out").exists()
+
+
+def rule_corpus_test(corpus: dict):
+    """test_each_defect_is_caught_by_exactly_its_rule over a method's defect corpus, ``rule -> (make, base)``:
+    ``check`` of ``make(tmp)`` (against fixture base ``base`` when one is named) finds that rule and no other,
+    each finding with a message, a path and a fix."""
+
+    @pytest.mark.parametrize("rule", sorted(corpus))
+    def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
+        make, base = corpus[rule]
+        report = check(make(tmp_path), base=str(base_path(base)) if base else None)
+        assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
+        assert all(f.fix and f.message and f.path for f in report.findings)
+
+    return test_each_defect_is_caught_by_exactly_its_rule
+
+
+def one_clear_line_test(cases: dict):
+    """test_bad_input_is_one_clear_line over ``case -> (make, expected)``: ``assert_one_clear_line`` of
+    ``make(tmp)`` for ``info`` and ``convert``, the one line holding ``expected``."""
+
+    @pytest.mark.parametrize(("case", "expected"), [(case, expected) for case, (_, expected) in cases.items()])
+    def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
+        assert_one_clear_line(cli_runner, tmp_path, cases[case][0](tmp_path), expected)
+
+    return test_bad_input_is_one_clear_line

@@ -31,6 +31,22 @@ def peft_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.flo
         return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
+def seeded_lora(base_dir: Path, config, out: Path, seed: int, scale: float):
+    """A PEFT LoRA (``config``) on ``base_dir`` with every lora_ tensor set to ``scale`` × seeded normal noise
+    (PEFT initialises B to zero: a fresh adapter would change nothing), saved to ``out``; the PEFT model is
+    returned for further edits."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_base(base_dir), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out)
+    return model
+
+
 @torch.no_grad()
 def logits(model, ids: torch.Tensor = INPUT_IDS) -> torch.Tensor:
     return model(input_ids=ids).logits.float()

@@ -13,15 +13,22 @@ import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
-    assert_one_clear_line,
-    bf16_copy,
-    compare_apply,
-    compare_conv,
+    Q0,
+    application_exactness_test,
+    assert_conv_like_peft,
+    assert_merge_refused,
     compare_merge,
+    compare_merge_fp32_and_bf16,
     conv_adapter,
     conv_base,
+    edit_tensor,
     edited,
+    listed_operations,
     merged_state,
+    one_clear_line_test,
+    retained_at_rank,
+    rule_corpus_test,
+    truncated,
     with_unknown_role,
 )
 from peft_oracle import load_base, logits, peft_model
@@ -33,21 +40,12 @@ from adaptools.operations.convert import convert_method
 from adaptools.operations.merge import MergeInput, merge
 
 FIXTURES = ["llama-adalora", "llama-adalora-pruned", "gpt2-adalora"]
-Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
-
-
-@pytest.fixture(scope="module")
-def bf16_bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16")
-    return {arch: bf16_copy(base_path(arch), root / arch) for arch in ("llama", "gpt2")}
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_bases, tmp_path):
-    arch = name.split("-")[0]
-    fp32 = compare_merge(base_path(arch), adapter_path(name), tmp_path / "fp32")
+def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_base, tmp_path):
+    fp32, bf16 = compare_merge_fp32_and_bf16(name, bf16_base, tmp_path)
     assert fp32["ulps"] == 0, fp32
-    bf16 = compare_merge(bf16_bases[arch], adapter_path(name), tmp_path / "bf16", torch.bfloat16)
     if name != "llama-adalora-pruned":
         assert bf16["ulps"] == 0, bf16
         return
@@ -57,12 +55,10 @@ def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_bases, tmp_
     # factors are rounded first.
     assert 0 < bf16["max_abs"] <= 2.5e-4, bf16
     rounded = edited(tmp_path, name, edit=lambda t: t.update({k: v.bfloat16().float() for k, v in t.items()}))
-    assert compare_merge(bf16_bases[arch], rounded, tmp_path / "rounded", torch.bfloat16)["ulps"] == 0
+    assert compare_merge(bf16_base("llama"), rounded, tmp_path / "rounded", torch.bfloat16)["ulps"] == 0
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_runtime_application_equals_peft_forward(name):
-    assert compare_apply(base_path(name.split("-")[0]), adapter_path(name)) == 0.0
+test_runtime_application_equals_peft_forward = application_exactness_test(FIXTURES)
 
 
 def test_ranknum_stays_init_r_after_pruning():
@@ -80,9 +76,7 @@ def test_conv2d_merge_and_application_equal_peft(tmp_path):
     base = conv_base(tmp_path / "base")
     config = AdaLoraConfig(init_r=3, lora_alpha=6, total_step=10, target_modules=["conv", "pointwise", "head"])
     adapter = conv_adapter(base, config, tmp_path / "adapter")
-    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
-    assert merge_ulps == 0
-    assert apply_diff < 1e-6
+    assert_conv_like_peft(base, adapter, tmp_path / "merged")
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -117,10 +111,7 @@ def test_convert_to_lora_is_exact_and_peft_loads_it(name, tmp_path):
 
 
 def test_convert_to_lora_with_rank_reports_retained_energy(tmp_path, cli_runner):
-    result = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "r2", "--to", "lora", "--rank", "2",
-                        "--json")
-    assert result.exit_code == 0, result.output
-    retained = json.loads(result.stdout)["retained_energy"]
+    retained = retained_at_rank(cli_runner, "llama-adalora", tmp_path / "r2", 2)
     assert len(retained) == 6 and all(0 < v < 1 for v in retained.values())
     assert adaptools.load(tmp_path / "r2").info("model.layers.0.self_attn.q_proj.lora_A").shape == (2, 64)
     text = cli_runner("convert", adapter_path("llama-adalora"), tmp_path / "e", "--to", "lora", "--energy", "0.9")
@@ -145,40 +136,28 @@ def test_diff_against_its_lora_form_is_rounding_only(tmp_path):
 
 
 def test_plugins_lists_adalora(cli_runner):
-    data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["adalora"] == ["algebra", "apply", "convert", "info", "merge", "plain"]
-
-
-def _set(key, fn):
-    def edit(t):
-        t[key] = fn(t[key])
-    return edit
+    assert listed_operations(cli_runner, "adalora") == ["algebra", "apply", "convert", "info", "merge", "plain"]
 
 
 CORPUS = {
     "ADALORA001": (lambda tmp: edited(tmp, "llama-adalora", {"init_r": "6"}), None),
     "ADALORA002": (lambda tmp: with_unknown_role(tmp, "llama-adalora", "model.layers.0.self_attn.q_proj"), None),
-    "ADALORA003": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_A", lambda v: v.to(torch.int32))),
-                   None),
+    "ADALORA003": (lambda tmp: edited(tmp, "llama-adalora",
+                                      edit=edit_tensor(f"{Q0}.lora_A", lambda v: v.to(torch.int32))), None),
     "ADALORA004": (lambda tmp: edited(tmp, "llama-adalora", edit=lambda t: t.pop(f"{Q0}.lora_E")), None),
-    "ADALORA005": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_E", lambda v: v[:4].contiguous())),
-                   None),
+    "ADALORA005": (lambda tmp: edited(tmp, "llama-adalora",
+                                      edit=edit_tensor(f"{Q0}.lora_E", lambda v: v[:4].contiguous())), None),
     "ADALORA006": (lambda tmp: edited(tmp, "llama-adalora", {"init_r": 4}), None),
     "ADALORA007": (lambda tmp: edited(tmp, "llama-adalora", {"target_modules": ["q_proj", "v_proj"]}), None),
-    "ADALORA008": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_B", lambda v: v / 0)), None),
-    "ADALORA009": (lambda tmp: edited(tmp, "llama-adalora", edit=_set(f"{Q0}.lora_E", torch.zeros_like)), None),
+    "ADALORA008": (lambda tmp: edited(tmp, "llama-adalora", edit=edit_tensor(f"{Q0}.lora_B", lambda v: v / 0)), None),
+    "ADALORA009": (lambda tmp: edited(tmp, "llama-adalora", edit=edit_tensor(f"{Q0}.lora_E", torch.zeros_like)), None),
     "ADALORA010": (lambda tmp: edited(tmp, "gpt2-adalora"), "llama"),
     "ADALORA011": (lambda tmp: edited(tmp, "llama-adalora",
-                                      edit=_set(f"{Q0}.lora_A", lambda v: v[:, :32].contiguous())), "llama"),
+                                      edit=edit_tensor(f"{Q0}.lora_A", lambda v: v[:, :32].contiguous())), "llama"),
 }
 
 
-@pytest.mark.parametrize("rule", sorted(CORPUS))
-def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
-    make, base = CORPUS[rule]
-    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
-    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
-    assert all(f.fix and f.message and f.path for f in report.findings)
+test_each_defect_is_caught_by_exactly_its_rule = rule_corpus_test(CORPUS)
 
 
 def test_pruned_rank_pattern_of_the_wrong_length_is_a_config_mismatch(tmp_path):
@@ -189,34 +168,19 @@ def test_pruned_rank_pattern_of_the_wrong_length_is_a_config_mismatch(tmp_path):
     assert {f.rule for f in report.findings} == {"ADALORA006"}
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("lora_alpha is text", "lora_alpha is 'eight'"),
-    ("rank_pattern is not masks", "not a list of booleans"),
-    ("missing lora_E", "not lora_E"),
-    ("NaN in lora_A", "NaN/Inf"),
-    ("truncated weights", "adapter_model.safetensors"),
-])
-def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
-    def truncate(tmp):
-        out = edited(tmp, "llama-adalora")
-        f = out / "adapter_model.safetensors"
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-        return out
+BAD_INPUTS = {
+    "lora_alpha is text": (lambda tmp: edited(tmp, "llama-adalora", {"lora_alpha": "eight"}), "lora_alpha is 'eight'"),
+    "rank_pattern is not masks": (lambda tmp: edited(tmp, "llama-adalora", {"rank_pattern": {"x.lora_E": 3}}),
+                                  "not a list of booleans"),
+    "missing lora_E": (lambda tmp: edited(tmp, "llama-adalora", edit=lambda t: t.pop(f"{Q0}.lora_E")), "not lora_E"),
+    "NaN in lora_A": (lambda tmp: edited(tmp, "llama-adalora", edit=edit_tensor(
+        f"{Q0}.lora_A", lambda v: v.index_fill(0, torch.tensor([1]), float("nan")))), "NaN/Inf"),
+    "truncated weights": (lambda tmp: truncated(tmp, "llama-adalora"), "adapter_model.safetensors"),
+}
 
-    make = {
-        "lora_alpha is text": lambda tmp: edited(tmp, "llama-adalora", {"lora_alpha": "eight"}),
-        "rank_pattern is not masks": lambda tmp: edited(tmp, "llama-adalora", {"rank_pattern": {"x.lora_E": 3}}),
-        "missing lora_E": lambda tmp: edited(tmp, "llama-adalora", edit=lambda t: t.pop(f"{Q0}.lora_E")),
-        "NaN in lora_A": lambda tmp: edited(tmp, "llama-adalora",
-                                            edit=_set(f"{Q0}.lora_A", lambda v: v.index_fill(0, torch.tensor([1]),
-                                                                                              float("nan")))),
-        "truncated weights": truncate,
-    }[case]
-    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)
 
 
 def test_merge_onto_the_wrong_base_is_refused_before_writing(tmp_path, cli_runner):
-    result = cli_runner("merge", base_path("gpt2"), adapter_path("llama-adalora"), tmp_path / "out",
-                        "--ignore-base-mismatch")
-    assert result.exit_code == 2 and "model.layers.0" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert_merge_refused(cli_runner, tmp_path, base_path("gpt2"), adapter_path("llama-adalora"), "model.layers.0",
+                         "--ignore-base-mismatch")

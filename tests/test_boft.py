@@ -4,18 +4,21 @@ generic suites (test_merge, test_roundtrip, test_lora_runtime, test_check) also 
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
-    assert_one_clear_line,
-    bf16_copy,
-    compare_apply,
+    Q0,
+    application_exactness_test,
     compare_merge,
+    compare_merge_fp32_and_bf16,
+    edit_tensor,
     edited,
+    listed_operations,
+    one_clear_line_test,
+    rule_corpus_test,
     with_unknown_role,
 )
 from peft_oracle import load_base, logits, peft_model
@@ -24,12 +27,6 @@ import adaptools
 from adaptools.operations.check import check
 
 FIXTURES = ["llama-boft", "llama-boft-blocks", "qwen2-boft"]
-Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
-
-
-@pytest.fixture(scope="module")
-def bf16_base(tmp_path_factory):
-    return bf16_copy(base_path("llama"), tmp_path_factory.mktemp("bf16") / "llama")
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -38,14 +35,11 @@ def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_base, tmp_p
         bf16 = compare_merge(base_path("qwen2"), adapter_path(name), tmp_path / "bf16", torch.bfloat16)
         assert bf16["ulps"] == 0, bf16
         return
-    fp32 = compare_merge(base_path("llama"), adapter_path(name), tmp_path / "fp32")
-    bf16 = compare_merge(bf16_base, adapter_path(name), tmp_path / "bf16", torch.bfloat16)
+    fp32, bf16 = compare_merge_fp32_and_bf16(name, bf16_base, tmp_path)
     assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_runtime_application_equals_peft_forward(name):
-    assert compare_apply(base_path(name.split("-")[0]), adapter_path(name)) == 0.0
+test_runtime_application_equals_peft_forward = application_exactness_test(FIXTURES)
 
 
 def test_butterfly_permutation_is_peft_s():
@@ -105,14 +99,7 @@ def test_several_butterfly_factors_merge_and_apply_as_peft_s_kernel_path(factors
 
 
 def test_plugins_lists_boft(cli_runner):
-    data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["boft"] == ["apply", "convert", "info", "merge"]
-
-
-def _set(key, fn):
-    def edit(t):
-        t[key] = fn(t[key])
-    return edit
+    assert listed_operations(cli_runner, "boft") == ["apply", "convert", "info", "merge"]
 
 
 def _identity(t):
@@ -123,51 +110,42 @@ def _identity(t):
 CORPUS = {
     "BOFT001": (lambda tmp: edited(tmp, "llama-boft", {"boft_block_size": 4.0}), None),
     "BOFT002": (lambda tmp: with_unknown_role(tmp, "llama-boft", "model.layers.0.self_attn.q_proj"), None),
-    "BOFT003": (lambda tmp: edited(tmp, "llama-boft", edit=_set(f"{Q0}.boft_s", lambda v: v.to(torch.int32))), None),
-    "BOFT004": (lambda tmp: edited(tmp, "llama-boft", edit=lambda t: t.pop(f"{Q0}.boft_s")), None),
-    "BOFT005": (lambda tmp: edited(tmp, "llama-boft", edit=_set(f"{Q0}.boft_R", lambda v: v[..., :3].contiguous())),
+    "BOFT003": (lambda tmp: edited(tmp, "llama-boft", edit=edit_tensor(f"{Q0}.boft_s", lambda v: v.to(torch.int32))),
                 None),
+    "BOFT004": (lambda tmp: edited(tmp, "llama-boft", edit=lambda t: t.pop(f"{Q0}.boft_s")), None),
+    "BOFT005": (lambda tmp: edited(tmp, "llama-boft",
+                                   edit=edit_tensor(f"{Q0}.boft_R", lambda v: v[..., :3].contiguous())), None),
     "BOFT006": (lambda tmp: edited(tmp, "llama-boft", {"boft_block_num": 16}), None),
     "BOFT007": (lambda tmp: edited(tmp, "llama-boft", {"boft_block_size": 8}), None),
     "BOFT008": (lambda tmp: edited(tmp, "llama-boft", {"target_modules": ["q_proj"]}), None),
-    "BOFT009": (lambda tmp: edited(tmp, "llama-boft", edit=_set(f"{Q0}.boft_s", lambda v: v / 0)), None),
+    "BOFT009": (lambda tmp: edited(tmp, "llama-boft", edit=edit_tensor(f"{Q0}.boft_s", lambda v: v / 0)), None),
     "BOFT010": (lambda tmp: edited(tmp, "llama-boft", edit=_identity), None),
     "BOFT011": (lambda tmp: edited(tmp, "llama-boft"), "gpt2"),
-    "BOFT012": (lambda tmp: edited(tmp, "llama-boft", edit=_set(f"{Q0}.boft_s", lambda v: v[:32].contiguous())),
+    "BOFT012": (lambda tmp: edited(tmp, "llama-boft", edit=edit_tensor(f"{Q0}.boft_s", lambda v: v[:32].contiguous())),
                 "llama"),
 }
 
-
-@pytest.mark.parametrize("rule", sorted(CORPUS))
-def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
-    make, base = CORPUS[rule]
-    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
-    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
-    assert all(f.fix and f.message and f.path for f in report.findings)
+test_each_defect_is_caught_by_exactly_its_rule = rule_corpus_test(CORPUS)
 
 
 def test_butterfly_factor_counts_peft_could_not_have_made_are_caught(tmp_path):
     three = edited(tmp_path, "llama-boft", {"boft_n_butterfly_factor": 3},
-                   edit=_set(f"{Q0}.boft_R", lambda v: v.repeat(2, 1, 1, 1).contiguous()))
+                   edit=edit_tensor(f"{Q0}.boft_R", lambda v: v.repeat(2, 1, 1, 1).contiguous()))
     report = check(three)
     assert {f.rule for f in report.findings} == {"BOFT007"}
     assert "2 butterfly factors" in report.findings[0].message
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("block size is text", "boft_block_size is 'four'"),
-    ("both block size and count", "boft_block_size is 4 and boft_block_num is 16"),
-    ("scale missing", "has boft_R only"),
-    ("NaN in boft_R", "NaN/Inf"),
-])
-def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
-    make = {
-        "block size is text": lambda tmp: edited(tmp, "llama-boft", {"boft_block_size": "four"}),
-        "both block size and count": CORPUS["BOFT006"][0],
-        "scale missing": CORPUS["BOFT004"][0],
-        "NaN in boft_R": lambda tmp: edited(tmp, "llama-boft", edit=_set(f"{Q0}.boft_R", lambda v: v.log())),
-    }[case]
-    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+BAD_INPUTS = {
+    "block size is text": (lambda tmp: edited(tmp, "llama-boft", {"boft_block_size": "four"}),
+                           "boft_block_size is 'four'"),
+    "both block size and count": (CORPUS["BOFT006"][0], "boft_block_size is 4 and boft_block_num is 16"),
+    "scale missing": (CORPUS["BOFT004"][0], "has boft_R only"),
+    "NaN in boft_R": (lambda tmp: edited(tmp, "llama-boft", edit=edit_tensor(f"{Q0}.boft_R", lambda v: v.log())),
+                      "NaN/Inf"),
+}
+
+test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)
 
 
 def test_merged_model_keeps_the_biases_and_matches_the_unmerged_logits(tmp_path):

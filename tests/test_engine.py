@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,16 +190,19 @@ def test_overflowing_delta_is_refused_naming_the_tensor(arch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _gpt2_base_with(tmp_path: Path, tensor: str, index: tuple[int, int], value: float) -> Path:
+    """A copy of the gpt2 fixture base with one value of ``tensor`` set to ``value``."""
+    base = tmp_path / "base"
+    shutil.copytree(base_path("gpt2"), base)
+    state = {k: v.clone() for k, v in load_file(str(base / "model.safetensors")).items()}
+    state[tensor][index] = value
+    adaptools.save_tensors(base / "model.safetensors", state, {"format": "pt"})
+    return base
+
+
 def test_cast_overflow_to_fp16_is_refused(tmp_path):
     """Finite fp32 values beyond fp16's range would become infinities in an --dtype fp16 output."""
-    src = base_path("gpt2")
-    base = tmp_path / "base"
-    base.mkdir()
-    for f in src.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
-    state = {k: v.clone() for k, v in load_file(str(base / "model.safetensors")).items()}
-    state["transformer.h.0.mlp.c_fc.weight"][0, 0] = 1e6
-    adaptools.save_tensors(base / "model.safetensors", state, {"format": "pt"})
+    base = _gpt2_base_with(tmp_path, "transformer.h.0.mlp.c_fc.weight", (0, 0), 1e6)
     with pytest.raises(adaptools.InputError, match="non-finite") as err:
         merge(base, [], tmp_path / "out", dtype="fp16", operation="merge")
     assert err.value.tensor == "transformer.h.0.mlp.c_fc.weight"
@@ -205,14 +210,7 @@ def test_cast_overflow_to_fp16_is_refused(tmp_path):
 
 
 def test_non_finite_values_already_in_the_base_are_kept(tmp_path):
-    src = base_path("gpt2")
-    base = tmp_path / "base"
-    base.mkdir()
-    for f in src.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
-    state = {k: v.clone() for k, v in load_file(str(base / "model.safetensors")).items()}
-    state["transformer.h.0.attn.c_attn.weight"][3, 5] = float("nan")
-    adaptools.save_tensors(base / "model.safetensors", state, {"format": "pt"})
+    base = _gpt2_base_with(tmp_path, "transformer.h.0.attn.c_attn.weight", (3, 5), float("nan"))
     merge(base, [MergeInput(adaptools.load(adapter_path("gpt2-lora")))], tmp_path / "out")
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"]
     assert torch.isnan(merged[3, 5]) and int(torch.isnan(merged).sum()) == 1

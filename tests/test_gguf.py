@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import ADAPTERS, BASES
 from gguf import GGMLQuantizationType as Q
-from peft_oracle import load_base, peft_model
+from gguf_bases import finish
+from peft_oracle import load_base, peft_model, seeded_lora
 
 import adaptools
 from adaptools import load
@@ -146,16 +147,10 @@ def test_info_check_diff_work_on_a_gguf_lora(tmp_path, cli_runner):
 def test_embedding_lora_on_an_untied_base(tmp_path, cli_runner):
     """qwen2's fixture base has its own lm_head: embed_tokens and lm_head LoRAs both have a GGUF place. The
     embedding PEFT saves beside the LoRA equals the base's and is left out; a changed one is refused."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    model = get_peft_model(load_base(BASES / "qwen2"), LoraConfig(r=4, lora_alpha=6, use_rslora=True,
-                                                                  target_modules=["embed_tokens", "lm_head", "v_proj"]))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(tmp_path / "emb")
+    config = LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["embed_tokens", "lm_head", "v_proj"])
+    seeded_lora(BASES / "qwen2", config, tmp_path / "emb", 5, 0.1)
     result = cli_runner("convert", tmp_path / "emb", tmp_path / "emb.gguf", "--to", "gguf", "--base", BASES / "qwen2")
     assert result.exit_code == 0, result.output
     reader = gguf.GGUFReader(tmp_path / "emb.gguf")
@@ -236,10 +231,7 @@ def test_config_json_alone_is_enough_and_so_is_a_gguf_base(tmp_path, cli_runner)
             stem = t.name[: -len(".lora_a")]
             b = next(u for u in first.tensors if u.name == stem + ".lora_b")
             writer.add_tensor(stem, np.zeros((int(b.shape[1]), int(t.shape[0])), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     second = to_gguf(cli_runner, "llama-lora", tmp_path / "b.gguf", base=tmp_path / "base.gguf")
     for t, u in zip(first.tensors, second.tensors):
         assert t.name == u.name and np.array_equal(t.data, u.data)
@@ -261,10 +253,7 @@ def write(path, kvs=None, tensors=None, arch="llama", alpha: float | None = 8.0)
                "blk.0.attn_v.weight.lora_b": rng.standard_normal((32, 4)).astype(np.float32)}
     for name, array in (default if tensors is None else tensors).items():
         writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
@@ -301,20 +290,14 @@ def alpha_nan(tmp_path):
 def type_not_string(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "a.gguf", "llama")
     writer.add_uint32("general.type", 3)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return tmp_path / "a.gguf"
 
 
 def a_model_not_an_adapter(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return tmp_path / "m.gguf"
 
 
@@ -494,10 +477,7 @@ def test_encode_decode_every_encodable_type(qtype, tol, tmp_path):
     encoded = gguf_codec.encode(values, qtype)
     writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
     writer.add_tensor("t", encoded, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     tensor = gguf.GGUFReader(tmp_path / "q.gguf").tensors[0]
     assert tensor.tensor_type == qtype and gguf_codec.numpy_shape(tensor) == (6, 64)
     decoded = gguf_codec.decode(tensor)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ADAPTERS, BASES, FIXTURES
-from peft_oracle import load_base, peft_model
+from peft_oracle import load_base, peft_model, seeded_lora
 
 from adaptools import load
 
@@ -103,18 +103,12 @@ def test_f16_adapter_within_f16_rounding(cache, cli_runner):
 
 def embedding_adapter(tmp, use_rslora=False):
     """An embed_tokens + lm_head + v_proj LoRA on the untied qwen2 base, made by PEFT (seeded)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     out = tmp / f"qwen2-embed{'-rslora' if use_rslora else ''}"
     if not out.exists():
-        model = get_peft_model(load_base(BASES / "qwen2"), LoraConfig(
-            r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["embed_tokens", "lm_head", "v_proj"]))
-        gen = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(out)
+        seeded_lora(BASES / "qwen2", LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora,
+                                                target_modules=["embed_tokens", "lm_head", "v_proj"]), out, 11, 0.1)
     return out
 
 
@@ -144,19 +138,13 @@ def tiny_base(tmp, arch):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
 def test_more_architectures(arch, cache, cli_runner):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     tmp = cache["tmp"]
     base = tiny_base(tmp, arch)
     adapter = tmp / f"{arch}-lora"
-    model = get_peft_model(load_base(base), LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(adapter)
+    seeded_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "down_proj"]), adapter, 2, 0.1)
     base_gguf = llamacpp.convert_base(base, tmp / f"tiny-{arch}.gguf")
     r = compare_runtime(cache, cli_runner, arch, base, base_gguf, adapter)
     print(f"{arch}: base {r['base']:.2e}, with adapter {r['lora']:.2e}, adapter effect {r['effect']:.2e}")
@@ -262,20 +250,12 @@ def test_smollm2_with_patterns_and_rslora(cache, cli_runner):
     """SmolLM2-135M-Instruct (9 heads, 3 KV heads, 30 layers, tied) in F32 GGUF from its dense checkpoint, with
     a seeded LoRA on all seven projections, rsLoRA and rank/alpha patterns."""
     import smollm2
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     dense = smollm2.dense_base()
     base_gguf = llamacpp.convert_base(dense, llamacpp.CACHE / "gguf" / "smollm2-135m-f32.gguf")
     adapter = cache["tmp"] / "smollm2-lora"
-    model = get_peft_model(load_base(dense), LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, target_modules=smollm2.TARGETS,
-        rank_pattern={"down_proj": 4, "model.layers.3.self_attn.q_proj": 16}, alpha_pattern={"k_proj": 4}))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(adapter)
+    seeded_lora(dense, LoraConfig(**smollm2.GGUF_TEST_LORA), adapter, 3, 0.02)
     r = compare_runtime(cache, cli_runner, "smollm2", dense, base_gguf, adapter)
     print(f"SmolLM2: base {r['base']:.2e}, with adapter {r['lora']:.2e}, adapter effect {r['effect']:.2e}")
     assert r["base"] < 1e-4 and r["lora"] < 1e-4 < r["effect"] / 100

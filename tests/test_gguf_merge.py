@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ADAPTERS, BASES
 from gguf import GGMLQuantizationType as Q
-from gguf_bases import decoded, kquant_bytes, metadata, raw, write_base
+from gguf_bases import decoded, finish, kquant_bytes, metadata, raw, write_base
 from peft_oracle import load_base
 
 import adaptools
@@ -291,24 +291,19 @@ def rewrite(tmp_path, base, change):
     for t in reader.tensors:
         array, qtype = change(t.name, np.asarray(t.data), gguf.GGMLQuantizationType(t.tensor_type), writer)
         writer.add_tensor(t.name, array, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
-def heads_as_string(tmp_path, base):
+def with_key(key: str, value, vtype: gguf.GGUFValueType):
+    """A hostile-base maker: the base rewritten with ``key`` (re)set to ``value`` of type ``vtype``."""
     def change(name, array, qtype, writer):
-        writer.add_key_value("llama.attention.head_count", "four", gguf.GGUFValueType.STRING)
+        writer.add_key_value(key, value, vtype)
         return array, qtype
-    rewrite(tmp_path, base, change)
+    return lambda tmp_path, base: rewrite(tmp_path, base, change)
 
 
-def rows_not_heads(tmp_path, base):
-    def change(name, array, qtype, writer):
-        writer.add_key_value("llama.attention.head_count", 5, gguf.GGUFValueType.UINT32)
-        return array, qtype
-    rewrite(tmp_path, base, change)
+heads_as_string = with_key("llama.attention.head_count", "four", gguf.GGUFValueType.STRING)
+rows_not_heads = with_key("llama.attention.head_count", 5, gguf.GGUFValueType.UINT32)
 
 
 def patched(tmp_path, base, part: int, value: int, size: int) -> None:
@@ -340,17 +335,10 @@ def an_adapter(tmp_path, base):
     writer.add_float32("adapter.lora.alpha", 8.0)
     writer.add_tensor("blk.0.attn_v.weight.lora_a", np.ones((4, 64), np.float32))
     writer.add_tensor("blk.0.attn_v.weight.lora_b", np.ones((32, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
-def a_split_part(tmp_path, base):
-    def change(name, array, qtype, writer):
-        writer.add_key_value("split.count", 3, gguf.GGUFValueType.UINT16)
-        return array, qtype
-    rewrite(tmp_path, base, change)
+a_split_part = with_key("split.count", 3, gguf.GGUFValueType.UINT16)
 
 
 def no_head_count(tmp_path, base):
@@ -359,10 +347,7 @@ def no_head_count(tmp_path, base):
     writer.add_type("model")
     for t in reader.tensors:
         writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=gguf.GGMLQuantizationType(t.tensor_type))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
 HOSTILE = {

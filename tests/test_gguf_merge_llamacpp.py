@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import ADAPTERS, BASES, FIXTURES
 from gguf_bases import metadata, raw
-from peft_oracle import load_base
+from peft_oracle import load_base, seeded_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
@@ -120,7 +120,7 @@ def smol(tmp):
     """SmolLM2-135M: its dense checkpoint, llama.cpp's F16 and Q8_0 conversions of it (no vocabulary), its
     Q4_K_M quantization by llama.cpp, the package's own Q4_1 file, a seeded LoRA on all seven projections
     with rsLoRA and rank/alpha patterns, and the same LoRA with B zero (it changes nothing)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     dense = smollm2.dense_base()
     cache = llamacpp.CACHE / "gguf"
@@ -128,15 +128,7 @@ def smol(tmp):
     bases["q4_k_m"] = llamacpp.quantize(bases["f16"], cache / "smollm2-135m-q4_k_m.gguf")
     bases["q4_1"] = smollm2.gguf_file()
     adapter = tmp / "smollm2-lora"
-    model = get_peft_model(load_base(dense), LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, target_modules=smollm2.TARGETS,
-        rank_pattern={"down_proj": 4, "model.layers.3.self_attn.q_proj": 16}, alpha_pattern={"k_proj": 4}))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(adapter)
+    model = seeded_lora(dense, LoraConfig(**smollm2.GGUF_TEST_LORA), adapter, 3, 0.02)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

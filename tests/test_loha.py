@@ -4,36 +4,36 @@ over the llama-loha fixture (rank and alpha patterns)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
-    assert_one_clear_line,
-    bf16_copy,
+    Q0,
+    assert_conv_like_peft,
+    assert_merge_refused,
     compare_apply,
-    compare_conv,
-    compare_merge,
+    compare_merge_fp32_and_bf16,
     conv_adapter,
     conv_base,
+    edit_tensor,
     edited,
+    listed_operations,
+    one_clear_line_test,
+    retained_at_rank,
+    rule_corpus_test,
+    saved_roles,
     with_unknown_role,
 )
 from peft_oracle import logits, peft_model
 
 import adaptools
-from adaptools.operations.check import check
 from adaptools.operations.convert import convert_method
 
 NAME = "llama-loha"
-Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(tmp_path):
-    fp32 = compare_merge(base_path("llama"), adapter_path(NAME), tmp_path / "fp32")
-    bf16 = compare_merge(bf16_copy(base_path("llama"), tmp_path / "base16"), adapter_path(NAME), tmp_path / "bf16",
-                         torch.bfloat16)
+def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(bf16_base, tmp_path):
+    fp32, bf16 = compare_merge_fp32_and_bf16(NAME, bf16_base, tmp_path)
     assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
     assert fp32["changed"] == 8
 
@@ -51,11 +51,8 @@ def test_conv_layers_merge_and_apply_like_peft(effective, tmp_path):
     config = LoHaConfig(r=3, alpha=5, use_effective_conv2d=effective,
                         target_modules=["conv", "pointwise", "seq", "head"])
     adapter = conv_adapter(base, config, tmp_path / "adapter")
-    roles = {r for m in adaptools.load(adapter).modules().values() for r in m}
-    assert ("hada_t1" in roles) == effective
-    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
-    assert merge_ulps == 0
-    assert apply_diff < 1e-6
+    assert ("hada_t1" in saved_roles(adapter)) == effective
+    assert_conv_like_peft(base, adapter, tmp_path / "merged")
 
 
 def test_low_rank_factors_are_the_delta():
@@ -76,9 +73,7 @@ def test_convert_to_lora_exact_and_truncated(tmp_path, cli_runner):
     assert lora.method == "lora" and lora.info("model.layers.0.self_attn.q_proj.lora_A").shape == (16, 64)
     expected = logits(peft_model(base_path("llama"), adapter_path(NAME)))
     torch.testing.assert_close(logits(peft_model(base_path("llama"), out)), expected, rtol=0, atol=1e-5)
-    result = cli_runner("convert", adapter_path(NAME), tmp_path / "r4", "--to", "lora", "--rank", "4", "--json")
-    assert result.exit_code == 0, result.output
-    retained = json.loads(result.stdout)["retained_energy"]
+    retained = retained_at_rank(cli_runner, NAME, tmp_path / "r4", 4)
     # down_proj has rank 2, so its delta has rank 4 and nothing is lost there
     assert len(retained) == 8 and all(0 < v < 1 for m, v in retained.items() if "down_proj" not in m)
     assert all(v == pytest.approx(1) for m, v in retained.items() if "down_proj" in m)
@@ -98,14 +93,7 @@ def test_diff_is_exact_from_factors():
 
 
 def test_plugins_lists_loha(cli_runner):
-    data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["loha"] == ["algebra", "apply", "convert", "info", "merge", "plain"]
-
-
-def _set(key, fn):
-    def edit(t):
-        t[key] = fn(t[key])
-    return edit
+    assert listed_operations(cli_runner, "loha") == ["algebra", "apply", "convert", "info", "merge", "plain"]
 
 
 def _narrow_inputs(t):
@@ -116,48 +104,35 @@ def _narrow_inputs(t):
 CORPUS = {
     "LOHA001": (lambda tmp: edited(tmp, NAME, {"r": "4"}), None),
     "LOHA002": (lambda tmp: with_unknown_role(tmp, NAME, "model.layers.0.self_attn.q_proj"), None),
-    "LOHA003": (lambda tmp: edited(tmp, NAME, edit=_set(f"{Q0}.hada_w1_a", lambda v: (v * 100).to(torch.int32))),
+    "LOHA003": (lambda tmp: edited(tmp, NAME, edit=edit_tensor(f"{Q0}.hada_w1_a", lambda v: (v * 100).to(torch.int32))),
                 None),
     "LOHA004": (lambda tmp: edited(tmp, NAME, edit=lambda t: t.pop(f"{Q0}.hada_w2_b")), None),
-    "LOHA005": (lambda tmp: edited(tmp, NAME, edit=_set(f"{Q0}.hada_w2_a", lambda v: v[:, :3].contiguous())), None),
+    "LOHA005": (lambda tmp: edited(tmp, NAME, edit=edit_tensor(f"{Q0}.hada_w2_a", lambda v: v[:, :3].contiguous())),
+                None),
     "LOHA006": (lambda tmp: edited(tmp, NAME, {"r": 8}), None),
     "LOHA007": (lambda tmp: edited(tmp, NAME, {"target_modules": ["q_proj", "v_proj", "o_proj"]}), None),
-    "LOHA008": (lambda tmp: edited(tmp, NAME, edit=_set(f"{Q0}.hada_w1_b", lambda v: v / 0)), None),
-    "LOHA009": (lambda tmp: edited(tmp, NAME, edit=_set(f"{Q0}.hada_w2_b", torch.zeros_like)), None),
+    "LOHA008": (lambda tmp: edited(tmp, NAME, edit=edit_tensor(f"{Q0}.hada_w1_b", lambda v: v / 0)), None),
+    "LOHA009": (lambda tmp: edited(tmp, NAME, edit=edit_tensor(f"{Q0}.hada_w2_b", torch.zeros_like)), None),
     "LOHA010": (lambda tmp: edited(tmp, NAME), "gpt2"),
     "LOHA011": (lambda tmp: edited(tmp, NAME, edit=_narrow_inputs), "llama"),
 }
 
 
-@pytest.mark.parametrize("rule", sorted(CORPUS))
-def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
-    make, base = CORPUS[rule]
-    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
-    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
-    assert all(f.fix and f.message and f.path for f in report.findings)
+test_each_defect_is_caught_by_exactly_its_rule = rule_corpus_test(CORPUS)
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("alpha is text", "alpha is 'eight'"),
-    ("rank_pattern is a list", "rank_pattern is"),
-    ("missing factor", "lacks hada_w2_b"),
-    ("inconsistent ranks", "factor shapes disagree"),
-    ("Inf in a factor", "NaN/Inf"),
-])
-def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
-    make = {
-        "alpha is text": lambda tmp: edited(tmp, NAME, {"alpha": "eight"}),
-        "rank_pattern is a list": lambda tmp: edited(tmp, NAME, {"rank_pattern": ["down_proj", 2]}),
-        "missing factor": CORPUS["LOHA004"][0],
-        "inconsistent ranks": CORPUS["LOHA005"][0],
-        "Inf in a factor": CORPUS["LOHA008"][0],
-    }[case]
-    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+BAD_INPUTS = {
+    "alpha is text": (lambda tmp: edited(tmp, NAME, {"alpha": "eight"}), "alpha is 'eight'"),
+    "rank_pattern is a list": (lambda tmp: edited(tmp, NAME, {"rank_pattern": ["down_proj", 2]}), "rank_pattern is"),
+    "missing factor": (CORPUS["LOHA004"][0], "lacks hada_w2_b"),
+    "inconsistent ranks": (CORPUS["LOHA005"][0], "factor shapes disagree"),
+    "Inf in a factor": (CORPUS["LOHA008"][0], "NaN/Inf"),
+}
+
+test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)
 
 
 def test_merge_onto_a_smaller_model_is_refused_before_writing(tmp_path, cli_runner):
     bad = edited(tmp_path, NAME, edit=_narrow_inputs)
-    result = cli_runner("merge", base_path("llama"), bad, tmp_path / "out")
     # the load-time checks pass (the factors agree with each other); the base does not fit
-    assert result.exit_code == 2 and "do not fit base" in result.stderr, result.output
-    assert not (tmp_path / "out").exists()
+    assert_merge_refused(cli_runner, tmp_path, base_path("llama"), bad, "do not fit base")

@@ -4,20 +4,24 @@ test_lora_runtime, test_check) also run over the two llama-lokr fixtures."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
-    assert_one_clear_line,
-    bf16_copy,
-    compare_apply,
-    compare_conv,
-    compare_merge,
+    Q0,
+    application_exactness_test,
+    assert_conv_like_peft,
+    assert_merge_refused,
     conv_adapter,
     conv_base,
+    edit_tensor,
     edited,
+    listed_operations,
+    merge_exactness_test,
+    one_clear_line_test,
+    retained_at_rank,
+    rule_corpus_test,
+    saved_roles,
     with_unknown_role,
 )
 from peft_oracle import logits, peft_model
@@ -27,25 +31,10 @@ from adaptools.operations.check import check
 from adaptools.operations.convert import convert_method
 
 FIXTURES = ["llama-lokr", "llama-lokr-decomposed"]
-Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 D0 = "base_model.model.model.layers.0.mlp.down_proj"
 
-
-@pytest.fixture(scope="module")
-def bf16_base(tmp_path_factory):
-    return bf16_copy(base_path("llama"), tmp_path_factory.mktemp("bf16") / "llama")
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_base, tmp_path):
-    fp32 = compare_merge(base_path("llama"), adapter_path(name), tmp_path / "fp32")
-    bf16 = compare_merge(bf16_base, adapter_path(name), tmp_path / "bf16", torch.bfloat16)
-    assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-def test_runtime_application_equals_peft_forward(name):
-    assert compare_apply(base_path("llama"), adapter_path(name)) == 0.0
+test_merge_is_bit_exact_against_peft_in_fp32_and_bf16 = merge_exactness_test(FIXTURES)
+test_runtime_application_equals_peft_forward = application_exactness_test(FIXTURES)
 
 
 @pytest.mark.parametrize(("r", "effective"), [(3, False), (1, False), (1, True)])
@@ -57,11 +46,8 @@ def test_conv_layers_merge_and_apply_like_peft(r, effective, tmp_path):
     targets = ["conv", "pointwise", "head"] + ([] if effective else ["seq"])  # see the Conv1d test below
     config = LoKrConfig(r=r, alpha=2, use_effective_conv2d=effective, target_modules=targets)
     adapter = conv_adapter(base, config, tmp_path / "adapter")
-    roles = {r for m in adaptools.load(adapter).modules().values() for r in m}
-    assert ("lokr_t2" in roles) == effective
-    merge_ulps, apply_diff = compare_conv(base, adapter, tmp_path / "merged")
-    assert merge_ulps == 0
-    assert apply_diff < 1e-6
+    assert ("lokr_t2" in saved_roles(adapter)) == effective
+    assert_conv_like_peft(base, adapter, tmp_path / "merged")
 
 
 def test_effective_form_on_conv1d_is_refused_as_peft_cannot_compute_it(tmp_path, cli_runner):
@@ -73,8 +59,7 @@ def test_effective_form_on_conv1d_is_refused_as_peft_cannot_compute_it(tmp_path,
                            tmp_path / "adapter")
     with pytest.raises(RuntimeError, match="view size"):  # peft's own forward fails on it
         PeftModel.from_pretrained(conv_model(base), adapter)(CONV_INPUT)
-    result = cli_runner("merge", base, adapter, tmp_path / "out")
-    assert result.exit_code == 2 and "Conv1d" in result.stderr and "Traceback" not in result.output
+    assert_merge_refused(cli_runner, tmp_path, base, adapter, "Conv1d")
     with pytest.raises(adaptools.UnsupportedOperationError, match="Conv1d"):
         adaptools.get_method("lokr").apply(adaptools.load(adapter), conv_model(base)).__enter__()
 
@@ -108,23 +93,13 @@ def test_convert_to_lora_exact_and_truncated(tmp_path, cli_runner):
     assert lora.info("model.layers.0.mlp.down_proj.lora_A").shape == (32, 128)  # full 8×8, rank-4 right factor
     expected = logits(peft_model(base_path("llama"), adapter_path("llama-lokr")))
     torch.testing.assert_close(logits(peft_model(base_path("llama"), out)), expected, rtol=0, atol=1e-5)
-    result = cli_runner("convert", adapter_path("llama-lokr"), tmp_path / "r8", "--to", "lora", "--rank", "8",
-                        "--json")
-    assert result.exit_code == 0, result.output
-    retained = json.loads(result.stdout)["retained_energy"]
+    retained = retained_at_rank(cli_runner, "llama-lokr", tmp_path / "r8", 8)
     assert len(retained) == 4 and all(0 < v < 1 for v in retained.values())
     assert adaptools.load(tmp_path / "r8").info("model.layers.0.self_attn.q_proj.lora_A").shape == (8, 64)
 
 
 def test_plugins_lists_lokr(cli_runner):
-    data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["lokr"] == ["algebra", "apply", "convert", "info", "merge", "plain"]
-
-
-def _set(key, fn):
-    def edit(t):
-        t[key] = fn(t[key])
-    return edit
+    assert listed_operations(cli_runner, "lokr") == ["algebra", "apply", "convert", "info", "merge", "plain"]
 
 
 def _narrow(t):
@@ -135,31 +110,31 @@ def _full_w2(t):
     t[f"{D0}.lokr_w2"] = t.pop(f"{D0}.lokr_w2_a") @ t.pop(f"{D0}.lokr_w2_b")
 
 
+def _both_forms(t):
+    t[f"{Q0}.lokr_w1_a"] = torch.ones(8, 2)
+    t[f"{Q0}.lokr_w1_b"] = torch.ones(2, 8)
+
+
 CORPUS = {
     "LOKR001": (lambda tmp: edited(tmp, "llama-lokr", {"decompose_both": "no"}), None),
     "LOKR002": (lambda tmp: with_unknown_role(tmp, "llama-lokr", "model.layers.0.self_attn.q_proj"), None),
-    "LOKR003": (lambda tmp: edited(tmp, "llama-lokr", edit=_set(f"{Q0}.lokr_w1", lambda v: (v * 100).to(torch.int8))),
-                None),
+    "LOKR003": (lambda tmp: edited(tmp, "llama-lokr",
+                                   edit=edit_tensor(f"{Q0}.lokr_w1", lambda v: (v * 100).to(torch.int8))), None),
     "LOKR004": (lambda tmp: edited(tmp, "llama-lokr", edit=lambda t: t.pop(f"{D0}.lokr_w2_b")), None),
-    "LOKR005": (lambda tmp: edited(tmp, "llama-lokr", edit=_set(f"{D0}.lokr_w2_a", lambda v: v[:, :3].contiguous())),
-                None),
+    "LOKR005": (lambda tmp: edited(tmp, "llama-lokr",
+                                   edit=edit_tensor(f"{D0}.lokr_w2_a", lambda v: v[:, :3].contiguous())), None),
     # r = 16 makes the scaling alpha/16, and PEFT would have saved down_proj's right factor full
     "LOKR006": (lambda tmp: edited(tmp, "llama-lokr", {"r": 16}, edit=_full_w2), None),
     "LOKR007": (lambda tmp: edited(tmp, "llama-lokr", {"decompose_factor": 4}), None),
     "LOKR008": (lambda tmp: edited(tmp, "llama-lokr", {"target_modules": ["q_proj"]}), None),
-    "LOKR009": (lambda tmp: edited(tmp, "llama-lokr", edit=_set(f"{Q0}.lokr_w2", lambda v: v / 0)), None),
-    "LOKR010": (lambda tmp: edited(tmp, "llama-lokr", edit=_set(f"{Q0}.lokr_w1", torch.zeros_like)), None),
+    "LOKR009": (lambda tmp: edited(tmp, "llama-lokr", edit=edit_tensor(f"{Q0}.lokr_w2", lambda v: v / 0)), None),
+    "LOKR010": (lambda tmp: edited(tmp, "llama-lokr", edit=edit_tensor(f"{Q0}.lokr_w1", torch.zeros_like)), None),
     "LOKR011": (lambda tmp: edited(tmp, "llama-lokr"), "gpt2"),
     "LOKR012": (lambda tmp: edited(tmp, "llama-lokr", edit=_narrow), "llama"),
 }
 
 
-@pytest.mark.parametrize("rule", sorted(CORPUS))
-def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
-    make, base = CORPUS[rule]
-    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
-    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
-    assert all(f.fix and f.message and f.path for f in report.findings)
+test_each_defect_is_caught_by_exactly_its_rule = rule_corpus_test(CORPUS)
 
 
 def test_a_wrong_r_alone_is_caught_where_it_shows(tmp_path):
@@ -168,21 +143,13 @@ def test_a_wrong_r_alone_is_caught_where_it_shows(tmp_path):
     assert {f.rule for f in report.findings} == {"LOKR006"}
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("full and decomposed", "lokr_w1 and lokr_w1_a, lokr_w1_b are both saved"),
-    ("missing factor", "neither lokr_w2 nor both"),
-    ("inconsistent ranks", "factor shapes disagree"),
-    ("decompose_factor is text", "decompose_factor is 'four'"),
-])
-def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
-    def both(t):
-        t[f"{Q0}.lokr_w1_a"] = torch.ones(8, 2)
-        t[f"{Q0}.lokr_w1_b"] = torch.ones(2, 8)
+BAD_INPUTS = {
+    "full and decomposed": (lambda tmp: edited(tmp, "llama-lokr", edit=_both_forms),
+                            "lokr_w1 and lokr_w1_a, lokr_w1_b are both saved"),
+    "missing factor": (CORPUS["LOKR004"][0], "neither lokr_w2 nor both"),
+    "inconsistent ranks": (CORPUS["LOKR005"][0], "factor shapes disagree"),
+    "decompose_factor is text": (lambda tmp: edited(tmp, "llama-lokr", {"decompose_factor": "four"}),
+                                 "decompose_factor is 'four'"),
+}
 
-    make = {
-        "full and decomposed": lambda tmp: edited(tmp, "llama-lokr", edit=both),
-        "missing factor": CORPUS["LOKR004"][0],
-        "inconsistent ranks": CORPUS["LOKR005"][0],
-        "decompose_factor is text": lambda tmp: edited(tmp, "llama-lokr", {"decompose_factor": "four"}),
-    }[case]
-    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)

@@ -4,19 +4,22 @@ test_lora_runtime, test_check) also run over the three fixtures."""
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
-    assert_one_clear_line,
-    bf16_copy,
-    compare_apply,
-    compare_merge,
+    Q0,
+    application_exactness_test,
+    assert_merge_refused,
+    edit_tensor,
     edited,
+    listed_operations,
+    merge_exactness_test,
     merged_state,
+    one_clear_line_test,
+    rule_corpus_test,
     ulps,
     with_unknown_role,
 )
@@ -27,24 +30,9 @@ from adaptools.operations.check import check
 from adaptools.operations.merge import MergeInput, merge
 
 FIXTURES = ["llama-oft", "llama-oft-coft", "llama-oft-shared"]
-Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
-
-@pytest.fixture(scope="module")
-def bf16_base(tmp_path_factory):
-    return bf16_copy(base_path("llama"), tmp_path_factory.mktemp("bf16") / "llama")
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-def test_merge_is_bit_exact_against_peft_in_fp32_and_bf16(name, bf16_base, tmp_path):
-    fp32 = compare_merge(base_path("llama"), adapter_path(name), tmp_path / "fp32")
-    bf16 = compare_merge(bf16_base, adapter_path(name), tmp_path / "bf16", torch.bfloat16)
-    assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-def test_runtime_application_equals_peft_forward(name):
-    assert compare_apply(base_path("llama"), adapter_path(name)) == 0.0
+test_merge_is_bit_exact_against_peft_in_fp32_and_bf16 = merge_exactness_test(FIXTURES)
+test_runtime_application_equals_peft_forward = application_exactness_test(FIXTURES)
 
 
 def test_stacked_adapters_compose_in_order_as_peft_merges_them(tmp_path):
@@ -90,9 +78,8 @@ def test_block_size_adjustment_is_peft_s():
 
 
 def test_weighted_merge_is_refused(tmp_path, cli_runner):
-    result = cli_runner("merge", base_path("llama"), adapter_path("llama-oft"), tmp_path / "out", "--weight", "0.5")
-    assert result.exit_code == 2 and "no weighted form" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert_merge_refused(cli_runner, tmp_path, base_path("llama"), adapter_path("llama-oft"), "no weighted form",
+                         "--weight", "0.5")
 
 
 def test_conv_and_embedding_layers_are_refused_with_the_reason(tmp_path):
@@ -112,14 +99,7 @@ def test_conv_and_embedding_layers_are_refused_with_the_reason(tmp_path):
 
 
 def test_plugins_lists_oft(cli_runner):
-    data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["oft"] == ["apply", "convert", "info", "merge"]
-
-
-def _set(key, fn):
-    def edit(t):
-        t[key] = fn(t[key])
-    return edit
+    assert listed_operations(cli_runner, "oft") == ["apply", "convert", "info", "merge"]
 
 
 def _legacy(t):
@@ -129,28 +109,23 @@ def _legacy(t):
 CORPUS = {
     "OFT001": (lambda tmp: edited(tmp, "llama-oft", {"coft": "no"}), None),
     "OFT002": (lambda tmp: with_unknown_role(tmp, "llama-oft", "model.layers.0.self_attn.q_proj"), None),
-    "OFT003": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight",
-                                                              lambda v: (v * 100).to(torch.int16))), None),
-    "OFT004": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight", lambda v: v[:, :27].contiguous())),
-               None),
+    "OFT003": (lambda tmp: edited(tmp, "llama-oft", edit=edit_tensor(f"{Q0}.oft_R.weight",
+                                                                     lambda v: (v * 100).to(torch.int16))), None),
+    "OFT004": (lambda tmp: edited(tmp, "llama-oft",
+                                  edit=edit_tensor(f"{Q0}.oft_R.weight", lambda v: v[:, :27].contiguous())), None),
     "OFT005": (lambda tmp: edited(tmp, "llama-oft", {"r": 8}), None),
     "OFT006": (lambda tmp: edited(tmp, "llama-oft", {"oft_block_size": 16}), None),
     "OFT007": (lambda tmp: edited(tmp, "llama-oft", {"target_modules": ["q_proj", "v_proj"]}), None),
-    "OFT008": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight", lambda v: v / 0)), None),
-    "OFT009": (lambda tmp: edited(tmp, "llama-oft", edit=_set(f"{Q0}.oft_R.weight", torch.zeros_like)), None),
+    "OFT008": (lambda tmp: edited(tmp, "llama-oft", edit=edit_tensor(f"{Q0}.oft_R.weight", lambda v: v / 0)), None),
+    "OFT009": (lambda tmp: edited(tmp, "llama-oft", edit=edit_tensor(f"{Q0}.oft_R.weight", torch.zeros_like)), None),
     "OFT010": (lambda tmp: edited(tmp, "llama-oft"), "gpt2"),
-    "OFT011": (lambda tmp: edited(tmp, "llama-oft-shared", edit=_set(
+    "OFT011": (lambda tmp: edited(tmp, "llama-oft-shared", edit=edit_tensor(
         f"{Q0}.oft_R.weight", lambda v: torch.zeros(1, 300) + 0.1)), "llama"),
     "OFT012": (lambda tmp: edited(tmp, "llama-oft", edit=_legacy), None),
 }
 
 
-@pytest.mark.parametrize("rule", sorted(CORPUS))
-def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
-    make, base = CORPUS[rule]
-    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
-    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
-    assert all(f.fix and f.message and f.path for f in report.findings)
+test_each_defect_is_caught_by_exactly_its_rule = rule_corpus_test(CORPUS)
 
 
 def test_shared_blocks_are_checked_against_the_base(tmp_path):
@@ -160,20 +135,14 @@ def test_shared_blocks_are_checked_against_the_base(tmp_path):
     assert {f.rule for f in report.findings} == {"OFT006"}
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("eps is text", "eps is 'small'"),
-    ("both r and block size", "r is 4 and oft_block_size is 8"),
-    ("not a triangle", "oft_R is [8, 27]"),
-    ("old checkpoint", "peft <= 0.15"),
-])
-def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
-    make = {
-        "eps is text": lambda tmp: edited(tmp, "llama-oft", {"eps": "small"}),
-        "both r and block size": lambda tmp: edited(tmp, "llama-oft", {"r": 4}),
-        "not a triangle": CORPUS["OFT004"][0],
-        "old checkpoint": CORPUS["OFT012"][0],
-    }[case]
-    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+BAD_INPUTS = {
+    "eps is text": (lambda tmp: edited(tmp, "llama-oft", {"eps": "small"}), "eps is 'small'"),
+    "both r and block size": (lambda tmp: edited(tmp, "llama-oft", {"r": 4}), "r is 4 and oft_block_size is 8"),
+    "not a triangle": (CORPUS["OFT004"][0], "oft_R is [8, 27]"),
+    "old checkpoint": (CORPUS["OFT012"][0], "peft <= 0.15"),
+}
+
+test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)
 
 
 def test_load_base_is_untouched_by_apply():

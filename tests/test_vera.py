@@ -4,47 +4,32 @@ test_check) also run over the three fixtures."""
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
 from conftest import adapter_path, base_path
 from method_checks import (
-    assert_one_clear_line,
-    bf16_copy,
-    compare_apply,
-    compare_merge,
+    Q0,
+    application_exactness_test,
+    assert_merge_refused,
+    edit_tensor,
     edited,
+    listed_operations,
+    merge_exactness_test,
+    one_clear_line_test,
+    rule_corpus_test,
     with_unknown_role,
 )
 from peft_oracle import load_base
 
 import adaptools
 from adaptools.operations.algebra import diff
-from adaptools.operations.check import check
 
 FIXTURES = ["llama-vera", "llama-vera-regen", "gpt2-vera"]
-Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
-
-@pytest.fixture(scope="module")
-def bf16_bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16")
-    return {arch: bf16_copy(base_path(arch), root / arch) for arch in ("llama", "gpt2")}
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-def test_merge_against_peft_in_fp32_and_bf16(name, bf16_bases, tmp_path):
-    arch = name.split("-")[0]
-    fp32 = compare_merge(base_path(arch), adapter_path(name), tmp_path / "fp32")
-    bf16 = compare_merge(bf16_bases[arch], adapter_path(name), tmp_path / "bf16", torch.bfloat16)
-    assert fp32["ulps"] == 0 and bf16["ulps"] == 0, (fp32, bf16)
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-def test_runtime_application_equals_peft_forward(name):
-    assert compare_apply(base_path(name.split("-")[0]), adapter_path(name)) == 0.0
+test_merge_against_peft_in_fp32_and_bf16 = merge_exactness_test(FIXTURES)
+test_runtime_application_equals_peft_forward = application_exactness_test(FIXTURES)
 
 
 @pytest.mark.parametrize(("key", "rank", "targets"), [(0, 8, ["q_proj", "v_proj", "down_proj"]),
@@ -114,63 +99,50 @@ def test_diff_compares_tensors():
 
 
 def test_plugins_lists_vera(cli_runner):
-    data = json.loads(cli_runner("plugins", "--json").stdout)
-    assert data["operations"]["vera"] == ["apply", "convert", "info", "merge"]
+    assert listed_operations(cli_runner, "vera") == ["apply", "convert", "info", "merge"]
 
 
-def _set(key, fn):
-    def edit(t):
-        t[key] = fn(t[key])
-    return edit
+def _no_projections(t):
+    t.pop("base_model.vera_A")
+    t.pop("base_model.vera_B")
 
 
 CORPUS = {
     "VERA001": (lambda tmp: edited(tmp, "llama-vera", {"save_projection": "yes"}), None),
     "VERA002": (lambda tmp: with_unknown_role(tmp, "llama-vera", "model.layers.0.self_attn.q_proj"), None),
-    "VERA003": (lambda tmp: edited(tmp, "llama-vera", edit=_set(f"{Q0}.vera_lambda_d",
+    "VERA003": (lambda tmp: edited(tmp, "llama-vera", edit=edit_tensor(f"{Q0}.vera_lambda_d",
                                                                   lambda v: (v * 100).to(torch.int32))), None),
     "VERA004": (lambda tmp: edited(tmp, "llama-vera", edit=lambda t: t.pop(f"{Q0}.vera_lambda_d")), None),
     "VERA005": (lambda tmp: edited(tmp, "llama-vera-regen", {"r": 8}), None),
     "VERA006": (lambda tmp: edited(tmp, "llama-vera", {"save_projection": False}), None),
-    "VERA007": (lambda tmp: edited(tmp, "llama-vera", edit=_set("base_model.vera_B", lambda v: v[:32].contiguous())),
-                None),
+    "VERA007": (lambda tmp: edited(tmp, "llama-vera",
+                                   edit=edit_tensor("base_model.vera_B", lambda v: v[:32].contiguous())), None),
     "VERA008": (lambda tmp: edited(tmp, "llama-vera", {"target_modules": ["q_proj", "v_proj"]}), None),
-    "VERA009": (lambda tmp: edited(tmp, "llama-vera", edit=_set(f"{Q0}.vera_lambda_b", lambda v: v / 0)), None),
-    "VERA010": (lambda tmp: edited(tmp, "llama-vera", edit=_set(f"{Q0}.vera_lambda_b", torch.zeros_like)), None),
+    "VERA009": (lambda tmp: edited(tmp, "llama-vera", edit=edit_tensor(f"{Q0}.vera_lambda_b", lambda v: v / 0)), None),
+    "VERA010": (lambda tmp: edited(tmp, "llama-vera", edit=edit_tensor(f"{Q0}.vera_lambda_b", torch.zeros_like)), None),
     "VERA011": (lambda tmp: edited(tmp, "llama-vera"), "gpt2"),
-    "VERA012": (lambda tmp: edited(tmp, "llama-vera", edit=_set(f"{Q0}.vera_lambda_b", lambda v: v[:48].contiguous())),
-                "llama"),
+    "VERA012": (lambda tmp: edited(tmp, "llama-vera",
+                                   edit=edit_tensor(f"{Q0}.vera_lambda_b", lambda v: v[:48].contiguous())), "llama"),
 }
 
 
-@pytest.mark.parametrize("rule", sorted(CORPUS))
-def test_each_defect_is_caught_by_exactly_its_rule(rule, tmp_path):
-    make, base = CORPUS[rule]
-    report = check(make(tmp_path), base=str(base_path(base)) if base else None)
-    assert {f.rule for f in report.findings} == {rule}, [(f.rule, f.message) for f in report.findings]
-    assert all(f.fix and f.message and f.path for f in report.findings)
+test_each_defect_is_caught_by_exactly_its_rule = rule_corpus_test(CORPUS)
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("projection key is text", "projection_prng_key is 'zero'"),
-    ("projections dropped", "save_projection is true but the file holds no projections"),
-    ("lambda_d of the wrong length", "vera_lambda_d has 5 entries"),
-    ("NaN in vera_A", "NaN/Inf"),
-])
-def test_bad_input_is_one_clear_line(case, expected, tmp_path, cli_runner):
-    make = {
-        "projection key is text": lambda tmp: edited(tmp, "llama-vera-regen", {"projection_prng_key": "zero"}),
-        "projections dropped": lambda tmp: edited(tmp, "llama-vera", edit=lambda t: [t.pop("base_model.vera_A"),
-                                                                                      t.pop("base_model.vera_B")]),
-        "lambda_d of the wrong length": lambda tmp: edited(tmp, "llama-vera", edit=_set(
-            f"{Q0}.vera_lambda_d", lambda v: v[:5].contiguous())),
-        "NaN in vera_A": lambda tmp: edited(tmp, "llama-vera", edit=_set("base_model.vera_A", lambda v: v.log())),
-    }[case]
-    assert_one_clear_line(cli_runner, tmp_path, make(tmp_path), expected)
+BAD_INPUTS = {
+    "projection key is text": (lambda tmp: edited(tmp, "llama-vera-regen", {"projection_prng_key": "zero"}),
+                               "projection_prng_key is 'zero'"),
+    "projections dropped": (lambda tmp: edited(tmp, "llama-vera", edit=_no_projections),
+                            "save_projection is true but the file holds no projections"),
+    "lambda_d of the wrong length": (lambda tmp: edited(tmp, "llama-vera", edit=edit_tensor(
+        f"{Q0}.vera_lambda_d", lambda v: v[:5].contiguous())), "vera_lambda_d has 5 entries"),
+    "NaN in vera_A": (lambda tmp: edited(tmp, "llama-vera", edit=edit_tensor("base_model.vera_A", lambda v: v.log())),
+                      "NaN/Inf"),
+}
+
+test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)
 
 
 def test_merge_onto_a_base_whose_layers_do_not_fit_is_refused(tmp_path, cli_runner):
-    bad = edited(tmp_path, "llama-vera", edit=_set(f"{Q0}.vera_lambda_b", lambda v: v[:48].contiguous()))
-    result = cli_runner("merge", base_path("llama"), bad, tmp_path / "out")
-    assert result.exit_code == 2 and "vera_lambda_b has 48 entries" in result.stderr, result.output
-    assert not (tmp_path / "out").exists()
+    bad = edited(tmp_path, "llama-vera", edit=edit_tensor(f"{Q0}.vera_lambda_b", lambda v: v[:48].contiguous()))
+    assert_merge_refused(cli_runner, tmp_path, base_path("llama"), bad, "vera_lambda_b has 48 entries")
