@@ -252,7 +252,16 @@ def test_stop_signals_during_start_up_end_in_one_line(sig, tmp_path):
                             text=True, env={**os.environ, "ADAPTOOLS_LOAD_PLUGINS": ""})
     import time
 
-    time.sleep(0.5)  # inside the imports
+    # Wait until the process catches the signal (its handlers are installed before the heavy imports):
+    # before that, no program can turn it into a message, and a loaded machine can take over 0.5 s to get there.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (sig - 1) & 1:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)  # inside the imports
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
