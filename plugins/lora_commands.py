@@ -23,7 +23,7 @@ from adaptools.cli.options import (
     json_option,
 )
 
-from .lora import RECOMPUTABLE_INITS
+from .lora_init import RECOMPUTABLE_INITS
 
 METHOD = "lora"
 
