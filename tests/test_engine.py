@@ -368,3 +368,49 @@ def test_an_in_place_update_cannot_hide_the_infinities_it_makes(tmp_path):
     finally:
         pm.unregister(name="blow-up-plugin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_encoding_in_its_own_thread_writes_what_one_thread_does(tmp_path, monkeypatch):
+    """--requantize encodes groups in a thread of its own, overlapping the next entries' arithmetic; the files
+    and the survival report must be what encoding each entry before the next gives (ENCODING_AHEAD 0)."""
+    import threading
+
+    from adaptools.engine import run
+
+    adapter = adaptools.load(adapter_path("llama-lora"))
+    threads: set[str] = set()
+    original = run.Compute._encode
+
+    def spy(self, *args):
+        threads.add(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(run.Compute, "_encode", spy)
+    ahead = merge(NF4_BASE, [MergeInput(adapter)], tmp_path / "ahead", requantize=True)
+    assert threads and all(name.startswith("adaptools-encode") for name in threads)
+    monkeypatch.setattr(run, "ENCODING_AHEAD", 0)
+    one = merge(NF4_BASE, [MergeInput(adapter)], tmp_path / "one", requantize=True)
+    assert ahead.survival == one.survival and ahead.tensors == one.tensors and ahead.survival
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "ahead").iterdir())
+    for name in files:
+        if name.endswith(".safetensors"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ahead" / name).read_bytes(), name
+
+
+def test_an_encoding_error_in_its_thread_ends_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    from adaptools.engine import run
+
+    calls = []
+
+    def broken(self, entry, *args):
+        calls.append(entry.name)
+        if len(calls) == 3:
+            raise adaptools.InputError("encoding failed on purpose", tensor=entry.name)
+        return original(self, entry, *args)
+
+    original = run.Compute._encode
+    monkeypatch.setattr(run.Compute, "_encode", broken)
+    with pytest.raises(adaptools.InputError, match="on purpose"):
+        merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-lora")))], tmp_path / "out", requantize=True)
+    assert list(tmp_path.iterdir()) == []

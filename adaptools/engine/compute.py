@@ -156,16 +156,41 @@ class Compute:
 
     def __call__(self, entry: Entry, source: tuple[torch.Tensor, bool] | None = None) -> Produced:
         """Materialise ``entry``; ``source`` is its stored value if already read (by a prefetcher)."""
+        return self.start(entry, source)()
+
+    def start(self, entry: Entry, source: tuple[torch.Tensor, bool] | None = None) -> Callable[[], Produced]:
+        """Compute ``entry``'s dense value now and return what finishes it: nothing more for a dense entry,
+        the encoding for a quantized group. The caller may run that on another thread (one at a time, in
+        entry order) while this one computes the next entry: encoding is single-threaded, the dense
+        arithmetic uses every core, and overlapping the two is what keeps ``--requantize`` near a plain merge."""
         stored, pooled = source if source is not None else self.reader.read(entry.source)
         started = time.perf_counter()
+        handed_on = False
         try:
-            if entry.group is not None:
-                return self._group(entry, stored)
-            out = self._dense(entry, stored, entry.encoder, DTYPES[entry.dtype][0])
-            return Produced({entry.name: out}, [out] if out is not stored else [])
+            if entry.group is None:
+                out = self._dense(entry, stored, entry.encoder, DTYPES[entry.dtype][0])
+                produced = Produced({entry.name: out}, [out] if out is not stored else [])
+                return lambda: produced
+            if entry.chain:
+                merged = self._dense(entry, stored, entry.decoder, DTYPES[entry.dtype][0])
+            else:
+                merged = stored
+                check_finite(entry, merged, lambda: None)
+
+            def finish() -> Produced:
+                try:
+                    return self._encode(entry, stored, merged)
+                finally:
+                    if merged is not stored:
+                        self.pool.give(merged)
+                    self.reader.release(stored, pooled)
+
+            handed_on = True
+            return finish
         finally:
             self.seconds["compute"] += time.perf_counter() - started
-            self.reader.release(stored, pooled)
+            if not handed_on:
+                self.reader.release(stored, pooled)
 
     def _dense(self, entry: Entry, stored: torch.Tensor, encoder: Backend | None, dtype: torch.dtype) -> torch.Tensor:
         """The entry's dense value in ``dtype``: on a pooled buffer, or ``stored`` itself when nothing
@@ -188,15 +213,10 @@ class Compute:
         check_finite(entry, value, lambda: entry.decoder.decode(stored.to(self.device)))  # type: ignore[union-attr]
         return value
 
-    def _group(self, entry: Entry, stored: torch.Tensor) -> Produced:
-        """A parameter encoded as a backend's group (a quantized weight), from its merged dense value."""
+    def _encode(self, entry: Entry, stored: torch.Tensor, merged: torch.Tensor) -> Produced:
+        """A parameter encoded as a backend's group (a quantized weight), from its merged dense value, with
+        the report of how much of the change survived."""
         assert entry.group is not None
-        dense_dtype = DTYPES[entry.dtype][0]
-        if entry.chain:
-            merged = self._dense(entry, stored, entry.decoder, dense_dtype)
-        else:
-            merged = stored
-            check_finite(entry, merged, lambda: None)
         started = time.perf_counter()
         try:
             group = entry.group.backend.encode_group(entry.name, merged, entry.group.settings)
@@ -206,9 +226,6 @@ class Compute:
                 report = survival(entry.name, before, entry.group.backend, merged, stored, group)
         finally:
             self.seconds["encode"] += time.perf_counter() - started
-            self.seconds["compute"] -= time.perf_counter() - started
-            if merged is not stored:
-                self.pool.give(merged)
         return Produced(group, survival=report)
 
 

@@ -8,7 +8,9 @@ import gc
 import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -20,15 +22,17 @@ from .. import registry
 from ..checkpoint import Checkpoint
 from ..interfaces import ValidationContext
 from ..outputs import atomic_output
-from .compute import Compute
+from .compute import Compute, Produced
 from .containers import FOLDER
-from .entries import MergePlan
+from .entries import MergePlan, Slot
 from .finalize import provenance, record_checks
 from .options import MergeEvent, MergeInput, MergeOptions, MergeSummary
 from .plan import build_plan
 from .source import BufferPool, Prefetch, Reader
 
 Progress = Callable[[MergeEvent], None]
+#: Quantized entries encoding (or waiting to) while the next is computed; each holds its merged value.
+ENCODING_AHEAD = 2
 
 
 def workers_for(options: MergeOptions) -> int:
@@ -80,6 +84,9 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
     with atomic_output(out, force=options.force, directory=container.directory, inputs=inputs) as tmp, \
             _torch_threads(options.device, workers), Reader(checkpoint, pool) as reader:
         compute = Compute(checkpoint, reader, pool, options.device, workers)
+        # quantized groups are encoded in a thread of their own, overlapping the next entries' arithmetic
+        encoder = ThreadPoolExecutor(1, thread_name_prefix="adaptools-encode") if any(
+            s.entry is not None and s.entry.group is not None for shard in plan.shards for s in shard.slots) else None
         prefetch = Prefetch(reader, [s.entry.source for shard in plan.shards for s in shard.slots if s.raw is None])
         gc_was_enabled = gc.isenabled()
         gc.disable()  # the run allocates many small objects (tensor views) and frees them at once; no cycles
@@ -88,13 +95,14 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             for shard in plan.shards:
                 with container.writer(tmp / shard.name if container.directory else tmp, shard, plan,
                                       record) as writer:
-                    for slot in shard.slots:
-                        if slot.raw is not None:
-                            src, info = reader.raw(slot.raw)
+                    pending: deque[tuple[Slot, Future[Produced] | None]] = deque()
+
+                    def emit(slot: Slot, produced: Produced | None) -> None:
+                        if produced is None:
+                            src, info = reader.raw(slot.raw)  # type: ignore[arg-type]
                             writer.copy(slot.raw, src, info)
                             nbytes, merged = info.nbytes, False
                         else:
-                            produced = compute(slot.entry, prefetch.get(slot.entry.source))
                             nbytes = 0
                             for name, tensor in produced.tensors.items():
                                 done = (lambda t=tensor: pool.give(t)) if any(
@@ -110,6 +118,30 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
                         summary.tensors_copied += int(slot.raw is not None)
                         if progress is not None:
                             progress(MergeEvent(slot.raw or slot.entry.name, shard.name, nbytes, merged, total))
+
+                    def drain(keep: int) -> None:
+                        """Write finished slots in plan order; wait for the oldest while more than ``keep``
+                        are in flight (each holds its merged value)."""
+                        while pending and (len(pending) > keep or pending[0][1] is None or pending[0][1].done()):
+                            slot, future = pending.popleft()
+                            emit(slot, future.result() if future is not None else None)
+
+                    for slot in shard.slots:
+                        if slot.raw is not None:
+                            if pending:
+                                pending.append((slot, None))
+                            else:
+                                emit(slot, None)
+                            continue
+                        finish = compute.start(slot.entry, prefetch.get(slot.entry.source))
+                        if encoder is not None and slot.entry.group is not None:
+                            pending.append((slot, encoder.submit(finish)))
+                        else:
+                            produced = finish()
+                            drain(0)
+                            emit(slot, produced)
+                        drain(ENCODING_AHEAD)
+                    drain(0)
                 written += writer.seconds
             t1 = time.perf_counter()
             container.finalize(tmp, plan, record)
@@ -120,6 +152,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             timings.update(read=reader.seconds, compute=compute.seconds["compute"], encode=compute.seconds["encode"],
                            write_background=written, shards=t1 - t0, finalize=t2 - t1, checks=time.perf_counter() - t2)
         finally:
+            if encoder is not None:
+                encoder.shutdown(wait=True, cancel_futures=True)
             prefetch.close()
             compute.close()
             if gc_was_enabled:
