@@ -163,27 +163,7 @@ class SafetensorsWriter:
         self._submit(lambda: self._copy(name, src, offset, nbytes))
 
     def _copy(self, name: str, src: BinaryIO, offset: int, nbytes: int) -> None:
-        self._fh.flush()
-        start = self._fh.tell()  # not the file's end: the file is reserved at its full size (_reserve)
-        done = 0
-        copy = getattr(os, "copy_file_range", None)
-        if copy is not None:
-            try:
-                while done < nbytes:
-                    n = copy(src.fileno(), self._fh.fileno(), nbytes - done, offset + done, start + done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError:
-                pass
-            self._fh.seek(start + done)
-        chunk = 64 * 1024 * 1024
-        while done < nbytes:
-            data = os.pread(src.fileno(), min(chunk, nbytes - done), offset + done)
-            if not data:
-                raise ValueError(f"{name!r}: source ended early")
-            _write_all(self._fh, data)
-            done += len(data)
+        _copy_range(name, src, offset, nbytes, self._fh)
 
     def _finish(self) -> None:
         if self._queue is not None:
@@ -224,6 +204,31 @@ def _write_all(fh: BinaryIO, data: bytes | memoryview) -> None:
     view = memoryview(data).cast("B")
     for start in range(0, len(view), _SLICE):
         fh.write(view[start:start + _SLICE])
+
+
+def _copy_range(name: str, src: BinaryIO, offset: int, nbytes: int, fh: BinaryIO) -> None:
+    """Append ``nbytes`` at ``offset`` of ``src`` to ``fh`` at its current position: in the kernel with
+    ``os.copy_file_range`` where it can, else in bounded chunks through memory."""
+    fh.flush()
+    start = fh.tell()  # not the file's end: a file may be reserved at its full size (_reserve)
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    if copy is not None:
+        try:
+            while done < nbytes:
+                n = copy(src.fileno(), fh.fileno(), nbytes - done, offset + done, start + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+        fh.seek(start + done)
+    while done < nbytes:
+        data = os.pread(src.fileno(), min(64 << 20, nbytes - done), offset + done)
+        if not data:
+            raise ValueError(f"{name!r}: source ended early")
+        _write_all(fh, data)
+        done += len(data)
 
 
 def _reserve(fh: BinaryIO, size: int) -> None:
@@ -269,14 +274,7 @@ class DeferredSafetensorsWriter:
     def copy_range(self, name: str, src: BinaryIO, offset: int, nbytes: int, spec: TensorSpec) -> None:
         """Append a stored tensor's bytes unchanged."""
         self._specs[name] = spec
-        self._fh.flush()
-        done = 0
-        while done < nbytes:
-            data = os.pread(src.fileno(), min(64 << 20, nbytes - done), offset + done)
-            if not data:
-                raise ValueError(f"{name!r}: source ended early")
-            _write_all(self._fh, data)
-            done += len(data)
+        _copy_range(name, src, offset, nbytes, self._fh)
 
     def close(self) -> None:
         started = time.perf_counter()
@@ -285,12 +283,7 @@ class DeferredSafetensorsWriter:
         with SafetensorsWriter(self.path, self._specs, self._metadata) as out:
             for name, spec in self._specs.items():
                 out._expect(name, spec.nbytes)
-            out._fh.flush()
-            done = 0
-            while done < size:
-                data = os.pread(self._fh.fileno(), min(64 << 20, size - done), done)
-                _write_all(out._fh, data)
-                done += len(data)
+            _copy_range(self._data_path.name, self._fh, 0, size, out._fh)
         self._fh.close()
         self._data_path.unlink()
         self.seconds += time.perf_counter() - started

@@ -128,18 +128,15 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
 
                     for slot in shard.slots:
                         if slot.raw is not None:
-                            if pending:
-                                pending.append((slot, None))
-                            else:
-                                emit(slot, None)
-                            continue
-                        finish = compute.start(slot.entry, prefetch.get(slot.entry.source))
-                        if encoder is not None and slot.entry.group is not None:
-                            pending.append((slot, encoder.submit(finish)))
+                            pending.append((slot, None))  # copied once the slots before it are written
                         else:
-                            produced = finish()
-                            drain(0)
-                            emit(slot, produced)
+                            finish = compute.start(slot.entry, prefetch.get(slot.entry.source))
+                            if encoder is not None and slot.entry.group is not None:
+                                pending.append((slot, encoder.submit(finish)))
+                            else:
+                                produced = finish()
+                                drain(0)
+                                emit(slot, produced)
                         drain(ENCODING_AHEAD)
                     drain(0)
                 written += writer.seconds
