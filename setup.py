@@ -1,5 +1,5 @@
 """Build the NF4/FP4 kernel library (loaded with ctypes; a pure-torch fallback gives the same bytes, about
-ten times slower). Everything else about the package lives in pyproject.toml.
+ten times slower). Also finds the packages; everything else about the package lives in pyproject.toml.
 
 A build without a working C compiler fails loudly rather than shipping a platform wheel without its
 kernel. ``ADAPTOOLS_NO_NATIVE=1`` builds a pure-Python wheel on purpose; ``adaptools plugins`` then says
@@ -8,15 +8,22 @@ that the torch fallback is in use.
 
 import os
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 NATIVE = os.environ.get("ADAPTOOLS_NO_NATIVE", "") in ("", "0")
 
+# Every package under adaptools/ and plugins/ (installed as adaptools_plugins, see package-dir in
+# pyproject.toml), found automatically so that no family can silently drop out of the wheel
+# (tests/test_packaging.py checks that the wheel holds every module).
+PACKAGES = ["adaptools", *(f"adaptools.{p}" for p in find_packages("adaptools")),
+            "adaptools_plugins", *(f"adaptools_plugins.{p}" for p in find_packages("plugins"))]
+
 setup(
+    packages=PACKAGES,
     ext_modules=[
         Extension(
-            "adaptools_plugins._nf4_kernels",
-            sources=["plugins/csrc/nf4_kernels.c"],
+            "adaptools_plugins.bitsandbytes._nf4_kernels",
+            sources=["plugins/bitsandbytes/csrc/nf4_kernels.c"],
             extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
         )
     ] if NATIVE else []

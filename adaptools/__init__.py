@@ -1,296 +1,145 @@
 """adaptools: parameter-efficient fine-tuning adapters as files.
 
-This module is the public API. Plugins, built-in or third-party, import only from here. Names are
-imported on first use (PEP 562), so ``import adaptools`` and ``adaptools --version`` do not pay for torch.
+This module is the user's API: read and write adapters, merge them into base models and take them out
+again, convert, check, compare and combine them, change how a checkpoint is stored. Plugin authors import
+:mod:`adaptools.plugin` instead. Names are imported on first use (PEP 562), so ``import adaptools`` and
+``adaptools --version`` do not pay for torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
+from ._lazy import lazy_module
 from .version import __version__
 
 if TYPE_CHECKING:
+    # ``X as X``: an explicit re-export for type checkers (the names resolve lazily at run time)
     from .adapter_io import (
-        detect_format,
-        load,
-        save,
+        detect_format as detect_format,
     )
-    from .checkpoint import Checkpoint
-    from .datatypes import UpdateKind, WriteOptions
-    from .dtypes import FLOAT_TYPES, FloatType
-    from .engine import CheckRequest, MergeInput, MergeOptions, merge
-    from .engine.options import QuantizeOptions
+    from .adapter_io import (
+        load as load,
+    )
+    from .adapter_io import (
+        save as save,
+    )
+    from .engine import (
+        CheckRequest as CheckRequest,
+    )
+    from .engine import (
+        MergeInput as MergeInput,
+    )
+    from .engine import (
+        MergeOptions as MergeOptions,
+    )
+    from .engine import (
+        MergeSummary as MergeSummary,
+    )
+    from .engine import (
+        QuantizeOptions as QuantizeOptions,
+    )
+    from .engine.run import (
+        merge as merge,
+    )
+    from .engine.run import (
+        plan as plan,
+    )
     from .errors import (
-        AdapterFormatError,
-        AdaptoolsError,
-        CheckFailedError,
-        IncompatibleBaseError,
-        InputError,
-        OutputExistsError,
-        PluginConflictError,
-        PluginContractError,
-        UnknownPluginError,
-        UnsafeInputError,
-        UnsupportedOperationError,
-        printable,
+        AdapterFormatError as AdapterFormatError,
     )
-    from .hookspecs import (
-        hookimpl,
+    from .errors import (
+        AdaptoolsError as AdaptoolsError,
     )
-    from .interfaces import (
-        OPERATIONS,
-        AdapterFormat,
-        AdapterMethod,
-        Backend,
-        Bakeable,
-        BaseInfo,
-        BaseTensor,
-        Finding,
-        Initializable,
-        LowRank,
-        LowRankAlgebra,
-        Mergeable,
-        OutputContainer,
-        PlainConvertible,
-        ReadOptions,
-        RuntimeApplicable,
-        TensorUpdate,
-        ValidationContext,
-        Validator,
-        ValidatorOption,
-        Verdict,
+    from .errors import (
+        CheckFailedError as CheckFailedError,
     )
-    from .jsonio import check_json, json_problems, parse_json, read_json
-    from .operations.extract import extract as extract_adapter
-    from .operations.unmerge import unmerge
-    from .outputs import (
-        atomic_output,
-        check_output,
+    from .errors import (
+        IncompatibleBaseError as IncompatibleBaseError,
     )
-    from .patterns import compile_pattern
-    from .patterns import match as match_pattern
-    from .pickled import (
-        load_pickled_tensors,
+    from .errors import (
+        InputError as InputError,
     )
-    from .registry import (
-        backends,
-        formats,
-        get_backend,
-        get_format,
-        get_method,
-        get_validator,
-        methods,
-        validators,
+    from .errors import (
+        OutputExistsError as OutputExistsError,
     )
-    from .resolve import parse_hub_ref
-    from .safetensors_io import (
-        SafetensorsFile,
-        SafetensorsWriter,
-        TensorInfo,
-        TensorSpec,
-        read_header,
-        save_tensors,
+    from .errors import (
+        UnsafeInputError as UnsafeInputError,
+    )
+    from .errors import (
+        UnsupportedOperationError as UnsupportedOperationError,
+    )
+    from .operations.algebra import (
+        combine as combine,
+    )
+    from .operations.algebra import (
+        diff as diff,
+    )
+    from .operations.algebra import (
+        resize as resize,
+    )
+    from .operations.check import (
+        check as check,
+    )
+    from .operations.convert import (
+        convert as convert,
+    )
+    from .operations.extract import (
+        extract as extract,
+    )
+    from .operations.quantize import (
+        dequantize as dequantize,
+    )
+    from .operations.quantize import (
+        requantize as requantize,
+    )
+    from .operations.unmerge import (
+        unmerge as unmerge,
     )
     from .schema import (
-        SCHEMA_VERSION,
-        Adapter,
-        BaseRef,
-        FileStore,
-        MemoryStore,
-        StoredTensorInfo,
-        TensorStore,
-        parse_metadata,
-        split_name,
+        Adapter as Adapter,
     )
-    from .values import count_nonfinite
 
-#: Public name -> the module that defines it.
-_EXPORTS = {
-    "count_nonfinite": ".values",
-    "parse_hub_ref": ".resolve",
-    "Checkpoint": ".checkpoint",
-    "check_output": ".outputs",
-    "merge": ".engine",
-    "unmerge": ".operations.unmerge",
-    "MergeInput": ".engine",
-    "MergeOptions": ".engine",
-    "CheckRequest": ".engine",
-    "extract_adapter": ".operations.extract:extract",
-    "read_json": ".jsonio",
-    "parse_json": ".jsonio",
-    "check_json": ".jsonio",
-    "json_problems": ".jsonio",
-    "compile_pattern": ".patterns",
-    "match_pattern": ".patterns:match",
-    "Mergeable": ".interfaces",
-    "OutputContainer": ".interfaces",
-    "TensorInfo": ".safetensors_io",
-    "LowRankAlgebra": ".interfaces",
-    "Initializable": ".interfaces",
-    "RuntimeApplicable": ".interfaces",
-    "Bakeable": ".interfaces",
-    "PlainConvertible": ".interfaces",
-    "ValidatorOption": ".interfaces",
-    "UpdateKind": ".datatypes",
-    "WriteOptions": ".datatypes",
-    "PluginContractError": ".errors",
-    "printable": ".errors",
-    "QuantizeOptions": ".engine.options",
-    "FLOAT_TYPES": ".dtypes",
-    "FloatType": ".dtypes",
-    "Adapter": ".schema",
-    "AdapterFormat": ".interfaces",
-    "AdapterFormatError": ".errors",
-    "AdapterMethod": ".interfaces",
-    "AdaptoolsError": ".errors",
-    "Backend": ".interfaces",
-    "BaseInfo": ".interfaces",
-    "BaseRef": ".schema",
-    "BaseTensor": ".interfaces",
-    "CheckFailedError": ".errors",
-    "FileStore": ".schema",
-    "Finding": ".interfaces",
-    "IncompatibleBaseError": ".errors",
-    "InputError": ".errors",
-    "LowRank": ".interfaces",
-    "MemoryStore": ".schema",
-    "OPERATIONS": ".interfaces",
-    "OutputExistsError": ".errors",
-    "PluginConflictError": ".errors",
-    "ReadOptions": ".interfaces",
-    "SCHEMA_VERSION": ".schema",
-    "SafetensorsFile": ".safetensors_io",
-    "SafetensorsWriter": ".safetensors_io",
-    "StoredTensorInfo": ".schema",
-    "TensorSpec": ".safetensors_io",
-    "TensorStore": ".schema",
-    "TensorUpdate": ".interfaces",
-    "UnknownPluginError": ".errors",
-    "UnsafeInputError": ".errors",
-    "UnsupportedOperationError": ".errors",
-    "ValidationContext": ".interfaces",
-    "Validator": ".interfaces",
-    "Verdict": ".interfaces",
-    "atomic_output": ".outputs",
-    "backends": ".registry",
-    "detect_format": ".adapter_io",
-    "formats": ".registry",
-    "get_backend": ".registry",
-    "get_format": ".registry",
-    "get_method": ".registry",
-    "get_validator": ".registry",
-    "hookimpl": ".hookspecs",
-    "load": ".adapter_io",
-    "load_pickled_tensors": ".pickled",
-    "methods": ".registry",
-    "parse_metadata": ".schema",
-    "read_header": ".safetensors_io",
-    "save": ".adapter_io",
-    "save_tensors": ".safetensors_io",
-    "split_name": ".schema",
-    "validators": ".registry",
+#: Every public name -> the module that defines it. ``__all__`` is derived from it; tests/test_plugins.py
+#: checks that the README's library section uses nothing else.
+EXPORTS = {
+    # adapters as files
+    "load": ".adapter_io", "save": ".adapter_io", "detect_format": ".adapter_io", "Adapter": ".schema",
+    "convert": ".operations.convert", "check": ".operations.check",
+    "diff": ".operations.algebra", "combine": ".operations.algebra", "resize": ".operations.algebra",
+    "extract": ".operations.extract",
+    # models
+    "merge": ".engine.run", "plan": ".engine.run", "unmerge": ".operations.unmerge",
+    "dequantize": ".operations.quantize", "requantize": ".operations.quantize",
+    "MergeInput": ".engine", "MergeOptions": ".engine", "CheckRequest": ".engine", "QuantizeOptions": ".engine",
+    "MergeSummary": ".engine",
+    # errors a caller may catch
+    "AdaptoolsError": ".errors", "InputError": ".errors", "AdapterFormatError": ".errors",
+    "IncompatibleBaseError": ".errors", "CheckFailedError": ".errors", "OutputExistsError": ".errors",
+    "UnsafeInputError": ".errors", "UnsupportedOperationError": ".errors",
 }
+
+#: Names this module offered before the plugin API had a module of its own, and where they live now. They
+#: still resolve, with a DeprecationWarning, so that plugins written for 0.x keep loading
+#: (docs/plugins.md: the one-line change is ``from adaptools import plugin``).
+MOVED = {"extract_adapter": "extract"}
+
+__all__ = ["__version__", *EXPORTS]
+
+_getattr, __dir__ = lazy_module(__name__, EXPORTS, globals())
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'adaptools' has no attribute {name!r}")
-    module, _, attr = module.partition(":")
-    value = getattr(importlib.import_module(module, __name__), attr or name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
-
-__all__ = [
-    "count_nonfinite",
-    "parse_hub_ref",
-    "Checkpoint",
-    "check_output",
-    "merge",
-    "unmerge",
-    "MergeInput",
-    "MergeOptions",
-    "CheckRequest",
-    "extract_adapter",
-    "Mergeable",
-    "OutputContainer",
-    "TensorInfo",
-    "LowRankAlgebra",
-    "Initializable",
-    "RuntimeApplicable",
-    "Bakeable",
-    "PlainConvertible",
-    "ValidatorOption",
-    "UpdateKind",
-    "WriteOptions",
-    "PluginContractError",
-    "printable",
-    "QuantizeOptions",
-    "FLOAT_TYPES",
-    "FloatType",
-    "OPERATIONS",
-    "load_pickled_tensors",
-    "SCHEMA_VERSION",
-    "Adapter",
-    "AdapterFormat",
-    "AdapterFormatError",
-    "AdapterMethod",
-    "AdaptoolsError",
-    "Backend",
-    "BaseInfo",
-    "BaseRef",
-    "BaseTensor",
-    "CheckFailedError",
-    "FileStore",
-    "Finding",
-    "LowRank",
-    "IncompatibleBaseError",
-    "InputError",
-    "MemoryStore",
-    "OutputExistsError",
-    "PluginConflictError",
-    "ReadOptions",
-    "SafetensorsFile",
-    "SafetensorsWriter",
-    "StoredTensorInfo",
-    "TensorSpec",
-    "TensorStore",
-    "TensorUpdate",
-    "UnknownPluginError",
-    "UnsafeInputError",
-    "UnsupportedOperationError",
-    "ValidationContext",
-    "Validator",
-    "Verdict",
-    "__version__",
-    "atomic_output",
-    "check_json",
-    "compile_pattern",
-    "json_problems",
-    "match_pattern",
-    "parse_json",
-    "read_json",
-    "backends",
-    "formats",
-    "get_backend",
-    "get_format",
-    "get_method",
-    "get_validator",
-    "methods",
-    "validators",
-    "detect_format",
-    "hookimpl",
-    "load",
-    "parse_metadata",
-    "read_header",
-    "save",
-    "save_tensors",
-    "split_name",
-]
+    if name in EXPORTS:
+        return _getattr(name)
+    if name in MOVED:
+        warnings.warn(f"adaptools.{name} is now adaptools.{MOVED[name]}", DeprecationWarning, stacklevel=2)
+        return _getattr(MOVED[name])
+    plugin = importlib.import_module(".plugin", __name__)
+    if name in plugin.EXPORTS:
+        warnings.warn(f"adaptools.{name} is part of the plugin API: use adaptools.plugin.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'adaptools' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m adaptools`` runs the CLI."""
 
-from .entry import main
+from .main import main
 
 main()

@@ -19,7 +19,9 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 
-from .datatypes import (  # re-exported: the contract's data lives beside it
+from .backend import Backend, OutputContainer  # re-exported: the contract is one import away
+from .errors import AdapterFormatError, UnsupportedOperationError
+from .plugin_data import (  # re-exported: the contract's data lives beside it
     SEVERITIES,
     BaseInfo,
     BaseTensor,
@@ -32,9 +34,7 @@ from .datatypes import (  # re-exported: the contract's data lives beside it
     Verdict,
     WriteOptions,
 )
-from .errors import AdapterFormatError, UnsupportedOperationError
 from .schema import Adapter
-from .storage import Backend, OutputContainer  # re-exported: the contract is one import away
 
 __all__ = [
     "CAPABILITIES", "OPERATIONS", "SEVERITIES", "AdapterFormat", "AdapterMethod", "Backend", "Bakeable", "BaseInfo",

@@ -1,9 +1,9 @@
 """The plugin manager. Plugins are loaded lazily, on first use, never at import time.
 
-Built-in plugins live in the ``adaptools_plugins`` package (the repository's ``plugins/`` folder) and are
-loaded exactly like third-party ones. Third-party plugins are found through the ``adaptools`` entry-point
-group. ``ADAPTOOLS_LOAD_PLUGINS=a,b`` restricts entry-point plugins to those names (empty: none), and
-``ADAPTOOLS_TRACE_PLUGINS=1`` prints every hook call to stderr.
+Built-in plugins live in the ``adaptools_plugins`` package (the repository's ``plugins/`` folder), one
+subpackage per family, and are loaded exactly like third-party ones. Third-party plugins are found
+through the ``adaptools`` entry-point group. ``ADAPTOOLS_LOAD_PLUGINS=a,b`` restricts entry-point plugins
+to those names (empty: none), and ``ADAPTOOLS_TRACE_PLUGINS=1`` prints every hook call to stderr.
 """
 
 from __future__ import annotations
@@ -20,29 +20,9 @@ from . import hookspecs
 
 ENTRY_POINT_GROUP = "adaptools"
 
-DEFAULT_PLUGINS = (
-    "adaptools_plugins.lora",
-    "adaptools_plugins.adalora",
-    "adaptools_plugins.loha",
-    "adaptools_plugins.lokr",
-    "adaptools_plugins.vera",
-    "adaptools_plugins.oft",
-    "adaptools_plugins.boft",
-    "adaptools_plugins.prefix_tuning",
-    "adaptools_plugins.prompt_tuning",
-    "adaptools_plugins.bottleneck",
-    "adaptools_plugins.adapterhub_format",
-    "adaptools_plugins.peft_format",
-    "adaptools_plugins.schema_format",
-    "adaptools_plugins.gguf_format",
-    "adaptools_plugins.gguf_base",
-    "adaptools_plugins.dense",
-    "adaptools_plugins.nf4",
-    "adaptools_plugins.int8",
-    "adaptools_plugins.perplexity",
-    "adaptools_plugins.logits",
-    "adaptools_plugins.generate",
-)
+#: The package of the built-in plugins; it names its own families (``adaptools_plugins.FAMILIES``), so the
+#: core knows no plugin by name.
+BUILTIN_PACKAGE = "adaptools_plugins"
 
 pm = pluggy.PluginManager("adaptools")
 pm.add_hookspecs(hookspecs)
@@ -75,10 +55,16 @@ def load_plugins() -> None:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
         except Exception as exc:  # a broken third-party plugin must not take the whole tool down
             print(f"adaptools: plugin {name!r} failed to load and is skipped: {exc}", file=sys.stderr)
-    for module_name in DEFAULT_PLUGINS:
+    for module_name in builtin_plugins():
         if pm.get_plugin(module_name) is None:
             pm.register(importlib.import_module(module_name), name=module_name)
     pm.check_pending()
+
+
+def builtin_plugins() -> list[str]:
+    """The built-in families' module names, in the order their package gives."""
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    return [f"{BUILTIN_PACKAGE}.{family}" for family in package.FAMILIES]
 
 
 def plugin_distribution(plugin: object) -> tuple[str | None, str | None]:
@@ -87,7 +73,7 @@ def plugin_distribution(plugin: object) -> tuple[str | None, str | None]:
         if plugin_obj is plugin:
             return dist.metadata["name"], dist.version
     name = pm.get_name(plugin) or ""
-    if name.startswith("adaptools_plugins."):
+    if name.startswith(BUILTIN_PACKAGE + "."):
         try:
             return "adaptools", metadata.version("adaptools")
         except metadata.PackageNotFoundError:

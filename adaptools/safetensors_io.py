@@ -20,8 +20,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from .dtypes import DTYPES, TORCH_TO_CODE
 from .errors import InputError
+from .float_types import DTYPES, TORCH_TO_CODE
 from .jsonio import parse_json, short
 
 #: A header larger than this is refused: real headers are a few MB at most, and a lying length

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .dtypes import DTYPES, TORCH_TO_CODE
+from .float_types import DTYPES, TORCH_TO_CODE
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import merge as dense  # noqa: E402  (the dense benchmark's shapes, adapter and 
 def build_base(path: Path, cfg: dict) -> None:
     """The synthetic checkpoint of benchmarks/merge.py's shapes as one Q8_0 GGUF file, written a tensor at a
     time with gguf-py."""
-    from adaptools_plugins import gguf_arch
+    from adaptools_plugins.gguf import arch as gguf_arch
 
     if path.exists():
         return

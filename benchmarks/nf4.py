@@ -39,7 +39,7 @@ def median_time(fn, repeat: int = 5) -> float:
 def codec(sizes: list[int]) -> None:
     import bitsandbytes.functional as F
 
-    from adaptools_plugins import nf4
+    from adaptools_plugins.bitsandbytes import nf4 as nf4
 
     print(f"{'size':>6s} {'op':12s} {'bnb GB/s':>9s} {'ours GB/s':>10s} {'ratio':>6s}  identical")
     for n in sizes:
@@ -85,8 +85,8 @@ def merge_base_table(weight: float) -> None:
         merge(fixtures / "bases" / "llama-nf4", [], tmp / "deq", operation="dequantize")
         # the reference: dequantized 4-bit base with the adapter applied unmerged (what QLoRA computes)
         model = load_base(tmp / "deq", torch.float32)
-        method = adaptools.get_method("lora")
-        scaled = adaptools.Adapter("lora", adapter.config, adaptools.MemoryStore(
+        method = adaptools.plugin.get_method("lora")
+        scaled = adaptools.Adapter("lora", adapter.config, adaptools.plugin.MemoryStore(
             {n: adapter.tensor(n) * (weight if n.endswith("lora_B") else 1.0) for n in adapter.tensor_names()}))
         with method.apply(scaled, model):
             reference = run(model)

@@ -1,5 +1,5 @@
 """GGUF model files for the GGUF base-merge tests, written with gguf-py from the tiny Hugging Face fixture bases
-(names and Q/K row order from plugins/gguf_arch.py, which test_gguf.py checks against an index formula and
+(names and Q/K row order from plugins/gguf/arch.py, which test_gguf.py checks against an index formula and
 the slow tests against llama.cpp's converter), in a chosen type, with metadata of every value type so that
 copying it can be checked. K-quants have no Python encoder: such tensors are filled with seeded random
 blocks whose scales are set to small finite values (what they decode to is then the base)."""
@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from adaptools import SafetensorsFile
-from adaptools_plugins import gguf_arch, gguf_codec
+from adaptools.plugin import SafetensorsFile
+from adaptools_plugins.gguf import arch as gguf_arch
+from adaptools_plugins.gguf import codec as gguf_codec
 
 #: Byte offsets of the fp16 scale fields in one block of each K-quant the tests write.
 KQUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}

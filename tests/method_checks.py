@@ -76,7 +76,7 @@ def compare_apply(base: Path, adapter: Path, dtype: torch.dtype = torch.float32)
     model = load_base(base, dtype)
     before = logits(model)
     loaded = adaptools.load(adapter)
-    with adaptools.get_method(loaded.method).apply(loaded, model):
+    with adaptools.plugin.get_method(loaded.method).apply(loaded, model):
         got = logits(model)
     assert not torch.allclose(got, before, atol=1e-4), "the adapter had no effect: the test proves nothing"
     assert torch.equal(logits(model), before)
@@ -178,7 +178,7 @@ def compare_conv(base: Path, adapter: Path, out: Path) -> tuple[int, float]:
     assert any(not torch.equal(v, load_file(str(base / "model.safetensors"))[k]) for k, v in ours.items())
     model = conv_model(base)
     loaded = adaptools.load(adapter)
-    with adaptools.get_method(loaded.method).apply(loaded, model), torch.no_grad():
+    with adaptools.plugin.get_method(loaded.method).apply(loaded, model), torch.no_grad():
         got = model(CONV_INPUT)
     return worst, float((got - expected).abs().max())
 
@@ -216,7 +216,7 @@ def edited(tmp: Path, name: str, config: dict | None = None, edit=None) -> Path:
         tensors = {k: v.clone() for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
         (out / "adapter_model.safetensors").unlink()
         edit(tensors)
-        adaptools.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
+        adaptools.plugin.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     return out
 
 
@@ -226,7 +226,7 @@ def with_unknown_role(tmp: Path, name: str, module: str) -> Path:
     tensors = {n: adapter.tensor(n) for n in adapter.tensor_names()}
     tensors[f"{module}.mystery"] = torch.ones(4)
     out = tmp / "odd.safetensors"
-    adaptools.save(adaptools.Adapter(adapter.method, adapter.config, adaptools.MemoryStore(tensors)), out)
+    adaptools.save(adaptools.Adapter(adapter.method, adapter.config, adaptools.plugin.MemoryStore(tensors)), out)
     return out
 
 

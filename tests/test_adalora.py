@@ -62,7 +62,7 @@ test_runtime_application_equals_peft_forward = application_exactness_test(FIXTUR
 
 
 def test_ranknum_stays_init_r_after_pruning():
-    from adaptools_plugins.adalora import module_scales
+    from adaptools_plugins.lora.adalora import module_scales
 
     adapter = adaptools.load(adapter_path("llama-adalora-pruned"))
     assert module_scales(adapter.config, "model.layers.0.self_attn.q_proj") == (3, 12, 6.0)

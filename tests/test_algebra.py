@@ -10,7 +10,7 @@ from conftest import adapter_path, base_path
 
 import adaptools
 from adaptools.operations.algebra import combine, diff, resize
-from adaptools_plugins.lora import module_rank_alpha, scaling_for
+from adaptools_plugins.lora.method import module_rank_alpha, scaling_for
 
 
 def dense(adapter):

@@ -40,7 +40,7 @@ def edit_tensors(tmp: Path, fn: Callable[[dict], None], name: str = "llama-lora"
     tensors = {k: v.clone() for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
     (out / "adapter_model.safetensors").unlink()  # never rewrite a file that is memory-mapped
     fn(tensors)
-    adaptools.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
+    adaptools.plugin.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     return out
 
 
@@ -258,7 +258,7 @@ def hub_nan(tmp):
     tensors = {k: v.clone() for k, v in load_file(str(out / "adapter.safetensors")).items()}
     next(v for k, v in sorted(tensors.items()) if k.endswith("adapter_up.weight"))[0, 0] = float("nan")
     (out / "adapter.safetensors").unlink()
-    adaptools.save_tensors(out / "adapter.safetensors", tensors, {"format": "pt"})
+    adaptools.plugin.save_tensors(out / "adapter.safetensors", tensors, {"format": "pt"})
     return out
 
 
@@ -312,7 +312,7 @@ def deep_schema_metadata(tmp):
     adapter.provenance = {"x": json.loads("[" * 60 + "]" * 60)}
     metadata = adapter.metadata()
     metadata["adaptools.provenance"] = "[" * 3000 + "]" * 3000
-    adaptools.save_tensors(out, {n: adapter.tensor(n) for n in adapter.tensor_names()}, metadata)
+    adaptools.plugin.save_tensors(out, {n: adapter.tensor(n) for n in adapter.tensor_names()}, metadata)
     return out
 
 
@@ -482,7 +482,7 @@ def nf4_short_absmax(tmp):
     key = "model.layers.0.self_attn.q_proj.weight.absmax"
     tensors[key] = tensors[key][:1].clone()
     (out / "model.safetensors").unlink()
-    adaptools.save_tensors(out / "model.safetensors", tensors, {"format": "pt"})
+    adaptools.plugin.save_tensors(out / "model.safetensors", tensors, {"format": "pt"})
     return out
 
 

@@ -45,7 +45,7 @@ test_runtime_application_equals_peft_forward = application_exactness_test(FIXTUR
 def test_butterfly_permutation_is_peft_s():
     from peft.tuners.boft.layer import BOFTLayer
 
-    from adaptools_plugins.boft import butterfly_permutation, permutation_matrix
+    from adaptools_plugins.orthogonal.boft import butterfly_permutation, permutation_matrix
 
     for n, blocks, half, extra in [(64, 16, 2, 1), (64, 8, 2, 1), (64, 4, 4, 2), (128, 8, 4, 2), (64, 16, 2, 0),
                                    (96, 12, 2, 1), (64, 2, 16, 1)]:
@@ -94,7 +94,7 @@ def test_several_butterfly_factors_merge_and_apply_as_peft_s_kernel_path(factors
     theirs = reference.merge_and_unload().state_dict()
     assert max(ulps(v, theirs[k]) for k, v in merged_state(tmp_path / "out").items()) == 0
     base = load_base(base_path("llama"))
-    with adaptools.get_method("boft").apply(adapter, base):
+    with adaptools.plugin.get_method("boft").apply(adapter, base):
         assert torch.equal(logits(base), expected)
 
 

@@ -45,7 +45,7 @@ def model_logits(model_dir, name: str, adapter=None) -> torch.Tensor:
     with torch.no_grad():
         if adapter is None:
             return model(input_ids=REFERENCE[f"input_ids.{base_of(name)}"]).logits
-        with adaptools.get_method(adapter.method).apply(adapter, model):
+        with adaptools.plugin.get_method(adapter.method).apply(adapter, model):
             return model(input_ids=REFERENCE[f"input_ids.{base_of(name)}"]).logits
 
 
@@ -71,7 +71,7 @@ def test_hooks_are_removed_after_application():
     ids = REFERENCE["input_ids.llama"]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        with adaptools.get_method("bottleneck").apply(load("llama-double-seq-bn"), model):
+        with adaptools.plugin.get_method("bottleneck").apply(load("llama-double-seq-bn"), model):
             pass
         assert torch.equal(model(input_ids=ids).logits, before)
 
@@ -132,7 +132,7 @@ def test_linear_fold_with_biases_needs_a_bias_to_hold_them(tmp_path, cli_runner)
     adapter = load("llama-houlsby-linear")
     tensors = {n: adapter.tensor(n).clone() for n in adapter.tensor_names()}
     tensors["model.layers.0.output_adapter.up_bias"] += 0.5
-    changed = adaptools.Adapter("bottleneck", adapter.config, adaptools.MemoryStore(tensors), adapter.base)
+    changed = adaptools.Adapter("bottleneck", adapter.config, adaptools.plugin.MemoryStore(tensors), adapter.base)
     adaptools.save(changed, tmp_path / "biased.safetensors")
     result = cli_runner("merge", base_path("llama"), tmp_path / "biased.safetensors", tmp_path / "out")
     assert result.exit_code == 2 and "has no bias" in result.stderr
@@ -166,7 +166,7 @@ def _broken(tmp_path: Path, edit) -> Path:
     config = json.loads(json.dumps(adapter.config))
     edit(tensors, config)
     out = tmp_path / "broken"
-    adaptools.save(adaptools.Adapter("bottleneck", config, adaptools.MemoryStore(tensors), adapter.base), out,
+    adaptools.save(adaptools.Adapter("bottleneck", config, adaptools.plugin.MemoryStore(tensors), adapter.base), out,
                    format="adapterhub")
     return out
 
@@ -189,7 +189,7 @@ def test_each_rule_catches_its_defect(rule, tmp_path):
         tensors = {n: adapter.tensor(n) for n in adapter.tensor_names()}
         BROKEN[rule](tensors, adapter.config)
         path = tmp_path / "broken.safetensors"
-        adaptools.save(adaptools.Adapter("bottleneck", adapter.config, adaptools.MemoryStore(tensors)), path)
+        adaptools.save(adaptools.Adapter("bottleneck", adapter.config, adaptools.plugin.MemoryStore(tensors)), path)
     else:
         path = _broken(tmp_path, BROKEN[rule])
     report = check(str(path))
@@ -226,7 +226,7 @@ def test_unknown_tensor_is_refused_naming_it(tmp_path, cli_runner):
 
 
 def test_perplexity_evaluation_applies_the_adapter():
-    from adaptools_plugins.perplexity import evaluate, tokenize
+    from adaptools_plugins.validators.perplexity import evaluate, tokenize
 
     ids = tokenize(base_path("llama"), (FIXTURES / "text" / "GPL-3.txt").read_text()[:3000], 512)
     base = evaluate(base_path("llama"), ids, [], 128)[0]
@@ -291,8 +291,8 @@ def test_fold_lands_after_other_adapters_whatever_their_order(order, tmp_path, c
     model = AutoModelForCausalLM.from_pretrained(base_path("llama"), dtype=torch.float32).eval()
     ids = REFERENCE["input_ids.llama"]
     with torch.no_grad():
-        with adaptools.get_method("lora").apply(adaptools.load(lora), model), \
-                adaptools.get_method("bottleneck").apply(load("llama-houlsby-linear"), model):
+        with adaptools.plugin.get_method("lora").apply(adaptools.load(lora), model), \
+                adaptools.plugin.get_method("bottleneck").apply(load("llama-houlsby-linear"), model):
             want = model(input_ids=ids).logits
     torch.testing.assert_close(model_logits(tmp_path / "out", "llama"), want, rtol=0, atol=2e-5)
 

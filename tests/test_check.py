@@ -40,7 +40,7 @@ def with_tensors(fn, name="llama-lora"):
         tensors = {k: v.clone() for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
         (out / "adapter_model.safetensors").unlink()
         fn(tensors)
-        adaptools.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
+        adaptools.plugin.save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
         return out
     return make
 
@@ -50,7 +50,7 @@ def unknown_role(tmp):
     tensors = {n: adapter.tensor(n) for n in adapter.tensor_names()}
     tensors["model.layers.0.self_attn.q_proj.lora_C"] = torch.ones(4)
     out = tmp / "odd.safetensors"
-    adaptools.save(adaptools.Adapter("lora", adapter.config, adaptools.MemoryStore(tensors)), out)
+    adaptools.save(adaptools.Adapter("lora", adapter.config, adaptools.plugin.MemoryStore(tensors)), out)
     return out
 
 

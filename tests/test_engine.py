@@ -17,6 +17,7 @@ from conftest import adapter_path, base_path
 from safetensors.torch import load_file
 
 import adaptools
+from adaptools import plugin
 from adaptools.engine import MergeInput, MergeOptions, merge
 
 NF4_BASE = base_path("llama-nf4")
@@ -50,7 +51,7 @@ def test_dry_run_bytes_match_what_merge_writes(cli_runner, tmp_path):
     merge(base_path("qwen2"), [MergeInput(adaptools.load(adapter_path("qwen2-lora-bias")))], tmp_path / "o",
           dtype="fp32")
     for name, nbytes in planned.items():
-        header = adaptools.read_header(tmp_path / "o" / name)
+        header = adaptools.plugin.read_header(tmp_path / "o" / name)
         assert sum(i.nbytes for i in header.tensors.values()) == nbytes
 
 
@@ -77,7 +78,7 @@ def test_dense_and_requantized_outputs_share_layout_rules(tmp_path):
     merge(NF4_BASE, [adapter], tmp_path / "dense")
     merge(NF4_BASE, [adapter], tmp_path / "rq", requantize=True)
     for out in ("dense", "rq"):
-        names = list(adaptools.read_header(tmp_path / out / "model.safetensors").tensors)
+        names = list(adaptools.plugin.read_header(tmp_path / out / "model.safetensors").tensors)
         assert names.index("lm_head.weight") == names.index("model.embed_tokens.weight") + 1, out
 
 
@@ -86,14 +87,14 @@ import os, signal, sys
 import adaptools
 from adaptools.plugins import load_plugins, pm
 
-class Killer(adaptools.Validator):
+class Killer(adaptools.plugin.Validator):
     name = "killer"
     def validate(self, context):
         print("validated", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 class Plugin:
-    @adaptools.hookimpl
+    @adaptools.plugin.hookimpl
     def register_validators(self, register):
         register(Killer())
 
@@ -120,18 +121,18 @@ def test_killed_between_validation_and_publication_leaves_no_output(tmp_path):
 
 
 def test_checks_are_recorded_inside_the_output_before_it_is_published(tmp_path):
-    class Recorder(adaptools.Validator):
+    class Recorder(adaptools.plugin.Validator):
         name = "recorder"
         seen: list[str] = []
 
         def validate(self, context):
             self.seen.append(context.output)
-            return adaptools.Verdict(False, "recorded a failure", {"x": 1})
+            return adaptools.plugin.Verdict(False, "recorded a failure", {"x": 1})
 
     from adaptools.plugins import load_plugins, pm
 
     class Plugin:
-        @adaptools.hookimpl
+        @adaptools.plugin.hookimpl
         def register_validators(self, register):
             register(Recorder())
 
@@ -177,7 +178,7 @@ def test_non_finite_weight_is_refused(weight):
 def _scaled_adapter(factor: float, name: str = "gpt2-lora") -> adaptools.Adapter:
     src = adaptools.load(adapter_path(name))
     tensors = {n: src.tensor(n) * factor for n in src.tensor_names()}
-    return adaptools.Adapter("lora", dict(src.config), adaptools.MemoryStore(tensors), source="overflowing")
+    return adaptools.Adapter("lora", dict(src.config), adaptools.plugin.MemoryStore(tensors), source="overflowing")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -196,7 +197,7 @@ def _gpt2_base_with(tmp_path: Path, tensor: str, index: tuple[int, int], value: 
     shutil.copytree(base_path("gpt2"), base)
     state = {k: v.clone() for k, v in load_file(str(base / "model.safetensors")).items()}
     state[tensor][index] = value
-    adaptools.save_tensors(base / "model.safetensors", state, {"format": "pt"})
+    adaptools.plugin.save_tensors(base / "model.safetensors", state, {"format": "pt"})
     return base
 
 
@@ -275,7 +276,7 @@ FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-from adaptools.entry import main
+from adaptools.main import main
 sys.argv = ["adaptools", *sys.argv[1:]]
 main()
 """
@@ -311,10 +312,10 @@ def test_lm_head_lora_on_a_tied_base_unties_and_leaves_the_embedding(tmp_path):
     """Only the alias changes: the stored embedding is copied, lm_head written explicitly as W + sBA."""
     gen = torch.Generator().manual_seed(5)
     a, b = torch.randn(4, 64, generator=gen) * 0.1, torch.randn(128, 4, generator=gen) * 0.1
-    method = adaptools.get_method("lora")
+    method = adaptools.plugin.get_method("lora")
     config = method.from_peft({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["lm_head"]},
                               {"lm_head.lora_A": (4, 64)})
-    adapter = adaptools.Adapter("lora", config, adaptools.MemoryStore({"lm_head.lora_A": a, "lm_head.lora_B": b}),
+    adapter = adaptools.Adapter("lora", config, plugin.MemoryStore({"lm_head.lora_A": a, "lm_head.lora_B": b}),
                                 source="lm-head-only")
     summary = merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
     assert summary.untied_lm_head
@@ -347,22 +348,22 @@ def test_an_in_place_update_cannot_hide_the_infinities_it_makes(tmp_path):
     aliases; the non-finite check must compare with the stored value, not with that."""
     from adaptools.plugins import pm
 
-    class Blow(adaptools.AdapterMethod, adaptools.Mergeable):
+    class Blow(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable):
         name = "blow-up-test"
         roles = ("scale",)
 
         def merge_updates(self, adapter, base, weight=1.0):
             target = base.locate("model.layers.0.mlp.up_proj", "weight")
-            return [adaptools.TensorUpdate(target, "delta", lambda current, original: current.mul_(1e39))]
+            return [adaptools.plugin.TensorUpdate(target, "delta", lambda current, original: current.mul_(1e39))]
 
     class Plugin:
-        @adaptools.hookimpl
+        @adaptools.plugin.hookimpl
         def register_methods(self, register):
             register(Blow())
 
     pm.register(Plugin(), name="blow-up-plugin")
     try:
-        adapter = adaptools.Adapter("blow-up-test", {}, adaptools.MemoryStore({}), source="blow")
+        adapter = adaptools.Adapter("blow-up-test", {}, adaptools.plugin.MemoryStore({}), source="blow")
         with pytest.raises(adaptools.InputError, match="non-finite"):
             merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
     finally:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import adaptools
 from adaptools.checkpoint import Checkpoint
 from adaptools.operations.check import check
-from adaptools_plugins import nf4
+from adaptools_plugins.bitsandbytes import nf4 as nf4
 
 settings.register_profile("adaptools-fast", max_examples=50, deadline=None, derandomize=True, database=None,
                           suppress_health_check=list(HealthCheck))
@@ -84,7 +84,7 @@ def fuzz_adapter_config(adapter_dir: Path, edits: dict, raw: str | None) -> None
     adapter = adaptools_error_or_success(adaptools.load, adapter_dir)
     adaptools_error_or_success(check, adapter_dir)
     if adapter is not None:  # what loads must also describe and convert
-        method = adaptools.get_method(adapter.method)
+        method = adaptools.plugin.get_method(adapter.method)
         method.summary(adapter)
         adaptools_error_or_success(method.merge_warnings, adapter)
         adaptools_error_or_success(method.low_rank, adapter)
@@ -127,7 +127,7 @@ def fuzz_header(tmp: Path, header: dict, data_len: int, raw: str | None) -> None
     encoded = text.encode("utf-8", "surrogatepass")
     path = tmp / "fuzz.safetensors"
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\x01" * data_len)
-    parsed = adaptools_error_or_success(adaptools.read_header, path)
+    parsed = adaptools_error_or_success(adaptools.plugin.read_header, path)
     if parsed is None:
         return
     # Whatever our check passes, the Rust reader must read, tensor by tensor, with the same dtype and shape.
@@ -139,7 +139,7 @@ def fuzz_header(tmp: Path, header: dict, data_len: int, raw: str | None) -> None
 
 
 def fuzz_metadata(metadata: dict) -> None:
-    adaptools_error_or_success(adaptools.parse_metadata, metadata, "fuzz.safetensors")
+    adaptools_error_or_success(adaptools.plugin.parse_metadata, metadata, "fuzz.safetensors")
 
 
 METADATA = st.fixed_dictionaries(
@@ -171,10 +171,10 @@ def fuzz_base_config(base_dir: Path, edits: dict, raw: str | None) -> None:
         info = checkpoint.base_info()
         for name in ("gpt2-lora", "gpt2-dora"):  # the header-only checks against a base read its config
             adapter = adaptools.load(adapter_path(name))
-            adaptools.get_method(adapter.method).lint(adapter, info, check_values=False)
-        prefix = adaptools.get_method("prefix_tuning")
+            adaptools.plugin.get_method(adapter.method).lint(adapter, info, check_values=False)
+        prefix = adaptools.plugin.get_method("prefix_tuning")
         dummy = adaptools.Adapter("prefix_tuning", {"num_virtual_tokens": 1, "num_layers": 2, "token_dim": 64},
-                                  adaptools.MemoryStore({"prompt_embeddings": torch.zeros(1, 256)}))
+                                  adaptools.plugin.MemoryStore({"prompt_embeddings": torch.zeros(1, 256)}))
         prefix.lint(dummy, info, check_values=False)
 
 

@@ -1,4 +1,4 @@
-"""GGUF LoRA adapters (plugins/gguf_format.py): writing, reading back, refusals, hostile files, and the
+"""GGUF LoRA adapters (plugins/gguf/adapter_format.py): writing, reading back, refusals, hostile files, and the
 helpers the GGUF base merge reuses. Checks against llama.cpp itself are in test_gguf_llamacpp.py (slow);
 here the oracle is PEFT (what the GGUF file must reproduce) and an independent index formula for the
 Q/K row order."""
@@ -18,9 +18,10 @@ from peft_oracle import load_base, peft_model, seeded_lora
 
 import adaptools
 from adaptools import load
-from adaptools_plugins import gguf_arch, gguf_codec
+from adaptools_plugins.gguf import arch as gguf_arch
+from adaptools_plugins.gguf import codec as gguf_codec
 
-LORA = adaptools.get_method
+LORA = adaptools.plugin.get_method
 
 CASES = {  # adapter -> base
     "llama-lora": "llama", "llama-rslora-patterns": "llama", "llama-layers": "llama", "llama-regex": "llama",

@@ -1,4 +1,4 @@
-"""Merging into GGUF bases (plugins/gguf_base.py, gguf_container.py) and dense bases into GGUF
+"""Merging into GGUF bases (plugins/gguf/backend.py, gguf_container.py) and dense bases into GGUF
 (gguf_export.py), without llama.cpp: the oracle is PEFT's merge_and_unload on the same (decoded) weights and
 gguf-py's own encoders; test_gguf_llamacpp.py runs llama.cpp itself on the outputs (slow)."""
 
@@ -16,9 +16,10 @@ from gguf_bases import decoded, finish, kquant_bytes, metadata, raw, write_base
 from peft_oracle import load_base
 
 import adaptools
-from adaptools import Checkpoint
 from adaptools.outputs import GGUF_SNIFF_BYTES, is_ours
-from adaptools_plugins import gguf_arch, gguf_codec
+from adaptools.plugin import Checkpoint
+from adaptools_plugins.gguf import arch as gguf_arch
+from adaptools_plugins.gguf import codec as gguf_codec
 
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -498,7 +499,7 @@ def test_what_the_tokenizer_or_config_cannot_say_is_refused(bpe_llama, tmp_path,
 
 
 def test_pre_tokenizer_names_follow_the_tokenizer_structure():
-    from adaptools_plugins.gguf_export import LLAMA3_SPLIT, pre_tokenizer
+    from adaptools_plugins.gguf.export import LLAMA3_SPLIT, pre_tokenizer
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     assert pre_tokenizer({"pre_tokenizer": byte_level}, "t") == "gpt-2"

@@ -25,7 +25,7 @@ from adaptools.jsonio import parse_json, read_json
 from adaptools.operations.algebra import combine, resize
 from adaptools.operations.check import check
 from adaptools.operations.extract import extract
-from adaptools_plugins import nf4
+from adaptools_plugins.bitsandbytes import nf4 as nf4
 
 # --- one JSON reader ------------------------------------------------------------------------------------
 
@@ -155,23 +155,23 @@ def test_header_check_refuses_what_the_rust_reader_would_or_we_cannot_use(case, 
     header, data, expected = HEADERS[case]
     path = write_raw(tmp_path / "x.safetensors", header, data)
     with pytest.raises(adaptools.InputError, match=expected):
-        adaptools.read_header(path)
+        adaptools.plugin.read_header(path)
 
 
 def test_header_with_lone_surrogate_name_and_deep_nesting(tmp_path):
     path = write_raw(tmp_path / "a.safetensors", '{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
                      b"\0")
     with pytest.raises(adaptools.InputError, match="lone surrogate"):
-        adaptools.read_header(path)
+        adaptools.plugin.read_header(path)
     path = write_raw(tmp_path / "b.safetensors", '{"t": ' + "[" * 5000 + "]" * 5000 + "}")
     with pytest.raises(adaptools.InputError, match="nested"):
-        adaptools.read_header(path)
+        adaptools.plugin.read_header(path)
 
 
 def test_zero_dim_tensors_are_valid_safetensors(tmp_path):
     path = write_raw(tmp_path / "s.safetensors", {"t": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}},
                      struct.pack("<f", 1.5))
-    assert adaptools.read_header(path).tensors["t"].shape == ()
+    assert adaptools.plugin.read_header(path).tensors["t"].shape == ()
 
 
 # --- regexes from configs ------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_zero_dim_tensors_are_valid_safetensors(tmp_path):
 @pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|a)*$", r"(a|aa)+$", r"^(\w+\s?)*$", r"([\w.]|[\w.])*\d"])
 def test_catastrophic_regexes_return_in_well_under_a_second(pattern):
     config = {"target_modules": pattern}
-    from adaptools_plugins.lora_config import is_targeted
+    from adaptools_plugins.lora.config import is_targeted
 
     start = time.perf_counter()
     try:
@@ -191,12 +191,12 @@ def test_catastrophic_regexes_return_in_well_under_a_second(pattern):
 
 def test_invalid_regex_names_the_field():
     with pytest.raises(adaptools.InputError, match="rank_pattern key holds an invalid regular expression"):
-        adaptools.match_pattern(r"(.*\.)?([)$", "m", field="rank_pattern key", compiled_from="[")
+        adaptools.plugin.match_pattern(r"(.*\.)?([)$", "m", field="rank_pattern key", compiled_from="[")
 
 
 def test_overlong_module_names_are_not_matched():
     with pytest.raises(adaptools.InputError, match="module name of 5000 characters"):
-        adaptools.match_pattern("q_proj", "a" * 5000, field="target_modules")
+        adaptools.plugin.match_pattern("q_proj", "a" * 5000, field="target_modules")
 
 
 # --- LoRA config values --------------------------------------------------------------------------------
@@ -270,9 +270,9 @@ def test_prefix_and_bottleneck_configs_are_checked(tmp_path):
     with pytest.raises(adaptools.AdapterFormatError, match=r'reduction_factor"\] is 0'):
         adaptools.load(out)
     assert any(f.rule == "BN010" for f in check(out).findings)
-    method = adaptools.get_method("prefix_tuning")
+    method = adaptools.plugin.get_method("prefix_tuning")
     adapter = adaptools.Adapter("prefix_tuning", {"num_virtual_tokens": True, "num_layers": 2, "token_dim": 4},
-                                adaptools.MemoryStore({"prompt_embeddings": torch.zeros(1, 16)}))
+                                adaptools.plugin.MemoryStore({"prompt_embeddings": torch.zeros(1, 16)}))
     assert [f.rule for f in method.lint(adapter)] == ["PREFIX006"]
 
 
@@ -287,7 +287,7 @@ def test_zero_dim_and_float8_adapter_tensors_are_named(tmp_path):
     tensors[a] = torch.tensor(1.0)
     tensors[b] = tensors[b].to(torch.float8_e4m3fn)
     (out / "adapter_model.safetensors").unlink()
-    adaptools.save_tensors(out / "adapter_model.safetensors", tensors)
+    adaptools.plugin.save_tensors(out / "adapter_model.safetensors", tensors)
     rules = {f.rule: f for f in check(out).findings}
     assert "LORA022" in rules and "LORA003" in rules and "F8_E4M3" in rules["LORA003"].message
     with pytest.raises(adaptools.AdapterFormatError):
@@ -330,7 +330,7 @@ def test_dequantize_refuses_a_short_absmax_on_both_paths(native, cut, monkeypatc
 
 
 def test_pure_torch_path_selected_by_environment_refuses_too(tmp_path):
-    code = ("import torch, adaptools_plugins.nf4 as n; assert n.NATIVE is None\n"
+    code = ("import torch, adaptools_plugins.bitsandbytes.nf4 as n; assert n.NATIVE is None\n"
             "from safetensors.torch import load_file\n"
             f"g = load_file({str(base_path('llama-nf4') / 'model.safetensors')!r})\n"
             f"p = {NF4_PARAM!r}\n"
@@ -419,13 +419,13 @@ def test_resize_and_extract_refuse_ranks_and_energies(kwargs):
                                                ({"rank": 4, "alpha": float("inf")}, "alpha")])
 def test_init_refuses_ranks_and_alphas_it_cannot_use(options, expected):
     base = Checkpoint.open(base_path("llama"))
-    method = adaptools.get_method("lora")
+    method = adaptools.plugin.get_method("lora")
     with pytest.raises(adaptools.InputError, match=expected):
         method.initialize(base.base_info(), base.read, {"targets": ["q_proj"], "init": "olora", **options})
 
 
 def test_eval_refuses_pickle_weights_without_permission(tmp_path):
-    from adaptools_plugins.perplexity import load_model
+    from adaptools_plugins.validators.perplexity import load_model
 
     model = tmp_path / "model"
     model.mkdir()
@@ -445,4 +445,4 @@ def test_schema_metadata_is_checked_against_the_shipped_schema(tmp_path):
              "adaptools.provenance": ("[" * 100 + "]" * 100, "nested")}
     for key, (value, expected) in cases.items():
         with pytest.raises(adaptools.InputError, match=expected):
-            adaptools.parse_metadata({**good, key: value}, tmp_path / "x.safetensors")
+            adaptools.plugin.parse_metadata({**good, key: value}, tmp_path / "x.safetensors")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import adaptools
 from adaptools.checkpoint import Checkpoint
 from adaptools.operations.merge import MergeInput, merge
-from adaptools_plugins import int8
+from adaptools_plugins.bitsandbytes import int8 as int8
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 INT8_BASE = base_path("llama-int8")
@@ -300,7 +300,7 @@ def test_the_pieces_of_requantize_int8_rebuild_the_transformers_checkpoint(tmp_p
 
     checkpoint = Checkpoint.open(base_path("llama"))
     info = checkpoint.base_info()
-    backend = adaptools.get_backend("int8")
+    backend = adaptools.plugin.get_backend("int8")
     state = {}
     for name in info.tensors:
         value = checkpoint.read(name)
@@ -312,7 +312,7 @@ def test_the_pieces_of_requantize_int8_rebuild_the_transformers_checkpoint(tmp_p
     assert sorted(state) == sorted(theirs) and all(torch.equal(state[k], theirs[k]) for k in theirs)
     out = tmp_path / "q"
     shutil.copytree(INT8_BASE, out)
-    adaptools.save_tensors(out / "model.safetensors", state, {"format": "pt"})
+    adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = backend.quantization_config({}, adaptools.QuantizeOptions())
     (out / "config.json").write_text(json.dumps(config))
@@ -352,7 +352,7 @@ def broken(edit):
         state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}  # not the mmap
         edit(state)
         (out / "model.safetensors").unlink()
-        adaptools.save_tensors(out / "model.safetensors", state, {"format": "pt"})
+        adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
         return out
     return make
 

@@ -11,15 +11,16 @@ import torch
 from conftest import FIXTURES, adapter_path, base_path
 
 import adaptools
-from adaptools import MergeInput, ValidationContext
+from adaptools import MergeInput
 from adaptools.engine import CheckRequest, merge
+from adaptools.plugin import ValidationContext
 
 TEXT = FIXTURES / "text" / "GPL-3.txt"
 
 
 def verdict(name, base, adapters, output, operation="merge", **options):
     context = ValidationContext(operation, str(base), adapters, str(output), options)
-    return adaptools.get_validator(name).validate(context)
+    return adaptools.plugin.get_validator(name).validate(context)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_broken_merges_fail(broken, check, lora, tmp_path):
     if broken == "half weight":
         inputs = [MergeInput(lora, 0.5)]
     elif broken == "dropped layer":  # a layer lost to a name mismatch
-        inputs = [MergeInput(adaptools.Adapter("lora", lora.config, adaptools.MemoryStore(
+        inputs = [MergeInput(adaptools.Adapter("lora", lora.config, adaptools.plugin.MemoryStore(
             {n: lora.tensor(n) for n in lora.tensor_names() if ".layers.0." not in n})))]
     else:
         inputs = []
@@ -97,7 +98,7 @@ def zero_b(lora, tmp_path):
     tensors = {n: torch.zeros_like(lora.tensor(n)) if n.endswith("lora_B") else lora.tensor(n)
                for n in lora.tensor_names()}
     path = tmp_path / "zero-b.safetensors"
-    adaptools.save(adaptools.Adapter("lora", lora.config, adaptools.MemoryStore(tensors), lora.base), path)
+    adaptools.save(adaptools.Adapter("lora", lora.config, adaptools.plugin.MemoryStore(tensors), lora.base), path)
     return path
 
 
@@ -124,7 +125,7 @@ def matching_nothing(lora, tmp_path):
 def overflowing(lora, tmp_path):
     tensors = {n: lora.tensor(n) * (1e20 if n.endswith("lora_B") else 1) for n in lora.tensor_names()}
     path = tmp_path / "huge.safetensors"
-    adaptools.save(adaptools.Adapter("lora", lora.config, adaptools.MemoryStore(tensors), lora.base), path)
+    adaptools.save(adaptools.Adapter("lora", lora.config, adaptools.plugin.MemoryStore(tensors), lora.base), path)
     return path
 
 
@@ -151,7 +152,7 @@ def test_the_context_operation_is_check_there(lora, tmp_path, monkeypatch):
     from adaptools.operations.check import run_validators
 
     seen = []
-    logits = adaptools.get_validator("logits")
+    logits = adaptools.plugin.get_validator("logits")
     original = type(logits).validate
     monkeypatch.setattr(type(logits), "validate", lambda self, context: seen.append(context.operation) or
                         original(self, context))
@@ -160,7 +161,7 @@ def test_the_context_operation_is_check_there(lora, tmp_path, monkeypatch):
 
 
 def test_token_sources(lora, tmp_path):
-    from adaptools_plugins.logits import token_sequences
+    from adaptools_plugins.validators.logits import token_sequences
 
     merge(base_path("llama"), [MergeInput(lora)], tmp_path / "m")
     assert token_sequences(str(tmp_path / "m"), None, 4, 64).source == "built-in prompts"

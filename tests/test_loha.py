@@ -57,7 +57,7 @@ def test_conv_layers_merge_and_apply_like_peft(effective, tmp_path):
 
 def test_low_rank_factors_are_the_delta():
     adapter = adaptools.load(adapter_path(NAME))
-    method = adaptools.get_method("loha")
+    method = adaptools.plugin.get_method("loha")
     factors = method.low_rank(adapter)
     module = "model.layers.0.self_attn.q_proj"
     roles = adapter.modules()[module]

@@ -61,14 +61,14 @@ def test_effective_form_on_conv1d_is_refused_as_peft_cannot_compute_it(tmp_path,
         PeftModel.from_pretrained(conv_model(base), adapter)(CONV_INPUT)
     assert_merge_refused(cli_runner, tmp_path, base, adapter, "Conv1d")
     with pytest.raises(adaptools.UnsupportedOperationError, match="Conv1d"):
-        adaptools.get_method("lokr").apply(adaptools.load(adapter), conv_model(base)).__enter__()
+        adaptools.plugin.get_method("lokr").apply(adaptools.load(adapter), conv_model(base)).__enter__()
 
 
 @pytest.mark.parametrize("factor", [-1, 2, 3, 4, 8, 0])
 def test_factorization_is_peft_s(factor):
     from peft.tuners.lokr.layer import factorization as theirs
 
-    from adaptools_plugins.lokr import factorization
+    from adaptools_plugins.lycoris.lokr import factorization
 
     for n in range(1, 300):
         assert factorization(n, factor) == theirs(n, factor), (n, factor)
@@ -77,7 +77,7 @@ def test_factorization_is_peft_s(factor):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_low_rank_factors_are_the_delta(name):
     adapter = adaptools.load(adapter_path(name))
-    method = adaptools.get_method("lokr")
+    method = adaptools.plugin.get_method("lokr")
     for module, f in method.low_rank(adapter).items():
         roles = adapter.modules()[module]
         delta = method.delta(method._tensors(adapter, roles, dtype=torch.float64), 1.0)

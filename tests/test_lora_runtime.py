@@ -21,7 +21,7 @@ def test_apply_matches_peft_forward(name):
         model.resize_token_embeddings(RESIZED[name])
     before = logits(model)
     adapter = adaptools.load(adapter_path(name))
-    with adaptools.get_method(adapter.method).apply(adapter, model):  # every PEFT method's fixtures
+    with adaptools.plugin.get_method(adapter.method).apply(adapter, model):  # every PEFT method's fixtures
         got = logits(model)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, before, atol=1e-4), "the adapter had no effect: the test proves nothing"
@@ -32,7 +32,7 @@ def test_apply_refuses_base_mutating_init():
     adapter = adaptools.load(adapter_path("llama-lora"))
     adapter.config["init_lora_weights"] = "olora"
     with pytest.raises(adaptools.UnsupportedOperationError, match="olora"):
-        adaptools.get_method("lora").apply(adapter, load_base(base_path("llama")))
+        adaptools.plugin.get_method("lora").apply(adapter, load_base(base_path("llama")))
 
 
 @pytest.mark.parametrize(("module", "expected"), [
@@ -44,7 +44,7 @@ def test_apply_refuses_base_mutating_init():
 def test_rank_and_alpha_patterns_follow_peft(module, expected):
     from peft import LoraConfig
 
-    from adaptools_plugins.lora import module_rank_alpha
+    from adaptools_plugins.lora.method import module_rank_alpha
 
     config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"model.layers.0.self_attn.q_proj": 8, "down_proj": 2},
               "alpha_pattern": {r"layers\.1\..*_proj": 3}}
@@ -71,7 +71,7 @@ def test_target_matching_follows_peft(config):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from adaptools_plugins.lora import is_targeted
+    from adaptools_plugins.lora.method import is_targeted
 
     model = load_base(base_path("llama"))
     peft_config = LoraConfig(**config)

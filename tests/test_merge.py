@@ -114,7 +114,7 @@ def test_ensure_weight_tying_delta_is_applied_once(tmp_path):
     tensors["lm_head.lora_B"] = a.T.contiguous()
     config = dict(src.config)
     config["target_modules"] = ["embed_tokens", "q_proj", "lm_head"]
-    adapter = adaptools.Adapter("lora", config, adaptools.MemoryStore(tensors), source="mirror")
+    adapter = adaptools.Adapter("lora", config, adaptools.plugin.MemoryStore(tensors), source="mirror")
     summary = merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
     assert not summary.untied_lm_head
     ours = merged_state(tmp_path / "out")
@@ -159,7 +159,7 @@ def test_dtype_and_reshard(tmp_path):
 
 def test_provenance_in_metadata(tmp_path):
     run_merge("llama-lora", tmp_path / "out", command="adaptools merge x y z")
-    meta = adaptools.read_header(next((tmp_path / "out").glob("*.safetensors"))).metadata
+    meta = adaptools.plugin.read_header(next((tmp_path / "out").glob("*.safetensors"))).metadata
     provenance = json.loads(meta["adaptools.provenance"])
     assert provenance["tool"].startswith("adaptools ")
     assert provenance["command"] == "adaptools merge x y z"
@@ -215,7 +215,7 @@ def test_refuses_shape_mismatch(cli_runner, tmp_path):
     bad.mkdir()
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     tensors[key] = torch.zeros(4, 48)
-    adaptools.save_tensors(bad / "adapter_model.safetensors", tensors)
+    adaptools.plugin.save_tensors(bad / "adapter_model.safetensors", tensors)
     (bad / "adapter_config.json").write_text(json.dumps(config))
     err = refuse(cli_runner, tmp_path, base_path("llama"), bad)
     assert "do not fit base" in err and "q_proj" in err

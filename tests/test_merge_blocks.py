@@ -23,14 +23,14 @@ def test_blocked_merge_is_bit_identical_to_whole_tensor(out_f, in_f, rank, dtype
     tensors = {f"{module}.lora_A": torch.randn(rank, in_f, generator=gen) * 0.01,
                f"{module}.lora_B": torch.randn(out_f, rank, generator=gen) * 0.01}
     config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": ["up_proj"]}
-    adapter = adaptools.Adapter("lora", config, adaptools.MemoryStore(tensors))
+    adapter = adaptools.Adapter("lora", config, adaptools.plugin.MemoryStore(tensors))
     code = {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
     base = BaseInfo({f"{module}.weight": BaseTensor(f"{module}.weight", code, (out_f, in_f))})
-    (update,) = adaptools.get_method("lora").merge_updates(adapter, base)
+    (update,) = adaptools.plugin.get_method("lora").merge_updates(adapter, base)
     assert update.rows is not None
     weight = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype)
     whole = apply_chain([update], weight.float()).to(dtype)
-    backend = adaptools.get_backend({torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype])
+    backend = adaptools.plugin.get_backend({torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype])
     entry = Entry("w", MERGE, "w", (out_f, in_f), code, (update,), backend, backend)
     blocked = torch.empty_like(weight)
     with ThreadPoolExecutor(2) as threads:

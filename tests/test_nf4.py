@@ -13,7 +13,7 @@ from peft_oracle import load_base, logits, peft_model
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools_plugins import nf4
+from adaptools_plugins.bitsandbytes import nf4 as nf4
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 F = nf4.bnb_functional()

@@ -57,7 +57,7 @@ def test_stacked_adapters_compose_in_order_as_peft_merges_them(tmp_path):
 def test_rotations_are_peft_s(neumann, terms):
     from peft.tuners.oft.layer import OFTRotationModule
 
-    from adaptools_plugins.oft import cayley, project
+    from adaptools_plugins.orthogonal.oft import cayley, project
 
     gen = torch.Generator().manual_seed(terms)
     module = OFTRotationModule(3, 28, 8, 24, coft=True, eps=1e-2)
@@ -69,7 +69,7 @@ def test_rotations_are_peft_s(neumann, terms):
 def test_block_size_adjustment_is_peft_s():
     from peft.tuners.oft.layer import OFTLayer
 
-    from adaptools_plugins.oft import adjust
+    from adaptools_plugins.orthogonal.oft import adjust
 
     for n in range(2, 200):
         for wanted in range(1, n + 3):
@@ -93,7 +93,7 @@ def test_conv_and_embedding_layers_are_refused_with_the_reason(tmp_path):
     loaded = adaptools.load(adapter_path("llama-oft"))
     tensors = {n: loaded.tensor(n) for n in loaded.tensor_names()}
     tensors["model.embed_tokens.oft_embedding_R"] = torch.zeros(8, 28)
-    odd = adaptools.Adapter("oft", {**loaded.config, "target_modules": None}, adaptools.MemoryStore(tensors))
+    odd = adaptools.Adapter("oft", {**loaded.config, "target_modules": None}, adaptools.plugin.MemoryStore(tensors))
     with pytest.raises(adaptools.UnsupportedOperationError, match="embedding"):
         merge(base_path("llama"), [MergeInput(odd)], tmp_path / "out2")
 
@@ -149,6 +149,6 @@ def test_load_base_is_untouched_by_apply():
     model = load_base(base_path("llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = adaptools.load(adapter_path("llama-oft-coft"))
-    with adaptools.get_method("oft").apply(adapter, model):
+    with adaptools.plugin.get_method("oft").apply(adapter, model):
         pass
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -62,7 +62,7 @@ def test_enable_lora_check_has_no_error_and_bad_shapes_are_named(tmp_path):
 
 def test_enable_lora_resizes_into_a_plain_lora_with_the_same_delta():
     adapter = adaptools.load(ENABLE_LORA, allow_pickle=True)
-    method = adaptools.get_method("lora")
+    method = adaptools.plugin.get_method("lora")
     out, _ = resize(adapter, rank=16)
     assert "enable_lora" not in out.config
     before = method.low_rank(adapter)["transformer.h.0.attn.c_attn"]
@@ -76,7 +76,7 @@ def test_patterns_matching_through_different_keys_are_reported():
     findings = [f for f in report.findings if f.rule == "LORA021"]
     assert len(findings) == 1 and findings[0].severity == "warning"
     assert "model.layers.0.self_attn.q_proj" in findings[0].message
-    warnings = adaptools.get_method("lora").merge_warnings(adapter)
+    warnings = adaptools.plugin.get_method("lora").merge_warnings(adapter)
     assert len(warnings) == 1 and "peft_version" in warnings[0]
 
 
@@ -91,7 +91,7 @@ def test_recorded_peft_version_selects_the_old_rule_and_reproduces_its_logits(tm
     (old / "adapter_config.json").write_text(json.dumps(config))
     adapter = adaptools.load(old)
     assert adapter.config["modules"]["model.layers.0.self_attn.q_proj"]["alpha"] == 8
-    assert adaptools.get_method("lora").merge_warnings(adapter) == []
+    assert adaptools.plugin.get_method("lora").merge_warnings(adapter) == []
     got = merged_logits(base_path("llama"), adapter, tmp_path / "out", ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -147,6 +147,6 @@ def test_enable_lora_applies_unmerged_like_peft_0_2_0():
     adapter = adaptools.load(ENABLE_LORA, allow_pickle=True)
     ids, expected = reference(ENABLE_LORA)
     model = load_base(base_path("gpt2"))
-    with adaptools.get_method("lora").apply(adapter, model), torch.no_grad():
+    with adaptools.plugin.get_method("lora").apply(adapter, model), torch.no_grad():
         got = model(input_ids=ids).logits.float()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -47,11 +47,15 @@ def test_wheel_contains_builtin_plugins(fresh_env):
     _, _, wheels = fresh_env
     wheel = next(w for w in wheels if w.name.startswith("adaptools-"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("lora", "peft_format", "schema_format", "dense", "nf4"):
-        assert f"adaptools_plugins/{module}.py" in names
+    plugins = ROOT / "plugins"
+    modules = sorted(f"adaptools_plugins/{p.relative_to(plugins)}" for p in plugins.rglob("*.py"))
+    assert len(modules) > 40 and "adaptools_plugins/lora/method.py" in modules
+    assert [m for m in modules if m not in names] == []  # every family and module of plugins/ is shipped
+    core = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "adaptools").rglob("*.py"))
+    assert [m for m in core if m not in names] == []
     assert "adaptools/schema-v1.json" in names
     assert "adaptools/py.typed" in names
-    assert any(n.startswith("adaptools_plugins/_nf4_kernels") and n.endswith(".so") for n in names)
+    assert any(n.startswith("adaptools_plugins/bitsandbytes/_nf4_kernels") and n.endswith(".so") for n in names)
 
 
 def test_installed_wheel_loads_builtins_and_entry_point_plugin(fresh_env, tmp_path):
@@ -63,7 +67,7 @@ def test_installed_wheel_loads_builtins_and_entry_point_plugin(fresh_env, tmp_pa
     assert all(path.startswith(str(site)) for path in where), where
     listing = json.loads(run(env_dir / "bin" / "adaptools", "plugins", "--json", env=env, cwd=tmp_path).stdout)
     by_name = {p["name"]: p for p in listing["plugins"]}
-    assert by_name["adaptools_plugins.lora"]["methods"] == ["lora"]
+    assert by_name["adaptools_plugins.lora"]["methods"] == ["lora", "adalora", "vera"]
     assert by_name["scale"]["distribution"] == "adaptools-scale"
     assert listing["operations"]["scale"] == ["convert", "info"]
     info = run(env_dir / "bin" / "adaptools", "info", ROOT / "fixtures" / "adapters" / "llama-lora", env=env,
@@ -117,7 +121,7 @@ def test_plugins_says_which_nf4_code_runs():
 def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
     import shutil
 
-    from adaptools_plugins import nf4
+    from adaptools_plugins.bitsandbytes import nf4 as nf4
 
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")

@@ -8,8 +8,8 @@ import pytest
 from conftest import FIXTURES, adapter_path, base_path
 
 import adaptools
-from adaptools import ValidationContext
 from adaptools.operations.merge import MergeInput, merge
+from adaptools.plugin import ValidationContext
 
 TEXT = FIXTURES / "text" / "GPL-3.txt"
 OPTIONS = {"eval_text": str(TEXT), "max_tokens": 3000}
@@ -17,7 +17,7 @@ OPTIONS = {"eval_text": str(TEXT), "max_tokens": 3000}
 
 def check(base, adapters, output, **options):
     context = ValidationContext("merge", str(base), adapters, str(output), {**OPTIONS, **options})
-    return adaptools.get_validator("perplexity").validate(context)
+    return adaptools.plugin.get_validator("perplexity").validate(context)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_wrong_scale_fails(lora, tmp_path):
 
 
 def test_dropped_module_fails(lora, tmp_path):
-    dropped = adaptools.Adapter("lora", lora.config, adaptools.MemoryStore({
+    dropped = adaptools.Adapter("lora", lora.config, adaptools.plugin.MemoryStore({
         n: lora.tensor(n) for n in lora.tensor_names() if ".layers.0." not in n}))  # a layer lost to a name mismatch
     merge(base_path("llama"), [MergeInput(dropped)], tmp_path / "dropped")
     assert not check(base_path("llama"), [lora], tmp_path / "dropped").passed
@@ -110,7 +110,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     import io
     import sys
 
-    from adaptools_plugins.perplexity import evaluate, tokenize
+    from adaptools_plugins.validators.perplexity import evaluate, tokenize
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

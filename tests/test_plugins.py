@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import adaptools
-from adaptools import hookspecs, registry
-from adaptools.plugins import DEFAULT_PLUGINS, pm
+from adaptools import hookspecs, plugin, registry
+from adaptools.plugins import builtin_plugins, pm
 
 EXAMPLE = Path(__file__).parent / "example_plugin"
 
@@ -62,7 +62,7 @@ def test_entry_point_plugin_adds_a_method_info_understands(reload_plugins, monke
     monkeypatch.setattr(importlib.metadata, "distributions", fake_distributions)
     assert "scale" in registry.methods()
     assert registry.methods()["scale"].distribution == "adaptools-scale"
-    adapter = adaptools.Adapter(method="scale", config={}, tensors=adaptools.MemoryStore(
+    adapter = adaptools.Adapter(method="scale", config={}, tensors=adaptools.plugin.MemoryStore(
         {"model.layers.0.mlp.down_proj.scale": torch.ones(64)}))
     out = tmp_path / "scale.safetensors"
     adaptools.save(adapter, out)
@@ -80,27 +80,27 @@ def test_entry_points_off_means_builtins_only(reload_plugins, monkeypatch):
     monkeypatch.setenv("ADAPTOOLS_LOAD_PLUGINS", "")
     monkeypatch.setattr(importlib.metadata, "distributions", fake_distributions)
     assert "scale" not in registry.methods()
-    assert sorted(pm.get_name(p) for p in pm.get_plugins()) == sorted(DEFAULT_PLUGINS)
+    assert sorted(pm.get_name(p) for p in pm.get_plugins()) == sorted(builtin_plugins())
 
 
 def test_duplicate_names_are_an_error_naming_both_plugins(reload_plugins):
     class Copy:
-        @adaptools.hookimpl
+        @adaptools.plugin.hookimpl
         def register_methods(self, register):
-            from adaptools_plugins.lora import LoRA
+            from adaptools_plugins.lora.method import LoRA
 
             register(LoRA())
 
     registry.methods()
     pm.register(Copy(), name="copycat")
-    with pytest.raises(adaptools.PluginConflictError, match="adaptools_plugins.lora and copycat"):
+    with pytest.raises(adaptools.plugin.PluginConflictError, match="adaptools_plugins.lora and copycat"):
         registry.methods()
 
 
 def test_misspelt_hook_is_rejected_at_load(reload_plugins, monkeypatch):
     module = type(sys)("adaptools_typo")
 
-    @adaptools.hookimpl
+    @adaptools.plugin.hookimpl
     def register_method(register):  # missing "s"
         pass
 
@@ -108,7 +108,8 @@ def test_misspelt_hook_is_rejected_at_load(reload_plugins, monkeypatch):
     monkeypatch.setitem(sys.modules, "adaptools_typo", module)
     import adaptools.plugins as plugins_module
 
-    monkeypatch.setattr(plugins_module, "DEFAULT_PLUGINS", DEFAULT_PLUGINS + ("adaptools_typo",))
+    builtins = plugins_module.builtin_plugins()
+    monkeypatch.setattr(plugins_module, "builtin_plugins", lambda: [*builtins, "adaptools_typo"])
     from pluggy import PluginValidationError
 
     with pytest.raises(PluginValidationError):
@@ -116,8 +117,8 @@ def test_misspelt_hook_is_rejected_at_load(reload_plugins, monkeypatch):
 
 
 def test_unknown_names_suggest_the_closest():
-    with pytest.raises(adaptools.UnknownPluginError, match="did you mean 'lora'"):
-        adaptools.get_method("lorra")
+    with pytest.raises(adaptools.plugin.UnknownPluginError, match="did you mean 'lora'"):
+        adaptools.plugin.get_method("lorra")
 
 
 def test_every_hook_is_documented_in_the_readme():
@@ -137,7 +138,7 @@ def test_register_commands_hook_adds_a_command(reload_plugins):
     import adaptools.cli as cli_module
 
     class Extra:
-        @adaptools.hookimpl
+        @adaptools.plugin.hookimpl
         def register_commands(self, cli):
             @cli.command(name="hello-test")
             def hello():
@@ -169,7 +170,7 @@ def test_plugins_command_lists_builtins_and_operations(cli_runner):
 
 def _register_method(obj_factory, name="contract-test"):
     class Plugin:
-        @adaptools.hookimpl
+        @adaptools.plugin.hookimpl
         def register_methods(self, register):
             register(obj_factory())
 
@@ -178,13 +179,13 @@ def _register_method(obj_factory, name="contract-test"):
 
 
 def test_a_method_claiming_an_operation_it_lacks_is_refused_at_load_naming_the_plugin(cli_runner):
-    class Claims(adaptools.AdapterMethod):
+    class Claims(adaptools.plugin.AdapterMethod):
         name = "claims"
         operations = frozenset({"info", "convert", "merge"})  # but no merge_updates
 
     name = _register_method(Claims)
     try:
-        with pytest.raises(adaptools.PluginContractError, match="contract-test.*lists merge.*does not implement"):
+        with pytest.raises(plugin.PluginContractError, match="contract-test.*lists merge.*does not implement"):
             registry.methods()
         result = cli_runner("plugins")
         assert result.exit_code == 2 and "Traceback" not in result.output
@@ -194,7 +195,7 @@ def test_a_method_claiming_an_operation_it_lacks_is_refused_at_load_naming_the_p
 
 
 def test_a_method_implementing_an_unlisted_operation_is_refused_too():
-    class Hides(adaptools.AdapterMethod, adaptools.Mergeable):
+    class Hides(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable):
         name = "hides"
         operations = frozenset({"info", "convert"})
 
@@ -203,14 +204,14 @@ def test_a_method_implementing_an_unlisted_operation_is_refused_too():
 
     name = _register_method(Hides)
     try:
-        with pytest.raises(adaptools.PluginContractError, match="implements merge but its `operations`"):
+        with pytest.raises(adaptools.plugin.PluginContractError, match="implements merge but its `operations`"):
             registry.methods()
     finally:
         pm.unregister(name=name)
 
 
 def test_operations_are_derived_from_capabilities():
-    class Both(adaptools.AdapterMethod, adaptools.Mergeable, adaptools.RuntimeApplicable):
+    class Both(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable, adaptools.plugin.RuntimeApplicable):
         name = "both"
 
         def merge_updates(self, adapter, base, weight=1.0):
@@ -221,32 +222,32 @@ def test_operations_are_derived_from_capabilities():
 
     assert Both().operations == {"info", "convert", "merge", "apply"}
     with pytest.raises(TypeError):  # a capability left abstract cannot even be made
-        type("Half", (adaptools.AdapterMethod, adaptools.LowRankAlgebra), {"name": "half",
+        type("Half", (adaptools.plugin.AdapterMethod, adaptools.plugin.LowRankAlgebra), {"name": "half",
              "low_rank": lambda self, a: {}})()
 
 
 def test_a_plugin_that_breaks_inside_its_hook_is_named():
     name = _register_method(lambda: 1 / 0, name="broken-plugin")
     try:
-        with pytest.raises(adaptools.PluginContractError, match="broken-plugin failed in register_methods"):
+        with pytest.raises(adaptools.plugin.PluginContractError, match="broken-plugin failed in register_methods"):
             registry.methods()
     finally:
         pm.unregister(name=name)
 
 
 def test_update_kinds_and_severities_are_checked_when_made():
-    with pytest.raises(adaptools.PluginContractError, match="kind 'detla'"):
-        adaptools.TensorUpdate("w", "detla", lambda c, o: c)
-    with pytest.raises(adaptools.PluginContractError, match="severity 'fatal'"):
-        adaptools.Finding("X001", "fatal", "m", "f")
-    assert adaptools.TensorUpdate("w", "delta", lambda c, o: c).kind is adaptools.UpdateKind.DELTA
+    with pytest.raises(adaptools.plugin.PluginContractError, match="kind 'detla'"):
+        adaptools.plugin.TensorUpdate("w", "detla", lambda c, o: c)
+    with pytest.raises(adaptools.plugin.PluginContractError, match="severity 'fatal'"):
+        adaptools.plugin.Finding("X001", "fatal", "m", "f")
+    assert adaptools.plugin.TensorUpdate("w", "delta", lambda c, o: c).kind is adaptools.plugin.UpdateKind.DELTA
 
 
 def test_the_registry_is_built_once_and_follows_the_plugin_set():
-    assert adaptools.get_method("lora") is adaptools.get_method("lora")
+    assert adaptools.plugin.get_method("lora") is adaptools.plugin.get_method("lora")
     before = set(registry.methods())
 
-    class Extra(adaptools.AdapterMethod):
+    class Extra(adaptools.plugin.AdapterMethod):
         name = "extra-method"
 
     name = _register_method(Extra, name="extra-plugin")
@@ -275,7 +276,7 @@ def test_core_names_no_plugin():
     import io
     import tokenize
 
-    from adaptools.dtypes import FLOAT_TYPES
+    from adaptools.float_types import FLOAT_TYPES
 
     names = {*registry.methods(), *registry.formats(), *registry.backends(), *registry.validators(),
              "olora", "pissa", "bitsandbytes"} - {"schema"}  # the schema format is the core's own

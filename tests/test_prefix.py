@@ -55,7 +55,7 @@ IDS = torch.tensor([[1, 5, 7, 9, 17, 33, 64, 100, 127, 3, 2, 8], [4, 6, 8, 10, 1
 @torch.no_grad()
 def applied_logits(adapter: adaptools.Adapter, **kwargs) -> torch.Tensor:
     model = load_base(base_path("llama"))
-    with adaptools.get_method(adapter.method).apply(adapter, model):
+    with adaptools.plugin.get_method(adapter.method).apply(adapter, model):
         return model(input_ids=IDS, **kwargs).logits
 
 
@@ -116,7 +116,7 @@ def test_bake_projection_gives_what_peft_saves(projection_adapter, tmp_path, cli
     prefix_adapter = projection_adapter
     checkpoint = prefix_adapter.parent / "checkpoint"
     stored = adaptools.load(checkpoint)
-    assert sorted(adaptools.split_name(n)[1] for n in stored.tensor_names()) == [
+    assert sorted(adaptools.plugin.split_name(n)[1] for n in stored.tensor_names()) == [
         "embedding", "transform_in", "transform_in_bias", "transform_out", "transform_out_bias"]
     assert "PREFIX004" in {f.rule for f in check(checkpoint).findings}
     result = cli_runner("convert", checkpoint, tmp_path / "baked", "--to", "peft", "--bake-projection")

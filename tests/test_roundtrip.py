@@ -43,7 +43,7 @@ def test_peft_schema_peft_is_lossless(name, tmp_path):
 def test_schema_file_carries_version_method_config_base(tmp_path):
     out = tmp_path / "a.safetensors"
     adaptools.save(adaptools.load(adapter_path("llama-rslora-patterns")), out)
-    meta = adaptools.read_header(out).metadata
+    meta = adaptools.plugin.read_header(out).metadata
     assert meta["adaptools.schema"] == "1"
     assert meta["adaptools.method"] == "lora"
     config = json.loads(meta["adaptools.config"])
@@ -52,7 +52,7 @@ def test_schema_file_carries_version_method_config_base(tmp_path):
     assert config["modules"]["model.layers.1.self_attn.v_proj"]["alpha"] == 3
     assert config["modules"]["model.layers.1.self_attn.v_proj"]["scaling"] == pytest.approx(3 / 2)
     assert json.loads(meta["adaptools.base"])["name"] == "fixtures/bases/llama"
-    names = adaptools.SafetensorsFile(out).keys()
+    names = adaptools.plugin.SafetensorsFile(out).keys()
     assert "model.layers.0.self_attn.q_proj.lora_A" in names
 
 
@@ -64,7 +64,7 @@ def test_schema_metadata_validates_against_json_schema(tmp_path):
     for name in ("llama-lora", "llama-trainable-tokens", "gpt2-dora"):
         out = tmp_path / f"{name}.safetensors"
         adaptools.save(adaptools.load(adapter_path(name)), out)
-        meta = adaptools.read_header(out).metadata
+        meta = adaptools.plugin.read_header(out).metadata
         jsonschema.validate(meta, schema)
         for key in ("adaptools.config", "adaptools.base", "adaptools.provenance"):
             jsonschema.validate(json.loads(meta[key]), schema["$defs"][key])
@@ -118,7 +118,7 @@ def test_legacy_key_spellings_are_normalised(tmp_path):
     out = tmp_path / "legacy"
     out.mkdir()
     (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
-    adaptools.save_tensors(out / "adapter_model.safetensors", legacy)
+    adaptools.plugin.save_tensors(out / "adapter_model.safetensors", legacy)
     adaptools.save(adaptools.load(out), tmp_path / "peft", format="peft")
     rewritten = peft_tensors(tmp_path / "peft")
     assert sorted(rewritten) == sorted(state)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools import MergeInput, UnsupportedOperationError
+from adaptools import MergeInput, UnsupportedOperationError, plugin
 from adaptools.engine import merge
 
 HUB = FIXTURES / "adapterhub"
@@ -81,7 +81,7 @@ def grid(tmp_path):
 
     lora = adaptools.load(adapter_path("llama-lora"))
     tensors = {n: (lora.tensor(n) * 64).round() / 64 for n in lora.tensor_names()}
-    adapter = adaptools.Adapter("lora", lora.config, adaptools.MemoryStore(tensors), lora.base)
+    adapter = adaptools.Adapter("lora", lora.config, adaptools.plugin.MemoryStore(tensors), lora.base)
     adaptools.save(adapter, tmp_path / "grid-lora.safetensors")
     base = {k: (v * 2**10).round() / 2**10 for k, v in state(base_path("llama")).items()}
     (tmp_path / "grid-base").mkdir()
@@ -190,7 +190,7 @@ def singular_bottleneck(tmp_path):
     tensors[f"{where}.down"][0] = v
     tensors[f"{where}.scaling"] = torch.tensor([-1.0])
     path = tmp_path / "singular.safetensors"
-    adaptools.save(adaptools.Adapter("bottleneck", adapter.config, adaptools.MemoryStore(tensors), adapter.base), path)
+    adaptools.save(adaptools.Adapter("bottleneck", adapter.config, plugin.MemoryStore(tensors), adapter.base), path)
     return path
 
 
@@ -213,7 +213,7 @@ def test_adapters_whose_merge_cannot_be_undone_are_refused(what, command, tmp_pa
     else:
         lora = adaptools.load(adapter_path("llama-lora"))
         olora = adaptools.Adapter("lora", {**lora.config, "init_lora_weights": "olora"},
-                                  adaptools.MemoryStore({n: lora.tensor(n) for n in lora.tensor_names()}), lora.base)
+                                  plugin.MemoryStore({n: lora.tensor(n) for n in lora.tensor_names()}), lora.base)
         path, reason = tmp_path / "olora.safetensors", "recomputes the initial factors"
         adaptools.save(olora, path)
     out = tmp_path / "out"
@@ -226,14 +226,14 @@ def test_adapters_whose_merge_cannot_be_undone_are_refused(what, command, tmp_pa
 
 
 def test_a_method_that_does_not_say_how_to_undo_its_merge_cannot_unmerge():
-    class Scale(adaptools.AdapterMethod, adaptools.Mergeable):
+    class Scale(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable):
         name = "scale-test"
 
         def merge_updates(self, adapter, base, weight=1.0):
             return []
 
     assert "unmerge" not in Scale().operations and "merge" in Scale().operations
-    adapter = adaptools.Adapter("scale-test", {}, adaptools.MemoryStore({}))
+    adapter = adaptools.Adapter("scale-test", {}, adaptools.plugin.MemoryStore({}))
     with pytest.raises(UnsupportedOperationError, match="does not say how to undo its merge"):
         Scale().unmerge_updates(adapter, None)
     with pytest.raises(UnsupportedOperationError, match="cannot unmerge"):
@@ -300,7 +300,7 @@ def test_where_double_rounding_meets_a_power_of_two_the_neighbour_is_taken():
     """The merge adds in fp32 and rounds to bf16 after: a sum landing exactly on a bf16 tie next to 2⁻⁸
     rounds down to 2⁻⁸, and plain subtraction then gives a value that merges elsewhere (6 elements of a
     bf16 SmolLM2 merge do this). The neighbour above is the base that merges to M."""
-    from adaptools_plugins.lora_unmerge import _undo
+    from adaptools_plugins.lora.unmerge import _undo
 
     bf16 = torch.bfloat16
     base = torch.tensor([0.003936767578125])
@@ -325,21 +325,21 @@ def test_a_merge_update_may_not_claim_the_undo_kind(tmp_path):
     """`undo` is the engine's label for inverses; a method's merge returning it is a contract error."""
     import adaptools.plugins as plugins
 
-    class Sneaky(adaptools.AdapterMethod, adaptools.Mergeable):
+    class Sneaky(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable):
         name = "sneaky-test"
 
         def merge_updates(self, adapter, base, weight=1.0):
-            return [adaptools.TensorUpdate("model.norm.weight", "undo", lambda current, original: current)]
+            return [adaptools.plugin.TensorUpdate("model.norm.weight", "undo", lambda current, original: current)]
 
     class Plugin:
-        @adaptools.hookimpl
+        @adaptools.plugin.hookimpl
         def register_methods(self, register):
             register(Sneaky())
 
     plugin = Plugin()
     plugins.pm.register(plugin, name="sneaky-test")
     try:
-        adapter = adaptools.Adapter("sneaky-test", {}, adaptools.MemoryStore({}))
+        adapter = adaptools.Adapter("sneaky-test", {}, adaptools.plugin.MemoryStore({}))
         with pytest.raises(adaptools.InputError, match="unknown kind"):
             merge(base_path("llama"), [MergeInput(adapter)], tmp_path / "out")
         assert not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ test_runtime_application_equals_peft_forward = application_exactness_test(FIXTUR
 def test_regenerated_projections_are_peft_s(key, rank, targets):
     from peft import VeraConfig, get_peft_model
 
-    from adaptools_plugins.vera import regenerate
+    from adaptools_plugins.lora.vera import regenerate
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -51,7 +51,7 @@ def test_regenerated_projections_are_peft_s(key, rank, targets):
 
 def test_saved_projections_are_the_regenerated_ones():
     """The llama-vera fixture saved its projections; they are exactly what key 0 regenerates."""
-    from adaptools_plugins.vera import regenerate
+    from adaptools_plugins.lora.vera import regenerate
 
     adapter = adaptools.load(adapter_path("llama-vera"))
     a, b = adapter.tensor("vera_A"), adapter.tensor("vera_B")
@@ -63,12 +63,12 @@ def test_regenerated_projections_need_every_layer(tmp_path):
     """The projections span the largest adapted layer: dropping the only 128-wide layers changes them, and
     with them every delta, which is why a schema round trip keeps every module."""
     adapter = adaptools.load(adapter_path("llama-vera-regen"))
-    method = adaptools.get_method("vera")
+    method = adaptools.plugin.get_method("vera")
     weights = dict(load_base(base_path("llama")).named_parameters())
     shapes = {m: tuple(weights[f"{m}.weight"].shape) for m in adapter.modules() if m}
     a, b = method.projections(adapter, method._dims(adapter, shapes), torch.float32)
     assert a.shape == (6, 128) and b.shape == (128, 6)
-    attention = adaptools.Adapter("vera", adapter.config, adaptools.MemoryStore(
+    attention = adaptools.Adapter("vera", adapter.config, adaptools.plugin.MemoryStore(
         {n: adapter.tensor(n) for n in adapter.tensor_names() if "mlp" not in n}))
     small = {m: s for m, s in shapes.items() if "mlp" not in m}
     a2, b2 = method.projections(attention, method._dims(attention, small), torch.float32)
@@ -85,7 +85,7 @@ def test_regenerated_projections_follow_a_16_bit_base():
                                VeraConfig(r=6, projection_prng_key=1234, save_projection=False,
                                           target_modules=["q_proj", "k_proj", "up_proj", "down_proj"]))
     adapter = adaptools.load(adapter_path("llama-vera-regen"))
-    method = adaptools.get_method("vera")
+    method = adaptools.plugin.get_method("vera")
     weights = dict(load_base(base_path("llama")).named_parameters())
     dims = method._dims(adapter, {m: tuple(weights[f"{m}.weight"].shape) for m in adapter.modules() if m})
     a, b = method.projections(adapter, dims, torch.bfloat16)

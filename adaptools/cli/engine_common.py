@@ -4,8 +4,8 @@ the report, the dry-run plan for people."""
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -15,6 +15,7 @@ from ..engine import MergeEvent, MergeInput, MergeOptions, MergePlan, MergeSumma
 from ..engine import plan as plan_merge
 from ..errors import CheckFailedError
 from ..operations import unmerge as unmerge_op
+from ..progress import LazyBar
 from .checks import check_options, check_requests
 from .group import _fmt_bytes, emit_json
 from .options import (
@@ -30,35 +31,34 @@ from .options import (
 
 
 class _Progress:
-    """A byte-based progress bar on stderr, shown only on a terminal and never with --json."""
+    """The engine's progress events (bytes written) on the one progress bar; never with --json."""
 
     def __init__(self, enabled: bool, label: str):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.label = label
-        self.bar: Any = None
+        self.bar = LazyBar(label, enabled=enabled)
 
     def __call__(self, event: MergeEvent) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(length=max(event.total_bytes, 1), label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(event.nbytes)
+        self.bar.advance(event.total_bytes, event.nbytes)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        self.bar.close()
+
+
+@contextmanager
+def engine_progress(label: str, json_: bool) -> Iterator[_Progress]:
+    """The engine's progress callback for one run, closed at the end whatever happens."""
+    bar = _Progress(enabled=not json_, label=label)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _run(base: str | MergePlan, inputs: list[MergeInput], out: str, options: MergeOptions, label: str,
          json_: bool) -> MergeSummary:
     """Plan (unless given a plan) and execute, with a progress bar on a terminal."""
-    bar = _Progress(enabled=not json_, label=label)
-    try:
+    with engine_progress(label, json_) as bar:
         planned = base if isinstance(base, MergePlan) else plan_merge(base, inputs, options, out)
         return execute(planned, out, progress=bar)
-    finally:
-        bar.close()
 
 
 def _report(summary: MergeSummary, json_: bool, extra: dict[str, Any] | None = None, verb: str = "merged") -> None:

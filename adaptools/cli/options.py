@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..dtypes import DTYPE_CHOICES
+from ..float_types import DTYPE_CHOICES
 
 F = Callable[..., Any]
 

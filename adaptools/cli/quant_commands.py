@@ -8,11 +8,10 @@ import click
 
 from .. import registry
 from ..checkpoint import Checkpoint
-from ..engine import MergeOptions, QuantizeOptions
+from ..engine import QuantizeOptions
 from ..engine.plan import quantizing_backends
 from ..errors import InputError
-from ..outputs import check_output
-from .engine_common import _report, _run
+from .engine_common import _report, engine_progress
 from .group import cli
 from .options import ParamType, command_line, dtype_option, force_option, json_option, shard_size_option
 
@@ -35,10 +34,12 @@ def dequantize(base: str, out: str, dtype: str, shard_size: int | None, force: b
     Example:
       adaptools dequantize ./llama-3-8b-nf4 ./llama-3-8b-bf16
     """
-    check_output(out, force, [base])
-    options = MergeOptions(dtype=dtype, shard_size=shard_size, force=force, command=command_line(),
-                           operation="dequantize")
-    _report(_run(base, [], out, options, "dequantizing", json_), json_)
+    from ..operations.quantize import dequantize as dequantize_op
+
+    with engine_progress("dequantizing", json_) as bar:
+        summary = dequantize_op(base, out, dtype=dtype, shard_size=shard_size, force=force, command=command_line(),
+                                progress=bar)
+    _report(summary, json_)
 
 
 def quantize_options_of(base: str) -> QuantizeOptions:
@@ -90,8 +91,10 @@ def requantize(dense: str, out: str, quant_type: str | None, blocksize: str, dou
     Example:
       adaptools requantize ./merged-bf16 ./merged-nf4
     """
-    check_output(out, force, [dense])
+    from ..operations.quantize import requantize as requantize_op
+
     quantize = QuantizeOptions(quant_type=quant_type or "", blocksize=int(blocksize), double_quant=double_quant,
                                skip_modules=tuple(filter(None, (m.strip() for m in skip_modules.split(",")))))
-    options = MergeOptions(force=force, quantize=quantize, operation="requantize", command=command_line())
-    _report(_run(dense, [], out, options, "quantizing", json_), json_)
+    with engine_progress("quantizing", json_) as bar:
+        summary = requantize_op(dense, out, quantize, force=force, command=command_line(), progress=bar)
+    _report(summary, json_)

@@ -18,9 +18,9 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..finite import count_nonfinite
 from ..interfaces import Backend, BaseTensor, TensorUpdate
 from ..safetensors_io import DTYPES
-from ..values import count_nonfinite
 from .entries import CAST, Entry
 from .quantized import Survival, survival
 from .source import BufferPool, Reader

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dtypes import DTYPE_CHOICES
 from ..errors import InputError
+from ..float_types import DTYPE_CHOICES
 from ..schema import Adapter
 
 #: Operations that run through the engine, as recorded in provenance and model cards.

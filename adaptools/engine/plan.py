@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .. import dtypes, registry
+from .. import float_types, registry
 from ..checkpoint import EMBEDDING_NAMES, SINGLE, Checkpoint
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, Mergeable, TensorUpdate, capability
@@ -106,7 +106,7 @@ class _Backends:
 
     def output_dtype(self, tensor: BaseTensor) -> str:
         if self.forced is not None and self.decoder(tensor) is not None:
-            return dtypes.by_short(self.forced.name).code
+            return float_types.by_short(self.forced.name).code
         return tensor.dtype
 
 
@@ -308,7 +308,7 @@ def _output_config(checkpoint: Checkpoint, options: MergeOptions, untied: bool, 
     config = dict(checkpoint.config)
     changes: dict[str, Any] = {}
     if options.dtype != "auto":
-        name = dtypes.by_short(options.dtype).config
+        name = float_types.by_short(options.dtype).config
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 changes[key] = name

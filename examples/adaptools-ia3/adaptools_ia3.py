@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import adaptools
+from adaptools import plugin
 
 
-class IA3(adaptools.AdapterMethod, adaptools.Mergeable):
+class IA3(plugin.AdapterMethod, plugin.Mergeable):
     name = "ia3"
     description = "IA3: learned per-channel rescaling vectors (PEFT IA3)"
     roles = ("ia3_l",)
@@ -26,11 +26,11 @@ class IA3(adaptools.AdapterMethod, adaptools.Mergeable):
         findings = []
         for name in adapter.tensor_names():
             shape = adapter.info(name).shape
-            if adaptools.split_name(name)[1] != "ia3_l" or len(shape) != 2 or 1 not in shape:
-                findings.append(adaptools.Finding("IA3001", "error", f"{name} {list(shape)} is not [out, 1] or [1, in]",
+            if plugin.split_name(name)[1] != "ia3_l" or len(shape) != 2 or 1 not in shape:
+                findings.append(plugin.Finding("IA3001", "error", f"{name} {list(shape)} is not [out, 1] or [1, in]",
                                                   "save the adapter again with peft", **adapter.where(name)))
             elif check_values and not adapter.tensor(name).isfinite().all():
-                findings.append(adaptools.Finding("IA3002", "error", "NaN/Inf values", "retrain or re-save",
+                findings.append(plugin.Finding("IA3002", "error", "NaN/Inf values", "retrain or re-save",
                                                   **adapter.where(name)))
         return findings
 
@@ -44,24 +44,24 @@ class IA3(adaptools.AdapterMethod, adaptools.Mergeable):
             name = roles["ia3_l"]
             target = base.locate(module, "weight")
             if target is None:
-                raise adaptools.IncompatibleBaseError(f"the base has no {module}.weight", **adapter.where(name))
+                raise plugin.IncompatibleBaseError(f"the base has no {module}.weight", **adapter.where(name))
             rows, cols = base.find(target).shape
             vector = adapter.tensor(name).float()
             if adapter.config.get("fan_in_fan_out"):
                 vector = vector.T
             if vector.shape not in ((rows, 1), (1, cols)):
-                raise adaptools.IncompatibleBaseError(f"{list(vector.shape)} does not fit {target} [{rows}, {cols}]",
+                raise plugin.IncompatibleBaseError(f"{list(vector.shape)} does not fit {target} [{rows}, {cols}]",
                                                       **adapter.where(name))
             scale = 1 + weight * (vector - 1)  # weight 1: the vector itself; weight 0: no change
-            updates.append(adaptools.TensorUpdate(target, "delta", lambda cur, orig, s=scale: cur * s.to(cur.device),
+            updates.append(plugin.TensorUpdate(target, "delta", lambda cur, orig, s=scale: cur * s.to(cur.device),
                                                   source=name))
             bias = base.locate(module, "bias")
             if bias is not None and vector.shape == (rows, 1):  # output scaling applies to the bias too
-                updates.append(adaptools.TensorUpdate(
+                updates.append(plugin.TensorUpdate(
                     bias, "delta", lambda cur, orig, s=scale: cur * s.reshape(-1).to(cur.device), source=name))
         return updates
 
 
-@adaptools.hookimpl
+@plugin.hookimpl
 def register_methods(register):
     register(IA3())

@@ -9,24 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import adaptools
+from adaptools import plugin
 
 
-class Scale(adaptools.AdapterMethod):
+class Scale(plugin.AdapterMethod):
     name = "scale"
     description = "Per-row scaling vectors (example plugin)"
     operations = frozenset({"info", "convert"})
     roles = ("scale",)
 
-    def validate(self, adapter: adaptools.Adapter, *, check_values: bool = True) -> None:
+    def validate(self, adapter: plugin.Adapter, *, check_values: bool = True) -> None:
         for name in adapter.tensor_names():
-            if adaptools.split_name(name)[1] != "scale":
-                raise adaptools.AdapterFormatError("unknown role", **adapter.where(name))
+            if plugin.split_name(name)[1] != "scale":
+                raise plugin.AdapterFormatError("unknown role", **adapter.where(name))
 
-    def summary(self, adapter: adaptools.Adapter) -> dict[str, Any]:
+    def summary(self, adapter: plugin.Adapter) -> dict[str, Any]:
         return {"scaled_modules": len(adapter.modules())}
 
 
-@adaptools.hookimpl
+@plugin.hookimpl
 def register_methods(register):
     register(Scale())

@@ -1,0 +1,140 @@
+"""How a base weight is stored and where an engine run puts its output: the :class:`Backend` plugins
+register (a dense dtype, a quantized group, a model file of another format) and the
+:class:`OutputContainer` s they may offer (docs/plugins.md, "Backends")."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import UnsupportedOperationError
+from .plugin_data import BaseTensor
+
+
+class Backend(ABC):
+    """How a stored base weight decodes to a dense tensor and encodes back.
+
+    Two kinds: a *tensor* backend stores a parameter as one tensor (dense dtypes) and implements
+    :meth:`claims`, :meth:`decode` and :meth:`encode`; a *group* backend stores it across several tensors
+    (NF4: packed bytes, absmax, a JSON state) and implements :meth:`find_groups`, :meth:`group_info`,
+    :meth:`decode_group` and, to write them, :meth:`group_settings` and :meth:`encode_group`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: True when decode and encode are plain dtype casts, so any block of rows can be decoded, updated and
+    #: encoded on its own (the merge then casts blocks straight into the output).
+    elementwise: ClassVar[bool] = False
+
+    @property
+    def implementation(self) -> str:
+        """Which code does the work (e.g. a native kernel or a fallback), for ``adaptools plugins``."""
+        return "python"
+
+    def claims(self, tensor: BaseTensor, checkpoint_config: Mapping[str, Any]) -> bool:
+        """True if this (tensor) backend stores ``tensor``."""
+        return False
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored tensor -> dense float32, always a new tensor (the merge updates it in place)."""
+        raise UnsupportedOperationError(f"backend {self.name!r} stores parameters as groups, not tensors")
+
+    def encode(self, dense: torch.Tensor, like: BaseTensor) -> torch.Tensor:
+        """Dense float32 -> stored tensor, rounding once."""
+        raise UnsupportedOperationError(f"backend {self.name!r} stores parameters as groups, not tensors")
+
+    def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
+        """Parameters this backend stores across several tensors: ``{param: [companion names]}``.
+
+        A quantized weight (NF4: packed bytes plus absmax, maps and a JSON state) is one such group; the
+        merge then sees the parameter as dense, with the shape and dtype from :meth:`group_info`. When a
+        checkpoint asks, ``tensors`` also has a ``config`` attribute: its config.json, for formats whose
+        layout depends on the architecture (8-bit GPT-2 weights are stored transposed).
+        """
+        return {}
+
+    def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dense dtype and shape of a grouped parameter, reading only small tensors."""
+        raise UnsupportedOperationError(f"backend {self.name!r} stores no groups")
+
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+        """The dense value (in the group's dtype) of a grouped parameter."""
+        raise UnsupportedOperationError(f"backend {self.name!r} stores no groups")
+
+    def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+        """How a grouped parameter was encoded (to encode a changed value the same way)."""
+        raise UnsupportedOperationError(f"backend {self.name!r} cannot re-encode groups")
+
+    def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Encode a dense value as this backend's group of tensors, named as the checkpoint names them."""
+        raise UnsupportedOperationError(f"backend {self.name!r} cannot encode groups")
+
+    def quantize_settings(self, tensor: BaseTensor, options: Any) -> Mapping[str, Any]:
+        """How a dense weight would be encoded as this backend's group (``adaptools requantize``), given the
+        user's ``QuantizeOptions``; the result is passed to :meth:`encode_group`."""
+        raise UnsupportedOperationError(f"backend {self.name!r} cannot quantize dense weights")
+
+    def quantization_config(self, settings: Mapping[str, Any], options: Any) -> dict[str, Any]:
+        """The ``quantization_config`` a checkpoint quantized with these settings carries in config.json,
+        so that transformers loads it."""
+        raise UnsupportedOperationError(f"backend {self.name!r} cannot describe a quantized checkpoint")
+
+    def quantize_options(self, config: Mapping[str, Any]) -> Any:
+        """The ``QuantizeOptions`` a quantized checkpoint's config.json says it was made with, or None when
+        this backend did not make it (``merge --merge-base original --requantize``)."""
+        return None
+
+    def open_checkpoint(self, path: Path) -> Any:
+        """A base stored as one file of a format this backend reads (not a Hugging Face folder), as an
+        ``adaptools.Checkpoint`` (see ``Checkpoint.from_file``), or None when the file is not one. Must be
+        cheap for files that are not its own, and raise an AdaptoolsError for one of its own that is broken."""
+        return None
+
+    def containers(self) -> Sequence[OutputContainer]:
+        """The output containers this backend writes (``merge ... --to NAME``, or an output path ending in
+        a container's suffix)."""
+        return ()
+
+
+class OutputContainer(ABC):
+    """Where an engine run (merge, dequantize, requantize) puts its output. The engine's own is a Hugging
+    Face checkpoint folder of safetensors shards; a backend may offer others (:meth:`Backend.containers`),
+    such as a single file of another format.
+
+    The plan calls :meth:`prepare` before it decides any entry, and :meth:`warnings` once it has; the run
+    opens one :meth:`writer` per planned shard (a single-file container gets one shard, written at the
+    output path itself), then calls :meth:`finalize`, all inside the temporary output before it is
+    published.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: An output path ending in this is written in this container without ``--to``.
+    suffix: ClassVar[str | None] = None
+    #: True: the output is a folder; False: one file.
+    directory: ClassVar[bool] = False
+
+    def prepare(self, checkpoint: Any, options: Any) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
+        """Refuse (raise an AdaptoolsError) what this container cannot hold, before anything is read, and
+        return the parameters it stores through a backend's :meth:`Backend.encode_group`:
+        ``{param: (backend, settings)}``. An untouched parameter whose stored group belongs to that same
+        backend is copied byte for byte; every other one is encoded."""
+        return {}
+
+    def warnings(self, plan: Any) -> list[str]:
+        """Sentences about the finished plan the user should read (a changed tensor stored in another type)."""
+        return []
+
+    @abstractmethod
+    def writer(self, path: Path, shard: Any, plan: Any, record: Mapping[str, Any]) -> Any:
+        """A context manager writing one planned shard at ``path``, in slot order: ``copy(name, src, info)``
+        for a stored tensor kept byte for byte (``info``: its ``TensorInfo`` in ``src``), ``write(name,
+        tensor, done=None)`` for a computed one (``done`` called once its bytes are written), and a
+        ``seconds`` attribute (time spent writing). ``record`` is the provenance to store."""
+
+    def finalize(self, path: Path, plan: Any, record: Mapping[str, Any]) -> None:
+        """Write what goes beside the tensors (index, config, model card) once every shard is written."""

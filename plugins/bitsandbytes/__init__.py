@@ -1,0 +1,17 @@
+"""The bitsandbytes family: 4-bit NF4/FP4 and 8-bit LLM.int8 weights as transformers saves them, decoded
+and re-encoded byte for byte as bitsandbytes does (a C kernel for 4-bit, with a pure-torch fallback)."""
+
+from typing import Any
+
+from adaptools.plugin import hookimpl
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    from .int8 import DENSE, Int8
+    from .nf4 import FourBit
+
+    register(FourBit("nf4"))
+    register(FourBit("fp4"))
+    for dense in DENSE:
+        register(Int8(dense))

@@ -1,0 +1,191 @@
+"""GGUF model files as merge bases: ``adaptools merge BASE.gguf ADAPTER OUT.gguf``.
+
+The backend opens a GGUF model file as a checkpoint the merge engine streams like any other: every tensor
+keeps its place and bytes, and each one gguf-py decodes is a one-tensor group named by its Hugging Face
+parameter (``blk.0.attn_q.weight`` is ``model.layers.0.self_attn.q_proj.weight``), decoded to float32 in the
+Hugging Face layout (Q/K rows put back in HF order, Conv1D weights transposed), so a LoRA merges into it
+exactly as into the safetensors checkpoint it came from. A changed tensor is put back into GGUF's layout and
+encoded in its own type where gguf-py has an encoder, else Q8_0 (docs/gguf.md, "Tensor types gguf-py encodes
+and decodes" and "Merging into a GGUF base"); untouched ones are copied byte for byte. Tensors without a
+Hugging Face name (norms) keep their GGUF name.
+
+The output container (one GGUF file) is in ``container.py``; a dense Hugging Face base written as
+GGUF (``merge ... --to gguf``) in ``export.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from adaptools import plugin
+from adaptools.plugin import BaseTensor, InputError, TensorInfo, UnsupportedOperationError
+
+from .arch import ModelShape, describe_reader, family_for_arch, from_gguf_layout, qk_heads, to_gguf_layout
+from .codec import decodable, decode_bytes, encode, is_gguf, nbytes, open_reader, scalar
+
+#: Most dimensions a GGUF tensor has (ggml's GGML_MAX_DIMS).
+MAX_DIMS = 4
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a GGUF base: its GGUF name, type, numpy shape (GGUF layout) and bytes in the file."""
+
+    gguf_name: str
+    qtype: Q
+    shape: tuple[int, ...]
+    begin: int
+    nbytes: int
+
+
+def as_torch(array: np.ndarray, qtype: Q, shape: Sequence[int]) -> torch.Tensor:
+    """What gguf-py encoded, as the tensor the writer stores: float types as their torch dtype (so that
+    a reader can tell them apart), block-quantized bytes as flat uint8."""
+    if qtype == Q.F32:
+        return torch.from_numpy(np.array(array, dtype=np.float32).reshape(tuple(shape)))
+    if qtype == Q.F16:
+        return torch.from_numpy(np.asarray(array, dtype=np.float16).reshape(tuple(shape)))
+    flat = torch.from_numpy(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return flat.view(torch.bfloat16).reshape(tuple(shape)) if qtype == Q.BF16 else flat
+
+
+def to_numpy(value: torch.Tensor, stored: StoredTensor) -> np.ndarray:
+    """A stored or encoded tensor (see :func:`as_torch`) -> float32 in GGUF's numpy layout. Raw bytes are
+    in the stored type when they have its size; otherwise they are Q8_0 (the one block type a changed
+    tensor is written in besides its own, and no other type has Q8_0's 34 bytes per 32 values)."""
+    if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return value.float().numpy().reshape(stored.shape)
+    data = value.reshape(-1).numpy()
+    qtype = stored.qtype if data.size == stored.nbytes else Q.Q8_0
+    return decode_bytes(data, qtype, stored.shape)
+
+
+class GGUFBackend(plugin.Backend):
+    """GGUF tensors as one-tensor groups. The registered instance opens files and encodes settings it is
+    given; :meth:`open_checkpoint` makes one bound to a file, which also decodes that file's tensors."""
+
+    name = "gguf"
+    description = "llama.cpp GGUF model files (every type gguf-py decodes; merge BASE.gguf ... OUT.gguf)"
+
+    def __init__(self, path: Path | None = None, model: ModelShape | None = None,
+                 stored: dict[str, StoredTensor] | None = None, reader: gguf.GGUFReader | None = None):
+        self.path, self.model, self.stored, self.reader = path, model, stored or {}, reader
+
+    def containers(self) -> Sequence[plugin.OutputContainer]:
+        from .container import CONTAINER
+
+        return (CONTAINER,)
+
+    def open_checkpoint(self, path: Path) -> plugin.Checkpoint | None:
+        if not is_gguf(path):
+            if path.suffix.lower() == ".gguf":
+                raise InputError("not a GGUF file (it does not start with the GGUF magic)", path=path,
+                                 hint="the file is corrupt or not a llama.cpp model")
+            return None
+        return open_base(path)
+
+    # --- groups: each decodable tensor of the bound file is one --------------------------------------------
+
+    def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
+        return {param: [] for param, t in self.stored.items() if param in tensors and decodable(t.qtype)}
+
+    def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
+        shape = self.stored[param].shape
+        return torch.float32, self._hf_shape(param, shape)
+
+    def _hf_shape(self, param: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        assert self.model is not None
+        transposed = self.model.family.conv1d and len(shape) == 2 and self.stored[param].gguf_name.startswith("blk.")
+        return tuple(reversed(shape)) if transposed else shape
+
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+        stored = self.stored[param]
+        values = torch.from_numpy(to_numpy(read(param), stored))
+        return from_gguf_layout(self.model, stored.gguf_name, values, self.path)  # type: ignore[arg-type]
+
+    def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+        """How ``param`` is written when changed: its GGUF name, numpy shape and type, and the layout facts
+        (architecture and head counts) that put a Hugging Face value into GGUF's layout."""
+        from .codec import changed_type
+
+        assert self.model is not None
+        stored = self.stored[param]
+        return settings_for(self.model, stored.gguf_name, stored.shape, changed_type(stored.qtype, stored.shape[-1]))
+
+    def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        model = ModelShape(family_for_arch(settings["arch"]), n_head=settings["n_head"],
+                           n_head_kv=settings["n_head_kv"])
+        value = to_gguf_layout(model, settings["name"], dense.float(), self.path)
+        qtype = Q(settings["type"])
+        return {param: as_torch(encode(value.numpy(), qtype), qtype, settings["shape"])}
+
+
+def settings_for(model: ModelShape, gguf_name: str, shape: Sequence[int], qtype: Q) -> dict[str, Any]:
+    """The group settings of a tensor written as ``gguf_name`` in ``qtype`` (JSON-able, self-contained)."""
+    heads = qk_heads(model, gguf_name)
+    return {"name": gguf_name, "shape": list(shape), "type": int(qtype), "arch": model.family.arch,
+            "n_head": heads[0] if heads else None, "n_head_kv": heads[1] if heads else None}
+
+
+def _check(ok: bool, message: str, path: Path, tensor: str | None = None) -> None:
+    if not ok:
+        raise InputError(message, path=path, tensor=tensor, hint="the file is truncated or corrupt; write it again")
+
+
+def open_base(path: Path) -> plugin.Checkpoint:
+    """A GGUF model file as a checkpoint: every tensor checked against the file before anything trusts it."""
+    reader = open_reader(path)
+    if reader.endianess != gguf.GGUFEndian.LITTLE:
+        raise UnsupportedOperationError("big-endian GGUF files are not supported", path=path)
+    split = scalar(reader, "split.count", int, path, required=False)
+    if split is not None and split > 1:
+        raise UnsupportedOperationError(f"this is one part of a GGUF file split in {split}", path=path,
+                                        hint="join the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
+    model = describe_reader(reader, path)
+    arch = model.family.arch
+    for key in ("block_count", "attention.head_count", "attention.head_count_kv"):
+        value = scalar(reader, f"{arch}.{key}", int, path, required=False)
+        if value is not None and value <= 0:
+            raise InputError(f"GGUF metadata {arch}.{key} is {value}, not a positive count", path=path)
+    if model.family.permute_qk and model.n_head is None and any(
+            t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]) for t in reader.tensors):
+        raise InputError(f"the GGUF metadata has no {arch}.attention.head_count, without which the Q/K rows "
+                         "cannot be put in Hugging Face order", path=path)
+    size = path.stat().st_size
+    blocks = model.n_blocks or 1 + max((int(t.name.split(".")[1]) for t in reader.tensors
+                                        if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()), default=-1)
+    stored: dict[str, StoredTensor] = {}
+    for t in reader.tensors:
+        qtype, shape = Q(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist()))
+        _check(qtype in gguf.GGML_QUANT_SIZES, f"unknown tensor type {qtype.name}", path, t.name)
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        _check(0 < len(shape) <= MAX_DIMS and all(d > 0 for d in shape) and shape[-1] % block == 0,
+               f"shape {list(shape)} is not a {qtype.name} tensor (rows of whole {block}-value blocks)", path, t.name)
+        want = nbytes(qtype, shape)
+        _check(int(t.n_bytes) == want, f"{t.n_bytes} bytes for a {qtype.name} tensor of shape {list(shape)} "
+                                       f"(expected {want})", path, t.name)
+        _check(int(t.data_offset) + want <= size, "tensor data runs past the end of the file", path, t.name)
+        heads = qk_heads(model, t.name, path)
+        if heads is not None and shape[0] % (2 * heads[1]):
+            raise InputError(f"{shape[0]} rows do not split into {heads[1]} attention heads", path=path,
+                             tensor=t.name)
+        param = model.hf_parameter(t.name, blocks) or t.name
+        if param in stored:  # two GGUF tensors for one Hugging Face name: keep the second by its own name
+            param = t.name
+        _check(param not in stored, "tensor stored twice", path, t.name)
+        stored[param] = StoredTensor(t.name, qtype, shape, int(t.data_offset), want)
+    config = {"architectures": list(model.family.hf_architectures), "model_type": model.family.model_types[0],
+              "tie_word_embeddings": "output.weight" not in model.gguf_shapes}  # type: ignore[operator]
+    backend = GGUFBackend(path, model, stored, reader)
+    tensors = {param: TensorInfo("U8", (s.nbytes,), s.begin, s.begin + s.nbytes) for param, s in stored.items()}
+    checkpoint = plugin.Checkpoint.from_file(path, config, tensors, backend)
+    checkpoint.find_groups([backend])
+    return checkpoint

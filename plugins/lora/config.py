@@ -1,0 +1,246 @@
+"""What a PEFT LoRA config means: roles, per-module rank and alpha with PEFT's pattern precedence, scaling,
+which modules are targeted, trainable token rows (docs/peft.md, "Config fields adaptools reads", "Which modules
+are targeted", "Scaling, rank and alpha"), and the declared schema of the fields adaptools reads
+(docs/input-validation.md).
+
+Config regexes are matched through ``plugin.match_pattern``: PEFT's ``re`` semantics, with a time limit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from adaptools import plugin
+from adaptools.plugin import AdapterFormatError
+
+FACTOR_ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+ROLES = FACTOR_ROLES + ("lora_bias", "lora_magnitude", "trainable_tokens")
+#: init_lora_weights values whose training started from a modified base (docs/peft.md, "OLoRA and PiSSA").
+BASE_MUTATING_INITS = ("olora", "pissa", "corda", "lora_ga", "loftq")
+#: LoRA variants peft cannot merge, and why.
+UNMERGEABLE_FIELDS = {
+    "alora_invocation_tokens": "aLoRA activates only after its invocation tokens, so it has no fixed delta",
+    "arrow_config": "Arrow routes between adapters per token",
+    "kasa_config": "KaSA truncates the base weight",
+}
+
+#: Largest rank and largest |alpha| accepted: far above any real adapter, low enough that alpha / r stays
+#: a sane scale (an alpha of 1e300 merges into weights full of Inf).
+MAX_RANK = 65536
+MAX_ALPHA = 1e6
+_RANK = {"type": "integer", "minimum": 1, "maximum": MAX_RANK,
+         "description": f"a positive integer (at most {MAX_RANK})"}
+_ALPHA = {"type": "number", "minimum": -MAX_ALPHA, "maximum": MAX_ALPHA,
+          "description": f"a finite number of size at most {MAX_ALPHA:g}"}
+_FLAG = {"type": ["boolean", "null"], "description": "true or false"}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 1000}
+_NAMES = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 1000},
+                    {"type": "array", "items": _NAME}],
+          "description": "a list of module names, or one regular expression"}
+_INDEX = {"type": "integer", "minimum": 0, "maximum": 2**31}
+_PATTERNS = {"type": ["object", "null"], "propertyNames": {"minLength": 1, "maxLength": 1000},
+             "description": "an object mapping regular expressions to values"}
+#: The PEFT LoraConfig fields adaptools reads, with their types and ranges. Fields it does not read are
+#: carried unchecked (a newer peft may add any).
+CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "r": _RANK,
+        "lora_alpha": _ALPHA,
+        "use_rslora": _FLAG, "use_dora": _FLAG, "fan_in_fan_out": _FLAG, "lora_bias": _FLAG,
+        "ensure_weight_tying": _FLAG,
+        "target_modules": _NAMES,
+        "exclude_modules": _NAMES,
+        "modules_to_save": {"type": ["array", "null"], "items": _NAME, "description": "a list of module names"},
+        "layers_to_transform": {"anyOf": [{"type": "null"}, _INDEX, {"type": "array", "items": _INDEX}],
+                                "description": "a layer index or a list of layer indices"},
+        "layers_pattern": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 1000},
+                                     {"type": "array", "items": {"type": "string", "maxLength": 1000}}],
+                           "description": "a name or a list of names"},
+        "rank_pattern": {**_PATTERNS, "additionalProperties": _RANK},
+        "alpha_pattern": {**_PATTERNS, "additionalProperties": _ALPHA},
+        "trainable_token_indices": {"anyOf": [{"type": "null"}, {"type": "array", "items": _INDEX},
+                                              {"type": "object", "additionalProperties": {
+                                                  "type": "array", "items": _INDEX}}],
+                                    "description": "a list of token ids, or an object of them per module"},
+        "init_lora_weights": {"type": ["boolean", "string", "null"], "maxLength": 100},
+        "bias": {"enum": ["none", "all", "lora_only", None]},
+        "enable_lora": {"type": ["array", "null"], "items": {"type": "boolean"}, "minItems": 1, "maxItems": 64,
+                        "description": "a list of true/false per output block (peft 0.2.0)"},
+        "peft_version": {"type": ["string", "null"], "maxLength": 100},
+    },
+}
+#: peft versions whose pattern rule differs from today's (docs/input-validation.md, "Old PEFT configs").
+SINGLE_KEY_BEFORE = (0, 14)  # up to 0.13.x one key, searched in rank then alpha patterns, sets both
+DOTTED_KEY_BEFORE = (0, 15)  # up to 0.14.x a key matched only after a dot: re.match(rf".*\.{key}$")
+
+
+def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(field, message, rule)`` for every field that breaks :data:`CONFIG_SCHEMA` (LORA001) or holds an
+    unusable regex (LORA020)."""
+    problems = [(field, message, "LORA001") for field, message in plugin.json_problems(config, CONFIG_SCHEMA)]
+    bad = {field.split("[")[0] for field, _, _ in problems}
+    for field in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(field)
+        if field in bad:
+            continue
+        patterns = [value] if isinstance(value, str) else value if field == "layers_pattern" and value else []
+        for pattern in patterns:
+            problems += _regex_problem(pattern, field)
+    for field in ("rank_pattern", "alpha_pattern"):
+        if field not in bad and isinstance(config.get(field), dict):
+            for key in config[field]:
+                problems += _regex_problem(key, f"{field} key")
+    return problems
+
+
+def _regex_problem(pattern: str, field: str) -> list[tuple[str, str, str]]:
+    try:
+        plugin.compile_pattern(pattern, field=field)
+    except plugin.InputError as exc:
+        return [(field.split()[0], exc.message, "LORA020")]
+    return []
+
+
+def peft_version(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(major, minor) of the peft that saved the config (recorded from peft 0.18 on), or None."""
+    match = re.match(r"^(\d+)\.(\d+)", str(config.get("peft_version") or ""))
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "rank_pattern", *,
+                dotted: bool = False) -> str | None:
+    r"""PEFT's rank/alpha pattern rule: the first key K (dict order) with ``re.match(r"(.*\.)?(K)$")``
+    (peft >= 0.15), or with ``re.match(r".*\.K$")`` when ``dotted`` (peft 0.6 to 0.14)."""
+    for key in patterns:
+        wrapped = rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$"
+        if plugin.match_pattern(wrapped, module, field=f"{field} key", compiled_from=key):
+            return key
+    return None
+
+
+def _value(value: Any, field: str, kind: str) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "rank":
+        ok = ok and isinstance(value, int) and 1 <= value <= MAX_RANK
+    else:
+        ok = ok and abs(value) <= MAX_ALPHA
+    if not ok:
+        raise AdapterFormatError(f"{field} is {repr(value)[:60]}, expected "
+                                 + ("a positive integer" if kind == "rank" else "a finite number"),
+                                 hint=f"fix {field.split('[')[0]} in adapter_config.json")
+    return value
+
+
+def module_rank_alpha(config: Mapping[str, Any], module: str, *, rule: str | None = None) -> tuple[int, float]:
+    """The rank and alpha PEFT gives ``module`` (rank_pattern / alpha_pattern, else r / lora_alpha).
+
+    ``rule`` picks the pattern rule of a peft generation: ``"current"`` (0.15 on), ``"0.14"`` or
+    ``"0.6"`` (0.6 to 0.13); by default the one of the recorded ``peft_version``, else the current one.
+
+    Raises:
+        AdapterFormatError: a rank or alpha that is not a usable number, or a pattern that is invalid or
+            too slow, naming the field.
+    """
+    rank_patterns = config.get("rank_pattern") or {}
+    alpha_patterns = config.get("alpha_pattern") or {}
+    if rule is None:
+        version = peft_version(config)
+        rule = "current" if version is None or version >= DOTTED_KEY_BEFORE else \
+            "0.14" if version >= SINGLE_KEY_BEFORE else "0.6"
+    if rule == "0.6":  # one key, the first of rank keys then alpha keys, picks both (peft 0.6 to 0.13)
+        key = pattern_key({**dict.fromkeys(rank_patterns), **dict.fromkeys(alpha_patterns)}, module,
+                          "rank_pattern", dotted=True)
+        rk = key if key in rank_patterns else None
+        ak = key if key in alpha_patterns else None
+    else:
+        rk = pattern_key(rank_patterns, module, "rank_pattern", dotted=rule == "0.14")
+        ak = pattern_key(alpha_patterns, module, "alpha_pattern", dotted=rule == "0.14")
+    rank = _value(rank_patterns[rk], f"rank_pattern[{rk!r}]", "rank") if rk is not None else \
+        _value(config.get("r", 8), "r", "rank")
+    alpha = _value(alpha_patterns[ak], f"alpha_pattern[{ak!r}]", "alpha") if ak is not None else \
+        _value(config.get("lora_alpha", 8), "lora_alpha", "alpha")
+    return int(rank), alpha
+
+
+def pattern_rule_differences(config: Mapping[str, Any], modules: list[str]) -> list[str]:
+    """Modules whose rank or alpha older peft versions read differently from this config, when the
+    config does not say which peft saved it: peft 0.6 to 0.13 took one pattern key for both rank and
+    alpha, and up to 0.14 a key matched only after a dot (docs/input-validation.md, "Old PEFT configs")."""
+    if not (config.get("rank_pattern") or config.get("alpha_pattern")) or peft_version(config) is not None:
+        return []
+    out = []
+    for module in modules:
+        current = module_rank_alpha(config, module, rule="current")
+        for rule, versions in (("0.6", "0.6 to 0.13"), ("0.14", "0.14")):
+            old = module_rank_alpha(config, module, rule=rule)
+            if old != current:
+                out.append(f"{module}: rank {current[0]}, alpha {current[1]:g} in peft >= 0.15; rank {old[0]}, "
+                           f"alpha {old[1]:g} in peft {versions}")
+                break
+    return out
+
+
+def scaling_for(config: Mapping[str, Any], rank: int, alpha: float) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _ends_with(module: str, names: Any) -> bool:
+    return any(module == n or module.endswith(f".{n}") for n in names)
+
+
+def is_targeted(config: Mapping[str, Any], module: str) -> bool:
+    """PEFT's target_modules / exclude_modules / layers_to_transform matching for one module path."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if plugin.match_pattern(exclude, module, field="exclude_modules", how="fullmatch"):
+                return False
+        elif module in exclude or _ends_with(module, exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return plugin.match_pattern(targets, module, field="target_modules", how="fullmatch") is not None
+    if module in targets:
+        return True
+    if not _ends_with(module, targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    patterns = config.get("layers_pattern")
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            match = plugin.match_pattern(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module, field="layers_pattern",
+                                            compiled_from=p)
+            if match:
+                break
+    if not match:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def token_indices(config: Mapping[str, Any], module: str) -> list[int] | None:
+    """The trainable-token row indices for an embedding module (list form targets the input embedding)."""
+    spec = config.get("trainable_token_indices")
+    if spec is None:
+        return None
+    if isinstance(spec, list):
+        return list(spec)
+    for name, indices in spec.items():
+        if module == name or module.endswith(f".{name}"):
+            return list(indices)
+    return None
+
+
+#: Base-mutating inits that can be recomputed exactly from the original base weight.

@@ -1,0 +1,248 @@
+"""LoRA's lint rules (``adaptools check``; ``load()`` refuses on the first error): what a PEFT LoRA
+adapter can get wrong, from its config alone, its tensors, and against a base model's headers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from adaptools import plugin
+from adaptools.plugin import Adapter, BaseInfo, Finding
+
+from .config import (
+    BASE_MUTATING_INITS,
+    ROLES,
+    config_problems,
+    is_targeted,
+    module_rank_alpha,
+    pattern_rule_differences,
+    token_indices,
+)
+from .legacy import enabled_blocks, merged_out_features, merged_shapes_problem
+
+RULES = {
+    "LORA001": ("error", "config field has the wrong type or is out of range"),
+    "LORA002": ("error", "tensor role unknown to LoRA"),
+    "LORA003": ("error", "tensor dtype is not fp16, bf16, fp32 or fp64"),
+    "LORA004": ("error", "lora_A without lora_B (or the reverse)"),
+    "LORA005": ("error", "lora_A and lora_B ranks differ"),
+    "LORA006": ("error", "rank differs from r / rank_pattern"),
+    "LORA007": ("error", "LoRA weights on a module target_modules does not select"),
+    "LORA008": ("error", "DoRA magnitude and use_dora disagree"),
+    "LORA009": ("error", "lora_B.bias and lora_bias disagree"),
+    "LORA010": ("error", "trainable token rows and trainable_token_indices disagree"),
+    "LORA011": ("error", "NaN or Inf values"),
+    "LORA012": ("warning", "lora_B is all zero: the adapter was never trained"),
+    "LORA013": ("warning", "scaling is implausible (alpha / rsLoRA mix-up)"),
+    "LORA014": ("warning", "trained on a modified base (OLoRA, PiSSA, ...): do not merge as plain LoRA"),
+    "LORA015": ("warning", "full tensor saved that the config does not explain"),
+    "LORA016": ("error", "target module missing from the base"),
+    "LORA017": ("error", "shape does not fit the base"),
+    "LORA018": ("warning", "adapter on a tied embedding: merging changes both input and output embeddings"),
+    "LORA019": ("error", "replacement tensor does not fit the base (vocabulary size)"),
+    "LORA020": ("error", "a config regex is invalid or too slow to match"),
+    "LORA021": ("warning", "rank/alpha patterns that peft 0.6 to 0.14 read differently"),
+    "LORA022": ("error", "tensor has the wrong number of dimensions"),
+}
+FIXES = {
+    "LORA001": "fix the field in adapter_config.json (see PEFT's LoraConfig)",
+    "LORA002": "remove the tensor, or install the plugin of the method that uses it",
+    "LORA003": "save the adapter in fp32, fp16 or bf16 (LoRA maths never runs on 8-bit floats or integers)",
+    "LORA004": "the adapter file is incomplete: save it again",
+    "LORA005": "the adapter file is corrupt: save it again",
+    "LORA006": "the config does not belong to these weights: ship the matching adapter_config.json",
+    "LORA007": "add the module to target_modules or drop its tensors",
+    "LORA008": "set use_dora to match the saved tensors",
+    "LORA009": "set lora_bias to match the saved tensors",
+    "LORA010": "make trainable_token_indices list one index per saved row",
+    "LORA011": "the adapter diverged in training or the file is corrupt: retrain or re-save",
+    "LORA012": "publish the trained checkpoint, not the initial one",
+    "LORA013": "check lora_alpha against r (and use_rslora)",
+    "LORA014": "adaptools merge recomputes olora/pissa inits; elsewhere convert it first (convert --to lora)",
+    "LORA015": "list the module in modules_to_save, or drop the tensor",
+    "LORA016": "use the base the adapter was trained on (base_model_name_or_path)",
+    "LORA017": "use the base the adapter was trained on (model size)",
+    "LORA018": "set ensure_weight_tying or untie the embeddings before training; adaptools merge unties",
+    "LORA019": "resize the base's vocabulary to the adapter's",
+    "LORA020": "fix the regular expression in adapter_config.json (Python re syntax, no catastrophic backtracking)",
+    "LORA021": "set peft_version in adapter_config.json to the peft that trained the adapter",
+    "LORA022": "the adapter file is corrupt: save it again",
+}
+#: Dimensions each role's tensor has (conv LoRA factors have more; peft 0.2.0's enable_lora lora_B has 3).
+NDIM = {"lora_A": (2, 3, 4, 5), "lora_B": (2, 3, 4, 5), "lora_embedding_A": (2,), "lora_embedding_B": (2,),
+        "lora_bias": (1,), "lora_magnitude": (1, 2, 3, 4, 5), "trainable_tokens": (2,)}
+FULL_FLOATS = ("F64", "F32", "F16", "BF16")
+
+def config_file(adapter: Adapter) -> str:
+    """The file a config finding is about: a PEFT directory's adapter_config.json, else the adapter."""
+    folder = Path(adapter.source)
+    if adapter.read_format == "peft" and (folder / "adapter_config.json").is_file():
+        return str(folder / "adapter_config.json")
+    return adapter.source
+
+
+def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
+    findings: list[Finding] = []
+
+    def add(rule: str, message: str, name: str | None = None, field: str | None = None,
+            fix: str | None = None) -> None:
+        where = adapter.where(name) if name else {"path": config_file(adapter) if field else adapter.source,
+                                                  "tensor": None}
+        findings.append(Finding(rule, RULES[rule][0], message, fix or FIXES[rule],
+                                where["path"], where["tensor"], field))
+
+    config_ok = _lint_config(adapter, add)
+    unusable = set()
+    for module, roles in adapter.modules().items():
+        for role, name in roles.items():
+            info = adapter.info(name)
+            if role not in ROLES and not role.startswith("replace_"):
+                add("LORA002", f"unknown LoRA tensor role {role!r}", name,
+                    fix=f"known roles: {', '.join(ROLES)}, replace_<param>")
+            elif info.dtype not in FULL_FLOATS:
+                add("LORA003", f"dtype {info.dtype} is not fp16, bf16, fp32 or fp64", name)
+                unusable.add(name)
+            elif len(info.shape) not in NDIM.get(role, range(1, 9)):
+                add("LORA022", f"{role} has {len(info.shape)} dimensions {list(info.shape)}", name)
+                unusable.add(name)
+        if unusable & set(roles.values()):
+            continue
+        try:
+            _lint_module(adapter, module, roles, add, config_ok)
+            if base is not None:
+                _lint_against_base(adapter, base, module, roles, add)
+        except plugin.InputError as exc:  # a pattern that runs out of time on this module's name
+            add("LORA020", exc.message, roles[next(iter(roles))])
+            config_ok = False
+    if config_ok:
+        try:
+            differences = pattern_rule_differences(adapter.config, sorted(adapter.modules()))
+        except plugin.InputError:
+            differences = []
+        if differences:
+            more = f" (and {len(differences) - 1} more modules)" if len(differences) > 1 else ""
+            add("LORA021", f"{differences[0]}{more}; the config does not record which peft saved it",
+                field="rank_pattern")
+    if check_values:
+        for name in adapter.tensor_names():
+            if name in unusable:
+                continue
+            tensor = adapter.tensor(name)
+            bad = plugin.count_nonfinite(tensor)
+            if bad:
+                add("LORA011", f"{bad} NaN/Inf value(s)", name)
+            elif name.endswith((".lora_B", ".lora_embedding_B")) and tensor.numel() and not bool(tensor.any()):
+                add("LORA012", "lora_B is all zero", name)
+    return findings
+
+def _lint_config(adapter: Adapter, add: Callable[..., None]) -> bool:
+    """Config-only rules; False when a field is unusable, so that rules needing it are skipped."""
+    config = adapter.config
+    problems = config_problems(config)
+    for field, message, rule in problems:
+        add(rule, message, field=field.split("[")[0])
+    if problems:
+        return False
+    modules = config.get("modules")
+    for module, info in (modules if isinstance(modules, dict) else {}).items():
+        scaling = info.get("scaling") if isinstance(info, dict) else None
+        if isinstance(scaling, (int, float)) and not 1 / 64 <= scaling <= 16:
+            add("LORA013", f"module {module} has scaling {info['scaling']:g} (alpha {info['alpha']}, rank "
+                f"{info['rank']}{', rsLoRA' if config.get('use_rslora') else ''})", field="lora_alpha")
+            break
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+        add("LORA014", f"init_lora_weights is {init!r}", field="init_lora_weights")
+    return True
+
+def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Callable[..., None],
+                 config_ok: bool = True) -> None:
+    config = adapter.config
+    for a_role, b_role in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+        if (a_role in roles) != (b_role in roles):
+            present, absent = (a_role, b_role) if a_role in roles else (b_role, a_role)
+            add("LORA004", f"{present} has no matching {absent} for module {module}", roles[present])
+            continue
+        if a_role not in roles:
+            continue
+        a, b = adapter.info(roles[a_role]).shape, adapter.info(roles[b_role]).shape
+        if a_role == "lora_A" and enabled_blocks(config) and config_ok:
+            problem = merged_shapes_problem(config, tuple(a), tuple(b))  # peft 0.2.0 (legacy.py)
+            if problem:
+                add("LORA005", problem, roles[b_role], fix="ship the adapter_config.json of these weights")
+            continue
+        if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
+            add("LORA005", f"{a_role} {list(a)} and {b_role} {list(b)} do not share a rank", roles[a_role])
+            continue
+        if not config_ok:
+            continue
+        rank, _ = module_rank_alpha(config, module)
+        if a[0] != rank:
+            add("LORA006", f"config gives rank {rank} (r / rank_pattern) but the tensor has rank {a[0]}",
+                roles[a_role], field="r")
+        if config.get("target_modules") is not None and not config.get("target_parameters") \
+                and not is_targeted(config, module):
+            add("LORA007", f"module {module} has LoRA weights but target_modules does not select it",
+                roles[a_role], field="target_modules")
+    has_factors = "lora_A" in roles or "lora_embedding_A" in roles
+    if "lora_magnitude" in roles and not config.get("use_dora"):
+        add("LORA008", "DoRA magnitude present but use_dora is false", roles["lora_magnitude"], field="use_dora")
+    elif "lora_magnitude" not in roles and config.get("use_dora") and has_factors:
+        add("LORA008", f"use_dora is true but module {module} has no magnitude vector",
+            roles.get("lora_A") or roles.get("lora_embedding_A"), field="use_dora")
+    if "lora_bias" in roles:
+        if not config.get("lora_bias"):
+            add("LORA009", "lora_B.bias present but lora_bias is false in the config", roles["lora_bias"],
+                field="lora_bias")
+        elif "lora_B" not in roles or adapter.info(roles["lora_bias"]).shape[0] != \
+                adapter.info(roles["lora_B"]).shape[0]:
+            add("LORA009", "lora_B.bias does not match lora_B's output size", roles["lora_bias"])
+    if "trainable_tokens" in roles and config_ok:
+        indices = token_indices(config, module) or []
+        rows = adapter.info(roles["trainable_tokens"]).shape[0]
+        if rows != len(indices):
+            add("LORA010", f"{rows} trainable token rows but {len(indices)} indices in the config",
+                roles["trainable_tokens"], field="trainable_token_indices")
+    saved = config.get("modules_to_save") if isinstance(config.get("modules_to_save"), list) else []
+    bias_mode = config.get("bias", "none")
+    for role, name in roles.items():
+        if not role.startswith("replace_"):
+            continue
+        explained = (has_factors or any(module.endswith(m) for m in saved)
+                     or (role == "replace_bias" and bias_mode in ("all", "lora_only")))
+        if not explained:
+            add("LORA015", f"full {role[len('replace_'):]} of {module} saved, but the config does not say why",
+                name, field="modules_to_save")
+
+def _lint_against_base(adapter: Adapter, base: BaseInfo, module: str, roles: dict[str, str],
+                       add: Callable[..., None]) -> None:
+    """Checks that need the base's config and safetensors headers (never its weights)."""
+    for role, name in roles.items():
+        param = "bias" if role == "lora_bias" else role[len("replace_"):] if role.startswith("replace_") \
+            else "weight"
+        target = base.locate(module, param)
+        if target is None:
+            add("LORA016", f"the base has no {module}.{param}", name)
+            return
+        shape, found = adapter.info(name).shape, base.find(target)
+        if role.startswith("replace_") and found is not None and tuple(shape) != tuple(found.shape):
+            add("LORA019", f"{list(shape)} replaces {target} {list(found.shape)}", name)
+    target = base.locate(module, "weight")
+    a_name = roles.get("lora_A") or roles.get("lora_embedding_A")
+    b_name = roles.get("lora_B") or roles.get("lora_embedding_B")
+    if not (a_name and b_name and target):
+        return
+    tied = target in base.aliases or target in base.aliases.values()
+    if tied and not adapter.config.get("ensure_weight_tying"):
+        add("LORA018", f"{module} shares its weight with the other embedding in the base", a_name)
+    w = tuple(base.find(target).shape)  # type: ignore[union-attr]
+    if "replace_weight" in roles:
+        w = tuple(adapter.info(roles["replace_weight"]).shape)
+    a, b = adapter.info(a_name).shape, adapter.info(b_name).shape
+    if "lora_A" in roles and enabled_blocks(adapter.config) and len(b) == 3:  # peft 0.2.0 enable_lora
+        b = (merged_out_features(adapter.config, tuple(b)), a[0])
+    fits = {(b[0], a[1]), (a[1], b[0])} if "lora_A" in roles else {(a[1], b[0])}
+    if len(a) == 2 and len(b) == 2 and w not in fits:
+        add("LORA017", f"LoRA factors {list(a)} x {list(b)} do not fit base {target} {list(w)}", a_name)
+
+# --- info ---------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""VeRA (PEFT ``VERA``): one pair of frozen random projections shared by every layer, and two trained
+scaling vectors per layer: ``delta = (λ_b ⊙ B[:out]) @ (λ_d ⊙ A[:, :in])``.
+
+Written as a third-party plugin would be (public ``adaptools`` API and the shared PEFT plugin helpers);
+``docs/methods.md`` (VeRA) has the tensors, the regeneration of the projections and the merge order.
+
+================  ==============  ===================================================
+role              shape           PEFT key
+================  ==============  ===================================================
+vera_lambda_b     [out]           ``base_model.model.<module>.vera_lambda_b``
+vera_lambda_d     [r]             ``base_model.model.<module>.vera_lambda_d``
+vera_A            [r, in_max]     ``base_model.vera_A`` (model level; absent when
+vera_B            [out_max, r]    ``base_model.vera_B``  ``save_projection`` is false)
+================  ==============  ===================================================
+
+Without saved projections, A and B are regenerated exactly as PEFT draws them from
+``projection_prng_key``; their size is the largest (out, in) over the adapted layers, which needs the base.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adaptools import plugin
+from adaptools.plugin import (
+    Adapter,
+    BaseInfo,
+    Finding,
+    IncompatibleBaseError,
+    InputError,
+    TensorUpdate,
+)
+
+from ..peft.common import Lint, find_module, hooked, locate, matrix_layout, replacement_updates
+
+LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
+PROJECTIONS = ("vera_A", "vera_B")
+ROLES = LAMBDAS + PROJECTIONS
+
+RULES = {
+    "VERA001": ("error", "config field has the wrong type"),
+    "VERA002": ("error", "tensor role unknown to VeRA"),
+    "VERA003": ("error", "tensor dtype is not floating point"),
+    "VERA004": ("error", "vera_lambda_b without vera_lambda_d (or the reverse)"),
+    "VERA005": ("error", "vera_lambda_d's length differs from r"),
+    "VERA006": ("error", "saved projections and save_projection disagree"),
+    "VERA007": ("error", "projections have the wrong rank or are too small for a layer"),
+    "VERA008": ("error", "weights on a module target_modules does not select"),
+    "VERA009": ("error", "NaN or Inf values"),
+    "VERA010": ("warning", "vera_lambda_b is all zero: the module changes nothing"),
+    "VERA011": ("error", "target module missing from the base"),
+    "VERA012": ("error", "shape does not fit the base"),
+}
+FIXES = {
+    "VERA001": "fix the field in adapter_config.json (see PEFT's VeraConfig)",
+    "VERA002": "remove the tensor, or install the plugin of the method that uses it",
+    "VERA003": "save the adapter in fp32, fp16 or bf16",
+    "VERA004": "the adapter file is incomplete: save it again",
+    "VERA005": "the config does not belong to these weights: ship the matching adapter_config.json",
+    "VERA006": "save the adapter again with peft (or set save_projection to match the file)",
+    "VERA007": "the adapter file is corrupt or mixed with another adapter's projections: save it again",
+    "VERA008": "add the module to target_modules or drop its tensors",
+    "VERA009": "the adapter diverged in training or the file is corrupt: retrain or re-save",
+    "VERA010": "publish the trained checkpoint, not the initial one",
+    "VERA011": "use the base the adapter was trained on (base_model_name_or_path)",
+    "VERA012": "use the base the adapter was trained on (model size)",
+}
+#: Safetensors dtype codes of 16-bit float weights.
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+CONFIG_TYPES = {"r": int, "projection_prng_key": int, "save_projection": bool, "fan_in_fan_out": bool,
+                "d_initial": (int, float), "target_modules": (str, list)}
+
+
+def layer_dims(weight_shape: tuple[int, ...], out_features: int, fan_in_fan_out: bool) -> tuple[str, int] | None:
+    """(layout, in_features) of a layer whose output size is ``out_features`` (λ_b's length); None if the
+    weight has no such side."""
+    if len(weight_shape) != 2:
+        return None
+    for in_features in (weight_shape[1], weight_shape[0]):
+        layout = matrix_layout(weight_shape, out_features, in_features, fan_in_fan_out)
+        if layout is not None:
+            return layout, in_features
+    return None
+
+
+def regenerate(key: int, rank: int, out_max: int, in_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's projections for ``projection_prng_key``: one CPU generator seeded with the key draws A
+    ``[r, in_max]`` and then B ``[out_max, r]``, each uniform in ±√3·√2/√fan_in (fan_in: the second size)."""
+    generator = torch.Generator(device="cpu").manual_seed(key)
+
+    def kaiming(shape: tuple[int, int]) -> torch.Tensor:
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+        return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+    a = kaiming((rank, in_max))
+    return a, kaiming((out_max, rank))
+
+
+class VeRA(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicable):
+    name = "vera"
+    description = "VeRA (PEFT VERA): shared random projections, per-layer scaling vectors; saved or regenerated"
+    roles = ROLES
+    peft_types = ("VERA",)
+    peft_roles = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d",
+                  "base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+    rules = RULES
+    unsupported = {"algebra": "a VeRA delta needs each layer's input size, which only the base knows; diff "
+                              "compares its tensors"}
+
+    # --- check ------------------------------------------------------------------------------------------
+
+    def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
+        report = Lint(adapter, RULES, FIXES)
+        report.config_types("VERA001", CONFIG_TYPES)
+        report.roles("VERA002", "VERA003", ROLES)
+        config = adapter.config
+        rank = config.get("r", 256)
+        rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+        shared = adapter.modules().get("", {})
+        saved = [r for r in PROJECTIONS if r in shared]
+        save_projection = config.get("save_projection", True)
+        if isinstance(save_projection, bool) and (len(saved) == 2) != save_projection:
+            report.add("VERA006", f"save_projection is {str(save_projection).lower()} but the file holds "
+                       f"{', '.join(saved) or 'no projections'}", shared.get(saved[0]) if saved else None,
+                       field="save_projection")
+        elif len(saved) == 2 and rank is not None:
+            a, b = (adapter.info(shared[r]).shape for r in PROJECTIONS)
+            if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+                report.add("VERA007", f"vera_A {list(a)} and vera_B {list(b)} are not of rank r = {rank}",
+                           shared["vera_A"])
+        for module, roles in adapter.modules().items():
+            if module:
+                self._lint_module(report, module, roles, rank, shared)
+                if base is not None and "vera_lambda_b" in roles:
+                    self._lint_base(report, base, module, roles, shared)
+        if check_values:
+            report.finite("VERA009")
+            for module, roles in adapter.modules().items():
+                if "vera_lambda_b" in roles:
+                    t = adapter.tensor(roles["vera_lambda_b"])
+                    if t.numel() and bool(torch.isfinite(t).all()) and not bool(t.any()):
+                        report.add("VERA010", f"vera_lambda_b of {module} is all zero", roles["vera_lambda_b"])
+        return report.findings
+
+    def _lint_module(self, report: Lint, module: str, roles: dict[str, str], rank: int | None,
+                     shared: Mapping[str, str]) -> None:
+        adapter = report.adapter
+        present = [r for r in LAMBDAS if r in roles]
+        if not present:
+            return
+        if len(present) == 1:
+            other = LAMBDAS[1] if present[0] == LAMBDAS[0] else LAMBDAS[0]
+            report.add("VERA004", f"module {module} has {present[0]} but not {other}", roles[present[0]])
+            return
+        b, d = (adapter.info(roles[r]).shape for r in LAMBDAS)
+        if len(b) != 1 or len(d) != 1:
+            report.add("VERA007", f"vera_lambda_b {list(b)} and vera_lambda_d {list(d)} are not vectors",
+                       roles["vera_lambda_b"])
+            return
+        if rank is not None and d[0] != rank:
+            report.add("VERA005", f"config gives r = {rank} but vera_lambda_d has {d[0]} entries",
+                       roles["vera_lambda_d"], field="r")
+        elif "vera_B" in shared and adapter.info(shared["vera_B"]).shape[0] < b[0]:
+            report.add("VERA007", f"vera_B has {adapter.info(shared['vera_B']).shape[0]} rows, fewer than "
+                       f"{module}'s {b[0]} outputs", roles["vera_lambda_b"])
+        report.targeted("VERA008", module, roles["vera_lambda_b"])
+
+    def _lint_base(self, report: Lint, base: BaseInfo, module: str, roles: dict[str, str],
+                   shared: Mapping[str, str]) -> None:
+        found = report.base_tensor("VERA011", base, module, roles["vera_lambda_b"])
+        if found is None:
+            return
+        out = report.adapter.info(roles["vera_lambda_b"]).shape[0]
+        dims = layer_dims(tuple(found.shape), out, bool(report.adapter.config.get("fan_in_fan_out")))
+        if dims is None:
+            report.add("VERA012", f"vera_lambda_b has {out} entries; base {found.name} is {list(found.shape)}",
+                       roles["vera_lambda_b"])
+        elif "vera_A" in shared and report.adapter.info(shared["vera_A"]).shape[-1] < dims[1]:
+            report.add("VERA012", f"vera_A has {report.adapter.info(shared['vera_A']).shape[-1]} columns, fewer "
+                       f"than {found.name}'s {dims[1]} inputs", roles["vera_lambda_b"])
+
+    def summary(self, adapter: Adapter) -> dict[str, Any]:
+        config = adapter.config
+        return {"r": config.get("r"), "save_projection": config.get("save_projection", True),
+                "projection_prng_key": config.get("projection_prng_key"),
+                "target_modules": config.get("target_modules"),
+                "adapted_modules": sum("vera_lambda_b" in roles for m, roles in adapter.modules().items() if m)}
+
+    # --- projections ---------------------------------------------------------------------------------------
+
+    def projections(self, adapter: Adapter, dims: Mapping[str, tuple[str, int, int]],
+                    weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in fp32: the saved ones, or regenerated over ``dims`` (module -> (layout, in, out)).
+
+        PEFT moves the regenerated projections to the layers' dtype before it upcasts the adapter, so on a
+        bf16 or fp16 base, in training as in loading, they are rounded to that dtype: so are ours."""
+        shared = adapter.modules().get("", {})
+        if "vera_A" in shared and "vera_B" in shared:
+            return adapter.tensor(shared["vera_A"]).float(), adapter.tensor(shared["vera_B"]).float()
+        key = adapter.config.get("projection_prng_key", 0)
+        if not dims:
+            raise InputError("a VeRA adapter without saved projections and without layers", path=adapter.source)
+        out_max = max(d[2] for d in dims.values())
+        in_max = max(d[1] for d in dims.values())
+        a, b = regenerate(int(key), int(adapter.config.get("r", 256)), out_max, in_max)
+        if weight_dtype in (torch.bfloat16, torch.float16):
+            a, b = a.to(weight_dtype).float(), b.to(weight_dtype).float()
+        return a, b
+
+    def _dims(self, adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, int, int]]:
+        """module -> (layout, in, out) for every adapted module, from its weight's shape."""
+        fifo = bool(adapter.config.get("fan_in_fan_out"))
+        dims = {}
+        for module, roles in adapter.modules().items():
+            if not module or "vera_lambda_b" not in roles:
+                continue
+            out = adapter.info(roles["vera_lambda_b"]).shape[0]
+            found = layer_dims(shapes[module], out, fifo)
+            if found is None:
+                raise IncompatibleBaseError(f"vera_lambda_b has {out} entries; the weight of {module} is "
+                                            f"{list(shapes[module])}", **adapter.where(roles["vera_lambda_b"]),
+                                            hint="the adapter was made for another model size")
+            dims[module] = (found[0], found[1], out)
+        return dims
+
+    @staticmethod
+    def _check_fits(adapter: Adapter, a: torch.Tensor, b: torch.Tensor, module: str, roles: Mapping[str, str],
+                    dims: tuple[str, int, int]) -> None:
+        if a.shape[1] < dims[1] or b.shape[0] < dims[2]:
+            raise IncompatibleBaseError(f"the projections A {list(a.shape)} and B {list(b.shape)} are smaller "
+                                        f"than {module} (in {dims[1]}, out {dims[2]})",
+                                        **adapter.where(roles["vera_lambda_b"]),
+                                        hint="the adapter was made for another model size")
+
+    # --- merge ----------------------------------------------------------------------------------------
+
+    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
+        updates = replacement_updates(adapter, base)
+        targets = {m: locate(adapter, base, m, "weight", roles["vera_lambda_b"])
+                   for m, roles in adapter.modules().items() if m and "vera_lambda_b" in roles}
+        found = {m: base.find(t) for m, t in targets.items()}
+        dims = self._dims(adapter, {m: tuple(t.shape) for m, t in found.items()})  # type: ignore[union-attr]
+        dtype = next((STORED_DTYPES.get(t.dtype) for t in found.values() if t is not None), None)
+        a, b = self.projections(adapter, dims, dtype or torch.float32)
+        for module, target in targets.items():
+            roles = adapter.modules()[module]
+            self._check_fits(adapter, a, b, module, roles, dims[module])
+            updates.append(TensorUpdate(target, "delta", self._merge_fn(adapter, roles, a, b, dims[module], weight),
+                                        source=f"{roles['vera_lambda_b']}, {roles['vera_lambda_d']}"))
+        return updates
+
+    @staticmethod
+    def _merge_fn(adapter: Adapter, roles: Mapping[str, str], a: torch.Tensor, b: torch.Tensor,
+                  dims: tuple[str, int, int], weight: float) -> Any:
+        layout, in_features, out_features = dims
+
+        def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+            # PEFT's vera Linear.get_delta_weight: slice, scale rows, multiply, transpose for Conv1D
+            lambda_b = adapter.tensor(roles["vera_lambda_b"]).to(current.device).float().unsqueeze(-1)
+            lambda_d = adapter.tensor(roles["vera_lambda_d"]).to(current.device).float().unsqueeze(-1)
+            sliced_a = a.to(current.device)[:, :in_features]
+            sliced_b = b.to(current.device)[:out_features, :]
+            delta = (lambda_b * sliced_b) @ (lambda_d * sliced_a)
+            if layout == "fan_in_fan_out":
+                delta = delta.T
+            return current + (delta if weight == 1.0 else delta * weight)
+
+        return fn
+
+    # --- runtime application (unmerged) --------------------------------------------------------------------
+
+    def apply(self, adapter: Adapter, model: torch.nn.Module) -> Any:
+        """Forward hooks adding ``λ_b ⊙ F.linear(λ_d ⊙ F.linear(x, A[:, :in]), B[:out])``, as PEFT does."""
+        named = dict(model.named_modules())
+        weights = {m: find_module(named, m, adapter).weight
+                   for m, roles in adapter.modules().items() if m and "vera_lambda_b" in roles}
+        dims = self._dims(adapter, {m: tuple(w.shape) for m, w in weights.items()})
+        a, b = self.projections(adapter, dims, next(iter(weights.values())).dtype if weights else torch.float32)
+
+        def install(module: str, roles: dict[str, str], layer: torch.nn.Module) -> list[Any]:
+            if "vera_lambda_b" not in roles:
+                return []
+            self._check_fits(adapter, a, b, module, roles, dims[module])
+            lambda_b = adapter.tensor(roles["vera_lambda_b"]).float()
+            lambda_d = adapter.tensor(roles["vera_lambda_d"]).float()
+            sliced_a, sliced_b = a[:, :dims[module][1]], b[:dims[module][2], :]
+
+            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+                x = inputs[0].to(lambda_d.dtype)
+                return (output + lambda_b * F.linear(lambda_d * F.linear(x, sliced_a), sliced_b)).to(output.dtype)
+
+            return [layer.register_forward_hook(hook)]
+
+        return hooked(adapter, model, install)

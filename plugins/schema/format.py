@@ -1,0 +1,42 @@
+"""The canonical schema file: one ``.safetensors`` whose header metadata says what it is (docs/schema.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptools import plugin
+from adaptools.plugin import (
+    Adapter,
+    FileStore,
+    InputError,
+    ReadOptions,
+    SafetensorsFile,
+    WriteOptions,
+    parse_metadata,
+    read_header,
+)
+
+
+class SchemaFormat(plugin.AdapterFormat):
+    name = "schema"
+    description = f"adaptools schema v{plugin.SCHEMA_VERSION}: one .safetensors with metadata"
+    writes_directory = False
+
+    def detect(self, path: Path) -> bool:
+        if not (path.is_file() and path.suffix == ".safetensors"):
+            return False
+        try:
+            return "adaptools.schema" in read_header(path).metadata
+        except InputError:
+            return path.name != "adapter_model.safetensors"  # let read() report the corruption
+
+    def read(self, path: Path, options: ReadOptions) -> Adapter:
+        file = SafetensorsFile(path)
+        _, method, config, base, provenance = parse_metadata(file.metadata, path)
+        store = FileStore({name: (file, name) for name in file.keys()})
+        return Adapter(method=method, config=config, tensors=store, base=base, provenance=provenance,
+                       source=str(path))
+
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
+        tensors = {name: adapter.tensor(name) for name in sorted(adapter.tensor_names())}
+        plugin.save_tensors(path, tensors, adapter.metadata())
