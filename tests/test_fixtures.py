@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from conftest import FIXTURES, ROOT
 from safetensors.torch import load_file
+
+#: The one tensor whose bits depend on the CPU: PEFT's LSTM prompt encoder output. torch runs the LSTM through
+#: oneDNN's RNN primitive and its head through MKL's sgemm, and both pick their kernels by instruction set, so
+#: a machine other than the one that made the fixture computes other low bits (measured: 4.8e-7 apart, a few
+#: ulps of values up to 3). It is held to LSTM_TOLERANCE (max abs diff); every other tensor to the bit.
+#: test_prompt_tuning.py checks the bake against PEFT run live, bit for bit.
+LSTM_PROMPTS = (Path("adapters/llama-p-tuning-lstm/adapter_model.safetensors"), "prompt_embeddings")
+LSTM_TOLERANCE = 1e-5
 
 
 def test_generator_reproduces_committed_fixtures(tmp_path):
@@ -25,7 +34,11 @@ def test_generator_reproduces_committed_fixtures(tmp_path):
         a, b = load_file(str(FIXTURES / rel)), load_file(str(tmp_path / rel))
         assert sorted(a) == sorted(b), rel
         for key in a:
-            assert torch.equal(a[key], b[key]), f"{rel}: {key}"
+            if (rel, key) == LSTM_PROMPTS:
+                assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, f"{rel}: {key}"
+                assert (a[key] - b[key]).abs().max() <= LSTM_TOLERANCE, f"{rel}: {key}"
+            else:
+                assert torch.equal(a[key], b[key]), f"{rel}: {key}"
     for config in FIXTURES.glob("adapters/**/adapter_config.json"):
         ours = json.loads(config.read_text())
         theirs = json.loads((tmp_path / config.relative_to(FIXTURES)).read_text())
