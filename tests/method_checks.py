@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import adaptools
 from adaptools.operations.check import check
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 
 #: The first layer's q_proj as PEFT names it in a saved llama adapter.
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"

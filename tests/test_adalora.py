@@ -37,7 +37,7 @@ import adaptools
 from adaptools.operations.algebra import diff
 from adaptools.operations.check import check
 from adaptools.operations.convert import convert_method
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 
 FIXTURES = ["llama-adalora", "llama-adalora-pruned", "gpt2-adalora"]
 

@@ -120,7 +120,7 @@ def test_resize_matches_truncated_svd_and_reports_energy():
 def test_combined_adapter_merges_and_loads_in_peft(tmp_path):
     from peft_oracle import logits, peft_model
 
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     a, b = load("llama-lora"), load("llama-layers")
     adaptools.save(combine([a, b], [1.0, 1.0], "cat"), tmp_path / "c", format="peft")
@@ -152,7 +152,7 @@ def test_refusals(tmp_path, cli_runner):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     out = tmp_path_factory.mktemp("tuned") / "llama-tuned"
     merge(base_path("llama"), [MergeInput(load("llama-modules-to-save"))], out)

@@ -71,7 +71,7 @@ def test_several_butterfly_factors_merge_and_apply_as_peft_s_kernel_path(factors
     from method_checks import merged_state, ulps
     from peft import BOFTConfig, PeftModel, get_peft_model
 
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", FakeBlockDiagKernel())
     with warnings.catch_warnings():
@@ -151,7 +151,7 @@ test_bad_input_is_one_clear_line = one_clear_line_test(BAD_INPUTS)
 def test_merged_model_keeps_the_biases_and_matches_the_unmerged_logits(tmp_path):
     from method_checks import merged_state
 
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     merge(base_path("qwen2"), [MergeInput(adaptools.load(adapter_path("qwen2-boft")))], tmp_path / "out",
           dtype="fp32")

@@ -249,7 +249,7 @@ def test_non_finite_numbers_in_a_config_are_refused_naming_the_file(raw, tmp_pat
 
 
 def test_null_alpha_no_longer_passes_info_and_crashes_merge(tmp_path):
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     bad = edited(tmp_path, lora_alpha=None)
     with pytest.raises(adaptools.AdapterFormatError, match="lora_alpha"):

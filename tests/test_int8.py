@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import adaptools
 from adaptools.checkpoint import Checkpoint
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 from adaptools_plugins.bitsandbytes import int8 as int8
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -16,7 +16,7 @@ from peft_oracle import load_base, logits, peft_model
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 
 RESIZED = {"llama-resized-vocab": 136}
 BASE_DTYPE = {"llama": torch.float32, "gpt2": torch.float32, "qwen2": torch.bfloat16}

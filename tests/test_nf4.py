@@ -167,7 +167,7 @@ def test_dequantize_refuses_a_dense_checkpoint(tmp_path, cli_runner):
 
 
 def test_merge_into_4bit_base_is_dequantize_then_merge(tmp_path):
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     adapter = adaptools.load(adapter_path("llama-lora"))
     merge(NF4_BASE, [MergeInput(adapter)], tmp_path / "direct")
@@ -205,7 +205,7 @@ def state_of(folder):
 
 @pytest.fixture(scope="module")
 def llama_bf16(tmp_path_factory):
-    from adaptools.operations.merge import merge
+    from adaptools import merge
 
     out = tmp_path_factory.mktemp("bf16") / "llama-bf16"
     merge(base_path("llama"), [], out, dtype="bf16")
@@ -229,7 +229,7 @@ def test_requantize_reproduces_transformers_4bit_checkpoint(llama_bf16, tmp_path
 def test_requantized_output_loads_and_runs_in_transformers(llama_bf16, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-lora")))], tmp_path / "rq", requantize=True)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "rq", device_map="cpu")
@@ -255,7 +255,7 @@ def test_merge_requantize_copies_untouched_layers_and_reports_survival(tmp_path,
             continue
         assert torch.equal(ours[key], theirs[key]), key
     # a touched layer is exactly quantize(dequant(W4) + delta) with the same settings
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-layers")))], tmp_path / "dense")
     dense = load_file(str(tmp_path / "dense" / "model.safetensors"))

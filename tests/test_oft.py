@@ -27,7 +27,7 @@ from peft_oracle import load_base, peft_model
 
 import adaptools
 from adaptools.operations.check import check
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 
 FIXTURES = ["llama-oft", "llama-oft-coft", "llama-oft-shared"]
 

@@ -12,7 +12,7 @@ from peft_oracle import load_base
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import FIXTURES, adapter_path, base_path
 
 import adaptools
-from adaptools.operations.merge import MergeInput, merge
+from adaptools import MergeInput, merge
 from adaptools.plugin import ValidationContext
 
 TEXT = FIXTURES / "text" / "GPL-3.txt"

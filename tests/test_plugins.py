@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -294,3 +295,101 @@ def test_core_names_no_plugin():
             if isinstance(value, str) and value.lower() in names:
                 offenders.append(f"{path.relative_to(core)}:{token.start[0]}: {token.line.strip()}")
     assert offenders == []
+
+
+# --- the two public layers and the families ------------------------------------------------------------------
+
+def test_public_modules_derive_all_from_one_table():
+    """Each public module's __all__ is its EXPORTS table, every name resolves, and nothing else is public."""
+    assert adaptools.__all__ == ["__version__", *adaptools.EXPORTS]
+    assert plugin.__all__ == list(plugin.EXPORTS)
+    for module in (adaptools, plugin):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, name
+        assert set(module.__all__) <= set(dir(module))
+    # the user's layer holds operations and their types, not the plugin contract
+    assert not {"AdapterMethod", "Backend", "hookimpl", "OutputContainer"} & set(adaptools.__all__)
+    assert {"load", "save", "merge", "unmerge", "convert", "check", "diff", "combine", "resize", "dequantize",
+            "requantize", "plan"} <= set(adaptools.__all__)
+    with pytest.raises(AttributeError):
+        adaptools.no_such_name  # noqa: B018
+
+
+def test_an_old_plugin_using_adaptools_names_still_loads_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="adaptools.plugin.AdapterMethod"):
+        cls = adaptools.AdapterMethod
+    assert cls is plugin.AdapterMethod
+    with pytest.warns(DeprecationWarning, match="adaptools.extract"):
+        assert adaptools.extract_adapter is adaptools.extract
+
+
+def _plugin_imports() -> dict[str, set[str]]:
+    """module -> the adaptools_plugins modules it imports (relative and absolute, at any depth)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "plugins"
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(("adaptools_plugins", *(p for p in parts if p != "__init__")))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - node.level + 1]
+                    target = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    target = node.module or ""
+                if target.startswith("adaptools_plugins"):
+                    targets.add(target)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("adaptools_plugins")}
+        graph[name] = targets
+    return graph
+
+
+def test_plugin_modules_import_no_circle_and_families_depend_downwards():
+    graph = _plugin_imports()
+    modules = set(graph)
+
+    def resolve(target: str) -> str | None:  # "pkg.mod" or "pkg" -> a module of the tree
+        return target if target in modules else None
+
+    edges = {m: {t for t in map(resolve, targets) if t and t != m} for m, targets in graph.items()}
+    seen: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        seen[node] = 1
+        for nxt in edges[node]:
+            if seen.get(nxt) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(nxt):], nxt]))
+            if nxt not in seen:
+                visit(nxt, [*stack, nxt])
+        seen[node] = 2
+
+    for module in sorted(modules):
+        if module not in seen:
+            visit(module, [module])
+
+    def family(m: str) -> str:
+        return m.split(".")[1] if m.count(".") >= 1 else ""
+
+    families = {(family(a), family(b)) for a, ts in edges.items() for b in ts if family(a) != family(b)}
+    for a, b in families:
+        assert (b, a) not in families, f"families {a} and {b} import each other"
+    assert not any(b == "validators" for _, b in families)  # nothing builds on the validators
+    assert not any(a == "peft" for a, _ in families)  # the shared PEFT layer depends on no family
+
+
+def test_each_family_imports_alone():
+    """Every module of a family imports in a fresh interpreter that imported nothing else of the plugins."""
+    import adaptools_plugins
+
+    code = ("import importlib, pathlib, adaptools_plugins.{f} as p\n"
+            "for m in sorted(pathlib.Path(p.__path__[0]).glob('*.py')):\n"
+            "    importlib.import_module(f'{{p.__name__}}.{{m.stem}}')\n")
+    for family in adaptools_plugins.FAMILIES:
+        result = subprocess.run([sys.executable, "-c", code.format(f=family)], capture_output=True, text=True)
+        assert result.returncode == 0, (family, result.stderr[-2000:])

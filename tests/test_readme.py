@@ -40,3 +40,25 @@ def test_demo_command_runs_the_main_job():
     assert "adaptools merge fixtures/bases/llama fixtures/adapters/llama-lora" in demo
     result = CliRunner().invoke(get_cli(), ["merge", "--help"])
     assert result.exit_code == 0
+
+
+def test_library_example_runs_on_the_fixtures(tmp_path, monkeypatch):
+    """The README's library section, run as written on the fixtures, using only the public `adaptools` API."""
+    import shutil
+
+    block = re.search(r"## Library\n\n```python\n(.+?)\n```", README, re.S)
+    assert block, "README has no library example"
+    code = block.group(1)
+    assert re.findall(r"^(?:import|from) .+$", code, re.M) == ["import adaptools"]
+    import adaptools
+
+    used = set(re.findall(r"adaptools\.(\w+)", code))
+    assert used <= set(adaptools.__all__), used - set(adaptools.__all__)
+    shutil.copytree(ROOT / "fixtures" / "adapters" / "llama-lora", tmp_path / "my-lora")
+    shutil.copytree(ROOT / "fixtures" / "bases" / "llama", tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert (tmp_path / "my-lora.safetensors").is_file()
+    assert namespace["report"].findings is not None and namespace["summary"].output

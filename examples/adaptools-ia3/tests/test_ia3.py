@@ -61,7 +61,7 @@ def test_merge_is_exact_against_peft(ia3_adapter, registered, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import adaptools
-    from adaptools.operations.merge import MergeInput, merge
+    from adaptools import MergeInput, merge
 
     adapter = adaptools.load(ia3_adapter)
     assert adapter.method == "ia3"
