@@ -17,8 +17,8 @@ from peft_oracle import load_base, logits, peft_model
 from safetensors.torch import load_file, save_file
 
 import adaptools
-from adaptools.operations.check import check
 from adaptools import MergeInput, merge
+from adaptools.operations.check import check
 
 #: The first layer's q_proj as PEFT names it in a saved llama adapter.
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -34,10 +34,10 @@ from method_checks import (
 from peft_oracle import load_base, logits, peft_model
 
 import adaptools
+from adaptools import MergeInput, merge
 from adaptools.operations.algebra import diff
 from adaptools.operations.check import check
 from adaptools.operations.convert import convert_method
-from adaptools import MergeInput, merge
 
 FIXTURES = ["llama-adalora", "llama-adalora-pruned", "gpt2-adalora"]
 

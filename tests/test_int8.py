@@ -15,8 +15,8 @@ from peft_oracle import load_base, logits
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools.checkpoint import Checkpoint
 from adaptools import MergeInput, merge
+from adaptools.checkpoint import Checkpoint
 from adaptools_plugins.bitsandbytes import int8 as int8
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -26,8 +26,8 @@ from method_checks import (
 from peft_oracle import load_base, peft_model
 
 import adaptools
-from adaptools.operations.check import check
 from adaptools import MergeInput, merge
+from adaptools.operations.check import check
 
 FIXTURES = ["llama-oft", "llama-oft-coft", "llama-oft-shared"]
 

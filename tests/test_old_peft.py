@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 import adaptools
 import adaptools.operations.check
-from adaptools.operations.algebra import resize
 from adaptools import MergeInput, merge
+from adaptools.operations.algebra import resize
 
 OLD = FIXTURES / "old-peft"
 ENABLE_LORA = OLD / "peft-0.2.0-gpt2-enable-lora"
