@@ -7,6 +7,8 @@ the tensor concerned, so that the message alone tells the user what to fix.
 
 from __future__ import annotations
 
+import re
+
 
 def printable(text: object) -> str:
     """``text`` with every character a terminal could act on escaped (``\\n``, ``\\x1b``, ``\\ud800``).
@@ -16,9 +18,26 @@ def printable(text: object) -> str:
     characters, non-ASCII letters included, are kept as they are.
     """
     text = str(text)
-    if text.isprintable():
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return clip_long_words(text)
+
+
+#: A run of non-space characters longer than this (a name from a hostile file) is shortened in messages.
+MAX_WORD = 300
+
+
+def clip_long_words(text: str, limit: int = MAX_WORD) -> str:
+    """Shorten each run of non-space characters longer than ``limit`` to its head and tail, saying how
+    long it was, so that a 100,000-character tensor name cannot turn a one-line error into a page while the
+    line still shows where the name starts and ends."""
+    if len(text) <= limit:
         return text
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return _LONG_WORD.sub(lambda m: f"{m.group()[:limit // 2]}…[{len(m.group())} characters]…"
+                                    f"{m.group()[-limit // 5:]}", text)
+
+
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD + 1},}}")
 
 
 class AdaptoolsError(Exception):

@@ -5,7 +5,8 @@ everything succeeded (docs/outputs.md). The rules:
 
 - An existing output is replaced only with ``force=True``, and only if adaptools wrote it (its
   safetensors or GGUF files carry adaptools metadata) or it is an empty folder; never an input, never a
-  folder that holds an input, never a symbolic link.
+  folder that holds an input (the inputs a command passes, and every path the running command reads:
+  :mod:`adaptools.inputs`), never a symbolic link.
 - The replacement is atomic where the kernel allows (``renameat2(RENAME_EXCHANGE)``): the output path
   always holds either the old output or the new one.
 - A temporary sibling is named after its writer's PID and locked (``flock``) while it is written; every
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptoolsError, InputError, OutputExistsError
+from .inputs import read_paths
 
 TEMP_MARKER = ".adaptools-tmp-"
 #: Signals that stop a run the way Ctrl-C does (with clean-up).
@@ -137,7 +139,7 @@ def _file_is_ours(path: Path) -> bool:
 def _refuse_replacing(path: Path, inputs: Sequence[str | os.PathLike[str]]) -> None:
     """Raise unless ``--force`` may replace ``path``."""
     resolved = path.resolve()
-    for item in inputs:
+    for item in (*inputs, *read_paths()):
         source = Path(item).expanduser()
         if not source.exists():
             continue

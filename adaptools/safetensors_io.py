@@ -98,6 +98,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raw = fh.read(header_len)
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # json.loads would take it; safetensors itself, and so transformers, refuse it
+        raise InputError("the safetensors header starts with a byte-order mark, which safetensors refuses", path=path,
+                         hint="the file was edited as text or made by a broken writer: save it again with safetensors")
     header = parse_json(raw, path=path, what="safetensors header", max_depth=4,
                         hint="the file is corrupt or not safetensors")
     if not isinstance(header, dict):

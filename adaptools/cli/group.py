@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import AdaptoolsError, printable
+from ..inputs import reading
 from ..outputs import Interrupted, ignore_stop_signals
 from ..version import __version__
 
@@ -43,6 +44,18 @@ class AdaptoolsGroup(click.Group):
             sys.exit(128 + signal.SIGINT)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Every command, ours or a plugin's, runs with the paths it reads recorded (adaptools.inputs), so
+        that ``--force`` can never replace one of them."""
+        original = cmd.invoke
+
+        def invoke(ctx: click.Context) -> Any:
+            with reading(read_by(ctx)):
+                return original(ctx)
+
+        cmd.invoke = invoke  # type: ignore[method-assign]
+        super().add_command(cmd, name)
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = ctx.params.get("debug") or os.environ.get("ADAPTOOLS_RAISE_ERRORS")
         try:
@@ -66,6 +79,27 @@ class AdaptoolsGroup(click.Group):
             where = f"{printable(str(exc.filename))}: " if exc.filename else ""
             click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
             ctx.exit(2)
+
+
+def read_by(ctx: click.Context) -> list[str]:
+    """Every parameter value of the command that may name a path it reads: all but its output, which is
+    the parameter ``out`` or the last of a variadic ``... OUT`` argument. ``NAME=VALUE`` options
+    (``--check-option eval_text=FILE``) count by their value. Which of them exist is for
+    :func:`adaptools.inputs.reading` to find."""
+    values: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.name == "out" or value is None or isinstance(value, bool):
+            continue
+        items = list(value) if isinstance(value, (tuple, list)) else [value]
+        if isinstance(param, click.Argument) and param.nargs == -1 and (param.metavar or "").endswith("OUT"):
+            items = items[:-1]
+        for item in items:
+            if isinstance(item, (str, os.PathLike)):
+                values.append(os.fspath(item))
+                if isinstance(item, str) and "=" in item:
+                    values.append(item.split("=", 1)[1])
+    return values
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,0 +1,100 @@
+"""Hardening, round 3 (issue #21): each class of defect found by an adversarial pass, as a test that failed
+before its root fix. The hostile files are built here from the real fixtures by small byte-level edits."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import adapter_path, base_path
+
+import adaptools
+
+BOM = b"\xef\xbb\xbf"
+
+
+def with_bom(path: Path) -> None:
+    """Put a UTF-8 byte-order mark in front of a safetensors file's JSON header (length updated)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = BOM + raw[8:8 + n]
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+
+
+# --- 1. --force never deletes what the command reads -------------------------------------------------------
+
+@pytest.fixture
+def adaptools_output(tmp_path, cli_runner) -> Path:
+    """A folder adaptools wrote (so --force may replace it), to hide inputs in."""
+    out = tmp_path / "out"
+    assert cli_runner("convert", adapter_path("llama-lora"), out, "--to", "peft").exit_code == 0
+    return out
+
+
+def test_force_never_replaces_a_folder_holding_the_base_given_by_option(adaptools_output, cli_runner):
+    base = adaptools_output / "base"
+    shutil.copytree(base_path("llama"), base)
+    result = cli_runner("convert", adapter_path("llama-lora"), adaptools_output, "--to", "peft", "--base", base,
+                        "--force")
+    assert result.exit_code == 2 and "never replaces inputs" in result.stderr
+    assert (base / "config.json").is_file()
+
+
+def test_force_never_replaces_a_folder_holding_a_validator_file(adaptools_output, cli_runner, tmp_path):
+    merged = tmp_path / "merged"
+    assert cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), merged).exit_code == 0
+    text = merged / "held-out.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), merged, "--force",
+                        "--check", "perplexity", "--eval-text", text)
+    assert result.exit_code == 2 and "never replaces inputs" in result.stderr
+    assert text.is_file()
+    result = cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), merged, "--force",
+                        "--check", "perplexity", "--check-option", f"eval_text={text}")
+    assert result.exit_code == 2 and text.is_file()
+
+
+def test_force_never_replaces_the_quantized_base_of_merge_base_original(tmp_path, cli_runner):
+    out = tmp_path / "out"
+    assert cli_runner("merge", base_path("llama"), adapter_path("llama-lora"), out).exit_code == 0
+    nf4 = out / "nf4"
+    shutil.copytree(base_path("llama-nf4"), nf4)
+    result = cli_runner("merge", nf4, adapter_path("llama-lora"), out, "--merge-base", "original",
+                        "--original-base", base_path("llama"), "--force")
+    assert result.exit_code == 2 and "never replaces inputs" in result.stderr
+    assert (nf4 / "config.json").is_file()
+
+
+def test_force_still_replaces_an_output_that_holds_no_input(adaptools_output, cli_runner):
+    result = cli_runner("convert", adapter_path("llama-lora"), adaptools_output, "--to", "peft", "--force")
+    assert result.exit_code == 0, result.output
+
+
+# --- 5. one line, whatever a file names ----------------------------------------------------------------------
+
+def test_a_huge_name_in_an_error_is_clipped_to_one_short_line():
+    error = adaptools.InputError("module " + "x" * 100_000 + " is missing", tensor="y" * 5000, path="/tmp/a")
+    line = str(error)
+    assert len(line) < 1000 and "\n" not in line
+    assert "[100000 characters]" in line and "[5003 characters]" in line and line.endswith(" is missing")
+
+
+# --- 8. a safetensors header that safetensors itself refuses ------------------------------------------------
+
+def test_a_byte_order_mark_before_an_adapter_header_is_one_clear_line(tmp_path, cli_runner):
+    shutil.copytree(adapter_path("llama-lora"), tmp_path / "a")
+    with_bom(tmp_path / "a" / "adapter_model.safetensors")
+    for command in (("info",), ("check",)):
+        result = cli_runner(*command, tmp_path / "a")
+        assert result.exit_code == 2, result.output
+        assert "byte-order mark" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_byte_order_mark_before_a_base_shard_header_is_refused_before_writing(tmp_path, cli_runner):
+    shutil.copytree(base_path("llama"), tmp_path / "base")
+    with_bom(sorted((tmp_path / "base").glob("*.safetensors"))[0])
+    result = cli_runner("merge", tmp_path / "base", adapter_path("llama-lora"), tmp_path / "out")
+    assert result.exit_code == 2 and "byte-order mark" in result.stderr
+    assert not (tmp_path / "out").exists()
