@@ -98,3 +98,37 @@ def test_a_byte_order_mark_before_a_base_shard_header_is_refused_before_writing(
     result = cli_runner("merge", tmp_path / "base", adapter_path("llama-lora"), tmp_path / "out")
     assert result.exit_code == 2 and "byte-order mark" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- 6. every output adaptools writes, adaptools reads back ----------------------------------------------------
+
+LORA = adapter_path("llama-lora")
+ADAPTER_OUTPUTS = [  # (command line before OUT, command line after OUT)
+    (("convert", LORA), ("--to", "schema")),
+    (("convert", LORA), ("--to", "peft")),
+    (("convert", LORA), ("--to", "gguf", "--base", base_path("llama"))),
+    (("convert", adapter_path("llama-loha")), ("--to", "lora")),
+    (("combine", LORA, LORA), ("--to", "schema")),
+    (("combine", LORA, LORA), ("--to", "peft")),
+    (("resize", LORA), ("--rank", "2")),
+    (("resize", LORA), ("--rank", "2", "--to", "peft")),
+    (("extract", base_path("llama")), ("--rank", "2")),
+]
+
+
+@pytest.mark.parametrize("suffix", ["", ".safetensors", ".out"])
+@pytest.mark.parametrize(("before", "after"), ADAPTER_OUTPUTS,
+                         ids=[f"{b[0]}-{'-'.join(map(str, a))[:24]}" for b, a in ADAPTER_OUTPUTS])
+def test_every_adapter_output_reads_back(tmp_path, cli_runner, before, after, suffix):
+    if before[0] == "extract":  # extract BASE TUNED OUT: a tuned model that differs from the base
+        tuned = tmp_path / "tuned"
+        assert cli_runner("merge", base_path("llama"), LORA, tuned).exit_code == 0
+        before = (*before, tuned)
+    if "gguf" in after and suffix == ".safetensors":
+        pytest.skip("a GGUF file named .safetensors is the user's choice to confuse; not asked for")
+    out = tmp_path / f"written{suffix}"
+    result = cli_runner(*before, out, *after)
+    assert result.exit_code == 0, result.output
+    adapter = adaptools.load(out)
+    assert adapter.tensor_names()
+    assert cli_runner("check", out).exit_code in (0, 1)  # read and linted; findings are not the point here

@@ -23,12 +23,14 @@ class SchemaFormat(plugin.AdapterFormat):
     writes_directory = False
 
     def detect(self, path: Path) -> bool:
-        if not (path.is_file() and path.suffix == ".safetensors"):
+        """A ``.safetensors`` file that is not PEFT's, or any file whose header says it is a schema file: the
+        content decides, so an output named without a suffix (``adaptools combine A B merged``) reads back."""
+        if not path.is_file():
             return False
         try:
             return "adaptools.schema" in read_header(path).metadata
-        except InputError:
-            return path.name != "adapter_model.safetensors"  # let read() report the corruption
+        except InputError:  # a corrupt .safetensors is ours to report; another file is not ours at all
+            return path.suffix == ".safetensors" and path.name != "adapter_model.safetensors"
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         file = SafetensorsFile(path)
