@@ -32,10 +32,9 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError
 
-from .nf4_state import (  # noqa: F401  (re-exported: the state is half of the format)
+from .nf4_state import (
     BLOCKSIZES,
     DTYPE_NAMES,
-    MAX_ELEMENTS,
     NESTED_BLOCKSIZE,
     STATE_PREFIX,
     QuantState,
