@@ -226,7 +226,8 @@ def test_unknown_tensor_is_refused_naming_it(tmp_path, cli_runner):
 
 
 def test_perplexity_evaluation_applies_the_adapter():
-    from adaptools_plugins.validators.perplexity import evaluate, tokenize
+    from adaptools_plugins.validators.loading import tokenize
+    from adaptools_plugins.validators.perplexity import evaluate
 
     ids = tokenize(base_path("llama"), (FIXTURES / "text" / "GPL-3.txt").read_text()[:3000], 512)
     base = evaluate(base_path("llama"), ids, [], 128)[0]

@@ -425,7 +425,7 @@ def test_init_refuses_ranks_and_alphas_it_cannot_use(options, expected):
 
 
 def test_eval_refuses_pickle_weights_without_permission(tmp_path):
-    from adaptools_plugins.validators.perplexity import load_model
+    from adaptools_plugins.validators.loading import load_model
 
     model = tmp_path / "model"
     model.mkdir()

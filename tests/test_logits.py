@@ -161,7 +161,7 @@ def test_the_context_operation_is_check_there(lora, tmp_path, monkeypatch):
 
 
 def test_token_sources(lora, tmp_path):
-    from adaptools_plugins.validators.logits import token_sequences
+    from adaptools_plugins.validators.sequences import token_sequences
 
     merge(base_path("llama"), [MergeInput(lora)], tmp_path / "m")
     assert token_sequences(str(tmp_path / "m"), None, 4, 64).source == "built-in prompts"

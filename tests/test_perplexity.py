@@ -110,7 +110,8 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     import io
     import sys
 
-    from adaptools_plugins.validators.perplexity import evaluate, tokenize
+    from adaptools_plugins.validators.loading import tokenize
+    from adaptools_plugins.validators.perplexity import evaluate
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

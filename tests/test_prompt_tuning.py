@@ -247,7 +247,7 @@ def test_inputs_embeds_and_positional_ids_work(reference_outputs):
 
 def test_eval_perplexity_equals_peft_model(cli_runner):
     """`adaptools eval --adapter` scores the text exactly as the PEFT model's logits do."""
-    from adaptools_plugins.validators.perplexity import tokenize
+    from adaptools_plugins.validators.loading import tokenize
 
     ids = tokenize(base_path("llama"), TEXT.read_text(), 300)
     result = cli_runner("eval", base_path("llama"), "--adapter", adapter_path("llama-p-tuning-lstm"), "--eval-text",

@@ -36,15 +36,13 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import Adapter, BaseInfo, Finding, IncompatibleBaseError, TensorUpdate, UnsupportedOperationError
 
-from .config import (  # noqa: F401  (re-exported for the format and the tests)
+from .config import (
     ACTIVATIONS,
     CONFIG_SCHEMA,
     CONV1D_MODELS,
-    FLAGS_SCHEMA,
     LINEAR,
     LOCATIONS,
     NAMES,
-    ROLE_FLAG,
     ROLES,
     SUBLAYERS,
     architecture_name,

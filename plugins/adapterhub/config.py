@@ -1,5 +1,6 @@
 """What an AdapterHub bottleneck config means: the locations and roles, the flags with the library's
-defaults, the declared schema, and which modules a config enables (docs/methods.md)."""
+defaults, the declared schema, and which modules a config enables (docs/methods.md). One place, so that
+the method (bottleneck.py) and the runtime (runtime.py) read a config the same way."""
 
 from __future__ import annotations
 

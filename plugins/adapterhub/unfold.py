@@ -30,6 +30,7 @@ def inverse_map(scaled_up: torch.Tensor, down: torch.Tensor, where: str, adapter
     """``x ↦ M⁻¹·x`` (float64, along the first dimension) for ``M = I + scaled_up @ down``; refuses a singular
     or ill-conditioned ``M`` with the reason."""
     hidden = scaled_up.shape[0]
+    q: torch.Tensor
     q, _ = torch.linalg.qr(torch.cat([scaled_up, down.T], dim=1))  # H x min(H, 2d), orthonormal columns
     t = torch.eye(q.shape[1], dtype=torch.float64) + (q.T @ scaled_up) @ (down @ q)
     sv = torch.linalg.svdvals(t)
@@ -41,7 +42,7 @@ def inverse_map(scaled_up: torch.Tensor, down: torch.Tensor, where: str, adapter
             f"cannot unmerge {where}: the folded map I + S·U·D is singular (smallest singular value "
             f"{smallest:.3g}, condition number {largest / smallest if smallest else float('inf'):.3g}), so the "
             "merge erased part of the projection's output and it cannot be recovered", path=adapter.source)
-    correction = torch.linalg.inv(t) - torch.eye(q.shape[1], dtype=torch.float64)
+    correction: torch.Tensor = torch.linalg.inv(t) - torch.eye(q.shape[1], dtype=torch.float64)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         qd = q.to(x.device)

@@ -32,10 +32,9 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError
 
-from .nf4_state import (  # noqa: F401  (re-exported: the state is half of the format)
+from .nf4_state import (
     BLOCKSIZES,
     DTYPE_NAMES,
-    MAX_ELEMENTS,
     NESTED_BLOCKSIZE,
     STATE_PREFIX,
     QuantState,
@@ -292,13 +291,15 @@ def _bnb_dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     device = packed.device
     nested = None
     if state.double_quant:
+        assert state.nested_absmax is not None and state.nested_quant_map is not None
         nested = F.QuantState(absmax=state.nested_absmax.to(device), code=state.nested_quant_map.to(device),
                               blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
     qs = F.QuantState(absmax=state.absmax.to(device), shape=torch.Size(state.shape), code=state.quant_map.to(device),
                       blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
                       offset=torch.tensor(state.nested_offset, device=device) if nested is not None else None,
                       state2=nested)
-    return F.dequantize_4bit(packed.reshape(-1, 1) if packed.dim() == 1 else packed, qs)
+    out: torch.Tensor = F.dequantize_4bit(packed.reshape(-1, 1) if packed.dim() == 1 else packed, qs)
+    return out
 
 
 class FourBit(plugin.Backend):

@@ -1,4 +1,5 @@
-"""The dense family: weights stored as plain fp32, fp16 or bf16 tensors."""
+"""The dense family: weights stored as plain fp32, fp16 or bf16 tensors, the backend every unquantized
+checkpoint is read and written through (backend.py)."""
 
 from typing import Any
 

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from adaptools import plugin
-from adaptools.plugin import Adapter, Finding, IncompatibleBaseError, MemoryStore, UnsupportedOperationError
+from adaptools.plugin import (
+    Adapter,
+    Finding,
+    IncompatibleBaseError,
+    InputError,
+    MemoryStore,
+    UnsupportedOperationError,
+)
 
 ROLE = "prompt_embeddings"
 PROJECTION = ("embedding", "transform_in", "transform_in_bias", "transform_out", "transform_out_bias")
@@ -193,7 +200,7 @@ def past_key_values(adapter: Adapter, batch: int, dtype: torch.dtype, device: to
     heads = int(c["num_attention_heads"])
     x = adapter.tensor(ROLE).to(device=device, dtype=dtype).unsqueeze(0).expand(batch, -1, -1)
     x = x.reshape(batch, int(c["num_virtual_tokens"]), int(c["num_layers"]) * 2, heads, int(c["token_dim"]) // heads)
-    return DynamicCache(x.permute(2, 0, 3, 1, 4).split(2))
+    return DynamicCache([kv.unbind() for kv in torch.split(x.permute(2, 0, 3, 1, 4), 2)])
 
 
 @contextmanager
@@ -205,7 +212,10 @@ def _applied(adapter: Adapter, model: torch.nn.Module) -> Iterator[torch.nn.Modu
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        batch = (ids if ids is not None else embeds).shape[0]
+        source = ids if ids is not None else embeds
+        if source is None:
+            raise InputError("the model was called without input_ids or inputs_embeds", path=adapter.source)
+        batch = source.shape[0]
         param = next(module.parameters())  # a 4-bit model's first parameter is packed: ask for its dtype
         kwargs["past_key_values"] = past_key_values(adapter, batch, getattr(module, "dtype", param.dtype),
                                                     param.device)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +75,8 @@ def _positive(config: dict[str, Any], key: str) -> int | None:
 class PromptTuning(plugin.AdapterMethod, plugin.RuntimeApplicable, plugin.Bakeable):
     name = "prompt_tuning"
     description = "Prompt tuning (PEFT PROMPT_TUNING): learned virtual-token embeddings before the input"
-    roles: tuple[str, ...] = (ROLE, "embedding")
-    peft_types: tuple[str, ...] = ("PROMPT_TUNING",)
+    roles: ClassVar[tuple[str, ...]] = (ROLE, "embedding")
+    peft_types: ClassVar[tuple[str, ...]] = ("PROMPT_TUNING",)
     peft_roles = _peft_roles(roles)
     unsupported = UNSUPPORTED
     rules = {"PROMPT001": ("error", "tensor shape disagrees with the config"),
@@ -287,7 +287,8 @@ def _lstm(x: torch.Tensor, tensors: dict[str, torch.Tensor], hidden: int, layers
     state = {p: tensors[f"lstm_{p}"].detach().clone().requires_grad_(True) for p, _ in lstm.named_parameters()}
     lstm.load_state_dict(state, assign=True)
     with torch.enable_grad():
-        return lstm(x)[0].detach()
+        out: torch.Tensor = lstm(x)[0]
+    return out.detach()
 
 
 def _hidden_size(config: dict[str, Any]) -> int | None:

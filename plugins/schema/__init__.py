@@ -1,4 +1,6 @@
-"""The schema family: adaptools' canonical adapter file, one ``.safetensors`` whose header says what it is."""
+"""The schema family: adaptools' canonical adapter file, one ``.safetensors`` whose header says what it is
+(format.py). Every input format is read into the same shape; this format stores it as is, readable
+without the training-time module tree or a config whose meaning changed across versions (docs/schema.md)."""
 
 from typing import Any
 

@@ -1,4 +1,7 @@
-"""The canonical schema file: one ``.safetensors`` whose header metadata says what it is (docs/schema.md)."""
+"""The canonical schema file: one ``.safetensors`` whose header metadata says what it is (docs/schema.md).
+
+It is the adapter exactly as adaptools holds it (method, resolved config, base, provenance), so reading
+it needs no translation and writing it loses nothing."""
 
 from __future__ import annotations
 

@@ -1,5 +1,20 @@
 """The validators family: checks a merge runs on its output before publishing it (``--check perplexity``,
-``logits``, ``generate``) and the ``eval`` command."""
+``logits``, ``generate``) and the ``eval`` command.
+
+==============  ===================================================================================
+module          holds
+==============  ===================================================================================
+loading         transformers, models, tokens and the evaluation text, loaded the same safe way for all
+perplexity      the ``perplexity`` validator and the scoring
+eval_command    the ``adaptools eval`` command (the perplexity of one model)
+sides           reference and candidate of the comparing checks, and the dtype's tolerance
+sequences       the token sequences both sides are given
+logits          the ``logits`` validator
+generate        the ``generate`` validator
+==============  ===================================================================================
+
+Other families are reached only through the registry (each adapter's method, to apply it at runtime).
+"""
 
 from typing import Any
 
@@ -19,6 +34,6 @@ def register_validators(register: Any) -> None:
 
 @hookimpl
 def register_commands(cli: Any) -> None:
-    from .perplexity import eval_command
+    from .eval_command import eval_command
 
     cli.add_command(eval_command)

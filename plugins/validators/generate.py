@@ -1,7 +1,7 @@
 """The ``generate`` validator: greedy continuations of a few prompts, written model against reference.
 
 What people check by hand after a merge: give both models the same prompts and read what they write. The
-reference and candidate are those of the ``logits`` check (logits.py: the input model with the adapters the
+reference and candidate are those of the ``logits`` check (sides.py: the input model with the adapters the
 operation adds, unmerged; the output with those it takes out). Each prompt is continued greedily (argmax, no
 sampling) for ``new_tokens`` tokens, all prompts in one batch of equal length. The first token where the two
 continuations part is reported with both texts.
@@ -13,7 +13,6 @@ other, and greedy decoding picking one is not a change of behaviour (docs/valida
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,15 +20,9 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import ValidationContext, Verdict
 
-from .logits import (
-    Logits,
-    Sequences,
-    Tolerance,
-    compared_sides,
-    token_sequences,
-    with_adapters,
-)
-from .perplexity import EVAL_TEXT_OPTION
+from .loading import EVAL_TEXT_OPTION
+from .sequences import Sequences
+from .sides import Comparison, Tolerance, with_adapters
 
 DEFAULT_PROMPTS = 3
 DEFAULT_PROMPT_TOKENS = 16
@@ -57,7 +50,7 @@ def prompts_of(sequences: Sequences, length: int) -> torch.Tensor:
     return torch.stack([s[:common] for s in sequences.ids])
 
 
-class Generate(plugin.Validator):
+class Generate(Comparison):
     name = "generate"
     description = "greedy continuations of a few prompts agree with base + adapter unmerged (first divergence)"
     options = (
@@ -68,17 +61,13 @@ class Generate(plugin.Validator):
                                   minimum=1),
     )
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        Logits().check_options(options)
-
     def validate(self, context: ValidationContext) -> Verdict:
         options = context.options
-        reference, candidate, dtype = compared_sides(self, context)
+        prompt_tokens = int(options.get("prompt_tokens") or DEFAULT_PROMPT_TOKENS)
+        reference, candidate, dtype, sequences = self.start(context, int(options.get("prompts") or DEFAULT_PROMPTS),
+                                                            prompt_tokens + 1)
         new_tokens = int(options.get("new_tokens") or DEFAULT_NEW_TOKENS)
-        sequences = token_sequences(context.output, options.get("eval_text"),  # type: ignore[arg-type]
-                                    int(options.get("prompts") or DEFAULT_PROMPTS),
-                                    int(options.get("prompt_tokens") or DEFAULT_PROMPT_TOKENS) + 1)
-        prompts = prompts_of(sequences, int(options.get("prompt_tokens") or DEFAULT_PROMPT_TOKENS))
+        prompts = prompts_of(sequences, prompt_tokens)
         with plugin.progress_bar(2 * new_tokens, "generate") as bar:
             def run(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
                 return greedy(model, prompts, new_tokens, bar)

@@ -7,144 +7,28 @@ which is what QLoRA trained. The check passes when the merged perplexity is with
 (default 0.5%) of the unmerged one, which catches merges that silently erase the fine-tune (requantizing
 into 4-bit) or silently do nothing (mismatched names, a wrong scale, a dropped module).
 
-Needs transformers (``pip install 'adaptools[eval]'``). Loaded models never run bitsandbytes' CPU 4-bit
-forward with its in-place weight repacking (docs/nf4.md, "Weight repacking in the CPU forward").
-
-On the CPU every model computes in fp32, whatever its stored dtype: the weights compared are still the
-stored ones (bf16 and 4-bit values are exact in fp32), and CPUs without native bf16 (no AVX512-BF16 or
-AMX) run bf16 matrix products some 40x slower than fp32 (1.1 against 41 GFLOPS measured here). On CUDA
-each model computes in its own dtype.
+Needs transformers (``pip install 'adaptools[eval]'``). Models, tokens and the text load as loading.py
+loads them for every check (fp32 compute on the CPU, each model's own dtype on CUDA); ``adaptools eval``
+(eval_command.py) prints the same measurement for one model.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 from collections.abc import Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 
-import adaptools
 from adaptools import plugin
-from adaptools.cli.options import allow_pickle_option, json_option
-from adaptools.plugin import InputError, UnsafeInputError, ValidationContext, Verdict
+from adaptools.plugin import InputError, ValidationContext, Verdict
+
+from .loading import EVAL_TEXT_OPTION, applied, check_eval_text, load_model, read_eval_text, tokenize
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_WINDOW = 256
 DEFAULT_MAX_TOKENS = 20_000
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the evaluation text is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
-                         f"{exc.start})", path=path, hint="save it as UTF-8") from None
-    except OSError as exc:
-        raise InputError(f"cannot read the evaluation text: {exc.strerror or exc}", path=path) from None
-
-
-#: The evaluation-text option of the checks that score or compare models on a text (perplexity, logits,
-#: generate): the same name, flag and meaning in each.
-EVAL_TEXT_OPTION = plugin.ValidatorOption("eval_text", str, help="Evaluation text (.txt or .jsonl).",
-                                             flag="--eval-text")
-
-
-def read_eval_text(source: str) -> str:
-    """A text file, a .jsonl with a ``text`` field per line, or a datasets name (``name`` or ``name:config``)."""
-    path = Path(source)
-    if path.is_file():
-        if path.suffix == ".jsonl":
-            texts = []
-            for i, line in enumerate(_read_text(path).splitlines()):
-                if line.strip():
-                    try:
-                        text = plugin.parse_json(line)["text"]
-                    except (InputError, KeyError, TypeError):
-                        text = None
-                    if not isinstance(text, str):
-                        raise InputError(f"line {i + 1} is not a JSON object with a text field", path=path)
-                    texts.append(text)
-            return "\n\n".join(texts)
-        return _read_text(path)
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise InputError("evaluation text not found", path=source,
-                         hint="give a .txt or .jsonl file (datasets names need the datasets package)") from None
-    name, _, config = source.partition(":")
-    try:
-        data = datasets.load_dataset(name, config or None, split="test")
-    except Exception as exc:  # datasets raises many kinds
-        raise InputError(f"cannot load dataset: {str(exc).splitlines()[0]}", path=source) from None
-    return "\n\n".join(t for t in data["text"] if t)
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise InputError("the perplexity check needs transformers", hint="pip install 'adaptools[eval]'") from None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # results go to stdout, and we print no bars
-    return transformers
-
-
-def load_model(path: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Any:
-    """A causal LM from a local folder or hub name, 4-bit ones included, safe for CPU forwards (which
-    compute in fp32 unless ``dtype`` says otherwise).
-
-    Only safetensors weights are read unless ``allow_pickle`` (``--allow-pickle``): a ``pytorch_model.bin``
-    can run code when unpickled. Allowed, transformers reads it with ``torch.load(weights_only=True)``.
-    """
-    transformers = _transformers()
-    folder = Path(str(path))
-    if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) \
-            and any(folder.glob("*.bin")):
-        raise UnsafeInputError("the model's weights are a pickle (pytorch_model.bin), which can run code when "
-                               "read", path=path, hint="pass --allow-pickle if you trust this file")
-    on_cpu = not torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"device_map": "cpu"} if on_cpu else {}
-    if not allow_pickle:
-        kwargs["use_safetensors"] = True
-    if dtype is None and on_cpu:
-        dtype = torch.float32
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "pickle" in str(exc).lower():  # never pass on torch's unsafe advice
-            first = "its pickle holds more than plain tensors, so it cannot be read safely"
-        raise InputError(f"cannot load the model ({first})", path=path) from None
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False  # keep bitsandbytes from repacking weights in place
-        if dtype is not None and getattr(module, "compute_dtype", None) is not None:
-            module.compute_dtype = dtype  # 4-bit layers: dequantized values are the same, the product in dtype
-    if dtype is not None:  # transformers leaves a 4-bit model's dense layers (embeddings, lm_head) as stored
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-    return model.eval()
-
-
-def tokenize(model_path: str | Path, text: str, max_tokens: int) -> torch.Tensor:
-    transformers = _transformers()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"no tokenizer with the model ({str(exc).splitlines()[0]})", path=model_path) from None
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if ids.numel() < 2:
-        raise InputError("the evaluation text is too short", hint="give at least a few hundred tokens")
-    return ids[:max_tokens]
 
 
 @torch.no_grad()
@@ -187,9 +71,7 @@ def evaluate(model_path: str | Path, ids: torch.Tensor, adapters: list[plugin.Ad
     """(perplexity, tokens scored) of a model, with adapters applied unmerged at runtime if any are given."""
     # Weights as stored; the compute runs in fp32 on the CPU and in the model's own dtype on CUDA.
     model = load_model(model_path, allow_pickle=allow_pickle)
-    with ExitStack() as stack:
-        for adapter in adapters:
-            stack.enter_context(plugin.get_method(adapter.method).apply(adapter, model))
+    with applied(model, adapters):
         label = f"scoring {Path(str(model_path)).name}" + (" + adapter" if adapters else "")
         return perplexity(model, ids, window, label)
 
@@ -219,18 +101,7 @@ class Perplexity(plugin.Validator):
         source = options.get("eval_text")
         if not source:
             raise InputError("the perplexity check needs --eval-text FILE")
-        path = Path(source)
-        if not path.is_file() and (path.suffix in (".txt", ".jsonl") or path.exists()
-                                   or importlib.util.find_spec("datasets") is None):
-            raise InputError("evaluation text not found (or not a file)", path=source,
-                             hint="give a .txt or .jsonl file (datasets names need the datasets package)")
-        if not path.is_file():
-            return
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise InputError(f"cannot read the evaluation text: {exc.strerror or exc}", path=source) from None
+        check_eval_text(source)
 
     def validate(self, context: ValidationContext) -> Verdict:
         options = context.options
@@ -257,37 +128,3 @@ class Perplexity(plugin.Validator):
                    f"(base {figures['base']:.4f}): {drift:.2%} apart, tolerance {tolerance:.2%}")
         return Verdict(passed=passed, message=message, figures=figures)
 
-
-
-@click.command(name="eval")
-@click.argument("model")
-@click.option("--adapter", "adapters", multiple=True, help="Apply this adapter at runtime, unmerged (repeatable).")
-@click.option("--eval-text", required=True, metavar="FILE", help="A .txt or .jsonl (text field) file.")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=DEFAULT_MAX_TOKENS, show_default=True,
-              help="Tokens to score at most.")
-@click.option("--window", type=click.IntRange(min=2), default=DEFAULT_WINDOW, show_default=True,
-              help="Tokens per scoring window.")
-@allow_pickle_option
-@json_option
-def eval_command(model: str, adapters: tuple[str, ...], eval_text: str, max_tokens: int, window: int,
-                 allow_pickle: bool, json_: bool) -> None:
-    """Print the perplexity of MODEL (optionally with adapters) on an evaluation text.
-
-    The text is tokenized with MODEL's tokenizer and scored in fixed,
-    non-overlapping windows. Needs transformers (pip install 'adaptools[eval]').
-
-    \b
-    Example:
-      adaptools eval ./merged --eval-text held-out.txt
-      adaptools eval ./base --adapter ./my-lora --eval-text held-out.txt --json
-      adaptools eval ./base --adapter ./my-prefix --eval-text held-out.txt   (prefix, prompt, P-tuning and bottleneck
-                                       adapters, which cannot be merged, are scored this way)
-    """
-    Perplexity().check_options({"eval_text": eval_text})
-    loaded = [adaptools.load(a, allow_pickle=allow_pickle) for a in adapters]
-    ppl, tokens = Perplexity().measure(model, loaded, eval_text, max_tokens, window, allow_pickle=allow_pickle)
-    if json_:
-        click.echo(json.dumps({"model": model, "adapters": list(adapters), "perplexity": ppl, "tokens": tokens,
-                               "window": window}, indent=2))
-    else:
-        click.echo(f"perplexity {ppl:.4f} over {tokens} tokens (windows of {window})")
