@@ -10,7 +10,7 @@ from conftest import adapter_path, base_path
 
 import adaptools
 from adaptools.operations.algebra import combine, diff, resize
-from adaptools_plugins.lora.method import module_rank_alpha, scaling_for
+from adaptools_plugins.lora.config import lora_rank_alpha, scaling_for
 
 
 def dense(adapter):
@@ -21,7 +21,7 @@ def dense(adapter):
                                                                                                       "lora_B")
         if a_role not in roles:
             continue
-        rank, alpha = module_rank_alpha(adapter.config, module)
+        rank, alpha = lora_rank_alpha(adapter.config, module)
         s = scaling_for(adapter.config, rank, alpha)
         out[module] = s * adapter.tensor(roles[b_role]).double() @ adapter.tensor(roles[a_role]).double()
     return out

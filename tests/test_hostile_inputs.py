@@ -179,7 +179,7 @@ def test_zero_dim_tensors_are_valid_safetensors(tmp_path):
 @pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|a)*$", r"(a|aa)+$", r"^(\w+\s?)*$", r"([\w.]|[\w.])*\d"])
 def test_catastrophic_regexes_return_in_well_under_a_second(pattern):
     config = {"target_modules": pattern}
-    from adaptools_plugins.lora.config import is_targeted
+    from adaptools_plugins.peft.matching import is_targeted
 
     start = time.perf_counter()
     try:

@@ -44,11 +44,11 @@ def test_apply_refuses_base_mutating_init():
 def test_rank_and_alpha_patterns_follow_peft(module, expected):
     from peft import LoraConfig
 
-    from adaptools_plugins.lora.method import module_rank_alpha
+    from adaptools_plugins.lora.config import lora_rank_alpha
 
     config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"model.layers.0.self_attn.q_proj": 8, "down_proj": 2},
               "alpha_pattern": {r"layers\.1\..*_proj": 3}}
-    assert module_rank_alpha(config, module) == expected
+    assert lora_rank_alpha(config, module) == expected
     peft_config = LoraConfig(**config)
     from peft.utils.other import get_pattern_key
 
@@ -71,7 +71,7 @@ def test_target_matching_follows_peft(config):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from adaptools_plugins.lora.method import is_targeted
+    from adaptools_plugins.peft.matching import is_targeted
 
     model = load_base(base_path("llama"))
     peft_config = LoraConfig(**config)

@@ -19,55 +19,27 @@ equal to ``init_r``, not to the module's rank, even after pruning; a module prun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from adaptools import plugin
-from adaptools.plugin import (
-    Adapter,
-    BaseInfo,
-    Finding,
-    IncompatibleBaseError,
-    LowRank,
-    TensorUpdate,
-    UnsupportedOperationError,
-)
+from adaptools.plugin import Adapter, BaseInfo, Finding, IncompatibleBaseError, LowRank, UnsupportedOperationError
 
-from ..peft.common import Lint, hooked, locate, matrix_layout, replacement_updates
-from .from_factors import full_tensors, plain_lora
+from ..peft.additive import AdditiveDelta, Delta, Path, layer_path
+from ..peft.common import weight_layout, weight_of
+from ..peft.lint import CORRUPT, FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
+from .from_factors import ViaPlainLoRA
 
 ROLES = ("lora_A", "lora_B", "lora_E")
 
-RULES = {
-    "ADALORA001": ("error", "config field has the wrong type"),
-    "ADALORA002": ("error", "tensor role unknown to AdaLoRA"),
-    "ADALORA003": ("error", "tensor dtype is not floating point"),
-    "ADALORA004": ("error", "lora_A, lora_B and lora_E are not all present"),
-    "ADALORA005": ("error", "lora_A, lora_B and lora_E do not share a rank"),
-    "ADALORA006": ("error", "rank differs from init_r / the rank_pattern mask"),
-    "ADALORA007": ("error", "weights on a module target_modules does not select"),
-    "ADALORA008": ("error", "NaN or Inf values"),
-    "ADALORA009": ("warning", "lora_E is all zero: the module changes nothing"),
-    "ADALORA010": ("error", "target module missing from the base"),
-    "ADALORA011": ("error", "shape does not fit the base"),
-}
-FIXES = {
-    "ADALORA001": "fix the field in adapter_config.json (see PEFT's AdaLoraConfig)",
-    "ADALORA002": "remove the tensor, or install the plugin of the method that uses it",
-    "ADALORA003": "save the adapter in fp32, fp16 or bf16",
-    "ADALORA004": "the adapter file is incomplete: save it again",
-    "ADALORA005": "the adapter file is corrupt: save it again",
-    "ADALORA006": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "ADALORA007": "add the module to target_modules or drop its tensors",
-    "ADALORA008": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "ADALORA009": "publish the trained checkpoint, not the initial one",
-    "ADALORA010": "use the base the adapter was trained on (base_model_name_or_path)",
-    "ADALORA011": "use the base the adapter was trained on (model size)",
-}
+TABLE = rule_table("ADALORA", {
+    1: "type", 2: "role", 3: "dtype",
+    4: Rule("error", "lora_A, lora_B and lora_E are not all present", INCOMPLETE),
+    5: Rule("error", "lora_A, lora_B and lora_E do not share a rank", CORRUPT),
+    6: Rule("error", "rank differs from init_r / the rank_pattern mask", FOREIGN_CONFIG),
+    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
+}, method="AdaLoRA", config="AdaLoraConfig", zero="lora_E is all zero: the module changes nothing")
 CONFIG_TYPES = {"init_r": int, "lora_alpha": (int, float), "fan_in_fan_out": bool, "rank_pattern": dict,
                 "target_modules": (str, list)}
 
@@ -106,21 +78,26 @@ def _divisor(ranknum: float) -> torch.Tensor:
     return torch.tensor([ranknum], dtype=torch.float32) + 1e-5
 
 
-class AdaLoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin.RuntimeApplicable,
-              plugin.PlainConvertible):
+def _layout(base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+            config: Mapping[str, Any]) -> str | None:
+    """How factors ``lora_A`` / ``lora_B`` land on a weight (a Conv2d's A holds in·kh·kw columns)."""
+    return weight_layout(base_shape, b_shape[0], a_shape[1], bool(config.get("fan_in_fan_out")), conv=True)
+
+
+class AdaLoRA(AdditiveDelta, ViaPlainLoRA):
     name = "adalora"
     description = "AdaLoRA (PEFT ADALORA): SVD-form LoRA with pruned ranks; converts exactly to plain LoRA"
     roles = ROLES
     peft_types = ("ADALORA",)
-    plain_method = "lora"  # what to_plain returns (convert --to lora)
     peft_roles = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}
-    rules = RULES
+    rules = TABLE.rules
+    fp32_output = True  # the unmerged path is added to the layer's output in fp32
 
     # --- check ------------------------------------------------------------------------------------
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
-        report = Lint(adapter, RULES, FIXES)
-        report.config_types("ADALORA001", CONFIG_TYPES)
+        report = Lint(adapter, TABLE)
+        report.config_types(CONFIG_TYPES)
         config = adapter.config
         init_r = config.get("init_r", 12)
         valid_init = isinstance(init_r, int) and not isinstance(init_r, bool) and init_r >= 0
@@ -135,18 +112,14 @@ class AdaLoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plu
                 elif valid_init and len(mask) != init_r:
                     report.add("ADALORA006", f"rank_pattern[{key!r}] has {len(mask)} entries but init_r is {init_r}",
                                field="rank_pattern")
-        report.roles("ADALORA002", "ADALORA003", ROLES)
+        report.roles(ROLES)
         for module, roles in adapter.modules().items():
             self._lint_module(report, module, roles, valid_init)
             if base is not None and "lora_A" in roles and "lora_B" in roles:
                 self._lint_base(report, base, module, roles)
         if check_values:
-            report.finite("ADALORA008")
-            for module, roles in adapter.modules().items():
-                if "lora_E" in roles and adapter.info(roles["lora_E"]).shape[0] > 0:
-                    e = adapter.tensor(roles["lora_E"])
-                    if bool(torch.isfinite(e).all()) and not bool(e.any()):
-                        report.add("ADALORA009", f"lora_E of {module} is all zero", roles["lora_E"])
+            report.finite()
+            report.zeros("lora_E", rows=True)
         return report.findings
 
     def _lint_module(self, report: Lint, module: str, roles: dict[str, str], valid_init: bool) -> None:
@@ -168,23 +141,16 @@ class AdaLoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plu
             if a[0] != rank:
                 report.add("ADALORA006", f"config gives rank {rank} (init_r / rank_pattern) but the tensors have "
                            f"rank {a[0]}", roles["lora_A"], field="init_r")
-        report.targeted("ADALORA007", module, roles["lora_A"])
+        report.targeted(module, roles["lora_A"])
 
     def _lint_base(self, report: Lint, base: BaseInfo, module: str, roles: dict[str, str]) -> None:
-        found = report.base_tensor("ADALORA010", base, module, roles["lora_A"])
+        found = report.base_tensor(base, module, roles["lora_A"])
         if found is None:
             return
         a, b = report.adapter.info(roles["lora_A"]).shape, report.adapter.info(roles["lora_B"]).shape
-        if len(a) == 2 and len(b) == 2 and self._layout(tuple(found.shape), b[0], a[1], report.adapter.config) is None:
+        if len(a) == 2 and len(b) == 2 and _layout(tuple(found.shape), a, b, report.adapter.config) is None:
             report.add("ADALORA011", f"lora_A {list(a)} x lora_B {list(b)} do not fit base {found.name} "
                        f"{list(found.shape)}", roles["lora_A"])
-
-    @staticmethod
-    def _layout(base_shape: tuple[int, ...], out_features: int, in_features: int,
-                config: Mapping[str, Any]) -> str | None:
-        if len(base_shape) > 2:  # Conv2d: A holds in·kh·kw columns
-            return "conv" if base_shape[0] == out_features and math.prod(base_shape[1:]) == in_features else None
-        return matrix_layout(base_shape, out_features, in_features, bool(config.get("fan_in_fan_out")))
 
     def summary(self, adapter: Adapter) -> dict[str, Any]:
         config = adapter.config
@@ -195,39 +161,46 @@ class AdaLoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plu
                 "pruned": bool(config.get("rank_pattern")), "target_modules": config.get("target_modules"),
                 "adapted_modules": sum("lora_A" in roles for roles in adapter.modules().values())}
 
-    # --- merge ---------------------------------------------------------------------------------------
+    # --- merge and unmerged forward (the adding: plugins/peft/additive.py) -----------------------------------
 
-    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
-        updates = replacement_updates(adapter, base)
-        for module, roles in adapter.modules().items():
-            if "lora_A" in roles:
-                updates.append(self._delta_update(adapter, base, module, roles, weight))
-        return updates
+    def anchor(self, module: str, roles: Mapping[str, str]) -> str | None:
+        return roles.get("lora_A")
 
-    def _delta_update(self, adapter: Adapter, base: BaseInfo, module: str, roles: dict[str, str],
-                      weight: float) -> TensorUpdate:
-        target = locate(adapter, base, module, "weight", roles["lora_A"])
-        base_shape = tuple(base.find(target).shape)  # type: ignore[union-attr]
+    def source(self, roles: Mapping[str, str]) -> str:
+        return ", ".join(roles[r] for r in ROLES)
+
+    def module_delta(self, adapter: Adapter, module: str, roles: Mapping[str, str], target: str,
+                     base_shape: tuple[int, ...], shared: Any) -> Delta:
         a_shape, b_shape = adapter.info(roles["lora_A"]).shape, adapter.info(roles["lora_B"]).shape
-        layout = self._layout(base_shape, b_shape[0], a_shape[1], adapter.config)
+        layout = _layout(base_shape, a_shape, b_shape, adapter.config)
         if layout is None:
             raise IncompatibleBaseError(f"AdaLoRA factors {list(a_shape)} x {list(b_shape)} do not fit base "
                                         f"{target} {list(base_shape)}", **adapter.where(roles["lora_A"]),
                                         hint="the adapter was made for another model size")
         _, scaling, ranknum = module_scales(adapter.config, module)
 
-        def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        def delta(current: torch.Tensor) -> torch.Tensor:
             a, b, e = (adapter.tensor(roles[r]).to(current.device).float() for r in ROLES)
             # PEFT's SVDLinear.get_delta_weight, in its order: (B @ (A*E)), transposed, *scaling, /(ranknum+1e-5)
-            delta = b @ (a * e)
+            d = b @ (a * e)
             if layout == "fan_in_fan_out":
-                delta = delta.T
-            delta = delta * scaling / _divisor(ranknum).to(current.device)
-            if layout == "conv":
-                delta = delta.reshape(current.shape)
-            return current + (delta if weight == 1.0 else delta * weight)
+                d = d.T
+            d = d * scaling / _divisor(ranknum).to(current.device)
+            return d.reshape(current.shape) if layout == "conv" else d
 
-        return TensorUpdate(target, "delta", fn, source=f"{roles['lora_A']}, {roles['lora_B']}, {roles['lora_E']}")
+        return delta
+
+    def module_path(self, adapter: Adapter, module: str, roles: Mapping[str, str], layer: torch.nn.Module,
+                    shared: Any) -> Path:
+        """PEFT's unmerged AdaLoRA path, ``(x @ (A*E)ᵀ @ Bᵀ) · scaling / ranknum`` (a Conv2d: the layer's conv
+        of the delta)."""
+        a, b, e = (adapter.tensor(roles[r]).float() for r in ROLES)
+        _, scaling, ranknum = module_scales(adapter.config, module)
+        divisor = _divisor(ranknum)
+        if isinstance(layer, torch.nn.Conv2d):
+            w = (b @ (a * e) * scaling / divisor).reshape(weight_of(layer).shape)
+            return lambda mod, x: layer_path(mod, x, w)
+        return lambda mod, x: (x @ (a * e).T @ b.T) * scaling / divisor
 
     # --- algebra and conversion to plain LoRA ----------------------------------------------------------
 
@@ -244,11 +217,6 @@ class AdaLoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plu
             factors[module] = LowRank(b, a, "linear")
         return factors
 
-    def from_low_rank(self, template: Adapter, factors: dict[str, LowRank],
-                      extra: dict[str, torch.Tensor] | None = None) -> Adapter:
-        """Results of adapter algebra are plain LoRA (scale 1) on the template's base."""
-        return plain_lora(template, factors, extra)
-
     def to_plain(self, adapter: Adapter, base: BaseInfo | None, read: Callable[[str], torch.Tensor] | None,
                  initial: Adapter | None, options: Mapping[str, Any] | None = None) -> Adapter:
         """The same adapter as plain LoRA of the same ranks: ``A' = A ⊙ E``, ``B' = B · s`` (``convert --to lora``)."""
@@ -256,31 +224,4 @@ class AdaLoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plu
             if "lora_A" in roles and len(adapter.info(roles["lora_A"]).shape) != 2:
                 raise UnsupportedOperationError("a conv AdaLoRA module has no plain-LoRA form here yet",
                                                 **adapter.where(roles["lora_A"]))
-        return plain_lora(adapter, self.low_rank(adapter), full_tensors(adapter))
-
-    # --- runtime application (unmerged) ------------------------------------------------------------------
-
-    def apply(self, adapter: Adapter, model: torch.nn.Module) -> Any:
-        """Forward hooks adding PEFT's unmerged AdaLoRA path, ``(x @ (A*E)ᵀ @ Bᵀ) · scaling / ranknum``."""
-
-        def install(module: str, roles: dict[str, str], layer: torch.nn.Module) -> list[Any]:
-            if "lora_A" not in roles:
-                return []
-            a, b, e = (adapter.tensor(roles[r]).float() for r in ROLES)
-            _, scaling, ranknum = module_scales(adapter.config, module)
-            divisor = _divisor(ranknum)
-            conv = isinstance(layer, torch.nn.Conv2d)
-
-            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-                x = inputs[0].float()
-                if conv:
-                    w = (b @ (a * e) * scaling / divisor).reshape(mod.weight.shape)
-                    extra = F.conv2d(x, w, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
-                                     groups=mod.groups)
-                else:
-                    extra = (x @ (a * e).T @ b.T) * scaling / divisor
-                return (output.float() + extra).to(output.dtype)
-
-            return [layer.register_forward_hook(hook)]
-
-        return hooked(adapter, model, install)
+        return super().to_plain(adapter, base, read, initial, options)

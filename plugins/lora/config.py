@@ -1,9 +1,10 @@
-"""What a PEFT LoRA config means: roles, per-module rank and alpha with PEFT's pattern precedence, scaling,
-which modules are targeted, trainable token rows (docs/peft.md, "Config fields adaptools reads", "Which modules
-are targeted", "Scaling, rank and alpha"), and the declared schema of the fields adaptools reads
-(docs/input-validation.md).
+"""What a PEFT LoRA config means: roles, per-module rank and alpha from ``r`` / ``lora_alpha`` with PEFT's
+pattern precedence (and the rules of older peft versions), scaling, trainable token rows (docs/peft.md,
+"Config fields adaptools reads", "Scaling, rank and alpha"), and the declared schema of the fields adaptools
+reads (docs/input-validation.md).
 
-Config regexes are matched through ``plugin.match_pattern``: PEFT's ``re`` semantics, with a time limit.
+Which modules a config targets, and how a pattern key selects a module, are the same for every PEFT tuner:
+they live in ``plugins/peft/matching.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from adaptools import plugin
 from adaptools.plugin import AdapterFormatError
+
+from ..peft.matching import ends_with, pattern_key
 
 FACTOR_ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 ROLES = FACTOR_ROLES + ("lora_bias", "lora_magnitude", "trainable_tokens")
@@ -111,17 +114,6 @@ def peft_version(config: Mapping[str, Any]) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "rank_pattern", *,
-                dotted: bool = False) -> str | None:
-    r"""PEFT's rank/alpha pattern rule: the first key K (dict order) with ``re.match(r"(.*\.)?(K)$")``
-    (peft >= 0.15), or with ``re.match(r".*\.K$")`` when ``dotted`` (peft 0.6 to 0.14)."""
-    for key in patterns:
-        wrapped = rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$"
-        if plugin.match_pattern(wrapped, module, field=f"{field} key", compiled_from=key):
-            return key
-    return None
-
-
 def _value(value: Any, field: str, kind: str) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind == "rank":
@@ -135,7 +127,7 @@ def _value(value: Any, field: str, kind: str) -> Any:
     return value
 
 
-def module_rank_alpha(config: Mapping[str, Any], module: str, *, rule: str | None = None) -> tuple[int, float]:
+def lora_rank_alpha(config: Mapping[str, Any], module: str, *, rule: str | None = None) -> tuple[int, float]:
     """The rank and alpha PEFT gives ``module`` (rank_pattern / alpha_pattern, else r / lora_alpha).
 
     ``rule`` picks the pattern rule of a peft generation: ``"current"`` (0.15 on), ``"0.14"`` or
@@ -174,9 +166,9 @@ def pattern_rule_differences(config: Mapping[str, Any], modules: list[str]) -> l
         return []
     out = []
     for module in modules:
-        current = module_rank_alpha(config, module, rule="current")
+        current = lora_rank_alpha(config, module, rule="current")
         for rule, versions in (("0.6", "0.6 to 0.13"), ("0.14", "0.14")):
-            old = module_rank_alpha(config, module, rule=rule)
+            old = lora_rank_alpha(config, module, rule=rule)
             if old != current:
                 out.append(f"{module}: rank {current[0]}, alpha {current[1]:g} in peft >= 0.15; rank {old[0]}, "
                            f"alpha {old[1]:g} in peft {versions}")
@@ -189,47 +181,6 @@ def scaling_for(config: Mapping[str, Any], rank: int, alpha: float) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def _ends_with(module: str, names: Any) -> bool:
-    return any(module == n or module.endswith(f".{n}") for n in names)
-
-
-def is_targeted(config: Mapping[str, Any], module: str) -> bool:
-    """PEFT's target_modules / exclude_modules / layers_to_transform matching for one module path."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if plugin.match_pattern(exclude, module, field="exclude_modules", how="fullmatch"):
-                return False
-        elif module in exclude or _ends_with(module, exclude):
-            return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return plugin.match_pattern(targets, module, field="target_modules", how="fullmatch") is not None
-    if module in targets:
-        return True
-    if not _ends_with(module, targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or (isinstance(layers, list) and not layers):
-        return True
-    patterns = config.get("layers_pattern")
-    match = None
-    if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        for p in [patterns] if isinstance(patterns, str) else patterns:
-            match = plugin.match_pattern(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module, field="layers_pattern",
-                                            compiled_from=p)
-            if match:
-                break
-    if not match:
-        return False
-    idx = int(match.group("idx"))
-    return idx == layers if isinstance(layers, int) else idx in layers
-
-
 def token_indices(config: Mapping[str, Any], module: str) -> list[int] | None:
     """The trainable-token row indices for an embedding module (list form targets the input embedding)."""
     spec = config.get("trainable_token_indices")
@@ -238,9 +189,6 @@ def token_indices(config: Mapping[str, Any], module: str) -> list[int] | None:
     if isinstance(spec, list):
         return list(spec)
     for name, indices in spec.items():
-        if module == name or module.endswith(f".{name}"):
+        if ends_with(module, [name]):
             return list(indices)
     return None
-
-
-#: Base-mutating inits that can be recomputed exactly from the original base weight.

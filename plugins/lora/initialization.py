@@ -14,7 +14,8 @@ from adaptools import plugin
 from adaptools.plugin import Adapter, BaseInfo, IncompatibleBaseError, UnsupportedOperationError
 
 from ..peft.common import locate
-from .config import BASE_MUTATING_INITS, MAX_ALPHA, MAX_RANK, is_targeted, module_rank_alpha, scaling_for
+from ..peft.matching import is_targeted
+from .config import BASE_MUTATING_INITS, MAX_ALPHA, MAX_RANK, lora_rank_alpha, scaling_for
 
 RECOMPUTABLE_INITS = ("olora", "pissa")
 
@@ -106,7 +107,7 @@ def to_plain(method: Any, adapter: Adapter, base: BaseInfo | None, read: Callabl
             a0 = initial.tensor(f"{module}.lora_A").float()
             b0 = initial.tensor(f"{module}.lora_B").float()
         else:
-            rank, alpha = module_rank_alpha(config, module)
+            rank, alpha = lora_rank_alpha(config, module)
             target = locate(adapter, base, module, "weight", roles["lora_A"])  # type: ignore[arg-type]
             b0, a0 = initial_factors(init, read(target), rank, scaling_for(config, rank, alpha))  # type: ignore[misc]
         tensors[f"{module}.lora_A"] = torch.cat([a, a0], 0)

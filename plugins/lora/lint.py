@@ -3,95 +3,65 @@ adapter can get wrong, from its config alone, its tensors, and against a base mo
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 from adaptools import plugin
 from adaptools.plugin import Adapter, BaseInfo, Finding
 
+from ..peft.lint import CORRUPT, FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
+from ..peft.matching import is_targeted
 from .config import (
     BASE_MUTATING_INITS,
     ROLES,
     config_problems,
-    is_targeted,
-    module_rank_alpha,
+    lora_rank_alpha,
     pattern_rule_differences,
     token_indices,
 )
 from .legacy import enabled_blocks, merged_out_features, merged_shapes_problem
 
-RULES = {
-    "LORA001": ("error", "config field has the wrong type or is out of range"),
-    "LORA002": ("error", "tensor role unknown to LoRA"),
-    "LORA003": ("error", "tensor dtype is not fp16, bf16, fp32 or fp64"),
-    "LORA004": ("error", "lora_A without lora_B (or the reverse)"),
-    "LORA005": ("error", "lora_A and lora_B ranks differ"),
-    "LORA006": ("error", "rank differs from r / rank_pattern"),
-    "LORA007": ("error", "LoRA weights on a module target_modules does not select"),
-    "LORA008": ("error", "DoRA magnitude and use_dora disagree"),
-    "LORA009": ("error", "lora_B.bias and lora_bias disagree"),
-    "LORA010": ("error", "trainable token rows and trainable_token_indices disagree"),
-    "LORA011": ("error", "NaN or Inf values"),
-    "LORA012": ("warning", "lora_B is all zero: the adapter was never trained"),
-    "LORA013": ("warning", "scaling is implausible (alpha / rsLoRA mix-up)"),
-    "LORA014": ("warning", "trained on a modified base (OLoRA, PiSSA, ...): do not merge as plain LoRA"),
-    "LORA015": ("warning", "full tensor saved that the config does not explain"),
-    "LORA016": ("error", "target module missing from the base"),
-    "LORA017": ("error", "shape does not fit the base"),
-    "LORA018": ("warning", "adapter on a tied embedding: merging changes both input and output embeddings"),
-    "LORA019": ("error", "replacement tensor does not fit the base (vocabulary size)"),
-    "LORA020": ("error", "a config regex is invalid or too slow to match"),
-    "LORA021": ("warning", "rank/alpha patterns that peft 0.6 to 0.14 read differently"),
-    "LORA022": ("error", "tensor has the wrong number of dimensions"),
-}
-FIXES = {
-    "LORA001": "fix the field in adapter_config.json (see PEFT's LoraConfig)",
-    "LORA002": "remove the tensor, or install the plugin of the method that uses it",
-    "LORA003": "save the adapter in fp32, fp16 or bf16 (LoRA maths never runs on 8-bit floats or integers)",
-    "LORA004": "the adapter file is incomplete: save it again",
-    "LORA005": "the adapter file is corrupt: save it again",
-    "LORA006": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "LORA007": "add the module to target_modules or drop its tensors",
-    "LORA008": "set use_dora to match the saved tensors",
-    "LORA009": "set lora_bias to match the saved tensors",
-    "LORA010": "make trainable_token_indices list one index per saved row",
-    "LORA011": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "LORA012": "publish the trained checkpoint, not the initial one",
-    "LORA013": "check lora_alpha against r (and use_rslora)",
-    "LORA014": "adaptools merge recomputes olora/pissa inits; elsewhere convert it first (convert --to lora)",
-    "LORA015": "list the module in modules_to_save, or drop the tensor",
-    "LORA016": "use the base the adapter was trained on (base_model_name_or_path)",
-    "LORA017": "use the base the adapter was trained on (model size)",
-    "LORA018": "set ensure_weight_tying or untie the embeddings before training; adaptools merge unties",
-    "LORA019": "resize the base's vocabulary to the adapter's",
-    "LORA020": "fix the regular expression in adapter_config.json (Python re syntax, no catastrophic backtracking)",
-    "LORA021": "set peft_version in adapter_config.json to the peft that trained the adapter",
-    "LORA022": "the adapter file is corrupt: save it again",
-}
+TABLE = rule_table("LORA", {
+    1: Rule("error", "config field has the wrong type or is out of range",
+            "fix the field in adapter_config.json (see PEFT's LoraConfig)"),
+    2: "role",
+    3: Rule("error", "tensor dtype is not fp16, bf16, fp32 or fp64",
+            "save the adapter in fp32, fp16 or bf16 (LoRA maths never runs on 8-bit floats or integers)"),
+    4: Rule("error", "lora_A without lora_B (or the reverse)", INCOMPLETE),
+    5: Rule("error", "lora_A and lora_B ranks differ", CORRUPT),
+    6: Rule("error", "rank differs from r / rank_pattern", FOREIGN_CONFIG),
+    7: Rule("error", "LoRA weights on a module target_modules does not select",
+            "add the module to target_modules or drop its tensors"),
+    8: Rule("error", "DoRA magnitude and use_dora disagree", "set use_dora to match the saved tensors"),
+    9: Rule("error", "lora_B.bias and lora_bias disagree", "set lora_bias to match the saved tensors"),
+    10: Rule("error", "trainable token rows and trainable_token_indices disagree",
+             "make trainable_token_indices list one index per saved row"),
+    11: "values", 12: "zero",
+    13: Rule("warning", "scaling is implausible (alpha / rsLoRA mix-up)",
+             "check lora_alpha against r (and use_rslora)"),
+    14: Rule("warning", "trained on a modified base (OLoRA, PiSSA, ...): do not merge as plain LoRA",
+             "adaptools merge recomputes olora/pissa inits; elsewhere convert it first (convert --to lora)"),
+    15: Rule("warning", "full tensor saved that the config does not explain",
+             "list the module in modules_to_save, or drop the tensor"),
+    16: "missing", 17: "fit",
+    18: Rule("warning", "adapter on a tied embedding: merging changes both input and output embeddings",
+             "set ensure_weight_tying or untie the embeddings before training; adaptools merge unties"),
+    19: Rule("error", "replacement tensor does not fit the base (vocabulary size)",
+             "resize the base's vocabulary to the adapter's"),
+    20: Rule("error", "a config regex is invalid or too slow to match",
+             "fix the regular expression in adapter_config.json (Python re syntax, no catastrophic backtracking)"),
+    21: Rule("warning", "rank/alpha patterns that peft 0.6 to 0.14 read differently",
+             "set peft_version in adapter_config.json to the peft that trained the adapter"),
+    22: Rule("error", "tensor has the wrong number of dimensions", CORRUPT),
+}, method="LoRA", config="LoraConfig", zero="lora_B is all zero: the adapter was never trained")
+RULES = TABLE.rules
 #: Dimensions each role's tensor has (conv LoRA factors have more; peft 0.2.0's enable_lora lora_B has 3).
 NDIM = {"lora_A": (2, 3, 4, 5), "lora_B": (2, 3, 4, 5), "lora_embedding_A": (2,), "lora_embedding_B": (2,),
         "lora_bias": (1,), "lora_magnitude": (1, 2, 3, 4, 5), "trainable_tokens": (2,)}
 FULL_FLOATS = ("F64", "F32", "F16", "BF16")
 
-def config_file(adapter: Adapter) -> str:
-    """The file a config finding is about: a PEFT directory's adapter_config.json, else the adapter."""
-    folder = Path(adapter.source)
-    if adapter.read_format == "peft" and (folder / "adapter_config.json").is_file():
-        return str(folder / "adapter_config.json")
-    return adapter.source
-
 
 def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
-    findings: list[Finding] = []
-
-    def add(rule: str, message: str, name: str | None = None, field: str | None = None,
-            fix: str | None = None) -> None:
-        where = adapter.where(name) if name else {"path": config_file(adapter) if field else adapter.source,
-                                                  "tensor": None}
-        findings.append(Finding(rule, RULES[rule][0], message, fix or FIXES[rule],
-                                where["path"], where["tensor"], field))
-
-    config_ok = _lint_config(adapter, add)
+    report = Lint(adapter, TABLE)
+    add = report.add
+    config_ok = _lint_config(report)
     unusable = set()
     for module, roles in adapter.modules().items():
         for role, name in roles.items():
@@ -108,9 +78,9 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
         if unusable & set(roles.values()):
             continue
         try:
-            _lint_module(adapter, module, roles, add, config_ok)
+            _lint_module(report, module, roles, config_ok)
             if base is not None:
-                _lint_against_base(adapter, base, module, roles, add)
+                _lint_against_base(report, base, module, roles)
         except plugin.InputError as exc:  # a pattern that runs out of time on this module's name
             add("LORA020", exc.message, roles[next(iter(roles))])
             config_ok = False
@@ -133,11 +103,12 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
                 add("LORA011", f"{bad} NaN/Inf value(s)", name)
             elif name.endswith((".lora_B", ".lora_embedding_B")) and tensor.numel() and not bool(tensor.any()):
                 add("LORA012", "lora_B is all zero", name)
-    return findings
+    return report.findings
 
-def _lint_config(adapter: Adapter, add: Callable[..., None]) -> bool:
+
+def _lint_config(report: Lint) -> bool:
     """Config-only rules; False when a field is unusable, so that rules needing it are skipped."""
-    config = adapter.config
+    config, add = report.adapter.config, report.add
     problems = config_problems(config)
     for field, message, rule in problems:
         add(rule, message, field=field.split("[")[0])
@@ -155,8 +126,9 @@ def _lint_config(adapter: Adapter, add: Callable[..., None]) -> bool:
         add("LORA014", f"init_lora_weights is {init!r}", field="init_lora_weights")
     return True
 
-def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Callable[..., None],
-                 config_ok: bool = True) -> None:
+
+def _lint_module(report: Lint, module: str, roles: dict[str, str], config_ok: bool = True) -> None:
+    adapter, add = report.adapter, report.add
     config = adapter.config
     for a_role, b_role in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
         if (a_role in roles) != (b_role in roles):
@@ -176,7 +148,7 @@ def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Call
             continue
         if not config_ok:
             continue
-        rank, _ = module_rank_alpha(config, module)
+        rank, _ = lora_rank_alpha(config, module)
         if a[0] != rank:
             add("LORA006", f"config gives rank {rank} (r / rank_pattern) but the tensor has rank {a[0]}",
                 roles[a_role], field="r")
@@ -203,7 +175,8 @@ def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Call
         if rows != len(indices):
             add("LORA010", f"{rows} trainable token rows but {len(indices)} indices in the config",
                 roles["trainable_tokens"], field="trainable_token_indices")
-    saved = config.get("modules_to_save") if isinstance(config.get("modules_to_save"), list) else []
+    listed = config.get("modules_to_save")
+    saved = listed if isinstance(listed, list) else []
     bias_mode = config.get("bias", "none")
     for role, name in roles.items():
         if not role.startswith("replace_"):
@@ -214,9 +187,10 @@ def _lint_module(adapter: Adapter, module: str, roles: dict[str, str], add: Call
             add("LORA015", f"full {role[len('replace_'):]} of {module} saved, but the config does not say why",
                 name, field="modules_to_save")
 
-def _lint_against_base(adapter: Adapter, base: BaseInfo, module: str, roles: dict[str, str],
-                       add: Callable[..., None]) -> None:
+
+def _lint_against_base(report: Lint, base: BaseInfo, module: str, roles: dict[str, str]) -> None:
     """Checks that need the base's config and safetensors headers (never its weights)."""
+    adapter, add = report.adapter, report.add
     for role, name in roles.items():
         param = "bias" if role == "lora_bias" else role[len("replace_"):] if role.startswith("replace_") \
             else "weight"
@@ -244,5 +218,3 @@ def _lint_against_base(adapter: Adapter, base: BaseInfo, module: str, roles: dic
     fits = {(b[0], a[1]), (a[1], b[0])} if "lora_A" in roles else {(a[1], b[0])}
     if len(a) == 2 and len(b) == 2 and w not in fits:
         add("LORA017", f"LoRA factors {list(a)} x {list(b)} do not fit base {target} {list(w)}", a_name)
-
-# --- info ---------------------------------------------------------------------------------------

@@ -44,14 +44,12 @@ from adaptools.plugin import (
     UnsupportedOperationError,
 )
 
-from ..peft.common import locate, matrix_layout, replacement_update
+from ..peft.common import locate, replacement_update, weight_layout
 from .config import (
     BASE_MUTATING_INITS,
     ROLES,
     UNMERGEABLE_FIELDS,
-    is_targeted,
-    module_rank_alpha,
-    pattern_key,
+    lora_rank_alpha,
     pattern_rule_differences,
     scaling_for,
     token_indices,
@@ -62,8 +60,6 @@ from .lint import RULES, lint
 from .runtime import applied
 from .unmerge import preimages, unmerge_refusal
 
-__all__ = ["LoRA", "initial_factors", "is_targeted", "module_rank_alpha", "pattern_key", "scaling_for",
-           "token_indices"]
 
 class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin.Initializable,
            plugin.RuntimeApplicable, plugin.PlainConvertible):
@@ -91,12 +87,13 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         config = dict(peft_config)
         modules: dict[str, dict[str, Any]] = {}
         enable = enabled_blocks(config)
+        alpha: Any  # a malformed config's lora_alpha is kept as it is (lint reports it)
         for name, shape in shapes.items():
             module, _, role = name.rpartition(".")
             if role not in ("lora_A", "lora_embedding_A") or not shape:
                 continue  # a 0-d tensor: lint reports it (LORA022)
             try:
-                rank, alpha = module_rank_alpha(config, module)
+                rank, alpha = lora_rank_alpha(config, module)
                 # peft 0.2.0's enable_lora scales by the config's r; A holds r per enabled block
                 scaling: float | None = scaling_for(config, rank if enable else int(shape[0]), alpha)
                 if enable:
@@ -158,7 +155,6 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         if operation == "apply" and isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
             return (f"init_lora_weights={init!r}: the adapter applies to a modified base; convert it first "
                     "(convert --to lora --base BASE)")
-        init = config.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS) and init not in RECOMPUTABLE_INITS:
             return (f"init_lora_weights={init!r} trained on a modified base that cannot be recomputed from the "
                     "original; convert it to plain LoRA with the initial adapter first (convert --to lora "
@@ -201,9 +197,6 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
                 tokens.append(self._token_update(adapter, base, module, roles["trainable_tokens"]))
         return replace + deltas + tokens
 
-    def _locate(self, adapter: Adapter, base: BaseInfo, module: str, param: str, tensor: str) -> str:
-        return locate(adapter, base, module, param, tensor)
-
     def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """MERGED minus the very delta the merge added (computed by the merge's own updates), rounded once and
         nudged where needed to a base that merges back to MERGED bit for bit: the original wherever the
@@ -217,7 +210,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         embedding = "lora_embedding_A" in roles
         a_name = roles["lora_embedding_A" if embedding else "lora_A"]
         b_name = roles["lora_embedding_B" if embedding else "lora_B"]
-        target = self._locate(adapter, base, module, "weight", a_name)
+        target = locate(adapter, base, module, "weight", a_name)
         base_shape = base.find(target).shape  # type: ignore[union-attr]
         if "replace_weight" in roles:  # a saved (possibly resized) base layer is what the delta lands on
             base_shape = adapter.info(roles["replace_weight"]).shape
@@ -229,7 +222,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
                 raise AdapterFormatError(problem, **adapter.where(b_name),
                                          hint="the config does not belong to these weights")
             b_shape = (merged_out_features(config, tuple(b_shape)), a_shape[0])
-        rank, alpha = module_rank_alpha(config, module)
+        rank, alpha = lora_rank_alpha(config, module)
         s = scaling_for(config, rank, alpha) * weight
         if embedding:
             layout = "embedding"
@@ -239,7 +232,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             layout = "conv"
             ok = len(base_shape) == len(a_shape) and base_shape[0] == b_shape[0] and base_shape[1] == a_shape[1]
         else:
-            found = matrix_layout(tuple(base_shape), b_shape[0], a_shape[1], bool(config.get("fan_in_fan_out")))
+            found = weight_layout(tuple(base_shape), b_shape[0], a_shape[1], bool(config.get("fan_in_fan_out")))
             layout, ok = found or "linear", found is not None
         if not ok:
             raise IncompatibleBaseError(
@@ -263,12 +256,14 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             return d.T if layout == "fan_in_fan_out" else d
 
         init = config.get("init_lora_weights")
-        recompute = init in RECOMPUTABLE_INITS and layout == "linear"
+        recompute_init: str | None = init if init in RECOMPUTABLE_INITS and layout == "linear" else None
+        recompute = recompute_init is not None
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             d = delta(current.device)
-            if recompute:  # trained on W - s·B0A0, so W + s(BA - B0A0) (docs/peft.md, "OLoRA and PiSSA")
-                b0, a0 = initial_factors(init, original, rank, s / weight if weight else s)
+            if recompute_init is not None:
+                # trained on W - s·B0A0, so W + s(BA - B0A0) (docs/peft.md, "OLoRA and PiSSA")
+                b0, a0 = initial_factors(recompute_init, original, rank, s / weight if weight else s)
                 d = d - (s * b0) @ a0
             if magnitude is None:
                 return current + d
@@ -283,7 +278,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
                 factor = (m / (original + d).norm(p=2, dim=0)).reshape(1, -1)
             else:
                 factor = (m / (original + d).norm(p=2, dim=1)).reshape(-1, 1)
-            merged = factor * (current + d)
+            merged: torch.Tensor = factor * (current + d)  # (Tensor.norm is unannotated in torch)
             return merged if weight == 1.0 else current + weight * (merged - current)
 
         rows = None
@@ -313,7 +308,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         return updates
 
     def _token_update(self, adapter: Adapter, base: BaseInfo, module: str, name: str) -> TensorUpdate:
-        target = self._locate(adapter, base, module, "weight", name)
+        target = locate(adapter, base, module, "weight", name)
         indices = torch.tensor(token_indices(adapter.config, module) or [], dtype=torch.long)
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -341,7 +336,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
             if a_role not in roles:
                 continue
-            rank, alpha = module_rank_alpha(config, module)
+            rank, alpha = lora_rank_alpha(config, module)
             s = scaling_for(config, rank, alpha)
             a = adapter.tensor(roles[a_role]).double()
             b = adapter.tensor(roles[b_role]).double()

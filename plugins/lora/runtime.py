@@ -11,8 +11,8 @@ import torch
 
 from adaptools.plugin import Adapter
 
-from ..peft.common import find_module, undo
-from .config import module_rank_alpha, scaling_for, token_indices
+from ..peft.common import find_module, undo, weight_layout, weight_of
+from .config import lora_rank_alpha, scaling_for, token_indices
 from .legacy import enabled_blocks, merged_b
 
 
@@ -46,7 +46,7 @@ def applied(adapter: Adapter, model: torch.nn.Module) -> Iterator[torch.nn.Modul
 
 def _lora_hook(adapter: Adapter, module: str, roles: dict[str, str], layer: torch.nn.Module) -> Any:
     config = adapter.config
-    rank, alpha = module_rank_alpha(config, module)
+    rank, alpha = lora_rank_alpha(config, module)
     s = scaling_for(config, rank, alpha)
     embedding = "lora_embedding_A" in roles
     a = adapter.tensor(roles["lora_embedding_A" if embedding else "lora_A"]).float()
@@ -55,21 +55,21 @@ def _lora_hook(adapter: Adapter, module: str, roles: dict[str, str], layer: torc
         b = merged_b(config, a, b)
     bias = adapter.tensor(roles["lora_bias"]).float() if "lora_bias" in roles else None
     magnitude = adapter.tensor(roles["lora_magnitude"]).float() if "lora_magnitude" in roles else None
-    weight = layer.weight
+    weight = weight_of(layer)
     device = weight.device  # the adapter's path computes where its layer does (a 4-bit layer lives on CUDA)
     a, b = a.to(device), b.to(device)
     bias = bias.to(device) if bias is not None else None
     magnitude = magnitude.to(device) if magnitude is not None else None
-    transposed = not embedding and tuple(weight.shape) == (a.shape[1], b.shape[0]) and \
-        (weight.shape[0] != weight.shape[1] or bool(config.get("fan_in_fan_out")))
+    transposed = not embedding and weight_layout(tuple(weight.shape), b.shape[0], a.shape[1],
+                                                 bool(config.get("fan_in_fan_out"))) == "fan_in_fan_out"
 
     def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
+        x: torch.Tensor = inputs[0]
         if embedding:
             lora = torch.nn.functional.embedding(x, a.T) @ b.T * s
             if magnitude is not None:
-                w = mod.weight.float()
-                norm = (w + s * (b @ a).T).norm(p=2, dim=0)
+                w = weight_of(mod).float()
+                norm: torch.Tensor = (w + s * (b @ a).T).norm(p=2, dim=0)  # (unannotated in torch)
                 return ((output.float() + lora) * (magnitude / norm)).to(output.dtype)
             return (output.float() + lora).to(output.dtype)
         xf = x.float()
@@ -78,11 +78,11 @@ def _lora_hook(adapter: Adapter, module: str, roles: dict[str, str], layer: torc
             lora = lora + s * bias
         if magnitude is None:
             return (output.float() + lora).to(output.dtype)
-        w = mod.weight.float()
+        w = weight_of(mod).float()
         w = w.T if transposed else w
         norm = (w + s * (b @ a)).norm(p=2, dim=1)
         factor = magnitude / norm
-        layer_bias = getattr(mod, "bias", None)
+        layer_bias: torch.Tensor | None = getattr(mod, "bias", None)
         base_out = output.float() - (layer_bias.float() if layer_bias is not None else 0)
         result = factor * base_out + factor * ((xf @ a.T) @ b.T * s)
         if layer_bias is not None:

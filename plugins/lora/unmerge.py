@@ -63,11 +63,22 @@ def preimages(forward: list[TensorUpdate], base: BaseInfo) -> list[TensorUpdate]
         dtype = _TORCH.get(stored.dtype) if stored is not None else None
         if update.kind != "delta" or dtype is None:
             raise plugin.UnsupportedOperationError(f"cannot unmerge {update.target}: it is not a plain delta")
-        fn, rows = update.fn, update.rows
-        out.append(replace(update, fn=lambda current, original, fn=fn, dtype=dtype: _undo(
-            current, lambda x: fn(x, original), dtype), rows=None if rows is None else (
-            lambda current, sl, rows=rows, dtype=dtype: _undo(current, lambda x: rows(x, sl), dtype))))
+        out.append(_inverse(update, dtype))
     return out
+
+
+def _inverse(update: TensorUpdate, dtype: torch.dtype) -> TensorUpdate:
+    """``update`` undone (:func:`_undo` of its function, and of its row-block form where it has one)."""
+    fn, rows = update.fn, update.rows
+
+    def undo_fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        return _undo(current, lambda x: fn(x, original), dtype)
+
+    def undo_rows(current: torch.Tensor, sl: slice) -> torch.Tensor:
+        assert rows is not None  # given only where the update has rows
+        return _undo(current, lambda x: rows(x, sl), dtype)
+
+    return replace(update, fn=undo_fn, rows=None if rows is None else undo_rows)
 
 
 def _undo(current: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

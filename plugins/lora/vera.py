@@ -21,55 +21,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from adaptools import plugin
-from adaptools.plugin import (
-    Adapter,
-    BaseInfo,
-    Finding,
-    IncompatibleBaseError,
-    InputError,
-    TensorUpdate,
-)
+from adaptools.plugin import Adapter, BaseInfo, Finding, IncompatibleBaseError, InputError
 
-from ..peft.common import Lint, find_module, hooked, locate, matrix_layout, replacement_updates
+from ..peft.additive import AdditiveDelta, Delta, Path
+from ..peft.common import find_module, locate, weight_layout, weight_of
+from ..peft.lint import FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
 
 LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
 PROJECTIONS = ("vera_A", "vera_B")
 ROLES = LAMBDAS + PROJECTIONS
 
-RULES = {
-    "VERA001": ("error", "config field has the wrong type"),
-    "VERA002": ("error", "tensor role unknown to VeRA"),
-    "VERA003": ("error", "tensor dtype is not floating point"),
-    "VERA004": ("error", "vera_lambda_b without vera_lambda_d (or the reverse)"),
-    "VERA005": ("error", "vera_lambda_d's length differs from r"),
-    "VERA006": ("error", "saved projections and save_projection disagree"),
-    "VERA007": ("error", "projections have the wrong rank or are too small for a layer"),
-    "VERA008": ("error", "weights on a module target_modules does not select"),
-    "VERA009": ("error", "NaN or Inf values"),
-    "VERA010": ("warning", "vera_lambda_b is all zero: the module changes nothing"),
-    "VERA011": ("error", "target module missing from the base"),
-    "VERA012": ("error", "shape does not fit the base"),
-}
-FIXES = {
-    "VERA001": "fix the field in adapter_config.json (see PEFT's VeraConfig)",
-    "VERA002": "remove the tensor, or install the plugin of the method that uses it",
-    "VERA003": "save the adapter in fp32, fp16 or bf16",
-    "VERA004": "the adapter file is incomplete: save it again",
-    "VERA005": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "VERA006": "save the adapter again with peft (or set save_projection to match the file)",
-    "VERA007": "the adapter file is corrupt or mixed with another adapter's projections: save it again",
-    "VERA008": "add the module to target_modules or drop its tensors",
-    "VERA009": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "VERA010": "publish the trained checkpoint, not the initial one",
-    "VERA011": "use the base the adapter was trained on (base_model_name_or_path)",
-    "VERA012": "use the base the adapter was trained on (model size)",
-}
+TABLE = rule_table("VERA", {
+    1: "type", 2: "role", 3: "dtype",
+    4: Rule("error", "vera_lambda_b without vera_lambda_d (or the reverse)", INCOMPLETE),
+    5: Rule("error", "vera_lambda_d's length differs from r", FOREIGN_CONFIG),
+    6: Rule("error", "saved projections and save_projection disagree",
+            "save the adapter again with peft (or set save_projection to match the file)"),
+    7: Rule("error", "projections have the wrong rank or are too small for a layer",
+            "the adapter file is corrupt or mixed with another adapter's projections: save it again"),
+    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
+}, method="VeRA", config="VeraConfig", zero="vera_lambda_b is all zero: the module changes nothing")
 #: Safetensors dtype codes of 16-bit float weights.
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 CONFIG_TYPES = {"r": int, "projection_prng_key": int, "save_projection": bool, "fan_in_fan_out": bool,
@@ -79,13 +55,10 @@ CONFIG_TYPES = {"r": int, "projection_prng_key": int, "save_projection": bool, "
 def layer_dims(weight_shape: tuple[int, ...], out_features: int, fan_in_fan_out: bool) -> tuple[str, int] | None:
     """(layout, in_features) of a layer whose output size is ``out_features`` (λ_b's length); None if the
     weight has no such side."""
-    if len(weight_shape) != 2:
+    layout = weight_layout(weight_shape, out_features, None, fan_in_fan_out)
+    if layout is None:
         return None
-    for in_features in (weight_shape[1], weight_shape[0]):
-        layout = matrix_layout(weight_shape, out_features, in_features, fan_in_fan_out)
-        if layout is not None:
-            return layout, in_features
-    return None
+    return layout, int(weight_shape[0] if layout == "fan_in_fan_out" else weight_shape[1])
 
 
 def regenerate(key: int, rank: int, out_max: int, in_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,23 +74,32 @@ def regenerate(key: int, rank: int, out_max: int, in_max: int) -> tuple[torch.Te
     return a, kaiming((out_max, rank))
 
 
-class VeRA(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicable):
+class Shared(NamedTuple):
+    """What every module of a merge or application uses: the projections (fp32) and per module
+    ``(layout, in, out)``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    dims: dict[str, tuple[str, int, int]]
+
+
+class VeRA(AdditiveDelta):
     name = "vera"
     description = "VeRA (PEFT VERA): shared random projections, per-layer scaling vectors; saved or regenerated"
     roles = ROLES
     peft_types = ("VERA",)
     peft_roles = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d",
                   "base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
-    rules = RULES
+    rules = TABLE.rules
     unsupported = {"algebra": "a VeRA delta needs each layer's input size, which only the base knows; diff "
                               "compares its tensors"}
 
     # --- check ------------------------------------------------------------------------------------------
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
-        report = Lint(adapter, RULES, FIXES)
-        report.config_types("VERA001", CONFIG_TYPES)
-        report.roles("VERA002", "VERA003", ROLES)
+        report = Lint(adapter, TABLE)
+        report.config_types(CONFIG_TYPES)
+        report.roles(ROLES)
         config = adapter.config
         rank = config.get("r", 256)
         rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else None
@@ -139,12 +121,8 @@ class VeRA(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicable):
                 if base is not None and "vera_lambda_b" in roles:
                     self._lint_base(report, base, module, roles, shared)
         if check_values:
-            report.finite("VERA009")
-            for module, roles in adapter.modules().items():
-                if "vera_lambda_b" in roles:
-                    t = adapter.tensor(roles["vera_lambda_b"])
-                    if t.numel() and bool(torch.isfinite(t).all()) and not bool(t.any()):
-                        report.add("VERA010", f"vera_lambda_b of {module} is all zero", roles["vera_lambda_b"])
+            report.finite()
+            report.zeros("vera_lambda_b")
         return report.findings
 
     def _lint_module(self, report: Lint, module: str, roles: dict[str, str], rank: int | None,
@@ -168,11 +146,11 @@ class VeRA(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicable):
         elif "vera_B" in shared and adapter.info(shared["vera_B"]).shape[0] < b[0]:
             report.add("VERA007", f"vera_B has {adapter.info(shared['vera_B']).shape[0]} rows, fewer than "
                        f"{module}'s {b[0]} outputs", roles["vera_lambda_b"])
-        report.targeted("VERA008", module, roles["vera_lambda_b"])
+        report.targeted(module, roles["vera_lambda_b"])
 
     def _lint_base(self, report: Lint, base: BaseInfo, module: str, roles: dict[str, str],
                    shared: Mapping[str, str]) -> None:
-        found = report.base_tensor("VERA011", base, module, roles["vera_lambda_b"])
+        found = report.base_tensor(base, module, roles["vera_lambda_b"])
         if found is None:
             return
         out = report.adapter.info(roles["vera_lambda_b"]).shape[0]
@@ -237,63 +215,55 @@ class VeRA(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicable):
                                         **adapter.where(roles["vera_lambda_b"]),
                                         hint="the adapter was made for another model size")
 
-    # --- merge ----------------------------------------------------------------------------------------
+    # --- merge and unmerged forward (the adding: plugins/peft/additive.py) ---------------------------------
 
-    def merge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
-        updates = replacement_updates(adapter, base)
+    def anchor(self, module: str, roles: Mapping[str, str]) -> str | None:
+        return roles.get("vera_lambda_b") if module else None  # module "": the shared projections
+
+    def source(self, roles: Mapping[str, str]) -> str:
+        return ", ".join(roles[r] for r in LAMBDAS)
+
+    def prepare_merge(self, adapter: Adapter, base: BaseInfo) -> Shared:
+        """The projections, and every module's (layout, in, out) from the base's headers (regenerated
+        projections are as large as the largest layer), rounded to the base's 16-bit dtype as PEFT does."""
         targets = {m: locate(adapter, base, m, "weight", roles["vera_lambda_b"])
-                   for m, roles in adapter.modules().items() if m and "vera_lambda_b" in roles}
+                   for m, roles in adapter.modules().items() if self.anchor(m, roles)}
         found = {m: base.find(t) for m, t in targets.items()}
-        dims = self._dims(adapter, {m: tuple(t.shape) for m, t in found.items()})  # type: ignore[union-attr]
+        dims = self._dims(adapter, {m: tuple(t.shape) for m, t in found.items() if t is not None})
         dtype = next((STORED_DTYPES.get(t.dtype) for t in found.values() if t is not None), None)
-        a, b = self.projections(adapter, dims, dtype or torch.float32)
-        for module, target in targets.items():
-            roles = adapter.modules()[module]
-            self._check_fits(adapter, a, b, module, roles, dims[module])
-            updates.append(TensorUpdate(target, "delta", self._merge_fn(adapter, roles, a, b, dims[module], weight),
-                                        source=f"{roles['vera_lambda_b']}, {roles['vera_lambda_d']}"))
-        return updates
+        return Shared(*self.projections(adapter, dims, dtype or torch.float32), dims)
 
-    @staticmethod
-    def _merge_fn(adapter: Adapter, roles: Mapping[str, str], a: torch.Tensor, b: torch.Tensor,
-                  dims: tuple[str, int, int], weight: float) -> Any:
-        layout, in_features, out_features = dims
+    def prepare_apply(self, adapter: Adapter, model: torch.nn.Module) -> Shared:
+        """As :meth:`prepare_merge`, from the live model's weights."""
+        named = dict(model.named_modules())
+        weights = {m: weight_of(find_module(named, m, adapter))
+                   for m, roles in adapter.modules().items() if self.anchor(m, roles)}
+        dims = self._dims(adapter, {m: tuple(w.shape) for m, w in weights.items()})
+        dtype = next(iter(weights.values())).dtype if weights else torch.float32
+        return Shared(*self.projections(adapter, dims, dtype), dims)
 
-        def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    def module_delta(self, adapter: Adapter, module: str, roles: Mapping[str, str], target: str,
+                     base_shape: tuple[int, ...], shared: Shared) -> Delta:
+        a, b, (layout, in_features, out_features) = shared.a, shared.b, shared.dims[module]
+        self._check_fits(adapter, a, b, module, roles, shared.dims[module])
+
+        def delta(current: torch.Tensor) -> torch.Tensor:
             # PEFT's vera Linear.get_delta_weight: slice, scale rows, multiply, transpose for Conv1D
             lambda_b = adapter.tensor(roles["vera_lambda_b"]).to(current.device).float().unsqueeze(-1)
             lambda_d = adapter.tensor(roles["vera_lambda_d"]).to(current.device).float().unsqueeze(-1)
             sliced_a = a.to(current.device)[:, :in_features]
             sliced_b = b.to(current.device)[:out_features, :]
-            delta = (lambda_b * sliced_b) @ (lambda_d * sliced_a)
-            if layout == "fan_in_fan_out":
-                delta = delta.T
-            return current + (delta if weight == 1.0 else delta * weight)
+            d = (lambda_b * sliced_b) @ (lambda_d * sliced_a)
+            return d.T if layout == "fan_in_fan_out" else d
 
-        return fn
+        return delta
 
-    # --- runtime application (unmerged) --------------------------------------------------------------------
-
-    def apply(self, adapter: Adapter, model: torch.nn.Module) -> Any:
-        """Forward hooks adding ``λ_b ⊙ F.linear(λ_d ⊙ F.linear(x, A[:, :in]), B[:out])``, as PEFT does."""
-        named = dict(model.named_modules())
-        weights = {m: find_module(named, m, adapter).weight
-                   for m, roles in adapter.modules().items() if m and "vera_lambda_b" in roles}
-        dims = self._dims(adapter, {m: tuple(w.shape) for m, w in weights.items()})
-        a, b = self.projections(adapter, dims, next(iter(weights.values())).dtype if weights else torch.float32)
-
-        def install(module: str, roles: dict[str, str], layer: torch.nn.Module) -> list[Any]:
-            if "vera_lambda_b" not in roles:
-                return []
-            self._check_fits(adapter, a, b, module, roles, dims[module])
-            lambda_b = adapter.tensor(roles["vera_lambda_b"]).float()
-            lambda_d = adapter.tensor(roles["vera_lambda_d"]).float()
-            sliced_a, sliced_b = a[:, :dims[module][1]], b[:dims[module][2], :]
-
-            def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-                x = inputs[0].to(lambda_d.dtype)
-                return (output + lambda_b * F.linear(lambda_d * F.linear(x, sliced_a), sliced_b)).to(output.dtype)
-
-            return [layer.register_forward_hook(hook)]
-
-        return hooked(adapter, model, install)
+    def module_path(self, adapter: Adapter, module: str, roles: Mapping[str, str], layer: torch.nn.Module,
+                    shared: Shared) -> Path:
+        """``λ_b ⊙ F.linear(λ_d ⊙ F.linear(x, A[:, :in]), B[:out])``, as PEFT's forward adds it."""
+        a, b, dims = shared.a, shared.b, shared.dims[module]
+        self._check_fits(adapter, a, b, module, roles, dims)
+        lambda_b = adapter.tensor(roles["vera_lambda_b"]).float()
+        lambda_d = adapter.tensor(roles["vera_lambda_d"]).float()
+        sliced_a, sliced_b = a[:, :dims[1]], b[:dims[2], :]
+        return lambda mod, x: lambda_b * F.linear(lambda_d * F.linear(x, sliced_a), sliced_b)

@@ -22,38 +22,19 @@ from collections.abc import Mapping
 
 import torch
 
-from ..peft.common import Lint
+from ..peft.lint import CORRUPT, FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
 from .base import Lycoris, config_rank
 
 ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 FACTORS = ROLES[:4]
 
-RULES = {
-    "LOHA001": ("error", "config field has the wrong type"),
-    "LOHA002": ("error", "tensor role unknown to LoHa"),
-    "LOHA003": ("error", "tensor dtype is not floating point"),
-    "LOHA004": ("error", "a factor is missing"),
-    "LOHA005": ("error", "factor shapes disagree"),
-    "LOHA006": ("error", "rank differs from r / rank_pattern"),
-    "LOHA007": ("error", "weights on a module target_modules does not select"),
-    "LOHA008": ("error", "NaN or Inf values"),
-    "LOHA009": ("warning", "a factor is all zero: the module changes nothing"),
-    "LOHA010": ("error", "target module missing from the base"),
-    "LOHA011": ("error", "shape does not fit the base"),
-}
-FIXES = {
-    "LOHA001": "fix the field in adapter_config.json (see PEFT's LoHaConfig)",
-    "LOHA002": "remove the tensor, or install the plugin of the method that uses it",
-    "LOHA003": "save the adapter in fp32, fp16 or bf16",
-    "LOHA004": "the adapter file is incomplete: save it again",
-    "LOHA005": "the adapter file is corrupt: save it again",
-    "LOHA006": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "LOHA007": "add the module to target_modules or drop its tensors",
-    "LOHA008": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "LOHA009": "publish the trained checkpoint, not the initial one",
-    "LOHA010": "use the base the adapter was trained on (base_model_name_or_path)",
-    "LOHA011": "use the base the adapter was trained on (model size)",
-}
+TABLE = rule_table("LOHA", {
+    1: "type", 2: "role", 3: "dtype",
+    4: Rule("error", "a factor is missing", INCOMPLETE),
+    5: Rule("error", "factor shapes disagree", CORRUPT),
+    6: Rule("error", "rank differs from r / rank_pattern", FOREIGN_CONFIG),
+    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
+}, method="LoHa", config="LoHaConfig", zero="a factor is all zero: the module changes nothing")
 
 
 class LoHa(Lycoris):
@@ -62,10 +43,8 @@ class LoHa(Lycoris):
     roles = ROLES
     peft_types = ("LOHA",)
     peft_roles = {role: role for role in ROLES}
-    rules = RULES
-    fixes = FIXES
-    rule_ids = {"type": "LOHA001", "role": "LOHA002", "dtype": "LOHA003", "target": "LOHA007",
-                "values": "LOHA008", "missing": "LOHA010", "fit": "LOHA011"}
+    table = TABLE
+    rules = TABLE.rules
 
     def delta(self, tensors: Mapping[str, torch.Tensor], scaling: float) -> torch.Tensor:
         # peft's HadaWeight / HadaWeightCP forward; the scale is a 0-d fp32 tensor there.
@@ -105,23 +84,21 @@ class LoHa(Lycoris):
         if ("hada_t1" in roles) != ("hada_t2" in roles):
             missing.append("hada_t2" if "hada_t1" in roles else "hada_t1")
         if missing:
-            report.add("LOHA004", f"module {module} lacks {', '.join(missing)}", self.anchor(roles))
+            report.add("LOHA004", f"module {module} lacks {', '.join(missing)}", self.anchor(module, roles))
             return
         shapes = self._shapes(adapter, roles)
         if self.delta_shape(shapes) is None:
             listed = ", ".join(f"{r} {list(s)}" for r, s in shapes.items())
-            report.add("LOHA005", f"factor shapes disagree: {listed}", self.anchor(roles))
+            report.add("LOHA005", f"factor shapes disagree: {listed}", self.anchor(module, roles))
             return
         effective = "hada_t1" in roles
         found = shapes["hada_w1_b"][0]
         rank = config_rank(adapter.config, module)
         if rank is not None and found != rank:
             report.add("LOHA006", f"config gives rank {rank} (r / rank_pattern) but the factors have rank {found}",
-                       self.anchor(roles), field="r")
+                       self.anchor(module, roles), field="r")
         if effective and not adapter.config.get("use_effective_conv2d"):
             report.add("LOHA006", "hada_t1/hada_t2 are saved but use_effective_conv2d is false",
                        roles["hada_t1"], field="use_effective_conv2d")
         for role in FACTORS + (("hada_t1", "hada_t2") if effective else ()):
-            tensor = adapter.tensor(roles[role])
-            if tensor.numel() and bool(torch.isfinite(tensor).all()) and not bool(tensor.any()):
-                report.add("LOHA009", f"{role} of {module} is all zero", roles[role])
+            report.zero(module, role, roles[role])

@@ -24,40 +24,22 @@ from collections.abc import Mapping
 
 import torch
 
-from ..peft.common import Lint
+from ..peft.lint import CORRUPT, FOREIGN_CONFIG, Lint, Rule, rule_table
 from .base import Lycoris, config_rank
 
 ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
-RULES = {
-    "LOKR001": ("error", "config field has the wrong type"),
-    "LOKR002": ("error", "tensor role unknown to LoKr"),
-    "LOKR003": ("error", "tensor dtype is not floating point"),
-    "LOKR004": ("error", "a factor is missing, or saved both full and decomposed"),
-    "LOKR005": ("error", "factor shapes disagree"),
-    "LOKR006": ("error", "ranks or the full/decomposed choice disagree with r / rank_pattern"),
-    "LOKR007": ("error", "factor sizes disagree with decompose_factor"),
-    "LOKR008": ("error", "weights on a module target_modules does not select"),
-    "LOKR009": ("error", "NaN or Inf values"),
-    "LOKR010": ("warning", "a factor is all zero: the module changes nothing"),
-    "LOKR011": ("error", "target module missing from the base"),
-    "LOKR012": ("error", "shape does not fit the base"),
-}
-FIXES = {
-    "LOKR001": "fix the field in adapter_config.json (see PEFT's LoKrConfig)",
-    "LOKR002": "remove the tensor, or install the plugin of the method that uses it",
-    "LOKR003": "save the adapter in fp32, fp16 or bf16",
-    "LOKR004": "the adapter file is incomplete or mixed up: save it again",
-    "LOKR005": "the adapter file is corrupt: save it again",
-    "LOKR006": "the config does not belong to these weights (r sets the scaling): ship the matching "
-               "adapter_config.json",
-    "LOKR007": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "LOKR008": "add the module to target_modules or drop its tensors",
-    "LOKR009": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "LOKR010": "publish the trained checkpoint, not the initial one",
-    "LOKR011": "use the base the adapter was trained on (base_model_name_or_path)",
-    "LOKR012": "use the base the adapter was trained on (model size)",
-}
+TABLE = rule_table("LOKR", {
+    1: "type", 2: "role", 3: "dtype",
+    4: Rule("error", "a factor is missing, or saved both full and decomposed",
+            "the adapter file is incomplete or mixed up: save it again"),
+    5: Rule("error", "factor shapes disagree", CORRUPT),
+    6: Rule("error", "ranks or the full/decomposed choice disagree with r / rank_pattern",
+            "the config does not belong to these weights (r sets the scaling): ship the matching "
+            "adapter_config.json"),
+    7: Rule("error", "factor sizes disagree with decompose_factor", FOREIGN_CONFIG),
+    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
+}, method="LoKr", config="LoKrConfig", zero="a factor is all zero: the module changes nothing")
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -94,11 +76,9 @@ class LoKr(Lycoris):
     roles = ROLES
     peft_types = ("LOKR",)
     peft_roles = {role: role for role in ROLES}
-    rules = RULES
-    fixes = FIXES
+    table = TABLE
+    rules = TABLE.rules
     extra_types = {"decompose_both": bool, "decompose_factor": int, "rank_dropout_scale": bool}
-    rule_ids = {"type": "LOKR001", "role": "LOKR002", "dtype": "LOKR003", "target": "LOKR008",
-                "values": "LOKR009", "missing": "LOKR011", "fit": "LOKR012"}
 
     def delta(self, tensors: Mapping[str, torch.Tensor], scaling: float) -> torch.Tensor:
         # peft's LoKrLayer.get_delta_weight and make_kron, step by step
@@ -176,7 +156,7 @@ class LoKr(Lycoris):
 
     def lint_module(self, report: Lint, module: str, roles: dict[str, str], base_shape: tuple[int, ...] | None) -> None:
         adapter, config = report.adapter, report.adapter.config
-        anchor = self.anchor(roles)
+        anchor = self.anchor(module, roles)
         problems = []
         for full, pair in (("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b"))):
             have = [r for r in pair if r in roles]
@@ -198,9 +178,7 @@ class LoKr(Lycoris):
         self._lint_ranks(report, module, roles, shapes, parts, base_shape)
         for role in ROLES:
             if role in roles:
-                tensor = adapter.tensor(roles[role])
-                if tensor.numel() and bool(torch.isfinite(tensor).all()) and not bool(tensor.any()):
-                    report.add("LOKR010", f"{role} of {module} is all zero", roles[role])
+                report.zero(module, role, roles[role])
         if "lokr_t2" in roles and not config.get("use_effective_conv2d"):
             report.add("LOKR006", "lokr_t2 is saved but use_effective_conv2d is false", roles["lokr_t2"],
                        field="use_effective_conv2d")
@@ -216,7 +194,7 @@ class LoKr(Lycoris):
         rank = config_rank(config, module)
         if rank is None:
             return
-        anchor = self.anchor(roles)
+        anchor = self.anchor(module, roles)
         for role in ("lokr_w1_b", "lokr_w2_b"):
             if role in shapes and shapes[role][0] != rank:
                 report.add("LOKR006", f"config gives rank {rank} (r / rank_pattern) but {role} has rank "

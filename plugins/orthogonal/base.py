@@ -9,7 +9,7 @@ compose as PEFT composes them when it merges several adapters one after the othe
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +17,28 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import Adapter, BaseInfo, IncompatibleBaseError, TensorUpdate, UnsupportedOperationError
 
-from ..peft.common import hooked, locate, replacement_updates
+from ..peft.common import hooked, locate, replacement_updates, weight_of
+from ..peft.lint import Lint
 
 CONV_REFUSAL = "conv layers are not supported yet (PEFT views the kernel as part of the input rotation)"
+
+
+def exactly_one(report: Lint, rule: str, first: tuple[str, int], second: tuple[str, int]) -> bool:
+    """Whether the config's two block fields (name, default) are usable: non-negative integers of which
+    exactly one is set, as PEFT requires (else a finding of ``rule`` on the first field)."""
+    (one, one_default), (other, other_default) = first, second
+    a, b = report.adapter.config.get(one, one_default), report.adapter.config.get(other, other_default)
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (a, b))
+    if valid and bool(a) == bool(b):
+        report.add(rule, f"{one} is {a} and {other} is {b}", field=one)
+        return False
+    return valid
+
+
+def block_diagonal(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.block_diag`` of ``blocks`` (which torch leaves unannotated, so it is typed here, once)."""
+    matrix: torch.Tensor = torch.block_diag(*blocks)  # type: ignore[no-untyped-call]
+    return matrix
 
 
 class Orthogonal(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicable):
@@ -92,7 +111,7 @@ class Orthogonal(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicabl
         def install(module: str, roles: dict[str, str], layer: torch.nn.Module) -> list[Any]:
             if not any(r in roles for r in self.markers):
                 return []
-            in_features = self._check(adapter, module, roles, tuple(layer.weight.shape))
+            in_features = self._check(adapter, module, roles, tuple(weight_of(layer).shape))
             rotate = self.input_rotation(adapter, module, roles, in_features)
             scale = self.scale(adapter, roles)
 
@@ -105,7 +124,7 @@ class Orthogonal(plugin.AdapterMethod, plugin.Mergeable, plugin.RuntimeApplicabl
                 s = scale.squeeze(-1)
 
                 def post(mod: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-                    bias = getattr(mod, "bias", None)
+                    bias: torch.Tensor | None = getattr(mod, "bias", None)
                     if bias is None:
                         return output * s.to(output.dtype)
                     return ((output - bias) * s.to(output.dtype) + bias).to(output.dtype)

@@ -26,39 +26,20 @@ import torch
 
 from adaptools.plugin import Adapter, BaseInfo, Finding
 
-from ..peft.common import Lint
-from .base import Orthogonal
+from ..peft.lint import CORRUPT, FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
+from .base import Orthogonal, block_diagonal, exactly_one
 
 ROLES = ("boft_R", "boft_s")
 
-RULES = {
-    "BOFT001": ("error", "config field has the wrong type"),
-    "BOFT002": ("error", "tensor role unknown to BOFT"),
-    "BOFT003": ("error", "tensor dtype is not floating point"),
-    "BOFT004": ("error", "boft_R without boft_s (or the reverse)"),
-    "BOFT005": ("error", "boft_R is not [factors, blocks, b, b] or boft_s is not [out, 1]"),
-    "BOFT006": ("error", "exactly one of boft_block_size and boft_block_num must be set"),
-    "BOFT007": ("error", "factors, block count or block size disagree with the config"),
-    "BOFT008": ("error", "weights on a module target_modules does not select"),
-    "BOFT009": ("error", "NaN or Inf values"),
-    "BOFT010": ("warning", "boft_R is zero and boft_s is one: the module changes nothing"),
-    "BOFT011": ("error", "target module missing from the base"),
-    "BOFT012": ("error", "shape does not fit the base"),
-}
-FIXES = {
-    "BOFT001": "fix the field in adapter_config.json (see PEFT's BOFTConfig)",
-    "BOFT002": "remove the tensor, or install the plugin of the method that uses it",
-    "BOFT003": "save the adapter in fp32, fp16 or bf16",
-    "BOFT004": "the adapter file is incomplete: save it again",
-    "BOFT005": "the adapter file is corrupt: save it again",
-    "BOFT006": "set boft_block_size or boft_block_num to 0 (the one that was not used in training)",
-    "BOFT007": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "BOFT008": "add the module to target_modules or drop its tensors",
-    "BOFT009": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "BOFT010": "publish the trained checkpoint, not the initial one",
-    "BOFT011": "use the base the adapter was trained on (base_model_name_or_path)",
-    "BOFT012": "use the base the adapter was trained on (model size)",
-}
+TABLE = rule_table("BOFT", {
+    1: "type", 2: "role", 3: "dtype",
+    4: Rule("error", "boft_R without boft_s (or the reverse)", INCOMPLETE),
+    5: Rule("error", "boft_R is not [factors, blocks, b, b] or boft_s is not [out, 1]", CORRUPT),
+    6: Rule("error", "exactly one of boft_block_size and boft_block_num must be set",
+            "set boft_block_size or boft_block_num to 0 (the one that was not used in training)"),
+    7: Rule("error", "factors, block count or block size disagree with the config", FOREIGN_CONFIG),
+    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
+}, method="BOFT", config="BOFTConfig", zero="boft_R is zero and boft_s is one: the module changes nothing")
 CONFIG_TYPES = {"boft_block_size": int, "boft_block_num": int, "boft_n_butterfly_factor": int,
                 "fan_in_fan_out": bool, "target_modules": (str, list)}
 
@@ -102,7 +83,7 @@ def butterfly_matrix(boft_r: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(size).unsqueeze(0).expand(n_factors * blocks, size, size)
     rotations = torch.linalg.solve(eye + skew_part, eye - skew_part, left=False).to(data.dtype)
     rotations = rotations.view(n_factors, blocks, size, size)
-    diagonal = torch.stack([torch.block_diag(*torch.unbind(rotations[i])) for i in range(n_factors)])
+    diagonal = torch.stack([block_diagonal(torch.unbind(rotations[i])) for i in range(n_factors)])
     in_features = blocks * size
     perms = torch.empty((n_factors, in_features, in_features))
     for i in range(n_factors):
@@ -123,7 +104,7 @@ class BOFT(Orthogonal):
     roles = ROLES
     peft_types = ("BOFT",)
     peft_roles = {"boft_R": "boft_R", "boft_s": "boft_s"}
-    rules = RULES
+    rules = TABLE.rules
     conditional = {"merge": "Linear layers at weight 1 (conv and embedding layers and weighted merges are refused, "
                             "naming why)",
                    "apply": "Linear layers (conv and embedding layers are refused, naming why)"}
@@ -144,15 +125,10 @@ class BOFT(Orthogonal):
     # --- check ---------------------------------------------------------------------------------------------
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
-        report = Lint(adapter, RULES, FIXES)
-        report.config_types("BOFT001", CONFIG_TYPES)
-        config = adapter.config
-        size, num = config.get("boft_block_size", 4), config.get("boft_block_num", 0)
-        valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (size, num))
-        if valid and bool(size) == bool(num):
-            report.add("BOFT006", f"boft_block_size is {size} and boft_block_num is {num}", field="boft_block_size")
-            valid = False
-        report.roles("BOFT002", "BOFT003", ROLES)
+        report = Lint(adapter, TABLE)
+        report.config_types(CONFIG_TYPES)
+        valid = exactly_one(report, "BOFT006", ("boft_block_size", 4), ("boft_block_num", 0))
+        report.roles(ROLES)
         for module, roles in adapter.modules().items():
             present = [r for r in ROLES if r in roles]
             if not present:
@@ -166,15 +142,15 @@ class BOFT(Orthogonal):
                 continue
             if valid:
                 self._lint_blocks(report, roles, r_shape)
-            report.targeted("BOFT008", module, roles["boft_R"])
+            report.targeted(module, roles["boft_R"])
             if base is not None:
-                found = report.base_tensor("BOFT011", base, module, roles["boft_R"])
+                found = report.base_tensor(base, module, roles["boft_R"])
                 if found is not None and len(found.shape) == 2 and \
                         (found.shape[1] != r_shape[1] * r_shape[2] or found.shape[0] != s_shape[0]):
                     report.add("BOFT012", f"boft_R {list(r_shape)} and boft_s {list(s_shape)} do not fit base "
                                f"{found.name} {list(found.shape)}", roles["boft_R"])
         if check_values:
-            report.finite("BOFT009")
+            report.finite()
             for module, roles in adapter.modules().items():
                 if all(r in roles for r in ROLES):
                     r, s = adapter.tensor(roles["boft_R"]), adapter.tensor(roles["boft_s"])

@@ -24,40 +24,22 @@ import torch
 
 from adaptools.plugin import Adapter, BaseInfo, Finding
 
-from ..peft.common import Lint
-from .base import Orthogonal
+from ..peft.lint import CORRUPT, FOREIGN_CONFIG, Lint, Rule, rule_table
+from .base import Orthogonal, block_diagonal, exactly_one
 
 ROLES = ("oft_R", "oft_embedding_R", "oft_r", "oft_s")
 LEGACY = ("oft_r", "oft_s")
 
-RULES = {
-    "OFT001": ("error", "config field has the wrong type"),
-    "OFT002": ("error", "tensor role unknown to OFT"),
-    "OFT003": ("error", "tensor dtype is not floating point"),
-    "OFT004": ("error", "oft_R is not [blocks, b(b-1)/2] for any block size b"),
-    "OFT005": ("error", "exactly one of r and oft_block_size must be set"),
-    "OFT006": ("error", "block count or size disagrees with r / oft_block_size / block_share"),
-    "OFT007": ("error", "weights on a module target_modules does not select"),
-    "OFT008": ("error", "NaN or Inf values"),
-    "OFT009": ("warning", "oft_R is all zero: the rotation is the identity"),
-    "OFT010": ("error", "target module missing from the base"),
-    "OFT011": ("error", "shape does not fit the base"),
-    "OFT012": ("error", "checkpoint of peft <= 0.15 (oft_r/oft_s): no longer loadable"),
-}
-FIXES = {
-    "OFT001": "fix the field in adapter_config.json (see PEFT's OFTConfig)",
-    "OFT002": "remove the tensor, or install the plugin of the method that uses it",
-    "OFT003": "save the adapter in fp32, fp16 or bf16",
-    "OFT004": "the adapter file is corrupt: save it again",
-    "OFT005": "set r or oft_block_size to 0 (the one that was not used in training)",
-    "OFT006": "the config does not belong to these weights: ship the matching adapter_config.json",
-    "OFT007": "add the module to target_modules or drop its tensors",
-    "OFT008": "the adapter diverged in training or the file is corrupt: retrain or re-save",
-    "OFT009": "publish the trained checkpoint, not the initial one",
-    "OFT010": "use the base the adapter was trained on (base_model_name_or_path)",
-    "OFT011": "use the base the adapter was trained on (model size)",
-    "OFT012": "load it with peft <= 0.15.2 and retrain, or use that version to merge it",
-}
+TABLE = rule_table("OFT", {
+    1: "type", 2: "role", 3: "dtype",
+    4: Rule("error", "oft_R is not [blocks, b(b-1)/2] for any block size b", CORRUPT),
+    5: Rule("error", "exactly one of r and oft_block_size must be set",
+            "set r or oft_block_size to 0 (the one that was not used in training)"),
+    6: Rule("error", "block count or size disagrees with r / oft_block_size / block_share", FOREIGN_CONFIG),
+    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
+    12: Rule("error", "checkpoint of peft <= 0.15 (oft_r/oft_s): no longer loadable",
+             "load it with peft <= 0.15.2 and retrain, or use that version to merge it"),
+}, method="OFT", config="OFTConfig", zero="oft_R is all zero: the rotation is the identity")
 CONFIG_TYPES = {"r": int, "oft_block_size": int, "block_share": bool, "coft": bool, "eps": (int, float),
                 "use_cayley_neumann": bool, "num_cayley_neumann_terms": int, "target_modules": (str, list)}
 
@@ -120,7 +102,8 @@ def cayley(vec: torch.Tensor, b: int, neumann: bool, terms: int) -> torch.Tensor
     k = vec.shape[0]
     if not neumann:
         eye = torch.eye(b).unsqueeze(0).expand(k, b, b)
-        return torch.linalg.solve(eye + q, eye - q, left=False).to(vec.dtype)
+        solved: torch.Tensor = torch.linalg.solve(eye + q, eye - q, left=False)
+        return solved.to(vec.dtype)
     r = torch.eye(b, dtype=vec.dtype).repeat(k, 1, 1)
     if terms > 1:
         r.add_(q, alpha=2.0)
@@ -142,7 +125,7 @@ class OFT(Orthogonal):
     peft_types = ("OFT",)
     peft_roles = {"oft_R.weight": "oft_R", "oft_embedding_R.weight": "oft_embedding_R", "oft_r": "oft_r",
                   "oft_s": "oft_s"}
-    rules = RULES
+    rules = TABLE.rules
     conditional = {"merge": "Linear layers at weight 1 (conv and embedding layers and weighted merges are refused, "
                             "naming why)",
                    "apply": "Linear layers (conv and embedding layers are refused, naming why)"}
@@ -163,7 +146,7 @@ class OFT(Orthogonal):
     def rotation(self, adapter: Adapter, module: str, roles: Mapping[str, str], in_features: int) -> torch.Tensor:
         blocks = self.blocks(adapter, module, roles)
         count = in_features // blocks.shape[1] if adapter.config.get("block_share") else blocks.shape[0]
-        return torch.block_diag(*[blocks[0 if blocks.shape[0] == 1 else i] for i in range(count)])
+        return block_diagonal([blocks[0 if blocks.shape[0] == 1 else i] for i in range(count)])
 
     def input_rotation(self, adapter: Adapter, module: str, roles: Mapping[str, str], in_features: int) -> Any:
         """PEFT's forward rotates block by block: ``einsum("...rk,rkc->...rc")`` on ``[..., blocks, b]``."""
@@ -186,15 +169,10 @@ class OFT(Orthogonal):
     # --- check ---------------------------------------------------------------------------------------------
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
-        report = Lint(adapter, RULES, FIXES)
-        report.config_types("OFT001", CONFIG_TYPES)
-        config = adapter.config
-        r, size = config.get("r", 0), config.get("oft_block_size", 0)
-        valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (r, size))
-        if valid and bool(r) == bool(size):
-            report.add("OFT005", f"r is {r} and oft_block_size is {size}", field="r")
-            valid = False
-        report.roles("OFT002", "OFT003", ROLES)
+        report = Lint(adapter, TABLE)
+        report.config_types(CONFIG_TYPES)
+        valid = exactly_one(report, "OFT005", ("r", 0), ("oft_block_size", 0))
+        report.roles(ROLES)
         for module, roles in adapter.modules().items():
             legacy = [r for r in LEGACY if r in roles]
             if legacy:
@@ -210,18 +188,14 @@ class OFT(Orthogonal):
                 continue
             if valid:
                 self._lint_blocks(report, module, roles, shape[0], b, None)
-            report.targeted("OFT007", module, roles["oft_R"])
+            report.targeted(module, roles["oft_R"])
             if base is not None:
-                found = report.base_tensor("OFT010", base, module, roles["oft_R"])
+                found = report.base_tensor(base, module, roles["oft_R"])
                 if found is not None:
                     self._lint_base(report, module, roles, shape[0], b, tuple(found.shape), valid)
         if check_values:
-            report.finite("OFT008")
-            for module, roles in adapter.modules().items():
-                if "oft_R" in roles:
-                    t = adapter.tensor(roles["oft_R"])
-                    if t.numel() and bool(torch.isfinite(t).all()) and not bool(t.any()):
-                        report.add("OFT009", f"oft_R of {module} is all zero", roles["oft_R"])
+            report.finite()
+            report.zeros("oft_R")
         return report.findings
 
     def _lint_blocks(self, report: Lint, module: str, roles: Mapping[str, str], rows: int, b: int,

@@ -1,27 +1,20 @@
 """What every PEFT method plugin needs besides its own maths: finding the base tensor a module changes,
-full-tensor replacements (``modules_to_save``, saved biases), the layout of a weight matrix
-(``nn.Linear`` or GPT-2 ``Conv1D``), swapping parameters and hooks in and out of a live model, and the
-plumbing of lint findings. Public ``adaptools`` API only, like every plugin."""
+full-tensor replacements (``modules_to_save``, saved biases), the layout of a weight (``nn.Linear``, GPT-2
+``Conv1D``, a conv kernel seen as a matrix), and swapping parameters and hooks in and out of a live model.
+Module matching is in ``matching.py``, the lint rules in ``lint.py``, the base of additive methods in
+``additive.py``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from adaptools.plugin import (
-    Adapter,
-    BaseInfo,
-    BaseTensor,
-    Finding,
-    IncompatibleBaseError,
-    TensorUpdate,
-    count_nonfinite,
-)
-
-from ..lora.config import is_targeted  # PEFT's module matching, the same for every tuner
+from adaptools.plugin import Adapter, BaseInfo, IncompatibleBaseError, TensorUpdate
 
 
 def locate(adapter: Adapter, base: BaseInfo, module: str, param: str, tensor: str) -> str:
@@ -34,15 +27,23 @@ def locate(adapter: Adapter, base: BaseInfo, module: str, param: str, tensor: st
     return found
 
 
-def matrix_layout(base_shape: tuple[int, ...], out_features: int, in_features: int,
-                  fan_in_fan_out: bool) -> str | None:
-    """``"linear"`` for a weight stored ``[out, in]``, ``"fan_in_fan_out"`` for GPT-2 ``Conv1D`` (``[in, out]``),
-    None if neither fits. A square weight follows the config's flag (PEFT sets it per layer type)."""
-    out_in, in_out = (out_features, in_features), (in_features, out_features)
-    if tuple(base_shape) == out_in and (out_in != in_out or not fan_in_fan_out):
-        return "linear"
-    if tuple(base_shape) == in_out:
-        return "fan_in_fan_out"
+def weight_layout(shape: tuple[int, ...], out_features: int, in_features: int | None = None,
+                  fan_in_fan_out: bool = False, *, conv: bool = False) -> str | None:
+    """How a weight of ``shape`` holds a layer with ``out_features`` outputs and ``in_features`` inputs:
+    ``"linear"`` (``[out, in]``), ``"fan_in_fan_out"`` (GPT-2 ``Conv1D``, ``[in, out]``), ``"conv"`` (with
+    ``conv``: a kernel ``[out, ...]`` whose other sizes multiply to ``in``, as a flattened matrix sees it), or
+    None if none fits. A square weight follows the config's ``fan_in_fan_out`` (PEFT sets it per layer type).
+    ``in_features`` None: any input size (the output size alone decides, as for VeRA's scaling vector)."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        fits = conv and len(shape) > 2 and shape[0] == out_features and math.prod(shape[1:]) == in_features
+        return "conv" if fits else None
+    for inputs in (shape[1], shape[0]) if in_features is None else (in_features,):
+        out_in, in_out = (out_features, inputs), (inputs, out_features)
+        if shape == out_in and (out_in != in_out or not fan_in_fan_out):
+            return "linear"
+        if shape == in_out:
+            return "fan_in_fan_out"
     return None
 
 
@@ -82,6 +83,13 @@ def find_module(named: Mapping[str, torch.nn.Module], module: str, adapter: Adap
     raise IncompatibleBaseError(f"the model has no module {module}", path=adapter.source)
 
 
+def weight_of(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's ``weight`` (a parameter: ``nn.Module`` attribute access is typed loosely)."""
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor), f"{type(layer).__name__}.weight is not a tensor"
+    return weight
+
+
 #: Installs a module's runtime hooks: (module path, roles, live module) -> hook handles.
 HookInstaller = Callable[[str, dict[str, str], torch.nn.Module], list[Any]]
 
@@ -117,60 +125,3 @@ def undo(handles: list[Any], saved: list[tuple[torch.nn.Parameter, torch.Tensor]
         h.remove()
     for param, value in reversed(saved):
         param.data = value
-
-
-class Lint:
-    """Collects one adapter's findings for a method's rule table, with the checks every method shares."""
-
-    def __init__(self, adapter: Adapter, rules: Mapping[str, tuple[str, str]], fixes: Mapping[str, str]):
-        self.adapter, self.rules, self.fixes = adapter, rules, fixes
-        self.findings: list[Finding] = []
-
-    def add(self, rule: str, message: str, name: str | None = None, field: str | None = None,
-            fix: str | None = None) -> None:
-        where = self.adapter.where(name) if name else {"path": self.adapter.source, "tensor": None}
-        self.findings.append(Finding(rule, self.rules[rule][0], message, fix or self.fixes[rule],
-                                     where["path"], where["tensor"], field))
-
-    def config_types(self, rule: str, types: Mapping[str, Any]) -> None:
-        """Each present, non-null config field has the type PEFT's config class gives it."""
-        for key, kind in types.items():
-            value = self.adapter.config.get(key)
-            if value is None:
-                continue
-            ints = kind is int or (isinstance(kind, tuple) and int in kind and float not in kind)
-            if not isinstance(value, kind) or (isinstance(value, bool) and ints):
-                self.add(rule, f"{key} is {value!r}", field=key)
-
-    def roles(self, role_rule: str, dtype_rule: str, known: tuple[str, ...]) -> None:
-        """Every tensor has a role the method knows (or ``replace_<param>``) and a floating-point dtype."""
-        for name in self.adapter.tensor_names():
-            role = name.rpartition(".")[2]
-            if role not in known and not role.startswith("replace_"):
-                self.add(role_rule, f"unknown tensor role {role!r}", name,
-                         fix=f"known roles: {', '.join(known)}, replace_<param>")
-            elif not self.adapter.info(name).dtype.startswith(("F", "BF")):
-                self.add(dtype_rule, f"dtype {self.adapter.info(name).dtype} is not floating point", name)
-
-    def finite(self, rule: str) -> None:
-        """No NaN or Inf in any tensor (reads every tensor)."""
-        for name in self.adapter.tensor_names():
-            tensor = self.adapter.tensor(name)
-            bad = count_nonfinite(tensor)
-            if bad:
-                self.add(rule, f"{bad} NaN/Inf value(s)", name)
-
-    def targeted(self, rule: str, module: str, name: str) -> None:
-        """target_modules (with exclude_modules and layers_to_transform) selects the module."""
-        if self.adapter.config.get("target_modules") is not None and not is_targeted(self.adapter.config, module):
-            self.add(rule, f"module {module} has weights but target_modules does not select it", name,
-                     field="target_modules")
-
-    def base_tensor(self, rule: str, base: BaseInfo, module: str, name: str, param: str = "weight") \
-            -> BaseTensor | None:
-        """The base tensor ``module.param``, or a finding that the base lacks it."""
-        target = base.locate(module, param)
-        if target is None:
-            self.add(rule, f"the base has no {module}.{param}", name)
-            return None
-        return base.find(target)

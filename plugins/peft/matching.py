@@ -1,0 +1,73 @@
+"""Which modules a PEFT config selects, the same for every tuner: ``target_modules`` /
+``exclude_modules`` / ``layers_to_transform`` (docs/peft.md, "Which modules are targeted"), and the key
+rule of ``rank_pattern`` / ``alpha_pattern`` (docs/peft.md, "Scaling, rank and alpha").
+
+Every method family matches modules through here, so a tuner reads its config exactly as PEFT's
+``BaseTuner`` does whatever its own fields. Config regexes go through ``plugin.match_pattern``: PEFT's
+``re`` semantics, with a time limit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from adaptools import plugin
+
+# adaptools.plugin declares this name as ``from .patterns import match as match_pattern``, which mypy's
+# strict mode does not count as a re-export (only ``X as X`` does): the one place it is read, typed here.
+match_pattern: Callable[..., Any] = plugin.match_pattern  # type: ignore[attr-defined]
+
+
+def ends_with(module: str, names: Iterable[str]) -> bool:
+    """Whether ``module`` is one of ``names`` or ends with ``.<name>`` for one of them (PEFT's suffix match)."""
+    return any(module == n or module.endswith(f".{n}") for n in names)
+
+
+def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "rank_pattern", *,
+                dotted: bool = False) -> str | None:
+    r"""PEFT's rank/alpha pattern rule: the first key K (dict order) with ``re.match(r"(.*\.)?(K)$")``
+    (peft >= 0.15), or with ``re.match(r".*\.K$")`` when ``dotted`` (peft 0.6 to 0.14)."""
+    for key in patterns:
+        wrapped = rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$"
+        if match_pattern(wrapped, module, field=f"{field} key", compiled_from=key):
+            return key
+    return None
+
+
+def is_targeted(config: Mapping[str, Any], module: str) -> bool:
+    """PEFT's target_modules / exclude_modules / layers_to_transform matching for one module path."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if match_pattern(exclude, module, field="exclude_modules", how="fullmatch"):
+                return False
+        elif module in exclude or ends_with(module, exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return match_pattern(targets, module, field="target_modules", how="fullmatch") is not None
+    if module in targets:
+        return True
+    if not ends_with(module, targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    patterns = config.get("layers_pattern")
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            match = match_pattern(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module, field="layers_pattern",
+                                  compiled_from=p)
+            if match:
+                break
+    if not match:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
