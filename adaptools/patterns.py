@@ -82,3 +82,7 @@ def match(pattern: str, name: str, *, field: str, path: object = None, how: str 
                          f"{MATCH_TIMEOUT} s on a module name such as '{name[:80]}' (catastrophic "
                          "backtracking)", path=path, hint=f"simplify the pattern in {field}") from None
 
+
+
+#: The name the plugin API gives :func:`match` (``adaptools.plugin.match_pattern``).
+match_pattern = match

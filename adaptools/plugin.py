@@ -129,7 +129,7 @@ if TYPE_CHECKING:
         compile_pattern as compile_pattern,
     )
     from .patterns import (
-        match as match_pattern,
+        match_pattern as match_pattern,
     )
     from .pickled import (
         load_pickled_tensors as load_pickled_tensors,
@@ -273,7 +273,7 @@ EXPORTS = {
     "TensorSpec": ".safetensors_io", "read_header": ".safetensors_io", "save_tensors": ".safetensors_io",
     "load_pickled_tensors": ".pickled", "parse_hub_ref": ".resolve",
     "read_json": ".jsonio", "parse_json": ".jsonio", "check_json": ".jsonio", "json_problems": ".jsonio",
-    "compile_pattern": ".patterns", "match_pattern": ".patterns:match",
+    "compile_pattern": ".patterns", "match_pattern": ".patterns",
     "count_nonfinite": ".finite", "atomic_output": ".outputs", "check_output": ".outputs",
     "progress_bar": ".progress",
 }

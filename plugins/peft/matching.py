@@ -10,14 +10,12 @@ Every method family matches modules through here, so a tuner reads its config ex
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from adaptools import plugin
 
-# adaptools.plugin declares this name as ``from .patterns import match as match_pattern``, which mypy's
-# strict mode does not count as a re-export (only ``X as X`` does): the one place it is read, typed here.
-match_pattern: Callable[..., Any] = plugin.match_pattern  # type: ignore[attr-defined]
+match_pattern = plugin.match_pattern
 
 
 def ends_with(module: str, names: Iterable[str]) -> bool:
