@@ -28,6 +28,7 @@ from adaptools.plugin import Adapter, BaseInfo, Finding, IncompatibleBaseError, 
 
 from ..peft.additive import AdditiveDelta, Delta, Path, layer_path
 from ..peft.common import weight_layout, weight_of
+from ..peft.config_schema import ALPHA, PATTERNS, SIZE, config_schema
 from ..peft.lint import CORRUPT, FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
 from .from_factors import ViaPlainLoRA
 
@@ -40,8 +41,9 @@ TABLE = rule_table("ADALORA", {
     6: Rule("error", "rank differs from init_r / the rank_pattern mask", FOREIGN_CONFIG),
     7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
 }, method="AdaLoRA", config="AdaLoraConfig", zero="lora_E is all zero: the module changes nothing")
-CONFIG_TYPES = {"init_r": int, "lora_alpha": (int, float), "fan_in_fan_out": bool, "rank_pattern": dict,
-                "target_modules": (str, list)}
+#: The AdaLoraConfig fields adaptools reads, their types and ranges (a pruned rank_pattern's masks, one
+#: true/false per initial rank, are checked against init_r by the lint below).
+CONFIG_SCHEMA = config_schema({"init_r": SIZE, "lora_alpha": ALPHA, "rank_pattern": PATTERNS})
 
 
 def rank_mask(config: Mapping[str, Any], module: str) -> list[Any] | None:
@@ -97,7 +99,8 @@ class AdaLoRA(AdditiveDelta, ViaPlainLoRA):
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
         report = Lint(adapter, TABLE)
-        report.config_types(CONFIG_TYPES)
+        if not report.config(CONFIG_SCHEMA):
+            return report.unusable_config(ROLES, check_values)
         config = adapter.config
         init_r = config.get("init_r", 12)
         valid_init = isinstance(init_r, int) and not isinstance(init_r, bool) and init_r >= 0

@@ -14,9 +14,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from adaptools import plugin
 from adaptools.plugin import AdapterFormatError
 
+from ..peft.config_schema import ALPHA, FLAG, INDEX, MAX_ALPHA, MAX_RANK, PATTERNS, RANK, config_schema
+from ..peft.config_schema import config_problems as shared_config_problems
 from ..peft.matching import ends_with, pattern_key
 
 FACTOR_ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -30,52 +31,24 @@ UNMERGEABLE_FIELDS = {
     "kasa_config": "KaSA truncates the base weight",
 }
 
-#: Largest rank and largest |alpha| accepted: far above any real adapter, low enough that alpha / r stays
-#: a sane scale (an alpha of 1e300 merges into weights full of Inf).
-MAX_RANK = 65536
-MAX_ALPHA = 1e6
-_RANK = {"type": "integer", "minimum": 1, "maximum": MAX_RANK,
-         "description": f"a positive integer (at most {MAX_RANK})"}
-_ALPHA = {"type": "number", "minimum": -MAX_ALPHA, "maximum": MAX_ALPHA,
-          "description": f"a finite number of size at most {MAX_ALPHA:g}"}
-_FLAG = {"type": ["boolean", "null"], "description": "true or false"}
-_NAME = {"type": "string", "minLength": 1, "maxLength": 1000}
-_NAMES = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 1000},
-                    {"type": "array", "items": _NAME}],
-          "description": "a list of module names, or one regular expression"}
-_INDEX = {"type": "integer", "minimum": 0, "maximum": 2**31}
-_PATTERNS = {"type": ["object", "null"], "propertyNames": {"minLength": 1, "maxLength": 1000},
-             "description": "an object mapping regular expressions to values"}
 #: The PEFT LoraConfig fields adaptools reads, with their types and ranges. Fields it does not read are
 #: carried unchecked (a newer peft may add any).
-CONFIG_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "r": _RANK,
-        "lora_alpha": _ALPHA,
-        "use_rslora": _FLAG, "use_dora": _FLAG, "fan_in_fan_out": _FLAG, "lora_bias": _FLAG,
-        "ensure_weight_tying": _FLAG,
-        "target_modules": _NAMES,
-        "exclude_modules": _NAMES,
-        "modules_to_save": {"type": ["array", "null"], "items": _NAME, "description": "a list of module names"},
-        "layers_to_transform": {"anyOf": [{"type": "null"}, _INDEX, {"type": "array", "items": _INDEX}],
-                                "description": "a layer index or a list of layer indices"},
-        "layers_pattern": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 1000},
-                                     {"type": "array", "items": {"type": "string", "maxLength": 1000}}],
-                           "description": "a name or a list of names"},
-        "rank_pattern": {**_PATTERNS, "additionalProperties": _RANK},
-        "alpha_pattern": {**_PATTERNS, "additionalProperties": _ALPHA},
-        "trainable_token_indices": {"anyOf": [{"type": "null"}, {"type": "array", "items": _INDEX},
-                                              {"type": "object", "additionalProperties": {
-                                                  "type": "array", "items": _INDEX}}],
-                                    "description": "a list of token ids, or an object of them per module"},
-        "init_lora_weights": {"type": ["boolean", "string", "null"], "maxLength": 100},
-        "bias": {"enum": ["none", "all", "lora_only", None]},
-        "enable_lora": {"type": ["array", "null"], "items": {"type": "boolean"}, "minItems": 1, "maxItems": 64,
-                        "description": "a list of true/false per output block (peft 0.2.0)"},
-        "peft_version": {"type": ["string", "null"], "maxLength": 100},
-    },
-}
+CONFIG_SCHEMA: dict[str, Any] = config_schema({
+    "r": RANK,
+    "lora_alpha": ALPHA,
+    "use_rslora": FLAG, "use_dora": FLAG, "lora_bias": FLAG, "ensure_weight_tying": FLAG,
+    "rank_pattern": {**PATTERNS, "additionalProperties": RANK},
+    "alpha_pattern": {**PATTERNS, "additionalProperties": ALPHA},
+    "trainable_token_indices": {"anyOf": [{"type": "null"}, {"type": "array", "items": INDEX},
+                                          {"type": "object", "additionalProperties": {
+                                              "type": "array", "items": INDEX}}],
+                                "description": "a list of token ids, or an object of them per module"},
+    "init_lora_weights": {"type": ["boolean", "string", "null"], "maxLength": 100},
+    "bias": {"enum": ["none", "all", "lora_only", None]},
+    "enable_lora": {"type": ["array", "null"], "items": {"type": "boolean"}, "minItems": 1, "maxItems": 64,
+                    "description": "a list of true/false per output block (peft 0.2.0)"},
+    "peft_version": {"type": ["string", "null"], "maxLength": 100},
+})
 #: peft versions whose pattern rule differs from today's (docs/input-validation.md, "Old PEFT configs").
 SINGLE_KEY_BEFORE = (0, 14)  # up to 0.13.x one key, searched in rank then alpha patterns, sets both
 DOTTED_KEY_BEFORE = (0, 15)  # up to 0.14.x a key matched only after a dot: re.match(rf".*\.{key}$")
@@ -84,28 +57,8 @@ DOTTED_KEY_BEFORE = (0, 15)  # up to 0.14.x a key matched only after a dot: re.m
 def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """``(field, message, rule)`` for every field that breaks :data:`CONFIG_SCHEMA` (LORA001) or holds an
     unusable regex (LORA020)."""
-    problems = [(field, message, "LORA001") for field, message in plugin.json_problems(config, CONFIG_SCHEMA)]
-    bad = {field.split("[")[0] for field, _, _ in problems}
-    for field in ("target_modules", "exclude_modules", "layers_pattern"):
-        value = config.get(field)
-        if field in bad:
-            continue
-        patterns = [value] if isinstance(value, str) else value if field == "layers_pattern" and value else []
-        for pattern in patterns:
-            problems += _regex_problem(pattern, field)
-    for field in ("rank_pattern", "alpha_pattern"):
-        if field not in bad and isinstance(config.get(field), dict):
-            for key in config[field]:
-                problems += _regex_problem(key, f"{field} key")
-    return problems
-
-
-def _regex_problem(pattern: str, field: str) -> list[tuple[str, str, str]]:
-    try:
-        plugin.compile_pattern(pattern, field=field)
-    except plugin.InputError as exc:
-        return [(field.split()[0], exc.message, "LORA020")]
-    return []
+    return [(field, message, "LORA020" if regex else "LORA001")
+            for field, message, regex in shared_config_problems(config, CONFIG_SCHEMA)]
 
 
 def peft_version(config: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -14,8 +14,9 @@ from adaptools import plugin
 from adaptools.plugin import Adapter, BaseInfo, IncompatibleBaseError, UnsupportedOperationError
 
 from ..peft.common import locate
+from ..peft.config_schema import MAX_ALPHA, MAX_RANK
 from ..peft.matching import is_targeted
-from .config import BASE_MUTATING_INITS, MAX_ALPHA, MAX_RANK, lora_rank_alpha, scaling_for
+from .config import BASE_MUTATING_INITS, lora_rank_alpha, scaling_for
 
 RECOMPUTABLE_INITS = ("olora", "pissa")
 

@@ -30,6 +30,7 @@ from adaptools.plugin import Adapter, BaseInfo, Finding, IncompatibleBaseError, 
 
 from ..peft.additive import AdditiveDelta, Delta, Path
 from ..peft.common import find_module, locate, weight_layout, weight_of
+from ..peft.config_schema import ALPHA, FLAG, RANK, SEED, config_schema
 from ..peft.lint import FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
 
 LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
@@ -48,8 +49,8 @@ TABLE = rule_table("VERA", {
 }, method="VeRA", config="VeraConfig", zero="vera_lambda_b is all zero: the module changes nothing")
 #: Safetensors dtype codes of 16-bit float weights.
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
-CONFIG_TYPES = {"r": int, "projection_prng_key": int, "save_projection": bool, "fan_in_fan_out": bool,
-                "d_initial": (int, float), "target_modules": (str, list)}
+#: The VeraConfig fields adaptools reads, their types and ranges.
+CONFIG_SCHEMA = config_schema({"r": RANK, "projection_prng_key": SEED, "save_projection": FLAG, "d_initial": ALPHA})
 
 
 def layer_dims(weight_shape: tuple[int, ...], out_features: int, fan_in_fan_out: bool) -> tuple[str, int] | None:
@@ -98,7 +99,8 @@ class VeRA(AdditiveDelta):
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
         report = Lint(adapter, TABLE)
-        report.config_types(CONFIG_TYPES)
+        if not report.config(CONFIG_SCHEMA):
+            return report.unusable_config(ROLES, check_values)
         report.roles(ROLES)
         config = adapter.config
         rank = config.get("r", 256)

@@ -18,13 +18,14 @@ from adaptools.plugin import Adapter, BaseInfo, Finding, IncompatibleBaseError, 
 from ..lora.from_factors import ViaPlainLoRA
 from ..peft.additive import AdditiveDelta, Delta, Path, layer_path
 from ..peft.common import weight_of
+from ..peft.config_schema import ALPHA, FLAG, PATTERNS, RANK, SHARE, config_schema
 from ..peft.lint import Lint, RuleTable
 from ..peft.matching import pattern_key
 
-#: Config fields of PEFT's LycorisConfig subclasses and their types, for the type rule.
-CONFIG_TYPES = {"r": int, "alpha": (int, float), "rank_pattern": dict, "alpha_pattern": dict,
-                "rank_dropout": (int, float), "module_dropout": (int, float), "use_effective_conv2d": bool,
-                "target_modules": (str, list)}
+#: The LycorisConfig fields adaptools reads (LoHa and LoKr), their types and ranges, for the type rule.
+CONFIG_FIELDS = {"r": RANK, "alpha": ALPHA, "rank_pattern": {**PATTERNS, "additionalProperties": RANK},
+                 "alpha_pattern": {**PATTERNS, "additionalProperties": ALPHA}, "rank_dropout": SHARE,
+                 "module_dropout": SHARE, "use_effective_conv2d": FLAG}
 
 
 def lycoris_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, Any]:
@@ -60,8 +61,8 @@ class Lycoris(AdditiveDelta, ViaPlainLoRA):
 
     #: The method's rule table (``rules`` is ``table.rules``); the common checks take their ids from it.
     table: RuleTable
-    #: Config fields of the method's own, beyond :data:`CONFIG_TYPES`, and their types.
-    extra_types: Mapping[str, Any] = {}
+    #: Config fields of the method's own, beyond :data:`CONFIG_FIELDS`, with their schemas.
+    extra_fields: Mapping[str, Any] = {}
 
     @abstractmethod
     def delta(self, tensors: Mapping[str, torch.Tensor], scaling: float) -> torch.Tensor:
@@ -104,7 +105,8 @@ class Lycoris(AdditiveDelta, ViaPlainLoRA):
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
         report = Lint(adapter, self.table)
-        report.config_types({**CONFIG_TYPES, **self.extra_types})
+        if not report.config(config_schema({**CONFIG_FIELDS, **self.extra_fields})):
+            return report.unusable_config(self.roles, check_values)
         r = adapter.config.get("r", 8)
         if isinstance(r, int) and not isinstance(r, bool) and r <= 0:
             report.add(self.table.ids["type"], f"r is {r}", field="r")

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..peft.config_schema import FLAG, MAX_RANK
 from ..peft.lint import CORRUPT, FOREIGN_CONFIG, Lint, Rule, rule_table
 from .base import Lycoris, config_rank
 
@@ -78,7 +79,8 @@ class LoKr(Lycoris):
     peft_roles = {role: role for role in ROLES}
     table = TABLE
     rules = TABLE.rules
-    extra_types = {"decompose_both": bool, "decompose_factor": int, "rank_dropout_scale": bool}
+    extra_fields = {"decompose_both": FLAG, "rank_dropout_scale": FLAG,
+                    "decompose_factor": {"type": "integer", "minimum": -1, "maximum": MAX_RANK}}
 
     def delta(self, tensors: Mapping[str, torch.Tensor], scaling: float) -> torch.Tensor:
         # peft's LoKrLayer.get_delta_weight and make_kron, step by step

@@ -26,6 +26,7 @@ import torch
 
 from adaptools.plugin import Adapter, BaseInfo, Finding
 
+from ..peft.config_schema import MAX_BUTTERFLY_FACTORS, SIZE, config_schema
 from ..peft.lint import CORRUPT, FOREIGN_CONFIG, INCOMPLETE, Lint, Rule, rule_table
 from .base import Orthogonal, block_diagonal, exactly_one
 
@@ -40,8 +41,11 @@ TABLE = rule_table("BOFT", {
     7: Rule("error", "factors, block count or block size disagree with the config", FOREIGN_CONFIG),
     8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
 }, method="BOFT", config="BOFTConfig", zero="boft_R is zero and boft_s is one: the module changes nothing")
-CONFIG_TYPES = {"boft_block_size": int, "boft_block_num": int, "boft_n_butterfly_factor": int,
-                "fan_in_fan_out": bool, "target_modules": (str, list)}
+#: The BOFTConfig fields adaptools reads, their types and ranges.
+CONFIG_SCHEMA = config_schema({
+    "boft_block_size": SIZE, "boft_block_num": SIZE,
+    "boft_n_butterfly_factor": {"type": "integer", "minimum": 0, "maximum": MAX_BUTTERFLY_FACTORS,
+                                "description": f"an integer from 0 to {MAX_BUTTERFLY_FACTORS}"}})
 
 
 def butterfly_permutation(n: int, blocks: int, half: int, extra_factors: int) -> torch.Tensor:
@@ -126,7 +130,8 @@ class BOFT(Orthogonal):
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
         report = Lint(adapter, TABLE)
-        report.config_types(CONFIG_TYPES)
+        if not report.config(CONFIG_SCHEMA):
+            return report.unusable_config(ROLES, check_values)
         valid = exactly_one(report, "BOFT006", ("boft_block_size", 4), ("boft_block_num", 0))
         report.roles(ROLES)
         for module, roles in adapter.modules().items():

@@ -24,6 +24,7 @@ import torch
 
 from adaptools.plugin import Adapter, BaseInfo, Finding
 
+from ..peft.config_schema import FLAG, MAX_ALPHA, MAX_SERIES_TERMS, SIZE, config_schema
 from ..peft.lint import CORRUPT, FOREIGN_CONFIG, Lint, Rule, rule_table
 from .base import Orthogonal, block_diagonal, exactly_one
 
@@ -40,8 +41,13 @@ TABLE = rule_table("OFT", {
     12: Rule("error", "checkpoint of peft <= 0.15 (oft_r/oft_s): no longer loadable",
              "load it with peft <= 0.15.2 and retrain, or use that version to merge it"),
 }, method="OFT", config="OFTConfig", zero="oft_R is all zero: the rotation is the identity")
-CONFIG_TYPES = {"r": int, "oft_block_size": int, "block_share": bool, "coft": bool, "eps": (int, float),
-                "use_cayley_neumann": bool, "num_cayley_neumann_terms": int, "target_modules": (str, list)}
+#: The OFTConfig fields adaptools reads, their types and ranges (the Neumann series is bounded: each term
+#: is a product of blocks).
+CONFIG_SCHEMA = config_schema({
+    "r": SIZE, "oft_block_size": SIZE, "block_share": FLAG, "coft": FLAG, "use_cayley_neumann": FLAG,
+    "eps": {"type": "number", "minimum": 0, "maximum": MAX_ALPHA, "description": "a non-negative number"},
+    "num_cayley_neumann_terms": {"type": "integer", "minimum": 0, "maximum": MAX_SERIES_TERMS,
+                                 "description": f"an integer from 0 to {MAX_SERIES_TERMS}"}})
 
 
 def block_size_of(width: int) -> int | None:
@@ -170,7 +176,8 @@ class OFT(Orthogonal):
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
         report = Lint(adapter, TABLE)
-        report.config_types(CONFIG_TYPES)
+        if not report.config(CONFIG_SCHEMA):
+            return report.unusable_config(ROLES, check_values)
         valid = exactly_one(report, "OFT005", ("r", 0), ("oft_block_size", 0))
         report.roles(ROLES)
         for module, roles in adapter.modules().items():

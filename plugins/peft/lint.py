@@ -21,6 +21,7 @@ from typing import Any
 
 from adaptools.plugin import Adapter, BaseInfo, BaseTensor, Finding, count_nonfinite
 
+from .config_schema import config_problems
 from .matching import is_targeted
 
 
@@ -112,15 +113,26 @@ class Lint:
         self.findings.append(Finding(rule, self.table.rules[rule][0], message, fix or self.table.fixes[rule],
                                      where["path"], where["tensor"], field))
 
-    def config_types(self, types: Mapping[str, Any]) -> None:
-        """Each present, non-null config field has the type PEFT's config class gives it."""
-        for key, kind in types.items():
-            value = self.adapter.config.get(key)
-            if value is None:
-                continue
-            ints = kind is int or (isinstance(kind, tuple) and int in kind and float not in kind)
-            if not isinstance(value, kind) or (isinstance(value, bool) and ints):
-                self.add(self.table.ids["type"], f"{key} is {value!r}", field=key)
+    def config(self, schema: Mapping[str, Any]) -> bool:
+        """Each config field the method reads has the type and range ``schema`` gives it
+        (:mod:`.config_schema`); False when one does not, so that the rules and the maths that read the
+        config are not run on it (:meth:`unusable_config`)."""
+        config = self.adapter.config
+        problems = config_problems(config, schema)
+        for field, message, regex in problems:
+            if not regex and field in config:  # a whole field: named with its value as Python shows it
+                expected = message.partition(", expected ")[2]
+                message = f"{field} is {repr(config[field])[:60]}" + (f", expected {expected}" if expected else "")
+            self.add(self.table.ids["type"], message, field=field.split("[")[0])
+        return not problems
+
+    def unusable_config(self, known: tuple[str, ...], check_values: bool) -> list[Finding]:
+        """The findings of an adapter whose config is unusable: the config's, and what the tensors alone
+        show (roles, dtypes, values)."""
+        self.roles(known)
+        if check_values:
+            self.finite()
+        return self.findings
 
     def roles(self, known: tuple[str, ...]) -> None:
         """Every tensor has a role the method knows (or ``replace_<param>``) and a floating-point dtype."""
