@@ -39,7 +39,7 @@ TABLE = rule_table("ADALORA", {
     4: Rule("error", "lora_A, lora_B and lora_E are not all present", INCOMPLETE),
     5: Rule("error", "lora_A, lora_B and lora_E do not share a rank", CORRUPT),
     6: Rule("error", "rank differs from init_r / the rank_pattern mask", FOREIGN_CONFIG),
-    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
+    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit", 12: "inert",
 }, method="AdaLoRA", config="AdaLoraConfig", zero="lora_E is all zero: the module changes nothing")
 #: The AdaLoraConfig fields adaptools reads, their types and ranges (a pruned rank_pattern's masks, one
 #: true/false per initial rank, are checked against init_r by the lint below).
@@ -123,6 +123,7 @@ class AdaLoRA(AdditiveDelta, ViaPlainLoRA):
         if check_values:
             report.finite()
             report.zeros("lora_E", rows=True)
+            report.no_effect({m for m, roles in adapter.modules().items() if "lora_E" in roles})
         return report.findings
 
     def _lint_module(self, report: Lint, module: str, roles: dict[str, str], valid_init: bool) -> None:

@@ -50,6 +50,7 @@ TABLE = rule_table("LORA", {
     21: Rule("warning", "rank/alpha patterns that peft 0.6 to 0.14 read differently",
              "set peft_version in adapter_config.json to the peft that trained the adapter"),
     22: Rule("error", "tensor has the wrong number of dimensions", CORRUPT),
+    23: "inert",
 }, method="LoRA", config="LoraConfig", zero="lora_B is all zero: the adapter was never trained")
 RULES = TABLE.rules
 #: Dimensions each role's tensor has (conv LoRA factors have more; peft 0.2.0's enable_lora lora_B has 3).
@@ -103,7 +104,30 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
                 add("LORA011", f"{bad} NaN/Inf value(s)", name)
             elif name.endswith((".lora_B", ".lora_embedding_B")) and tensor.numel() and not bool(tensor.any()):
                 add("LORA012", "lora_B is all zero", name)
+                report.inert.add(plugin.split_name(name)[0])
+    if config_ok:
+        _lint_effect(report, check_values)
     return report.findings
+
+
+def _lint_effect(report: Lint, check_values: bool) -> None:
+    """LORA023: no module changes anything, because every lora_B is zero (an initial checkpoint published
+    instead of the trained one) or every module's scaling is zero (``lora_alpha: 0``). Full tensors, trainable
+    tokens, biases and DoRA magnitudes change the model whatever the factors hold."""
+    modules = report.adapter.modules()
+    if any(role.startswith("replace_") or role in ("trainable_tokens", "lora_bias", "lora_magnitude")
+           for roles in modules.values() for role in roles):
+        return
+    factored = {m for m, roles in modules.items() if "lora_B" in roles or "lora_embedding_B" in roles}
+    scales = report.adapter.config.get("modules")
+    scaled = {m: info.get("scaling") for m, info in scales.items() if isinstance(info, dict)} \
+        if isinstance(scales, dict) else {}
+    if factored and all(scaled.get(m) == 0 for m in factored):
+        report.add("LORA023", f"the scaling of all {len(factored)} adapted modules is 0 (lora_alpha "
+                   f"{report.adapter.config.get('lora_alpha')!r})", field="lora_alpha",
+                   fix="set lora_alpha (and alpha_pattern) to what the adapter was trained with")
+    elif check_values:
+        report.no_effect(factored)
 
 
 def _lint_config(report: Lint) -> bool:

@@ -45,7 +45,7 @@ TABLE = rule_table("VERA", {
             "save the adapter again with peft (or set save_projection to match the file)"),
     7: Rule("error", "projections have the wrong rank or are too small for a layer",
             "the adapter file is corrupt or mixed with another adapter's projections: save it again"),
-    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
+    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit", 13: "inert",
 }, method="VeRA", config="VeraConfig", zero="vera_lambda_b is all zero: the module changes nothing")
 #: Safetensors dtype codes of 16-bit float weights.
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
@@ -125,6 +125,7 @@ class VeRA(AdditiveDelta):
         if check_values:
             report.finite()
             report.zeros("vera_lambda_b")
+            report.no_effect({m for m, roles in adapter.modules().items() if "vera_lambda_b" in roles})
         return report.findings
 
     def _lint_module(self, report: Lint, module: str, roles: dict[str, str], rank: int | None,

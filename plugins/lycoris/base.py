@@ -124,6 +124,7 @@ class Lycoris(AdditiveDelta, ViaPlainLoRA):
                            f"{list(found.shape)}", anchor)
         if check_values:
             report.finite()
+            report.no_effect({m for m, roles in adapter.modules().items() if self.anchor(m, roles)})
         return report.findings
 
     def summary(self, adapter: Adapter) -> dict[str, Any]:

@@ -33,7 +33,7 @@ TABLE = rule_table("LOHA", {
     4: Rule("error", "a factor is missing", INCOMPLETE),
     5: Rule("error", "factor shapes disagree", CORRUPT),
     6: Rule("error", "rank differs from r / rank_pattern", FOREIGN_CONFIG),
-    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
+    7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit", 12: "inert",
 }, method="LoHa", config="LoHaConfig", zero="a factor is all zero: the module changes nothing")
 
 

@@ -39,7 +39,7 @@ TABLE = rule_table("LOKR", {
             "the config does not belong to these weights (r sets the scaling): ship the matching "
             "adapter_config.json"),
     7: Rule("error", "factor sizes disagree with decompose_factor", FOREIGN_CONFIG),
-    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
+    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit", 13: "inert",
 }, method="LoKr", config="LoKrConfig", zero="a factor is all zero: the module changes nothing")
 
 

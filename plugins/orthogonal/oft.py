@@ -40,6 +40,7 @@ TABLE = rule_table("OFT", {
     7: "target", 8: "values", 9: "zero", 10: "missing", 11: "fit",
     12: Rule("error", "checkpoint of peft <= 0.15 (oft_r/oft_s): no longer loadable",
              "load it with peft <= 0.15.2 and retrain, or use that version to merge it"),
+    13: "inert",
 }, method="OFT", config="OFTConfig", zero="oft_R is all zero: the rotation is the identity")
 #: The OFTConfig fields adaptools reads, their types and ranges (the Neumann series is bounded: each term
 #: is a product of blocks).
@@ -203,6 +204,7 @@ class OFT(Orthogonal):
         if check_values:
             report.finite()
             report.zeros("oft_R")
+            report.no_effect({m for m, roles in adapter.modules().items() if "oft_R" in roles})
         return report.findings
 
     def _lint_blocks(self, report: Lint, module: str, roles: Mapping[str, str], rows: int, b: int,

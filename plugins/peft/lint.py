@@ -48,6 +48,8 @@ COMMON = {
     "values": Rule("error", "NaN or Inf values",
                    "the adapter diverged in training or the file is corrupt: retrain or re-save"),
     "zero": Rule("warning", "{zero}", "publish the trained checkpoint, not the initial one"),
+    "inert": Rule("error", "no module changes anything: the adapter has no effect",
+                  "publish the trained checkpoint, not the initial one"),
     "missing": Rule("error", "target module missing from the base",
                     "use the base the adapter was trained on (base_model_name_or_path)"),
     "fit": Rule("error", "shape does not fit the base", "use the base the adapter was trained on (model size)"),
@@ -102,6 +104,8 @@ class Lint:
     def __init__(self, adapter: Adapter, table: RuleTable):
         self.adapter, self.table = adapter, table
         self.findings: list[Finding] = []
+        #: Modules found to change nothing (:meth:`zero`), for :meth:`no_effect`.
+        self.inert: set[str] = set()
 
     def add(self, rule: str, message: str, name: str | None = None, field: str | None = None,
             fix: str | None = None) -> None:
@@ -162,12 +166,20 @@ class Lint:
         tensor = self.adapter.tensor(name)
         if bool(tensor.isfinite().all()) and not bool(tensor.any()):
             self.add(self.table.ids["zero"], f"{role} of {module} is all zero", name)
+            self.inert.add(module)
 
     def zeros(self, role: str, *, rows: bool = False) -> None:
         """:meth:`zero` for every module's ``role`` tensor."""
         for module, roles in self.adapter.modules().items():
             if role in roles:
                 self.zero(module, role, roles[role], rows=rows)
+
+    def no_effect(self, adapted: set[str]) -> None:
+        """An error when every adapted module changes nothing (one such module is a warning, by :meth:`zero`:
+        an adapter may leave a layer alone; an adapter that leaves every layer alone was never trained, or
+        is the initial checkpoint published by mistake)."""
+        if adapted and adapted <= self.inert:
+            self.add(self.table.ids["inert"], f"all {len(adapted)} adapted modules change nothing")
 
     def targeted(self, module: str, name: str) -> None:
         """target_modules (with exclude_modules and layers_to_transform) selects the module."""
