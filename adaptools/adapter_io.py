@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import registry
 from .errors import InputError, UnknownPluginError
-from .interfaces import ReadOptions, WriteOptions
+from .finite import count_nonfinite
+from .interfaces import AdapterFormat, ReadOptions, WriteOptions
 from .outputs import atomic_output
 from .resolve import resolve
 from .schema import Adapter
@@ -69,6 +70,25 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "schem
     fmt = registry.get_format(format)
     if not fmt.can_write:
         raise UnknownPluginError(f"format {format!r} cannot be written")
+    options = options or WriteOptions()
     with atomic_output(path, force=force, directory=fmt.writes_directory) as tmp:
-        fmt.write(adapter, tmp, options or WriteOptions())
+        fmt.write(adapter, tmp, options)
+        if not any(count_nonfinite(adapter.tensor(name)) for name in adapter.tensor_names()):
+            verify_written(fmt, tmp, options, Path(path))
     return Path(path)
+
+
+def verify_written(fmt: AdapterFormat, written: Path, options: WriteOptions, final: Path) -> None:
+    """Read back what ``fmt`` wrote, with the format's own reader, before it is published: it must read, and
+    hold no NaN or infinity. :func:`save` asks this when the adapter it wrote was finite, so a non-finite
+    value is the encoding's (a value beyond fp16's range, a scale folded over a tiny alpha); an adapter
+    that already held NaN (a hostile file made on purpose, a test corpus) is written as it is. Every format
+    inherits this; docs/outputs.md, "Never garbage"."""
+    written_adapter = fmt.read(written, ReadOptions(validate=False, base=options.base))
+    for name in written_adapter.tensor_names():
+        bad = count_nonfinite(written_adapter.tensor(name))
+        if bad:
+            raise InputError(f"the {fmt.name} file would hold {bad} non-finite value(s) (NaN or infinity) in this "
+                             "tensor, from finite inputs: its encoding overflows", path=final, tensor=name,
+                             hint="write it in a wider type (--outtype f32), or check the adapter's scale "
+                                  "(lora_alpha, alpha_pattern)")

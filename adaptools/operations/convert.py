@@ -7,6 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..adapter_io import load, save
+from ..errors import InputError
+from ..finite import count_nonfinite
 from ..interfaces import Bakeable, PlainConvertible, WriteOptions, capability
 from ..outputs import check_output
 from ..schema import Adapter
@@ -27,11 +29,25 @@ def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, to: str
     check_output(out, force, [ref], directory=registry.get_format(to).writes_directory)
     adapter = load(ref, allow_pickle=allow_pickle, base=base)
     if bake:
-        adapter = capability(registry.get_method(adapter.method), "bake", Bakeable, adapter).bake(adapter)
+        baked = capability(registry.get_method(adapter.method), "bake", Bakeable, adapter).bake(adapter)
+        _refuse_nonfinite_bake(adapter, baked)
+        adapter = baked
     provenance = dict(adapter.provenance)
     provenance.setdefault("converted_by", f"adaptools {__version__}")
     adapter = replace(adapter, provenance=provenance)
     return save(adapter, out, format=to, force=force, options=WriteOptions(base=base, outtype=outtype))
+
+
+def _refuse_nonfinite_bake(source: Adapter, baked: Adapter) -> None:
+    """Evaluating an encoder (P-tuning's MLP or LSTM, a prefix projection) can overflow where every stored
+    weight is finite: refuse to write that (docs/outputs.md, "Never garbage")."""
+    for name in baked.tensor_names():
+        bad = count_nonfinite(baked.tensor(name))
+        if bad and not any(count_nonfinite(source.tensor(n)) for n in source.tensor_names()):
+            raise InputError(f"baking would write {bad} non-finite value(s) (NaN or infinity) from finite weights: "
+                             "the encoder overflows", path=source.source, tensor=name,
+                             hint="the training checkpoint is corrupt or diverged; use a checkpoint saved by "
+                                  "peft, which holds the baked prompts already")
 
 
 def convert_method(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, base: str | None = None,
