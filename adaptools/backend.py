@@ -108,15 +108,25 @@ class OutputContainer(ABC):
     The plan calls :meth:`prepare` before it decides any entry, and :meth:`warnings` once it has; the run
     opens one :meth:`writer` per planned shard (a single-file container gets one shard, written at the
     output path itself), then calls :meth:`finalize`, all inside the temporary output before it is
-    published.
+    published. ``--force`` asks every container's :meth:`owns` whether an existing output may be replaced.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     #: An output path ending in this is written in this container without ``--to``.
     suffix: ClassVar[str | None] = None
+    #: The suffix of the files this container writes (a one-file container's output; a folder container's
+    #: shards): ``--force`` asks :meth:`owns` about the files directly in an existing output folder that end
+    #: in one of the containers' file suffixes. None: it writes no file worth recognising inside a folder.
+    file_suffix: ClassVar[str | None] = None
     #: True: the output is a folder; False: one file.
     directory: ClassVar[bool] = False
+
+    def owns(self, path: Path) -> bool:
+        """True if the regular file ``path`` was written by adaptools in this container's file format (its
+        metadata carries adaptools' keys), so that ``--force`` may replace it. Reads no more than the start
+        of the file, and never raises (an unreadable file is not ours)."""
+        return False
 
     def prepare(self, checkpoint: Any, options: Any) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
         """Refuse (raise an AdaptoolsError) what this container cannot hold, before anything is read, and

@@ -2,14 +2,16 @@
 backend offers (``merge ... --to NAME``, or an output path ending in that container's suffix).
 
 The plan asks the chosen container which parameters it stores through a backend's group encoder and what
-to warn about; the run asks it for one writer per shard and to finalize. The folder container below is
-the default and what every run wrote before containers existed.
+to warn about; the run asks it for one writer per shard and to finalize; ``--force`` asks every container
+whether it wrote an existing output (``adaptools/outputs.py``). The folder container below is the default
+and what every run wrote before containers existed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ from ..errors import InputError
 from ..interfaces import Backend, OutputContainer
 from .options import MergeOptions
 
+#: The largest safetensors header :meth:`SafetensorsFolder.owns` reads.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
 
 class SafetensorsFolder(OutputContainer):
     """A Hugging Face checkpoint folder: safetensors shards (provenance in each header), the index,
@@ -27,7 +32,23 @@ class SafetensorsFolder(OutputContainer):
 
     name = "safetensors"
     description = "a Hugging Face checkpoint folder of safetensors shards (the default)"
+    file_suffix = ".safetensors"
     directory = True
+
+    def owns(self, path: Path) -> bool:
+        """A safetensors file whose header metadata has an ``adaptools.`` key: a shard of a checkpoint adaptools
+        wrote, or an adapter file (a schema file, a PEFT folder's weights)."""
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                (length,) = struct.unpack("<Q", head)
+                if length > MAX_HEADER_BYTES:
+                    return False
+                return b'"__metadata__"' in (raw := fh.read(length)) and b'"adaptools.' in raw
+        except OSError:
+            return False
 
     def prepare(self, checkpoint: Checkpoint, options: MergeOptions) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
         if checkpoint.opened_by is not None:

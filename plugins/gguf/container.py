@@ -2,11 +2,11 @@
 --to gguf``): the container the merge engine writes through, and its streaming writer.
 
 From a GGUF base, the file is the base's: every metadata key kept (plus ``adaptools.provenance``, near the
-start so that ``--force`` recognises the file as ours), every tensor in the base's order, untouched ones
-copied byte for byte, changed ones re-encoded (their own type where gguf-py encodes it, else Q8_0, or
-``--outtype``), and the plan warns about every changed tensor whose type changed (docs/gguf.md, "Merging into
-a GGUF base"). From a dense Hugging Face base, ``export.py`` says which tensors and metadata llama.cpp's
-converter would write.
+start so that ``--force`` recognises the file as ours: :meth:`GGUFContainer.owns`), every tensor in the
+base's order, untouched ones copied byte for byte, changed ones re-encoded (their own type where gguf-py
+encodes it, else Q8_0, or ``--outtype``), and the plan warns about every changed tensor whose type changed
+(docs/gguf.md, "Merging into a GGUF base"). From a dense Hugging Face base, ``export.py`` says which tensors
+and metadata llama.cpp's converter would write.
 
 The writer declares every tensor (gguf-py's ``GGUFWriter``: header, metadata, tensor infos) before the
 first byte of data, so the sizes come from the plan, then streams the tensors in order, one at a time.
@@ -31,9 +31,11 @@ from adaptools.plugin import InputError, UnsupportedOperationError
 
 from .arch import ModelShape, to_gguf_layout
 from .backend import GGUFBackend, settings_for
-from .codec import OUTTYPES, changed_type, nbytes
+from .codec import MAGIC, OUTTYPES, changed_type, nbytes
 
 PROVENANCE = "adaptools.provenance"
+#: How far into a GGUF file its key-value metadata is searched for adaptools' keys (:meth:`GGUFContainer.owns`).
+SNIFF_BYTES = 1 << 20
 
 
 @dataclass
@@ -65,7 +67,19 @@ class GGUFContainer(plugin.OutputContainer):
     name = "gguf"
     description = "one llama.cpp GGUF model file (from a GGUF base, or a dense Llama-family base)"
     suffix = ".gguf"
+    file_suffix = ".gguf"
     directory = False
+
+    def owns(self, path: Path) -> bool:
+        """A GGUF file with an ``adaptools.`` key near its start: a merged model (its provenance comes right
+        after ``general.architecture``) or a GGUF LoRA adaptools wrote (its adaptools keys come before the
+        tensor infos)."""
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                return head[:4] == MAGIC and b"adaptools." in head + fh.read(SNIFF_BYTES)
+        except OSError:
+            return False
 
     def prepare(self, checkpoint: plugin.Checkpoint, options: Any) -> Mapping[str, tuple[Any, Mapping[str, Any]]]:
         if options.dtype != "auto":
@@ -184,7 +198,7 @@ class GGUFFileWriter:
         self.path, self.specs, self.seconds, self._next = path, list(specs), 0.0, 0
         self._gguf = gguf.GGUFWriter(path, arch)
         self._gguf.data_alignment = align
-        self._gguf.add_string(PROVENANCE, provenance)  # near the start: how outputs.is_ours knows the file
+        self._gguf.add_string(PROVENANCE, provenance)  # near the start: how --force knows the file
         add_metadata(self._gguf)
         for spec in self.specs:
             byte_shape = gguf.quant_shape_to_byte_shape(spec.shape, spec.qtype)
