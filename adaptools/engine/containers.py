@@ -20,7 +20,9 @@ from .. import registry
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..interfaces import Backend, OutputContainer
+from .entries import MergePlan, ShardPlan
 from .options import MergeOptions
+from .writer import ShardWriter
 
 #: The largest safetensors header :meth:`SafetensorsFolder.owns` reads.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -62,17 +64,15 @@ class SafetensorsFolder(OutputContainer):
                              "own (--to); a checkpoint folder takes --dtype", hint="use --dtype fp32|fp16|bf16")
         return {}
 
-    def writer(self, path: Path, shard: Any, plan: Any, record: Mapping[str, Any]) -> Any:
-        from .writer import ShardWriter
-
+    def writer(self, path: Path, shard: ShardPlan, plan: MergePlan, record: Mapping[str, Any]) -> ShardWriter:
         metadata = {"format": "pt", "adaptools.provenance": json.dumps(record, sort_keys=True)}
         return ShardWriter(path, shard, lambda n: plan.checkpoint.location[n][1], metadata)
 
-    def finalize(self, path: Path, plan: Any, record: Mapping[str, Any]) -> None:
+    def finalize(self, path: Path, plan: MergePlan, record: Mapping[str, Any]) -> None:
         from .finalize import write_files, write_index
 
         write_index(path, plan)
-        write_files(path, plan, record)  # type: ignore[arg-type]
+        write_files(path, plan, record)
 
 
 FOLDER = SafetensorsFolder()

@@ -57,15 +57,12 @@ def as_torch(array: np.ndarray, qtype: Q, shape: Sequence[int]) -> torch.Tensor:
     return flat.view(torch.bfloat16).reshape(tuple(shape)) if qtype == Q.BF16 else flat
 
 
-def to_numpy(value: torch.Tensor, stored: StoredTensor) -> np.ndarray:
-    """A stored or encoded tensor (see :func:`as_torch`) -> float32 in GGUF's numpy layout. Raw bytes are
-    in the stored type when they have its size; otherwise they are Q8_0 (the one block type a changed
-    tensor is written in besides its own, and no other type has Q8_0's 34 bytes per 32 values)."""
+def to_numpy(value: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor of ``qtype`` (bytes read from the file, or :func:`as_torch`'s float tensor) -> float32 in
+    GGUF's numpy layout."""
     if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return value.float().numpy().reshape(stored.shape)
-    data = value.reshape(-1).numpy()
-    qtype = stored.qtype if data.size == stored.nbytes else Q.Q8_0
-    return decode_bytes(data, qtype, stored.shape)
+        return value.float().numpy().reshape(shape)
+    return decode_bytes(value.reshape(-1).numpy(), qtype, shape)
 
 
 class GGUFBackend(plugin.Backend):
@@ -106,10 +103,16 @@ class GGUFBackend(plugin.Backend):
         transposed = self.model.family.conv1d and len(shape) == 2 and self.stored[param].gguf_name.startswith("blk.")
         return tuple(reversed(shape)) if transposed else shape
 
-    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                     settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """``param`` as stored, or as just encoded with ``settings`` (which name its type)."""
         stored = self.stored[param]
-        values = torch.from_numpy(to_numpy(read(param), stored))
-        return from_gguf_layout(self.model, stored.gguf_name, values, self.path)  # type: ignore[arg-type]
+        if settings is None:
+            name, qtype, shape = stored.gguf_name, stored.qtype, stored.shape
+        else:
+            name, qtype, shape = settings["name"], Q(settings["type"]), tuple(settings["shape"])
+        values = torch.from_numpy(to_numpy(read(param), qtype, shape))
+        return from_gguf_layout(self.model, name, values, self.path)  # type: ignore[arg-type]
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """How ``param`` is written when changed: its GGUF name, numpy shape and type, and the layout facts
