@@ -7,12 +7,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol
 
 import torch
 
 from .errors import UnsupportedOperationError
 from .plugin_data import BaseTensor
+
+if TYPE_CHECKING:  # the engine's types import this module; the contract names them for type checkers only
+    from .checkpoint import Checkpoint
+    from .engine.entries import MergePlan, ShardPlan
+    from .engine.options import MergeOptions
+    from .safetensors_io import TensorInfo
 
 
 class Backend(ABC):
@@ -61,8 +67,11 @@ class Backend(ABC):
         """The dense dtype and shape of a grouped parameter, reading only small tensors."""
         raise UnsupportedOperationError(f"backend {self.name!r} stores no groups")
 
-    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
-        """The dense value (in the group's dtype) of a grouped parameter."""
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                     settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The dense value (in the group's dtype) of a grouped parameter. ``settings``: those the group was
+        just encoded with (what :meth:`encode_group` was given; the engine decodes a re-encoded group to
+        report how much of a change survived), or None for the group as the checkpoint stores it."""
         raise UnsupportedOperationError(f"backend {self.name!r} stores no groups")
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
@@ -100,6 +109,25 @@ class Backend(ABC):
         return ()
 
 
+class OutputWriter(Protocol):
+    """What :meth:`OutputContainer.writer` returns: a context manager writing one planned shard in slot
+    order. The engine calls ``copy`` for a stored tensor kept byte for byte and ``write`` for a computed
+    one, then reads ``seconds`` (time spent writing) once the shard is closed."""
+
+    @property
+    def seconds(self) -> float: ...
+
+    def copy(self, name: str, src: BinaryIO, info: TensorInfo) -> None:
+        """The next tensor: ``info.nbytes`` bytes at ``info.begin`` of ``src``, unchanged."""
+
+    def write(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
+        """The next tensor, computed; ``done`` is called once its bytes are written (its buffer is reused)."""
+
+    def __enter__(self) -> OutputWriter: ...
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> None: ...
+
+
 class OutputContainer(ABC):
     """Where an engine run (merge, dequantize, requantize) puts its output. The engine's own is a Hugging
     Face checkpoint folder of safetensors shards; a backend may offer others (:meth:`Backend.containers`),
@@ -108,33 +136,44 @@ class OutputContainer(ABC):
     The plan calls :meth:`prepare` before it decides any entry, and :meth:`warnings` once it has; the run
     opens one :meth:`writer` per planned shard (a single-file container gets one shard, written at the
     output path itself), then calls :meth:`finalize`, all inside the temporary output before it is
-    published.
+    published. ``--force`` asks every container's :meth:`owns` whether an existing output may be replaced.
+    What a container may read of the plan (:class:`MergePlan`, :class:`ShardPlan`, :class:`Slot`,
+    :class:`Entry`, :class:`GroupOutput`) is listed in docs/plugins.md, "Output containers".
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     #: An output path ending in this is written in this container without ``--to``.
     suffix: ClassVar[str | None] = None
+    #: The suffix of the files this container writes (a one-file container's output; a folder container's
+    #: shards): ``--force`` asks :meth:`owns` about the files directly in an existing output folder that end
+    #: in one of the containers' file suffixes. None: it writes no file worth recognising inside a folder.
+    file_suffix: ClassVar[str | None] = None
     #: True: the output is a folder; False: one file.
     directory: ClassVar[bool] = False
 
-    def prepare(self, checkpoint: Any, options: Any) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
+    def owns(self, path: Path) -> bool:
+        """True if the regular file ``path`` was written by adaptools in this container's file format (its
+        metadata carries adaptools' keys), so that ``--force`` may replace it. Reads no more than the start
+        of the file, and never raises (an unreadable file is not ours)."""
+        return False
+
+    def prepare(self, checkpoint: Checkpoint,
+                options: MergeOptions) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
         """Refuse (raise an AdaptoolsError) what this container cannot hold, before anything is read, and
         return the parameters it stores through a backend's :meth:`Backend.encode_group`:
         ``{param: (backend, settings)}``. An untouched parameter whose stored group belongs to that same
         backend is copied byte for byte; every other one is encoded."""
         return {}
 
-    def warnings(self, plan: Any) -> list[str]:
+    def warnings(self, plan: MergePlan) -> list[str]:
         """Sentences about the finished plan the user should read (a changed tensor stored in another type)."""
         return []
 
     @abstractmethod
-    def writer(self, path: Path, shard: Any, plan: Any, record: Mapping[str, Any]) -> Any:
-        """A context manager writing one planned shard at ``path``, in slot order: ``copy(name, src, info)``
-        for a stored tensor kept byte for byte (``info``: its ``TensorInfo`` in ``src``), ``write(name,
-        tensor, done=None)`` for a computed one (``done`` called once its bytes are written), and a
-        ``seconds`` attribute (time spent writing). ``record`` is the provenance to store."""
+    def writer(self, path: Path, shard: ShardPlan, plan: MergePlan, record: Mapping[str, Any]) -> OutputWriter:
+        """The writer of one planned shard at ``path``, taking ``shard.slots`` in order (:class:`OutputWriter`).
+        ``record`` is the provenance to store."""
 
-    def finalize(self, path: Path, plan: Any, record: Mapping[str, Any]) -> None:
+    def finalize(self, path: Path, plan: MergePlan, record: Mapping[str, Any]) -> None:
         """Write what goes beside the tensors (index, config, model card) once every shard is written."""

@@ -3,10 +3,10 @@
 Every operation writes into a hidden temporary sibling of its output and renames it into place only when
 everything succeeded (docs/outputs.md). The rules:
 
-- An existing output is replaced only with ``force=True``, and only if adaptools wrote it (its
-  safetensors or GGUF files carry adaptools metadata) or it is an empty folder; never an input, never a
-  folder that holds an input (the inputs a command passes, and every path the running command reads:
-  :mod:`adaptools.inputs`), never a symbolic link.
+- An existing output is replaced only with ``force=True``, and only if adaptools wrote it (an output
+  container recognises it or a file directly inside it as its own: ``OutputContainer.owns``) or it is an
+  empty folder; never an input, never a folder that holds an input (the inputs a command passes, and every
+  path the running command reads: :mod:`adaptools.inputs`), never a symbolic link.
 - The replacement is atomic where the kernel allows (``renameat2(RENAME_EXCHANGE)``): the output path
   always holds either the old output or the new one.
 - A temporary sibling is named after its writer's PID and locked (``flock``) while it is written; every
@@ -23,21 +23,21 @@ import fcntl
 import os
 import shutil
 import signal
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AdaptoolsError, InputError, OutputExistsError
 from .inputs import read_paths
 
+if TYPE_CHECKING:
+    from .backend import OutputContainer
+
 TEMP_MARKER = ".adaptools-tmp-"
 #: Signals that stop a run the way Ctrl-C does (with clean-up).
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
-#: How far into a GGUF file its key-value metadata is searched for adaptools' key.
-GGUF_SNIFF_BYTES = 1 << 20
 
 
 class OutputError(AdaptoolsError):
@@ -109,31 +109,24 @@ def ignore_stop_signals() -> None:
 
 
 def is_ours(path: Path) -> bool:
-    """True if adaptools wrote ``path``: a safetensors file with ``adaptools.*`` header metadata, a GGUF
-    file with adaptools' key, or a folder holding such a file directly. Links are never ours."""
+    """True if adaptools wrote ``path``: a file some output container owns (its format's metadata carries
+    adaptools' keys), or a folder holding such a file directly (among its files that end in a container's
+    ``file_suffix``). Links are never ours."""
     if path.is_symlink():
         return False
+    from .engine.containers import containers  # late: the containers come from the plugins
+
+    owners = list(containers().values())
     if path.is_dir():
-        return any(_file_is_ours(p) for p in path.iterdir() if p.suffix in (".safetensors", ".gguf"))
-    return _file_is_ours(path)
+        suffixes = {c.file_suffix for c in owners if c.file_suffix}
+        return any(_file_is_ours(p, owners) for p in path.iterdir() if p.suffix in suffixes)
+    return _file_is_ours(path, owners)
 
 
-def _file_is_ours(path: Path) -> bool:
+def _file_is_ours(path: Path, owners: Sequence[OutputContainer]) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if head[:4] == b"GGUF":
-                return b"adaptools." in head + fh.read(GGUF_SNIFF_BYTES)
-            if len(head) < 8:
-                return False
-            (length,) = struct.unpack("<Q", head)
-            if length > 100 * 1024 * 1024:
-                return False
-            return b'"__metadata__"' in (raw := fh.read(length)) and b'"adaptools.' in raw
-    except OSError:
-        return False
+    return any(container.owns(path) for container in owners)
 
 
 def _refuse_replacing(path: Path, inputs: Sequence[str | os.PathLike[str]]) -> None:

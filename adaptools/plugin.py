@@ -20,8 +20,29 @@ if TYPE_CHECKING:
     from .backend import (
         OutputContainer as OutputContainer,
     )
+    from .backend import (
+        OutputWriter as OutputWriter,
+    )
     from .checkpoint import (
         Checkpoint as Checkpoint,
+    )
+    from .engine.entries import (
+        Entry as Entry,
+    )
+    from .engine.entries import (
+        GroupOutput as GroupOutput,
+    )
+    from .engine.entries import (
+        MergePlan as MergePlan,
+    )
+    from .engine.entries import (
+        ShardPlan as ShardPlan,
+    )
+    from .engine.entries import (
+        Slot as Slot,
+    )
+    from .engine.options import (
+        MergeOptions as MergeOptions,
     )
     from .engine.options import (
         QuantizeOptions as QuantizeOptions,
@@ -250,6 +271,7 @@ EXPORTS = {
     "Initializable": ".interfaces", "RuntimeApplicable": ".interfaces", "Bakeable": ".interfaces",
     "PlainConvertible": ".interfaces", "AdapterFormat": ".interfaces", "Validator": ".interfaces",
     "ValidatorOption": ".interfaces", "Backend": ".backend", "OutputContainer": ".backend",
+    "OutputWriter": ".backend",
     # the data the contract passes
     "Adapter": ".schema", "BaseRef": ".schema", "TensorStore": ".schema", "FileStore": ".schema",
     "MemoryStore": ".schema", "StoredTensorInfo": ".schema", "SCHEMA_VERSION": ".schema",
@@ -258,6 +280,9 @@ EXPORTS = {
     "ReadOptions": ".plugin_data", "WriteOptions": ".plugin_data", "TensorUpdate": ".plugin_data",
     "UpdateKind": ".plugin_data", "ValidationContext": ".plugin_data", "Verdict": ".plugin_data",
     "QuantizeOptions": ".engine.options", "Checkpoint": ".checkpoint",
+    # what an output container sees of a merge (docs/plugins.md, "Output containers")
+    "MergePlan": ".engine.entries", "ShardPlan": ".engine.entries", "Slot": ".engine.entries",
+    "Entry": ".engine.entries", "GroupOutput": ".engine.entries", "MergeOptions": ".engine.options",
     "FLOAT_TYPES": ".float_types", "FloatType": ".float_types",
     # errors
     "AdaptoolsError": ".errors", "AdapterFormatError": ".errors", "CheckFailedError": ".errors",

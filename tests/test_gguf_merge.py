@@ -1,5 +1,5 @@
-"""Merging into GGUF bases (plugins/gguf/backend.py, gguf_container.py) and dense bases into GGUF
-(gguf_export.py), without llama.cpp: the oracle is PEFT's merge_and_unload on the same (decoded) weights and
+"""Merging into GGUF bases (plugins/gguf/backend.py, container.py) and dense bases into GGUF
+(plugins/gguf/export.py), without llama.cpp: the oracle is PEFT's merge_and_unload on the same (decoded) weights and
 gguf-py's own encoders; test_gguf_llamacpp.py runs llama.cpp itself on the outputs (slow)."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from gguf_bases import decoded, finish, kquant_bytes, metadata, raw, write_base
 from peft_oracle import load_base
 
 import adaptools
-from adaptools.outputs import GGUF_SNIFF_BYTES, is_ours
+from adaptools.outputs import is_ours
 from adaptools.plugin import Checkpoint
 from adaptools_plugins.gguf import arch as gguf_arch
 from adaptools_plugins.gguf import codec as gguf_codec
+from adaptools_plugins.gguf.container import SNIFF_BYTES
 
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -115,7 +116,7 @@ def test_metadata_and_alignment_are_kept_and_provenance_added(bases, tmp_path, c
     record = json.loads(provenance[1])
     assert record["operation"] == "merge" and record["base"]["files"][0]["file"] == "llama-q8.gguf"
     assert record["adapters"][0]["source"] == str(ADAPTERS / "llama-lora")
-    head = (tmp_path / "out.gguf").read_bytes()[:GGUF_SNIFF_BYTES]
+    head = (tmp_path / "out.gguf").read_bytes()[:SNIFF_BYTES]
     assert b"adaptools.provenance" in head and is_ours(tmp_path / "out.gguf")
     reader = gguf.GGUFReader(tmp_path / "out.gguf")
     assert reader.alignment == 64 and all(t.data_offset % 64 == 0 for t in reader.tensors)

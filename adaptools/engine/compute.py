@@ -223,7 +223,8 @@ class Compute:
             report = None
             if entry.survival:
                 before = self.checkpoint.read_small(entry.name)
-                report = survival(entry.name, before, entry.group.backend, merged, stored, group)
+                report = survival(entry.name, before, entry.group.backend, merged, stored, group,
+                                  entry.group.settings)
         finally:
             self.seconds["encode"] += time.perf_counter() - started
         return Produced(group, survival=report)

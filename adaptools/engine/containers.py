@@ -2,14 +2,16 @@
 backend offers (``merge ... --to NAME``, or an output path ending in that container's suffix).
 
 The plan asks the chosen container which parameters it stores through a backend's group encoder and what
-to warn about; the run asks it for one writer per shard and to finalize. The folder container below is
-the default and what every run wrote before containers existed.
+to warn about; the run asks it for one writer per shard and to finalize; ``--force`` asks every container
+whether it wrote an existing output (``adaptools/outputs.py``). The folder container below is the default
+and what every run wrote before containers existed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,12 @@ from .. import registry
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..interfaces import Backend, OutputContainer
+from .entries import MergePlan, ShardPlan
 from .options import MergeOptions
+from .writer import ShardWriter
+
+#: The largest safetensors header :meth:`SafetensorsFolder.owns` reads.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class SafetensorsFolder(OutputContainer):
@@ -27,7 +34,23 @@ class SafetensorsFolder(OutputContainer):
 
     name = "safetensors"
     description = "a Hugging Face checkpoint folder of safetensors shards (the default)"
+    file_suffix = ".safetensors"
     directory = True
+
+    def owns(self, path: Path) -> bool:
+        """A safetensors file whose header metadata has an ``adaptools.`` key: a shard of a checkpoint adaptools
+        wrote, or an adapter file (a schema file, a PEFT folder's weights)."""
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                (length,) = struct.unpack("<Q", head)
+                if length > MAX_HEADER_BYTES:
+                    return False
+                return b'"__metadata__"' in (raw := fh.read(length)) and b'"adaptools.' in raw
+        except OSError:
+            return False
 
     def prepare(self, checkpoint: Checkpoint, options: MergeOptions) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
         if checkpoint.opened_by is not None:
@@ -41,17 +64,15 @@ class SafetensorsFolder(OutputContainer):
                              "own (--to); a checkpoint folder takes --dtype", hint="use --dtype fp32|fp16|bf16")
         return {}
 
-    def writer(self, path: Path, shard: Any, plan: Any, record: Mapping[str, Any]) -> Any:
-        from .writer import ShardWriter
-
+    def writer(self, path: Path, shard: ShardPlan, plan: MergePlan, record: Mapping[str, Any]) -> ShardWriter:
         metadata = {"format": "pt", "adaptools.provenance": json.dumps(record, sort_keys=True)}
         return ShardWriter(path, shard, lambda n: plan.checkpoint.location[n][1], metadata)
 
-    def finalize(self, path: Path, plan: Any, record: Mapping[str, Any]) -> None:
+    def finalize(self, path: Path, plan: MergePlan, record: Mapping[str, Any]) -> None:
         from .finalize import write_files, write_index
 
         write_index(path, plan)
-        write_files(path, plan, record)  # type: ignore[arg-type]
+        write_files(path, plan, record)
 
 
 FOLDER = SafetensorsFolder()

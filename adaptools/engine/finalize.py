@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def write_index(tmp: Path, plan: MergePlan) -> None:
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def write_files(tmp: Path, plan: MergePlan, record: dict[str, Any]) -> None:
+def write_files(tmp: Path, plan: MergePlan, record: Mapping[str, Any]) -> None:
     """config.json, the carried-over files (tokenizer, generation config, ...) and the model card."""
     (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for path in plan.files:
@@ -89,7 +89,7 @@ def write_files(tmp: Path, plan: MergePlan, record: dict[str, Any]) -> None:
     _write_card(tmp, record)
 
 
-def _write_card(tmp: Path, record: dict[str, Any]) -> None:
+def _write_card(tmp: Path, record: Mapping[str, Any]) -> None:
     base = record["base"]["path"]
     adapters = "\n".join(f"- `{a['source']}` ({a['method']}, weight {a['weight']}"
                          f"{', taken out' if a.get('removed') else ''})" for a in record["adapters"])

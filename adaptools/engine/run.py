@@ -99,7 +99,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
 
                     def emit(slot: Slot, produced: Produced | None) -> None:
                         if produced is None:
-                            src, info = reader.raw(slot.raw)  # type: ignore[arg-type]
+                            assert slot.raw is not None  # only a stored tensor is queued without a value
+                            src, info = reader.raw(slot.raw)
                             writer.copy(slot.raw, src, info)
                             nbytes, merged = info.nbytes, False
                         else:

@@ -208,7 +208,8 @@ class Int8(plugin.Backend):
             shape = tuple(read(param).shape)
         return self.dtype, shape
 
-    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                     settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         codes, scb = read(param), read(param.removesuffix(".weight") + ".SCB")
         if codes.dtype != torch.int8 or codes.dim() != 2 or scb.shape != codes.shape[:1]:
             raise InputError(f"an 8-bit weight {codes.dtype} {list(codes.shape)} with {list(scb.shape)} row scales",

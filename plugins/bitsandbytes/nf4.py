@@ -334,7 +334,8 @@ class FourBit(plugin.Backend):
         data = parse_state(read(name), name)
         return DTYPE_NAMES[data["dtype"]], tuple(data["shape"])
 
-    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                     settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         tensors = {name: read(name) for name in [param, *names]}
         state = QuantState.from_state_dict(param, tensors)
         return dequantize_4bit(tensors[param], state)

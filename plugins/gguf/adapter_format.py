@@ -9,6 +9,12 @@ every module comes out exact (docs/gguf.md, "Exact scales with one alpha"). What
 Reading: a GGUF LoRA (ours, or llama.cpp's ``convert_lora_to_gguf.py``'s) becomes a plain PEFT LoRA: names
 mapped back through gguf-py's tensor map, Q/K rows put back in HF order, ``alpha / rank`` per module kept
 exactly with ``lora_alpha`` and a ``rank_pattern`` (docs/gguf.md, "Reading a GGUF LoRA back").
+
+The LoRA method (its factors for writing, its PEFT config for reading) is reached through the registry,
+``plugin.get_method("lora")``, not by importing the lora family: the gguf family then depends on the plugin
+API alone, with no import across families, and uses only the methods the LoRA method offers every caller
+(``LowRankAlgebra.low_rank``, ``AdapterMethod.from_peft``), so it stays correct whatever module of the lora
+family defines them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gguf
 import numpy as np
@@ -94,7 +100,7 @@ def plan(adapter: Adapter, options: WriteOptions) -> tuple[ModelShape, float, li
     outtype = OUTTYPES.get(options.outtype or "f32")
     if outtype is None:
         raise UnsupportedOperationError(f"--outtype {options.outtype!r} is not one of {', '.join(OUTTYPES)}")
-    factors = plugin.get_method("lora").low_rank(adapter)
+    factors = cast(plugin.LowRankAlgebra, plugin.get_method("lora")).low_rank(adapter)
     if not factors:
         raise InputError("the adapter has no LoRA factors to write", path=adapter.source)
     alpha = float(config.get("lora_alpha") or 0.0)
@@ -244,10 +250,11 @@ def read_gguf(path: Path, options: ReadOptions) -> Adapter:
     qk = any(t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]) for t in reader.tensors)
     if shape.family.permute_qk and qk and shape.n_head is None and options.base:
         # the file lacks the head counts (llama.cpp's converter writes none): take the base's
-        base = describe_base(options.base)
-        if base.family.arch != arch:
-            raise IncompatibleBaseError(f"the adapter is for {arch}, the base is {base.family.arch}", path=path)
-        shape.n_head, shape.n_head_kv = base.n_head, base.n_head_kv
+        described = describe_base(options.base)
+        if described.family.arch != arch:
+            raise IncompatibleBaseError(f"the adapter is for {arch}, the base is {described.family.arch}",
+                                        path=path)
+        shape.n_head, shape.n_head_kv = described.n_head, described.n_head_kv
     pairs: dict[str, dict[str, Any]] = {}
     ignored = []
     for tensor in reader.tensors:

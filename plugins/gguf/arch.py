@@ -94,7 +94,7 @@ class ModelShape:
     #: HF parameter name -> the safetensors file holding it.
     hf_files: dict[str, Path] = field(default_factory=dict)
     source: str = "<base>"
-    name_map: Any = field(default=None, repr=False)
+    name_map: tuple[int, gguf.TensorNameMap] | None = field(default=None, repr=False)
 
     def tensor_map(self, n_blocks: int | None = None) -> gguf.TensorNameMap:
         blocks = self.n_blocks if self.n_blocks is not None else (n_blocks or 0)
@@ -220,7 +220,7 @@ def unpermute_qk(rows: torch.Tensor | np.ndarray, n_head: int, n_head_kv: int | 
     return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def qk_heads(shape: ModelShape, gguf_name: str, path: object = None) -> tuple[int, int | None] | None:
+def qk_heads(shape: ModelShape, gguf_name: str, path: object = None) -> tuple[int, int] | None:
     """(n_head, n_head_kv) to reorder this GGUF tensor's rows with, or None if it keeps HF's order."""
     if not shape.family.permute_qk:
         return None

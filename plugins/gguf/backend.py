@@ -9,80 +9,47 @@ encoded in its own type where gguf-py has an encoder, else Q8_0 (docs/gguf.md, "
 and decodes" and "Merging into a GGUF base"); untouched ones are copied byte for byte. Tensors without a
 Hugging Face name (norms) keep their GGUF name.
 
-The output container (one GGUF file) is in ``container.py``; a dense Hugging Face base written as
-GGUF (``merge ... --to gguf``) in ``export.py``.
+Imports run one way: this module offers the output container (``container.py``, which writes one GGUF file
+from a GGUF base or, through ``export.py``, from a dense Hugging Face one) and hands it itself to encode
+with; the per-tensor decoding and encoding all three share is in ``layout.py``. Nothing imports this module
+but the family's hook.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError, TensorInfo, UnsupportedOperationError
 
-from .arch import ModelShape, describe_reader, family_for_arch, from_gguf_layout, qk_heads, to_gguf_layout
-from .codec import decodable, decode_bytes, encode, is_gguf, nbytes, open_reader, scalar
+from .arch import describe_reader, qk_heads
+from .codec import changed_type, decodable, is_gguf, nbytes, open_reader, scalar
+from .container import GGUFContainer
+from .layout import GGUFBase, StoredTensor, encode_value, settings_for
 
 #: Most dimensions a GGUF tensor has (ggml's GGML_MAX_DIMS).
 MAX_DIMS = 4
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor of a GGUF base: its GGUF name, type, numpy shape (GGUF layout) and bytes in the file."""
-
-    gguf_name: str
-    qtype: Q
-    shape: tuple[int, ...]
-    begin: int
-    nbytes: int
-
-
-def as_torch(array: np.ndarray, qtype: Q, shape: Sequence[int]) -> torch.Tensor:
-    """What gguf-py encoded, as the tensor the writer stores: float types as their torch dtype (so that
-    a reader can tell them apart), block-quantized bytes as flat uint8."""
-    if qtype == Q.F32:
-        return torch.from_numpy(np.array(array, dtype=np.float32).reshape(tuple(shape)))
-    if qtype == Q.F16:
-        return torch.from_numpy(np.asarray(array, dtype=np.float16).reshape(tuple(shape)))
-    flat = torch.from_numpy(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    return flat.view(torch.bfloat16).reshape(tuple(shape)) if qtype == Q.BF16 else flat
-
-
-def to_numpy(value: torch.Tensor, stored: StoredTensor) -> np.ndarray:
-    """A stored or encoded tensor (see :func:`as_torch`) -> float32 in GGUF's numpy layout. Raw bytes are
-    in the stored type when they have its size; otherwise they are Q8_0 (the one block type a changed
-    tensor is written in besides its own, and no other type has Q8_0's 34 bytes per 32 values)."""
-    if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return value.float().numpy().reshape(stored.shape)
-    data = value.reshape(-1).numpy()
-    qtype = stored.qtype if data.size == stored.nbytes else Q.Q8_0
-    return decode_bytes(data, qtype, stored.shape)
-
-
 class GGUFBackend(plugin.Backend):
     """GGUF tensors as one-tensor groups. The registered instance opens files and encodes settings it is
-    given; :meth:`open_checkpoint` makes one bound to a file, which also decodes that file's tensors."""
+    given; :meth:`open_checkpoint` makes one bound to a file (``base``), which also decodes that file's
+    tensors."""
 
     name = "gguf"
     description = "llama.cpp GGUF model files (every type gguf-py decodes; merge BASE.gguf ... OUT.gguf)"
 
-    def __init__(self, path: Path | None = None, model: ModelShape | None = None,
-                 stored: dict[str, StoredTensor] | None = None, reader: gguf.GGUFReader | None = None):
-        self.path, self.model, self.stored, self.reader = path, model, stored or {}, reader
+    def __init__(self, base: GGUFBase | None = None):
+        self.base = base
 
     def containers(self) -> Sequence[plugin.OutputContainer]:
-        from .container import CONTAINER
-
-        return (CONTAINER,)
+        return (GGUFContainer(self),)
 
     def open_checkpoint(self, path: Path) -> plugin.Checkpoint | None:
         if not is_gguf(path):
@@ -94,45 +61,31 @@ class GGUFBackend(plugin.Backend):
 
     # --- groups: each decodable tensor of the bound file is one --------------------------------------------
 
+    def _bound(self) -> GGUFBase:
+        if self.base is None:
+            raise UnsupportedOperationError("this GGUF backend is bound to no file; it only encodes")
+        return self.base
+
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
-        return {param: [] for param, t in self.stored.items() if param in tensors and decodable(t.qtype)}
+        stored = self.base.stored if self.base is not None else {}
+        return {param: [] for param, t in stored.items() if param in tensors and decodable(t.qtype)}
 
     def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
-        shape = self.stored[param].shape
-        return torch.float32, self._hf_shape(param, shape)
+        return torch.float32, self._bound().hf_shape(param)
 
-    def _hf_shape(self, param: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        assert self.model is not None
-        transposed = self.model.family.conv1d and len(shape) == 2 and self.stored[param].gguf_name.startswith("blk.")
-        return tuple(reversed(shape)) if transposed else shape
-
-    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
-        stored = self.stored[param]
-        values = torch.from_numpy(to_numpy(read(param), stored))
-        return from_gguf_layout(self.model, stored.gguf_name, values, self.path)  # type: ignore[arg-type]
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                     settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        return self._bound().decode(param, read(param), settings)
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """How ``param`` is written when changed: its GGUF name, numpy shape and type, and the layout facts
         (architecture and head counts) that put a Hugging Face value into GGUF's layout."""
-        from .codec import changed_type
-
-        assert self.model is not None
-        stored = self.stored[param]
-        return settings_for(self.model, stored.gguf_name, stored.shape, changed_type(stored.qtype, stored.shape[-1]))
+        base = self._bound()
+        stored = base.stored[param]
+        return settings_for(base.model, stored.gguf_name, stored.shape, changed_type(stored.qtype, stored.shape[-1]))
 
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        model = ModelShape(family_for_arch(settings["arch"]), n_head=settings["n_head"],
-                           n_head_kv=settings["n_head_kv"])
-        value = to_gguf_layout(model, settings["name"], dense.float(), self.path)
-        qtype = Q(settings["type"])
-        return {param: as_torch(encode(value.numpy(), qtype), qtype, settings["shape"])}
-
-
-def settings_for(model: ModelShape, gguf_name: str, shape: Sequence[int], qtype: Q) -> dict[str, Any]:
-    """The group settings of a tensor written as ``gguf_name`` in ``qtype`` (JSON-able, self-contained)."""
-    heads = qk_heads(model, gguf_name)
-    return {"name": gguf_name, "shape": list(shape), "type": int(qtype), "arch": model.family.arch,
-            "n_head": heads[0] if heads else None, "n_head_kv": heads[1] if heads else None}
+        return {param: encode_value(settings, dense, self.base.path if self.base is not None else None)}
 
 
 def _check(ok: bool, message: str, path: Path, tensor: str | None = None) -> None:
@@ -184,7 +137,7 @@ def open_base(path: Path) -> plugin.Checkpoint:
         stored[param] = StoredTensor(t.name, qtype, shape, int(t.data_offset), want)
     config = {"architectures": list(model.family.hf_architectures), "model_type": model.family.model_types[0],
               "tie_word_embeddings": "output.weight" not in model.gguf_shapes}  # type: ignore[operator]
-    backend = GGUFBackend(path, model, stored, reader)
+    backend = GGUFBackend(GGUFBase(path, model, stored, reader))
     tensors = {param: TensorInfo("U8", (s.nbytes,), s.begin, s.begin + s.nbytes) for param, s in stored.items()}
     checkpoint = plugin.Checkpoint.from_file(path, config, tensors, backend)
     checkpoint.find_groups([backend])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gguf
 from gguf import GGMLQuantizationType as Q
@@ -23,8 +23,9 @@ from adaptools import plugin
 from adaptools.plugin import InputError, UnsupportedOperationError
 
 from .arch import ModelShape, describe_base
-from .backend import settings_for
 from .codec import changed_type
+from .layout import settings_for
+from .writer import Spec
 
 #: ``general.file_type`` for each ``--outtype`` (gguf.LlamaFileType).
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -45,8 +46,10 @@ def dense_model(checkpoint: plugin.Checkpoint) -> ModelShape:
     return model
 
 
-def dense_encodings(checkpoint: plugin.Checkpoint, outtype: Q) -> dict[str, tuple[Any, Mapping[str, Any]]]:
-    """Every stored parameter as the GGUF tensor llama.cpp's converter writes; refuses what it cannot."""
+def dense_encodings(checkpoint: plugin.Checkpoint, outtype: Q,
+                    encoder: plugin.Backend) -> dict[str, tuple[plugin.Backend, Mapping[str, Any]]]:
+    """Every stored parameter as the GGUF tensor llama.cpp's converter writes, encoded by ``encoder`` (the
+    GGUF backend that offered the container); refuses what it cannot."""
     if checkpoint.groups:
         raise UnsupportedOperationError("--to gguf needs a dense base; this one is quantized", path=checkpoint.path,
                                         hint="dequantize it first: adaptools dequantize BASE DENSE")
@@ -56,8 +59,7 @@ def dense_encodings(checkpoint: plugin.Checkpoint, outtype: Q) -> dict[str, tupl
         raise UnsupportedOperationError(f"RoPE scaling {rope.get('rope_type')!r} is not written yet",
                                         path=checkpoint.path / "config.json")
     vocabulary(checkpoint.path, int(checkpoint.config.get("vocab_size") or 0))  # refuses early
-    backend = plugin.get_backend("gguf")
-    encodings: dict[str, tuple[Any, Mapping[str, Any]]] = {}
+    encodings: dict[str, tuple[plugin.Backend, Mapping[str, Any]]] = {}
     for param in checkpoint.location:
         name = model.gguf_name(param)
         if name is None:
@@ -67,7 +69,7 @@ def dense_encodings(checkpoint: plugin.Checkpoint, outtype: Q) -> dict[str, tupl
         # norms, biases and other vectors stay F32, as llama.cpp's converter and loader want them
         dense = len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
         qtype = Q.F32 if dense else changed_type(outtype, shape[-1], outtype)
-        encodings[param] = (backend, settings_for(model, name, shape, qtype))
+        encodings[param] = (encoder, settings_for(model, name, shape, qtype))
     return encodings
 
 
@@ -113,7 +115,8 @@ def vocabulary(folder: Path, vocab_size: int) -> tuple[str, list[str], list[int]
         raise InputError("tokenizer.json must hold a JSON object", path=path)
     try:
         bpe = gguf.vocab.BpeVocab(folder)
-        base = [text for text, _, _ in bpe.bpe_tokens()]
+        # the tokenizer.json keys, as str (gguf-py annotates them as bytes)
+        base = cast(list[str], [text for text, _, _ in bpe.bpe_tokens()])
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         model = (tokenizer.get("model") or {}).get("type")
         raise UnsupportedOperationError(f"tokenizer.json is not a byte-level BPE vocabulary ({model or exc})",
@@ -132,7 +135,7 @@ def vocabulary(folder: Path, vocab_size: int) -> tuple[str, list[str], list[int]
     return pre, [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types
 
 
-def write_metadata(plan: Any, model: ModelShape, specs: Sequence[Any], writer: gguf.GGUFWriter) -> None:
+def write_metadata(plan: plugin.MergePlan, model: ModelShape, specs: Sequence[Spec], writer: gguf.GGUFWriter) -> None:
     """The metadata llama.cpp's converter writes for a Llama-family model, from config.json and the
     tokenizer files."""
     checkpoint = plan.checkpoint
