@@ -58,11 +58,10 @@ def within_time(fn, *args, **kwargs):
 def gguf_files(tmp_path_factory) -> dict[str, bytes]:
     """A GGUF LoRA adapter (written by adaptools) and a Q8_0 GGUF model (gguf-py) from the fixtures, as bytes."""
     from click.testing import CliRunner
-
-    from adaptools.cli import get_cli
-
     from gguf import GGMLQuantizationType
     from gguf_bases import write_base
+
+    from adaptools.cli import get_cli
 
     tmp = tmp_path_factory.mktemp("gguf")
     args = ["convert", adapter_path("llama-lora"), tmp / "adapter.gguf", "--to", "gguf", "--base", base_path("llama")]
