@@ -17,7 +17,8 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import AdaptoolsError, InputError
-from .interfaces import BaseInfo, BaseTensor
+from .finite import count_nonfinite
+from .interfaces import Backend, BaseInfo, BaseTensor
 from .jsonio import read_json
 from .resolve import resolve
 from .safetensors_io import TORCH_TO_CODE, Header, TensorInfo, read_header, read_tensor
@@ -155,11 +156,27 @@ class Checkpoint:
         """A parameter's value: decoded from its group if it has one, else the stored tensor."""
         if name in self.groups:
             backend, names = self.groups[name]
-            return backend.decode_group(name, self.read_small, names)  # type: ignore[no-any-return]
+            value: torch.Tensor = backend.decode_group(name, self.read_small, names)
+            if count_nonfinite(value):
+                self._refuse_overflowing_group(name, backend, names, value)
+            return value
         shard, info = self.location[name]
         if handle is not None:
             return read_tensor(handle, info)
         return self.read_small(name)
+
+    def _refuse_overflowing_group(self, name: str, backend: Backend, names: list[str], value: torch.Tensor) -> None:
+        """A quantized weight whose stored tensors are finite decodes to NaN or infinity only when its scales
+        exceed the dtype it decodes to (an LLM.int8 SCB beyond fp16's range): the base, as its own library
+        reads it, is then garbage, and no merge or dequantize may pass that on (docs/outputs.md, "Never
+        garbage"). Non-finite stored scales are the base's own and are kept, as for a dense base."""
+        stored = (self.read_small(n) for n in names)
+        if any(t.is_floating_point() and count_nonfinite(t) for t in stored):
+            return
+        raise InputError(f"decoding this {backend.name} weight as its library does gives {count_nonfinite(value)} "
+                         f"non-finite value(s) in {value.dtype}: its stored scales exceed that dtype's range",
+                         path=self.location[name][0].path if name in self.location else self.path, tensor=name,
+                         hint="the checkpoint is corrupt; quantize it again from the 16-bit original")
 
     def tensor(self, name: str) -> BaseTensor:
         """What a parameter looks like to a merge: dense for groups, as stored otherwise."""

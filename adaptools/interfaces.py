@@ -101,6 +101,9 @@ class AdapterMethod(ABC):
     peft_roles: ClassVar[dict[str, str]] = {}
     #: Lint rules this method checks: id -> (severity, one-line title), for ``adaptools check`` and SARIF.
     rules: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: Error rules that fail ``adaptools check`` but do not stop ``load`` (an adapter that changes nothing is
+    #: wrong to publish, yet reading, merging or initialising one is harmless).
+    check_only: ClassVar[frozenset[str]] = frozenset()
     #: Why an operation is not supported, for the error message: {operation: reason}.
     unsupported: ClassVar[dict[str, str]] = {}
     #: Operations that work only for some adapters of the method: {operation: when}. ``adaptools plugins``
@@ -130,7 +133,7 @@ class AdapterMethod(ABC):
     def validate(self, adapter: Adapter, *, check_values: bool = True) -> None:
         """Raise :class:`AdapterFormatError` for the first error-severity finding (used by ``load``)."""
         for finding in self.lint(adapter, None, check_values=check_values):
-            if finding.severity == "error":
+            if finding.severity == "error" and finding.rule not in self.check_only:
                 raise AdapterFormatError(finding.message, path=finding.path, tensor=finding.tensor,
                                          hint=finding.fix)
 

@@ -5,6 +5,7 @@ gguf-py's own encoders; test_gguf_llamacpp.py runs llama.cpp itself on the outpu
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import numpy as np
@@ -515,3 +516,17 @@ def test_pre_tokenizer_names_follow_the_tokenizer_structure():
             pre_tokenizer({"pre_tokenizer": wrong}, "t")
     with pytest.raises(adaptools.UnsupportedOperationError):  # a normalizer changes what the split sees
         pre_tokenizer({"pre_tokenizer": byte_level, "normalizer": {"type": "NFC"}}, "t")
+
+
+def test_a_dense_base_merged_to_gguf_f16_beyond_its_range_is_refused(bpe_llama, tmp_path, cli_runner):
+    """Issue 21: a merged value beyond fp16's range became Inf in the GGUF file, with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(bpe_llama / "adapter", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * (1e7 if "lora_B" in k else 1) for k, v in load_file(weights).items()}, weights)
+    out = tmp_path / "out.gguf"
+    result = merge(cli_runner, bpe_llama / "base", adapter, out, "--outtype", "f16")
+    assert result.exit_code == 2 and "non-finite" in result.stderr and "Traceback" not in result.output, result.output
+    assert not out.exists()

@@ -74,7 +74,8 @@ class NonFiniteError(InputError):
     """A merge would write NaN or infinity where the base has a finite value."""
 
 
-def check_finite(entry: Entry, out: torch.Tensor, source: Callable[[], torch.Tensor | None]) -> None:
+def check_finite(entry: Entry, out: torch.Tensor, source: Callable[[], torch.Tensor | None],
+                 what: str | None = None) -> None:
     """Refuse an output that holds a non-finite value the base did not hold at the same place.
 
     The common case costs one sum: a finite sum means every element is finite. Only a non-finite sum
@@ -88,7 +89,7 @@ def check_finite(entry: Entry, out: torch.Tensor, source: Callable[[], torch.Ten
         bad &= torch.isfinite(original.to(bad.device))
     count = int(bad.sum())
     if count:
-        sources = "; ".join(u.source for u in entry.chain if u.source) or "a dtype cast"
+        sources = what or "; ".join(u.source for u in entry.chain if u.source) or "a dtype cast"
         raise NonFiniteError(
             f"the result would hold {count} non-finite value(s) (NaN or infinity) where the base is finite "
             f"(from {sources})", tensor=entry.name,
@@ -219,12 +220,18 @@ class Compute:
         assert entry.group is not None
         started = time.perf_counter()
         try:
-            group = entry.group.backend.encode_group(entry.name, merged, entry.group.settings)
+            backend, settings = entry.group.backend, entry.group.settings
+            group = backend.encode_group(entry.name, merged, settings)
+            # What is written, decoded again, is finite wherever its source was: the rule every encoder
+            # inherits (a Q8_0 block scale or an F16 value beyond fp16's range, a 4-bit group whose dtype
+            # cannot hold its scale). docs/outputs.md, "Never garbage".
+            written = backend.decode_group(entry.name, group.__getitem__, [k for k in group if k != entry.name],
+                                           settings)
+            check_finite(entry, written, lambda: merged, what="its encoding")
             report = None
             if entry.survival:
                 before = self.checkpoint.read_small(entry.name)
-                report = survival(entry.name, before, entry.group.backend, merged, stored, group,
-                                  entry.group.settings)
+                report = survival(entry.name, before, merged, stored, group, written)
         finally:
             self.seconds["encode"] += time.perf_counter() - started
         return Produced(group, survival=report)

@@ -71,13 +71,12 @@ def distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
     return float(total ** 0.5)
 
 
-def survival(name: str, before: torch.Tensor, backend: Backend, merged: torch.Tensor, base: torch.Tensor,
-             group: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> Survival:
+def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.Tensor,
+             group: Mapping[str, torch.Tensor], requantized: torch.Tensor) -> Survival:
     """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the decoded base and W+Δ as rounded to
-    the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces, and
-    ``group`` what the backend encoded with ``settings``."""
+    the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces, ``group``
+    what the backend encoded and ``requantized`` that group decoded again."""
     norm = distance(merged, base)
-    requantized = backend.decode_group(name, lambda key: group[key], [k for k in group if k != name], settings)
     kept = distance(requantized, base)
     retained = kept / norm if norm > 0 else 1.0
     old = before.reshape(-1).view(torch.uint8)

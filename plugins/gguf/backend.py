@@ -31,7 +31,7 @@ from adaptools.plugin import BaseTensor, InputError, TensorInfo, UnsupportedOper
 from .arch import describe_reader, qk_heads
 from .codec import changed_type, decodable, is_gguf, nbytes, open_reader, scalar
 from .container import GGUFContainer
-from .layout import GGUFBase, StoredTensor, encode_value, settings_for
+from .layout import GGUFBase, StoredTensor, decode_encoded, encode_value, settings_for
 
 #: Most dimensions a GGUF tensor has (ggml's GGML_MAX_DIMS).
 MAX_DIMS = 4
@@ -75,6 +75,8 @@ class GGUFBackend(plugin.Backend):
 
     def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
                      settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        if settings is not None:  # a group just encoded: its settings say everything, no file needed
+            return decode_encoded(settings, read(param), self.base.path if self.base is not None else None)
         return self._bound().decode(param, read(param), settings)
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:

@@ -59,13 +59,11 @@ class GGUFBase:
     def decode(self, param: str, value: torch.Tensor, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         """``value`` (the stored bytes of ``param``, or what :func:`encode_value` made with ``settings``) as
         float32 in the Hugging Face layout."""
+        if settings is not None:
+            return decode_encoded(settings, value, self.path)
         stored = self.stored[param]
-        if settings is None:
-            name, qtype, shape = stored.gguf_name, stored.qtype, stored.shape
-        else:
-            name, qtype, shape = settings["name"], Q(settings["type"]), tuple(settings["shape"])
-        values = torch.from_numpy(decode_value(value, qtype, shape))
-        return from_gguf_layout(self.model, name, values, self.path)
+        values = torch.from_numpy(decode_value(value, stored.qtype, stored.shape))
+        return from_gguf_layout(self.model, stored.gguf_name, values, self.path)
 
 
 def settings_for(model: ModelShape, gguf_name: str, shape: Sequence[int], qtype: Q) -> dict[str, Any]:
@@ -81,6 +79,15 @@ def encode_value(settings: Mapping[str, Any], dense: torch.Tensor, path: object 
     value = to_gguf_layout(model, settings["name"], dense.float(), path)
     qtype = Q(settings["type"])
     return as_torch(encode(value.numpy(), qtype), qtype, settings["shape"])
+
+
+def decode_encoded(settings: Mapping[str, Any], value: torch.Tensor, path: object = None) -> torch.Tensor:
+    """What :func:`encode_value` made with ``settings``, decoded again into the Hugging Face layout as
+    float32: the settings hold all it needs, so a value encoded for a new file (a dense base written as GGUF)
+    decodes without one."""
+    model = ModelShape(family_for_arch(settings["arch"]), n_head=settings["n_head"], n_head_kv=settings["n_head_kv"])
+    values = torch.from_numpy(decode_value(value, Q(settings["type"]), tuple(settings["shape"])))
+    return from_gguf_layout(model, settings["name"], values, path)
 
 
 def as_torch(array: np.ndarray, qtype: Q, shape: Sequence[int]) -> torch.Tensor:

@@ -93,6 +93,7 @@ class AdaLoRA(AdditiveDelta, ViaPlainLoRA):
     peft_types = ("ADALORA",)
     peft_roles = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}
     rules = TABLE.rules
+    check_only = frozenset({TABLE.ids["inert"]})
     fp32_output = True  # the unmerged path is added to the layer's output in fp32
 
     # --- check ------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
     # --- validation and lint ---------------------------------------------------------------------------
 
     rules = RULES
+    check_only = frozenset({"LORA023"})
 
     def lint(self, adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool = True) -> list[Finding]:
         return lint(adapter, base, check_values=check_values)

@@ -92,6 +92,7 @@ class VeRA(AdditiveDelta):
     peft_roles = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d",
                   "base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
     rules = TABLE.rules
+    check_only = frozenset({TABLE.ids["inert"]})
     unsupported = {"algebra": "a VeRA delta needs each layer's input size, which only the base knows; diff "
                               "compares its tensors"}
 

@@ -45,6 +45,7 @@ class LoHa(Lycoris):
     peft_roles = {role: role for role in ROLES}
     table = TABLE
     rules = TABLE.rules
+    check_only = frozenset({TABLE.ids["inert"]})
 
     def delta(self, tensors: Mapping[str, torch.Tensor], scaling: float) -> torch.Tensor:
         # peft's HadaWeight / HadaWeightCP forward; the scale is a 0-d fp32 tensor there.

@@ -79,6 +79,7 @@ class LoKr(Lycoris):
     peft_roles = {role: role for role in ROLES}
     table = TABLE
     rules = TABLE.rules
+    check_only = frozenset({TABLE.ids["inert"]})
     extra_fields = {"decompose_both": FLAG, "rank_dropout_scale": FLAG,
                     "decompose_factor": {"type": "integer", "minimum": -1, "maximum": MAX_RANK}}
 

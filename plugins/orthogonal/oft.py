@@ -133,6 +133,7 @@ class OFT(Orthogonal):
     peft_roles = {"oft_R.weight": "oft_R", "oft_embedding_R.weight": "oft_embedding_R", "oft_r": "oft_r",
                   "oft_s": "oft_s"}
     rules = TABLE.rules
+    check_only = frozenset({TABLE.ids["inert"]})
     conditional = {"merge": "Linear layers at weight 1 (conv and embedding layers and weighted merges are refused, "
                             "naming why)",
                    "apply": "Linear layers (conv and embedding layers are refused, naming why)"}
