@@ -267,6 +267,12 @@ class AdapterFormat(ABC):
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         raise UnsupportedOperationError(f"format {self.name!r} cannot be read")
 
+    def base_mismatch(self, adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
+        """Why ``adapter``, as this format read it, was made for another architecture than the base whose
+        config.json is ``base_config`` (None: no objection). A merge asks before it computes anything, as it
+        checks a PEFT adapter's ``base_model_class``; ``--ignore-base-mismatch`` skips both."""
+        return None
+
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         """Write ``adapter`` to ``path``, which does not exist yet (the caller renames it into place)."""
         raise UnsupportedOperationError(f"format {self.name!r} cannot be written")

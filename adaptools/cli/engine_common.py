@@ -120,10 +120,13 @@ def _engine_options(kw: dict[str, Any], **extra: Any) -> MergeOptions:
                         command=command_line(), checks=requests, workers=kw["workers"], **extra)
 
 
-def _weighted(refs: tuple[str, ...], weights: tuple[float, ...], flag: str, allow_pickle: bool) -> list[MergeInput]:
+def _weighted(refs: tuple[str, ...], weights: tuple[float, ...], flag: str, allow_pickle: bool,
+              base: str) -> list[MergeInput]:
+    """The adapters with their weights, each read knowing the model it goes into (a GGUF LoRA without head
+    counts takes them from it)."""
     if weights and len(weights) != len(refs):
         raise click.UsageError(f"{len(weights)} {flag} values for {len(refs)} adapters")
-    return [MergeInput(load(ref, allow_pickle=allow_pickle), weights[i] if weights else 1.0)
+    return [MergeInput(load(ref, allow_pickle=allow_pickle, base=base), weights[i] if weights else 1.0)
             for i, ref in enumerate(refs)]
 
 

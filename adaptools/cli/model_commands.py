@@ -96,7 +96,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
     allow_pickle, dry_run, json_ = kw["allow_pickle"], kw["dry_run"], kw["json_"]
     if not dry_run:
         check_output(out, kw["force"], [base, *adapter_refs, *initials])
-    inputs = _weighted(adapter_refs, weights, "--weight", allow_pickle)
+    inputs = _weighted(adapter_refs, weights, "--weight", allow_pickle, base)
     for item, initial in zip(inputs, initials):
         item.adapter = with_initial(item.adapter, load(initial, allow_pickle=allow_pickle))
     if dry_run:
@@ -139,7 +139,7 @@ def unmerge(paths: tuple[str, ...], weights: tuple[float, ...], original: str | 
         Checkpoint.open(original)  # refuse an unusable --base before anything is written
     if not kw["dry_run"]:
         check_output(out, kw["force"], [merged, *refs, *([original] if original else [])])
-    removed = _weighted(refs, weights, "--weight", kw["allow_pickle"])
+    removed = _weighted(refs, weights, "--weight", kw["allow_pickle"], merged)
     _write(unmerge_op.unmerge_plan(merged, removed, options), out, kw, "unmerging", original)
 
 
@@ -174,6 +174,6 @@ def swap(merged: str, out: str, removed: tuple[str, ...], added: tuple[str, ...]
     options = _engine_options(kw)
     if not kw["dry_run"]:
         check_output(out, kw["force"], [merged, *removed, *added])
-    taken = _weighted(removed, remove_weight, "--remove-weight", kw["allow_pickle"])
-    given = _weighted(added, add_weight, "--add-weight", kw["allow_pickle"])
+    taken = _weighted(removed, remove_weight, "--remove-weight", kw["allow_pickle"], merged)
+    given = _weighted(added, add_weight, "--add-weight", kw["allow_pickle"], merged)
     _write(unmerge_op.unmerge_plan(merged, taken, options, given), out, kw, "swapping", None)

@@ -79,6 +79,14 @@ def plan_updates(inputs: Sequence[MergeInput], checkpoint: Checkpoint,
 
 
 def _check_architecture(item: MergeInput, checkpoint: Checkpoint) -> None:
+    """Refuse an adapter made for another architecture: as PEFT records it (``auto_mapping``), or as the
+    format that read it knows (a GGUF LoRA's ``general.architecture``)."""
+    if item.adapter.read_format:
+        why = registry.get_format(item.adapter.read_format).base_mismatch(item.adapter, checkpoint.config)
+        if why:
+            raise IncompatibleBaseError(why, path=item.adapter.source,
+                                        hint="merge into the base the adapter was made for, or pass "
+                                             "--ignore-base-mismatch if you are sure")
     mapping = item.adapter.config.get("auto_mapping") or {}
     wanted = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     architectures = checkpoint.config.get("architectures") or []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,7 +43,7 @@ from adaptools.plugin import (
     WriteOptions,
 )
 
-from .arch import ModelShape, describe_base, family_for_arch, permute_qk, qk_heads, unpermute_qk
+from .arch import ModelShape, describe_base, family_for_arch, family_for_config, permute_qk, qk_heads, unpermute_qk
 from .codec import OUTTYPES, decode, encode_with_fallback, is_gguf, numpy_shape, open_reader, scalar
 
 MERGE_HINT = "merge it into the base instead: adaptools merge BASE ADAPTER OUT"
@@ -346,6 +347,20 @@ class GGUFFormat(plugin.AdapterFormat):
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         return read_gguf(path, options)
+
+    def base_mismatch(self, adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
+        """A GGUF LoRA names its architecture (``general.architecture``): a Qwen2 LoRA merged into a Llama
+        base puts its Q/K rows in the wrong order and lands on the wrong modules."""
+        arch = adapter.provenance.get("gguf_architecture")
+        if not isinstance(arch, str):
+            return None
+        try:
+            base_arch = family_for_config(dict(base_config)).arch
+        except UnsupportedOperationError:
+            base_arch = str((base_config.get("architectures") or [base_config.get("model_type")])[0])
+        if base_arch == arch:
+            return None
+        return f"the adapter is a GGUF LoRA for architecture {arch!r}, the base is {base_arch!r}"
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         shape, alpha, tensors = plan(adapter, options)

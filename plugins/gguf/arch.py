@@ -78,6 +78,10 @@ def family_for_config(config: dict[str, Any], path: object = None) -> Family:
                                     f"{', '.join(a for f in FAMILIES for a in f.hf_architectures)})", path=path)
 
 
+#: The most transformer blocks a GGUF file may declare (the largest models have a few hundred).
+MAX_BLOCKS = 4096
+
+
 @dataclass
 class ModelShape:
     """What reading or writing a GGUF adapter needs to know about the base model."""
@@ -98,6 +102,10 @@ class ModelShape:
 
     def tensor_map(self, n_blocks: int | None = None) -> gguf.TensorNameMap:
         blocks = self.n_blocks if self.n_blocks is not None else (n_blocks or 0)
+        if blocks > MAX_BLOCKS:  # gguf-py builds the name map block by block: 4e9 blocks never return
+            raise InputError(f"{blocks} blocks (block_count, or a tensor's block index) is more than any model "
+                             f"has (at most {MAX_BLOCKS} are read)", path=self.source,
+                             hint="the file is corrupt or was made to mislead")
         if self.name_map is None or self.name_map[0] != blocks:
             self.name_map = (blocks, gguf.get_tensor_name_map(self.family.model_arch, blocks))
         return self.name_map[1]
@@ -132,7 +140,8 @@ class ModelShape:
         if not self.n_head:
             raise InputError("the attention head counts are unknown, and the Q/K rows cannot be reordered "
                              "without them", path=path,
-                             hint="pass --base (the base's folder with config.json, or its .gguf)")
+                             hint="merge takes them from its BASE; other commands take --base (the base's folder "
+                                  "with config.json, or its .gguf)")
         return self.n_head, self.n_head_kv or self.n_head
 
 

@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType as Q
 
 from adaptools.plugin import InputError
 
+from .header import check_counts
+
 MAGIC = b"GGUF"
 #: Types gguf-py can encode (quantize) in Python; the others (K-quants, IQ types) only decode.
 ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
@@ -35,7 +37,9 @@ def is_gguf(path: Path) -> bool:
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
-    """A memory-mapped reader; any parse failure becomes one InputError naming the file."""
+    """A memory-mapped reader, after every count in the header was bounded by the file's size
+    (:func:`.header.check_counts`); any parse failure becomes one InputError naming the file."""
+    check_counts(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises ValueError, IndexError, KeyError, ... on hostile bytes
