@@ -98,7 +98,12 @@ class Fp8(plugin.Backend):
         if weight.dtype != FP8 or weight.dim() != 2 or tuple(scale.shape) != grid(tuple(weight.shape), block):
             raise InputError(f"an FP8 weight {weight.dtype} {list(weight.shape)} with {list(scale.shape)} block "
                              "scales", tensor=param, hint=HINT)
-        return dequantize(weight, scale, block, self.dtype)
+        dense = dequantize(weight, scale, block, self.dtype)
+        bad = plugin.count_nonfinite(dense)
+        if bad:
+            raise InputError(f"decodes to {bad} NaN or infinite value(s): NaN codes (0x7F, 0xFF), or block scales "
+                             f"too large for {str(self.dtype)[6:]}", tensor=param, hint=HINT)
+        return dense
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """The block a weight is stored in (encoding it again uses the same)."""

@@ -38,7 +38,7 @@ CONFIG_SCHEMA = {
         "modules_to_not_convert": {"type": ["array", "null"], "items": {"type": "string"}},
     },
 }
-HINT = "the FP8 checkpoint is corrupt or of a kind adaptools does not read (docs/fp8.md)"
+HINT = "the checkpoint is corrupt, or an FP8 variant adaptools does not read: docs/fp8.md says which it reads"
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,11 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any]) -> dict[s
             continue
         param = name[: -len(SCALE_SUFFIX)]
         weight = tensors.get(param)
-        if not param.endswith(".weight") or weight is None:
-            raise _refuse(f"block scales of {param}, which is not a stored .weight (fused experts and per-tensor "
-                          "layouts are not read)", name)
+        if not param.endswith(".weight"):
+            raise _refuse(f"block scales of {param}, which is not a linear's .weight (fused experts are not read)",
+                          name)
+        if weight is None:
+            raise _refuse(f"block scales of {param}, which the checkpoint does not hold", name)
         if weight.dtype != "F8_E4M3" or len(weight.shape) != 2:
             raise _refuse(f"block scales of a {weight.dtype} {list(weight.shape)} weight; an FP8 weight is a 2-D "
                           "F8_E4M3 tensor", name)
