@@ -152,6 +152,16 @@ def test_requantizing_the_decoded_weight_keeps_the_codes_and_moves_scales_by_two
     assert moved > 0
 
 
+@pytest.mark.parametrize("chunk", [1, 5000, 40_000])
+def test_results_do_not_depend_on_how_many_rows_of_tiles_are_done_at_once(chunk, monkeypatch):
+    expected = [(codec.quantize(w, block), w, block) for w, block in samples()]
+    monkeypatch.setattr(codec, "CHUNK", chunk)
+    for (q, scale_inv), w, block in expected:
+        again = codec.quantize(w, block)
+        assert same(again[0], q) and same(again[1], scale_inv)
+        assert same(codec.dequantize(q, scale_inv, block, w.dtype), reference_dequantize(q, scale_inv, block, w.dtype))
+
+
 def test_quantize_refuses_what_fp8_cannot_store():
     with pytest.raises(adaptools.InputError, match="NaN or Inf"):
         codec.quantize(torch.tensor([[1.0, float("inf")]]), (128, 128), "x.weight")
@@ -333,17 +343,20 @@ def test_quantization_config_is_what_transformers_writes():
 
 
 def test_two_checkpoints_with_different_blocks_are_never_confused(bases, tmp_path):
-    """Block sizes come from config.json, which decoding does not see: a weight two open checkpoints store with
-    the same scale grid but different blocks is refused, not decoded with the wrong one."""
+    """Block sizes come from config.json, which the decoding hooks do not see: each checkpoint decodes with its
+    own, and a weight read without its checkpoint, which two scans store with the same scale grid in different
+    blocks, is refused rather than decoded with the wrong one."""
     other = tmp_path / "other"
     build_fp8.save_fp8_base(build_fp8.dense_model(), other, True, {"quant_method": "fp8",
                                                                   "weight_block_size": [160, 200]})
-    first = Checkpoint.open(bases["llama-fp8"])
-    assert first.read("model.layers.0.mlp.down_proj.weight").shape == (256, 352)  # grids differ: unambiguous
-    second = Checkpoint.open(other)
-    for checkpoint in (first, second):
+    first, second = Checkpoint.open(bases["llama-fp8"]), Checkpoint.open(other)
+    for checkpoint, block in ((first, (128, 128)), (second, (160, 200))):
+        stored = load_file(str(checkpoint.path / "model.safetensors"))
+        want = reference_dequantize(stored[GATE], stored[GATE + "_scale_inv"], block, torch.bfloat16)
+        assert same(checkpoint.read(GATE), want)  # [352, 256] makes a 3x2 grid in both blocks
+        backend = checkpoint.groups[GATE][0]
         with pytest.raises(adaptools.InputError, match="different block sizes"):
-            checkpoint.read(GATE)  # [352, 256] makes a 3x2 grid in 128x128 and in 160x200 blocks
+            backend.decode_group(GATE, stored.__getitem__, [GATE + "_scale_inv"])
 
 
 def test_plugins_lists_the_backends(cli_runner):

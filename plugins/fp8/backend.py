@@ -4,13 +4,14 @@ parameters, decoded as transformers does and encoded back byte for byte as its q
 The dense dtype of a weight is the model's (config.json's ``dtype``), which the group's own tensors do not
 say, and the block size is config.json's ``weight_block_size``; the backend hooks that decode see only the
 group's tensors. So, as for LLM.int8, one backend is registered per dense dtype, and only the one matching
-the checkpoint claims its groups; the block size is remembered from the scan by weight name and scale-grid
-shape, and a weight that two open checkpoints store with different block sizes is refused rather than
-guessed (docs/fp8.md, "Block size and dtype").
+the checkpoint claims its groups; the block sizes of a scan are tied to the checkpoint that was scanned
+(its reader), and a weight read any other way gets the block every scan agrees on, or is refused
+(docs/fp8.md, "Block size and dtype").
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class Fp8(plugin.Backend):
         self.description = (f"fine-grained FP8 weights (float8_e4m3fn + block scales) in a "  # type: ignore[misc]
                             f"{str(self.dtype)[6:]} model: transformers' decode, byte-exact encode")
         self._last: dict[str, Layout] = {}  # the latest scan, for group_info right after it
+        self._owned: weakref.WeakKeyDictionary[Any, dict[str, Layout]] = weakref.WeakKeyDictionary()
         self._seen: dict[tuple[str, tuple[int, ...]], set[Layout]] = {}
 
     @property
@@ -70,31 +72,50 @@ class Fp8(plugin.Backend):
             self._seen.setdefault((param, layout.grid), set()).add(layout)
         return {param: [param + SCALE_SUFFIX] for param in layouts}
 
-    def _block(self, param: str, tiles: tuple[int, ...], shape: tuple[int, ...] | None = None) -> tuple[int, int]:
-        """The block a scanned checkpoint stores ``param`` in, from its scale grid (and shape, when known)."""
+    def _block(self, param: str, read: Callable[[str], torch.Tensor], tiles: tuple[int, ...],
+               shape: tuple[int, ...] | None = None) -> tuple[int, int]:
+        """The block ``param`` is stored in: from the scan of the checkpoint ``read`` reads when that is known
+        (a Checkpoint's reader), else from every scan by weight name, grid and shape, refusing an ambiguity."""
+        layout = self._owned_layouts(read).get(param)
+        if layout is not None and layout.grid == tiles and shape in (None, layout.shape):
+            return layout.block
         blocks = {lay.block for lay in self._seen.get((param, tiles), ()) if shape in (None, lay.shape)}
         if len(blocks) != 1:
             why = "no FP8 checkpoint opened holds it" if not blocks else (
                 "FP8 checkpoints opened in this process store it in different block sizes")
             raise InputError(f"cannot tell this weight's block size: {why}", tensor=param,
-                             hint="open one FP8 checkpoint at a time (adaptools.Checkpoint.open)")
+                             hint="read it through the adaptools.Checkpoint that holds it")
         return blocks.pop()
 
+    def _owned_layouts(self, read: Callable[[str], torch.Tensor]) -> dict[str, Layout]:
+        owner = getattr(read, "__self__", None)  # a bound reader: the checkpoint itself
+        try:
+            return self._owned.get(owner, {}) if owner is not None else {}
+        except TypeError:  # not weakly referenceable: no scan was recorded for it
+            return {}
+
     def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
-        """The model dtype and the weight's shape; only the block scales are read (and checked)."""
+        """The model dtype and the weight's shape; only the block scales are read (and checked). Called right
+        after :meth:`find_groups` on the same checkpoint, whose scan is then tied to that checkpoint's reader."""
         scale = read(param + SCALE_SUFFIX)
         check_scales(scale, param + SCALE_SUFFIX)
+        owner = getattr(read, "__self__", None)
+        if owner is not None and param in self._last:
+            try:
+                self._owned[owner] = self._last
+            except TypeError:
+                pass
         layout = self._last.get(param)
         if layout is None or layout.grid != tuple(scale.shape):
             shape = tuple(read(param).shape)  # not the scan just made: read the weight itself
-            self._block(param, tuple(scale.shape), shape)
+            self._block(param, read, tuple(scale.shape), shape)
             return self.dtype, shape
         return self.dtype, layout.shape
 
     def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
         weight, scale = read(param), read(param + SCALE_SUFFIX)
         check_scales(scale, param + SCALE_SUFFIX)
-        block = self._block(param, tuple(scale.shape), tuple(weight.shape))
+        block = self._block(param, read, tuple(scale.shape), tuple(weight.shape))
         if weight.dtype != FP8 or weight.dim() != 2 or tuple(scale.shape) != grid(tuple(weight.shape), block):
             raise InputError(f"an FP8 weight {weight.dtype} {list(weight.shape)} with {list(scale.shape)} block "
                              "scales", tensor=param, hint=HINT)
@@ -107,7 +128,7 @@ class Fp8(plugin.Backend):
 
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """The block a weight is stored in (encoding it again uses the same)."""
-        return {"block": self._block(param, tuple(read(param + SCALE_SUFFIX).shape))}
+        return {"block": self._block(param, read, tuple(read(param + SCALE_SUFFIX).shape))}
 
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """``P.weight`` and ``P.weight_scale_inv`` as transformers' quantizer makes them; with ``dense`` in the

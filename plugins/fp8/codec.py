@@ -9,10 +9,12 @@ tile of ``block = (rows, cols)`` elements (docs/fp8.md).
   ``scale_inv = 1 / scale``; an all-zero tile gets scale 1. Partial tiles follow the same rule (transformers
   leaves such weights unquantized).
 
-Both work one row of tiles at a time, so a weight's fp32 temporaries stay at ``block[0]`` rows.
+Both work a few rows of tiles at a time, so a weight's fp32 temporaries stay near 16 MB.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -28,14 +30,49 @@ def grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
     return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
-def _scale_tiles(values: torch.Tensor, per_tile: torch.Tensor, width: int) -> None:
-    """Multiply, in place, each tile column of ``values`` (``[rows, cols]`` fp32, one row of tiles) by its
-    entry of ``per_tile``; the last tile may be narrower than ``width``."""
-    full, rest = divmod(values.shape[1], width)
-    if full:
-        values[:, : full * width].view(values.shape[0], full, width).mul_(per_tile[:full, None])
-    if rest:
-        values[:, full * width:].mul_(per_tile[full])
+#: Elements handled at a time (whole rows of tiles): fp32 temporaries of 16 MB, and few enough Python steps.
+CHUNK = 1 << 22
+
+
+def _tile_rows(shape: tuple[int, ...], block: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
+    """(rows of the weight, rows of the scale grid) for consecutive chunks of whole rows of tiles."""
+    step = max(1, CHUNK // max(1, block[0] * shape[1]))
+    tiles = -(-shape[0] // block[0])
+    for first in range(0, tiles, step):
+        last = min(tiles, first + step)
+        yield slice(first * block[0], min(shape[0], last * block[0])), slice(first, last)
+
+
+def _by_tile(values: torch.Tensor, height: int) -> list[tuple[torch.Tensor, slice]]:
+    """``values`` (rows of tiles, the last maybe short) as ``[tiles, height, cols]`` views, each with the
+    rows of the chunk's scale grid it covers."""
+    whole = values.shape[0] // height
+    parts = [(values[: whole * height].view(whole, height, values.shape[1]), slice(0, whole))] if whole else []
+    if values.shape[0] > whole * height:
+        parts.append((values[whole * height:].unsqueeze(0), slice(whole, whole + 1)))
+    return parts
+
+
+def _scale_tiles(values: torch.Tensor, per_tile: torch.Tensor, block: tuple[int, int]) -> None:
+    """Multiply, in place, each tile of ``values`` (fp32, whole rows of tiles, the last row and column of tiles
+    maybe partial) by its entry of ``per_tile`` (``[tile rows, tile columns]``)."""
+    full, rest = divmod(values.shape[1], block[1])
+    for part, rows in _by_tile(values, block[0]):
+        scale = per_tile[rows]
+        if full:
+            part[..., : full * block[1]].view(part.shape[0], part.shape[1], full, block[1]).mul_(
+                scale[:, None, :full, None])
+        if rest:
+            part[..., full * block[1]:].mul_(scale[:, None, full:])
+
+
+def _tile_amax(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The largest ``|value|`` of each tile of ``values`` (as for :func:`_scale_tiles`)."""
+    magnitude = values.abs()
+    columns = torch.cat([part.amax(dim=1) for part, _ in _by_tile(magnitude, block[0])])
+    tiles = -(-values.shape[1] // block[1])
+    padded = torch.nn.functional.pad(columns, (0, tiles * block[1] - values.shape[1]))  # |w| >= 0: no max changes
+    return padded.view(columns.shape[0], tiles, block[1]).amax(dim=2)
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -43,13 +80,11 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     """The dense ``dtype`` value of an FP8 weight: ``fp32(w) · scale_inv[tile]`` rounded once to ``dtype``.
 
     The caller has checked that ``scale_inv`` has the grid's shape (:func:`grid`)."""
-    rows, height = weight.shape[0], block[0]
     out = torch.empty(tuple(weight.shape), dtype=dtype)
-    for i in range(scale_inv.shape[0]):
-        span = slice(i * height, min(rows, (i + 1) * height))
-        values = weight[span].to(torch.float32)
-        _scale_tiles(values, scale_inv[i], block[1])
-        out[span] = values
+    for rows, tiles in _tile_rows(tuple(weight.shape), block):
+        values = weight[rows].to(torch.float32)
+        _scale_tiles(values, scale_inv[tiles], block)
+        out[rows] = values
     return out
 
 
@@ -62,16 +97,12 @@ def quantize(weight: torch.Tensor, block: tuple[int, int],
     ``448 / amax`` overflows: transformers would store a zero ``scale_inv`` and NaN values there."""
     if weight.dim() != 2:
         raise InputError(f"an FP8 weight must be 2-D, this one is {list(weight.shape)}", tensor=where)
-    rows, cols = weight.shape
-    tiles = grid((rows, cols), block)
-    out = torch.empty((rows, cols), dtype=FP8)
-    scale_inv = torch.empty(tiles, dtype=torch.float32)
-    for i in range(tiles[0]):
-        span = slice(i * block[0], min(rows, (i + 1) * block[0]))
-        values = weight[span].to(torch.float32, copy=True)
-        columns = values.abs().amax(dim=0)
-        padded = torch.nn.functional.pad(columns, (0, tiles[1] * block[1] - cols))  # |w| >= 0: zeros change no max
-        amax = padded.view(tiles[1], block[1]).amax(dim=1)
+    n_rows, n_cols = weight.shape
+    out = torch.empty((n_rows, n_cols), dtype=FP8)
+    scale_inv = torch.empty(grid((n_rows, n_cols), block), dtype=torch.float32)
+    for rows, span in _tile_rows((n_rows, n_cols), block):
+        values = weight[rows].to(torch.float32, copy=True)
+        amax = _tile_amax(values, block)
         if not bool(torch.isfinite(amax).all()):
             raise InputError("holds NaN or Inf values, which FP8 cannot store", tensor=where,
                              hint="merge into a 16-bit output instead")
@@ -81,7 +112,7 @@ def quantize(weight: torch.Tensor, block: tuple[int, int],
         if not bool(torch.isfinite(scales).all()):
             raise InputError(f"a tile's largest |value| is {float(amax.min()):g}: 448 / amax overflows float32, "
                              "and FP8 would store NaN there", tensor=where, hint="merge into a 16-bit output instead")
-        scale_inv[i] = (1.0 / scales).to(torch.float32)
-        _scale_tiles(values, scales, block[1])
-        out[span] = values.clamp_(-FP8_MAX, FP8_MAX)
+        scale_inv[span] = (1.0 / scales).to(torch.float32)
+        _scale_tiles(values, scales, block)
+        out[rows] = values.clamp_(-FP8_MAX, FP8_MAX)
     return out, scale_inv
