@@ -1,16 +1,14 @@
-"""Fine-grained FP8 bases (``quant_method: fp8``): the codec against transformers' own FP8 dequantizer and
-quantizer, and every operation on an FP8 checkpoint against transformers and PEFT. Hostile checkpoints are in
-test_fp8_inputs.py."""
+"""Fine-grained FP8 bases (``quant_method: fp8``): every operation on an FP8 checkpoint against transformers and
+PEFT. The codec's own tests are in test_fp8_codec.py, hostile checkpoints in test_fp8_inputs.py."""
 
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 
 import pytest
 import torch
-from conftest import FIXTURES
+from fp8_checks import build_fp8, reference_dequantize, same, state_of, transformers_dequantized
 from peft_oracle import seeded_lora
 from safetensors.torch import load_file
 
@@ -19,27 +17,8 @@ from adaptools import MergeInput, merge
 from adaptools.checkpoint import Checkpoint
 from adaptools_plugins.fp8 import codec
 
-sys.path.insert(0, str(FIXTURES))
-import build_fp8  # noqa: E402
-
-FP8 = torch.float8_e4m3fn
 GATE = "model.layers.1.mlp.gate_proj.weight"  # partial tiles ([352, 256] in 128x128), an all-zero tile
 Q = "model.layers.1.self_attn.q_proj.weight"  # whole tiles
-
-
-def state_of(folder):
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state
-
-
-def as_bytes(t):
-    return t.view(torch.uint8) if t.dtype == FP8 else t
-
-
-def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
 
 @pytest.fixture(scope="module")
@@ -61,114 +40,6 @@ def bases(tmp_path_factory):
                                                      layers_to_transform=[1]), root / "lora-layer1", 6, 0.05)
     paths.update(lora=root / "lora", layer1=root / "lora-layer1")
     return paths
-
-
-def transformers_dequantized(path, dtype=None):
-    """The model transformers loads from an FP8 checkpoint on the CPU (it dequantizes on load)."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **kwargs)
-
-
-def reference_dequantize(weight, scale_inv, block, dtype):
-    """transformers' ``Fp8Dequantize._dequantize_one``; a weight with partial tiles is padded with zeros to
-    whole tiles first (transformers refuses it as it is) and the result cut back."""
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
-
-    rows, cols = weight.shape
-    padded = torch.zeros(scale_inv.shape[0] * block[0], scale_inv.shape[1] * block[1], dtype=torch.uint8)
-    padded[:rows, :cols] = weight.view(torch.uint8)
-    return Fp8Dequantize(None)._dequantize_one(padded.view(FP8), scale_inv, dtype)[:rows, :cols]
-
-
-# --- the codec ------------------------------------------------------------------------------------------
-
-
-def samples():
-    gen = torch.Generator().manual_seed(22)
-    for shape, block, dtype in [((256, 256), (128, 128), torch.bfloat16), ((384, 128), (128, 128), torch.float32),
-                                ((64, 96), (32, 16), torch.float16), ((128, 256), (1, 128), torch.bfloat16),
-                                ((352, 256), (128, 128), torch.bfloat16), ((256, 352), (128, 128), torch.float32),
-                                ((100, 70), (32, 16), torch.float16), ((5, 3), (128, 128), torch.float32)]:
-        w = torch.randn(shape, generator=gen) * 0.02
-        w[: block[0], : block[1]] = 0.0  # an all-zero tile: scale 1
-        w[-1, -1] = 3.0  # an outlier in the last (maybe partial) tile
-        w[0, -1] = -1e-30  # a tiny value in the last column's tile
-        yield w.to(dtype), block
-
-
-def test_quantize_is_transformers_quantizer_byte_for_byte():
-    """Whole tiles: transformers' Fp8Quantize._quantize_one as it is. Partial tiles (which it leaves dense): the
-    same function on the weight padded with zeros to whole tiles, cut back."""
-    for w, block in samples():
-        ours = codec.quantize(w, block)
-        theirs = build_fp8.quantize("x.weight", w, block)
-        assert same(ours[0], theirs["x.weight"]) and same(ours[1], theirs["x.weight_scale_inv"]), (w.shape, block)
-        whole = all(s % b == 0 for s, b in zip(w.shape, block))
-        assert whole == (build_fp8.quantize("x.weight", w, block, partial=False)["x.weight"].dtype == FP8)
-
-
-def test_the_scale_is_torchs_448_over_amax_not_the_true_quotient():
-    """``448.0 / t`` in torch is reciprocal(t) · 448, two roundings; the correctly rounded quotient differs for
-    a quarter of values, and transformers' bytes follow the former."""
-    amax = torch.rand(100_000, generator=torch.Generator().manual_seed(1)) * 0.1 + 1e-3
-    assert not torch.equal(448.0 / amax, torch.full_like(amax, 448.0) / amax)
-    assert torch.equal(448.0 / amax, amax.reciprocal() * 448.0)
-
-
-def test_dequantize_is_transformers_dequantizer_bit_for_bit():
-    """fp32(w) · scale_inv in fp32, one rounding to the model dtype; multiplying in the model dtype (what
-    transformers' backward-pass helper does) gives other bits, so the comparison can fail."""
-    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
-
-    in_dtype_differs = 0
-    for w, block in samples():
-        q, scale_inv = codec.quantize(w, block)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ours = codec.dequantize(q, scale_inv, block, dtype)
-            assert same(ours, reference_dequantize(q, scale_inv, block, dtype)), (w.shape, block, dtype)
-        if w.shape[0] % block[0] or w.shape[1] % block[1]:
-            continue
-        ours = codec.dequantize(q, scale_inv, block, torch.bfloat16)
-        in_dtype_differs += int(ours.ne(_dequantize_fp8_weight(q, scale_inv, list(block), torch.bfloat16)).sum())
-    assert in_dtype_differs > 0
-
-
-def test_requantizing_the_decoded_weight_keeps_the_codes_and_moves_scales_by_two_ulps_at_most():
-    """quant(deq(q)) in fp32 gives the same fp8 codes, but a scale may move by an ulp or two (amax comes back as
-    448 · scale_inv, rounded, then is inverted twice): why --requantize copies untouched weights rather than
-    re-encoding them."""
-    moved = 0
-    for w, block in samples():
-        q, scale_inv = codec.quantize(w, block)
-        codes, again = codec.quantize(codec.dequantize(q, scale_inv, block, torch.float32), block)
-        assert same(codes, q)
-        ulps = (again.view(torch.int32) - scale_inv.view(torch.int32)).abs()
-        assert int(ulps.max()) <= 2
-        moved += int(ulps.sum())
-    assert moved > 0
-
-
-@pytest.mark.parametrize("chunk", [1, 5000, 40_000])
-def test_results_do_not_depend_on_how_many_rows_of_tiles_are_done_at_once(chunk, monkeypatch):
-    expected = [(codec.quantize(w, block), w, block) for w, block in samples()]
-    monkeypatch.setattr(codec, "CHUNK", chunk)
-    for (q, scale_inv), w, block in expected:
-        again = codec.quantize(w, block)
-        assert same(again[0], q) and same(again[1], scale_inv)
-        assert same(codec.dequantize(q, scale_inv, block, w.dtype), reference_dequantize(q, scale_inv, block, w.dtype))
-
-
-def test_quantize_refuses_what_fp8_cannot_store():
-    with pytest.raises(adaptools.InputError, match="NaN or Inf"):
-        codec.quantize(torch.tensor([[1.0, float("inf")]]), (128, 128), "x.weight")
-    with pytest.raises(adaptools.InputError, match="overflows"):  # transformers would write scale_inv 0 and NaNs
-        codec.quantize(torch.tensor([[1e-40, 0.0]]), (128, 128), "x.weight")
-    with pytest.raises(adaptools.InputError, match="2-D"):
-        codec.quantize(torch.ones(3), (128, 128), "x.weight")
 
 
 # --- reading an FP8 checkpoint --------------------------------------------------------------------------

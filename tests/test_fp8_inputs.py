@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
-from conftest import FIXTURES
+from fp8_checks import build_fp8
 from safetensors.torch import load_file
 
 import adaptools
 from adaptools.checkpoint import Checkpoint
-
-sys.path.insert(0, str(FIXTURES))
-import build_fp8  # noqa: E402
 
 P = "model.layers.0.mlp.gate_proj.weight"  # [352, 256]: scale grid [3, 2]
 S = P + "_scale_inv"
