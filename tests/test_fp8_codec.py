@@ -76,6 +76,24 @@ def test_requantizing_the_decoded_weight_keeps_the_codes_and_moves_scales_by_two
     assert moved > 0
 
 
+@pytest.mark.parametrize("chunk", [1, codec.CHUNK])
+def test_every_code_times_every_kind_of_scale_decodes_as_transformers_does(chunk, monkeypatch):
+    """All 256 codes (NaN, subnormal, ±0, 448) times scales from float32's smallest subnormal to its largest,
+    across 2^120 (where the fast path's scale · 256 would overflow), in every dtype; one scale a chunk (the fast
+    path where it applies) and all in one."""
+    monkeypatch.setattr(codec, "CHUNK", chunk)
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).repeat(16, 1)  # [16, 256]
+    scales = torch.tensor([1e-45, 1e-38, 2.3e-10, 1.5e-4, 7e-3, 1.0, 3.0, 448.0, 6e4, 1e30, 2.0**119, 1.3e36,
+                           2.0**120, 3e37, 1e38, 3.4e38], dtype=torch.float32).view(16, 1)
+    assert codec.widened(codes[:, :127]) is not None and codec.widened(codes) is None  # NaN codes: plain path
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for width in (127, 256):  # without and with the NaN codes 0x7F and 0xFF
+            ours = codec.dequantize(codes[:, :width].contiguous(), scales, (1, width), dtype)
+            theirs = reference_dequantize(codes[:, :width].contiguous(), scales, (1, width), dtype)
+            assert torch.equal(ours.isnan(), theirs.isnan()), dtype
+            assert same(ours.nan_to_num(), theirs.nan_to_num()), (dtype, width)
+
+
 @pytest.mark.parametrize("chunk", [1, 5000, 40_000])
 def test_results_do_not_depend_on_how_many_rows_of_tiles_are_done_at_once(chunk, monkeypatch):
     expected = [(codec.quantize(w, block), w, block) for w, block in samples()]
