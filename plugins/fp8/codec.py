@@ -1,8 +1,8 @@
 """Fine-grained FP8 arithmetic: a 2-D weight stored as float8_e4m3fn values, one float32 ``scale_inv`` per
 tile of ``block = (rows, cols)`` elements (docs/fp8.md).
 
-- :func:`dequantize` is transformers 5.25's ``Fp8Dequantize._dequantize_one``: each value times its tile's
-  ``scale_inv`` in fp32, then one cast to the model's dtype. It also reads partial tiles (sizes that are not
+- :func:`dequantize` is transformers 5.25's ``Fp8Dequantize._dequantize_one``, bit for bit: each value times
+  its tile's ``scale_inv`` in fp32, then one cast to the model's dtype. It also reads partial tiles (sizes that are not
   multiples of the block), which transformers refuses, by the same rule over the elements the tile holds.
 - :func:`quantize` is transformers 5.25's ``Fp8Quantize._quantize_one``, byte for byte: per tile the
   largest ``|w|`` in fp32, ``scale = 448 / amax`` as torch computes it, ``fp8(clamp(w · scale, ±448))``,
