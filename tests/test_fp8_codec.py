@@ -94,6 +94,13 @@ def test_every_code_times_every_kind_of_scale_decodes_as_transformers_does(chunk
             assert same(ours.nan_to_num(), theirs.nan_to_num()), (dtype, width)
 
 
+def test_empty_weights():
+    for shape in ((0, 5), (5, 0)):
+        q, scale_inv = codec.quantize(torch.ones(shape), (128, 128))
+        assert q.shape == shape and scale_inv.shape == codec.grid(shape, (128, 128))
+        assert codec.dequantize(q, scale_inv, (128, 128), torch.bfloat16).shape == shape
+
+
 @pytest.mark.parametrize("chunk", [1, 5000, 40_000])
 def test_results_do_not_depend_on_how_many_rows_of_tiles_are_done_at_once(chunk, monkeypatch):
     expected = [(codec.quantize(w, block), w, block) for w, block in samples()]
@@ -107,6 +114,8 @@ def test_results_do_not_depend_on_how_many_rows_of_tiles_are_done_at_once(chunk,
 def test_quantize_refuses_what_fp8_cannot_store():
     with pytest.raises(adaptools.InputError, match="NaN or Inf"):
         codec.quantize(torch.tensor([[1.0, float("inf")]]), (128, 128), "x.weight")
+    with pytest.raises(adaptools.InputError, match="NaN or Inf"):
+        codec.quantize(torch.tensor([[1.0], [float("nan")]]), (1, 128), "x.weight")
     with pytest.raises(adaptools.InputError, match="overflows"):  # transformers would write scale_inv 0 and NaNs
         codec.quantize(torch.tensor([[1e-40, 0.0]]), (128, 128), "x.weight")
     with pytest.raises(adaptools.InputError, match="2-D"):

@@ -67,12 +67,20 @@ def _scale_tiles(values: torch.Tensor, per_tile: torch.Tensor, block: tuple[int,
 
 
 def _tile_amax(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """The largest ``|value|`` of each tile of ``values`` (as for :func:`_scale_tiles`)."""
-    magnitude = values.abs()
-    columns = torch.cat([part.amax(dim=1) for part, _ in _by_tile(magnitude, block[0])])
-    tiles = -(-values.shape[1] // block[1])
-    padded = torch.nn.functional.pad(columns, (0, tiles * block[1] - values.shape[1]))  # |w| >= 0: no max changes
-    return padded.view(columns.shape[0], tiles, block[1]).amax(dim=2)
+    """The largest ``|value|`` of each tile of ``values`` (as for :func:`_scale_tiles`): the larger of the
+    largest value and minus the smallest, which is exact and needs no ``|values|`` temporary. NaN propagates."""
+    full, rest = divmod(values.shape[1], block[1])
+    rows = []
+    for part, _ in _by_tile(values, block[0]):
+        pieces = []
+        if full:
+            tiles = part[..., : full * block[1]].view(part.shape[0], part.shape[1], full, block[1])
+            pieces.append(torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_()))
+        if rest:
+            edge = part[..., full * block[1]:]
+            pieces.append(torch.maximum(edge.amax(dim=(1, 2)), edge.amin(dim=(1, 2)).neg_()).unsqueeze(1))
+        rows.append(torch.cat(pieces, dim=1) if pieces else part.new_zeros(part.shape[0], 0))
+    return torch.cat(rows)
 
 
 def widened(codes: torch.Tensor) -> torch.Tensor | None:
