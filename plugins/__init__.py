@@ -22,10 +22,11 @@ schema         the canonical schema file (one ``.safetensors``)
 gguf           GGUF LoRA adapters, GGUF models as merge bases, GGUF files as merge outputs
 dense          plain fp32/fp16/bf16 weights
 bitsandbytes   4-bit (NF4/FP4) and 8-bit (LLM.int8) weights, byte-exact
+fp8            fine-grained FP8 weights (float8_e4m3fn + block scales), byte-exact
 validators     the ``perplexity``, ``logits`` and ``generate`` checks and the ``eval`` command
 =============  ==================================================================================
 """
 
 #: The families, in the order they are registered (it decides the order of listings, never a lookup).
 FAMILIES = ("lora", "lycoris", "orthogonal", "prompt", "adapterhub", "peft", "schema", "gguf", "dense",
-            "bitsandbytes", "validators")
+            "bitsandbytes", "fp8", "validators")

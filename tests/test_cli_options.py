@@ -43,7 +43,7 @@ CASES = {
     "combine-rank-zero": ["combine", LORA, LORA, "{out}", "--how", "svd", "--rank", "0"],
     "combine-weight-nan": ["combine", LORA, LORA, "{out}", "--weight", "nan", "--weight", "1"],
     "combine-density-zero": ["combine", LORA, LORA, "{out}", "--how", "ties", "--density", "0"],
-    "requantize-unknown-backend": ["requantize", LLAMA, "{out}", "--quant-type", "fp8"],
+    "requantize-unknown-backend": ["requantize", LLAMA, "{out}", "--quant-type", "fp6"],
     "unknown-command": ["mergee", LLAMA],
 }
 
