@@ -112,10 +112,18 @@ class Fp8(plugin.Backend):
             return self.dtype, shape
         return self.dtype, layout.shape
 
-    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str]) -> torch.Tensor:
+    def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                     settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The weight as transformers dequantizes it; with ``settings`` (a group just encoded with them) their
+        block size, else the block of the checkpoint ``read`` reads."""
+        if settings is not None and settings.get("dense"):
+            return read(param).to(self.dtype)
         weight, scale = read(param), read(param + SCALE_SUFFIX)
         check_scales(scale, param + SCALE_SUFFIX)
-        block = self._block(param, read, tuple(scale.shape), tuple(weight.shape))
+        if settings is not None:
+            block = (int(settings["block"][0]), int(settings["block"][1]))
+        else:
+            block = self._block(param, read, tuple(scale.shape), tuple(weight.shape))
         if weight.dtype != FP8 or weight.dim() != 2 or tuple(scale.shape) != grid(tuple(weight.shape), block):
             raise InputError(f"an FP8 weight {weight.dtype} {list(weight.shape)} with {list(scale.shape)} block "
                              "scales", tensor=param, hint=HINT)
