@@ -249,3 +249,10 @@ def test_baking_an_encoder_that_overflows_is_refused(tmp_path, cli_runner):
     save_file(tensors, weights, metadata={"format": "pt"})
     out = tmp_path / "baked"
     refused_cleanly(cli_runner("convert", folder, out, "--to", "peft", "--bake-projection"), out, "non-finite")
+
+
+def test_a_resized_vocabulary_merged_into_a_gguf_base_is_refused_in_one_line(tmp_path, cli_runner):
+    """It ended in a numpy reshape traceback: a GGUF tensor keeps its shape, the tokenizer metadata its size."""
+    base = write_base(base_path("llama"), tmp_path / "base.gguf", Q.F32)
+    out = tmp_path / "out.gguf"
+    refused_cleanly(cli_runner("merge", base, adapter_path("llama-resized-vocab"), out), out, "resized vocabulary")

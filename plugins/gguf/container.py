@@ -107,6 +107,14 @@ class GGUFContainer(plugin.OutputContainer):
         base = gguf_base(plan.checkpoint)
         if base is None:
             return []
+        for entry in plan.entries.values():  # a GGUF tensor keeps its shape, and the vocabulary its size
+            if entry.group is not None and tuple(entry.shape) != tuple(base.hf_shape(entry.source)):
+                raise UnsupportedOperationError(
+                    f"the merge resizes {entry.name} from {list(base.hf_shape(entry.source))} to "
+                    f"{list(entry.shape)} (a resized vocabulary), which a GGUF file of this base cannot hold: its "
+                    "tokenizer metadata lists the old vocabulary", tensor=entry.name,
+                    hint="merge into the Hugging Face checkpoint, then convert that to GGUF with llama.cpp's "
+                         "convert_hf_to_gguf.py")
         moved: dict[tuple[str, str], list[str]] = {}
         for entry in plan.entries.values():
             if entry.merged and entry.group is not None:
