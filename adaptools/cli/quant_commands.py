@@ -24,9 +24,10 @@ from .options import ParamType, command_line, dtype_option, force_option, json_o
 @force_option
 @json_option
 def dequantize(base: str, out: str, dtype: str, shard_size: int | None, force: bool, json_: bool) -> None:
-    """Turn a quantized checkpoint (bitsandbytes 4-bit or 8-bit) into a dense one.
+    """Turn a quantized checkpoint into a dense one (bitsandbytes 4-bit or 8-bit, fine-grained FP8: any
+    backend `adaptools plugins` lists).
 
-    The output loads in transformers without bitsandbytes: quantization_config
+    The output loads in transformers without the quantizer: quantization_config
     is removed and every quantized weight is decoded exactly as its library
     decodes it, one tensor at a time.
 
@@ -80,7 +81,8 @@ class QuantType(ParamType):
 @json_option
 def requantize(dense: str, out: str, quant_type: str | None, blocksize: str, double_quant: bool, skip_modules: str,
                force: bool, json_: bool) -> None:
-    """Quantize a dense checkpoint as transformers would (bitsandbytes NF4/FP4 by default).
+    """Quantize a dense checkpoint as transformers would (bitsandbytes NF4 by default; --quant-type picks
+    another installed backend, e.g. fp8).
 
     Linear weights become 4-bit with bytes identical to bitsandbytes' own
     quantize_4bit; lm_head, embeddings and norms stay dense. The result
