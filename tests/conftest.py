@@ -84,3 +84,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+#: How far reference logits regenerated on this machine may be from the committed ones: a forward pass's last
+#: bits depend on the CPU's matmul kernels (AVX2 or AVX-512, oneDNN's choice), and the committed files were
+#: made on another machine (measured: at most 2.4e-7 on logits of size up to 1.05). Everything else a
+#: generator writes (weights, configs, token ids) is compared byte for byte.
+REFERENCE_LOGITS_TOLERANCE = 1e-5
+
+
+def assert_regenerated(committed: Path, fresh: Path) -> None:
+    """A file a fixture generator wrote again equals the committed one: bytes, except reference logits."""
+    if fresh.name != "reference.safetensors":
+        assert fresh.read_bytes() == committed.read_bytes(), fresh
+        return
+    import torch
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(committed)), load_file(str(fresh))
+    assert sorted(ours) == sorted(theirs), fresh
+    for key, value in ours.items():
+        assert value.dtype == theirs[key].dtype and value.shape == theirs[key].shape, (fresh, key)
+        if value.is_floating_point():
+            distance = float((value.double() - theirs[key].double()).abs().max())
+            assert distance <= REFERENCE_LOGITS_TOLERANCE, (fresh, key, distance)
+        else:
+            assert torch.equal(value, theirs[key]), (fresh, key)
