@@ -69,12 +69,12 @@ def config_problems(config: Mapping[str, Any], schema: Mapping[str, Any]) -> lis
         if field in bad:
             continue
         patterns = [value] if isinstance(value, str) else value if field == "layers_pattern" and value else []
-        problems += [(field, message, True) for message in map(_regex_problem, patterns, [field] * len(patterns))
-                     if message]
+        problems += [(field, message, True) for pattern in patterns
+                     if (message := _regex_problem(pattern, field))]
     for field in ("rank_pattern", "alpha_pattern"):
         if field not in bad and isinstance(config.get(field), dict):
-            problems += [(field, message, True) for message in (_regex_problem(k, f"{field} key")
-                                                                for k in config[field]) if message]
+            problems += [(field, message, True) for key in config[field]
+                         if (message := _regex_problem(key, f"{field} key"))]
     return problems
 
 
