@@ -3,6 +3,7 @@ claims what it does not implement is refused at load, with its name, instead of 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .errors import PluginContractError
@@ -50,6 +51,27 @@ def check_backend(backend: Backend, plugin: str) -> None:
         raise PluginContractError(
             f"plugin {plugin}: backend {backend.name!r} implements neither claims/decode/encode nor "
             "find_groups/group_info/decode_group", hint="see docs/plugins.md, Backends")
+    if group and cls.encode_group is not Backend.encode_group and not _takes_settings(cls.decode_group):
+        # The engine decodes every group it encoded, passing the settings it encoded with (docs/outputs.md,
+        # "Never garbage"); a decode_group without that argument would fail mid-merge, after hours of work.
+        raise PluginContractError(
+            f"plugin {plugin}: backend {backend.name!r} encodes groups but its decode_group does not take "
+            "`settings`", hint="add `settings=None` to decode_group (see docs/plugins.md, Backends)")
+
+
+def _takes_settings(function: Any) -> bool:
+    """Whether ``decode_group(param, read, names, settings)`` can be called with the fourth argument."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return True  # a builtin or C callable: nothing to inspect, trust it
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return True
+    if any(p.name == "settings" for p in parameters):
+        return True
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 5  # self, param, read, names, settings
 
 
 def check_validator_options(options: Any, plugin: str, name: str) -> None:

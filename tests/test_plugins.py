@@ -211,6 +211,51 @@ def test_a_method_implementing_an_unlisted_operation_is_refused_too():
         pm.unregister(name=name)
 
 
+def _group_backend(decode_group):
+    class Grouped(adaptools.plugin.Backend):
+        name = "grouped-contract-test"
+
+        def find_groups(self, names, tensors=None):
+            return {}
+
+        def group_info(self, param, read):
+            return torch.float32, (1,)
+
+        def encode_group(self, param, dense, settings):
+            return {}
+
+    Grouped.decode_group = decode_group
+    return Grouped
+
+
+@pytest.mark.parametrize("decode_group, refused", [
+    (lambda self, param, read, names: None, True),                  # the old three-argument form
+    (lambda self, param, read, names, settings=None: None, False),
+    (lambda self, param, read, names, *rest: None, False),
+    (lambda self, param, read, names, options=None: None, False),   # positionally it still takes four
+])
+def test_a_group_backend_whose_decode_group_cannot_take_settings_is_refused_at_load(decode_group, refused):
+    """The engine re-decodes every group it encodes with the settings it used; an old signature is caught at
+    load, naming the plugin, instead of failing mid-merge."""
+    backend = _group_backend(decode_group)
+
+    class Plugin:
+        @adaptools.plugin.hookimpl
+        def register_backends(self, register):
+            register(backend())
+
+    pm.register(Plugin(), name="contract-test")
+    try:
+        if refused:
+            with pytest.raises(adaptools.plugin.PluginContractError,
+                               match="contract-test.*grouped-contract-test.*decode_group does not take `settings`"):
+                registry.backends()
+        else:
+            assert "grouped-contract-test" in registry.backends()
+    finally:
+        pm.unregister(name="contract-test")
+
+
 def test_operations_are_derived_from_capabilities():
     class Both(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable, adaptools.plugin.RuntimeApplicable):
         name = "both"
