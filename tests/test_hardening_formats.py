@@ -224,6 +224,43 @@ def test_check_fails_an_adapter_whose_scaling_is_zero_everywhere(tmp_path, cli_r
     assert result.exit_code == 1, result.output
 
 
+#: Each PEFT method's inert rule, the fixture it is shown on, and the role whose zeros make a module change nothing
+#: (BOFT: boft_R zero with boft_s one, the identity).
+INERT = {
+    "LOHA012": ("llama-loha", "hada_w1_a", torch.zeros_like),
+    "LOKR013": ("llama-lokr", "lokr_w1", torch.zeros_like),
+    "ADALORA012": ("llama-adalora", "lora_E", torch.zeros_like),
+    "VERA013": ("llama-vera", "vera_lambda_b", torch.zeros_like),
+    "OFT013": ("llama-oft", "oft_R", torch.zeros_like),
+    "BOFT013": ("llama-boft", "boft_R", torch.zeros_like),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(INERT))
+def test_check_fails_a_method_adapter_whose_every_module_changes_nothing(rule, tmp_path, cli_runner):
+    """Every method has LORA023's rule after its last: an error when no module changes anything, a warning
+    (and exit 0) when only one does not."""
+    fixture, role, make_zero = INERT[rule]
+    adapter = adaptools.load(adapter_path(fixture))
+    modules = adapter.modules()
+    zeroed = {roles[role] for roles in modules.values() if role in roles}
+    assert len(zeroed) > 1, sorted(modules)
+
+    def write(names: set[str], path: Path) -> Path:
+        tensors = {n: make_zero(adapter.tensor(n)) if n in names else adapter.tensor(n) for n in adapter.tensor_names()}
+        if rule == "BOFT013":
+            tensors.update({n: torch.ones_like(t) for n, t in tensors.items() if n.endswith("boft_s")})
+        adaptools.save(adaptools.Adapter(adapter.method, adapter.config, MemoryStore(tensors), adapter.base), path)
+        return path
+
+    every = cli_runner("check", write(zeroed, tmp_path / "every"), "--format", "json")
+    assert every.exit_code == 1, every.output
+    assert rule in {f["rule"] for f in json.loads(every.stdout)["adapters"][0]["findings"] if f["severity"] == "error"}
+    one = cli_runner("check", write({sorted(zeroed)[0]}, tmp_path / "one"), "--format", "json")
+    assert one.exit_code == 0, one.output
+    assert rule not in one.stdout
+
+
 def test_check_only_warns_about_one_zero_module(tmp_path, cli_runner):
     lora = adaptools.load(adapter_path("llama-lora"))
     names = sorted(n for n in lora.tensor_names() if n.endswith("lora_B"))

@@ -39,7 +39,7 @@ TABLE = rule_table("BOFT", {
     6: Rule("error", "exactly one of boft_block_size and boft_block_num must be set",
             "set boft_block_size or boft_block_num to 0 (the one that was not used in training)"),
     7: Rule("error", "factors, block count or block size disagree with the config", FOREIGN_CONFIG),
-    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit",
+    8: "target", 9: "values", 10: "zero", 11: "missing", 12: "fit", 13: "inert",
 }, method="BOFT", config="BOFTConfig", zero="boft_R is zero and boft_s is one: the module changes nothing")
 #: The BOFTConfig fields adaptools reads, their types and ranges.
 CONFIG_SCHEMA = config_schema({
@@ -109,6 +109,7 @@ class BOFT(Orthogonal):
     peft_types = ("BOFT",)
     peft_roles = {"boft_R": "boft_R", "boft_s": "boft_s"}
     rules = TABLE.rules
+    check_only = frozenset({TABLE.ids["inert"]})
     conditional = {"merge": "Linear layers at weight 1 (conv and embedding layers and weighted merges are refused, "
                             "naming why)",
                    "apply": "Linear layers (conv and embedding layers are refused, naming why)"}
@@ -161,6 +162,8 @@ class BOFT(Orthogonal):
                     r, s = adapter.tensor(roles["boft_R"]), adapter.tensor(roles["boft_s"])
                     if r.numel() and not bool(r.any()) and bool((s == 1).all()):
                         report.add("BOFT010", f"{module} is the identity", roles["boft_R"])
+                        report.inert.add(module)
+            report.no_effect({m for m, roles in adapter.modules().items() if all(r in roles for r in ROLES)})
         return report.findings
 
     def _lint_blocks(self, report: Lint, roles: Mapping[str, str], shape: tuple[int, ...]) -> None:
