@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar, cast
 import torch
 
 from .backend import Backend, OutputContainer  # re-exported: the contract is one import away
-from .errors import AdapterFormatError, UnsupportedOperationError
+from .errors import AdapterFormatError, InputError, UnsupportedOperationError
 from .plugin_data import (  # re-exported: the contract's data lives beside it
     SEVERITIES,
     BaseInfo,
@@ -301,6 +301,14 @@ class Validator(ABC):
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Refuse unusable options (a missing evaluation file) before the operation writes anything."""
+
+    def check_target(self, container: str, directory: bool) -> None:
+        """Refuse, before anything is written, an output this check cannot run on. ``container`` names the
+        output container (``folder``, or a single-file one such as ``gguf``); by default only checkpoint
+        folders are checked. A validator that can run another kind of output overrides this."""
+        if not directory:
+            raise InputError(f"--check {self.name} runs on a checkpoint folder, not on a {container} output",
+                             hint="merge to a folder to check it, or drop --check")
 
     @abstractmethod
     def validate(self, context: ValidationContext) -> Verdict:

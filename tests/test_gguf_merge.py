@@ -248,12 +248,25 @@ def test_modules_that_do_not_map_are_refused(adapter, expected, bases, tmp_path,
     (("--dtype", "bf16"), "--dtype bf16 does not apply to a GGUF output"),
     (("--outtype", "q4_k"), "--outtype 'q4_k' is not one of f32, f16, bf16, q8_0"),
     (("--shard-size", "1MB"), "--shard-size does not apply"),
-    (("--check", "perplexity", "--eval-text", str(BASES / "llama" / "config.json")), "--check runs on a checkpoint"),
+    (("--check", "perplexity", "--eval-text", str(BASES / "llama" / "config.json")),
+     "--check perplexity runs on a checkpoint folder"),
+    (("--check", "generate"), "--check generate runs on a checkpoint folder"),
     (("--to", "onnx"), "unknown output container 'onnx'"),
 ])
 def test_options_a_gguf_output_cannot_honour(extra, expected, bases, tmp_path, cli_runner):
     refused(merge(cli_runner, bases["llama-q8"], ADAPTERS / "llama-lora", tmp_path / "out.gguf", *extra), tmp_path,
             expected)
+
+
+def test_the_logits_check_of_a_gguf_output_without_llama_cpp_is_refused_before_writing(bases, tmp_path, cli_runner,
+                                                                                        monkeypatch):
+    """It runs in llama.cpp (tests/test_gguf_check_llamacpp.py); without llama-cpp-python, one line, nothing
+    merged."""
+    from adaptools_plugins.validators import llamacpp
+
+    monkeypatch.setattr(llamacpp, "installed", lambda: False)
+    refused(merge(cli_runner, bases["llama-q8"], ADAPTERS / "llama-lora", tmp_path / "out.gguf", "--check", "logits"),
+            tmp_path, "--check logits of a GGUF output runs the model in llama.cpp", "pip install llama-cpp-python")
 
 
 def test_a_gguf_base_into_a_folder_is_refused(bases, tmp_path, cli_runner):

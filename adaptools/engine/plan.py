@@ -125,9 +125,8 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     from .containers import choose
 
     container = choose(options, out)
-    if options.checks and not container.directory:
-        raise InputError(f"--check runs on a checkpoint folder, not on a {container.name} output",
-                         hint="merge to a folder to check it, or drop --check")
+    for check in options.checks:
+        registry.get_validator(check.name).check_target(container.name, container.directory)
     if options.shard_size is not None and not container.directory:
         raise InputError(f"a {container.name} output is one file; --shard-size does not apply")
     encodings = container.prepare(checkpoint, options)

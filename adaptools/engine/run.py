@@ -145,7 +145,7 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             container.finalize(tmp, plan, record)
             t2 = time.perf_counter()
             summary.checks = _run_checks(plan, tmp)
-            if summary.checks:
+            if summary.checks and container.directory:  # a single-file output has no beside: the summary says it
                 record_checks(tmp, summary.checks)
             timings.update(read=reader.seconds, compute=compute.seconds["compute"], encode=compute.seconds["encode"],
                            write_background=written, shards=t1 - t0, finalize=t2 - t1, checks=time.perf_counter() - t2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,23 +118,49 @@ class Logits(Comparison):
                                   minimum=0),
     )
 
+    def check_target(self, container: str, directory: bool) -> None:
+        """A GGUF file is checked in llama.cpp (gguf_logits.py) when llama-cpp-python is installed."""
+        if directory:
+            return
+        if container != "gguf":
+            super().check_target(container, directory)
+        from .llamacpp import require
+
+        require(self.name)
+
     def validate(self, context: ValidationContext) -> Verdict:
         options = context.options
         count, length = int(options.get("sequences") or DEFAULT_SEQUENCES), int(options.get("tokens") or DEFAULT_TOKENS)
+        if context.output is not None and Path(context.output).is_file():  # a single-file (GGUF) output
+            from .gguf_logits import check_unit, run
+
+            self.check_options(options)
+            ref, cand, bare, sides_figures = run(context, count, length, "logits")
+            dtype, unit = check_unit(context)
+            return self._judge(context, ref, cand, bare, sides_figures, dtype, unit)
         reference, candidate, dtype, sequences = self.start(context, count, length)
-        ref, cand, bare = run_sides(reference, candidate, sequences, bare=bool(reference.adapters or
-                                                                              candidate.adapters), label="logits")
+        ref, cand, maybe_bare = run_sides(reference, candidate, sequences, bare=bool(reference.adapters or
+                                                                                    candidate.adapters), label="logits")
+        named = {"sequences": len(sequences.ids), "source": sequences.source, "reference": reference.label,
+                 "candidate": candidate.label}
+        return self._judge(context, ref, cand, maybe_bare, named, dtype, None,
+                           adapted=ref if reference.adapters else cand)
+
+    def _judge(self, context: ValidationContext, ref: list[torch.Tensor], cand: list[torch.Tensor],
+               bare: list[torch.Tensor] | None, named: dict[str, Any], dtype: str, unit: float | None, *,
+               adapted: list[torch.Tensor] | None = None) -> Verdict:
+        """The verdict on two sides' logits (and, with ``bare``, the adapters' own effect on ``adapted``,
+        by default the reference)."""
+        options = context.options
         measured = compare(ref, cand)
-        tolerance = Tolerance.of(dtype, measured["logit_scale"], options.get("max_kl"), options.get("max_logit_diff"))
+        tolerance = Tolerance.of(dtype, measured["logit_scale"], options.get("max_kl"), options.get("max_logit_diff"),
+                                 unit)
         margins = measured.pop("flip_margins")
-        figures: dict[str, Any] = {"sequences": len(sequences.ids), "source": sequences.source,
-                                   "reference": reference.label, "candidate": candidate.label,
-                                   "tolerance": tolerance.to_json(), **measured,
+        figures: dict[str, Any] = {**named, "tolerance": tolerance.to_json(), **measured,
                                    "decisive_flips": sum(1 for m in margins if m > 2 * tolerance.max_logit),
                                    "near_tie_flips": sum(1 for m in margins if m <= 2 * tolerance.max_logit)}
         if bare is not None:
-            adapted = ref if reference.adapters else cand
-            effect = compare(bare, adapted)
+            effect = compare(bare, ref if adapted is None else adapted)
             figures["adapter_effect"] = {k: effect[k] for k in ("mean_kl", "max_kl", "top1_agreement",
                                                                 "max_abs_logit_diff", "nonfinite_logits")}
         return self._verdict(figures, tolerance, context.operation == "check")

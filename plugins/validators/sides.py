@@ -49,9 +49,10 @@ class Tolerance:
     max_logit: float
 
     @classmethod
-    def of(cls, dtype: str, logit_scale: float, mean_kl: float | None = None, max_logit: float | None = None
-           ) -> Tolerance:
-        u = max(UNIT.get(dtype, UNIT["F32"]), COMPUTE_FLOOR)
+    def of(cls, dtype: str, logit_scale: float, mean_kl: float | None = None, max_logit: float | None = None,
+           unit: float | None = None) -> Tolerance:
+        """``unit`` overrides the dtype's roundoff (a GGUF type's, for a GGUF output)."""
+        u = max(UNIT.get(dtype, UNIT["F32"]) if unit is None else unit, COMPUTE_FLOOR)
         return cls(dtype, u, logit_scale, MEAN_KL * (u * logit_scale) ** 2 if mean_kl is None else mean_kl,
                    MAX_LOGIT * u * logit_scale if max_logit is None else max_logit)
 
