@@ -1,5 +1,5 @@
-"""Build the NF4/FP4 kernel library (loaded with ctypes; a pure-torch fallback gives the same bytes, about
-ten times slower). Also finds the packages; everything else about the package lives in pyproject.toml.
+"""Build the NF4/FP4 and FP8 kernel libraries (loaded with ctypes; pure-torch fallbacks give the same bytes,
+about ten times slower). Also finds the packages; everything else about the package lives in pyproject.toml.
 
 A build without a working C compiler fails loudly rather than shipping a platform wheel without its
 kernel. ``ADAPTOOLS_NO_NATIVE=1`` builds a pure-Python wheel on purpose; ``adaptools plugins`` then says
@@ -25,6 +25,11 @@ setup(
             "adaptools_plugins.bitsandbytes._nf4_kernels",
             sources=["plugins/bitsandbytes/csrc/nf4_kernels.c"],
             extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
-        )
+        ),
+        Extension(
+            "adaptools_plugins.fp8._fp8_kernels",
+            sources=["plugins/fp8/csrc/fp8_kernels.c"],
+            extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
+        ),
     ] if NATIVE else []
 )

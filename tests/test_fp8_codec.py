@@ -8,7 +8,17 @@ import torch
 from fp8_checks import FP8, build_fp8, reference_dequantize, same
 
 import adaptools
-from adaptools_plugins.fp8 import codec
+from adaptools_plugins.fp8 import codec, native
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def implementation(request, monkeypatch):
+    """Every test twice: through the C kernel (csrc/fp8_kernels.c) and through the torch expressions."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "LIB", None)
+    elif native.LIB is None:
+        pytest.skip("the FP8 kernel is not built (no C compiler at install)")
+    return request.param
 
 
 def samples():
@@ -133,3 +143,23 @@ def test_deepseeks_convention_rounds_other_bytes_and_scales():
     theirs = (tiles / theirs_inv[:, None, :, None]).clamp(-448, 448).to(FP8).view(1024, 1024)
     changed = float((theirs.view(torch.uint8) != q.view(torch.uint8)).float().mean())
     assert 0 < changed < 0.005 and 0.2 < float((theirs_inv != scale_inv).float().mean()) < 0.8
+
+
+def test_rounding_to_fp8_at_and_around_every_midpoint_is_transformers_quantizer():
+    """Values whose scaled products land on and around every midpoint between adjacent float8_e4m3fn values
+    (ties go to even), subnormals and the clamp at ±448 included, in each input dtype: the bytes equal
+    transformers' quantizer (through the kernel and through the torch expressions)."""
+    grid_values = torch.arange(128, dtype=torch.uint8).view(FP8).float()[:127]  # 0 .. 448, no NaN
+    mids = (grid_values[:-1] + grid_values[1:]) / 2
+    scale = codec.FP8_MAX / torch.tensor(448.0)  # amax 448 in every tile: this is the scale the codec uses
+    x = (mids / scale).view(-1, 1)
+    nudged = torch.cat([(x.view(torch.int32) + k).view(torch.float32) for k in range(-3, 4)], dim=1).reshape(-1)
+    values = torch.cat([nudged, -nudged, grid_values, torch.tensor([449.0, -1e-12, 1e-40])])
+    width = 128
+    body = torch.cat([values, torch.zeros((-values.numel()) % (width - 1))]).view(-1, width - 1)
+    weight = torch.cat([torch.full((body.shape[0], 1), 448.0), body], dim=1)  # each tile holds 448
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = weight.to(dtype)
+        ours = codec.quantize(w, (1, width))
+        theirs = build_fp8.quantize("x.weight", w, (1, width))
+        assert same(ours[0], theirs["x.weight"]) and same(ours[1], theirs["x.weight_scale_inv"]), dtype

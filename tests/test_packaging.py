@@ -56,6 +56,7 @@ def test_wheel_contains_builtin_plugins(fresh_env):
     assert "adaptools/schema-v1.json" in names
     assert "adaptools/py.typed" in names
     assert any(n.startswith("adaptools_plugins/bitsandbytes/_nf4_kernels") and n.endswith(".so") for n in names)
+    assert any(n.startswith("adaptools_plugins/fp8/_fp8_kernels") and n.endswith(".so") for n in names)
 
 
 def test_installed_wheel_loads_builtins_and_entry_point_plugin(fresh_env, tmp_path):
@@ -107,7 +108,7 @@ def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl")
     import zipfile
 
-    assert not any("_nf4_kernels" in n for n in zipfile.ZipFile(wheel).namelist())
+    assert not any("_nf4_kernels" in n or "_fp8_kernels" in n for n in zipfile.ZipFile(wheel).namelist())
 
 
 def test_plugins_says_which_nf4_code_runs():
@@ -116,6 +117,14 @@ def test_plugins_says_which_nf4_code_runs():
     env = {**os.environ, "ADAPTOOLS_NF4_PURE_TORCH": "1"}
     out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
     assert json.loads(out)["backends"]["nf4"].startswith("torch fallback")
+
+
+def test_plugins_says_which_fp8_code_runs():
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
+    assert json.loads(out)["backends"]["fp8"].startswith("native kernel (")
+    env = {**os.environ, "ADAPTOOLS_FP8_PURE_TORCH": "1"}
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
+    assert json.loads(out)["backends"]["fp8"].startswith("torch (no native kernel")
 
 
 def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
@@ -130,3 +139,9 @@ def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
     run("cc", "-shared", "-fPIC", "-o", tmp_path / "_nf4_kernels.so", src)
     assert nf4._load_native(tmp_path) is None
     assert nf4._load_native() is not None
+    from adaptools_plugins.fp8 import native
+
+    src.write_text("int adaptools_fp8_abi(void) { return 999; }\nint adaptools_fp8_isa(void) { return 0; }\n")
+    run("cc", "-shared", "-fPIC", "-o", tmp_path / "_fp8_kernels.so", src)
+    assert native._load(tmp_path) is None
+    assert native._load() is not None

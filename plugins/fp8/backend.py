@@ -58,7 +58,9 @@ class Fp8(plugin.Backend):
 
     @property
     def implementation(self) -> str:
-        return "torch (one row of tiles at a time)"
+        from .native import describe
+
+        return describe()
 
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
         """``P.weight`` -> ``[P.weight_scale_inv]`` for every FP8 weight of an FP8 checkpoint whose dense dtype

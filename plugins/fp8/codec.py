@@ -20,6 +20,8 @@ import torch
 
 from adaptools.plugin import InputError
 
+from . import native
+
 FP8 = torch.float8_e4m3fn
 #: The largest float8_e4m3fn value (transformers' ``_FP8_MAX``, a Python float).
 FP8_MAX = 448.0
@@ -103,6 +105,8 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     Computed as ``(w / 256) · (scale_inv · 256)`` when both factors are exact (:func:`widened`; a scale below
     2^120): the real product, hence its rounding, is the same. The caller has checked that ``scale_inv`` has
     the grid's shape (:func:`grid`)."""
+    if native.LIB is not None and dtype in native.KINDS and weight.dim() == 2:
+        return native.dequantize(weight, scale_inv, block, dtype)
     out = torch.empty(tuple(weight.shape), dtype=dtype)
     for rows, tiles in _tile_rows(tuple(weight.shape), block):
         values, factors = widened(weight[rows]), scale_inv[tiles] * 256.0
@@ -111,6 +115,21 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
         _scale_tiles(values, factors, block)
         out[rows] = values
     return out
+
+
+def _refuse(amax: torch.Tensor, where: str) -> torch.Tensor:
+    """Each tile's scale ``448 / amax`` (1 for an all-zero tile), after refusing what FP8 cannot store: NaN or
+    Inf values, and a tile so small that the scale overflows."""
+    if not bool(torch.isfinite(amax).all()):
+        raise InputError("holds NaN or Inf values, which FP8 cannot store", tensor=where,
+                         hint="merge into a 16-bit output instead")
+    # transformers' expressions exactly: ``448.0 / t`` is torch's reciprocal(t) * 448 (two roundings)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    scales = torch.where(amax > 0, FP8_MAX / safe, torch.ones_like(safe))
+    if not bool(torch.isfinite(scales).all()):
+        raise InputError(f"a tile's largest |value| is {float(amax.min()):g}: 448 / amax overflows float32, "
+                         "and FP8 would store NaN there", tensor=where, hint="merge into a 16-bit output instead")
+    return scales
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int],
@@ -123,20 +142,16 @@ def quantize(weight: torch.Tensor, block: tuple[int, int],
     if weight.dim() != 2:
         raise InputError(f"an FP8 weight must be 2-D, this one is {list(weight.shape)}", tensor=where)
     n_rows, n_cols = weight.shape
+    if native.LIB is not None and weight.dtype in native.KINDS:
+        codes, scale_inv, amax = native.quantize(weight, block, grid((n_rows, n_cols), block))
+        _refuse(amax, where)
+        return codes, scale_inv
     out = torch.empty((n_rows, n_cols), dtype=FP8)
     scale_inv = torch.empty(grid((n_rows, n_cols), block), dtype=torch.float32)
     for rows, span in _tile_rows((n_rows, n_cols), block):
         values = weight[rows].to(torch.float32, copy=True)
         amax = _tile_amax(values, block)
-        if not bool(torch.isfinite(amax).all()):
-            raise InputError("holds NaN or Inf values, which FP8 cannot store", tensor=where,
-                             hint="merge into a 16-bit output instead")
-        # transformers' expressions exactly: ``448.0 / t`` is torch's reciprocal(t) * 448 (two roundings)
-        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-        scales = torch.where(amax > 0, FP8_MAX / safe, torch.ones_like(safe))
-        if not bool(torch.isfinite(scales).all()):
-            raise InputError(f"a tile's largest |value| is {float(amax.min()):g}: 448 / amax overflows float32, "
-                             "and FP8 would store NaN there", tensor=where, hint="merge into a 16-bit output instead")
+        scales = _refuse(amax, where)
         scale_inv[span] = (1.0 / scales).to(torch.float32)
         _scale_tiles(values, scales, block)
         out[rows] = values.clamp_(-FP8_MAX, FP8_MAX)
