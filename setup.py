@@ -1,4 +1,4 @@
-"""Build the NF4/FP4 and FP8 kernel libraries (loaded with ctypes; pure-torch fallbacks give the same bytes,
+"""Build the NF4/FP4, FP8 and GGUF kernel libraries (loaded with ctypes; pure-torch fallbacks give the same bytes,
 about ten times slower). Also finds the packages; everything else about the package lives in pyproject.toml.
 
 A build without a working C compiler fails loudly rather than shipping a platform wheel without its
@@ -30,6 +30,12 @@ setup(
             "adaptools_plugins.fp8._fp8_kernels",
             sources=["plugins/fp8/csrc/fp8_kernels.c"],
             extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
+        ),
+        Extension(
+            "adaptools_plugins.gguf._gguf_kernels",
+            sources=["plugins/gguf/csrc/gguf_kernels.c"],
+            # -fno-trapping-math lets the rounding selects vectorize; it changes no value
+            extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"],
         ),
     ] if NATIVE else []
 )

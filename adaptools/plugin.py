@@ -140,6 +140,12 @@ if TYPE_CHECKING:
     from .jsonio import (
         read_json as read_json,
     )
+    from .kernels import (
+        load_kernel as load_kernel,
+    )
+    from .kernels import (
+        split as split,
+    )
     from .outputs import (
         atomic_output as atomic_output,
     )
@@ -300,7 +306,7 @@ EXPORTS = {
     "read_json": ".jsonio", "parse_json": ".jsonio", "check_json": ".jsonio", "json_problems": ".jsonio",
     "compile_pattern": ".patterns", "match_pattern": ".patterns",
     "count_nonfinite": ".finite", "atomic_output": ".outputs", "check_output": ".outputs",
-    "progress_bar": ".progress",
+    "progress_bar": ".progress", "load_kernel": ".kernels", "split": ".kernels",
 }
 
 __all__ = list(EXPORTS)

@@ -57,6 +57,7 @@ def test_wheel_contains_builtin_plugins(fresh_env):
     assert "adaptools/py.typed" in names
     assert any(n.startswith("adaptools_plugins/bitsandbytes/_nf4_kernels") and n.endswith(".so") for n in names)
     assert any(n.startswith("adaptools_plugins/fp8/_fp8_kernels") and n.endswith(".so") for n in names)
+    assert any(n.startswith("adaptools_plugins/gguf/_gguf_kernels") and n.endswith(".so") for n in names)
 
 
 def test_installed_wheel_loads_builtins_and_entry_point_plugin(fresh_env, tmp_path):
@@ -108,7 +109,8 @@ def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl")
     import zipfile
 
-    assert not any("_nf4_kernels" in n or "_fp8_kernels" in n for n in zipfile.ZipFile(wheel).namelist())
+    kernels = ("_nf4_kernels", "_fp8_kernels", "_gguf_kernels")
+    assert not any(k in n for k in kernels for n in zipfile.ZipFile(wheel).namelist())
 
 
 def test_plugins_says_which_nf4_code_runs():
@@ -125,6 +127,14 @@ def test_plugins_says_which_fp8_code_runs():
     env = {**os.environ, "ADAPTOOLS_FP8_PURE_TORCH": "1"}
     out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
     assert json.loads(out)["backends"]["fp8"].startswith("torch (no native kernel")
+
+
+def test_plugins_says_which_gguf_code_runs():
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
+    assert "Q8_0 in a native kernel" in json.loads(out)["backends"]["gguf"]
+    env = {**os.environ, "ADAPTOOLS_GGUF_PURE_PYTHON": "1"}
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
+    assert json.loads(out)["backends"]["gguf"].startswith("gguf-py (no native kernel")
 
 
 def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):

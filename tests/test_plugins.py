@@ -383,9 +383,14 @@ def _plugin_imports() -> dict[str, set[str]]:
 
     root = Path(__file__).resolve().parent.parent / "plugins"
     graph: dict[str, set[str]] = {}
-    for path in root.rglob("*.py"):
+
+    def module_name(path: Path) -> str:
         parts = path.relative_to(root).with_suffix("").parts
-        name = ".".join(("adaptools_plugins", *(p for p in parts if p != "__init__")))
+        return ".".join(("adaptools_plugins", *(p for p in parts if p != "__init__")))
+
+    modules = {module_name(path) for path in root.rglob("*.py")}
+    for path in root.rglob("*.py"):
+        name = module_name(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
@@ -397,7 +402,9 @@ def _plugin_imports() -> dict[str, set[str]]:
                 else:
                     target = node.module or ""
                 if target.startswith("adaptools_plugins"):
-                    targets.add(target)
+                    # ``from . import mod`` imports the submodule (its package is already importing)
+                    submodules = {f"{target}.{a.name}" for a in node.names} & modules
+                    targets |= submodules or {target}
             elif isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names if a.name.startswith("adaptools_plugins")}
         graph[name] = targets

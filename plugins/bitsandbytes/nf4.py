@@ -23,7 +23,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,6 @@ NF4_VALUES = [
 FP4_VALUES = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 #: bitsandbytes' argsort of the FP4 table (its two zeros sort code 0 first), nibble for each sorted slot.
 FP4_ORDER = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]
-THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @functools.cache
@@ -120,47 +118,19 @@ NATIVE_ABI = 2
 
 def _load_native(here: Path | None = None) -> Any:
     """The kernel library beside this module (or in ``here``), if one of the right interface loads."""
-    here = here or Path(__file__).resolve().parent
-    for path in sorted(here.glob("_nf4_kernels*.so")) + sorted(here.glob("_nf4_kernels*.pyd")):
-        try:
-            lib = ctypes.CDLL(str(path))
-            lib.adaptools_nf4_abi.restype = ctypes.c_int
-            if lib.adaptools_nf4_abi() != NATIVE_ABI:
-                continue  # built from other sources: never call it with the wrong arguments
-            lib.adaptools_nf4_isa.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            continue
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        c_int = ctypes.c_int
-        lib.adaptools_quantize_4bit.argtypes = [ptr, c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
-        lib.adaptools_quantize_4bit.restype = None
-        lib.adaptools_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, c_int, ptr]
-        lib.adaptools_dequantize_4bit.restype = None
-        return lib
-    return None
+    lib = plugin.load_kernel(here or Path(__file__).resolve().parent, "_nf4_kernels", "adaptools_nf4", NATIVE_ABI)
+    if lib is None:
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.adaptools_nf4_isa.restype = c_int
+    lib.adaptools_quantize_4bit.argtypes = [ptr, c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.adaptools_quantize_4bit.restype = None
+    lib.adaptools_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, c_int, ptr]
+    lib.adaptools_dequantize_4bit.restype = None
+    return lib
 
 
 NATIVE = None if os.environ.get("ADAPTOOLS_NF4_PURE_TORCH") else _load_native()
-
-
-def _parallel(n_items: int, work: Callable[[int, int], None]) -> None:
-    """Split [0, n_items) over threads; ctypes releases the GIL while the C code runs."""
-    if n_items == 0:
-        return
-    parts = min(THREADS, n_items)
-    step = -(-n_items // parts)
-    if parts == 1:
-        work(0, n_items)
-        return
-    pool = _pool()
-    for f in [pool.submit(work, s, min(s + step, n_items)) for s in range(0, n_items, step)]:
-        f.result()
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """One long-lived pool: starting threads on every call costs about as much as a small layer's work."""
-    return ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="adaptools-nf4")
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -179,7 +149,7 @@ def quantize_blocks(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
         absmax = torch.empty(nb, dtype=torch.float32)
         mid, order = mid.contiguous(), order.contiguous()
-        _parallel(nb, lambda b0, b1: NATIVE.adaptools_quantize_4bit(
+        plugin.split(nb, lambda b0, b1: NATIVE.adaptools_quantize_4bit(
             _ptr(src), kind, n, blocksize, b0, b1, _ptr(mid), _ptr(order), _ptr(absmax), _ptr(packed)))
         return packed.unsqueeze(1), absmax
     flat = A.reshape(-1).float().contiguous()
@@ -268,7 +238,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         kind = 1 if out_dtype == torch.bfloat16 else 0
         out = torch.empty(n, dtype=torch.bfloat16 if kind else torch.float32)
         nb = absmax.numel()
-        _parallel(nb, lambda b0, b1: NATIVE.adaptools_dequantize_4bit(
+        plugin.split(nb, lambda b0, b1: NATIVE.adaptools_dequantize_4bit(
             _ptr(raw), _ptr(absmax), _ptr(code), n, state.blocksize, b0, b1, kind, _ptr(out)))
     else:
         nibbles = torch.stack([raw >> 4, raw & 0x0F], dim=1).reshape(-1)[:n].long()

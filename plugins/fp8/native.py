@@ -10,40 +10,30 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adaptools import plugin
+
 #: The library's interface version (``adaptools_fp8_abi``); a library built from other sources is not called.
 ABI = 2
-#: Threads one weight's work is split over (ctypes releases the GIL while the C code runs).
-THREADS = max(1, min(4, os.cpu_count() or 1))
 #: The kernels' codes for the dense dtypes.
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _load(here: Path | None = None) -> Any:
-    here = here or Path(__file__).resolve().parent
-    for path in sorted(here.glob("_fp8_kernels*.so")) + sorted(here.glob("_fp8_kernels*.pyd")):
-        try:
-            lib = ctypes.CDLL(str(path))
-            lib.adaptools_fp8_abi.restype = ctypes.c_int
-            if lib.adaptools_fp8_abi() != ABI:
-                continue
-            lib.adaptools_fp8_isa.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            continue
-        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.adaptools_fp8_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int, ptr, i64, i64]
-        lib.adaptools_fp8_dequantize.restype = None
-        lib.adaptools_fp8_quantize.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64,
-                                               i64]
-        lib.adaptools_fp8_quantize.restype = None
-        return lib
-    return None
+    lib = plugin.load_kernel(here or Path(__file__).resolve().parent, "_fp8_kernels", "adaptools_fp8", ABI)
+    if lib is None:
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.adaptools_fp8_isa.restype = c_int
+    lib.adaptools_fp8_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int, ptr, i64, i64]
+    lib.adaptools_fp8_dequantize.restype = None
+    lib.adaptools_fp8_quantize.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
+    lib.adaptools_fp8_quantize.restype = None
+    return lib
 
 
 LIB = None if os.environ.get("ADAPTOOLS_FP8_PURE_TORCH") else _load()
@@ -53,23 +43,6 @@ def describe() -> str:
     if LIB is None:
         return "torch (no native kernel: about ten times slower; reinstall with a C compiler)"
     return f"native kernel ({'avx2' if LIB.adaptools_fp8_isa() == 2 else 'baseline'})"
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="adaptools-fp8")
-
-
-def parallel(n_items: int, work: Callable[[int, int], None]) -> None:
-    """``work(start, stop)`` over [0, n_items) split among the threads."""
-    parts = min(THREADS, n_items)
-    if parts <= 1:
-        if n_items:
-            work(0, n_items)
-        return
-    step = -(-n_items // parts)
-    for future in [_pool().submit(work, s, min(s + step, n_items)) for s in range(0, n_items, step)]:
-        future.result()
 
 
 @functools.cache
@@ -92,7 +65,7 @@ def dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
         LIB.adaptools_fp8_dequantize(codes.data_ptr(), scale_inv.data_ptr(), table.data_ptr(), rows, cols,
                                      block[0], block[1], gcols, KINDS[dtype], out.data_ptr(), t0, t1)
 
-    parallel(tiles, work)
+    plugin.split(tiles, work)
     return out
 
 
@@ -112,5 +85,5 @@ def quantize(weight: torch.Tensor, block: tuple[int, int], grid: tuple[int, int]
         LIB.adaptools_fp8_quantize(weight.data_ptr(), KINDS[weight.dtype], rows, cols, block[0], block[1], grid[1],
                                    codes.data_ptr(), scale_inv.data_ptr(), amax.data_ptr(), row.data_ptr(), t0, t1)
 
-    parallel(grid[0], work)
+    plugin.split(grid[0], work)
     return codes, scale_inv, amax

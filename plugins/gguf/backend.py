@@ -48,6 +48,12 @@ class GGUFBackend(plugin.Backend):
     def __init__(self, base: GGUFBase | None = None):
         self.base = base
 
+    @property
+    def implementation(self) -> str:
+        from .native import describe
+
+        return describe()
+
     def containers(self) -> Sequence[plugin.OutputContainer]:
         return (GGUFContainer(self),)
 

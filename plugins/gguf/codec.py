@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as Q
 
 from adaptools.plugin import InputError
 
+from . import native
 from .header import check_counts
 
 MAGIC = b"GGUF"
@@ -116,6 +117,8 @@ def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
         return values
     if qtype == Q.F16:
         return values.astype(np.float16)
+    if qtype in native.TYPES and native.LIB is not None and values.ndim and values.shape[-1] % 32 == 0:
+        return native.encode_q8_0(values)  # gguf-py's bytes, in C (docs/gguf.md, "The native codec")
     if values.ndim < 2 or values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return gguf.quants.quantize(values, qtype)  # (gguf-py refuses partial blocks itself)
     return gguf.quants.quantize(wide_rows(values), qtype).reshape(*values.shape[:-1], -1)
@@ -173,6 +176,8 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
 def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
     """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by gguf-py a row at a time."""
     row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
+    if qtype in native.TYPES and native.LIB is not None:
+        return native.decode_q8_0(data, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")
     values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
     return np.asarray(values, dtype=np.float32).reshape(shape)
 

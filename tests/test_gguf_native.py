@@ -1,0 +1,67 @@
+"""The native Q8_0 codec (plugins/gguf/csrc/gguf_kernels.c) against gguf-py's numpy code, byte for byte and
+value for value: ties, zero blocks, scales that overflow or underflow float16, long and short rows."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from adaptools_plugins.gguf import codec, native
+
+pytestmark = pytest.mark.skipif(native.LIB is None, reason="the GGUF kernel is not built (no C compiler at install)")
+
+
+def hostile_rows() -> np.ndarray:
+    """Rows of 32-value blocks that probe every branch of the encoder."""
+    rng = np.random.default_rng(23)
+    blocks = [rng.standard_normal((64, 32)).astype(np.float32) * 0.02]
+    blocks.append(np.zeros((1, 32), np.float32))  # d = 0: id = 0, every code 0
+    ties = np.arange(-15.5, 16.0, dtype=np.float32)  # amax 127 gives d = 1 and id = 1: every x · id is a tie
+    ties[0] = 127.0
+    blocks.append(ties[None])
+    blocks.append(-ties[None])
+    blocks.append(np.full((1, 32), -0.0, np.float32))
+    for scale in (1e-38, 1e-45, 6e-8, 1.0, 65504.0 * 127, 3e38):  # subnormal d, float16 underflow and overflow
+        blocks.append((rng.standard_normal((2, 32)) * scale).astype(np.float32))
+    outliers = rng.standard_normal((4, 32)).astype(np.float32)
+    outliers[:, 7] = 1e4
+    blocks.append(outliers)
+    return np.concatenate(blocks)
+
+
+def gguf_py(monkeypatch, fn, *args):
+    with monkeypatch.context() as python_only:
+        python_only.setattr(native, "LIB", None)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("row_blocks", [1, 3, 64])
+def test_q8_0_encoding_is_gguf_pys_byte_for_byte(row_blocks, monkeypatch):
+    values = hostile_rows()
+    n = values.shape[0] // row_blocks * row_blocks
+    rows = values[:n].reshape(-1, row_blocks * 32)
+    ours = codec.encode(rows, Q.Q8_0)
+    theirs = gguf_py(monkeypatch, codec.encode, rows, Q.Q8_0)
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(ours, gguf.quants.quantize(rows, Q.Q8_0))  # and gguf-py called directly
+
+
+def test_q8_0_decoding_is_gguf_pys_value_for_value(monkeypatch):
+    values = hostile_rows()
+    rows = values[: values.shape[0] // 4 * 4].reshape(-1, 4 * 32)
+    data = gguf.quants.quantize(rows, Q.Q8_0)
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, size=(16, data.shape[1]), dtype=np.uint8)  # any bytes, NaN and Inf scales too
+    data = np.concatenate([data, noise])
+    ours = codec.decode_bytes(data, Q.Q8_0, (data.shape[0], rows.shape[1]))
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.decode_bytes, data, Q.Q8_0, (data.shape[0], rows.shape[1]))
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))  # NaNs compared by their bits
+
+
+def test_a_row_that_is_not_whole_blocks_still_goes_to_gguf_py():
+    with pytest.raises(gguf.QuantError):
+        codec.encode(np.ones((2, 48), np.float32), Q.Q8_0)
