@@ -29,11 +29,15 @@ setup(
         Extension(
             "adaptools_plugins.fp8._fp8_kernels",
             sources=["plugins/fp8/csrc/fp8_kernels.c"],
+            include_dirs=["adaptools/csrc"],
+            depends=["adaptools/csrc/adaptools_kernel.h"],
             extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"],
         ),
         Extension(
             "adaptools_plugins.gguf._gguf_kernels",
             sources=["plugins/gguf/csrc/gguf_kernels.c"],
+            include_dirs=["adaptools/csrc"],
+            depends=["adaptools/csrc/adaptools_kernel.h"],
             # -fno-trapping-math lets the rounding selects vectorize; it changes no value
             extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"],
         ),

@@ -113,28 +113,16 @@ def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
     assert not any(k in n for k in kernels for n in zipfile.ZipFile(wheel).namelist())
 
 
-def test_plugins_says_which_nf4_code_runs():
+@pytest.mark.parametrize("backend, native, variable, fallback", [
+    ("nf4", "native kernel (", "ADAPTOOLS_NF4_PURE_TORCH", "torch fallback"),
+    ("fp8", "native kernel (", "ADAPTOOLS_FP8_PURE_TORCH", "torch (no native kernel"),
+    ("gguf", "gguf-py, Q8_0 in a native kernel (", "ADAPTOOLS_GGUF_PURE_PYTHON", "gguf-py (no native kernel"),
+])
+def test_plugins_says_which_code_runs(backend, native, variable, fallback):
     out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
-    assert json.loads(out)["backends"]["nf4"].startswith("native kernel (")
-    env = {**os.environ, "ADAPTOOLS_NF4_PURE_TORCH": "1"}
-    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
-    assert json.loads(out)["backends"]["nf4"].startswith("torch fallback")
-
-
-def test_plugins_says_which_fp8_code_runs():
-    out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
-    assert json.loads(out)["backends"]["fp8"].startswith("native kernel (")
-    env = {**os.environ, "ADAPTOOLS_FP8_PURE_TORCH": "1"}
-    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
-    assert json.loads(out)["backends"]["fp8"].startswith("torch (no native kernel")
-
-
-def test_plugins_says_which_gguf_code_runs():
-    out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
-    assert "Q8_0 in a native kernel" in json.loads(out)["backends"]["gguf"]
-    env = {**os.environ, "ADAPTOOLS_GGUF_PURE_PYTHON": "1"}
-    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env=env).stdout
-    assert json.loads(out)["backends"]["gguf"].startswith("gguf-py (no native kernel")
+    assert json.loads(out)["backends"][backend].startswith(native)
+    out = run(sys.executable, "-m", "adaptools", "plugins", "--json", env={**os.environ, variable: "1"}).stdout
+    assert json.loads(out)["backends"][backend].startswith(fallback)
 
 
 def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):

@@ -10,48 +10,11 @@
  * partial); the scale grid is row-major with `gcols` tiles per row. Both kernels process the rows of tiles
  * [t0, t1), so callers split the work over threads.
  */
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define MULTIVERSION
-#endif
+#include "adaptools_kernel.h"
 
 int adaptools_fp8_abi(void) { return 2; }
 
-int adaptools_fp8_isa(void) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") ? 2 : 1;
-#else
-    return 1;
-#endif
-}
-
-static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch (c10) does */
-    uint32_t u = bits_of(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline uint16_t f32_to_f16(float f) { /* round to nearest even, as torch (c10) does */
-    const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
-    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
-    const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = float_of((bias >> 1) + 0x07800000u) + base;
-    const uint32_t b = bits_of(base);
-    const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
+int adaptools_fp8_isa(void) { return adaptools_isa(); }
 
 static inline uint8_t e4m3fn_of_clamped(float f) {
     /* e4m3fn(clamp(f, -448, 448)), rounding to nearest even as torch (c10) does, in integer selects only so
@@ -95,13 +58,6 @@ void adaptools_fp8_dequantize(const uint8_t *codes, const float *scale_inv, cons
             }
         }
     }
-}
-
-static inline float f16_to_f32(uint16_t h) { /* exact, as torch (c10) does */
-    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
-    const float normalized = float_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
-    const float denormalized = float_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
-    return float_of(sign | (two_w < (UINT32_C(1) << 27) ? bits_of(denormalized) : bits_of(normalized)));
 }
 
 /* One row of the input as float32 (exact widening). */
