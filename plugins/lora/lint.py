@@ -16,6 +16,7 @@ from .config import (
     pattern_rule_differences,
     token_indices,
 )
+from .experts import candidates, reach, unwrapped
 from .legacy import enabled_blocks, merged_out_features, merged_shapes_problem
 
 TABLE = rule_table("LORA", {
@@ -51,6 +52,9 @@ TABLE = rule_table("LORA", {
              "set peft_version in adapter_config.json to the peft that trained the adapter"),
     22: Rule("error", "tensor has the wrong number of dimensions", CORRUPT),
     23: "inert",
+    24: Rule("error", "MoE expert LoRA does not reach the base (target parameter missing, expert count or "
+                      "shape mismatch)",
+             "merge into the model the adapter was trained on; target_parameters and r must match its experts"),
 }, method="LoRA", config="LoraConfig", zero="lora_B is all zero: the adapter was never trained")
 RULES = TABLE.rules
 #: Dimensions each role's tensor has (conv LoRA factors have more; peft 0.2.0's enable_lora lora_B has 3).
@@ -172,6 +176,10 @@ def _lint_module(report: Lint, module: str, roles: dict[str, str], config_ok: bo
             continue
         if not config_ok:
             continue
+        expert = (config.get("modules") or {}).get(module)
+        if a_role == "lora_A" and isinstance(expert, dict) and expert.get("kind") == "experts":
+            _lint_expert(report, module, expert, roles)
+            continue
         rank, _ = lora_rank_alpha(config, module)
         if a[0] != rank:
             add("LORA006", f"config gives rank {rank} (r / rank_pattern) but the tensor has rank {a[0]}",
@@ -212,9 +220,31 @@ def _lint_module(report: Lint, module: str, roles: dict[str, str], config_ok: bo
                 name, field="modules_to_save")
 
 
+def _lint_expert(report: Lint, module: str, info: dict[str, object], roles: dict[str, str]) -> None:
+    """A ParamWrapper level without the base: its parameter must be known, and ``lora_A``'s rows a whole
+    number of experts at the config's rank (docs/peft.md, "LoRA on fused MoE experts")."""
+    a_name = roles["lora_A"]
+    if not info.get("parameter"):
+        owner, _ = unwrapped(module)
+        report.add("LORA024", f"cannot tell which of target_parameters "
+                   f"{candidates(report.adapter.config, owner)} {module} adapts", a_name,
+                   field="target_parameters")
+    elif info.get("experts") is None and isinstance(info.get("rank"), int):
+        rows = report.adapter.info(a_name).shape[0]
+        report.add("LORA006", f"{info['parameter']}: lora_A has {rows} rows, not a whole number of experts at "
+                   f"rank {info['rank']} (r / rank_pattern)", a_name, field="r")
+
+
 def _lint_against_base(report: Lint, base: BaseInfo, module: str, roles: dict[str, str]) -> None:
     """Checks that need the base's config and safetensors headers (never its weights)."""
     adapter, add = report.adapter, report.add
+    info = (adapter.config.get("modules") or {}).get(module)
+    if isinstance(info, dict) and info.get("kind") == "experts":
+        if "lora_A" in roles and "lora_B" in roles and info.get("parameter") and info.get("experts"):
+            reached = reach(adapter, base, module, roles)
+            if isinstance(reached, str):
+                add("LORA024", f"{info['parameter']}: {reached}", roles["lora_A"])
+        return
     for role, name in roles.items():
         param = "bias" if role == "lora_bias" else role[len("replace_"):] if role.startswith("replace_") \
             else "weight"
