@@ -99,6 +99,19 @@ def test_apply_matches_peft_forward(moe, base, name):
     assert torch.equal(logits(model, IDS), before)  # undone on exit
 
 
+def test_per_expert_adapter_applies_to_fused_experts(moe):
+    """A transformers 4 per-expert LoRA on a transformers 5 model (fused experts): each expert's delta goes to
+    its rows of the fused parameter, as PEFT's conversion does; PEFT's forward is the oracle."""
+    expected = logits(peft_model(moe["qwen3moe"], moe["qwen3moe-per-expert"]), IDS)
+    model = load_base(moe["qwen3moe"])
+    before = logits(model, IDS)
+    with adaptools.plugin.get_method("lora").apply(adaptools.load(moe["qwen3moe-per-expert"]), model):
+        got = logits(model, IDS)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, before, atol=1e-4), "the adapter had no effect: the test proves nothing"
+    assert torch.equal(logits(model, IDS), before)
+
+
 def test_info_shows_expert_parameters(moe, cli_runner):
     result = cli_runner("info", moe["qwen3moe-experts"])
     assert result.exit_code == 0, result.output

@@ -144,3 +144,17 @@ def test_hostile_checkpoints_are_refused_in_one_line(mx, tmp_path, cli_runner, c
         assert says in result.output and "gate_up_proj" in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_check_against_the_mxfp4_base(mx, tmp_path, cli_runner):
+    """check sees the dequantized experts' shapes: clean for the right adapter, LORA024 for one whose r makes
+    the factors hold 8 experts where the base has 4."""
+    result = cli_runner("check", mx["gptoss-mxfp4-lora"], "--base", mx["gptoss-mxfp4"])
+    assert result.exit_code == 0 and "0 finding(s)" in result.output, result.output
+    liar = tmp_path / "liar"
+    shutil.copytree(mx["gptoss-mxfp4-lora"], liar)
+    config = json.loads((liar / "adapter_config.json").read_text())
+    config["r"] = 1
+    (liar / "adapter_config.json").write_text(json.dumps(config))
+    result = cli_runner("check", liar, "--base", mx["gptoss-mxfp4"])
+    assert "LORA024" in result.output and "8 experts" in result.output, result.output

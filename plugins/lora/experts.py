@@ -295,3 +295,44 @@ def swap_in(adapter: Adapter, module: torch.nn.Module, module_name: str,
     original = param.data
     param.data = (original.float() + d.reshape(shape)).to(original.dtype)
     return param, original
+
+
+def swap_in_per_expert(adapter: Adapter, named: Mapping[str, torch.nn.Module], module_name: str,
+                       roles: dict[str, str]) -> tuple[torch.nn.Parameter, torch.Tensor] | None:
+    """Runtime application of a per-expert LoRA (``…experts.<e>.gate_proj``, transformers 4's modules) on a
+    model whose experts are fused: expert ``e``'s rows of the fused parameter get ``s · B @ A`` (the rows
+    transformers' conversion gives that module, see PER_EXPERT). None: ``module_name`` is no such module."""
+    head, _, part = module_name.rpartition(".")
+    owner_experts, _, index = head.rpartition(".")
+    if not index.isdigit() or "lora_A" not in roles or "lora_B" not in roles:
+        return None
+    for param_name, layouts in PER_EXPERT.items():
+        for (old, new), parts in layouts:
+            if part not in parts or not owner_experts.endswith(new):
+                continue
+            owner = owner_experts[: len(owner_experts) - len(new)] + old
+            module = next((named[c] for c in (owner, owner.partition(".")[2], f"model.{owner}") if c in named), None)
+            param = getattr(module, param_name, None)
+            if not isinstance(param, torch.nn.Parameter) or param.dim() != 3:
+                continue
+            transposed = bool(getattr(module, "is_transposed", False))
+            a, b = adapter.tensor(roles["lora_A"]).float(), adapter.tensor(roles["lora_B"]).float()
+            outputs = param.shape[2] if transposed else param.shape[1]
+            rows = outputs // len(parts)
+            e, first = int(index), parts.index(part) * rows
+            inputs = param.shape[1] if transposed else param.shape[2]
+            if e >= param.shape[0] or (b.shape[0], a.shape[1]) != (rows, inputs):
+                raise IncompatibleBaseError(f"{module_name} [{b.shape[0]}, {a.shape[1]}] does not fit expert {e} "
+                                            f"of {owner}.{param_name} {list(param.shape)}",
+                                            **adapter.where(roles["lora_A"]))
+            rank, alpha = lora_rank_alpha(adapter.config, module_name)
+            d = (b @ a) * scaling_for(adapter.config, rank, alpha)
+            original = param.data
+            value = original.float().clone()
+            if transposed:
+                value[e, :, first:first + rows] += d.T
+            else:
+                value[e, first:first + rows, :] += d
+            param.data = value.to(original.dtype)
+            return param, original
+    return None
