@@ -216,3 +216,17 @@ def test_bf16_merge_rounds_the_delta_as_peft_does(moe, tmp_path, cli_runner, bas
         assert ours[key].dtype == torch.bfloat16 and torch.equal(ours[key], theirs[key]), key
     original = _state(bf16)
     assert any("experts" in k and not torch.equal(theirs[k], original[k]) for k in theirs), "nothing merged"
+
+
+def test_unmerge_gives_a_base_that_merges_back(moe, tmp_path, cli_runner):
+    """unmerge runs the merge's own expert updates: its output merges back to the merged model bit for bit
+    (docs/unmerge.md's promise), per-expert checkpoint and fused alike."""
+    for base, name in (("qwen3moe", "qwen3moe-experts"), ("gptoss", "gptoss-experts")):
+        merged, back, again = tmp_path / f"{name}-m", tmp_path / f"{name}-u", tmp_path / f"{name}-m2"
+        for args in (("merge", moe[base], moe[name], merged), ("unmerge", merged, moe[name], back),
+                     ("merge", back, moe[name], again)):
+            result = cli_runner(*args)
+            assert result.exit_code == 0, result.output
+        first, second, undone = _state(merged), _state(again), _state(back)
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        assert any(not torch.equal(undone[k], first[k]) for k in first if "experts" in k)
