@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 from peft_oracle import load_base, logits, peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adaptools
 
@@ -230,3 +230,28 @@ def test_unmerge_gives_a_base_that_merges_back(moe, tmp_path, cli_runner):
         first, second, undone = _state(merged), _state(again), _state(back)
         assert all(torch.equal(first[k], second[k]) for k in first)
         assert any(not torch.equal(undone[k], first[k]) for k in first if "experts" in k)
+
+
+def _without(moe, tmp_path, drop):
+    folder = tmp_path / "dropped"
+    shutil.copytree(moe["gptoss-experts"], folder)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v for k, v in state.items() if not drop(k)}, str(folder / "adapter_model.safetensors"),
+              {"format": "pt"})
+    return folder
+
+
+def test_dropped_expert_factors_are_reported(moe, tmp_path, cli_runner):
+    """target_parameters set but no expert factors saved (what unsloth-zoo#647 describes): check and merge
+    refuse naming the field; only layer 1's experts missing: check against the base names them (merge then
+    does what PEFT does, the missing wrappers keep a zero delta)."""
+    folder = _without(moe, tmp_path, lambda k: ".mlp." in k)
+    result = cli_runner("check", folder)
+    assert "LORA024" in result.output and "holds no expert factors" in result.output, result.output
+    result = cli_runner("merge", moe["gptoss"], folder, tmp_path / "out")
+    assert result.exit_code == 2 and "holds no expert factors" in result.output, result.output
+    shutil.rmtree(folder)
+    folder = _without(moe, tmp_path, lambda k: "layers.1.mlp" in k)
+    assert "0 finding(s)" in cli_runner("check", folder).output  # nothing says so without the base
+    result = cli_runner("check", folder, "--base", moe["gptoss"])
+    assert "LORA024" in result.output and "model.layers.1.mlp.experts.down_proj (and 1 more)" in result.output

@@ -16,7 +16,7 @@ from .config import (
     pattern_rule_differences,
     token_indices,
 )
-from .experts import candidates, reach, unwrapped
+from .experts import candidates, reach, targets, unwrapped
 from .legacy import enabled_blocks, merged_out_features, merged_shapes_problem
 
 TABLE = rule_table("LORA", {
@@ -89,6 +89,8 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
         except plugin.InputError as exc:  # a pattern that runs out of time on this module's name
             add("LORA020", exc.message, roles[next(iter(roles))])
             config_ok = False
+    if config_ok:
+        _lint_expert_coverage(report, base)
     if config_ok:
         try:
             differences = pattern_rule_differences(adapter.config, sorted(adapter.modules()))
@@ -233,6 +235,39 @@ def _lint_expert(report: Lint, module: str, info: dict[str, object], roles: dict
         rows = report.adapter.info(a_name).shape[0]
         report.add("LORA006", f"{info['parameter']}: lora_A has {rows} rows, not a whole number of experts at "
                    f"rank {info['rank']} (r / rank_pattern)", a_name, field="r")
+
+
+DROPPED = "save the adapter again from the trained model with PEFT (some trainers drop expert factors on saving)"
+
+
+def _lint_expert_coverage(report: Lint, base: BaseInfo | None) -> None:
+    """LORA024 for expert deltas that were never saved: ``target_parameters`` set but no expert factors in the
+    file (a trainer that dropped them), or, against a base holding fused experts, a targeted parameter of the
+    base that no factors adapt (PEFT wraps every parameter the names match)."""
+    adapter = report.adapter
+    entries = targets(adapter.config)
+    if not entries:
+        return
+    levels = {m: info for m, info in (adapter.config.get("modules") or {}).items()
+              if isinstance(info, dict) and info.get("kind") == "experts"}
+    if not levels:
+        report.add("LORA024", f"target_parameters {entries} but the file holds no expert factors: the expert "
+                   "deltas were not saved", field="target_parameters", fix=DROPPED)
+        return
+    if base is None:
+        return
+    reached = set()
+    for info in levels.values():
+        owner, _, param = str(info.get("parameter") or "").rpartition(".")
+        found = base.locate(owner, param) if owner else None
+        if found is not None:
+            reached.add(found)
+    missing = sorted(name for name, tensor in base.tensors.items() if len(tensor.shape) == 3 and name not in reached
+                     and any(name == e or name.endswith("." + e) for e in entries))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        report.add("LORA024", f"the base's {missing[0]}{more} matches target_parameters but the file has no "
+                   "factors for it: those expert deltas were not saved", field="target_parameters", fix=DROPPED)
 
 
 def _lint_against_base(report: Lint, base: BaseInfo, module: str, roles: dict[str, str]) -> None:
