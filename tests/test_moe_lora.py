@@ -255,3 +255,21 @@ def test_dropped_expert_factors_are_reported(moe, tmp_path, cli_runner):
     assert "0 finding(s)" in cli_runner("check", folder).output  # nothing says so without the base
     result = cli_runner("check", folder, "--base", moe["gptoss"])
     assert "LORA024" in result.output and "model.layers.1.mlp.experts.down_proj (and 1 more)" in result.output
+
+
+def test_bare_parameter_name_leaves_module_loras_alone(moe, tmp_path, cli_runner):
+    """target_parameters ["down_proj"] (no module part) matches any module's down_proj parameter; q_proj,
+    which target_modules selects, stays a plain LoRA module, and the merge still equals PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(load_base(moe["qwen3moe"]), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                                 target_parameters=["down_proj"]))
+    build_moe.seeded(peft, 70)
+    peft.save_pretrained(tmp_path / "bare")
+    build_moe.peft_merged(moe["qwen3moe"], tmp_path / "bare", tmp_path / "peft")
+    kinds = {m: i["kind"] for m, i in adaptools.load(tmp_path / "bare").config["modules"].items()}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "linear" and kinds["model.layers.0.mlp.experts"] == "experts"
+    result = cli_runner("merge", moe["qwen3moe"], tmp_path / "bare", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    ours, theirs = _state(tmp_path / "out"), _state(tmp_path / "peft")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -20,6 +20,7 @@ import torch
 
 from adaptools.plugin import Adapter, BaseInfo, IncompatibleBaseError, InputError, TensorUpdate
 
+from ..peft.matching import is_targeted
 from .config import lora_rank_alpha, scaling_for
 
 #: The order transformers' expert classes register their parameters in, which is PEFT's wrapping order.
@@ -75,7 +76,7 @@ def expert_modules(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
         module, _, role = name.rpartition(".")
         if role == "lora_A":
             owner, depth = unwrapped(module)
-            if candidates(config, owner):
+            if candidates(config, owner) and (depth or not _module_target(config, owner)):
                 levels.setdefault(owner, set()).add(depth)
     found: dict[str, str | None] = {}
     for owner, depths in levels.items():
@@ -102,6 +103,15 @@ def module_entry(config: Mapping[str, Any], parameter: str | None, shape: tuple[
     if rank > 0 and int(shape[0]) % rank == 0:
         entry["experts"] = int(shape[0]) // rank
     return entry
+
+
+def _module_target(config: Mapping[str, Any], module: str) -> bool:
+    """True when ``target_modules`` selects ``module`` itself: a LoRA on the module, never a ParamWrapper
+    (PEFT refuses to wrap a parameter of a module it also targets)."""
+    try:
+        return is_targeted(config, module)
+    except InputError:  # a pattern that fails: lint reports it (LORA020)
+        return False
 
 
 @dataclass(frozen=True)
