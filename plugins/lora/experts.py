@@ -264,8 +264,14 @@ def merge_updates(adapter: Adapter, base: BaseInfo, module: str, roles: dict[str
 
         def fused(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             a, b = factors(current.device)
-            d = delta(a, b, target.experts, s, target.transposed)
-            return current + rounded(d.reshape(current.shape), fused_name)
+            if current.dim() == 2:
+                return current + rounded(delta(a, b, 1, s, False), fused_name)
+            # expert by expert, in place: the same einsum on a slice gives the same bits (tested), and no
+            # second tensor the size of the whole expert stack is made
+            for e in range(target.experts):
+                current[e] += rounded(delta(a, b, target.experts, s, target.transposed, slice(e, e + 1))[0],
+                                      fused_name)
+            return current
 
         return [TensorUpdate(target.fused, "delta", fused, source=source)]
     updates = []
