@@ -249,8 +249,14 @@ class Checkpoint:
                     return {"lm_head.weight": name}
         return {}
 
+    def parameters(self) -> list[str]:
+        """Every parameter a merge sees: the stored tensors that are not parts of a group, and the grouped
+        parameters that are stored only as their parts (MXFP4's ``P_blocks`` + ``P_scales`` make ``P``)."""
+        stored = [name for name in self.location if name not in self.companions]
+        return stored + [param for param in self.groups if param not in self.location]
+
     def base_info(self) -> BaseInfo:
-        tensors = {name: self.tensor(name) for name in self.location if name not in self.companions}
+        tensors = {name: self.tensor(name) for name in self.parameters()}
         return BaseInfo(tensors=tensors, config=self.config, aliases=dict(self.aliases), path=str(self.path))
 
     @property

@@ -16,6 +16,7 @@ from .config import (
     pattern_rule_differences,
     token_indices,
 )
+from .experts import candidates, reach, targets, unwrapped
 from .legacy import enabled_blocks, merged_out_features, merged_shapes_problem
 
 TABLE = rule_table("LORA", {
@@ -51,6 +52,9 @@ TABLE = rule_table("LORA", {
              "set peft_version in adapter_config.json to the peft that trained the adapter"),
     22: Rule("error", "tensor has the wrong number of dimensions", CORRUPT),
     23: "inert",
+    24: Rule("error", "MoE expert LoRA does not reach the base (target parameter missing, expert count or "
+                      "shape mismatch)",
+             "merge into the model the adapter was trained on; target_parameters and r must match its experts"),
 }, method="LoRA", config="LoraConfig", zero="lora_B is all zero: the adapter was never trained")
 RULES = TABLE.rules
 #: Dimensions each role's tensor has (conv LoRA factors have more; peft 0.2.0's enable_lora lora_B has 3).
@@ -85,6 +89,8 @@ def lint(adapter: Adapter, base: BaseInfo | None = None, *, check_values: bool =
         except plugin.InputError as exc:  # a pattern that runs out of time on this module's name
             add("LORA020", exc.message, roles[next(iter(roles))])
             config_ok = False
+    if config_ok:
+        _lint_expert_coverage(report, base)
     if config_ok:
         try:
             differences = pattern_rule_differences(adapter.config, sorted(adapter.modules()))
@@ -172,6 +178,10 @@ def _lint_module(report: Lint, module: str, roles: dict[str, str], config_ok: bo
             continue
         if not config_ok:
             continue
+        expert = (config.get("modules") or {}).get(module)
+        if a_role == "lora_A" and isinstance(expert, dict) and expert.get("kind") == "experts":
+            _lint_expert(report, module, expert, roles)
+            continue
         rank, _ = lora_rank_alpha(config, module)
         if a[0] != rank:
             add("LORA006", f"config gives rank {rank} (r / rank_pattern) but the tensor has rank {a[0]}",
@@ -212,9 +222,64 @@ def _lint_module(report: Lint, module: str, roles: dict[str, str], config_ok: bo
                 name, field="modules_to_save")
 
 
+def _lint_expert(report: Lint, module: str, info: dict[str, object], roles: dict[str, str]) -> None:
+    """A ParamWrapper level without the base: its parameter must be known, and ``lora_A``'s rows a whole
+    number of experts at the config's rank (docs/peft.md, "LoRA on fused MoE experts")."""
+    a_name = roles["lora_A"]
+    if not info.get("parameter"):
+        owner, _ = unwrapped(module)
+        report.add("LORA024", f"cannot tell which of target_parameters "
+                   f"{candidates(report.adapter.config, owner)} {module} adapts", a_name,
+                   field="target_parameters")
+    elif info.get("experts") is None and isinstance(info.get("rank"), int):
+        rows = report.adapter.info(a_name).shape[0]
+        report.add("LORA006", f"{info['parameter']}: lora_A has {rows} rows, not a whole number of experts at "
+                   f"rank {info['rank']} (r / rank_pattern)", a_name, field="r")
+
+
+DROPPED = "save the adapter again from the trained model with PEFT (some trainers drop expert factors on saving)"
+
+
+def _lint_expert_coverage(report: Lint, base: BaseInfo | None) -> None:
+    """LORA024 for expert deltas that were never saved: ``target_parameters`` set but no expert factors in the
+    file (a trainer that dropped them), or, against a base holding fused experts, a targeted parameter of the
+    base that no factors adapt (PEFT wraps every parameter the names match)."""
+    adapter = report.adapter
+    entries = targets(adapter.config)
+    if not entries:
+        return
+    levels = {m: info for m, info in (adapter.config.get("modules") or {}).items()
+              if isinstance(info, dict) and info.get("kind") == "experts"}
+    if not levels:
+        report.add("LORA024", f"target_parameters {entries} but the file holds no expert factors: the expert "
+                   "deltas were not saved", field="target_parameters", fix=DROPPED)
+        return
+    if base is None:
+        return
+    reached = set()
+    for info in levels.values():
+        owner, _, param = str(info.get("parameter") or "").rpartition(".")
+        found = base.locate(owner, param) if owner else None
+        if found is not None:
+            reached.add(found)
+    missing = sorted(name for name, tensor in base.tensors.items() if len(tensor.shape) == 3 and name not in reached
+                     and any(name == e or name.endswith("." + e) for e in entries))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        report.add("LORA024", f"the base's {missing[0]}{more} matches target_parameters but the file has no "
+                   "factors for it: those expert deltas were not saved", field="target_parameters", fix=DROPPED)
+
+
 def _lint_against_base(report: Lint, base: BaseInfo, module: str, roles: dict[str, str]) -> None:
     """Checks that need the base's config and safetensors headers (never its weights)."""
     adapter, add = report.adapter, report.add
+    info = (adapter.config.get("modules") or {}).get(module)
+    if isinstance(info, dict) and info.get("kind") == "experts":
+        if "lora_A" in roles and "lora_B" in roles and info.get("parameter") and info.get("experts"):
+            reached = reach(adapter, base, module, roles)
+            if isinstance(reached, str):
+                add("LORA024", f"{info['parameter']}: {reached}", roles["lora_A"])
+        return
     for role, name in roles.items():
         param = "bias" if role == "lora_bias" else role[len("replace_"):] if role.startswith("replace_") \
             else "weight"

@@ -54,6 +54,8 @@ from .config import (
     scaling_for,
     token_indices,
 )
+from .experts import expert_modules, module_entry
+from .experts import merge_updates as expert_merge_updates
 from .initialization import RECOMPUTABLE_INITS, initial_factors, initialize, to_plain
 from .legacy import enabled_blocks, merged_b, merged_out_features, merged_shapes_problem, portable_pattern_keys
 from .lint import RULES, lint
@@ -87,11 +89,15 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         config = dict(peft_config)
         modules: dict[str, dict[str, Any]] = {}
         enable = enabled_blocks(config)
+        fused = expert_modules(config, shapes)  # ParamWrapper levels (experts.py)
         alpha: Any  # a malformed config's lora_alpha is kept as it is (lint reports it)
         for name, shape in shapes.items():
             module, _, role = name.rpartition(".")
             if role not in ("lora_A", "lora_embedding_A") or not shape:
                 continue  # a 0-d tensor: lint reports it (LORA022)
+            if module in fused:
+                modules[module] = module_entry(config, fused[module], shape)
+                continue
             try:
                 rank, alpha = lora_rank_alpha(config, module)
                 # peft 0.2.0's enable_lora scales by the config's r; A holds r per enabled block
@@ -123,7 +129,7 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
     def summary(self, adapter: Adapter) -> dict[str, Any]:
         config = adapter.config
         modules = config.get("modules", {})
-        ranks = sorted({m["rank"] for m in modules.values()})
+        ranks = sorted({m["rank"] for m in modules.values() if m.get("rank") is not None})
         kinds: dict[str, int] = {}
         for m in modules.values():
             kinds[m["kind"]] = kinds.get(m["kind"], 0) + 1
@@ -137,6 +143,9 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             "lora_bias": bool(config.get("lora_bias")),
             "init_lora_weights": config.get("init_lora_weights", True),
             "target_modules": config.get("target_modules"),
+            "target_parameters": config.get("target_parameters"),
+            "expert_parameters": {m["parameter"] or name: m["experts"] for name, m in sorted(modules.items())
+                                  if m.get("kind") == "experts"},
             "adapted_modules": len(modules),
             "module_kinds": kinds,
             "replaced_tensors": replaced,
@@ -166,7 +175,9 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             if config.get(key):
                 return f"{key} is set: {why}"
         if config.get("target_parameters"):
-            return "target_parameters (fused MoE expert parameters) are not supported yet"
+            for key in ("use_dora", "lora_bias", "fan_in_fan_out"):
+                if config.get(key):  # PEFT's ParamWrapper refuses them too
+                    return f"{key} with target_parameters (fused MoE experts) has no meaning in PEFT"
         if config.get("layer_replication"):
             return "layer_replication is not supported yet"
         return None
@@ -192,11 +203,18 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             for role, name in roles.items():
                 if role.startswith("replace_"):
                     replace.append(replacement_update(adapter, base, module, role[len("replace_"):], name))
-            if "lora_A" in roles or "lora_embedding_A" in roles:
+            if "lora_A" in roles and self._is_expert(adapter, module):
+                deltas.extend(expert_merge_updates(adapter, base, module, roles, weight))
+            elif "lora_A" in roles or "lora_embedding_A" in roles:
                 deltas.extend(self._delta_updates(adapter, base, module, roles, weight))
             if "trainable_tokens" in roles:
                 tokens.append(self._token_update(adapter, base, module, roles["trainable_tokens"]))
         return replace + deltas + tokens
+
+    @staticmethod
+    def _is_expert(adapter: Adapter, module: str) -> bool:
+        info = (adapter.config.get("modules") or {}).get(module)
+        return isinstance(info, dict) and info.get("kind") == "experts"
 
     def unmerge_updates(self, adapter: Adapter, base: BaseInfo, weight: float = 1.0) -> list[TensorUpdate]:
         """MERGED minus the very delta the merge added (computed by the merge's own updates), rounded once and
@@ -337,6 +355,10 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
             if a_role not in roles:
                 continue
+            if self._is_expert(adapter, module):
+                raise UnsupportedOperationError("a fused MoE expert delta is one low-rank product per expert, "
+                                                "which adapter algebra does not handle yet",
+                                                **adapter.where(roles[a_role]))
             rank, alpha = lora_rank_alpha(config, module)
             s = scaling_for(config, rank, alpha)
             a = adapter.tensor(roles[a_role]).double()

@@ -13,6 +13,7 @@ from adaptools.plugin import Adapter
 
 from ..peft.common import find_module, undo, weight_layout, weight_of
 from .config import lora_rank_alpha, scaling_for, token_indices
+from .experts import swap_in, swap_in_per_expert, unwrapped
 from .legacy import enabled_blocks, merged_b
 
 
@@ -26,7 +27,13 @@ def applied(adapter: Adapter, model: torch.nn.Module) -> Iterator[torch.nn.Modul
 
     try:
         for module_name, roles in adapter.modules().items():
-            layer = find_module(named, module_name, adapter)
+            owner = unwrapped(module_name)[0]
+            if not any(c in named for c in (owner, owner.partition(".")[2], f"model.{owner}")):
+                swapped = swap_in_per_expert(adapter, named, module_name, roles)  # fused in this model
+                if swapped is not None:
+                    saved.append(swapped)
+                    continue
+            layer = find_module(named, owner, adapter)
             for role, tname in roles.items():
                 if role.startswith("replace_") or role == "trainable_tokens":
                     param = getattr(layer, role[len("replace_"):] if role != "trainable_tokens" else "weight")
@@ -37,7 +44,10 @@ def applied(adapter: Adapter, model: torch.nn.Module) -> Iterator[torch.nn.Modul
                             param.data[rows] = adapter.tensor(tname).to(param.dtype)
                         else:
                             param.data = adapter.tensor(tname).to(param.dtype)
-            if "lora_A" in roles or "lora_embedding_A" in roles:
+            info = (config.get("modules") or {}).get(module_name)
+            if "lora_A" in roles and isinstance(info, dict) and info.get("kind") == "experts":
+                saved.append(swap_in(adapter, layer, module_name, roles))  # a fused parameter: W + ΔW
+            elif "lora_A" in roles or "lora_embedding_A" in roles:
                 handles.append(layer.register_forward_hook(_lora_hook(adapter, module_name, roles, layer)))
         yield model
     finally:
