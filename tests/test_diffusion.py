@@ -1,0 +1,113 @@
+"""Image-model LoRAs (kohya and diffusers key styles), read and converted, against diffusers itself: every
+module, factor and scale adaptools reads equals what diffusers' ``load_lora_weights`` puts into the pipeline's
+layers, and what adaptools writes loads into diffusers with the same layers again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusion_checks import FAMILIES, as_diffusers_reads, build_all, diffusers_layers, ours, raw_tensors, same_layers
+
+import adaptools
+
+STYLES = ("kohya", "diffusers", "diffusers-plain")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    return build_all(tmp_path_factory)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("style", STYLES)
+def test_reading_matches_diffusers_loader(built, family, style):
+    """Module paths, factors bit for bit and each module's scale (alpha / rank) as diffusers loads them (with
+    diffusers' one kohya divergence, on attention alphas, spelled out in as_diffusers_reads)."""
+    paths = built[family]
+    adapter = adaptools.load(paths[style])
+    assert adapter.read_format == ("kohya" if style == "kohya" else "diffusers")
+    same_layers(as_diffusers_reads(adapter, style), diffusers_layers(paths["pipe"], paths[style]))
+
+
+def test_diffusers_misreads_kohya_attention_alphas(built):
+    """The divergence as_diffusers_reads models is real: in the fixture's kohya file (alpha = rank, ranks 2 on
+    to_k and 4 elsewhere) diffusers scales to_k by 4/2 where kohya's rule gives 2/2."""
+    adapter = adaptools.load(built["sd1"]["kohya"])
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    assert adapter.config["modules"][module]["scaling"] == 1.0
+    assert diffusers_layers(built["sd1"]["pipe"], built["sd1"]["kohya"])[module][2] == 2.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_and_components(built, family, cli_runner):
+    for style in STYLES:
+        adapter = adaptools.load(built[family][style])
+        expected = ["unet", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+        assert adapter.config["model_family"] == family
+        assert adapter.config["components"] == expected
+    result = cli_runner("info", built[family]["kohya"])
+    assert result.exit_code == 0, result.output
+    assert f"model_family: {family}" in result.output
+    assert f"components: {expected}" in result.output
+
+
+def test_metadata_alpha_patterns_are_read(built):
+    """The fixture's LoraConfig has rank and alpha patterns: per-module scales differ, as peft set them."""
+    scales = {m: v["scaling"] for m, v in adaptools.load(built["sd1"]["diffusers"]).config["modules"].items()}
+    assert scales["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == 8 / 4
+    assert scales["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"] == 8 / 2
+    assert scales["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"] == 3 / 4
+    assert scales["unet.down_blocks.0.resnets.0.conv1"] == 8 / 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("start,via", [("kohya", "diffusers"), ("diffusers", "kohya"), ("diffusers-plain", "kohya")])
+def test_round_trips_are_byte_identical(built, family, start, via, tmp_path):
+    """kohya -> diffusers -> kohya and diffusers -> kohya -> diffusers give back every tensor byte for byte
+    (alpha keys in their stored type included)."""
+    first = built[family][start]
+    back_to = "kohya" if start == "kohya" else "diffusers"
+    adaptools.save(adaptools.load(first), tmp_path / "mid.safetensors", format=via)
+    adaptools.save(adaptools.load(tmp_path / "mid.safetensors"), tmp_path / "back.safetensors", format=back_to)
+    assert raw_tensors(tmp_path / "back.safetensors") == raw_tensors(first)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("start,to", [("kohya", "diffusers"), ("diffusers", "kohya"), ("diffusers", "diffusers")])
+def test_written_files_load_in_diffusers_unchanged(built, family, start, to, tmp_path, cli_runner):
+    """What ``convert --to kohya|diffusers`` writes holds the input's layers and scales (read back by
+    adaptools), and diffusers loads it as it loads any file of that style: per-module alpha survives."""
+    out = tmp_path / f"{to}.safetensors"
+    result = cli_runner("convert", built[family][start], out, "--to", to)
+    assert result.exit_code == 0, result.output
+    written = adaptools.load(out)
+    same_layers(ours(written), ours(adaptools.load(built[family][start])))
+    same_layers(diffusers_layers(built[family]["pipe"], out), as_diffusers_reads(written, to))
+
+
+def test_diffusers_own_kohya_conversion_drops_alpha_and_ours_keeps_it(built, tmp_path):
+    """diffusers' convert_state_dict_to_kohya writes alpha = rank, so a LoRA trained with lora_alpha != r loses
+    its scale; adaptools writes each module's alpha (docs/diffusion.md, "What diffusers does differently")."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    source = built["sd1"]["diffusers"]
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(source))), theirs)
+    adaptools.save(adaptools.load(source), tmp_path / "ours.safetensors", format="kohya")
+    reference = {m: s for m, (_, _, s) in ours(adaptools.load(source)).items()}
+    mine = {m: s for m, (_, _, s) in ours(adaptools.load(tmp_path / "ours.safetensors")).items()}
+    lost = {m: s for m, (_, _, s) in ours(adaptools.load(theirs)).items()}
+    assert mine == reference
+    assert set(lost.values()) == {1.0} and set(reference.values()) != {1.0}
+
+
+def test_kohya_alpha_types_are_kept_and_chosen(built, tmp_path):
+    """An alpha comes back in the type it was stored in; a LoRA from elsewhere gets float32 alphas, float64
+    only where float32 would change the value."""
+    adapter = adaptools.load(built["sd1"]["diffusers"])
+    adaptools.save(adapter, tmp_path / "k.safetensors", format="kohya")
+    alphas = {k: v for k, v in raw_tensors(tmp_path / "k.safetensors").items() if k.endswith(".alpha")}
+    assert {dtype for dtype, _, _ in alphas.values()} == {str(torch.float32)}
+    kohya = raw_tensors(built["sd1"]["kohya"])  # diffusers' converter stores int64 ranks
+    assert {v[0] for k, v in kohya.items() if k.endswith(".alpha")} == {str(torch.int64)}
