@@ -17,7 +17,11 @@ from typing import Any
 from adaptools import plugin
 from adaptools.plugin import Adapter, AdapterFormatError, BaseRef, FileStore, SafetensorsFile
 
+from .lint import Problem
 from .names import components, detect_family, mixed_family_problem
+
+#: The peft version whose rank/alpha pattern rule the configs built here follow.
+PATTERN_RULE_VERSION = "0.15.0"
 
 
 @dataclass
@@ -33,19 +37,22 @@ class Parsed:
     alpha_keys: dict[str, str] = field(default_factory=dict)
 
 
-def read_alpha(file: SafetensorsFile, key: str, path: Path, validate: bool) -> float:
-    """A stored alpha: one number, finite and positive (docs/diffusion.md, "Alpha")."""
+def read_alpha(file: SafetensorsFile, key: str, path: Path, problems: list[Problem]) -> float | None:
+    """A stored alpha: one number, finite and positive (docs/diffusion.md, "Alpha"); None (and a problem)
+    otherwise."""
     info = file.info(key)
     if len(info.shape) > 1 or math.prod(info.shape) != 1:
-        raise AdapterFormatError(f"alpha has shape {list(info.shape)}, expected a single number", path=path,
-                                 tensor=key, hint="the file is damaged or not a kohya LoRA")
+        problems.append(Problem("DIFF001", f"alpha has shape {list(info.shape)}, expected a single number", key,
+                                "the file is damaged or not a kohya LoRA"))
+        return None
     value = file.get(key).reshape(()).item()
     number = float(value)
-    if validate and not (math.isfinite(number) and number > 0):
-        raise AdapterFormatError(f"alpha is {number!r}; it must be a finite number above 0", path=path, tensor=key,
-                                 hint="set the module's alpha to its rank (scale 1) or to the value it was "
-                                      "trained with; 0 means 'alpha = rank' to kohya's scripts but scale 0 to "
-                                      "diffusers, so adaptools refuses to guess")
+    if not (math.isfinite(number) and number > 0):
+        problems.append(Problem("DIFF001", f"alpha is {number!r}; it must be a finite number above 0", key,
+                                "set the module's alpha to its rank (scale 1) or to the value it was trained with; "
+                                "0 means 'alpha = rank' to kohya's scripts but scale 0 to diffusers, so adaptools "
+                                "refuses to guess"))
+        return None
     return int(number) if number.is_integer() and not isinstance(value, bool) else number
 
 
@@ -71,35 +78,49 @@ def check_factors(parsed: Parsed) -> dict[str, int]:
 
 def lora_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
     """The PEFT-style config that gives each module its rank and alpha: the most common as ``r`` /
-    ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern`` under keys that select exactly that
-    module in every peft version (the lora family's ``portable_pattern_keys``)."""
+    ``lora_alpha``, the others in ``rank_pattern`` and ``alpha_pattern`` under keys that select exactly that
+    module in every peft version (the lora family's ``portable_pattern_keys``), so every peft reads the same
+    rank and alpha."""
     from ..lora.legacy import portable_pattern_keys
 
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else r
     keys = portable_pattern_keys(sorted(ranks))
+    # a module that differs in either goes into both patterns: peft 0.6 to 0.13 took one key for both
+    odd = [m for m in sorted(ranks) if ranks[m] != r or alphas[m] != alpha]
     return {"r": r, "lora_alpha": alpha,
-            "rank_pattern": {keys[m]: v for m, v in sorted(ranks.items()) if v != r},
-            "alpha_pattern": {keys[m]: v for m, v in sorted(alphas.items()) if v != alpha},
+            "rank_pattern": {keys[m]: ranks[m] for m in odd},
+            "alpha_pattern": {keys[m]: alphas[m] for m in odd},
             "target_modules": sorted(ranks)}
 
 
-def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], validate: bool) -> Adapter:
+def family_problems(parsed: Parsed) -> tuple[dict[str, int], list[Problem]]:
+    """Each module's in-features (the factors checked), and DIFF002 if they cannot come from one model."""
+    in_features = check_factors(parsed)
+    problem = mixed_family_problem(in_features)
+    return in_features, ([Problem("DIFF002", problem)] if problem else [])
+
+
+def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problems: list[Problem],
+                  validate: bool) -> Adapter:
     """The schema adapter of a parsed file: method ``lora``; config with per-module rank and alpha (a missing
     alpha is the rank), ``model_family``, ``components`` and ``diffusion`` (what writing the key style back
-    needs)."""
+    needs). With ``validate`` the first problem is raised; without (``check``), the adapter is built from what
+    is usable and an unusable alpha reads as the rank, so that the problem is reported once, by its rule."""
     if not parsed.factors:
         raise AdapterFormatError("holds no LoRA modules", path=parsed.path,
                                  hint="is this an image-model LoRA (kohya or diffusers keys)?")
-    in_features = check_factors(parsed)
-    problem = mixed_family_problem(in_features)
-    if problem and validate:
-        raise AdapterFormatError(problem, path=parsed.path, hint="split the file per model, or fix the keys")
+    in_features, mixed = family_problems(parsed)
+    problems = problems + mixed
+    if validate and problems:
+        raise problems[0].error(parsed.path)
     ranks = {m: int(parsed.file.info(down).shape[0]) for m, (down, _) in parsed.factors.items()}
-    alphas = {m: (ranks[m] if a is None else a) for m, a in parsed.alphas.items()}
-    for module in ranks:
-        alphas.setdefault(module, ranks[module])
-    config = lora_config(ranks, alphas)
+    alphas = {m: (ranks[m] if parsed.alphas.get(m) is None else parsed.alphas[m]) for m in ranks}
+    config = lora_config(ranks, alphas)  # type: ignore[arg-type]
+    # The pattern keys are written for today's peft rule; with two text encoders some can only be anchored
+    # full paths, which peft before 0.15 does not match. Saying which rule they follow keeps check (LORA021)
+    # from reporting old peft versions that never read these files (docs/diffusion.md, "Alpha").
+    config["peft_version"] = PATTERN_RULE_VERSION
     family, why = detect_family(in_features)
     shapes = {f"{m}.lora_A": tuple(parsed.file.info(down).shape) for m, (down, _) in parsed.factors.items()}
     method = plugin.get_method("lora")

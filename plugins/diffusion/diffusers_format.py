@@ -26,8 +26,9 @@ from adaptools.plugin import (
     WriteOptions,
 )
 
-from .common import Parsed, build_adapter, lora_config, module_alphas
+from .common import Parsed, build_adapter, family_problems, lora_config, module_alphas
 from .kohya import FACTS_SCHEMA, kohya_facts
+from .lint import RULES, Problem, metadata_info
 from .names import COMPONENTS, component_of
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -103,59 +104,24 @@ class DiffusersFormat(plugin.AdapterFormat):
         if "adaptools.schema" in header.metadata:
             return False
         keys = header.tensors
-        return bool(keys) and all(_component(k) for k in keys) and any(".lora" in k for k in keys)
+        # any component-prefixed LoRA key claims the file, so that a stray key is named by read()
+        return any(_component(k) and ".lora" in k for k in keys)
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
-        file = SafetensorsFile(path)
-        parsed = Parsed(file=file, path=path)
-        found: dict[str, dict[str, str]] = {}
-        for key in file.keys():
-            split = split_key(key)
-            if split is None:
-                raise AdapterFormatError("is not a diffusers LoRA key (<unet|text_encoder|text_encoder_2>.<module>"
-                                         ".lora_A.weight / .lora_B.weight)", path=path, tensor=key,
-                                         hint="remove the tensor; DoRA magnitudes and LoRA biases are not "
-                                              "supported yet")
-            module, part = split
-            slot = found.setdefault(module, {})
-            if part in slot:
-                raise AdapterFormatError(f"two tensors map to module {module}: {slot[part]!r} and {key!r}",
-                                         path=path, tensor=key)
-            slot[part] = key
-        for module, slot in found.items():
-            for part, role in (("down", "lora_A"), ("up", "lora_B")):
-                if part not in slot:
-                    raise AdapterFormatError(f"module has no {role}", path=path, tensor=next(iter(slot.values())),
-                                             hint="the file is incomplete; save it again")
-            parsed.factors[module] = (slot["down"], slot["up"])
-        metadata = read_metadata(file, path)
-        for module, (down, _) in parsed.factors.items():
-            component, _, inner = module.partition(".")
-            fields = metadata.get(component)
-            rank = int(file.info(down).shape[0])
-            if fields is None:
-                parsed.alphas[module] = rank  # diffusers' rule without metadata: scale 1
-                continue
-            try:
-                config_rank, alpha = plugin_lora_rank_alpha(fields, inner)
-            except plugin.InputError as exc:
-                raise AdapterFormatError(f"{METADATA_KEY}: {exc.message}", path=path) from None
-            if config_rank != rank:
-                raise AdapterFormatError(f"{METADATA_KEY} gives rank {config_rank} for {module}, the factors have "
-                                         f"{rank}", path=path, tensor=down,
-                                         hint="the metadata does not belong to these weights")
-            if options.validate and not alpha > 0:
-                raise AdapterFormatError(f"{METADATA_KEY} gives alpha {alpha!r} for {module}; it must be above 0",
-                                         path=path, tensor=down)
-            parsed.alphas[module] = alpha
-        extra: dict[str, Any] = {"metadata": sorted(metadata)}
-        if file.metadata.get(KOHYA_KEY):
-            facts = plugin.parse_json(file.metadata[KOHYA_KEY].encode("utf-8"), path=path, what=KOHYA_KEY)
-            problems = plugin.json_problems(facts, FACTS_SCHEMA)
-            if problems:
-                raise AdapterFormatError(f"{KOHYA_KEY}: {problems[0][1]}", path=path, hint="remove the header key")
-            extra["kohya"] = facts
-        return build_adapter(parsed, "diffusers", extra, options.validate)
+        parsed, extra, problems = scan(path)
+        return build_adapter(parsed, "diffusers", extra, problems, options.validate)
+
+    rules = RULES
+
+    def lint(self, path: Path, adapter: Adapter | None, options: ReadOptions) -> list[plugin.Finding]:
+        """The file's problems (before reading: unknown keys, mixed families, unusable alphas), then whether
+        the header records the LoraConfig (after)."""
+        if not path.is_file():
+            return []
+        if adapter is None:
+            parsed, _, problems = scan(path)
+            return [p.finding(path) for p in problems + family_problems(parsed)[1]]
+        return metadata_info(adapter, path)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         modules = module_alphas(adapter)
@@ -193,3 +159,61 @@ def plugin_lora_rank_alpha(fields: dict[str, Any], module: str) -> tuple[int, fl
 
 
 __all__ = ["DiffusersFormat", "component_of", "split_key"]
+
+
+def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
+    """A diffusers file's modules and alphas, what writing it back needs, and every problem that makes it
+    unusable (unknown keys are skipped, each a problem). Refuses outright what cannot be read at all."""
+    file = SafetensorsFile(path)
+    parsed = Parsed(file=file, path=path)
+    problems: list[Problem] = []
+    found: dict[str, dict[str, str]] = {}
+    for key in file.keys():
+        split = split_key(key)
+        if split is None:
+            problems.append(Problem("DIFF003", "is not a diffusers LoRA key (<unet|text_encoder|text_encoder_2>."
+                                               "<module>.lora_A.weight / .lora_B.weight)", key,
+                                    "remove the tensor; DoRA magnitudes and LoRA biases are not supported yet"))
+            continue
+        module, part = split
+        slot = found.setdefault(module, {})
+        if part in slot:
+            raise AdapterFormatError(f"two tensors map to module {module}: {slot[part]!r} and {key!r}",
+                                     path=path, tensor=key)
+        slot[part] = key
+    for module, slot in found.items():
+        for part, role in (("down", "lora_A"), ("up", "lora_B")):
+            if part not in slot:
+                raise AdapterFormatError(f"module has no {role}", path=path, tensor=next(iter(slot.values())),
+                                         hint="the file is incomplete; save it again")
+        parsed.factors[module] = (slot["down"], slot["up"])
+    metadata = read_metadata(file, path)
+    for module, (down, _) in parsed.factors.items():
+        component, _, inner = module.partition(".")
+        fields = metadata.get(component)
+        rank = int(file.info(down).shape[0])
+        if fields is None:
+            parsed.alphas[module] = rank  # diffusers' rule without metadata: scale 1
+            continue
+        try:
+            config_rank, alpha = plugin_lora_rank_alpha(fields, inner)
+        except plugin.InputError as exc:
+            raise AdapterFormatError(f"{METADATA_KEY}: {exc.message}", path=path) from None
+        if config_rank != rank:
+            raise AdapterFormatError(f"{METADATA_KEY} gives rank {config_rank} for {module}, the factors have "
+                                     f"{rank}", path=path, tensor=down,
+                                     hint="the metadata does not belong to these weights")
+        if not alpha > 0:
+            problems.append(Problem("DIFF001", f"{METADATA_KEY} gives alpha {alpha!r} for {module}; it must be "
+                                               "above 0", down))
+            parsed.alphas[module] = None
+            continue
+        parsed.alphas[module] = alpha
+    extra: dict[str, Any] = {"metadata": sorted(metadata)}
+    if file.metadata.get(KOHYA_KEY):
+        facts = plugin.parse_json(file.metadata[KOHYA_KEY].encode("utf-8"), path=path, what=KOHYA_KEY)
+        wrong = plugin.json_problems(facts, FACTS_SCHEMA)
+        if wrong:
+            raise AdapterFormatError(f"{KOHYA_KEY}: {wrong[0][1]}", path=path, hint="remove the header key")
+        extra["kohya"] = facts
+    return parsed, extra, problems

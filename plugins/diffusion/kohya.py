@@ -23,7 +23,8 @@ from adaptools.plugin import (
     WriteOptions,
 )
 
-from .common import Parsed, build_adapter, module_alphas, read_alpha
+from .common import Parsed, build_adapter, family_problems, module_alphas, read_alpha
+from .lint import RULES, Problem, alpha_warnings
 from .names import SGM_BLOCKS, component_of, split_flat
 
 #: kohya prefix -> pipeline component
@@ -50,63 +51,30 @@ class KohyaFormat(plugin.AdapterFormat):
         if not path.is_file() or path.suffix != ".safetensors":
             return False
         try:
-            keys = plugin.read_header(path).tensors
+            header = plugin.read_header(path)
         except plugin.InputError:
             return False
-        return bool(keys) and all(_prefix(k) for k in keys)
+        if "adaptools.schema" in header.metadata:
+            return False
+        keys = header.tensors
+        # any kohya-prefixed key claims the file, so that a stray key is named by read() (not "unrecognised")
+        return any(_prefix(k) for k in keys)
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
-        file = SafetensorsFile(path)
-        parsed = Parsed(file=file, path=path)
-        found: dict[str, dict[str, str]] = {}
-        prefixes: Counter[str] = Counter()
-        for key in file.keys():
-            prefix = _prefix(key)
-            if prefix is None:
-                raise AdapterFormatError("is not a kohya LoRA key (expected lora_unet_, lora_te_, lora_te1_ or "
-                                         "lora_te2_)", path=path, tensor=key,
-                                         hint="remove the tensor, or read the file with its own tool")
-            name, dot, suffix = key.partition(".")
-            part = FACTOR_SUFFIXES.get(dot + suffix)
-            if part is None:
-                method = next((m for s, m in OTHER_METHODS.items() if suffix.startswith(s)), None)
-                raise UnsupportedOperationError(
-                    f"{method} keys are not supported yet" if method else f"unknown kohya tensor suffix .{suffix}",
-                    path=path, tensor=key, hint="adaptools reads plain kohya LoRA (lora_down, lora_up, alpha)")
-            flat = name[len(prefix):]
-            if prefix == "lora_unet_" and flat.startswith(SGM_BLOCKS):
-                raise UnsupportedOperationError(
-                    "original SGM block names (input_blocks/middle_block/output_blocks) are not supported yet",
-                    path=path, tensor=key, hint="convert the file to diffusers' block names first")
-            prefixes[prefix] += 1
-            module = f"{PREFIXES[prefix]}.{split_flat(flat)}"
-            slot = found.setdefault(module, {})
-            if part in slot:
-                raise AdapterFormatError(f"two tensors map to module {module}: {slot[part]!r} and {key!r}",
-                                         path=path, tensor=key)
-            slot[part] = key
-        if "lora_te_" in prefixes and ({"lora_te1_", "lora_te2_"} & set(prefixes)):
-            raise AdapterFormatError("mixes lora_te_ (SD 1.x) with lora_te1_/lora_te2_ (SDXL) text-encoder keys",
-                                     path=path, hint="split the file per model, or rename one set of keys")
-        for module, slot in found.items():
-            for part in ("down", "up"):
-                if part not in slot:
-                    other = slot.get("down") or slot.get("up") or slot["alpha"]
-                    raise AdapterFormatError(f"module has no lora_{part}.weight", path=path, tensor=other,
-                                             hint="the file is incomplete; save it again")
-            parsed.factors[module] = (slot["down"], slot["up"])
-            if "alpha" in slot:
-                parsed.alphas[module] = read_alpha(file, slot["alpha"], path, options.validate)
-                parsed.alpha_keys[module] = slot["alpha"]
-        dtypes = {m: file.info(k).dtype for m, k in parsed.alpha_keys.items()}
-        common = Counter(dtypes.values()).most_common(1)[0][0] if dtypes else None
-        te_prefix = next((p.rstrip("_") for p in ("lora_te_", "lora_te1_") if p in prefixes), None)
-        facts: dict[str, Any] = {"alpha_dtype": common,
-                                 "alpha_dtypes": {m: d for m, d in sorted(dtypes.items()) if d != common},
-                                 "alpha_absent": sorted(m for m in parsed.factors if m not in parsed.alphas)}
-        if te_prefix:
-            facts["te_prefix"] = te_prefix
-        return build_adapter(parsed, "kohya", {"kohya": facts}, options.validate)
+        parsed, facts, problems = scan(path)
+        return build_adapter(parsed, "kohya", {"kohya": facts}, problems, options.validate)
+
+    rules = RULES
+
+    def lint(self, path: Path, adapter: Adapter | None, options: ReadOptions) -> list[plugin.Finding]:
+        """The file's problems (before reading: unknown keys, mixed prefixes or families, unusable alphas),
+        then where diffusers would scale it differently (after)."""
+        if not path.is_file():
+            return []
+        if adapter is None:
+            parsed, _, problems = scan(path)
+            return [p.finding(path) for p in problems + family_problems(parsed)[1]]
+        return alpha_warnings(adapter, path)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         modules = module_alphas(adapter)
@@ -168,3 +136,63 @@ def alpha_tensor(alpha: float, dtype_name: str | None, module: str, adapter: Ada
     if float(value) != float(alpha):
         raise AdapterFormatError(f"alpha {alpha!r} of {module} cannot be stored exactly", path=adapter.source)
     return value
+
+
+def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
+    """A kohya file's modules, what writing it back needs, and every problem that makes it unusable (unknown
+    keys are skipped, each a problem). Refuses outright what cannot be read at all (a factor without its
+    partner, two keys for one factor)."""
+    file = SafetensorsFile(path)
+    parsed = Parsed(file=file, path=path)
+    problems: list[Problem] = []
+    found: dict[str, dict[str, str]] = {}
+    prefixes: Counter[str] = Counter()
+    for key in file.keys():
+        prefix = _prefix(key)
+        if prefix is None:
+            problems.append(Problem("DIFF003", "is not a kohya LoRA key (expected lora_unet_, lora_te_, lora_te1_ "
+                                               "or lora_te2_)", key))
+            continue
+        name, dot, suffix = key.partition(".")
+        part = FACTOR_SUFFIXES.get(dot + suffix)
+        if part is None:
+            method = next((m for s, m in OTHER_METHODS.items() if suffix.startswith(s)), None)
+            problems.append(Problem("DIFF003", f"{method} keys are not supported yet" if method else
+                                    f"unknown kohya tensor suffix .{suffix}", key,
+                                    "adaptools reads plain kohya LoRA (lora_down, lora_up, alpha)", unsupported=True))
+            continue
+        flat = name[len(prefix):]
+        if prefix == "lora_unet_" and flat.startswith(SGM_BLOCKS):
+            problems.append(Problem("DIFF003", "original SGM block names (input_blocks/middle_block/output_blocks) "
+                                               "are not supported yet", key,
+                                    "convert the file to diffusers' block names first", unsupported=True))
+            continue
+        prefixes[prefix] += 1
+        module = f"{PREFIXES[prefix]}.{split_flat(flat)}"
+        slot = found.setdefault(module, {})
+        if part in slot:
+            raise AdapterFormatError(f"two tensors map to module {module}: {slot[part]!r} and {key!r}",
+                                     path=path, tensor=key)
+        slot[part] = key
+    if "lora_te_" in prefixes and ({"lora_te1_", "lora_te2_"} & set(prefixes)):
+        problems.append(Problem("DIFF002", "mixes lora_te_ (SD 1.x) with lora_te1_/lora_te2_ (SDXL) text-encoder "
+                                           "keys"))
+    for module, slot in found.items():
+        for part in ("down", "up"):
+            if part not in slot:
+                other = slot.get("down") or slot.get("up") or slot["alpha"]
+                raise AdapterFormatError(f"module has no lora_{part}.weight", path=path, tensor=other,
+                                         hint="the file is incomplete; save it again")
+        parsed.factors[module] = (slot["down"], slot["up"])
+        if "alpha" in slot:
+            parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
+            parsed.alpha_keys[module] = slot["alpha"]
+    dtypes = {m: file.info(k).dtype for m, k in parsed.alpha_keys.items()}
+    common = Counter(dtypes.values()).most_common(1)[0][0] if dtypes else None
+    te_prefix = next((p.rstrip("_") for p in ("lora_te_", "lora_te1_") if p in prefixes), None)
+    facts: dict[str, Any] = {"alpha_dtype": common,
+                             "alpha_dtypes": {m: d for m, d in sorted(dtypes.items()) if d != common},
+                             "alpha_absent": sorted(m for m in parsed.factors if m not in parsed.alphas)}
+    if te_prefix:
+        facts["te_prefix"] = te_prefix
+    return parsed, facts, problems
