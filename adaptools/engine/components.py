@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -98,6 +99,7 @@ def merge_pipeline(base: str | os.PathLike[str], inputs: Sequence[MergeInput], o
     if options.to not in (None, "safetensors"):
         raise InputError(f"a pipeline folder is merged into a pipeline folder, not --to {options.to}", path=path)
     per = split_inputs(path, inputs)
+    started = time.perf_counter()
     summary = MergeSummary(output=str(out))
     with atomic_output(out, force=options.force, directory=True,
                        inputs=[str(path), *(i.adapter.source for i in inputs)]) as tmp:
@@ -108,8 +110,10 @@ def merge_pipeline(base: str | os.PathLike[str], inputs: Sequence[MergeInput], o
                 summary.warnings += [f"{entry.name}: {w}" for w in part.warnings]
                 for field in ("tensors", "tensors_merged", "tensors_copied", "bytes_written", "shards"):
                     setattr(summary, field, getattr(summary, field) + getattr(part, field))
+                summary.peak_rss_bytes = max(summary.peak_rss_bytes, part.peak_rss_bytes)
             elif entry.is_dir():
                 shutil.copytree(entry, tmp / entry.name)
             else:
                 shutil.copyfile(entry, tmp / entry.name)
+    summary.seconds = time.perf_counter() - started
     return summary
