@@ -111,3 +111,17 @@ def test_kohya_alpha_types_are_kept_and_chosen(built, tmp_path):
     assert {dtype for dtype, _, _ in alphas.values()} == {str(torch.float32)}
     kohya = raw_tensors(built["sd1"]["kohya"])  # diffusers' converter stores int64 ranks
     assert {v[0] for k, v in kohya.items() if k.endswith(".alpha")} == {str(torch.int64)}
+
+
+def test_diffusers_reads_a_missing_kohya_alpha_as_the_common_one(built, tmp_path):
+    """Another divergence (check's DIFF004): a module without alpha in a file whose other modules have one is
+    alpha = rank to kohya (scale 1) and the component's most common alpha to diffusers."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(built["sd1"]["kohya"])
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"  # rank 3 in a file whose common alpha is 4
+    del state[f"{key}.alpha"]
+    save_file(state, tmp_path / "k.safetensors")
+    module = "unet.down_blocks.0.resnets.0.conv1"
+    assert adaptools.load(tmp_path / "k.safetensors").config["modules"][module]["scaling"] == 1.0
+    assert diffusers_layers(built["sd1"]["pipe"], tmp_path / "k.safetensors")[module][2] == 4 / 3
