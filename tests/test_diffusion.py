@@ -4,9 +4,12 @@ layers, and what adaptools writes loads into diffusers with the same layers agai
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusion_checks import FAMILIES, as_diffusers_reads, build_all, diffusers_layers, ours, raw_tensors, same_layers
+from safetensors import safe_open
 
 import adaptools
 
@@ -125,3 +128,38 @@ def test_diffusers_reads_a_missing_kohya_alpha_as_the_common_one(built, tmp_path
     module = "unet.down_blocks.0.resnets.0.conv1"
     assert adaptools.load(tmp_path / "k.safetensors").config["modules"][module]["scaling"] == 1.0
     assert diffusers_layers(built["sd1"]["pipe"], tmp_path / "k.safetensors")[module][2] == 4 / 3
+
+
+def old_spellings(built, family, tmp_path):
+    """The two older diffusers spellings, made by diffusers' own converters: ``lora.down`` /
+    ``lora_linear_layer.down`` (convert_state_dict_to_diffusers of the PEFT keys) and the attention-processor
+    ``…processor.to_q_lora.down`` (what its kohya loader turns kohya keys into, alphas dropped)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file, save_file
+
+    plain = load_file(built[family]["diffusers-plain"])
+    save_file(convert_state_dict_to_diffusers(plain), tmp_path / "lora-down.safetensors")
+    processor, _ = _convert_non_diffusers_lora_to_diffusers(load_file(built[family]["kohya"]))
+    save_file(processor, tmp_path / "processor.safetensors")
+    return tmp_path / "lora-down.safetensors", tmp_path / "processor.safetensors"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_older_diffusers_spellings_read_as_diffusers_reads_them(built, family, tmp_path):
+    """Both older spellings read to the very LoRA of the PEFT keys. diffusers reads the attention-processor
+    file the same; of the ``lora.down`` file its loader silently drops the UNet's attention projections
+    (to_q/to_k/to_v/to_out.0), which adaptools reads (docs/diffusion.md, "What diffusers does differently")."""
+    lora_down, processor = old_spellings(built, family, tmp_path)
+    reference = ours(adaptools.load(built[family]["diffusers-plain"]))
+    for path in (lora_down, processor):
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+        assert any(k.endswith(("lora.down.weight", "lora_linear_layer.down.weight")) for k in keys)  # really old
+        same_layers(ours(adaptools.load(path)), reference)
+    same_layers(reference, diffusers_layers(built[family]["pipe"], processor))
+    loaded = diffusers_layers(built[family]["pipe"], lora_down)
+    same_layers({m: reference[m] for m in loaded}, loaded)
+    dropped = set(reference) - set(loaded)
+    assert dropped and all(m.startswith("unet.") and re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", m)
+                           for m in dropped)
