@@ -8,7 +8,17 @@ import re
 
 import pytest
 import torch
-from diffusion_checks import FAMILIES, as_diffusers_reads, build_all, diffusers_layers, ours, raw_tensors, same_layers
+from diffusion_checks import (
+    COMPONENTS,
+    FAMILIES,
+    as_diffusers_reads,
+    build_all,
+    diffusers_layers,
+    ours,
+    pipeline,
+    raw_tensors,
+    same_layers,
+)
 from safetensors import safe_open
 
 import adaptools
@@ -163,3 +173,30 @@ def test_older_diffusers_spellings_read_as_diffusers_reads_them(built, family, t
     dropped = set(reference) - set(loaded)
     assert dropped and all(m.startswith("unet.") and re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", m)
                            for m in dropped)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kohya_names_split_back_to_every_module_of_the_real_models(built, family):
+    """Every module of diffusers' UNet and transformers' CLIP text encoders, flattened as kohya does, splits
+    back to its own path (names.split_flat), not only the ones the fixture LoRA adapts."""
+    from adaptools_plugins.diffusion.names import split_flat
+
+    pipe = pipeline(built[family]["pipe"])
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        names = [name for name, _ in model.named_modules() if name]
+        assert names
+        wrong = [n for n in names if split_flat(n.replace(".", "_")) != n]
+        assert not wrong, wrong[:5]
+
+
+def test_writing_an_adapter_made_for_no_pipeline_is_refused(tmp_path, cli_runner):
+    """A PEFT LLM LoRA (module paths model.layers...) names no pipeline component: one line, exit 2."""
+    from conftest import adapter_path
+
+    for to in ("kohya", "diffusers"):
+        result = cli_runner("convert", adapter_path("llama-lora"), tmp_path / f"{to}.safetensors", "--to", to)
+        assert result.exit_code == 2 and "model.layers" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / f"{to}.safetensors").exists()

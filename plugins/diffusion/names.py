@@ -22,10 +22,10 @@ COMPOUND_NAMES = (
     "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
     "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out",
     "time_embedding", "linear_1", "linear_2", "add_embedding", "add_time_proj", "encoder_hid_proj",
-    "class_embedding", "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out",
+    "class_embedding", "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out", "time_proj", "conv_act",
     # CLIPTextModel / CLIPTextModelWithProjection
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "token_embedding",
-    "position_embedding", "final_layer_norm", "layer_norm1", "layer_norm2", "text_projection",
+    "position_embedding", "final_layer_norm", "layer_norm1", "layer_norm2", "text_projection", "activation_fn",
 )
 _BY_LENGTH = sorted(COMPOUND_NAMES, key=len, reverse=True)
 
