@@ -200,3 +200,42 @@ def test_writing_an_adapter_made_for_no_pipeline_is_refused(tmp_path, cli_runner
         result = cli_runner("convert", adapter_path("llama-lora"), tmp_path / f"{to}.safetensors", "--to", to)
         assert result.exit_code == 2 and "model.layers" in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / f"{to}.safetensors").exists()
+
+
+def test_literal_pattern_keys_match_as_the_regex_rule_does():
+    """plugins/peft/matching.py answers literal keys (escaped paths, as adaptools writes them) by string
+    comparison; the answer equals PEFT's regex rule, for both pattern rules, on every key/module pair."""
+    from adaptools_plugins.peft.matching import pattern_key
+
+    modules = ["unet.a.to_q", "a.to_q", "to_q", "unet.ato_q", "x.unet.a.to_q", "text_encoder.a.b", "a.b",
+               "text_encoder_2.a.b", "unet.a.to_q\n", "b"]
+    keys = ["to_q", r"a\.to_q", r"^unet\.a\.to_q", r"unet\.a\.to_q", "a.to_q", r"^a\.b", r"a\.b", "b", "^b"]
+    for dotted in (False, True):
+        for module in modules:
+            for key in keys:
+                wrapped = rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$"
+                expected = re.match(wrapped, module) is not None
+                assert (pattern_key({key: 1}, module, dotted=dotted) == key) == expected, (key, module, dotted)
+
+
+def test_portable_pattern_keys_fast_path_equals_the_pairwise_rule(built):
+    """plugins/lora/legacy.py counts dotted suffixes instead of matching every pair; the keys are the same as
+    the pairwise regex rule gives, on the SDXL fixture's modules and on names built to collide."""
+    from adaptools_plugins.lora.legacy import portable_pattern_keys
+
+    def pairwise(modules):
+        def hits(key, name):
+            return bool(re.match(rf".*\.{key}$", name) or re.match(rf"(.*\.)?({key})$", name))
+        keys = {}
+        for module in modules:
+            parts = module.split(".")
+            key = re.escape(".".join(parts[1:])) if len(parts) > 1 else None
+            if key is None or any(hits(key, other) for other in modules if other != module):
+                key = f"^{re.escape(module)}"
+            keys[module] = key
+        return keys
+
+    sdxl = sorted(adaptools.load(built["sdxl"]["kohya"]).config["modules"])
+    for modules in (sdxl, ["a.b.c", "b.c", "x.b.c", "c", "q", "q.c", "z.q"], ["a.b", "a.b"]):
+        assert portable_pattern_keys(modules) == pairwise(modules)
+    assert any(k.startswith("^") for k in portable_pattern_keys(sdxl).values())  # the two text encoders clash
