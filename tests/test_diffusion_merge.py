@@ -100,3 +100,26 @@ def test_modules_the_component_lacks_are_an_error(built, tmp_path, cli_runner):
 def test_dry_run_on_a_pipeline_says_what_to_do(built, tmp_path, cli_runner):
     result = cli_runner("merge", built["sd1"]["pipe"], built["sd1"]["kohya"], tmp_path / "out", "--dry-run")
     assert result.exit_code == 2 and "pipeline folder" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp16_lora_merges_as_diffusers_fuses_it(built, family, tmp_path, cli_runner):
+    """Most published LoRAs are stored in fp16: read as fp16, converted without a cast, and merged into the
+    fp32 pipeline bit for bit as diffusers fuses them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = built[family]["diffusers"]
+    with safe_open(str(source), "pt") as f:
+        half = {k: f.get_tensor(k).half() for k in f.keys()}
+        metadata = f.metadata()
+    lora = tmp_path / "fp16.safetensors"
+    save_file(half, str(lora), metadata=metadata)
+    kohya = tmp_path / "fp16-kohya.safetensors"
+    assert cli_runner("convert", lora, kohya, "--to", "kohya").exit_code == 0
+    with safe_open(str(kohya), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if not k.endswith(".alpha")} == {torch.float16}
+    result = cli_runner("merge", built[family]["pipe"], lora, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    for component, state in fused(built[family]["pipe"], lora).items():
+        assert_same(merged_state(tmp_path / "merged", component), state, component)
