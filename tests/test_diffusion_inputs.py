@@ -52,6 +52,7 @@ KOHYA = {
     "alpha-inf": (set_alpha(float("inf")), f"{Q}.alpha"),
     "alpha-zero": (set_alpha(0.0), f"{Q}.alpha"),
     "alpha-negative": (set_alpha(-4.0), f"{Q}.alpha"),
+    "alpha-huge": (set_alpha(3e38), f"{Q}.alpha"),
     "alpha-vector": (lambda s: s.__setitem__(f"{Q}.alpha", torch.ones(2)), f"{Q}.alpha"),
     "rank-mismatch": (lambda s: s.__setitem__(f"{Q}.lora_up.weight", s[f"{Q}.lora_up.weight"][:, :2].clone()),
                       f"{Q}.lora_up.weight"),
@@ -177,7 +178,8 @@ def test_missing_alpha_means_alpha_equals_rank(built, tmp_path):
 
 #: what ``check`` reports for each hostile kohya file: a rule (exit 1), or None for a file that cannot be read
 #: at all (exit 2, the same one line)
-CHECK_RULES = {"alpha-nan": "DIFF001", "alpha-inf": "DIFF001", "alpha-zero": "DIFF001", "alpha-negative": "DIFF001",
+CHECK_RULES = {"alpha-nan": "DIFF001", "alpha-huge": "DIFF001",
+               "alpha-inf": "DIFF001", "alpha-zero": "DIFF001", "alpha-negative": "DIFF001",
                "alpha-vector": "DIFF001", "unknown-key": "DIFF003", "unknown-suffix": "DIFF003",
                "loha-key": "DIFF003", "sgm-names": "DIFF003", "te-and-te1": "DIFF002", "factor-nan": "LORA011",
                "rank-mismatch": None, "up-missing": None, "down-1d": None}

@@ -17,6 +17,7 @@ from typing import Any
 from adaptools import plugin
 from adaptools.plugin import Adapter, AdapterFormatError, BaseRef, FileStore, SafetensorsFile
 
+from ..peft.config_schema import MAX_ALPHA
 from .lint import Problem
 from .names import components, detect_family, mixed_family_problem
 
@@ -47,8 +48,9 @@ def read_alpha(file: SafetensorsFile, key: str, path: Path, problems: list[Probl
         return None
     value = file.get(key).reshape(()).item()
     number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        problems.append(Problem("DIFF001", f"alpha is {number!r}; it must be a finite number above 0", key,
+    if not (math.isfinite(number) and 0 < number <= MAX_ALPHA):
+        problems.append(Problem("DIFF001", f"alpha is {number!r}; it must be a finite number above 0 and at most "
+                                           f"{MAX_ALPHA:g}", key,
                                 "set the module's alpha to its rank (scale 1) or to the value it was trained with; "
                                 "0 means 'alpha = rank' to kohya's scripts but scale 0 to diffusers, so adaptools "
                                 "refuses to guess"))
