@@ -61,7 +61,10 @@ KOHYA = {
     "factor-nan": (lambda s: s[f"{Q}.lora_up.weight"].__setitem__((0, 0), float("nan")), f"{Q}.lora_up.weight"),
     "unknown-key": (lambda s: s.__setitem__("something_else.weight", torch.ones(1)), "something_else.weight"),
     "unknown-suffix": (lambda s: s.__setitem__(f"{Q}.lora_mid.weight", torch.ones(1)), f"{Q}.lora_mid.weight"),
-    "loha-key": (lambda s: s.__setitem__(f"{Q}.hada_w1_a", torch.ones(2, 2)), f"{Q}.hada_w1_a"),
+    "lokr-key": (lambda s: s.__setitem__(f"{Q}.lokr_w1", torch.ones(2, 2)), f"{Q}.lokr_w1"),
+    "lora-and-loha": (lambda s: s.update({f"{TE}.{r}": torch.ones(2, 2) for r in ("hada_w1_a", "hada_w1_b",
+                                                                                   "hada_w2_a", "hada_w2_b")}),
+                      "mixes LoRA modules"),
     "sgm-names": (lambda s: s.__setitem__("lora_unet_input_blocks_4_1_proj_in.alpha", torch.tensor(1.0)),
                   "lora_unet_input_blocks_4_1_proj_in.alpha"),
     "te-and-te1": (lambda s: s.update({"lora_te_" + k[len("lora_te1_"):]: s.pop(k) for k in list(s)
@@ -181,7 +184,8 @@ def test_missing_alpha_means_alpha_equals_rank(built, tmp_path):
 CHECK_RULES = {"alpha-nan": "DIFF001", "alpha-huge": "DIFF001",
                "alpha-inf": "DIFF001", "alpha-zero": "DIFF001", "alpha-negative": "DIFF001",
                "alpha-vector": "DIFF001", "unknown-key": "DIFF003", "unknown-suffix": "DIFF003",
-               "loha-key": "DIFF003", "sgm-names": "DIFF003", "te-and-te1": "DIFF002", "factor-nan": "LORA011",
+               "lokr-key": "DIFF003", "lora-and-loha": "DIFF003", "sgm-names": "DIFF003", "te-and-te1": "DIFF002",
+               "factor-nan": "LORA011",
                "rank-mismatch": None, "up-missing": None, "down-1d": None}
 
 

@@ -123,3 +123,53 @@ def test_fp16_lora_merges_as_diffusers_fuses_it(built, family, tmp_path, cli_run
     assert result.exit_code == 0, result.output
     for component, state in fused(built[family]["pipe"], lora).items():
         assert_same(merged_state(tmp_path / "merged", component), state, component)
+
+
+@pytest.fixture(scope="module")
+def loha(built, tmp_path_factory):
+    """The fixture's LyCORIS LoHa in kohya keys (made by peft, fixtures/diffusion.py) and peft's merged UNet."""
+    from diffusion_checks import diffusion_fixtures
+
+    path = tmp_path_factory.mktemp("loha") / "loha.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = diffusion_fixtures.loha_kohya(built["sd1"]["pipe"], path)
+    return path, reference
+
+
+def test_kohya_loha_merges_as_peft_merges_it(built, loha, tmp_path, cli_runner):
+    """A LoHa in LyCORIS' kohya keys reads into the loha method and merges into the pipeline's UNet bit for bit
+    as peft's LoHa merge (linear and 3x3 conv, rank and alpha patterns); the other components are copied."""
+    path, reference = loha
+    adapter = adaptools.load(path)
+    assert adapter.method == "loha" and adapter.config["components"] == ["unet"]
+    result = cli_runner("merge", built["sd1"]["pipe"], path, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert_same(merged_state(tmp_path / "merged", "unet"), reference, "unet")
+    base = merged_state(built["sd1"]["pipe"], "unet")
+    assert sum(not torch.equal(base[k], v) for k, v in reference.items()) == len(adapter.modules())
+    assert_same(merged_state(tmp_path / "merged", "text_encoder"), merged_state(built["sd1"]["pipe"], "text_encoder"),
+                "text_encoder")
+
+
+def test_kohya_loha_round_trips_byte_identical(loha, tmp_path, cli_runner):
+    from diffusion_checks import raw_tensors
+
+    path, _ = loha
+    assert cli_runner("convert", path, tmp_path / "s.safetensors").exit_code == 0  # schema file
+    assert cli_runner("convert", tmp_path / "s.safetensors", tmp_path / "k.safetensors", "--to", "kohya").exit_code == 0
+    assert raw_tensors(tmp_path / "k.safetensors") == raw_tensors(path)
+    result = cli_runner("convert", path, tmp_path / "d.safetensors", "--to", "diffusers")
+    assert result.exit_code == 2 and "--to kohya" in result.stderr, result.output
+
+
+def test_a_loha_module_missing_a_factor_is_refused(loha, tmp_path, cli_runner):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(loha[0])
+    key = next(k for k in sorted(state) if k.endswith(".hada_w2_b"))
+    del state[key]
+    save_file(state, tmp_path / "l.safetensors")
+    result = cli_runner("info", tmp_path / "l.safetensors")
+    assert result.exit_code == 2 and "has no hada_w2_b" in result.stderr and key.split(".")[0] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -36,6 +36,8 @@ class Parsed:
     alphas: dict[str, float | None] = field(default_factory=dict)
     #: the key each alpha came from, to name it in errors
     alpha_keys: dict[str, str] = field(default_factory=dict)
+    #: LyCORIS LoHa modules instead: module path -> {loha role: key}
+    loha: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def read_alpha(file: SafetensorsFile, key: str, path: Path, problems: list[Problem]) -> float | None:
@@ -99,42 +101,54 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, An
 def family_problems(parsed: Parsed) -> tuple[dict[str, int], list[Problem]]:
     """Each module's in-features (the factors checked), and DIFF002 if they cannot come from one model."""
     in_features = check_factors(parsed)
+    for module, roles in parsed.loha.items():  # [r, in] (a conv's flattened in), or [r, in] with Tucker cores
+        in_features[module] = int(parsed.file.info(roles["hada_w1_b"]).shape[-1])
     problem = mixed_family_problem(in_features)
     return in_features, ([Problem("DIFF002", problem)] if problem else [])
 
 
 def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problems: list[Problem],
                   validate: bool) -> Adapter:
-    """The schema adapter of a parsed file: method ``lora``; config with per-module rank and alpha (a missing
-    alpha is the rank), ``model_family``, ``components`` and ``diffusion`` (what writing the key style back
-    needs). With ``validate`` the first problem is raised; without (``check``), the adapter is built from what
-    is usable and an unusable alpha reads as the rank, so that the problem is reported once, by its rule."""
-    if not parsed.factors:
+    """The schema adapter of a parsed file: method ``lora`` (or ``loha`` for LyCORIS LoHa keys); config with
+    per-module rank and alpha (a missing alpha is the rank), ``model_family``, ``components`` and
+    ``diffusion`` (what writing the key style back needs). With ``validate`` the first problem is raised;
+    without (``check``), the adapter is built from what is usable and an unusable alpha reads as the rank, so
+    that the problem is reported once, by its rule."""
+    if not parsed.factors and not parsed.loha:
         raise AdapterFormatError("holds no LoRA modules", path=parsed.path,
                                  hint="is this an image-model LoRA (kohya or diffusers keys)?")
     in_features, mixed = family_problems(parsed)
     problems = problems + mixed
     if validate and problems:
         raise problems[0].error(parsed.path)
-    ranks = {m: int(parsed.file.info(down).shape[0]) for m, (down, _) in parsed.factors.items()}
+    mapping = {}
+    if parsed.loha:  # LyCORIS LoHa: PEFT's LoHa roles and LycorisConfig fields (r, alpha, patterns)
+        name = "loha"
+        ranks = {m: int(parsed.file.info(roles["hada_w1_b"]).shape[0]) for m, roles in parsed.loha.items()}
+        for module, roles in parsed.loha.items():
+            mapping.update({f"{module}.{role}": (parsed.file, key) for role, key in roles.items()})
+    else:
+        name = "lora"
+        ranks = {m: int(parsed.file.info(down).shape[0]) for m, (down, _) in parsed.factors.items()}
+        for module, (down, up) in parsed.factors.items():
+            mapping[f"{module}.lora_A"] = (parsed.file, down)
+            mapping[f"{module}.lora_B"] = (parsed.file, up)
     alphas = {m: (ranks[m] if parsed.alphas.get(m) is None else parsed.alphas[m]) for m in ranks}
     config = lora_config(ranks, alphas)  # type: ignore[arg-type]
+    if name == "loha":
+        config["alpha"] = config.pop("lora_alpha")
+        config["use_effective_conv2d"] = any("hada_t1" in roles for roles in parsed.loha.values())
     # The pattern keys are written for today's peft rule; with two text encoders some can only be anchored
     # full paths, which peft before 0.15 does not match. Saying which rule they follow keeps check (LORA021)
     # from reporting old peft versions that never read these files (docs/diffusion.md, "Alpha").
     config["peft_version"] = PATTERN_RULE_VERSION
     family, why = detect_family(in_features)
-    shapes = {f"{m}.lora_A": tuple(parsed.file.info(down).shape) for m, (down, _) in parsed.factors.items()}
-    method = plugin.get_method("lora")
-    full = method.from_peft(config, shapes)
+    shapes = {n: tuple(file.info(key).shape) for n, (file, key) in mapping.items()}
+    full = plugin.get_method(name).from_peft(config, shapes)
     full["model_family"] = family
     full["components"] = components(ranks)
     full["diffusion"] = {"key_style": key_style, "family_evidence": why, **extra}
-    mapping = {}
-    for module, (down, up) in parsed.factors.items():
-        mapping[f"{module}.lora_A"] = (parsed.file, down)
-        mapping[f"{module}.lora_B"] = (parsed.file, up)
-    return Adapter(method="lora", config=full, tensors=FileStore(mapping), base=BaseRef(),
+    return Adapter(method=name, config=full, tensors=FileStore(mapping), base=BaseRef(),
                    provenance={"source_format": key_style, "source": str(parsed.path)}, source=str(parsed.path))
 
 
@@ -142,7 +156,8 @@ def module_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
     """module -> (rank, alpha) of a LoRA adapter, refusing what an image-model key style cannot hold."""
     if adapter.method != "lora":
         raise plugin.UnsupportedOperationError(
-            f"image-model LoRA key styles hold LoRA adapters, not {adapter.method}", path=adapter.source)
+            f"image-model key styles hold LoRA adapters (and the kohya style LoHa), not {adapter.method}",
+            path=adapter.source, hint="write LoHa adapters with --to kohya" if adapter.method == "loha" else None)
     config = adapter.config
     for flag in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
         if config.get(flag):

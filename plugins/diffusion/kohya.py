@@ -1,7 +1,8 @@
 """The kohya / sd-scripts LoRA file (what A1111, ComfyUI and most published SD LoRAs use): one ``.safetensors``
 with ``<prefix><flattened module>.lora_down.weight`` / ``.lora_up.weight`` and a scalar ``.alpha`` per module;
 prefixes ``lora_unet_``, ``lora_te_`` (SD 1.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL). The key grammar and the
-alpha rule (scale = alpha / rank per module; no alpha means alpha = rank) are in docs/diffusion.md.
+alpha rule (scale = alpha / rank per module; no alpha means alpha = rank) are in docs/diffusion.md. LyCORIS
+LoHa files (``.hada_w1_a``... under the same names) read into the ``loha`` method (docs/diffusion.md, "LoHa").
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ from .names import SGM_BLOCKS, component_of, split_flat
 PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
             "lora_te_": "text_encoder"}
 FACTOR_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+#: LyCORIS LoHa's tensors under the same prefixes: the role names of the ``loha`` method (docs/diffusion.md,
+#: "LoHa")
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+FACTOR_SUFFIXES.update({f".{role}": role for role in LOHA_ROLES})
 #: other methods' suffixes under the same prefixes (docs/diffusion.md, "What is refused")
-OTHER_METHODS = {"hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", "dora_scale": "DoRA",
+OTHER_METHODS = {"lokr_": "LoKr (LyCORIS)", "dora_scale": "DoRA",
                  "diff": "a full weight difference (LyCORIS)", "oft_": "OFT (LyCORIS)"}
 _ALPHA_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32}
@@ -77,7 +82,7 @@ class KohyaFormat(plugin.AdapterFormat):
         return alpha_warnings(adapter, path)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
-        modules = module_alphas(adapter)
+        modules = loha_alphas(adapter) if adapter.method == "loha" else module_alphas(adapter)
         config = adapter.config
         facts = kohya_facts(adapter)
         absent = set(facts.get("alpha_absent") or [])
@@ -97,8 +102,11 @@ class KohyaFormat(plugin.AdapterFormat):
                     hint="kohya keys name the component; this adapter was not made for a diffusers pipeline")
             name = f"{prefix[component]}_{inner.replace('.', '_')}"
             roles = adapter.modules()[module]
-            tensors[f"{name}.lora_down.weight"] = adapter.tensor(roles["lora_A"]).contiguous()
-            tensors[f"{name}.lora_up.weight"] = adapter.tensor(roles["lora_B"]).contiguous()
+            if adapter.method == "loha":  # LyCORIS keys are the loha roles themselves
+                tensors.update({f"{name}.{role}": adapter.tensor(t).contiguous() for role, t in roles.items()})
+            else:
+                tensors[f"{name}.lora_down.weight"] = adapter.tensor(roles["lora_A"]).contiguous()
+                tensors[f"{name}.lora_up.weight"] = adapter.tensor(roles["lora_B"]).contiguous()
             if module in absent and alpha == rank:
                 continue
             tensors[f"{name}.alpha"] = alpha_tensor(alpha, dtypes.get(module) or default_dtype, module, adapter)
@@ -122,6 +130,21 @@ def kohya_facts(adapter: Adapter) -> dict[str, Any]:
     if problems:
         raise AdapterFormatError(f"diffusion.kohya in the config: {problems[0][1]}", path=adapter.source)
     return dict(facts)
+
+
+def loha_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
+    """module -> (rank, alpha) of a LoHa adapter (PEFT's LycorisConfig rule), refusing roles LyCORIS' kohya
+    files do not hold."""
+    from ..lycoris.base import lycoris_rank_alpha
+
+    out = {}
+    for module, roles in adapter.modules().items():
+        extra = sorted(set(roles) - set(LOHA_ROLES))
+        if extra:
+            raise UnsupportedOperationError(f"module {module} has {', '.join(extra)}, which kohya LoHa files do "
+                                            "not hold", path=adapter.source)
+        out[module] = lycoris_rank_alpha(adapter.config, module)
+    return out
 
 
 def alpha_tensor(alpha: float, dtype_name: str | None, module: str, adapter: Adapter) -> torch.Tensor:
@@ -177,6 +200,26 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     if "lora_te_" in prefixes and ({"lora_te1_", "lora_te2_"} & set(prefixes)):
         problems.append(Problem("DIFF002", "mixes lora_te_ (SD 1.x) with lora_te1_/lora_te2_ (SDXL) text-encoder "
                                            "keys"))
+    lora = {m for m, slot in found.items() if "down" in slot or "up" in slot}
+    loha = {m for m, slot in found.items() if any(r in slot for r in LOHA_ROLES)}
+    if lora and loha:
+        problems.append(Problem("DIFF003", f"mixes LoRA modules ({sorted(lora)[0]}) with LoHa modules "
+                                           f"({sorted(loha)[0]}); a file holds one method", None,
+                                "split the file per method"))
+    for module in sorted(loha - lora) if not lora else []:
+        slot = found.pop(module)
+        missing = [r for r in LOHA_ROLES[:4] if r not in slot] + (
+            [r for r in ("hada_t1", "hada_t2") if r not in slot] if "hada_t1" in slot or "hada_t2" in slot else [])
+        if missing:
+            raise AdapterFormatError(f"LoHa module has no {missing[0]}", path=path,
+                                     tensor=next(k for r, k in slot.items() if r != "alpha"),
+                                     hint="the file is incomplete; save it again")
+        parsed.loha[module] = {r: k for r, k in slot.items() if r != "alpha"}
+        if "alpha" in slot:
+            parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
+            parsed.alpha_keys[module] = slot["alpha"]
+    for module in loha & lora:
+        found.pop(module)
     for module, slot in found.items():
         for part in ("down", "up"):
             if part not in slot:
@@ -192,7 +235,8 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     te_prefix = next((p.rstrip("_") for p in ("lora_te_", "lora_te1_") if p in prefixes), None)
     facts: dict[str, Any] = {"alpha_dtype": common,
                              "alpha_dtypes": {m: d for m, d in sorted(dtypes.items()) if d != common},
-                             "alpha_absent": sorted(m for m in parsed.factors if m not in parsed.alphas)}
+                             "alpha_absent": sorted(m for m in [*parsed.factors, *parsed.loha]
+                                                    if m not in parsed.alphas)}
     if te_prefix:
         facts["te_prefix"] = te_prefix
     return parsed, facts, problems
