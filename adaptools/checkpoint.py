@@ -25,6 +25,9 @@ from .safetensors_io import TORCH_TO_CODE, Header, TensorInfo, read_header, read
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+#: Weight file stems a checkpoint folder may use: transformers' ``model``, and ``diffusion_pytorch_model``, which
+#: diffusers uses for every pipeline component that is not a transformers model (a UNet, a VAE, a transformer).
+STEMS = ("model", "diffusion_pytorch_model")
 #: Files of a checkpoint that hold weights; everything else (config, tokenizer, ...) is copied as is.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 #: Files a merge fetches from the hub: config, tokenizer, generation settings, and safetensors weights.
@@ -67,6 +70,11 @@ INDEX_SCHEMA = {
 }
 
 
+def index_name(stem: str) -> str:
+    """The shard index of a checkpoint whose weight files are ``<stem>*.safetensors``."""
+    return f"{stem}.safetensors.index.json"
+
+
 def shard_name_problem(name: str) -> str | None:
     """Why an index's shard name must not be opened: only plain file names beside the index are."""
     if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
@@ -102,6 +110,8 @@ class Checkpoint:
         self.config = config
         self.shards = shards
         self.index = index
+        #: The stem of its weight files (STEMS); an output folder names its files the same way.
+        self.stem = "model"
         self.location: dict[str, tuple[Shard, TensorInfo]] = {}
         for shard in shards:
             for name, info in shard.header.tensors.items():
@@ -204,17 +214,20 @@ class Checkpoint:
         config = read_json(config_path, what="config.json", max_bytes=16 * 1024 * 1024, schema=CONFIG_SCHEMA,
                            hint="fix the base model's config.json")
         index = None
-        if (path / INDEX).exists() or (path / INDEX).is_symlink():
-            index = read_json(path / INDEX, what="index", schema=INDEX_SCHEMA,
+        stem = next((s for s in STEMS if (path / index_name(s)).exists() or (path / index_name(s)).is_symlink()
+                     or (path / f"{s}.safetensors").is_file()), "model")
+        index_path, single = path / index_name(stem), f"{stem}.safetensors"
+        if index_path.exists() or index_path.is_symlink():
+            index = read_json(index_path, what="index", schema=INDEX_SCHEMA,
                               hint="the index is corrupt; download the checkpoint again")
             for tensor, file in index["weight_map"].items():
                 problem = shard_name_problem(file)
                 if problem:
-                    raise InputError(f"the index entry {file!r} {problem}", path=path / INDEX, tensor=tensor,
+                    raise InputError(f"the index entry {file!r} {problem}", path=index_path, tensor=tensor,
                                      hint="shards must sit beside the index; the index is corrupt or hostile")
             files = sorted(set(index["weight_map"].values()))
-        elif (path / SINGLE).is_file():
-            files = [SINGLE]
+        elif (path / single).is_file():
+            files = [single]
         else:
             if any(path.glob("*.bin")):
                 raise InputError("only pickle weights (.bin) here; adaptools merges safetensors checkpoints",
@@ -226,13 +239,14 @@ class Checkpoint:
                 raise InputError("shard named in the index is missing", path=path / name)
             shards.append(Shard(path / name, read_header(path / name)))
         checkpoint = cls(path, config, shards, index)
+        checkpoint.stem = stem
         # Every caller wants the dense view (a 4-bit weight as one parameter of its real shape), so the
         # groups registered backends store (NF4 and friends) are found here, once, for all of them.
         checkpoint.find_groups([entry.obj for entry in registry.backends().values()])
         if index is not None:
             for name, file in index["weight_map"].items():
                 if name not in checkpoint.location or checkpoint.location[name][0].name != file:
-                    raise InputError(f"index says {file} holds it, but that shard does not", path=path / INDEX,
+                    raise InputError(f"index says {file} holds it, but that shard does not", path=index_path,
                                      tensor=name)
         return checkpoint
 
@@ -265,7 +279,7 @@ class Checkpoint:
 
     def other_files(self) -> list[Path]:
         """Non-weight files to carry into an output (tokenizer, generation config, ...)."""
-        skip = {INDEX, "config.json", "README.md", ".gitattributes"}
+        skip = {index_name(self.stem), "config.json", "README.md", ".gitattributes"}
         if not self.path.is_dir():  # a single-file base carries everything inside
             return []
         return sorted(p for p in self.path.iterdir()

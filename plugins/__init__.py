@@ -18,6 +18,7 @@ lycoris        LoHa and LoKr (PEFT's LyCORIS methods)
 orthogonal     OFT and BOFT (multiplicative orthogonal updates)
 prompt         prefix tuning, prompt tuning and P-tuning (virtual tokens; runtime only)
 adapterhub     bottleneck adapters and the AdapterHub folder format
+diffusion      image-model LoRAs (SD 1.x, SDXL): the kohya and diffusers key styles as formats
 schema         the canonical schema file (one ``.safetensors``)
 gguf           GGUF LoRA adapters, GGUF models as merge bases, GGUF files as merge outputs
 dense          plain fp32/fp16/bf16 weights
@@ -29,5 +30,5 @@ validators     the ``perplexity``, ``logits`` and ``generate`` checks and the ``
 """
 
 #: The families, in the order they are registered (it decides the order of listings, never a lookup).
-FAMILIES = ("lora", "lycoris", "orthogonal", "prompt", "adapterhub", "peft", "schema", "gguf", "dense",
-            "bitsandbytes", "fp8", "mxfp4", "validators")
+FAMILIES = ("lora", "lycoris", "orthogonal", "prompt", "adapterhub", "diffusion", "peft", "schema", "gguf",
+            "dense", "bitsandbytes", "fp8", "mxfp4", "validators")

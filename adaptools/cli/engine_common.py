@@ -13,6 +13,7 @@ import click
 from ..adapter_io import load
 from ..engine import MergeEvent, MergeInput, MergeOptions, MergePlan, MergeSummary, execute
 from ..engine import plan as plan_merge
+from ..engine.components import is_pipeline, merge_pipeline
 from ..errors import CheckFailedError
 from ..operations import unmerge as unmerge_op
 from ..progress import LazyBar
@@ -57,6 +58,8 @@ def _run(base: str | MergePlan, inputs: list[MergeInput], out: str, options: Mer
          json_: bool) -> MergeSummary:
     """Plan (unless given a plan) and execute, with a progress bar on a terminal."""
     with engine_progress(label, json_) as bar:
+        if not isinstance(base, MergePlan) and is_pipeline(base):
+            return merge_pipeline(base, inputs, out, options, progress=bar)
         planned = base if isinstance(base, MergePlan) else plan_merge(base, inputs, options, out)
         return execute(planned, out, progress=bar)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import INDEX, SINGLE, Checkpoint
+from ..checkpoint import Checkpoint, index_name
 from ..interfaces import Backend, OutputContainer, TensorUpdate
 from ..safetensors_io import TensorSpec
 from .options import MergeInput, MergeOptions
@@ -98,7 +98,8 @@ class MergePlan:
     def write_index(self) -> bool:
         if self.container is not None and not self.container.directory:
             return False
-        return len(self.shards) > 1 or (self.checkpoint.index is not None and self.shards[0].name != SINGLE)
+        single = f"{self.checkpoint.stem}.safetensors"
+        return len(self.shards) > 1 or (self.checkpoint.index is not None and self.shards[0].name != single)
 
     def slot_bytes(self, slot: Slot) -> int:
         """Bytes a slot writes (for a group, an estimate: the stored group, or half a byte a weight)."""
@@ -144,7 +145,7 @@ class MergePlan:
             "shards": [{"file": s.name, "tensors": sum(1 for x in s.slots),
                         "bytes": sum(self.slot_bytes(x) for x in s.slots), "estimated": s.deferred}
                        for s in self.shards],
-            "index": INDEX if self.write_index else None,
+            "index": index_name(self.checkpoint.stem) if self.write_index else None,
             "files_copied": [p.name for p in self.files],
         }
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import INDEX, Checkpoint
+from ..checkpoint import Checkpoint, index_name
 from ..safetensors_io import read_header
 from ..schema import Adapter
 from ..version import __version__
@@ -78,7 +78,7 @@ def write_index(tmp: Path, plan: MergePlan) -> None:
             weight_map[name] = shard.name
             total += info.nbytes
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (tmp / index_name(plan.checkpoint.stem)).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def write_files(tmp: Path, plan: MergePlan, record: Mapping[str, Any]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import float_types, registry
-from ..checkpoint import EMBEDDING_NAMES, SINGLE, Checkpoint
+from ..checkpoint import EMBEDDING_NAMES, Checkpoint
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, Mergeable, TensorUpdate, capability
 from .entries import (  # noqa: F401  (the plan's parts, re-exported for the modules that read a plan)
@@ -292,9 +292,10 @@ def _layout(checkpoint: Checkpoint, entries: dict[str, Entry], aliases: dict[str
             size = 0
         groups[-1].append(slot)
         size += nbytes
+    stem = checkpoint.stem
     if len(groups) == 1:
-        return [ShardPlan(SINGLE, groups[0])]
-    return [ShardPlan(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+        return [ShardPlan(f"{stem}.safetensors", groups[0])]
+    return [ShardPlan(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
 def _vocab_size(checkpoint: Checkpoint, entries: Mapping[str, Entry]) -> int | None:

@@ -20,8 +20,10 @@ import torch
 
 from .. import registry
 from ..checkpoint import Checkpoint
+from ..errors import InputError
 from ..interfaces import ValidationContext
 from ..outputs import atomic_output
+from .components import is_pipeline, merge_pipeline
 from .compute import Compute, Produced
 from .containers import FOLDER
 from .entries import MergePlan, Slot
@@ -59,6 +61,10 @@ def plan(base: str | os.PathLike[str], inputs: Sequence[MergeInput], options: Me
     """Open the base and build the plan (what ``merge --dry-run`` prints); ``out`` chooses the output
     container by its suffix when ``options.to`` does not name one."""
     started = time.perf_counter()
+    if is_pipeline(base):
+        raise InputError("this base is a pipeline folder (model_index.json): it is merged component by component, "
+                         "each planned on its own", path=base,
+                         hint="plan one component (BASE/unet), or merge without --dry-run")
     for check in options.checks:
         registry.get_validator(check.name).check_options(dict(check.options))
     built = build_plan(Checkpoint.open(base), inputs, options, out)
@@ -179,7 +185,8 @@ def _run_checks(plan: MergePlan, tmp: Path) -> list[dict[str, Any]]:
 
 def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str | os.PathLike[str],
           options: MergeOptions | None = None, *, progress: Progress | None = None, **overrides: Any) -> MergeSummary:
-    """Merge ``inputs`` into the checkpoint ``base`` and write a checkpoint folder at ``out``.
+    """Merge ``inputs`` into the checkpoint ``base`` and write a checkpoint folder at ``out``; a pipeline
+    folder (``model_index.json``) is merged component by component (components.py).
 
     Args:
         base: a local checkpoint folder or a hub reference.
@@ -194,4 +201,6 @@ def merge(base: str | os.PathLike[str], inputs: Sequence[MergeInput], out: str |
         AdaptoolsError subclasses for anything the user can fix; nothing is written then.
     """
     options = replace(options or MergeOptions(), **overrides)
+    if is_pipeline(base):
+        return merge_pipeline(base, inputs, out, options, progress)
     return execute(plan(base, inputs, options, out), out, progress)

@@ -85,11 +85,26 @@ def portable_pattern_keys(modules: list[str]) -> dict[str, str]:
     def hits(key: str, name: str) -> bool:
         return bool(re.match(rf".*\.{key}$", name) or re.match(rf"(.*\.)?({key})$", name))
 
+    # An escaped path K hits a name that is K or ends with ".K" (no name holds a newline, which "$" treats
+    # specially): counting every name and dotted suffix once answers "does another module hit it" without
+    # matching every pair (a file with a thousand modules).
+    plain = not any("\n" in m for m in modules)
+    seen: dict[str, int] = {}
+    if plain:
+        for other in set(modules):
+            parts = other.split(".")
+            for i in range(len(parts)):
+                seen[".".join(parts[i:])] = seen.get(".".join(parts[i:]), 0) + 1
     keys = {}
     for module in modules:
         parts = module.split(".")
-        key = re.escape(".".join(parts[1:])) if len(parts) > 1 else None
-        if key is None or any(hits(key, other) for other in modules if other != module):
+        rest = ".".join(parts[1:]) if len(parts) > 1 else None
+        key = re.escape(rest) if rest is not None else None
+        if plain and rest is not None:
+            clash = seen[rest] > 1  # the module itself ends with ".rest"; any other count is a clash
+        else:
+            clash = key is None or any(hits(key, other) for other in modules if other != module)
+        if key is None or clash:
             key = f"^{re.escape(module)}"
         keys[module] = key
     return keys

@@ -150,6 +150,8 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             "module_kinds": kinds,
             "replaced_tensors": replaced,
             "trainable_token_indices": config.get("trainable_token_indices"),
+            "model_family": config.get("model_family"),  # image-model LoRAs (docs/diffusion.md)
+            "components": config.get("components"),
         }
 
     # --- merge ---------------------------------------------------------------------------------------

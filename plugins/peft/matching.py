@@ -9,6 +9,7 @@ Every method family matches modules through here, so a tuner reads its config ex
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,11 +28,49 @@ def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "rank_pat
                 dotted: bool = False) -> str | None:
     r"""PEFT's rank/alpha pattern rule: the first key K (dict order) with ``re.match(r"(.*\.)?(K)$")``
     (peft >= 0.15), or with ``re.match(r".*\.K$")`` when ``dotted`` (peft 0.6 to 0.14)."""
+    index = _literal_index(tuple(patterns)) if "\n" not in module and len(module) <= 1000 else None
+    if index is not None:  # every key a literal path: the same answer by dictionary look-ups
+        exact, suffix = index
+        parts = module.split(".")
+        hits = [suffix.get(".".join(parts[i:])) for i in range(1, len(parts))]
+        if not dotted:
+            hits.append(exact.get(module))
+        found = [h for h in hits if h is not None]
+        return min(found)[1] if found else None
     for key in patterns:
         wrapped = rf".*\.{key}$" if dotted else rf"(.*\.)?({key})$"
         if match_pattern(wrapped, module, field=f"{field} key", compiled_from=key):
             return key
     return None
+
+
+#: A pattern key that is a literal module path: letters, digits, underscores and escaped dots (``re.escape``d
+#: paths, as adaptools writes them), optionally anchored with ``^``.
+_LITERAL = re.compile(r"(\^?)((?:[A-Za-z0-9_]|\\\.)+)")
+
+
+_Index = dict[str, tuple[int, str]]
+
+
+@functools.lru_cache(maxsize=64)
+def _literal_index(keys: tuple[object, ...]) -> tuple[_Index, _Index] | None:
+    r"""When every key is a literal path, PEFT's rule is a string comparison: ``(.*\.)?(K)$`` holds exactly
+    when the module is K or ends with ``.K`` (only the first with ``^K``), ``.*\.K$`` exactly when it ends
+    with ``.K`` (never with ``^K``). Returns (path -> first (position, key) matching the whole module, path ->
+    first (position, key) matching a dotted suffix), or None when some key is a real regex (then every key
+    goes through the regex engine, with its checks). Module names holding a newline, which ``$`` and ``.``
+    treat specially, never come here."""
+    exact: dict[str, tuple[int, str]] = {}
+    suffix: dict[str, tuple[int, str]] = {}
+    for position, key in enumerate(keys):
+        found = _LITERAL.fullmatch(key) if isinstance(key, str) and len(key) <= 500 else None
+        if found is None:
+            return None
+        path = found[2].replace("\\.", ".")
+        exact.setdefault(path, (position, found.string))
+        if found[1] != "^":
+            suffix.setdefault(path, (position, found.string))
+    return exact, suffix
 
 
 def is_targeted(config: Mapping[str, Any], module: str) -> bool:

@@ -1,0 +1,242 @@
+"""The kohya / sd-scripts LoRA file (what A1111, ComfyUI and most published SD LoRAs use): one ``.safetensors``
+with ``<prefix><flattened module>.lora_down.weight`` / ``.lora_up.weight`` and a scalar ``.alpha`` per module;
+prefixes ``lora_unet_``, ``lora_te_`` (SD 1.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL). The key grammar and the
+alpha rule (scale = alpha / rank per module; no alpha means alpha = rank) are in docs/diffusion.md. LyCORIS
+LoHa files (``.hada_w1_a``... under the same names) read into the ``loha`` method (docs/diffusion.md, "LoHa").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adaptools
+from adaptools import plugin
+from adaptools.plugin import (
+    Adapter,
+    AdapterFormatError,
+    ReadOptions,
+    SafetensorsFile,
+    UnsupportedOperationError,
+    WriteOptions,
+)
+
+from .common import Parsed, build_adapter, family_problems, module_alphas, read_alpha
+from .lint import RULES, Problem, alpha_warnings
+from .names import SGM_BLOCKS, component_of, split_flat
+
+#: kohya prefix -> pipeline component
+PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+            "lora_te_": "text_encoder"}
+FACTOR_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+#: LyCORIS LoHa's tensors under the same prefixes: the role names of the ``loha`` method (docs/diffusion.md,
+#: "LoHa")
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+FACTOR_SUFFIXES.update({f".{role}": role for role in LOHA_ROLES})
+#: other methods' suffixes under the same prefixes (docs/diffusion.md, "What is refused")
+OTHER_METHODS = {"lokr_": "LoKr (LyCORIS)", "dora_scale": "DoRA",
+                 "diff": "a full weight difference (LyCORIS)", "oft_": "OFT (LyCORIS)"}
+_ALPHA_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32}
+
+
+def _prefix(key: str) -> str | None:
+    return next((p for p in PREFIXES if key.startswith(p)), None)
+
+
+class KohyaFormat(plugin.AdapterFormat):
+    name = "kohya"
+    description = "kohya/sd-scripts image-model LoRA (.safetensors, lora_unet_/lora_te*_ keys with alpha)"
+    writes_directory = False
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_file() or path.suffix != ".safetensors":
+            return False
+        try:
+            header = plugin.read_header(path)
+        except plugin.InputError:
+            return False
+        if "adaptools.schema" in header.metadata:
+            return False
+        keys = header.tensors
+        # any kohya-prefixed key claims the file, so that a stray key is named by read() (not "unrecognised")
+        return any(_prefix(k) for k in keys)
+
+    def read(self, path: Path, options: ReadOptions) -> Adapter:
+        parsed, facts, problems = scan(path)
+        return build_adapter(parsed, "kohya", {"kohya": facts}, problems, options.validate)
+
+    rules = RULES
+
+    def lint(self, path: Path, adapter: Adapter | None, options: ReadOptions) -> list[plugin.Finding]:
+        """The file's problems (before reading: unknown keys, mixed prefixes or families, unusable alphas),
+        then where diffusers would scale it differently (after)."""
+        if not path.is_file():
+            return []
+        if adapter is None:
+            parsed, _, problems = scan(path)
+            return [p.finding(path) for p in problems + family_problems(parsed)[1]]
+        return alpha_warnings(adapter, path)
+
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
+        modules = loha_alphas(adapter) if adapter.method == "loha" else module_alphas(adapter)
+        config = adapter.config
+        facts = kohya_facts(adapter)
+        absent = set(facts.get("alpha_absent") or [])
+        dtypes = facts.get("alpha_dtypes") or {}
+        default_dtype = facts.get("alpha_dtype")
+        te = facts.get("te_prefix")
+        if te not in ("lora_te", "lora_te1"):
+            sdxl = "text_encoder_2" in {component_of(m) for m in modules} or config.get("model_family") == "sdxl"
+            te = "lora_te1" if sdxl else "lora_te"
+        prefix = {"unet": "lora_unet", "text_encoder": te, "text_encoder_2": "lora_te2"}
+        tensors: dict[str, torch.Tensor] = {}
+        for module, (rank, alpha) in modules.items():
+            component, _, inner = module.partition(".")
+            if component not in prefix or not inner:
+                raise UnsupportedOperationError(
+                    f"module {module} is not in a unet / text_encoder / text_encoder_2 component", path=adapter.source,
+                    hint="kohya keys name the component; this adapter was not made for a diffusers pipeline")
+            name = f"{prefix[component]}_{inner.replace('.', '_')}"
+            roles = adapter.modules()[module]
+            if adapter.method == "loha":  # LyCORIS keys are the loha roles themselves
+                tensors.update({f"{name}.{role}": adapter.tensor(t).contiguous() for role, t in roles.items()})
+            else:
+                tensors[f"{name}.lora_down.weight"] = adapter.tensor(roles["lora_A"]).contiguous()
+                tensors[f"{name}.lora_up.weight"] = adapter.tensor(roles["lora_B"]).contiguous()
+            if module in absent and alpha == rank:
+                continue
+            tensors[f"{name}.alpha"] = alpha_tensor(alpha, dtypes.get(module) or default_dtype, module, adapter)
+        plugin.save_tensors(path, dict(sorted(tensors.items())),
+                            {"format": "pt", "adaptools.tool": f"adaptools {adaptools.__version__}"})
+
+
+#: What a kohya file says beyond the factors and alpha values, kept so that writing it again gives the same
+#: bytes: the alphas' stored types, the modules without an alpha, the text-encoder prefix.
+FACTS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "alpha_dtype": {"enum": [*_ALPHA_DTYPES, None]},
+    "alpha_dtypes": {"type": "object", "additionalProperties": {"enum": list(_ALPHA_DTYPES)}},
+    "alpha_absent": {"type": "array", "items": {"type": "string", "maxLength": 1000}},
+    "te_prefix": {"enum": ["lora_te", "lora_te1"]}}}
+
+
+def kohya_facts(adapter: Adapter) -> dict[str, Any]:
+    """The kohya facts an adapter carries (read from a kohya file, or passed through a diffusers file), or {}."""
+    facts = (adapter.config.get("diffusion") or {}).get("kohya") or {}
+    problems = plugin.json_problems(facts, FACTS_SCHEMA)
+    if problems:
+        raise AdapterFormatError(f"diffusion.kohya in the config: {problems[0][1]}", path=adapter.source)
+    return dict(facts)
+
+
+def loha_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
+    """module -> (rank, alpha) of a LoHa adapter (PEFT's LycorisConfig rule), refusing roles LyCORIS' kohya
+    files do not hold."""
+    from ..lycoris.base import lycoris_rank_alpha
+
+    out = {}
+    for module, roles in adapter.modules().items():
+        extra = sorted(set(roles) - set(LOHA_ROLES))
+        if extra:
+            raise UnsupportedOperationError(f"module {module} has {', '.join(extra)}, which kohya LoHa files do "
+                                            "not hold", path=adapter.source)
+        out[module] = lycoris_rank_alpha(adapter.config, module)
+    return out
+
+
+def alpha_tensor(alpha: float, dtype_name: str | None, module: str, adapter: Adapter) -> torch.Tensor:
+    """alpha as a 0-d tensor: in the type the file it came from used, else float32 (what sd-scripts writes
+    when training in fp32), widened to float64 when float32 would change the value."""
+    dtype = _ALPHA_DTYPES.get(dtype_name or "", torch.float32)
+    if dtype.is_floating_point is False and not float(alpha).is_integer():
+        dtype = torch.float32
+    value = torch.tensor(alpha, dtype=torch.float64).to(dtype)
+    if float(value) != float(alpha):
+        value = torch.tensor(alpha, dtype=torch.float64)
+    if float(value) != float(alpha):
+        raise AdapterFormatError(f"alpha {alpha!r} of {module} cannot be stored exactly", path=adapter.source)
+    return value
+
+
+def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
+    """A kohya file's modules, what writing it back needs, and every problem that makes it unusable (unknown
+    keys are skipped, each a problem). Refuses outright what cannot be read at all (a factor without its
+    partner, two keys for one factor)."""
+    file = SafetensorsFile(path)
+    parsed = Parsed(file=file, path=path)
+    problems: list[Problem] = []
+    found: dict[str, dict[str, str]] = {}
+    prefixes: Counter[str] = Counter()
+    for key in file.keys():
+        prefix = _prefix(key)
+        if prefix is None:
+            problems.append(Problem("DIFF003", "is not a kohya LoRA key (expected lora_unet_, lora_te_, lora_te1_ "
+                                               "or lora_te2_)", key))
+            continue
+        name, dot, suffix = key.partition(".")
+        part = FACTOR_SUFFIXES.get(dot + suffix)
+        if part is None:
+            method = next((m for s, m in OTHER_METHODS.items() if suffix.startswith(s)), None)
+            problems.append(Problem("DIFF003", f"{method} keys are not supported yet" if method else
+                                    f"unknown kohya tensor suffix .{suffix}", key,
+                                    "adaptools reads plain kohya LoRA (lora_down, lora_up, alpha)", unsupported=True))
+            continue
+        flat = name[len(prefix):]
+        if prefix == "lora_unet_" and flat.startswith(SGM_BLOCKS):
+            problems.append(Problem("DIFF003", "original SGM block names (input_blocks/middle_block/output_blocks) "
+                                               "are not supported yet", key,
+                                    "convert the file to diffusers' block names first", unsupported=True))
+            continue
+        prefixes[prefix] += 1
+        module = f"{PREFIXES[prefix]}.{split_flat(flat)}"
+        slot = found.setdefault(module, {})
+        if part in slot:
+            raise AdapterFormatError(f"two tensors map to module {module}: {slot[part]!r} and {key!r}",
+                                     path=path, tensor=key)
+        slot[part] = key
+    if "lora_te_" in prefixes and ({"lora_te1_", "lora_te2_"} & set(prefixes)):
+        problems.append(Problem("DIFF002", "mixes lora_te_ (SD 1.x) with lora_te1_/lora_te2_ (SDXL) text-encoder "
+                                           "keys"))
+    lora = {m for m, slot in found.items() if "down" in slot or "up" in slot}
+    loha = {m for m, slot in found.items() if any(r in slot for r in LOHA_ROLES)}
+    if lora and loha:
+        problems.append(Problem("DIFF003", f"mixes LoRA modules ({sorted(lora)[0]}) with LoHa modules "
+                                           f"({sorted(loha)[0]}); a file holds one method", None,
+                                "split the file per method"))
+    for module in sorted(loha - lora) if not lora else []:
+        slot = found.pop(module)
+        missing = [r for r in LOHA_ROLES[:4] if r not in slot] + (
+            [r for r in ("hada_t1", "hada_t2") if r not in slot] if "hada_t1" in slot or "hada_t2" in slot else [])
+        if missing:
+            raise AdapterFormatError(f"LoHa module has no {missing[0]}", path=path,
+                                     tensor=next(k for r, k in slot.items() if r != "alpha"),
+                                     hint="the file is incomplete; save it again")
+        parsed.loha[module] = {r: k for r, k in slot.items() if r != "alpha"}
+        if "alpha" in slot:
+            parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
+            parsed.alpha_keys[module] = slot["alpha"]
+    for module in loha & lora:
+        found.pop(module)
+    for module, slot in found.items():
+        for part in ("down", "up"):
+            if part not in slot:
+                other = slot.get("down") or slot.get("up") or slot["alpha"]
+                raise AdapterFormatError(f"module has no lora_{part}.weight", path=path, tensor=other,
+                                         hint="the file is incomplete; save it again")
+        parsed.factors[module] = (slot["down"], slot["up"])
+        if "alpha" in slot:
+            parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
+            parsed.alpha_keys[module] = slot["alpha"]
+    dtypes = {m: file.info(k).dtype for m, k in parsed.alpha_keys.items()}
+    common = Counter(dtypes.values()).most_common(1)[0][0] if dtypes else None
+    te_prefix = next((p.rstrip("_") for p in ("lora_te_", "lora_te1_") if p in prefixes), None)
+    facts: dict[str, Any] = {"alpha_dtype": common,
+                             "alpha_dtypes": {m: d for m, d in sorted(dtypes.items()) if d != common},
+                             "alpha_absent": sorted(m for m in [*parsed.factors, *parsed.loha]
+                                                    if m not in parsed.alphas)}
+    if te_prefix:
+        facts["te_prefix"] = te_prefix
+    return parsed, facts, problems
