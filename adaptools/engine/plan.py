@@ -151,9 +151,7 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
                              path=checkpoint.location[stored][0].path, tensor=target)
 
     entries: dict[str, Entry] = {}
-    for name in checkpoint.location:
-        if name in checkpoint.companions:
-            continue
+    for name in checkpoint.parameters():
         entries[name] = _entry(name, name, ordered(updates.get(name, [])), checkpoint, backends, group_targets,
                                options)
     aliases = _tied_aliases(checkpoint, updates, entries, backends, options)
@@ -273,8 +271,8 @@ def _layout(checkpoint: Checkpoint, entries: dict[str, Entry], aliases: dict[str
             entry = entries[parents.get(name, name)]
             if entry.action == COPY:
                 placed.append((shard.name, Slot(entry, raw=name)))
-            elif name not in parents:
-                placed.append((shard.name, Slot(entry)))
+            elif name not in parents or checkpoint.anchors.get(parents[name]) == name:
+                placed.append((shard.name, Slot(entry)))  # (a group stored under other names: at its first)
             else:
                 continue
             for alias in aliases.values():
