@@ -1,0 +1,159 @@
+"""compressed-tensors arithmetic for one weight (docs/compressed-tensors.md, "Decoding" and "Encoding").
+
+Decoding is the library's ``decompress`` bit for bit: each stored integer (minus its zero point) or fp8 value
+times its scale, rounded once to the scale's dtype. The library computes ``(q - zp) * scale`` in the scale's
+dtype; every factor is exact there and torch multiplies bf16/fp16 in float32 before one rounding, so computing in
+float32 and casting once gives the same bits (the tests compare with the library on every fixture weight and on
+random scales).
+
+The decoder is written here, not called from the library, for three measured reasons: importing
+``compressed_tensors`` takes about 6 s (it imports transformers) on every CLI start; its ``decompress`` works on
+a whole weight with int32/int64 temporaries of several times its dense size, where this works a few rows at a
+time (fp32 temporaries near 16 MB); and it would make the library a runtime dependency of adaptools.
+
+Encoding (``--requantize``) writes the library's own expressions in the same dtypes (``calculate_qparams`` from
+the weight's minima and maxima, as llm-compressor's min-max observer feeds it, then ``quantize``), so its bytes
+are the library's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .layout import Layout, Scheme
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+#: Elements handled at a time: fp32 temporaries of 16 MB.
+CHUNK = 1 << 22
+
+
+def row_chunks(shape: tuple[int, int], multiple: int = 1) -> Iterator[slice]:
+    """Consecutive row ranges of about :data:`CHUNK` elements, each a whole number of ``multiple`` rows."""
+    step = max(1, CHUNK // max(1, shape[1] * multiple)) * multiple
+    for first in range(0, shape[0], step):
+        yield slice(first, min(shape[0], first + step))
+
+
+def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """``[rows, cols]`` unsigned ``bits``-bit values packed densely into each row's int32 words, value ``j``
+    at bits ``j * bits`` onwards of the row (little end first), possibly across two words."""
+    rows = words.shape[0]
+    if bits == 8 or bits == 4:  # whole bytes or nibbles: no value crosses a byte
+        raw = words.contiguous().view(torch.uint8).view(rows, -1)  # little-endian byte order (x86, ARM)
+        if bits == 8:
+            return raw[:, :cols].to(torch.int32)
+        return torch.stack((raw & 0xF, raw >> 4), dim=-1).view(rows, -1)[:, :cols].to(torch.int32)
+    wide = words.to(torch.int64) & 0xFFFFFFFF
+    wide = torch.cat([wide, wide.new_zeros(rows, 1)], dim=1)
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    word, offset = start // 32, start % 32
+    values = (wide[:, word] >> offset) | (wide[:, word + 1] << (32 - offset))
+    return (values & ((1 << bits) - 1)).to(torch.int32)
+
+
+def zero_points(stored: torch.Tensor, scheme: Scheme, shape: tuple[int, int]) -> torch.Tensor:
+    """The zero points as signed values of the scale's shape (pack-quantized packs them along the rows)."""
+    if stored.dtype == torch.int32:
+        return unpack(stored.t(), scheme.bits, shape[0]).t() - (1 << (scheme.bits - 1))
+    return stored.to(torch.int32)
+
+
+def _expand(values: torch.Tensor, rows: slice, scheme: Scheme, cols: int) -> torch.Tensor:
+    """Per-element values (scales or zero points) for ``rows`` of the weight, from the strategy's grid."""
+    if scheme.strategy == "tensor":
+        return values.reshape(1, 1)
+    if scheme.strategy == "channel":
+        return values[rows]
+    if scheme.strategy == "group":
+        return values[rows].repeat_interleave(scheme.group_size, dim=1)
+    height, width = scheme.block
+    grid = values[rows.start // height: -(-rows.stop // height)]
+    full = grid.repeat_interleave(height, dim=0).repeat_interleave(width, dim=1)
+    first = rows.start - (rows.start // height) * height
+    return full[first: first + rows.stop - rows.start, :cols]
+
+
+def stored_values(layout: Layout, weight: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The quantized values of ``rows`` as float32 (integers exactly, fp8 values exactly)."""
+    scheme, cols = layout.scheme, layout.shape[1]
+    if scheme.format == "pack-quantized":
+        return (unpack(weight[rows], scheme.bits, cols) - (1 << (scheme.bits - 1))).to(torch.float32)
+    return weight[rows].to(torch.float32)
+
+
+def dequantize(layout: Layout, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight as the library decompresses it: ``(q - zp) * scale`` rounded once to ``dtype`` (the
+    scale's dtype)."""
+    scheme, shape = layout.scheme, layout.shape
+    out = torch.empty(shape, dtype=dtype)
+    factors = scale.to(torch.float32)
+    offsets = zero_points(zero, scheme, shape).to(torch.float32) if zero is not None else None
+    for rows in row_chunks(shape, scheme.block[0] or 1):
+        values = stored_values(layout, weight, rows)
+        if offsets is not None:
+            values -= _expand(offsets, rows, scheme, shape[1])
+        values *= _expand(factors, rows, scheme, shape[1])
+        out[rows] = values
+    return out
+
+
+def _reduce(dense: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minima and maxima per scale, in the weight's dtype (llm-compressor's min-max observer)."""
+    if scheme.strategy == "tensor":
+        return dense.amin().reshape(1), dense.amax().reshape(1)
+    if scheme.strategy == "channel":
+        return dense.amin(dim=1, keepdim=True), dense.amax(dim=1, keepdim=True)
+    if scheme.strategy == "group":
+        grouped = dense.reshape(dense.shape[0], dense.shape[1] // scheme.group_size, scheme.group_size)
+        return grouped.amin(dim=-1), grouped.amax(dim=-1)
+    height, width = scheme.block
+    rows, cols = dense.shape
+    padded = torch.nn.functional.pad(dense, (0, -cols % width, 0, -rows % height))
+    blocks = padded.reshape(padded.shape[0] // height, height, padded.shape[1] // width, width)
+    return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+
+
+def _range(scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    if scheme.kind == "float":
+        return torch.tensor(-FP8_MAX), torch.tensor(FP8_MAX)
+    span = 2.0 ** scheme.bits
+    return torch.tensor(-span / 2), torch.tensor(span / 2 - 1)
+
+
+def qparams(dense: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) as ``calculate_qparams`` makes them from the weight's minima and maxima, in the
+    weight's dtype; the zero point as int8 (float schemes: zeros of the scale's dtype)."""
+    low, high = _reduce(dense, scheme)
+    low, high = torch.min(low, torch.zeros_like(low)), torch.max(high, torch.zeros_like(high))
+    q_min, q_max = _range(scheme)
+    span = q_max - q_min
+    if scheme.symmetric:
+        scale = torch.max(low.abs(), high.abs()) / (span.to(high.dtype) / 2)
+        zero = torch.zeros(scale.shape, dtype=low.dtype)
+    else:
+        scale = (high - low) / span.to(high.dtype)
+        zero = torch.clamp(q_min - (low / scale), q_min, q_max)
+    eps = torch.finfo(scale.dtype).eps
+    scale = torch.where(scale == 0, torch.tensor(eps, dtype=scale.dtype), scale)
+    if scheme.kind == "float":
+        return scale, torch.clamp(zero, -FP8_MAX, FP8_MAX).to(FP8)
+    return scale, torch.round(torch.clamp(zero, -128, 127)).to(torch.int8)
+
+
+def quantize(dense: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """The stored values (fp8 or int8 codes, ``[rows, cols]``) as the library's ``quantize`` makes them:
+    ``x / scale + zp`` in the weight's dtype, clamped, rounded (fp8: a cast; int: ``round``)."""
+    q_min, q_max = _range(scheme)
+    out = torch.empty(dense.shape, dtype=FP8 if scheme.kind == "float" else torch.int8)
+    for rows in row_chunks((dense.shape[0], dense.shape[1]), scheme.block[0] or 1):
+        part = dense[rows]
+        scaled = part / _expand(scale, rows, scheme, dense.shape[1])
+        scaled += _expand(zero, rows, scheme, dense.shape[1]).to(part.dtype)
+        clamped = torch.clamp(scaled, q_min, q_max)
+        rounded = clamped.to(FP8) if scheme.kind == "float" else torch.round(clamped)
+        out[rows] = rounded.to(part.dtype).to(out.dtype)
+    return out
