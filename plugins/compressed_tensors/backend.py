@@ -115,6 +115,9 @@ class CompressedTensors(plugin.Backend):
         weight, scale = read(anchor), read(f"{module}.weight_scale")
         check_scales(scale, f"{module}.weight_scale")
         zero = read(f"{module}.weight_zero_point") if not layout.scheme.symmetric else None
+        if layout.scheme.format == "pack-quantized" and not codec.padding_is_zero(weight, layout):
+            raise InputError(f"weight_shape says {layout.shape[1]} columns, but the packed rows hold values beyond "
+                             "them", tensor=f"{module}.weight_shape", hint=HINT)
         dense = codec.dequantize(layout, weight, scale, zero, DTYPES[layout.scale_dtype])
         bad = plugin.count_nonfinite(dense)
         if bad:

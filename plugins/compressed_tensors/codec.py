@@ -54,6 +54,16 @@ def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return (values & ((1 << bits) - 1)).to(torch.int32)
 
 
+def padding_is_zero(words: torch.Tensor, layout: Layout) -> bool:
+    """Whether the bits after the last value of each packed row are zero, as the library pads them: a
+    ``weight_shape`` naming fewer columns than were packed fails this."""
+    used = layout.shape[1] * layout.scheme.bits % 32
+    if not used or words.shape[1] == 0:
+        return True
+    tail = (words[:, -1].to(torch.int64) & 0xFFFFFFFF) >> used
+    return not bool(tail.any())
+
+
 def zero_points(stored: torch.Tensor, scheme: Scheme, shape: tuple[int, int]) -> torch.Tensor:
     """The zero points as signed values of the scale's shape (pack-quantized packs them along the rows)."""
     if stored.dtype == torch.int32:

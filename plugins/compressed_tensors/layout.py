@@ -232,8 +232,12 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any], fmt: str)
                     f"{fmt} weight")
             if len(stored.shape) != 2:
                 raise _refuse(f"{list(stored.shape)}: a packed weight is 2-D", packed)
+            names = group_names(module, scheme)
+            for name in names:
+                if name not in tensors:
+                    raise _refuse(f"missing: a {fmt} {scheme.strategy} weight needs it", name)
             layouts[f"{module}.weight"] = Layout(scheme, (stored.shape[0], stored.shape[1] * 32 // scheme.bits),
-                                                 "", group_names(module, scheme))
+                                                 "", names)
             continue
         weight = f"{module}.weight"
         stored = _expect(tensors.get(weight), weight, ("F8_E4M3" if fmt == "float-quantized" else "I8",), None,
