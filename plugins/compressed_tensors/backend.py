@@ -19,7 +19,7 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError
 
-from . import codec
+from .codec import dequantize, padding_is_zero, qparams, quantize
 from .layout import HINT, Layout, packed_layout, scan
 
 NAMES = {"pack-quantized": "ct_pack", "float-quantized": "ct_fp8", "int-quantized": "ct_int8"}
@@ -115,10 +115,10 @@ class CompressedTensors(plugin.Backend):
         weight, scale = read(anchor), read(f"{module}.weight_scale")
         check_scales(scale, f"{module}.weight_scale")
         zero = read(f"{module}.weight_zero_point") if not layout.scheme.symmetric else None
-        if layout.scheme.format == "pack-quantized" and not codec.padding_is_zero(weight, layout):
+        if layout.scheme.format == "pack-quantized" and not padding_is_zero(weight, layout):
             raise InputError(f"weight_shape says {layout.shape[1]} columns, but the packed rows hold values beyond "
                              "them", tensor=f"{module}.weight_shape", hint=HINT)
-        dense = codec.dequantize(layout, weight, scale, zero, DTYPES[layout.scale_dtype])
+        dense = dequantize(layout, weight, scale, zero, DTYPES[layout.scale_dtype])
         bad = plugin.count_nonfinite(dense)
         if bad:
             raise InputError(f"decodes to {bad} NaN or infinite value(s): fp8 NaN codes, or scales too large for "
@@ -144,8 +144,8 @@ class CompressedTensors(plugin.Backend):
         if not bool(torch.isfinite(weight).all()):
             raise InputError(f"holds NaN or Inf values, which {layout.scheme.format} cannot store", tensor=param,
                              hint="merge into a 16-bit output instead")
-        scale, zero = codec.qparams(weight, layout.scheme)
-        out = {param: codec.quantize(weight, scale, zero, layout.scheme), f"{module}.weight_scale": scale}
+        scale, zero = qparams(weight, layout.scheme)
+        out = {param: quantize(weight, scale, zero, layout.scheme), f"{module}.weight_scale": scale}
         if not layout.scheme.symmetric:
             out[f"{module}.weight_zero_point"] = zero
         return out
