@@ -182,6 +182,39 @@ def test_requantize_into_packed_weights_is_refused(bases, tmp_path, cli_runner):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "rq").exists()
 
 
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_merge_base_original(bases, kind, tmp_path, cli_runner):
+    """The delta lands on the bf16 original; with --requantize every module the base's config quantizes is the
+    library's compression of that merge, the rest as merged, and the base's quantization_config is kept."""
+    base, lora, original = bases[f"llama-ct-{kind}"], bases["lora"], bases["llama-ct-dense"]
+    result = cli_runner("merge", base, lora, tmp_path / "orig", "--merge-base", "original", "--original-base", original)
+    assert result.exit_code == 0, result.output
+    assert cli_runner("merge", original, lora, tmp_path / "direct").exit_code == 0
+    merged, direct = state_of(tmp_path / "orig"), state_of(tmp_path / "direct")
+    assert sorted(merged) == sorted(direct) and all(same(merged[k], direct[k]) for k in merged)
+    result = cli_runner("merge", base, lora, tmp_path / "q", "--merge-base", "original", "--original-base", original,
+                        "--requantize")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((base / "config.json").read_text())["quantization_config"]
+    ours, stored = state_of(tmp_path / "q"), load_file(str(base / "model.safetensors"))
+    assert sorted(ours) == sorted(stored)
+    for param, value in merged.items():
+        module = param.removesuffix(".weight")
+        want = library_compress(base, value, module) if f"{module}.weight_scale" in stored else {param: value}
+        assert all(same(ours[k], v) for k, v in want.items()), param
+
+
+def test_merge_base_original_requantize_refuses_packed_bases_and_requantize_needs_a_base(bases, tmp_path,
+                                                                                        cli_runner):
+    result = cli_runner("merge", bases["llama-ct-pack"], bases["lora"], tmp_path / "q", "--merge-base", "original",
+                        "--original-base", bases["llama-ct-dense"], "--requantize")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    result = cli_runner("requantize", bases["llama-ct-dense"], tmp_path / "r", "--quant-type", "ct_fp8")
+    assert result.exit_code == 2 and "compressed-tensors base" in result.stderr, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
+
+
 def test_plugins_lists_the_backends(cli_runner):
     out = cli_runner("plugins").stdout
     assert all(name in out for name in ("ct_pack", "ct_fp8", "ct_int8"))

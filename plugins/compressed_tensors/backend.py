@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError
 
 from .codec import dequantize, padding_is_zero, qparams, quantize
-from .layout import HINT, Layout, packed_layout, scan
+from .layout import HINT, Layout, ct_config, group_names, packed_layout, scan, scheme_for
 
 NAMES = {"pack-quantized": "ct_pack", "float-quantized": "ct_fp8", "int-quantized": "ct_int8"}
 DESCRIPTIONS = {
@@ -35,6 +36,14 @@ DESCRIPTIONS = {
 #: ``--requantize`` can make what the library makes. Packed int4 checkpoints come from GPTQ-style calibration.
 REQUANTIZABLE = ("float-quantized", "int-quantized")
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CtOptions(plugin.QuantizeOptions):
+    """``QuantizeOptions`` carrying a compressed-tensors base's whole ``quantization_config``: the schemes a
+    ``--merge-base original --requantize`` output is encoded in, and the config it is written with."""
+
+    config: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def check_scales(scale: torch.Tensor, name: str) -> None:
@@ -109,6 +118,8 @@ class CompressedTensors(plugin.Backend):
                      settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The weight as the library decompresses it; with ``settings`` (a group just encoded with them)
         their layout, else the layout of the checkpoint ``read`` reads."""
+        if settings is not None and settings.get("dense"):
+            return read(param).to(DTYPES[settings["dtype"]])
         layout = settings["layout"] if settings is not None else self._layout(param, read)
         module = param.removesuffix(".weight")
         anchor = f"{module}.weight_packed" if layout.scheme.format == "pack-quantized" else param
@@ -138,6 +149,8 @@ class CompressedTensors(plugin.Backend):
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The stored tensors as the library's compressor makes them from ``dense``: scales and zero points
         by ``calculate_qparams`` from its minima and maxima, then ``quantize``."""
+        if settings.get("dense"):
+            return {param: dense.clone()}  # a copy: the engine reuses the buffer it passed in
         layout: Layout = settings["layout"]
         module = param.removesuffix(".weight")
         weight = dense.to(DTYPES[layout.scale_dtype])
@@ -150,3 +163,35 @@ class CompressedTensors(plugin.Backend):
             out[f"{module}.weight_zero_point"] = zero
         return out
 
+    def quantize_settings(self, tensor: BaseTensor, options: Any) -> dict[str, Any]:
+        """How ``--merge-base original --requantize`` encodes a dense weight of the original: in the scheme the
+        quantized base's config gives its module; left dense when no group of this format claims it."""
+        quant = options.config if isinstance(options, CtOptions) else None
+        if quant is None:
+            raise InputError(f"{self.name} encodes weights only in the schemes of a compressed-tensors base",
+                             hint="use merge --merge-base original --requantize with that base as BASE")
+        module = tensor.name.removesuffix(".weight")
+        scheme = scheme_for(quant, module)
+        if scheme is None or scheme.format != self.format or len(tensor.shape) != 2 or (
+                scheme.strategy == "group" and tensor.shape[1] % scheme.group_size):
+            return {"dense": True, "dtype": tensor.dtype}
+        shape = (tensor.shape[0], tensor.shape[1])
+        return {"layout": Layout(scheme, shape, tensor.dtype, group_names(module, scheme))}
+
+    def quantization_config(self, settings: Mapping[str, Any], options: Any) -> dict[str, Any]:
+        """The quantized base's own ``quantization_config``."""
+        if not isinstance(options, CtOptions) or options.config is None:
+            raise InputError(f"{self.name} writes only the quantization_config of a compressed-tensors base")
+        return dict(options.config)
+
+    def quantize_options(self, config: Mapping[str, Any]) -> Any:
+        """The options of a compressed-tensors base whose every scheme is this backend's format (and can be
+        re-encoded); None otherwise."""
+        quant = ct_config({"quantization_config": config})
+        if quant is None or self.format not in REQUANTIZABLE:
+            return None
+        formats = {group.get("format") or quant.get("format") for group in quant["config_groups"].values()
+                   if group.get("weights")}
+        if formats != {self.format}:
+            return None
+        return CtOptions(quant_type=self.name, config=dict(quant))

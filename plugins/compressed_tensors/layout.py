@@ -131,6 +131,18 @@ def _matches(module: str, target: str) -> bool:
     return target == module or ("." not in target and target[:1].isupper())
 
 
+def scheme_for(quant: Mapping[str, Any], module: str) -> Scheme | None:
+    """The scheme the config gives ``module`` (the first group targeting it), or None when no group does or
+    the ``ignore`` list names it."""
+    ignore = quant.get("ignore") or []
+    if any(_matches(module, t) and (t.startswith("re:") or t == module) for t in ignore):
+        return None
+    for key, group in quant["config_groups"].items():
+        if any(_matches(module, t) for t in group["targets"]):
+            return _scheme(f"config_groups.{key}", group, quant.get("format"))
+    return None
+
+
 def schemes_of(quant: Mapping[str, Any], modules: list[str]) -> dict[str, Scheme]:
     """``{module: Scheme}`` for each stored quantized module: the first config group targeting it (as the
     library applies them); a module no group claims, or one the ``ignore`` list names, is refused."""
