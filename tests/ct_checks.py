@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(FIXTURES))
 import build_compressed_tensors as build_ct  # noqa: E402, F401  (the fixture builder, for the test files)
 
-KINDS = ("pack", "fp8", "int8")
+KINDS = ("pack", "fp8", "int8", "nvfp4")
 
 
 def state_of(folder):

@@ -20,10 +20,11 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError
 
-from .codec import dequantize, padding_is_zero, qparams, quantize
-from .layout import HINT, Layout, ct_config, group_names, packed_layout, scan, scheme_for
+from .codec import dequantize, dequantize_nvfp4, padding_is_zero, qparams, quantize
+from .layout import HINT, NVFP4, PACKED, Layout, ct_config, group_names, packed_layout, scan, scheme_for
 
-NAMES = {"pack-quantized": "ct_pack", "float-quantized": "ct_fp8", "int-quantized": "ct_int8"}
+NAMES = {"pack-quantized": "ct_pack", "float-quantized": "ct_fp8", "int-quantized": "ct_int8",
+         "nvfp4-pack-quantized": "ct_nvfp4"}
 DESCRIPTIONS = {
     "pack-quantized": "compressed-tensors pack-quantized (int4/int8 packed in int32, group/channel scales, "
                       "zero points): the library's decompression, bit for bit",
@@ -31,6 +32,8 @@ DESCRIPTIONS = {
                        "library's decompression, byte-exact --requantize",
     "int-quantized": "compressed-tensors int-quantized (int8 unpacked): the library's decompression, byte-exact "
                      "--requantize",
+    "nvfp4-pack-quantized": "compressed-tensors nvfp4-pack-quantized (fp4 e2m1, fp8 scales per 16, a global "
+                            "scale): the library's decompression, bit for bit",
 }
 #: Formats whose weights are round-to-nearest from their own minima and maxima (no calibration data), so that
 #: ``--requantize`` can make what the library makes. Packed int4 checkpoints come from GPTQ-style calibration.
@@ -48,7 +51,8 @@ class CtOptions(plugin.QuantizeOptions):
 
 def check_scales(scale: torch.Tensor, name: str) -> None:
     """Scales must be finite and positive: the library replaces a zero scale by its dtype's eps."""
-    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+    values = scale.to(torch.float32)
+    if not bool((torch.isfinite(values) & (values > 0)).all()):
         raise InputError("scales with NaN, Inf, zero or negative values", tensor=name, hint=HINT)
 
 
@@ -104,7 +108,9 @@ class CompressedTensors(plugin.Backend):
             stored = read(f"{module}.weight_shape")
             layout = packed_layout(module, layout, self._headers, [int(v) for v in stored.tolist()])
             self._last[param] = layout
-        check_scales(read(f"{module}.weight_scale"), f"{module}.weight_scale")
+        for name in layout.names:
+            if name.endswith(("weight_scale", "weight_global_scale")):
+                check_scales(read(name), name)
         owner = getattr(read, "__self__", None)
         if owner is not None:
             try:
@@ -122,14 +128,21 @@ class CompressedTensors(plugin.Backend):
             return read(param).to(DTYPES[settings["dtype"]])
         layout = settings["layout"] if settings is not None else self._layout(param, read)
         module = param.removesuffix(".weight")
-        anchor = f"{module}.weight_packed" if layout.scheme.format == "pack-quantized" else param
+        anchor = f"{module}.weight_packed" if layout.scheme.format in PACKED else param
         weight, scale = read(anchor), read(f"{module}.weight_scale")
         check_scales(scale, f"{module}.weight_scale")
+        if layout.scheme.format == NVFP4:
+            glob = read(f"{module}.weight_global_scale")
+            check_scales(glob, f"{module}.weight_global_scale")
+            return self._finite(param, dequantize_nvfp4(weight, scale, glob), layout)
         zero = read(f"{module}.weight_zero_point") if not layout.scheme.symmetric else None
         if layout.scheme.format == "pack-quantized" and not padding_is_zero(weight, layout):
             raise InputError(f"weight_shape says {layout.shape[1]} columns, but the packed rows hold values beyond "
                              "them", tensor=f"{module}.weight_shape", hint=HINT)
-        dense = dequantize(layout, weight, scale, zero, DTYPES[layout.scale_dtype])
+        return self._finite(param, dequantize(layout, weight, scale, zero, DTYPES[layout.scale_dtype]), layout)
+
+    @staticmethod
+    def _finite(param: str, dense: torch.Tensor, layout: Layout) -> torch.Tensor:
         bad = plugin.count_nonfinite(dense)
         if bad:
             raise InputError(f"decodes to {bad} NaN or infinite value(s): fp8 NaN codes, or scales too large for "
@@ -141,8 +154,9 @@ class CompressedTensors(plugin.Backend):
         :data:`REQUANTIZABLE`)."""
         layout = self._layout(param, read)
         if layout.scheme.format not in REQUANTIZABLE:
-            raise InputError(f"--requantize into {layout.scheme.format} weights: these come from calibrated "
-                             "(GPTQ-style) quantization, which rounding to nearest would not reproduce", tensor=param,
+            why = ("these come from calibrated (GPTQ-style) quantization, which rounding to nearest would not "
+                   "reproduce") if layout.scheme.format == "pack-quantized" else "its encoder is not written yet"
+            raise InputError(f"--requantize into {layout.scheme.format} weights: {why}", tensor=param,
                              hint="merge into a dense output (leave out --requantize)")
         return {"layout": layout}
 

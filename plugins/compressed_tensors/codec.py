@@ -111,6 +111,26 @@ def dequantize(layout: Layout, weight: torch.Tensor, scale: torch.Tensor, zero: 
     return out
 
 
+#: The magnitudes of fp4 e2m1 codes 0-7; bit 3 is the sign.
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """An NVFP4 weight as the library decompresses it, in bf16: two fp4 codes per byte (low nibble first),
+    each group of 16 times ``fp32(scale) / global_scale`` (one fp32 division, then one fp32 product), the
+    result rounded to bf16."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((rows, cols), dtype=torch.bfloat16)
+    factors = scale.to(torch.bfloat16).to(torch.float32) / global_scale.to(torch.float32)
+    for part in row_chunks((rows, cols)):
+        codes = packed[part]
+        values = E2M1[torch.stack((codes & 0xF, codes >> 4), dim=-1).view(codes.shape[0], cols).long()]
+        grouped = values.view(codes.shape[0], cols // 16, 16)
+        grouped *= factors[part].unsqueeze(-1)
+        out[part] = values
+    return out
+
+
 def _reduce(dense: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Minima and maxima per scale, in the weight's dtype (llm-compressor's min-max observer)."""
     if scheme.strategy == "tensor":

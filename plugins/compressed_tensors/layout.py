@@ -26,7 +26,10 @@ from adaptools.plugin import BaseTensor, InputError
 
 HINT = ("the checkpoint is corrupt, or a compressed-tensors variant adaptools does not read: "
         "docs/compressed-tensors.md says which it reads")
-FORMATS = ("pack-quantized", "float-quantized", "int-quantized")
+FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "nvfp4-pack-quantized")
+NVFP4 = "nvfp4-pack-quantized"
+#: Formats whose weight is stored under another name than ``M.weight``.
+PACKED = ("pack-quantized", NVFP4)
 SCALE_TYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 #: Activation tensors a module may carry beside its weight; adaptools reads only dynamic activations.
 ACTIVATION_PARAMS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point")
@@ -107,6 +110,12 @@ def _scheme(name: str, group: Mapping[str, Any], default_format: str | None) -> 
     kind, bits = args.get("type", "int"), int(args.get("num_bits", 8))
     strategy = args.get("strategy") or ("group" if (args.get("group_size") or 0) > 0 else
                                         "channel" if args.get("group_size") == -1 else "tensor")
+    if fmt == NVFP4:
+        if (kind, bits, strategy, args.get("group_size")) != ("float", 4, "tensor_group", 16) or not args.get(
+                "symmetric", True) or args.get("scale_dtype") not in (None, "torch.float8_e4m3fn"):
+            raise _refuse(f"{fmt} other than symmetric fp4 in groups of 16 with fp8 scales and a global scale",
+                          f"quantization_config.{name}")
+        return Scheme(fmt, 4, "float", "tensor_group", True, 16)
     if strategy not in ("tensor", "channel", "group", "block"):
         raise _refuse(f"weight strategy {strategy!r} is not read", f"quantization_config.{name}")
     if (fmt == "float-quantized") != (kind == "float") or (kind == "float" and bits != 8) or (
@@ -178,7 +187,7 @@ def scale_shape(scheme: Scheme, shape: tuple[int, int]) -> tuple[int, ...]:
         return (1,)
     if scheme.strategy == "channel":
         return (rows, 1)
-    if scheme.strategy == "group":
+    if scheme.strategy in ("group", "tensor_group"):
         return (rows, cols // scheme.group_size)
     return (-(-rows // scheme.block[0]), -(-cols // scheme.block[1]))
 
@@ -194,6 +203,8 @@ def packed_zero_shape(scheme: Scheme, shape: tuple[int, int]) -> tuple[int, ...]
 def group_names(module: str, scheme: Scheme) -> tuple[str, ...]:
     """The stored tensors of a module's weight, the one the dense weight replaces first."""
     names = [f"{module}.weight_packed", f"{module}.weight_shape"] if scheme.format == "pack-quantized" else []
+    if scheme.format == NVFP4:
+        names = [f"{module}.weight_packed", f"{module}.weight_global_scale", f"{module}.input_global_scale"]
     names.append(f"{module}.weight_scale")
     if not scheme.symmetric:
         names.append(f"{module}.weight_zero_point")
@@ -203,11 +214,16 @@ def group_names(module: str, scheme: Scheme) -> tuple[str, ...]:
 def checked(module: str, scheme: Scheme, tensors: Mapping[str, BaseTensor], shape: tuple[int, int]) -> Layout:
     """The layout of ``module``'s weight of dense ``shape``, every companion's dtype and shape checked."""
     what = f"{scheme.format} {scheme.strategy} weight"
-    anchor = f"{module}.weight_packed" if scheme.format == "pack-quantized" else f"{module}.weight"
-    if scheme.strategy == "group" and shape[1] % scheme.group_size:
+    anchor = f"{module}.weight_packed" if scheme.format in PACKED else f"{module}.weight"
+    if scheme.group_size and shape[1] % scheme.group_size:
         raise _refuse(f"{shape[1]} columns are no whole number of groups of {scheme.group_size}", anchor)
-    scale = _expect(tensors.get(f"{module}.weight_scale"), f"{module}.weight_scale", tuple(SCALE_TYPES),
-                    scale_shape(scheme, shape), what)
+    scale = _expect(tensors.get(f"{module}.weight_scale"), f"{module}.weight_scale",
+                    ("F8_E4M3",) if scheme.format == NVFP4 else tuple(SCALE_TYPES), scale_shape(scheme, shape), what)
+    if scheme.format == NVFP4:
+        names = [n for n in group_names(module, scheme) if not n.endswith(".input_global_scale") or n in tensors]
+        for name in names[1:-1]:
+            _expect(tensors.get(name), name, ("F32",), (1,), what)
+        return Layout(scheme, shape, "BF16", tuple(names))  # the library decodes fp4 to bf16
     zero = f"{module}.weight_zero_point"
     if not scheme.symmetric:
         dtype = ("I32",) if scheme.format == "pack-quantized" and scheme.strategy != "tensor" else ("I8",)
@@ -229,7 +245,9 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any], fmt: str)
     if quant is None:
         return None
     for name in tensors:
-        if name.rpartition(".")[2] in ACTIVATION_PARAMS:
+        module, _, param = name.rpartition(".")
+        if param in ACTIVATION_PARAMS and not (  # NVFP4's activation global scale belongs to its weight
+                param == "input_global_scale" and f"{module}.weight_global_scale" in tensors):
             raise _refuse("a static activation parameter: only dynamic-activation checkpoints are read", name)
     modules = sorted({n.rpartition(".")[0] for n in tensors
                       if n.endswith((".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point"))})
@@ -250,6 +268,13 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any], fmt: str)
                     raise _refuse(f"missing: a {fmt} {scheme.strategy} weight needs it", name)
             layouts[f"{module}.weight"] = Layout(scheme, (stored.shape[0], stored.shape[1] * 32 // scheme.bits),
                                                  "", names)
+            continue
+        if fmt == NVFP4:
+            packed = f"{module}.weight_packed"
+            stored = _expect(tensors.get(packed), packed, ("U8",), None, f"{fmt} weight")
+            if len(stored.shape) != 2:
+                raise _refuse(f"{list(stored.shape)}: a packed weight is 2-D", packed)
+            layouts[f"{module}.weight"] = checked(module, scheme, tensors, (stored.shape[0], stored.shape[1] * 2))
             continue
         weight = f"{module}.weight"
         stored = _expect(tensors.get(weight), weight, ("F8_E4M3" if fmt == "float-quantized" else "I8",), None,
