@@ -109,7 +109,7 @@ class MergePlan:
             return spec.nbytes
         if slot.entry.name in self.checkpoint.groups:
             names = [slot.entry.name, *self.checkpoint.groups[slot.entry.name][1]]
-            return sum(self.checkpoint.location[n][1].nbytes for n in names)
+            return sum(self.checkpoint.location[n][1].nbytes for n in names if n in self.checkpoint.location)
         numel = 1
         for d in slot.entry.shape:
             numel *= d
