@@ -23,7 +23,7 @@ gguf           GGUF LoRA adapters, GGUF models as merge bases, GGUF files as mer
 dense          plain fp32/fp16/bf16 weights
 bitsandbytes   4-bit (NF4/FP4) and 8-bit (LLM.int8) weights, byte-exact
 fp8            fine-grained FP8 weights (float8_e4m3fn + block scales), byte-exact
-compressed_tensors  compressed-tensors (llm-compressor / vLLM) packed int, fp8 and int8 weights
+compressed_tensors  compressed-tensors (llm-compressor / vLLM) packed int, fp8, int8 and NVFP4 weights
 validators     the ``perplexity``, ``logits`` and ``generate`` checks and the ``eval`` command
 =============  ==================================================================================
 """

@@ -59,12 +59,15 @@ def library_compress(path, dense, module):
     """The library's compression of a dense weight as llm-compressor makes it: ``calculate_qparams`` from its
     minima and maxima (the fixture builder's min-max reduction), then the compressor's ``compress``."""
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
     scheme = library_scheme(library_config(path), module)
     low, high = build_ct._minmax(dense, scheme.weights)
-    scale, zero = calculate_qparams(low, high, scheme.weights)
+    state = {"weight": dense}
+    if scheme.weights.strategy == "tensor_group":  # NVFP4: the global scale first, as the fixture builder does
+        state["weight_global_scale"] = generate_gparam(dense.amin(), dense.amax())
+    scale, zero = calculate_qparams(low, high, scheme.weights, global_scale=state.get("weight_global_scale"))
     shape = (1,) if scheme.weights.strategy == "tensor" else tuple(low.shape)
-    state = {"weight": dense, "weight_scale": scale.reshape(shape), "weight_zero_point": zero.reshape(shape)}
+    state.update({"weight_scale": scale.reshape(shape), "weight_zero_point": zero.reshape(shape)})
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     return {f"{module}.{k}": v for k, v in compressor.compress(state, scheme).items()}

@@ -1,5 +1,5 @@
 """The compressed-tensors family: ``quant_method: compressed-tensors`` checkpoints (llm-compressor, vLLM), whose
-pack-quantized, float-quantized and int-quantized weights are decoded as the compressed-tensors library
+pack-quantized, float-quantized, int-quantized and NVFP4 weights are decoded as the compressed-tensors library
 decompresses them and, for the round-to-nearest formats, encoded back byte for byte as its compressor does
 (docs/compressed-tensors.md)."""
 

@@ -2,7 +2,8 @@
 compressed-tensors library decompresses them and, for the round-to-nearest formats, encoded back byte for byte as
 its compressor does (docs/compressed-tensors.md).
 
-One backend per storage format (``pack-quantized``, ``float-quantized``, ``int-quantized``); a checkpoint mixing
+One backend per storage format (``pack-quantized``, ``float-quantized``, ``int-quantized``,
+``nvfp4-pack-quantized``); a checkpoint mixing
 formats (``mixed-precision``) has its weights claimed by each. A weight's scheme comes from config.json's
 ``config_groups``, which the decoding hooks do not see: as for FP8, the scan of a checkpoint is tied to that
 checkpoint's reader, and a weight read any other way gets the layout every scan agrees on, or is refused.
@@ -20,7 +21,16 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError
 
-from .codec import dequantize, dequantize_nvfp4, padding_is_zero, qparams, quantize
+from .codec import (
+    FP8,
+    dequantize,
+    dequantize_nvfp4,
+    nvfp4_qparams,
+    padding_is_zero,
+    qparams,
+    quantize,
+    quantize_nvfp4,
+)
 from .layout import HINT, NVFP4, PACKED, Layout, ct_config, group_names, packed_layout, scan, scheme_for
 
 NAMES = {"pack-quantized": "ct_pack", "float-quantized": "ct_fp8", "int-quantized": "ct_int8",
@@ -33,11 +43,11 @@ DESCRIPTIONS = {
     "int-quantized": "compressed-tensors int-quantized (int8 unpacked): the library's decompression, byte-exact "
                      "--requantize",
     "nvfp4-pack-quantized": "compressed-tensors nvfp4-pack-quantized (fp4 e2m1, fp8 scales per 16, a global "
-                            "scale): the library's decompression, bit for bit",
+                            "scale): the library's decompression, byte-exact --requantize",
 }
 #: Formats whose weights are round-to-nearest from their own minima and maxima (no calibration data), so that
-#: ``--requantize`` can make what the library makes. Packed int4 checkpoints come from GPTQ-style calibration.
-REQUANTIZABLE = ("float-quantized", "int-quantized")
+#: ``--requantize`` can make what the library makes. Packed int checkpoints come from GPTQ-style calibration.
+REQUANTIZABLE = ("float-quantized", "int-quantized", "nvfp4-pack-quantized")
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -154,11 +164,14 @@ class CompressedTensors(plugin.Backend):
         :data:`REQUANTIZABLE`)."""
         layout = self._layout(param, read)
         if layout.scheme.format not in REQUANTIZABLE:
-            why = ("these come from calibrated (GPTQ-style) quantization, which rounding to nearest would not "
-                   "reproduce") if layout.scheme.format == "pack-quantized" else "its encoder is not written yet"
+            why = "these come from calibrated (GPTQ-style) quantization, which rounding to nearest would not reproduce"
             raise InputError(f"--requantize into {layout.scheme.format} weights: {why}", tensor=param,
                              hint="merge into a dense output (leave out --requantize)")
-        return {"layout": layout}
+        settings: dict[str, Any] = {"layout": layout}
+        kept = f"{param.removesuffix('.weight')}.input_global_scale"  # not the weight's: carried unchanged
+        if kept in layout.names:
+            settings["input_global_scale"] = read(kept)
+        return settings
 
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The stored tensors as the library's compressor makes them from ``dense``: scales and zero points
@@ -171,6 +184,13 @@ class CompressedTensors(plugin.Backend):
         if not bool(torch.isfinite(weight).all()):
             raise InputError(f"holds NaN or Inf values, which {layout.scheme.format} cannot store", tensor=param,
                              hint="merge into a 16-bit output instead")
+        if layout.scheme.format == NVFP4:
+            scales, glob = nvfp4_qparams(weight)
+            out = {f"{module}.weight_packed": quantize_nvfp4(weight, scales, glob),
+                   f"{module}.weight_global_scale": glob, f"{module}.weight_scale": scales.to(FP8)}
+            if "input_global_scale" in settings:
+                out[f"{module}.input_global_scale"] = settings["input_global_scale"].clone()
+            return out
         scale, zero = qparams(weight, layout.scheme)
         out = {param: quantize(weight, scale, zero, layout.scheme), f"{module}.weight_scale": scale}
         if not layout.scheme.symmetric:
@@ -202,7 +222,7 @@ class CompressedTensors(plugin.Backend):
         """The options of a compressed-tensors base whose every scheme is this backend's format (and can be
         re-encoded); None otherwise."""
         quant = ct_config({"quantization_config": config})
-        if quant is None or self.format not in REQUANTIZABLE:
+        if quant is None or self.format not in ("float-quantized", "int-quantized"):  # NVFP4: not yet
             return None
         formats = {group.get("format") or quant.get("format") for group in quant["config_groups"].values()
                    if group.get("weights")}

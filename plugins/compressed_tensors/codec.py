@@ -187,3 +187,57 @@ def quantize(dense: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, schem
         rounded = clamped.to(FP8) if scheme.kind == "float" else torch.round(clamped)
         out[rows] = rounded.to(part.dtype).to(out.dtype)
     return out
+
+
+def nvfp4_qparams(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 group scales already on the fp8 grid, fp32 global scale ``[1]``) as llm-compressor makes them with
+    the library's NVFP4 preset: ``generate_gparam`` from the weight's minimum and maximum, then
+    ``calculate_qparams`` per group of 16 with that global scale and fp8 scales (a zero scale becomes 0.125)."""
+    low, high = dense.amin(), dense.amax()
+    top = torch.max(torch.min(low, torch.zeros_like(low)).abs(), torch.max(high, torch.zeros_like(high)).abs())
+    top = torch.clamp(top, min=torch.finfo(top.dtype).tiny)
+    glob = torch.nan_to_num(FP8_MAX * 6.0 / top, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape([1])
+    grouped = dense.reshape(dense.shape[0], dense.shape[1] // 16, 16)
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    low, high = torch.min(low, torch.zeros_like(low)), torch.max(high, torch.zeros_like(high))
+    span = torch.tensor(6.0) - torch.tensor(-6.0)
+    scale = glob * (torch.max(low.abs(), high.abs()) / (span.to(high.dtype) / 2))
+    scale = torch.clamp(scale, -FP8_MAX, FP8_MAX).to(FP8).to(scale.dtype)
+    return torch.where(scale == 0, torch.tensor(0.125, dtype=scale.dtype), scale), glob
+
+
+def _round_fp4(x: torch.Tensor) -> torch.Tensor:
+    """The library's CPU ``cast_to_fp4``: the nearest fp4 e2m1 value by its thresholds (ties as it breaks them)."""
+    sign = torch.sign(x)
+    x = torch.abs(x)
+    x[(x >= 0.0) & (x <= 0.25)] = 0.0
+    x[(x > 0.25) & (x < 0.75)] = 0.5
+    x[(x >= 0.75) & (x <= 1.25)] = 1.0
+    x[(x > 1.25) & (x < 1.75)] = 1.5
+    x[(x >= 1.75) & (x <= 2.5)] = 2.0
+    x[(x > 2.5) & (x < 3.5)] = 3.0
+    x[(x >= 3.5) & (x <= 5.0)] = 4.0
+    x[x > 5.0] = 6.0
+    return x * sign
+
+
+def quantize_nvfp4(dense: torch.Tensor, scale: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
+    """``weight_packed`` as the library's compressor makes it on the CPU: ``x / (scale / global)`` in fp32,
+    clamped to ±6, rounded to fp4 (:func:`_round_fp4`), through the weight's dtype, then each value's code
+    (sign bit 3, magnitude index 0-7) packed two per byte, the even column low."""
+    rows, cols = dense.shape
+    out = torch.empty((rows, cols // 2), dtype=torch.uint8)
+    factors = scale / glob
+    for part in row_chunks((rows, cols)):
+        grouped = dense[part].reshape(-1, cols // 16, 16)
+        values = _round_fp4(torch.clamp(grouped / factors[part].unsqueeze(-1), -6.0, 6.0))
+        values = values.reshape(-1, cols).to(dense.dtype)
+        sign = torch.signbit(values).to(torch.uint8)
+        doubled = (values * 2).to(torch.int8).abs_()
+        codes = torch.zeros_like(doubled, dtype=torch.uint8)
+        for index, twice in enumerate((1, 2, 3, 4, 6, 8), start=1):
+            codes[doubled == twice] = index
+        codes[doubled >= 12] = 7
+        codes = (codes | (sign << 3)).reshape(-1, 2)
+        out[part] = (codes[:, 0] | (codes[:, 1] << 4)).reshape(-1, cols // 2)
+    return out
