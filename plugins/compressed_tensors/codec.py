@@ -1,15 +1,13 @@
 """compressed-tensors arithmetic for one weight (docs/compressed-tensors.md, "Decoding" and "Encoding").
 
 Decoding is the library's ``decompress`` bit for bit: each stored integer (minus its zero point) or fp8 value
-times its scale, rounded once to the scale's dtype. The library computes ``(q - zp) * scale`` in the scale's
-dtype; every factor is exact there and torch multiplies bf16/fp16 in float32 before one rounding, so computing in
-float32 and casting once gives the same bits (the tests compare with the library on every fixture weight and on
-random scales).
+times its scale, computed as the library does in the scale's dtype, where the integers and their differences are
+exact (the tests compare with the library on every fixture weight and on random scales).
 
-The decoder is written here, not called from the library, for three measured reasons: importing
-``compressed_tensors`` takes about 6 s (it imports transformers) on every CLI start; its ``decompress`` works on
-a whole weight with int32/int64 temporaries of several times its dense size, where this works a few rows at a
-time (fp32 temporaries near 16 MB); and it would make the library a runtime dependency of adaptools.
+The decoder is written here, not called from the library, for these reasons (benchmarks/compressed_tensors.py
+measures them): importing ``compressed_tensors`` takes 6-9 s (it imports transformers) on every CLI start, and
+it would make the library a runtime dependency of adaptools; its ``decompress`` works on a whole weight with
+integer temporaries of the weight's size, where this works a few rows at a time.
 
 Encoding (``--requantize``) writes the library's own expressions in the same dtypes (``calculate_qparams`` from
 the weight's minima and maxima, as llm-compressor's min-max observer feeds it, then ``quantize``), so its bytes
@@ -86,24 +84,47 @@ def _expand(values: torch.Tensor, rows: slice, scheme: Scheme, cols: int) -> tor
     return full[first: first + rows.stop - rows.start, :cols]
 
 
-def stored_values(layout: Layout, weight: torch.Tensor, rows: slice) -> torch.Tensor:
-    """The quantized values of ``rows`` as float32 (integers exactly, fp8 values exactly)."""
+def _codes(layout: Layout, weight: torch.Tensor, rows: slice, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """The stored values of ``rows`` in ``dtype`` (integers of up to 8 bits and fp8 values are exact in bf16,
+    fp16 and fp32), and the offset still to subtract (packed values are stored ``2^(bits-1)`` above the signed
+    value)."""
     scheme, cols = layout.scheme, layout.shape[1]
-    if scheme.format == "pack-quantized":
-        return (unpack(weight[rows], scheme.bits, cols) - (1 << (scheme.bits - 1))).to(torch.float32)
-    return weight[rows].to(torch.float32)
+    if scheme.format != "pack-quantized":
+        return weight[rows].to(dtype), 0.0
+    if scheme.bits == 4:  # two nibbles a byte, low first: straight to floats, no integer temporaries
+        raw = weight[rows].contiguous().view(torch.uint8).view(rows.stop - rows.start, -1)
+        pairs = torch.empty((raw.shape[0], raw.shape[1], 2), dtype=dtype)
+        pairs[..., 0] = raw & 0xF
+        pairs[..., 1] = raw >> 4
+        return pairs.view(raw.shape[0], -1)[:, :cols], 8.0
+    return unpack(weight[rows], scheme.bits, cols).to(dtype), float(1 << (scheme.bits - 1))
 
 
 def dequantize(layout: Layout, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight as the library decompresses it: ``(q - zp) * scale`` rounded once to ``dtype`` (the
-    scale's dtype)."""
+    """The dense weight as the library decompresses it: ``(q - zp) * scale`` in ``dtype`` (the scale's), the
+    same operations in the same dtype: the integers and their differences are exact there, and the product
+    is rounded once."""
     scheme, shape = layout.scheme, layout.shape
     out = torch.empty(shape, dtype=dtype)
-    factors = scale.to(torch.float32)
-    offsets = zero_points(zero, scheme, shape).to(torch.float32) if zero is not None else None
+    factors = scale.to(dtype)
+    offsets = zero_points(zero, scheme, shape).to(dtype) if zero is not None else None
     for rows in row_chunks(shape, scheme.block[0] or 1):
-        values = stored_values(layout, weight, rows)
+        values, unsigned = _codes(layout, weight, rows, dtype)
+        if scheme.strategy == "group":  # a view per group: the scales broadcast, nothing is expanded
+            grouped = values.view(values.shape[0], -1, scheme.group_size) if values.is_contiguous() else (
+                values.reshape(values.shape[0], -1, scheme.group_size))
+            shift = offsets[rows] + unsigned if offsets is not None else None
+            if shift is not None:
+                grouped -= shift.unsqueeze(-1)
+            elif unsigned:
+                grouped -= unsigned
+            grouped *= factors[rows].unsqueeze(-1)
+            out[rows] = grouped.view(values.shape[0], -1) if grouped.is_contiguous() else grouped.reshape(
+                values.shape[0], -1)
+            continue
+        if unsigned:
+            values = values - unsigned
         if offsets is not None:
             values -= _expand(offsets, rows, scheme, shape[1])
         values *= _expand(factors, rows, scheme, shape[1])
