@@ -4,7 +4,7 @@ Decoding is the library's ``decompress`` bit for bit: each stored integer (minus
 times its scale, computed as the library does in the scale's dtype, where the integers and their differences are
 exact (the tests compare with the library on every fixture weight and on random scales).
 
-The decoder is written here, not called from the library, for these reasons (benchmarks/compressed_tensors.py
+The decoder is written here, not called from the library, for these reasons (benchmarks/ct_bases.py
 measures them): importing ``compressed_tensors`` takes 6-9 s (it imports transformers) on every CLI start, and
 it would make the library a runtime dependency of adaptools; its ``decompress`` works on a whole weight with
 integer temporaries of the weight's size, where this works a few rows at a time.
