@@ -123,6 +123,9 @@ class Checkpoint:
         self.groups: dict[str, tuple[Any, list[str]]] = {}
         self.logical: dict[str, BaseTensor] = {}
         self.companions: set[str] = set()
+        #: Groups whose parameter is stored under none of its own name (compressed-tensors' ``weight_packed``,
+        #: GPTQ's ``qweight``): parameter -> the stored companion whose place it takes in an output.
+        self.anchors: dict[str, str] = {}
         #: The backend that opened this checkpoint from a single file of its own format (None: a folder).
         self.opened_by: Any = None
 
@@ -146,6 +149,11 @@ class Checkpoint:
         try:
             for backend in backends:
                 for param, names in backend.find_groups(stored).items():
+                    if param not in self.location and (not names or any(n not in self.location for n in names)):
+                        raise InputError(f"backend {backend.name!r} groups a parameter it stores under no stored "
+                                         "name", tensor=param, hint="report this to the plugin's author")
+                    if param not in self.location:
+                        self.anchors[param] = names[0]
                     self.groups[param] = (backend, names)
                     self.companions.update(names)
                     dtype, shape = backend.group_info(param, self.read_small)
@@ -264,10 +272,10 @@ class Checkpoint:
         return {}
 
     def parameters(self) -> list[str]:
-        """Every parameter a merge sees: the stored tensors that are not parts of a group, and the grouped
-        parameters that are stored only as their parts (MXFP4's ``P_blocks`` + ``P_scales`` make ``P``)."""
-        stored = [name for name in self.location if name not in self.companions]
-        return stored + [param for param in self.groups if param not in self.location]
+        """Every parameter: the stored tensors that are no group's companions, then the groups stored under
+        other names (:attr:`anchors`: compressed-tensors' ``weight_packed``, MXFP4's
+        ``P_blocks`` + ``P_scales``)."""
+        return [name for name in self.location if name not in self.companions] + list(self.anchors)
 
     def base_info(self) -> BaseInfo:
         tensors = {name: self.tensor(name) for name in self.parameters()}

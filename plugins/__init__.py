@@ -24,6 +24,8 @@ gguf           GGUF LoRA adapters, GGUF models as merge bases, GGUF files as mer
 dense          plain fp32/fp16/bf16 weights
 bitsandbytes   4-bit (NF4/FP4) and 8-bit (LLM.int8) weights, byte-exact
 fp8            fine-grained FP8 weights (float8_e4m3fn + block scales), byte-exact
+compressed_tensors
+               compressed-tensors (llm-compressor / vLLM): packed int, fp8, int8 and NVFP4 weights
 mxfp4          MXFP4 expert weights (gpt-oss: FP4 e2m1 + e8m0 scales), decode only
 validators     the ``perplexity``, ``logits`` and ``generate`` checks and the ``eval`` command
 =============  ==================================================================================
@@ -31,4 +33,4 @@ validators     the ``perplexity``, ``logits`` and ``generate`` checks and the ``
 
 #: The families, in the order they are registered (it decides the order of listings, never a lookup).
 FAMILIES = ("lora", "lycoris", "orthogonal", "prompt", "adapterhub", "diffusion", "peft", "schema", "gguf",
-            "dense", "bitsandbytes", "fp8", "mxfp4", "validators")
+            "dense", "bitsandbytes", "fp8", "compressed_tensors", "mxfp4", "validators")

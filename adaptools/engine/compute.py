@@ -230,8 +230,9 @@ class Compute:
             check_finite(entry, written, lambda: merged, what="its encoding")
             report = None
             if entry.survival:
-                before = self.checkpoint.read_small(entry.name)
-                report = survival(entry.name, before, merged, stored, group, written)
+                main = self.checkpoint.anchors.get(entry.name, entry.name)  # the stored tensor the codes are in
+                before = self.checkpoint.read_small(main)
+                report = survival(entry.name, before, merged, stored, group, written, main)
         finally:
             self.seconds["encode"] += time.perf_counter() - started
         return Produced(group, survival=report)

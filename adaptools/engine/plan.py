@@ -270,9 +270,8 @@ def _layout(checkpoint: Checkpoint, entries: dict[str, Entry], aliases: dict[str
             entry = entries[parents.get(name, name)]
             if entry.action == COPY:
                 placed.append((shard.name, Slot(entry, raw=name)))
-            elif name not in parents or (entry.name not in checkpoint.location
-                                         and checkpoint.groups[entry.name][1][0] == name):
-                placed.append((shard.name, Slot(entry)))  # a group stored only as parts: at its first part
+            elif name not in parents or checkpoint.anchors.get(parents[name]) == name:
+                placed.append((shard.name, Slot(entry)))  # (a group stored under other names: at its first)
             else:
                 continue
             for alias in aliases.values():

@@ -72,14 +72,15 @@ def distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
 
 
 def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.Tensor,
-             group: Mapping[str, torch.Tensor], requantized: torch.Tensor) -> Survival:
+             group: Mapping[str, torch.Tensor], requantized: torch.Tensor, main: str | None = None) -> Survival:
     """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the decoded base and W+Δ as rounded to
-    the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces, ``group``
-    what the backend encoded and ``requantized`` that group decoded again."""
+    the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces (``main``,
+    when it is not stored under the parameter's own name), ``group`` what the backend encoded and
+    ``requantized`` that group decoded again."""
     norm = distance(merged, base)
     kept = distance(requantized, base)
     retained = kept / norm if norm > 0 else 1.0
     old = before.reshape(-1).view(torch.uint8)
-    new = group[name].reshape(-1).view(torch.uint8)
+    new = group[main or name].reshape(-1).view(torch.uint8)
     changed = int(torch.count_nonzero(old != new)) / max(1, old.numel()) if old.numel() == new.numel() else 1.0
     return Survival(name, norm, retained, changed)

@@ -65,9 +65,7 @@ def output_dtype(path: str) -> str:
     counts as its dense dtype: the extra rounding of a 4- or 8-bit merge is what this check catches)."""
     checkpoint = plugin.Checkpoint.open(path)
     counts: dict[str, int] = {}
-    for name in checkpoint.location:
-        if name in checkpoint.companions:
-            continue
+    for name in checkpoint.parameters():
         tensor = checkpoint.tensor(name)
         if tensor.dtype in UNIT:
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + math.prod(tensor.shape)

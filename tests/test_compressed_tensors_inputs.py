@@ -1,0 +1,147 @@
+"""Hostile and unsupported compressed-tensors checkpoints: each ends in one clear line naming what is wrong,
+exit code 2, and nothing written, whether the command is ``dequantize`` or ``merge``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from ct_checks import build_ct
+from safetensors.torch import load_file
+
+import adaptools
+from adaptools.checkpoint import Checkpoint
+
+M = "model.layers.0.mlp.gate_proj"  # int4 groups of 32, asymmetric: packed [196, 16], scales [196, 4], zp [25, 4]
+D = "model.layers.0.mlp.down_proj"  # int4 per channel, asymmetric, 196 columns: packed [128, 25]
+F = "model.layers.0.self_attn.q_proj"  # (fp8 fixture) one scale for the tensor
+
+
+@pytest.fixture(scope="module")
+def ct_bases(tmp_path_factory):
+    from peft import LoraConfig
+    from peft_oracle import seeded_lora
+
+    root = tmp_path_factory.mktemp("ct-inputs")
+    paths = build_ct.build(root, ("pack", "fp8"))
+    seeded_lora(paths["llama-ct-dense"], LoraConfig(r=2, target_modules=["gate_proj", "q_proj"]), root / "lora", 3,
+                0.05)
+    return paths["llama-ct-pack"], paths["llama-ct-fp8"], root / "lora"
+
+
+def edited(base, tmp, tensors=None, config=None):
+    """A copy of ``base`` with its tensors and/or its quantization_config edited."""
+    out = tmp / "base"
+    shutil.copytree(base, out)
+    if tensors is not None:
+        state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}
+        tensors(state)
+        (out / "model.safetensors").unlink()
+        adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
+    if config is not None:
+        data = json.loads((out / "config.json").read_text())
+        config(data["quantization_config"])
+        (out / "config.json").write_text(json.dumps(data))
+    return out
+
+
+def put(name, value):
+    return lambda s: s.update({name: value(s)})
+
+
+def setitem(name, index, value):
+    return lambda s: s[name].__setitem__(index, value)
+
+
+def weights(group, **changes):
+    return lambda q: q["config_groups"][group]["weights"].update(changes)
+
+
+S, Z, W, SH = f"{M}.weight_scale", f"{M}.weight_zero_point", f"{M}.weight_packed", f"{M}.weight_shape"
+#: case -> (tensor edit, config edit, what the one line must name)
+HOSTILE = {
+    "scale-nan": (setitem(S, (1, 1), float("nan")), None, S),
+    "scale-zero": (setitem(S, (0, 0), 0.0), None, S),
+    "scale-negative": (setitem(S, (2, 0), -0.001), None, S),
+    "scale-inf": (setitem(S, (0, 1), float("inf")), None, S),
+    "scale-grid": (put(S, lambda s: s[S][:, :2].clone()), None, S),
+    "scale-int": (put(S, lambda s: s[S].to(torch.int32)), None, S),
+    "scale-missing": (lambda s: s.pop(S), None, S),
+    "packed-truncated": (put(W, lambda s: s[W][:, :15].clone()), None, SH),
+    "packed-rows": (put(W, lambda s: s[W][:100].clone()), None, SH),
+    "packed-3d": (put(W, lambda s: s[W].reshape(2, 98, 16).clone()), None, W),
+    "packed-int8": (put(W, lambda s: s[W].view(torch.int8)), None, W),
+    "packed-missing": (lambda s: s.pop(W), None, W),
+    "shape-lies-wider": (put(SH, lambda s: torch.tensor([196, 256])), None, SH),
+    "shape-lies-rows": (put(SH, lambda s: torch.tensor([195, 128])), None, SH),
+    "shape-negative": (put(SH, lambda s: torch.tensor([196, -128])), None, SH),
+    "shape-not-groups": (put(SH, lambda s: torch.tensor([196, 125])), None, W),
+    "shape-three": (put(SH, lambda s: torch.tensor([196, 128, 1])), None, SH),
+    "shape-float": (put(SH, lambda s: torch.tensor([196.0, 128.0])), None, SH),
+    "zero-point-missing": (lambda s: s.pop(Z), None, Z),
+    "zero-point-shape": (put(Z, lambda s: s[Z][:3].clone()), None, Z),
+    "g-idx": (put(f"{M}.weight_g_idx", lambda s: torch.arange(128, dtype=torch.int32) // 32), None, "g_idx"),
+    "g-idx-out-of-range": (put(f"{M}.weight_g_idx", lambda s: torch.full((128,), 99, dtype=torch.int32)), None,
+                           "g_idx"),
+    "static-activation": (put(f"{M}.input_scale", lambda s: torch.ones(1)), None, "input_scale"),
+    "format-unknown": (None, lambda q: q["config_groups"]["group_2"].update({"format": "sparse-24-bitmask"}),
+                       "format"),
+    "strategy-token": (None, weights("group_2", strategy="token", group_size=None), "strategy"),
+    "bits-nine": (None, weights("group_2", num_bits=9), "num_bits"),
+    "actorder-group": (None, weights("group_2", actorder="group"), "actorder"),
+    "group-size-zero": (None, weights("group_2", group_size=0), "group_2"),
+    "untargeted": (None, lambda q: q["config_groups"].pop("group_2"), "gate_proj"),
+    "ignored": (None, lambda q: q.update({"ignore": ["lm_head", M]}), "gate_proj"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_checkpoints_end_in_one_clean_error(case, ct_bases, tmp_path, cli_runner):
+    tensors, config, named = HOSTILE[case]
+    path = edited(ct_bases[0], tmp_path, tensors, config)
+    with pytest.raises(adaptools.InputError):
+        Checkpoint.open(path)
+    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, ct_bases[2], tmp_path / "out"]):
+        result = cli_runner(*command)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert str(path) in result.stderr and named in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _refused_when_read(path, lora, tmp_path, cli_runner, named, says):
+    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, lora, tmp_path / "out"]):
+        result = cli_runner(*command)
+        assert result.exit_code == 2 and named in result.stderr and says in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_shape_naming_fewer_columns_than_were_packed_is_refused(ct_bases, tmp_path, cli_runner):
+    """196 int4 columns fill 24.5 words; 193 need the same 25, so the packed width cannot tell: the padding
+    bits after the last value, which the library leaves zero, do."""
+    path = edited(ct_bases[0], tmp_path, put(f"{D}.weight_shape", lambda s: torch.tensor([128, 193])))
+    _refused_when_read(path, ct_bases[2], tmp_path, cli_runner, f"{D}.weight_shape", "beyond")
+
+
+def test_nan_codes_in_an_fp8_weight_are_refused_when_read(ct_bases, tmp_path, cli_runner):
+    def nan_code(state):
+        state[f"{F}.weight"].view(torch.uint8)[3, 4] = 0x7F
+    path = edited(ct_bases[1], tmp_path, nan_code)
+    _refused_when_read(path, ct_bases[2], tmp_path, cli_runner, f"{F}.weight", "NaN")
+
+
+def test_fp8_scale_nan_is_refused(ct_bases, tmp_path, cli_runner):
+    path = edited(ct_bases[1], tmp_path, setitem(f"{F}.weight_scale", 0, float("nan")))
+    _refused_when_read(path, ct_bases[2], tmp_path, cli_runner, f"{F}.weight_scale", "NaN")
+
+
+def test_a_truncated_file_is_refused(ct_bases, tmp_path, cli_runner):
+    path = edited(ct_bases[0], tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    result = cli_runner("dequantize", path, tmp_path / "out")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
