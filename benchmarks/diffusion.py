@@ -77,7 +77,8 @@ def build(pipe: Path, lora: Path, config: dict, rank: int = 32) -> None:
         if isinstance(module, torch.nn.Linear) and name.endswith(TARGETS):
             a = torch.randn(rank, module.in_features, generator=gen)
             b = torch.randn(module.out_features, rank, generator=gen)
-            factors[f"unet.{name}.lora_A.weight"], factors[f"unet.{name}.lora_B.weight"] = (a * 0.01).half(), (b * 0.01).half()
+            factors[f"unet.{name}.lora_A.weight"] = (a * 0.01).half()
+            factors[f"unet.{name}.lora_B.weight"] = (b * 0.01).half()
     save_file(factors, lora)
 
 
