@@ -70,7 +70,11 @@ def check_factors(parsed: Parsed) -> dict[str, int]:
             raise AdapterFormatError(f"down factor {list(d)} and up factor {list(u)} are not a linear or conv "
                                      "LoRA pair", path=parsed.path, tensor=down,
                                      hint="the file is damaged or holds another method")
-        if u[1] != d[0] or (len(u) == 4 and tuple(u[2:]) != (1, 1)):
+        if len(u) == 4 and tuple(u[2:]) != (1, 1):
+            raise AdapterFormatError(f"up factor {list(u)} has a {u[2]}x{u[3]} kernel; a conv LoRA's up factor is "
+                                     "1x1", path=parsed.path, tensor=up,
+                                     hint="the file is damaged or holds another method")
+        if u[1] != d[0]:
             raise AdapterFormatError(f"down factor has rank {d[0]} but the up factor {list(u)} expects "
                                      f"{u[1]}", path=parsed.path, tensor=up,
                                      hint="the down and up tensors of this module do not belong together")
