@@ -78,7 +78,8 @@ HOSTILE = {
     "qzeros-float": (put(Z, lambda s: s[Z].view(torch.float32)), None, Z),
     "dense-and-packed": (put(f"{M}.weight", lambda s: torch.zeros(128, 192, dtype=torch.float16)), None,
                          f"{M}.weight"),
-    "group-not-dividing-in": (None, conf(group_size=40), (W, "no whole number of groups of 40")),  # down_proj comes first: 192 inputs
+    # down_proj (192 inputs) is checked first
+    "group-not-dividing-in": (None, conf(group_size=40), (W, "no whole number of groups of 40")),
     "gemv": (None, conf(version="gemv"), "version"),
     "bits-8": (None, conf(bits=8), "bits"),
     "no-zero-point": (None, conf(zero_point=False), "zero_point"),
