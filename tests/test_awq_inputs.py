@@ -80,6 +80,8 @@ HOSTILE = {
                          f"{M}.weight"),
     # down_proj (192 inputs) is checked first
     "group-not-dividing-in": (None, conf(group_size=40), (W, "no whole number of groups of 40")),
+    "activation-scales": (put("model.layers.0.mlp.act.scales", lambda s: torch.ones(192, dtype=torch.float16)),
+                          None, ("model.layers.0.mlp.act.scales", "ScaledActivation")),
     "gemv": (None, conf(version="gemv"), "version"),
     "bits-8": (None, conf(bits=8), "bits"),
     "no-zero-point": (None, conf(zero_point=False), "zero_point"),

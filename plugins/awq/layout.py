@@ -62,6 +62,10 @@ def _refuse(message: str, name: str) -> InputError:
 def _check_module(module: str, tensors: Mapping[str, BaseTensor], group_size: int) -> tuple[int, int]:
     """The dense ``(out, in)`` of AWQ linear ``module``, its three tensors' dtypes and shapes checked against
     each other and against the config's ``group_size`` (-1: one group of all inputs)."""
+    lone = tensors.get(module + SCALES)
+    if lone is not None and len(lone.shape) == 1 and not any(module + p in tensors for p in (QWEIGHT, QZEROS)):
+        raise _refuse("activation scales (AWQ's ScaledActivation, used for Falcon, MPT, GPT-J, GPT-NeoX, BigCode "
+                      "and BLOOM): adaptools does not fold them into a dense model", module + SCALES)
     for part in PARTS:
         if module + part not in tensors:
             raise _refuse(f"missing: an AWQ linear stores {', '.join(module + p for p in PARTS)}", module + part)
