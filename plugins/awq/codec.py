@@ -20,15 +20,16 @@ PACK = 32 // BITS
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 #: Column c of a word's eight is nibble REVERSE[c] (the inverse permutation of ORDER).
 REVERSE = tuple(ORDER.index(c) for c in range(PACK))
+#: The shift that brings column c of a word's eight to the low nibble: straight to natural order.
+_SHIFTS = torch.tensor([BITS * i for i in REVERSE], dtype=torch.int32)
 #: Input rows decoded at a time: keeps the fp32 temporaries near 16 MB.
 CHUNK = 1 << 22
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
     """``[rows, width]`` int32 words -> ``[rows, width * 8]`` int32 values 0..15 in natural column order."""
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int32)
-    nibbles = torch.bitwise_right_shift(words.to(torch.int32).unsqueeze(-1), shifts) & 0xF
-    return nibbles[..., list(REVERSE)].reshape(words.shape[0], -1)
+    nibbles = torch.bitwise_right_shift(words.to(torch.int32).unsqueeze(-1), _SHIFTS) & 0xF
+    return nibbles.reshape(words.shape[0], -1)
 
 
 def pack(values: torch.Tensor) -> torch.Tensor:
