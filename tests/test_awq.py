@@ -150,6 +150,22 @@ def test_merge_requantize_keeps_the_grid_and_every_untouched_byte(bases, tmp_pat
                     rule_decode(*(ours[f"{module}.{p}"] for p in PARTS)))
 
 
+def test_requantize_merges_a_linear_left_dense_as_dense(bases, tmp_path):
+    """llama-awq-g64 keeps layer 1's o_proj dense (modules_to_not_convert): with --requantize it is written as
+    the dense merge writes it, while every AWQ linear keeps its scales and zeros and gets a new qweight."""
+    path, adapter = bases["llama-awq-g64"], adaptools.load(bases["lora"])
+    merge(path, [MergeInput(adapter)], tmp_path / "rq", requantize=True)
+    merge(path, [MergeInput(adapter)], tmp_path / "dense")
+    ours, base, dense = state_of(tmp_path / "rq"), state_of(path), state_of(tmp_path / "dense")
+    assert sorted(ours) == sorted(base)
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    assert same(ours[o_proj], dense[o_proj]) and not same(ours[o_proj], base[o_proj])
+    for module in awq_modules(base):
+        assert same(ours[f"{module}.scales"], base[f"{module}.scales"]), module
+        assert same(ours[f"{module}.qzeros"], base[f"{module}.qzeros"]), module
+        assert not same(ours[f"{module}.qweight"], base[f"{module}.qweight"]), module
+
+
 def test_quantizing_dense_weights_to_awq_is_refused(bases, tmp_path, cli_runner):
     result = cli_runner("merge", bases["llama-awq"], bases["lora"], tmp_path / "q", "--merge-base", "original",
                         "--original-base", bases["llama-awq-dense"], "--requantize")
