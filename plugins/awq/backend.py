@@ -49,6 +49,12 @@ class Awq(plugin.Backend):
     description = ("AWQ GEMM (4-bit, zero points, fp16 group scales; AutoAWQ/transformers): AutoAWQ's "
                    "dequantize_gemm, bit for bit; --requantize onto the stored grid (not AWQ calibration)")
 
+    def __init__(self) -> None:
+        #: The dense ``(out, in)`` of each linear of the checkpoint scanned last: the checkpoint asks
+        #: :meth:`group_info` right after :meth:`find_groups`, and the shapes come from the headers, so the
+        #: large qweight need not be read to answer it.
+        self._shapes: dict[str, tuple[int, int]] = {}
+
     @property
     def implementation(self) -> str:
         return "torch (AutoAWQ's fp16 (q - z) * s, a few rows at a time)"
@@ -58,14 +64,16 @@ class Awq(plugin.Backend):
         found = scan(tensors, getattr(tensors, "config", None) or {})
         if not found:
             return {}
+        self._shapes = found
         return {param: [_module(param) + part for part in (QWEIGHT, QZEROS, SCALES)] for param in found}
 
     def group_info(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.dtype, tuple[int, ...]]:
-        """fp16 ``[out, in]``, from the scales (read and checked) and the qweight's header shape."""
+        """fp16 ``[out, in]`` from the scanned headers (else from the qweight itself); reads and checks the
+        scales."""
         scales = read(_module(param) + SCALES)
         check_scales(scales, _module(param) + SCALES)
-        rows = read(_module(param) + QWEIGHT).shape[0]
-        return torch.float16, (int(scales.shape[1]), int(rows))
+        shape = self._shapes.get(param) or (int(scales.shape[1]), int(read(_module(param) + QWEIGHT).shape[0]))
+        return torch.float16, shape
 
     def _parts(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, ...]:
         module = _module(param)
