@@ -66,14 +66,14 @@ HOSTILE = {
     "scale-negative": (setitem(S, (3, 0), -0.01), None, S),
     "scale-bf16": (put(S, lambda s: s[S].to(torch.bfloat16)), None, S),
     "scale-missing": (lambda s: s.pop(S), None, S),
-    "qweight-truncated": (put(W, lambda s: s[W][:160].clone()), None, S),  # still whole groups: scales disagree
+    "qweight-truncated": (put(W, lambda s: s[W][:160].clone()), None, (W, S)),  # whole groups: scales disagree
     "qweight-ragged": (put(W, lambda s: s[W][:170].clone()), None, W),  # not whole groups of 32
-    "qweight-narrow": (put(W, lambda s: s[W][:, :15].clone()), None, S),
+    "qweight-narrow": (put(W, lambda s: s[W][:, :15].clone()), None, (W, S)),
     "qweight-3d": (put(W, lambda s: s[W].reshape(2, 96, 16).clone()), None, W),
     "qweight-int8": (put(W, lambda s: s[W].view(torch.int8)), None, W),
     "qweight-missing": (lambda s: s.pop(W), None, W),
     "out-not-multiple-of-8": (put(S, lambda s: s[S][:, :100].clone()), None, (S, "multiple of 8")),
-    "scales-lie-groups": (put(S, lambda s: s[S][:3].clone()), None, S),
+    "scales-lie-groups": (put(S, lambda s: s[S][:3].clone()), None, (W, S, "3 groups")),
     "qzeros-shape": (put(Z, lambda s: s[Z][:, :8].clone()), None, Z),
     "qzeros-float": (put(Z, lambda s: s[Z].view(torch.float32)), None, Z),
     "dense-and-packed": (put(f"{M}.weight", lambda s: torch.zeros(128, 192, dtype=torch.float16)), None,

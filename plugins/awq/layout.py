@@ -80,15 +80,15 @@ def _check_module(module: str, tensors: Mapping[str, BaseTensor], group_size: in
         raise _refuse(f"{cols} output features: AWQ packs them eight to an int32, so they must be a multiple of 8",
                       module + SCALES)
     if cols != width * PACK:
-        raise _refuse(f"{cols} output features, but qweight {list(qweight.shape)} packs {width * PACK}",
-                      module + SCALES)
+        raise _refuse(f"{qweight.dtype} {list(qweight.shape)} packs {width * PACK} output features, but "
+                      f"{module + SCALES} {list(scales.shape)} has {cols}", module + QWEIGHT)
     group = rows if group_size == -1 else group_size
     if rows % group:
         raise _refuse(f"{rows} input features are no whole number of groups of {group} (config group_size)",
                       module + QWEIGHT)
     if groups * group != rows:
-        raise _refuse(f"{groups} groups of {group} inputs, but qweight {list(qweight.shape)} has {rows} inputs",
-                      module + SCALES)
+        raise _refuse(f"{qweight.dtype} {list(qweight.shape)} has {rows} inputs, but {module + SCALES} "
+                      f"{list(scales.shape)} holds {groups} groups of {group}", module + QWEIGHT)
     if qzeros.dtype != "I32" or tuple(qzeros.shape) != (groups, width):
         raise _refuse(f"{qzeros.dtype} {list(qzeros.shape)}; the zero points of this linear are I32 "
                       f"{[groups, width]}", module + QZEROS)
