@@ -100,7 +100,8 @@ def decode(tensor: Any, path: object = None) -> np.ndarray:
         elif qtype == Q.F16:
             values = np.asarray(tensor.data).astype(np.float32)
         else:
-            values = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+            with np.errstate(all="ignore"):  # non-finite scales: the engine names the tensor (finite.py)
+                values = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
         return values.reshape(numpy_shape(tensor))
     except NotImplementedError:
         raise InputError(f"gguf-py cannot decode {qtype.name} tensors", path=path, tensor=tensor.name) from None
@@ -186,7 +187,8 @@ def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarr
     row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
     if qtype in native.TYPES and native.LIB is not None:
         return native.decode_q8_0(data, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")
-    values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
+    with np.errstate(all="ignore"):  # non-finite scales: the engine names the tensor (finite.py)
+        values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
