@@ -125,7 +125,8 @@ def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return values
     if qtype == Q.F16:
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow to infinity: the engine refuses it naming the tensor
+            return values.astype(np.float16)
     if qtype in native.TYPES and native.LIB is not None and values.ndim and values.shape[-1] % 32 == 0:
         return native.encode_q8_0(values)  # gguf-py's bytes, in C (docs/gguf.md, "The native codec")
     if values.ndim < 2 or values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
