@@ -127,7 +127,7 @@ class GGUFContainer(plugin.OutputContainer):
                    "no encoder for its type" if now_name == "Q8_0" else "its rows are not whole blocks")
             out.append(f"{len(names)} changed {was_name} tensor(s) written as {now_name} ({why}): "
                        f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
-                       + ("; llama.cpp's llama-quantize can re-quantize the file" if why.startswith("no encoder") else ""))
+                       + ("; llama.cpp's llama-quantize can re-quantize the file" if why.startswith("no enc") else ""))
         return out
 
     def writer(self, path: Path, shard: plugin.ShardPlan, plan: plugin.MergePlan,

@@ -4,7 +4,8 @@ gguf-py trusts the counts it reads: a metadata array that declares 2^50 items, o
 read, allocate and loop far past the end of the file (memory grows until the machine gives out). This walk
 reads only the header's fixed-size fields with ``struct``, checks each count against the bytes left, and
 refuses the first that cannot fit, in time proportional to the header, then checks that every tensor of a
-known type ends inside the file, naming the first that does not (docs/gguf.md, "Reading a file safely"). It does not interpret values; :func:`.codec.open_reader` runs it and then gguf-py.
+known type ends inside the file, naming the first that does not (docs/gguf.md, "Reading a file safely").
+It does not interpret values; :func:`.codec.open_reader` runs it and then gguf-py.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def _walk(cur: _Cursor) -> None:
         shape = [cur.take("<Q", "a tensor's shape") for _ in range(dims)]
         tensors.append((name, shape, cur.take("<I", "a tensor's type"), cur.take("<Q", "a tensor's offset")))
     start = -(-cur.at // alignment) * alignment
+    sizes = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
     for name, shape, qtype, offset in tensors:  # each tensor's data inside the file (gguf-py's own message
-        if qtype not in gguf.GGML_QUANT_SIZES or shape[0] % gguf.GGML_QUANT_SIZES[qtype][0]:  # names none)
+        if qtype not in sizes or shape[0] % sizes[qtype][0]:  # names none)
             continue  # an unknown type, rows that are not whole blocks: gguf-py says which
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        block, size = sizes[qtype]
         nbytes = math.prod(shape) // block * size
         if start + offset + nbytes > len(cur.data):
             raise InputError(f"not a readable GGUF file: the tensor's data ({gguf.GGMLQuantizationType(qtype).name}, "

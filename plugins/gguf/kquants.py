@@ -26,12 +26,13 @@ CHUNK = 2048
 def nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: the low mantissa bits of ``v + 12582912.f`` (float32), as int32."""
     bits = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
+    out: np.ndarray = (bits & 0x007FFFFF) - 0x00400000
+    return out
 
 
 def seqsum(terms: np.ndarray, start_zero: bool = True) -> np.ndarray:
     """Sum over axis 0 one element at a time, left to right, in float32 (``float s = 0; s += t[i]``)."""
-    acc = terms[0] + F32(0.0) if start_zero else terms[0].copy()
+    acc: np.ndarray = terms[0] + F32(0.0) if start_zero else terms[0].copy()
     for row in terms[1:]:
         acc = acc + row
     return acc
@@ -227,7 +228,7 @@ def u16_bytes(bits: np.ndarray) -> np.ndarray:
 # --- the five types, [nb, 256] float32 -> [nb, type_size] uint8 ---------------------------------------------
 
 
-def _qkx_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _qkx_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K up to the levels: (the d, dmin and scales bytes [nb, 16], levels [nb, 256])."""
     nb = x.shape[0]
     xs = groups(x, 32)
