@@ -25,9 +25,16 @@ CHUNK = 2048
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: the low mantissa bits of ``v + 12582912.f`` (float32), as int32."""
-    bits = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
-    out: np.ndarray = (bits & 0x007FFFFF) - 0x00400000
+    out: np.ndarray = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
+    out &= 0x007FFFFF
+    out -= 0x00400000
     return out
+
+
+def levels_of(iscale: np.ndarray, x: np.ndarray, mn: np.ndarray, nmax: int) -> np.ndarray:
+    """``clamp(nearest_int(iscale * (x - min)), 0, nmax)``, the asymmetric grid's levels."""
+    out = nearest_int(iscale * (x - mn))
+    return np.clip(out, 0, nmax, out=out)
 
 
 def seqsum(terms: np.ndarray, start_zero: bool = True) -> np.ndarray:
@@ -84,7 +91,10 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     fnmax = F32(nmax)
     iscale = fnmax / (mx - mn)
     scale = F32(1.0) / iscale
-    levels = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
+    levels = levels_of(iscale, x, mn, nmax)
+    # the levels are not kept per step: the (iscale, min) that made the best ones are, and the levels made
+    # again from them at the end (the same operations on the same values)
+    best_iscale, best_from = iscale, mn
 
     def error(sc: np.ndarray, m: np.ndarray, lf: np.ndarray) -> np.ndarray:
         diff = sc * lf + m - x
@@ -93,8 +103,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     best = error(scale, mn, levels.astype(F32))
     for step in range(nstep + 1):
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (mx - mn)  # the min found so far
-        cand = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-        lf = cand.astype(F32)
+        lf = levels_of(iscale, x, mn, nmax).astype(F32)
         wl = w * lf
         sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -105,11 +114,12 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, this_min, lf)
         better = (det > 0) & (cur < best)
-        levels = np.where(better, cand, levels)
+        best_iscale = np.where(better, iscale, best_iscale)
+        best_from = np.where(better, mn, best_from)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    levels = np.where(flat, 0, levels)
+    levels = np.where(flat, 0, levels_of(best_iscale, x, best_from, nmax))
     scale = np.where(flat, F32(0.0), scale)
     return scale, -mn, levels
 
@@ -123,23 +133,28 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = w * x
     lo, hi = -nmax, nmax - 1
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lev = np.clip(nearest_int(iscale * x), lo, hi)
-        lf = lev.astype(F32)
-        return lev, seqsum(wx * lf), seqsum(w * lf * lf)
+    def grid(iscale: np.ndarray) -> np.ndarray:
+        lev = nearest_int(iscale * x)
+        return np.clip(lev, lo, hi, out=lev)
 
-    levels, sumlx, suml2 = trial(F32(-nmax) / mx)
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lf = grid(iscale).astype(F32)
+        return seqsum(wx * lf), seqsum(w * lf * lf)
+
+    best_iscale = F32(-nmax) / mx  # the levels are made again from the best scale's iscale at the end
+    sumlx, suml2 = trial(best_iscale)
     scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        cand, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+        sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = np.where(better, cand, levels)
+        best_iscale = np.where(better, iscale, best_iscale)
         scale = np.where(better, sumlx / suml2, scale)
         best = np.where(better, scale * sumlx, best)
-    return np.where(zero, F32(0.0), scale), np.where(zero, 0, levels + nmax)
+    return np.where(zero, F32(0.0), scale), np.where(zero, 0, grid(best_iscale) + nmax)
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
