@@ -256,9 +256,22 @@ def test_bytes_equal_ggmls_reference_quantizer(qtype, ggml):
     many[::3] += rng.standard_normal((171, 256)).astype(np.float32)  # offsets: the asymmetric types' mins
     many[::5, ::11] *= 50
     size = gguf.GGML_QUANT_SIZES[qtype][1]
-    for values in (hard_rows(), many, normal_rows(seed=3).reshape(-1, 256)):
+    for values in (hard_rows(), many, normal_rows(seed=3).reshape(-1, 256), varied_rows()):
         ours, want = kquants.quantize(values, qtype.name).reshape(-1, size), reference(ggml, values, qtype)
         bad = np.nonzero((ours != want).any(axis=1))[0]
         assert not len(bad), f"{len(bad)} of {len(want)} blocks differ, first {bad[:8].tolist()}"
     digest = hashlib.sha256(reference(ggml, hard_rows(), qtype).tobytes()).hexdigest()
     assert digest == DIGESTS[qtype.name], f'"{qtype.name}": "{digest}",'
+
+
+def varied_rows(n: int = 200, seed: int = 123) -> np.ndarray:
+    """Heavy tails, uniform, all-positive, values on small grids (ties), sparse rows, magnitudes from 1e-30
+    to 1e30 (overflowing float32 in the searches) and Laplace noise."""
+    rng = np.random.default_rng(seed)
+    sparse = rng.standard_normal((n, 256))
+    sparse[rng.random((n, 256)) < 0.9] = 0
+    parts = [rng.standard_t(2, (n, 256)), rng.uniform(-1, 1, (n, 256)), rng.uniform(0, 1, (n, 256)) + 3,
+             rng.integers(-8, 8, (n, 256)) / 2, rng.integers(-3, 4, (n, 256)) * 0.125,
+             np.round(rng.standard_normal((n, 256)) * 8) / 8, sparse,
+             rng.standard_normal((n, 256)) * 10.0 ** rng.uniform(-30, 30, (n, 1)), rng.laplace(0, 1, (n, 256)) * 1e-3]
+    return np.concatenate(parts).astype(np.float32)
