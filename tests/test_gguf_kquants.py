@@ -230,10 +230,13 @@ def _one_line_refusal(result, tmp_path, *expected):
 
 @pytest.fixture(scope="module")
 def ggml():
+    """ggml-quants.c compiled alone, and llama.cpp's own libggml-base.so where the full fixture was built."""
     sys.path.insert(0, str(FIXTURES))
     import ggml_quants
+    import llamacpp
 
-    return ctypes.CDLL(str(ggml_quants.library()))
+    built = sorted(llamacpp.VENV.glob("lib/python*/site-packages/**/libggml-base.so"))
+    return [ctypes.CDLL(str(path)) for path in [ggml_quants.library(), *built[:1]]]
 
 
 def reference(lib, values: np.ndarray, qtype: Q) -> np.ndarray:
@@ -256,12 +259,13 @@ def test_bytes_equal_ggmls_reference_quantizer(qtype, ggml):
     many[::3] += rng.standard_normal((171, 256)).astype(np.float32)  # offsets: the asymmetric types' mins
     many[::5, ::11] *= 50
     size = gguf.GGML_QUANT_SIZES[qtype][1]
-    for values in (hard_rows(), many, normal_rows(seed=3).reshape(-1, 256), varied_rows()):
-        ours, want = kquants.quantize(values, qtype.name).reshape(-1, size), reference(ggml, values, qtype)
-        bad = np.nonzero((ours != want).any(axis=1))[0]
-        assert not len(bad), f"{len(bad)} of {len(want)} blocks differ, first {bad[:8].tolist()}"
-    digest = hashlib.sha256(reference(ggml, hard_rows(), qtype).tobytes()).hexdigest()
-    assert digest == DIGESTS[qtype.name], f'"{qtype.name}": "{digest}",'
+    for lib in ggml:
+        for values in (hard_rows(), many, normal_rows(seed=3).reshape(-1, 256), varied_rows()):
+            ours, want = kquants.quantize(values, qtype.name).reshape(-1, size), reference(lib, values, qtype)
+            bad = np.nonzero((ours != want).any(axis=1))[0]
+            assert not len(bad), f"{lib}: {len(bad)} of {len(want)} blocks differ, first {bad[:8].tolist()}"
+        digest = hashlib.sha256(reference(lib, hard_rows(), qtype).tobytes()).hexdigest()
+        assert digest == DIGESTS[qtype.name], f'"{qtype.name}": "{digest}",'
 
 
 def varied_rows(n: int = 200, seed: int = 123) -> np.ndarray:
