@@ -204,7 +204,7 @@ def test_a_tiny_k_quant_base_by_llama_quantize_keeps_its_types(tmp, cli_runner):
     assert changed and all(after[n][0] == before[n][0] for n in changed) and summary["warnings"] == []
     assert any(before[n][0] in k_quants for n in changed)
     print(f"tiny Q4_K_M: merged vs runtime adapter {error:.2e}, adapter effect {effect:.2e}")
-    assert error < effect / 2
+    assert error < effect / 2  # measured 0.167 against 1.10: Q4_K's own rounding of the merged weights
     assert requantized_by_llama_cpp(cli_runner, tmp, base, tmp / "wide-lora", tmp / "wide-q4_k_m-merged.gguf") \
         == len(changed)
 
