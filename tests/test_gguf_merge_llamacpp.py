@@ -39,7 +39,7 @@ TINY = {"llama": "llama-lora", "qwen2": "qwen2-multi", "gpt2": "gpt2-lora"}
 #: changed weight to the type. Measured: tiny bases F32 2-4e-7, F16 0.6-1.0e-3, Q8_0 1.4-2.2e-2; SmolLM2-135M
 #: (30 layers) F16 5.5e-3, Q8_0 6.7e-2 (printed by each test).
 TOLERANCE = {"f32": 2e-5, "f16": 1.5e-3, "q8_0": 3e-2}
-SMOL_TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1, "q4_k_m": 2e-1}  # Q4_K_M: its Q5_0 tensors stay Q5_0 (measured 0.125)
+SMOL_TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1, "q4_k_m": 2e-1}  # Q4_K_M: every type kept (measured 0.178)
 #: llama.cpp's ftype for each type a merge re-encodes in (its quantizer makes the reference tensors).
 FTYPES = {getattr(gguf.GGMLQuantizationType, t.upper()): t for t in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}
 #: K-quants: the Q4_K_M mix gives each tensor the type it gave the base's (its choice depends on the tensor's
@@ -176,8 +176,11 @@ def test_smollm2_k_quants_keep_their_types_and_equal_the_runtime_adapter(smol, t
     kept = sorted(s["retained"] for s in summary["survival"])
     print(f"Q4_K_M re-encoded in its own types: {error:.2e} (adapter effect {effect:.2e}, median survival "
           f"{kept[len(kept) // 2]:.2f})")
-    assert error < SMOL_TOLERANCE["q4_k_m"] and effect > 2 * error
     requantized_by_llama_cpp(cli_runner, tmp, base, smol["adapter"], tmp / "smollm2-q4_k_m-merged.gguf")
+    # measured 0.178 against an effect of 0.233 (0.125 when changed K-quants were written Q8_0): Q4_K's
+    # rounding of the merged weights is about the size of this adapter's change, though the survival ratio's
+    # median is 0.95 (docs/gguf.md, "K-quant encoders")
+    assert error < SMOL_TOLERANCE["q4_k_m"] and effect > 1.2 * error
 
 
 def test_a_tiny_k_quant_base_by_llama_quantize_keeps_its_types(tmp, cli_runner):
