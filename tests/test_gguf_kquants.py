@@ -209,11 +209,13 @@ def test_k_quant_blocks_with_non_finite_scales_are_refused(case, at, value, expe
 
 
 def test_truncated_k_quant_blocks_are_refused(wide, tmp_path, cli_runner):
-    last = max(gguf.GGUFReader(wide["base"]).tensors, key=lambda t: t.data_offset)
+    """The file ends 100 bytes before its last Q4_K tensor's blocks do."""
+    tensors = gguf.GGUFReader(wide["base"]).tensors
+    last = max((t for t in tensors if t.tensor_type == Q.Q4_K), key=lambda t: t.data_offset)
     bad = _patched(wide["base"], tmp_path, last.name, 0, b"", cut=int(last.n_bytes) - 100)
     result = cli_runner("merge", bad, wide["lora"], tmp_path / "out.gguf")
-    _one_line_refusal(result, tmp_path, "not a readable GGUF file", "100 bytes past the end", "bad.gguf",
-                      last.name)
+    _one_line_refusal(result, tmp_path, "not a readable GGUF file", "(Q4_K, 18432 bytes) ends 100 bytes past the end",
+                      "bad.gguf", last.name)
 
 
 def _one_line_refusal(result, tmp_path, *expected):
