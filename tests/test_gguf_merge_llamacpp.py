@@ -33,14 +33,18 @@ import llamacpp  # noqa: E402
 import smollm2  # noqa: E402
 
 IDS = [[1, 5, 7, 9, 17, 33, 64, 100, 127, 3, 2, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 TINY = {"llama": "llama-lora", "qwen2": "qwen2-multi", "gpt2": "gpt2-lora"}
 #: Merged vs runtime adapter, relative: F32 is summation order only; F16 and Q8_0 add the rounding of each
 #: changed weight to the type. Measured: tiny bases F32 2-4e-7, F16 0.6-1.0e-3, Q8_0 1.4-2.2e-2; SmolLM2-135M
 #: (30 layers) F16 5.5e-3, Q8_0 6.7e-2 (printed by each test).
 TOLERANCE = {"f32": 2e-5, "f16": 1.5e-3, "q8_0": 3e-2}
-SMOL_TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1, "q4_k_m": 2e-1}  # Q4_K_M: its Q5_0 tensors stay Q5_0 (measured 0.125)
+SMOL_TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1, "q4_k_m": 2e-1}  # Q4_K_M: every type kept (measured 0.178)
 #: llama.cpp's ftype for each type a merge re-encodes in (its quantizer makes the reference tensors).
 FTYPES = {getattr(gguf.GGMLQuantizationType, t.upper()): t for t in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}
+#: K-quants: the Q4_K_M mix gives each tensor the type it gave the base's (its choice depends on the tensor's
+#: name, layer and shape only), and without an importance matrix it runs ggml's reference quantizers.
+FTYPES.update({gguf.GGMLQuantizationType.Q4_K: "q4_k_m", gguf.GGMLQuantizationType.Q6_K: "q4_k_m"})
 #: GPT-2's GELU goes through an fp16 table in ggml (test_gguf_llamacpp.py), which the merged weights feed
 #: with slightly different activations than the runtime adapter.
 GPT2_F32 = 1e-3
@@ -155,26 +159,57 @@ def test_merged_smollm2_equals_the_runtime_adapter(outtype, smol, tmp, cli_runne
                                     tmp / f"smollm2-{outtype}-merged.gguf") == 30 * 7
 
 
-def test_smollm2_k_quants_become_q8_0_and_equal_the_runtime_adapter(smol, tmp, cli_runner):
-    """llama.cpp's Q4_K_M (Q4_K and Q6_K, and Q5_0/Q8_0 where rows are not 256-value blocks): changed K-quant
-    tensors are written Q8_0, with a warning, the others in their own type."""
+def test_smollm2_k_quants_keep_their_types_and_equal_the_runtime_adapter(smol, tmp, cli_runner):
+    """llama.cpp's Q4_K_M (Q4_K and Q6_K, and Q5_0/Q8_0 where rows are not 256-value blocks): every changed
+    tensor is written in its own type, as llama.cpp's quantizer writes the exact merge, byte for byte."""
     base = smol["bases"]["q4_k_m"]
-    runtime = retyped(cli_runner, smol, tmp, base, "smollm2-q4_k_m")
     error, effect, summary = merged_vs_runtime(cli_runner, tmp, "smollm2-q4_k_m", base, smol["adapter"],
-                                               smol["dense"], runtime_base=runtime)
-    assert any("Q4_K tensor(s) written as Q8_0" in w for w in summary["warnings"])
-    assert any("Q6_K tensor(s) written as Q8_0" in w for w in summary["warnings"])
+                                               smol["dense"])
+    assert summary["warnings"] == []
     before, after = raw(base), raw(tmp / "smollm2-q4_k_m-merged.gguf")
     changed = [n for n in after if after[n] != before[n]]
     assert len(changed) == 30 * 7
+    assert all(after[n][0] == before[n][0] for n in changed)
     k_quants = {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K}
-    for name in changed:
-        kind = before[name][0]
-        assert after[name][0] == (gguf.GGMLQuantizationType.Q8_0 if kind in k_quants else kind), name
     assert any(before[n][0] in k_quants for n in changed) and all(after[n] == before[n] for n in after
                                                                   if n not in changed)
-    assert error < SMOL_TOLERANCE["q4_k_m"] and effect > 2 * error
+    kept = sorted(s["retained"] for s in summary["survival"])
+    print(f"Q4_K_M re-encoded in its own types: {error:.2e} (adapter effect {effect:.2e}, median survival "
+          f"{kept[len(kept) // 2]:.2f})")
     requantized_by_llama_cpp(cli_runner, tmp, base, smol["adapter"], tmp / "smollm2-q4_k_m-merged.gguf")
+    # measured 0.178 against an effect of 0.233 (0.125 when changed K-quants were written Q8_0): Q4_K's
+    # rounding of the merged weights is about the size of this adapter's change, though the survival ratio's
+    # median is 0.95 (docs/gguf.md, "K-quant encoders")
+    assert error < SMOL_TOLERANCE["q4_k_m"] and effect > 1.2 * error
+
+
+def test_a_tiny_k_quant_base_by_llama_quantize_keeps_its_types(tmp, cli_runner):
+    """A 256-wide tiny Llama quantized to Q4_K_M by llama.cpp: the merge keeps every changed tensor's type,
+    llama.cpp loads the result (its logits near the runtime adapter's), and each changed tensor is the bytes
+    llama.cpp's own quantizer makes of the exact merge (tests/test_gguf_kquants.py checks the encoders alone)."""
+    import transformers
+    from peft import LoraConfig
+
+    torch.manual_seed(9)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp / "wide-hf")
+    f16 = llamacpp.convert_base(tmp / "wide-hf", tmp / "wide-f16.gguf", "f16")
+    base = llamacpp.quantize(f16, tmp / "wide-q4_k_m.gguf", "q4_k_m")
+    seeded_lora(tmp / "wide-hf", LoraConfig(r=4, lora_alpha=8, target_modules=sorted(LLAMA_PROJECTIONS)),
+                tmp / "wide-lora", 4, 0.05)
+    error, effect, summary = merged_vs_runtime(cli_runner, tmp, "wide-q4_k_m", base, tmp / "wide-lora",
+                                               tmp / "wide-hf")
+    before, after = raw(base), raw(tmp / "wide-q4_k_m-merged.gguf")
+    changed = [n for n in after if after[n] != before[n]]
+    k_quants = {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K}
+    assert changed and all(after[n][0] == before[n][0] for n in changed) and summary["warnings"] == []
+    assert any(before[n][0] in k_quants for n in changed)
+    print(f"tiny Q4_K_M: merged vs runtime adapter {error:.2e}, adapter effect {effect:.2e}")
+    assert error < effect / 2  # measured 0.167 against 1.10: Q4_K's own rounding of the merged weights
+    assert requantized_by_llama_cpp(cli_runner, tmp, base, tmp / "wide-lora", tmp / "wide-q4_k_m-merged.gguf") \
+        == len(changed)
 
 
 def test_smollm2_package_q4_1_file(smol, tmp, cli_runner):

@@ -67,7 +67,7 @@ def _run(base: str | MergePlan, inputs: list[MergeInput], out: str, options: Mer
 def _report(summary: MergeSummary, json_: bool, extra: dict[str, Any] | None = None, verb: str = "merged") -> None:
     for warning in summary.warnings:
         click.echo(f"warning: {warning}", err=True)
-    _report_survival(summary.survival, quiet=json_)
+    _report_survival(summary.survival, quiet=json_, gguf=summary.output.endswith(".gguf"))
     if json_:
         emit_json({**summary.to_json(), **(extra or {})})
         return
@@ -174,17 +174,22 @@ def _echo_plan(data: dict[str, Any]) -> None:
         click.echo(f"  {shard['file']}: {shard['tensors']} tensors, {approx}{_fmt_bytes(shard['bytes'])}")
 
 
-def _report_survival(survival: list[dict[str, Any]], quiet: bool = False) -> None:
-    """Summarise how much of the change survived requantization; warn on stderr when most was lost."""
+def _report_survival(survival: list[dict[str, Any]], quiet: bool = False, gguf: bool = False) -> None:
+    """Summarise how much of the change survived requantization; warn on stderr when most was lost, naming
+    the layers (fewest kept first) and what to do: for a GGUF file (whose changed tensors keep their own
+    type, a 4-bit K-quant or Q4_0 included) a wider ``--outtype``, else a merge without ``--requantize``."""
     if not survival:
         return
     kept = sorted(s["retained"] for s in survival)
     median = kept[len(kept) // 2]
-    lost = sum(1 for k in kept if k < 0.5)
+    lost = sorted((s["retained"], s["tensor"]) for s in survival if s["retained"] < 0.5)
     if not quiet:
         click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
                    f"(min {kept[0]:.0%}, max {kept[-1]:.0%})")
     if lost:
-        click.echo(f"WARNING: in {lost} of {len(kept)} layers requantizing erased more than half of the "
-                   "adapter's change; the quantized model has largely lost the fine-tune. Merge without "
-                   "--requantize for a faithful 16-bit model.", err=True)
+        names = ", ".join(f"{name} ({share:.0%})" for share, name in lost[:4]) + (", ..." if len(lost) > 4 else "")
+        fix = ("Write the changed tensors in a wider type: --outtype q8_0 (or f16)." if gguf else
+               "Merge without --requantize for a faithful 16-bit model.")
+        click.echo(f"WARNING: in {len(lost)} of {len(kept)} layers requantizing erased more than half of the "
+                   f"adapter's change ({names}); the quantized model has largely lost the fine-tune. {fix}",
+                   err=True)

@@ -5,9 +5,9 @@ keeps its place and bytes, and each one gguf-py decodes is a one-tensor group na
 parameter (``blk.0.attn_q.weight`` is ``model.layers.0.self_attn.q_proj.weight``), decoded to float32 in the
 Hugging Face layout (Q/K rows put back in HF order, Conv1D weights transposed), so a LoRA merges into it
 exactly as into the safetensors checkpoint it came from. A changed tensor is put back into GGUF's layout and
-encoded in its own type where gguf-py has an encoder, else Q8_0 (docs/gguf.md, "Tensor types gguf-py encodes
-and decodes" and "Merging into a GGUF base"); untouched ones are copied byte for byte. Tensors without a
-Hugging Face name (norms) keep their GGUF name.
+encoded in its own type where gguf-py or our K-quant encoders encode it, else Q8_0 (docs/gguf.md, "Tensor
+types gguf-py encodes and decodes", "K-quant encoders" and "Merging into a GGUF base"); untouched ones are
+copied byte for byte. Tensors without a Hugging Face name (norms) keep their GGUF name.
 
 Imports run one way: this module offers the output container (``container.py``, which writes one GGUF file
 from a GGUF base or, through ``export.py``, from a dense Hugging Face one) and hands it itself to encode

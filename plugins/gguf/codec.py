@@ -18,12 +18,15 @@ from gguf import GGMLQuantizationType as Q
 
 from adaptools.plugin import InputError
 
-from . import native
+from . import kquants, native
 from .header import check_counts
 
 MAGIC = b"GGUF"
-#: Types gguf-py can encode (quantize) in Python; the others (K-quants, IQ types) only decode.
-ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
+#: K-quants we encode ourselves, with the bytes of ggml's reference quantizer (kquants.py).
+KQUANTS = frozenset({Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+#: Types we can encode: gguf-py's (quantize, in Python), the native Q8_0 kernel's, and the K-quants; the
+#: others (IQ types and a few more) only decode.
+ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}) | KQUANTS
 #: ``--outtype`` names of an adapter's tensors.
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 
@@ -97,7 +100,8 @@ def decode(tensor: Any, path: object = None) -> np.ndarray:
         elif qtype == Q.F16:
             values = np.asarray(tensor.data).astype(np.float32)
         else:
-            values = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+            with np.errstate(all="ignore"):  # non-finite scales: the engine names the tensor (finite.py)
+                values = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
         return values.reshape(numpy_shape(tensor))
     except NotImplementedError:
         raise InputError(f"gguf-py cannot decode {qtype.name} tensors", path=path, tensor=tensor.name) from None
@@ -109,14 +113,20 @@ def decode(tensor: Any, path: object = None) -> np.ndarray:
 def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
     """float32 values (numpy order) -> the array gguf-py writes for ``qtype``: float32/float16 arrays, or
     uint8 rows of blocks (BF16 and the block quants). Raises ``gguf.QuantError`` when the last dimension is
-    not a whole number of blocks, and KeyError for a type gguf-py cannot encode (see :data:`ENCODABLE`)."""
+    not a whole number of blocks, and KeyError for a type we cannot encode (see :data:`ENCODABLE`)."""
     if qtype not in ENCODABLE:
         raise KeyError(qtype)
     values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype in KQUANTS:  # ggml's reference bytes, in numpy (docs/gguf.md, "K-quant encoders")
+        if values.ndim == 0 or values.shape[-1] % kquants.QK_K:
+            raise gguf.QuantError(f"{qtype.name} needs rows of whole {kquants.QK_K}-value blocks, "
+                                  f"not {values.shape[-1:] or 'a scalar'}")
+        return kquants.quantize(values, qtype.name)
     if qtype == Q.F32:
         return values
     if qtype == Q.F16:
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow to infinity: the engine refuses it naming the tensor
+            return values.astype(np.float16)
     if qtype in native.TYPES and native.LIB is not None and values.ndim and values.shape[-1] % 32 == 0:
         return native.encode_q8_0(values)  # gguf-py's bytes, in C (docs/gguf.md, "The native codec")
     if values.ndim < 2 or values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
@@ -178,13 +188,14 @@ def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarr
     row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
     if qtype in native.TYPES and native.LIB is not None:
         return native.decode_q8_0(data, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")
-    values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
+    with np.errstate(all="ignore"):  # non-finite scales: the engine names the tensor (finite.py)
+        values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
 def changed_type(stored: Q, row: int, override: Q | None = None) -> Q:
     """The type a tensor a merge changed is written in: ``override`` (``--outtype``) if given, else its own
-    where gguf-py encodes it, else Q8_0 (K-quants, IQ types); F16 where its rows are not whole blocks of
-    that type (docs/gguf.md, "Tensor types gguf-py encodes and decodes")."""
+    where we encode it (:data:`ENCODABLE`, K-quants included), else Q8_0 (IQ types and the like); F16 where
+    its rows are not whole blocks of that type (docs/gguf.md, "Tensor types gguf-py encodes and decodes")."""
     want = override if override is not None else stored if stored in ENCODABLE else Q.Q8_0
     return want if row % gguf.GGML_QUANT_SIZES[want][0] == 0 else Q.F16

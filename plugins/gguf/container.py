@@ -3,8 +3,8 @@
 
 From a GGUF base, the file is the base's: every metadata key kept (plus ``adaptools.provenance``, near the
 start so that ``--force`` recognises the file as ours: :meth:`GGUFContainer.owns`), every tensor in the
-base's order, untouched ones copied byte for byte, changed ones re-encoded (their own type where gguf-py
-encodes it, else Q8_0, or ``--outtype``), and the plan warns about every changed tensor whose type changed
+base's order, untouched ones copied byte for byte, changed ones re-encoded (their own type where we encode
+it, K-quants included, else Q8_0, or ``--outtype``), and the plan warns about every changed tensor whose type changed
 (docs/gguf.md, "Merging into a GGUF base"). From a dense Hugging Face base, ``export.py`` says which tensors
 and metadata llama.cpp's converter would write. ``writer.py`` streams the file.
 
@@ -124,10 +124,10 @@ class GGUFContainer(plugin.OutputContainer):
         out = []
         for (was_name, now_name), names in sorted(moved.items()):
             why = ("as asked (--outtype)" if plan.options.outtype else
-                   "gguf-py has no encoder for it" if now_name == "Q8_0" else "its rows are not whole blocks")
+                   "no encoder for its type" if now_name == "Q8_0" else "its rows are not whole blocks")
             out.append(f"{len(names)} changed {was_name} tensor(s) written as {now_name} ({why}): "
                        f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
-                       + ("; llama.cpp's llama-quantize can re-quantize the file" if why.startswith("gguf-py") else ""))
+                       + ("; llama.cpp's llama-quantize can re-quantize the file" if why.startswith("no enc") else ""))
         return out
 
     def writer(self, path: Path, shard: plugin.ShardPlan, plan: plugin.MergePlan,

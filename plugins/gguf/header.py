@@ -3,15 +3,19 @@
 gguf-py trusts the counts it reads: a metadata array that declares 2^50 items, or 2^60 tensors, makes it
 read, allocate and loop far past the end of the file (memory grows until the machine gives out). This walk
 reads only the header's fixed-size fields with ``struct``, checks each count against the bytes left, and
-refuses the first that cannot fit, in time proportional to the header (docs/gguf.md, "Reading a file
-safely"). It does not interpret values; :func:`.codec.open_reader` runs it and then gguf-py.
+refuses the first that cannot fit, in time proportional to the header, then checks that every tensor of a
+known type ends inside the file, naming the first that does not (docs/gguf.md, "Reading a file safely").
+It does not interpret values; :func:`.codec.open_reader` runs it and then gguf-py.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
+
+import gguf
 
 from adaptools.plugin import InputError
 
@@ -66,6 +70,11 @@ class _Cursor:
     def string(self, what: str) -> None:
         self.skip(self.count("<Q", f"bytes of {what}", 1), what)
 
+    def text(self, what: str) -> str:
+        n = self.count("<Q", f"bytes of {what}", 1)
+        self.at += n
+        return bytes(self.data[self.at - n:self.at]).decode("utf-8", "replace")
+
 
 def check_counts(path: Path) -> None:
     """Refuse a GGUF file whose header declares more keys, array items, tensors, dimensions or string bytes
@@ -87,15 +96,33 @@ def _walk(cur: _Cursor) -> None:
         return  # big-endian or unknown: gguf-py says which
     n_tensors = cur.count("<Q", "tensors", MIN_TENSOR_INFO)
     n_kv = cur.count("<Q", "metadata keys", MIN_KV)
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
     for _ in range(n_kv):
-        cur.string("a metadata key")
-        _value(cur, cur.take("<I", "a value type"), nested=False)
+        key = cur.text("a metadata key")
+        kind = cur.take("<I", "a value type")
+        if key == "general.alignment" and kind == 4:  # UINT32, as llama.cpp reads it
+            alignment = cur.take("<I", "a metadata value") or alignment
+        else:
+            _value(cur, kind, nested=False)
+    tensors = []
     for _ in range(n_tensors):
-        cur.string("a tensor name")
+        name = cur.text("a tensor name")
         dims = cur.take("<I", "a tensor's dimension count")
         if not 1 <= dims <= MAX_DIMS:
             raise _unreadable(f"a tensor declares {dims} dimensions (GGUF has 1 to {MAX_DIMS})", cur.path, MISLEAD)
-        cur.skip(8 * dims + 4 + 8, "a tensor's shape, type and offset")
+        shape = [cur.take("<Q", "a tensor's shape") for _ in range(dims)]
+        tensors.append((name, shape, cur.take("<I", "a tensor's type"), cur.take("<Q", "a tensor's offset")))
+    start = -(-cur.at // alignment) * alignment
+    sizes = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
+    for name, shape, qtype, offset in tensors:  # each tensor's data inside the file (gguf-py's own message
+        if qtype not in sizes or shape[0] % sizes[qtype][0]:  # names none)
+            continue  # an unknown type, rows that are not whole blocks: gguf-py says which
+        block, size = sizes[qtype]
+        nbytes = math.prod(shape) // block * size
+        if start + offset + nbytes > len(cur.data):
+            raise InputError(f"not a readable GGUF file: the tensor's data ({gguf.GGMLQuantizationType(qtype).name}, "
+                             f"{nbytes} bytes) ends {start + offset + nbytes - len(cur.data)} bytes past the end "
+                             "of the file", path=cur.path, tensor=name, hint=TRUNCATED)
 
 
 def _value(cur: _Cursor, kind: int, nested: bool) -> None:
