@@ -264,6 +264,28 @@ def test_merge_requantize_copies_untouched_layers_and_reports_survival(tmp_path,
         assert torch.equal(ours[name], packed) and torch.equal(ours[f"{name}.absmax"], state.absmax), name
 
 
+def test_survival_reports_the_rounding_error_against_the_change(tmp_path, cli_runner):
+    """Besides the share kept, each changed layer's report gives the error re-encoding added against the change,
+    ‖deq(q(W+Δ)) − (W+Δ)‖ / ‖Δ‖, computed here from the dense merge and the requantized output decoded by
+    bitsandbytes' rule; the text summary gives its median."""
+    from adaptools import MergeInput, merge
+
+    result = cli_runner("merge", NF4_BASE, adapter_path("llama-layers"), tmp_path / "rq", "--requantize", "--json")
+    assert result.exit_code == 0, result.output
+    merge(NF4_BASE, [MergeInput(adaptools.load(adapter_path("llama-layers")))], tmp_path / "dense")
+    merge(NF4_BASE, [], tmp_path / "base")
+    dense, base = load_file(str(tmp_path / "dense" / "model.safetensors")), state_of(tmp_path / "base")
+    merge(tmp_path / "rq", [], tmp_path / "rq-dense")
+    again = state_of(tmp_path / "rq-dense")
+    for s in json.loads(result.stdout)["survival"]:
+        name = s["tensor"]
+        change = (dense[name].float() - base[name].float()).norm()
+        expected = float((again[name].float() - dense[name].float()).norm() / change)
+        assert s["error"] == pytest.approx(expected, rel=1e-4) and 0 < s["error"], name
+    text = cli_runner("merge", NF4_BASE, adapter_path("llama-layers"), tmp_path / "rq2", "--requantize")
+    assert "median rounding error" in text.stdout, text.output
+
+
 def test_small_deltas_are_erased_by_requantizing_and_we_say_so(tmp_path, cli_runner):
     result = cli_runner("merge", NF4_BASE, adapter_path("llama-lora"), tmp_path / "rq", "--requantize",
                         "--weight", "0.003")

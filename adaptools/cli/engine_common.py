@@ -183,9 +183,11 @@ def _report_survival(survival: list[dict[str, Any]], quiet: bool = False, gguf: 
     kept = sorted(s["retained"] for s in survival)
     median = kept[len(kept) // 2]
     lost = sorted((s["retained"], s["tensor"]) for s in survival if s["retained"] < 0.5)
+    errors = sorted(s.get("error", 0.0) for s in survival)
     if not quiet:
         click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
-                   f"(min {kept[0]:.0%}, max {kept[-1]:.0%})")
+                   f"(min {kept[0]:.0%}, max {kept[-1]:.0%}); median rounding error {errors[len(errors) // 2]:.0%} "
+                   "of the change")
     if lost:
         names = ", ".join(f"{name} ({share:.0%})" for share, name in lost[:4]) + (", ..." if len(lost) > 4 else "")
         fix = ("Write the changed tensors in a wider type: --outtype q8_0 (or f16)." if gguf else

@@ -2,7 +2,8 @@
 
 Re-encoding is lossy and, with nested quantization, not even a fixed point, so the plan copies
 untouched groups byte for byte and re-encodes only what a merge changed. For each of those the report
-says how much of the change survived: ``‖deq(q(W + Δ)) − W‖ / ‖Δ‖`` with ``W`` the decoded base.
+says how much of the change survived: ``‖deq(q(W + Δ)) − W‖ / ‖Δ‖`` with ``W`` the decoded base, and the
+rounding error re-encoding added, ``‖deq(q(W + Δ)) − (W + Δ)‖ / ‖Δ‖``.
 Small deltas (QLoRA's usually are) round away, which is why dequantize-merge is the default.
 """
 
@@ -34,6 +35,10 @@ class Survival:
     delta_norm: float
     retained: float  # ‖deq(q(W+Δ)) − W‖ / ‖Δ‖
     codes_changed: float  # share of stored bytes that changed
+    #: ‖deq(q(W+Δ)) − (W+Δ)‖ / ‖Δ‖: the rounding error re-encoding added, against the change. ``retained`` alone
+    #: can read near 1 while most of what was written is rounding noise (a 4-bit K-quant's re-encoding is not
+    #: a fixed point), so both are reported.
+    error: float = 0.0
 
 
 def quantize_targets(checkpoint: Checkpoint, backend: Backend,
@@ -80,7 +85,8 @@ def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.
     norm = distance(merged, base)
     kept = distance(requantized, base)
     retained = kept / norm if norm > 0 else 1.0
+    error = distance(requantized, merged) / norm if norm > 0 else 0.0
     old = before.reshape(-1).view(torch.uint8)
     new = group[main or name].reshape(-1).view(torch.uint8)
     changed = int(torch.count_nonzero(old != new)) / max(1, old.numel()) if old.numel() == new.numel() else 1.0
-    return Survival(name, norm, retained, changed)
+    return Survival(name, norm, retained, changed, error)
