@@ -97,7 +97,7 @@ def _expect(tensors: Mapping[str, BaseTensor], name: str, dtypes: tuple[str, ...
 
 def checked(module: str, tensors: Mapping[str, BaseTensor], bits: int, group_size: int) -> Layout:
     """The layout of ``module``, every part's dtype and shape checked against the others and the config: the
-    inputs come from ``g_idx``, the outputs from ``scales``."""
+    inputs and outputs come from ``qweight``'s shape and the config's bits."""
     names = tuple(f"{module}.{part}" for part in PARTS)
     qweight, _, scales, g_idx = names
     for name in names:
@@ -105,12 +105,16 @@ def checked(module: str, tensors: Mapping[str, BaseTensor], bits: int, group_siz
             raise _refuse("missing: a GPTQ linear stores qweight, qzeros, scales and g_idx", name)
         if len(tensors[name].shape) != (1 if name == g_idx else 2):
             raise _refuse(f"{list(tensors[name].shape)}: wrong number of dimensions", name)
-    inputs, outputs = tensors[g_idx].shape[0], tensors[scales].shape[1]
+    rows, outputs = tensors[qweight].shape
+    inputs = rows * 32 // bits
+    if rows == 0 or rows * 32 % bits or tensors[g_idx].shape[0] != inputs:
+        raise _refuse(f"{tensors[g_idx].shape[0]} inputs, but qweight's {rows} rows of codes at bits={bits} hold "
+                      f"{rows * 32 / bits:g}", g_idx)
     block = 32 if bits == 3 else 32 // bits  # codes per packed unit along either dimension
-    if inputs == 0 or inputs % block:
-        raise _refuse(f"{inputs} inputs (g_idx's length) do not fill whole {bits}-bit packed words", g_idx)
+    if inputs % block:
+        raise _refuse(f"{inputs} inputs do not fill whole {bits}-bit packed words", qweight)
     if outputs == 0 or outputs % block:
-        raise _refuse(f"{outputs} outputs (scales' width) do not fill whole {bits}-bit packed words", scales)
+        raise _refuse(f"{outputs} outputs do not fill whole {bits}-bit packed words", qweight)
     size = inputs if group_size == -1 else group_size
     if inputs % size:
         raise _refuse(f"{inputs} inputs are no whole number of groups of {size}", qweight)
