@@ -86,7 +86,7 @@ def zero_points(qzeros: torch.Tensor, bits: int, v1: bool) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                bits: int) -> torch.Tensor:
     """The dense ``[out, in]`` weight in the scales' dtype: ``(code - zero[g]) * scale[g]`` for each input row's
-    group ``g = g_idx[row]``, in fp32, rounded once (:mod:`this module's docstring <.codec>`)."""
+    group ``g = g_idx[row]``, in fp32, rounded once to the scales' dtype (docs/gptq.md, "Precision")."""
     inputs, outputs = g_idx.shape[0], scales.shape[1]
     out = torch.empty((inputs, outputs), dtype=scales.dtype)
     factors, offsets = scales.to(torch.float32), zeros.to(torch.float32)
