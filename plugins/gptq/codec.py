@@ -17,8 +17,13 @@ from __future__ import annotations
 import torch
 
 MASK32 = (1 << 32) - 1
-#: Input rows decoded at a time (a multiple of 32, so a 3-bit block never splits).
-CHUNK_ROWS = 1 << 12
+#: Codes decoded at a time: int64 and fp32 temporaries of a few tens of MB.
+CHUNK = 1 << 21
+
+
+def chunk_rows(outputs: int) -> int:
+    """Input rows per chunk: about :data:`CHUNK` codes, a multiple of 32 (so a 3-bit block never splits)."""
+    return max(32, CHUNK // max(1, outputs) // 32 * 32)
 #: 3-bit layout of 32 codes in three words: (word, bit) of each code's lowest bit, in code order.
 _THREE = [(0, 3 * i) for i in range(11)] + [(1, 1 + 3 * i) for i in range(11)] + [(2, 2 + 3 * i) for i in range(10)]
 
@@ -91,8 +96,9 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     out = torch.empty((inputs, outputs), dtype=scales.dtype)
     factors, offsets = scales.to(torch.float32), zeros.to(torch.float32)
     groups = g_idx.to(torch.long)
-    for first in range(0, inputs, CHUNK_ROWS):
-        last = min(inputs, first + CHUNK_ROWS)
+    step = chunk_rows(scales.shape[1])
+    for first in range(0, inputs, step):
+        last = min(inputs, first + step)
         codes = unpack_rows(qweight[packed_rows(first, bits): packed_rows(last, bits)], bits).to(torch.float32)
         rows = groups[first:last]
         out[first:last] = ((codes - offsets[rows]) * factors[rows]).to(scales.dtype)
@@ -109,8 +115,9 @@ def quantize(dense: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_i
     factors, offsets = scales.to(torch.float32), zeros.to(torch.float32)
     groups = g_idx.to(torch.long)
     transposed = dense.t()
-    for first in range(0, inputs, CHUNK_ROWS):
-        last = min(inputs, first + CHUNK_ROWS)
+    step = chunk_rows(scales.shape[1])
+    for first in range(0, inputs, step):
+        last = min(inputs, first + step)
         rows = groups[first:last]
         scale = factors[rows]
         part = transposed[first:last].to(torch.float32)
