@@ -40,6 +40,15 @@ def packed_rows(count: int, bits: int) -> int:
 
 def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows * 32 / bits, cols]`` int32 codes from ``[rows, cols]`` int32 words packed along the rows."""
+    if bits in (4, 8):  # whole bytes or nibbles: byte k of a word holds codes 2k, 2k+1 (4-bit) or k (8-bit)
+        flat = words.contiguous().reshape(-1)  # flat: a size-1 dimension may keep any stride
+        raw = flat.view(torch.uint8).view(words.shape[0], words.shape[1], 4).permute(0, 2, 1)
+        if bits == 8:  # little-endian byte order (x86, ARM)
+            return raw.reshape(-1, words.shape[1]).to(torch.int32)
+        codes = torch.empty((words.shape[0], 4, 2, words.shape[1]), dtype=torch.int32)
+        codes[:, :, 0] = raw & 0xF
+        codes[:, :, 1] = raw >> 4
+        return codes.view(-1, words.shape[1])
     wide = words.to(torch.int64) & MASK32
     if bits == 3:
         blocks = wide.reshape(-1, 3, wide.shape[1])
