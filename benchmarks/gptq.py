@@ -52,8 +52,11 @@ def synthetic(folder: Path, inputs: int, outputs: int, bits: int, group_size: in
 
     gen = torch.Generator().manual_seed(0)
     groups = inputs // group_size
-    words = lambda rows, cols: torch.randint(-2**31, 2**31 - 1, (rows, cols), generator=gen, dtype=torch.int32)  # noqa: E731
-    save_file({"layer.qweight": words(inputs * bits // 32, outputs), "layer.qzeros": words(groups, outputs * bits // 32),
+    def words(rows: int, cols: int) -> torch.Tensor:
+        return torch.randint(-2**31, 2**31 - 1, (rows, cols), generator=gen, dtype=torch.int32)
+
+    save_file({"layer.qweight": words(inputs * bits // 32, outputs),
+               "layer.qzeros": words(groups, outputs * bits // 32),
                "layer.scales": (torch.rand(groups, outputs, generator=gen) * 0.01 + 1e-4).to(torch.float16),
                "layer.g_idx": torch.arange(inputs, dtype=torch.int32) // group_size}, str(folder / "model.safetensors"))
     config = {"architectures": ["Synthetic"], "quantization_config": {
