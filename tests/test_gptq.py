@@ -53,15 +53,18 @@ def test_decode_is_the_format_rule_bit_for_bit(bases, name):
     assert not any(n.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) for n in info.tensors)
 
 
+@pytest.mark.parametrize("cols", [5, 1])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_is_the_bit_stream_rule(bits):
-    """Random words, every width: our unpacking and packing are the fixture builder's bit-stream rule."""
+def test_packing_is_the_bit_stream_rule(bits, cols):
+    """Random words, every width, one column too (odd strides): our unpacking and packing, along rows and
+    columns, are the fixture builder's bit-stream rule."""
     torch.manual_seed(bits)
-    words = torch.randint(-2**31, 2**31 - 1, (bits * 3, 5), dtype=torch.int32)
+    words = torch.randint(-2**31, 2**31 - 1, (bits * 3, cols), dtype=torch.int32)
     codes = codec.unpack_rows(words, bits)
-    assert codes.shape == (96, 5) and torch.equal(codes, build_gptq.unpack(words, bits))
+    assert codes.shape == (96, cols) and torch.equal(codes, build_gptq.unpack(words, bits))
     assert torch.equal(codec.pack_rows(codes, bits), words)
     assert torch.equal(codec.unpack_cols(words.t(), bits), codes.t())
+    assert torch.equal(codec.pack_cols(codes.t(), bits), words.t())
 
 
 def test_fp16_products_equal_fp32_products_rounded_once():

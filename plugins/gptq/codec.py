@@ -12,7 +12,7 @@ an integer below 2^9 is exact and is rounded once either way (docs/gptq.md, "Pre
 the library on every fixture weight.
 
 It is written here rather than called from GPTQModel, which needs torch 2.14, a build step and some thirty
-packages; it is also faster and needs less than half the memory (docs/gptq.md, "Speed and memory").
+packages; it is as fast and needs less than half the memory (docs/gptq.md, "Speed and memory").
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of :func:`unpack_rows`: ``[n, cols]`` codes (``0 <= code < 2^bits``) into int32 words."""
+    if bits in (4, 8):  # the byte view of unpack_rows, backwards
+        cols = codes.shape[1]
+        raw = codes.to(torch.uint8).view(-1, 4, 32 // bits // 4, cols)
+        packed = raw[:, :, 0] if bits == 8 else raw[:, :, 0] | (raw[:, :, 1] << 4)
+        return packed.permute(0, 2, 1).contiguous().reshape(-1).view(torch.int32).view(-1, cols)
     values = codes.to(torch.int64)
     if bits == 3:
         blocks = values.reshape(-1, 32, values.shape[1])
