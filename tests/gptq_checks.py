@@ -39,7 +39,7 @@ def rule_state(path):
     bits, _, _, _, fmt = build_gptq.VARIANTS[path.name]
     stored = load_file(str(path / "model.safetensors"))
     modules = modules_of(stored)
-    state = {k: v for k, v in stored.items() if k.rpartition(".")[0] not in modules}
+    state = {k: v for k, v in stored.items() if k.rpartition(".")[2] not in ("qweight", "qzeros", "scales", "g_idx")}
     state.update({f"{m}.weight": build_gptq.decode(stored, m, bits, fmt == "gptq") for m in modules})
     return state
 

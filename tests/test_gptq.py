@@ -103,6 +103,8 @@ def test_merge_equals_peft_on_the_dequantized_model(bases, name, tmp_path):
         theirs = PeftModel.from_pretrained(model, bases["lora"]).merge_and_unload().state_dict()
     assert sorted(ours) == sorted(theirs) and all(same(value, theirs[key]) for key, value in ours.items())
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    reloaded = dense_loaded(tmp_path / "m").state_dict()  # and transformers loads the output as it is
+    assert all(same(value, reloaded[key]) for key, value in ours.items())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -151,9 +153,24 @@ def test_merge_requantize_rounds_onto_the_stored_grid(bases, name, tmp_path, cli
 
 
 def test_quantizing_dense_weights_to_gptq_is_refused(bases, tmp_path, cli_runner):
-    result = cli_runner("requantize", bases["llama-gptq-dense"], tmp_path / "r", "--quant-type", "gptq")
-    assert result.exit_code == 2 and "calibration" in result.stderr, result.output
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    """`requantize --quant-type gptq` and `merge --merge-base original --requantize` would have to quantize
+    dense weights, which GPTQ does with calibration data: one line each, nothing written."""
+    original = bases["llama-gptq-dense"]
+    for command in (["requantize", original, tmp_path / "r", "--quant-type", "gptq"],
+                    ["merge", bases["llama-gptq-4"], bases["lora"], tmp_path / "r", "--merge-base", "original",
+                     "--original-base", original, "--requantize"]):
+        result = cli_runner(*command)
+        assert result.exit_code == 2 and "calibration" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_merge_base_original_lands_the_delta_on_the_original(bases, tmp_path, cli_runner):
+    result = cli_runner("merge", bases["llama-gptq-4"], bases["lora"], tmp_path / "orig", "--merge-base", "original",
+                        "--original-base", bases["llama-gptq-dense"])
+    assert result.exit_code == 0, result.output
+    assert cli_runner("merge", bases["llama-gptq-dense"], bases["lora"], tmp_path / "direct").exit_code == 0
+    merged, direct = state_of(tmp_path / "orig"), state_of(tmp_path / "direct")
+    assert sorted(merged) == sorted(direct) and all(same(merged[k], direct[k]) for k in merged)
 
 
 def test_plugins_lists_the_backends(cli_runner):

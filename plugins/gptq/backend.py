@@ -19,7 +19,7 @@ from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError, UnsupportedOperationError
 
 from .codec import dequantize, quantize, zero_points
-from .layout import HINT, Layout, scan
+from .layout import FORMATS, HINT, Layout, checkpoint_format, gptq_config, scan
 
 NAMES = {True: "gptq", False: "gptq_v2"}
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -118,6 +118,14 @@ class Gptq(plugin.Backend):
         qweight = quantize(dense, settings["zeros"], settings["scales"], settings["g_idx"], settings["bits"])
         return {f"{module}.qweight": qweight, f"{module}.qzeros": settings["qzeros"].clone(),
                 f"{module}.scales": settings["scales"].clone(), f"{module}.g_idx": settings["g_idx"].clone()}
+
+    def quantize_options(self, config: Mapping[str, Any]) -> Any:
+        """A GPTQ base of this backend's format is one this backend "made", so that ``merge --merge-base original
+        --requantize`` reaches :meth:`quantize_settings` and its refusal, rather than a vaguer one."""
+        quant = gptq_config({"quantization_config": config})
+        if quant is None or FORMATS[checkpoint_format(quant)] != self.v1:
+            return None
+        return plugin.QuantizeOptions(quant_type=self.name)
 
     def quantize_settings(self, tensor: BaseTensor, options: Any) -> dict[str, Any]:
         raise UnsupportedOperationError(
