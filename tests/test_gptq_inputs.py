@@ -107,3 +107,14 @@ def test_a_truncated_file_is_refused(gptq_bases, tmp_path, cli_runner):
     result = cli_runner("dequantize", path, tmp_path / "out")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_conv1d_architectures_are_refused(gptq_bases, tmp_path, cli_runner):
+    """GPT-2's Conv1D weights are ``[in, out]``; GPTQ packs them transposed: refused rather than written in the
+    wrong layout."""
+    path = edited(gptq_bases[0], tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**data, "model_type": "gpt2"}))
+    result = cli_runner("dequantize", path, tmp_path / "out")
+    assert result.exit_code == 2 and "Conv1D" in result.stderr and "qweight" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

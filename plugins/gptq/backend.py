@@ -36,8 +36,7 @@ def _bits(qweight: torch.Tensor, g_idx: torch.Tensor) -> int:
     return bits
 
 
-def check_parts(module: str, qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                groups: int) -> None:
+def check_parts(module: str, scales: torch.Tensor, g_idx: torch.Tensor, groups: int) -> None:
     """What the headers cannot show: scales finite and positive, every ``g_idx`` a group that exists."""
     values = scales.to(torch.float32)
     if not bool((torch.isfinite(values) & (values > 0)).all()):
@@ -74,7 +73,7 @@ class Gptq(plugin.Backend):
         """The scales' dtype and ``(out, in)``, the small parts read and checked (scales, g_idx)."""
         layout = self._last[param]
         module = param.removesuffix(".weight")
-        check_parts(module, torch.empty(0), read(f"{module}.scales"), read(f"{module}.g_idx"), layout.groups)
+        check_parts(module, read(f"{module}.scales"), read(f"{module}.g_idx"), layout.groups)
         return DTYPES[layout.scale_dtype], layout.shape
 
     def _parts(self, param: str, read: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -92,7 +91,7 @@ class Gptq(plugin.Backend):
             raise InputError(f"qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales "
                              f"{list(scales.shape)} and g_idx {list(g_idx.shape)} disagree", tensor=f"{module}.qweight",
                              hint=HINT)
-        check_parts(module, qweight, scales, g_idx, groups)
+        check_parts(module, scales, g_idx, groups)
         return qweight, zero_points(qzeros, bits, self.v1), scales, g_idx, torch.tensor(bits)
 
     def decode_group(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],

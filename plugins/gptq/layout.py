@@ -23,6 +23,8 @@ BITS = (2, 3, 4, 8)
 FORMATS = {"gptq": True, "gptq_v2": False}
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 SCALE_TYPES = ("F16", "BF16", "F32")
+#: Architectures whose linears are transformers' Conv1D (dense weight ``[in, out]``, not ``[out, in]``).
+CONV1D_MODELS = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt", "clvp")
 
 CONFIG_SCHEMA = {
     "type": "object",
@@ -134,6 +136,11 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any], v1: bool)
         return {}
     bits, group_size = int(quant["bits"]), int(quant.get("group_size", -1))
     modules = sorted({name.rpartition(".")[0] for name in tensors if name.rpartition(".")[2] in PARTS})
+    text = config.get("text_config")
+    model_type = (text if isinstance(text, dict) else config).get("model_type")
+    if model_type in CONV1D_MODELS and modules:
+        raise _refuse(f"a GPTQ {model_type} checkpoint: its Conv1D weights are stored [in, out], and GPTQ packed "
+                      "them transposed; writing them back in that layout is not supported", f"{modules[0]}.qweight")
     layouts = {}
     for module in modules:
         if f"{module}.weight" in tensors:
