@@ -26,14 +26,14 @@ from safetensors.torch import save_file
 for path in sys.argv[1:]:
     path = Path(path)
     config = json.loads((path / "config.json").read_text())["quantization_config"]
-    tensors = md.convert_gptq_file(path / "model.safetensors", torch.float16, config, "cpu")
+    tensors = md.convert_gptq_file(path / "model.safetensors", getattr(torch, DTYPE), config, "cpu")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path) + ".gptqmodel.safetensors")
 """
 
 
-def library_dequantized(*paths):
-    """GPTQModel's ``convert_gptq_file`` of each checkpoint folder, as fp16 tensors."""
-    gptq_oracle.run(DEQUANTIZE.replace("sys.argv[1:]", repr([str(p) for p in paths])))
+def library_dequantized(*paths, dtype="float16"):
+    """GPTQModel's ``convert_gptq_file`` of each checkpoint folder, as ``dtype`` tensors."""
+    gptq_oracle.run(DEQUANTIZE.replace("sys.argv[1:]", repr([str(p) for p in paths])).replace("DTYPE", repr(dtype)))
     return [load_file(f"{p}.gptqmodel.safetensors") for p in paths]
 
 
@@ -112,4 +112,21 @@ def test_a_requantized_output_decodes_through_gptqmodel_as_through_us(bases, nam
     assert json.loads((out / "config.json").read_text()) == json.loads((bases[name] / "config.json").read_text())
     (library,) = library_dequantized(out)
     checkpoint = Checkpoint.open(out)
+    assert all(same(checkpoint.read(p), library[p]) for p in checkpoint.groups)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bf16_and_fp32_scales_decode_as_gptqmodel_does_in_their_dtype(bases, dtype, tmp_path):
+    """Scales stored in bf16 or fp32 (the fixture's fp16 scales converted): the dense weight is in that dtype,
+    bit for bit GPTQModel's ``convert_gptq_file`` with it as the target."""
+    import shutil
+
+    path = tmp_path / "base"
+    shutil.copytree(bases["llama-gptq-4-act"], path)
+    state = load_file(str(path / "model.safetensors"))
+    state = {k: v.to(getattr(torch, dtype)) if k.endswith(".scales") else v for k, v in state.items()}
+    save_file(state, str(path / "model.safetensors"), {"format": "pt"})
+    (library,) = library_dequantized(path, dtype=dtype)
+    checkpoint = Checkpoint.open(path)
+    assert len(checkpoint.groups) == 14
     assert all(same(checkpoint.read(p), library[p]) for p in checkpoint.groups)
