@@ -36,11 +36,16 @@ SEVERITIES = ("error", "warning", "info")
 @dataclass
 class LowRank:
     """A module's delta as a product: ``delta = b @ a`` (``b`` [out, r] with the scaling folded in, ``a``
-    [r, in]), in the layout the method stores (``kind`` says which: linear, embedding, conv)."""
+    [r, in]), in the layout the method stores (``kind`` says which: linear, embedding, conv).
+
+    A conv module's factors are matrices too, so that every operation treats all kinds alike: ``a`` holds
+    [r, in·kh·kw] (the conv weight [r, in, kh, kw] flattened as torch flattens it) and ``kernel`` the
+    kernel size (kh, kw) the method reshapes it back with; ``b`` is the 1x1 conv's [out, r]."""
 
     b: torch.Tensor
     a: torch.Tensor
     kind: str = "linear"
+    kernel: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:

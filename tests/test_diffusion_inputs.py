@@ -61,7 +61,8 @@ KOHYA = {
     "factor-nan": (lambda s: s[f"{Q}.lora_up.weight"].__setitem__((0, 0), float("nan")), f"{Q}.lora_up.weight"),
     "unknown-key": (lambda s: s.__setitem__("something_else.weight", torch.ones(1)), "something_else.weight"),
     "unknown-suffix": (lambda s: s.__setitem__(f"{Q}.lora_mid.weight", torch.ones(1)), f"{Q}.lora_mid.weight"),
-    "lokr-key": (lambda s: s.__setitem__(f"{Q}.lokr_w1", torch.ones(2, 2)), f"{Q}.lokr_w1"),
+    "oft-key": (lambda s: s.__setitem__(f"{Q}.oft_blocks", torch.ones(2, 2, 2)), f"{Q}.oft_blocks"),
+    "lora-and-lokr": (lambda s: s.__setitem__(f"{Q}.lokr_w1", torch.ones(2, 2)), "mixes LoRA modules"),
     "lora-and-loha": (lambda s: s.update({f"{TE}.{r}": torch.ones(2, 2) for r in ("hada_w1_a", "hada_w1_b",
                                                                                    "hada_w2_a", "hada_w2_b")}),
                       "mixes LoRA modules"),
@@ -184,7 +185,8 @@ def test_missing_alpha_means_alpha_equals_rank(built, tmp_path):
 CHECK_RULES = {"alpha-nan": "DIFF001", "alpha-huge": "DIFF001",
                "alpha-inf": "DIFF001", "alpha-zero": "DIFF001", "alpha-negative": "DIFF001",
                "alpha-vector": "DIFF001", "unknown-key": "DIFF003", "unknown-suffix": "DIFF003",
-               "lokr-key": "DIFF003", "lora-and-loha": "DIFF003", "sgm-names": "DIFF003", "te-and-te1": "DIFF002",
+               "oft-key": "DIFF003", "lora-and-lokr": "DIFF003",
+               "lora-and-loha": "DIFF003", "sgm-names": "DIFF003", "te-and-te1": "DIFF002",
                "factor-nan": "LORA011",
                "rank-mismatch": None, "up-missing": None, "down-1d": None}
 

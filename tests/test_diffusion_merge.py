@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from diffusion_checks import COMPONENTS, FAMILIES, build_all, pipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adaptools
 
@@ -107,7 +107,6 @@ def test_fp16_lora_merges_as_diffusers_fuses_it(built, family, tmp_path, cli_run
     """Most published LoRAs are stored in fp16: read as fp16, converted without a cast, and merged into the
     fp32 pipeline bit for bit as diffusers fuses them."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     source = built[family]["diffusers"]
     with safe_open(str(source), "pt") as f:
@@ -164,7 +163,6 @@ def test_kohya_loha_round_trips_byte_identical(loha, tmp_path, cli_runner):
 
 
 def test_a_loha_module_missing_a_factor_is_refused(loha, tmp_path, cli_runner):
-    from safetensors.torch import load_file, save_file
 
     state = load_file(loha[0])
     key = next(k for k in sorted(state) if k.endswith(".hada_w2_b"))
@@ -172,4 +170,85 @@ def test_a_loha_module_missing_a_factor_is_refused(loha, tmp_path, cli_runner):
     save_file(state, tmp_path / "l.safetensors")
     result = cli_runner("info", tmp_path / "l.safetensors")
     assert result.exit_code == 2 and "has no hada_w2_b" in result.stderr and key.split(".")[0] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def lokr(built, tmp_path_factory):
+    """The fixture's LyCORIS LoKr in kohya keys (made by peft, fixtures/diffusion.py) and peft's merged UNet."""
+    from diffusion_checks import diffusion_fixtures
+
+    path = tmp_path_factory.mktemp("lokr") / "lokr.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = diffusion_fixtures.lokr_kohya(built["sd1"]["pipe"], path)
+    return path, reference
+
+
+def test_kohya_lokr_merges_as_peft_merges_it(built, lokr, tmp_path, cli_runner):
+    """A LoKr in LyCORIS' kohya keys reads into the lokr method and merges into the pipeline's UNet bit for bit
+    as peft's LoKr merge: both factors low-rank (decompose_both), both full (to_v), and 3x3 convs."""
+    path, reference = lokr
+    adapter = adaptools.load(path)
+    assert adapter.method == "lokr" and adapter.config["decompose_both"] is True
+    kinds = {frozenset(roles) for roles in adapter.modules().values()}
+    assert frozenset({"lokr_w1", "lokr_w2"}) in kinds and frozenset(
+        {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}) in kinds
+    result = cli_runner("merge", built["sd1"]["pipe"], path, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert_same(merged_state(tmp_path / "merged", "unet"), reference, "unet")
+    base = merged_state(built["sd1"]["pipe"], "unet")
+    assert sum(not torch.equal(base[k], v) for k, v in reference.items()) == len(adapter.modules())
+
+
+def test_kohya_lokr_with_both_factors_full_ignores_alpha(built, lokr, tmp_path, cli_runner):
+    """LyCORIS (and A1111, ComfyUI) scale a LoKr module whose factors are both full by 1, whatever its alpha:
+    such a module's alpha set to 1 (as trainers that write 'linear_alpha: 1, ignored in full dimension'
+    save it) merges the same, and writing the file back keeps the 1."""
+    from diffusion_checks import raw_tensors
+
+    path, reference = lokr
+    state = load_file(path)
+    full = [k[: -len(".lokr_w2")] for k in state if k.endswith(".lokr_w2")]
+    assert full
+    for name in full:
+        state[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(state, tmp_path / "one.safetensors")
+    result = cli_runner("merge", built["sd1"]["pipe"], tmp_path / "one.safetensors", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert_same(merged_state(tmp_path / "merged", "unet"), reference, "unet")
+    assert cli_runner("convert", tmp_path / "one.safetensors", tmp_path / "s.safetensors").exit_code == 0
+    assert cli_runner("convert", tmp_path / "s.safetensors", tmp_path / "k.safetensors", "--to", "kohya").exit_code == 0
+    assert raw_tensors(tmp_path / "k.safetensors") == raw_tensors(tmp_path / "one.safetensors")
+
+
+def test_kohya_lokr_round_trips_byte_identical(lokr, tmp_path, cli_runner):
+    from diffusion_checks import raw_tensors
+
+    path, _ = lokr
+    assert cli_runner("convert", path, tmp_path / "s.safetensors").exit_code == 0
+    assert cli_runner("convert", tmp_path / "s.safetensors", tmp_path / "k.safetensors", "--to", "kohya").exit_code == 0
+    assert raw_tensors(tmp_path / "k.safetensors") == raw_tensors(path)
+
+
+@pytest.mark.parametrize("edit, says", [
+    ("drop-w2_b", "has no lokr_w2_b"),
+    ("both-forms", "saves lokr_w1 and lokr_w1_a both"),
+    ("drop-w1", "has no lokr_w1"),
+])
+def test_a_broken_lokr_module_is_refused_in_one_line(lokr, tmp_path, cli_runner, edit, says):
+    state = load_file(lokr[0])
+    low = next(k for k in sorted(state) if k.endswith(".lokr_w2_b"))
+    name = low[: -len(".lokr_w2_b")]
+    full = next(k for k in sorted(state) if k.endswith(".lokr_w1"))
+    if edit == "drop-w2_b":
+        del state[low]
+    elif edit == "both-forms":
+        state[full[: -len(".lokr_w1")] + ".lokr_w1_a"] = torch.ones(2, 1)
+    else:
+        del state[full]
+    save_file(state, tmp_path / "l.safetensors")
+    result = cli_runner("info", tmp_path / "l.safetensors")
+    assert result.exit_code == 2 and says in result.stderr, result.output
+    assert (name if edit == "drop-w2_b" else full.split(".")[0]) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

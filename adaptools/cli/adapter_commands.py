@@ -263,7 +263,8 @@ def _write_adapter(adapter: Any, out: str, to: str, force: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed for dare.")
 @click.option("--weight", "weights", type=FINITE, multiple=True, help="Weight of each adapter, in order.")
 @click.option("--rank", type=POSITIVE_INT, help="Target rank for --how svd (default: the largest input rank).")
-@click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
+@click.option("--to", default="schema", show_default=True,
+              help="Output format: schema, peft, or an image-model key style (kohya, diffusers).")
 @force_option
 @allow_pickle_option
 def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights: tuple[float, ...],
@@ -295,7 +296,8 @@ def combine(paths: tuple[str, ...], how: str, density: float, seed: int, weights
 @click.argument("out", type=click.Path())
 @click.option("--rank", type=POSITIVE_INT, help="Keep this many singular directions per module.")
 @click.option("--energy", type=SHARE, help="Keep the smallest rank holding this share of each module's ‖ΔW‖².")
-@click.option("--to", default="schema", show_default=True, help="Output format: schema or peft.")
+@click.option("--to", default="schema", show_default=True,
+              help="Output format: schema, peft, or an image-model key style (kohya, diffusers).")
 @force_option
 @json_option
 def resize(adapter: str, out: str, rank: int | None, energy: float | None, to: str, force: bool,

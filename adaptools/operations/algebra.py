@@ -165,7 +165,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     factors, retained = {}, {}
     for module, f in _factors(adapter).items():
         b, a, kept = _svd_truncate(f.b, f.a, rank, energy)
-        factors[module] = LowRank(b, a, f.kind)
+        factors[module] = LowRank(b, a, f.kind, f.kernel)
         retained[module] = kept
     method = capability(registry.get_method(adapter.method), "algebra", LowRankAlgebra)
     return method.from_low_rank(adapter, factors, _full_tensors(adapter)), retained
@@ -295,7 +295,11 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     out: dict[str, LowRank] = {}
     for module in modules:
         parts = [(f[module], w) for f, (_, w) in zip(all_factors, live) if module in f]
-        kind = parts[0][0].kind
+        kind, kernel = parts[0][0].kind, parts[0][0].kernel
+        if any(p.kernel != kernel for p, _ in parts):
+            raise IncompatibleBaseError(f"these adapters cannot be combined: {module} is a conv layer with kernel "
+                                        f"{sorted({p.kernel for p, _ in parts})} in different adapters",
+                                        hint="combine adapters trained on the same base model")
         if how in ("ties", "dare"):
             full = [p.b @ p.a for p, _ in parts]
             ws = [w for _, w in parts]
@@ -303,7 +307,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             target = rank or max(p.rank for p, _ in parts)
             u, sv, vh = torch.linalg.svd(merged, full_matrices=False)
             target = min(target, sv.numel())
-            out[module] = LowRank(u[:, :target] * sv[:target], vh[:target], kind)
+            out[module] = LowRank(u[:, :target] * sv[:target], vh[:target], kind, kernel)
             continue
         if how == "cat" or how == "svd":
             b = torch.cat([p.b * w for p, w in parts], dim=1)
@@ -311,7 +315,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             if how == "svd":
                 target = rank or max(p.rank for p, _ in parts)
                 b, a, _ = _svd_truncate(b, a, target, None)
-            out[module] = LowRank(b, a, kind)
+            out[module] = LowRank(b, a, kind, kernel)
         else:
             ranks = {p.rank for p, _ in parts}
             if len(ranks) != 1:
@@ -319,6 +323,6 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
                                                 hint="use --how cat (exact) or --how svd")
             b = torch.stack([math.sqrt(abs(w)) * p.b for p, w in parts]).sum(0)
             a = torch.stack([math.copysign(math.sqrt(abs(w)), w) * p.a for p, w in parts]).sum(0)
-            out[module] = LowRank(b, a, kind)
+            out[module] = LowRank(b, a, kind, kernel)
     method = capability(registry.get_method(live[0][0].method), "algebra", LowRankAlgebra)
     return method.from_low_rank(live[0][0], out, extra)

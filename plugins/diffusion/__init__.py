@@ -1,10 +1,11 @@
 """The image-model LoRA family (Stable Diffusion 1.x / SDXL): the kohya/sd-scripts and diffusers/PEFT key
-styles as adapter formats, read into the ``lora`` method (LyCORIS LoHa in kohya keys: the ``loha`` method)
-with each module's component (``unet``, ``text_encoder``, ``text_encoder_2``) in its path and the model
-family recorded (docs/diffusion.md).
+styles as adapter formats, read into the ``lora`` method (LyCORIS LoHa and LoKr in kohya keys: the ``loha``
+and ``lokr`` methods) with each module's component (``unet``, ``text_encoder``, ``text_encoder_2``) in its path
+and the model family recorded (docs/diffusion.md).
 
 names.py holds the module-name rules (components, kohya's flattened names, the family); common.py what both
-key styles share (factor checks, alpha as a config); kohya.py and diffusers_format.py the two formats.
+key styles share (factor checks, alpha as a config); lycoris_keys.py what LyCORIS methods in kohya keys add;
+kohya.py and diffusers_format.py the two formats.
 """
 
 from typing import Any

@@ -19,6 +19,7 @@ from adaptools.plugin import Adapter, AdapterFormatError, BaseRef, FileStore, Sa
 
 from ..peft.config_schema import MAX_ALPHA
 from .lint import Problem
+from .lycoris_keys import full_rank, in_width, method_config, rank_of
 from .names import components, detect_family, mixed_family_problem
 
 #: The peft version whose rank/alpha pattern rule the configs built here follow.
@@ -36,8 +37,10 @@ class Parsed:
     alphas: dict[str, float | None] = field(default_factory=dict)
     #: the key each alpha came from, to name it in errors
     alpha_keys: dict[str, str] = field(default_factory=dict)
-    #: LyCORIS LoHa modules instead: module path -> {loha role: key}
-    loha: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: the method the file holds: ``lora`` (``factors``), or a LyCORIS one (``loha``, ``lokr``: ``lycoris``)
+    method: str = "lora"
+    #: LyCORIS modules instead: module path -> {role of the method: key}
+    lycoris: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def read_alpha(file: SafetensorsFile, key: str, path: Path, problems: list[Problem]) -> float | None:
@@ -70,7 +73,11 @@ def check_factors(parsed: Parsed) -> dict[str, int]:
             raise AdapterFormatError(f"down factor {list(d)} and up factor {list(u)} are not a linear or conv "
                                      "LoRA pair", path=parsed.path, tensor=down,
                                      hint="the file is damaged or holds another method")
-        if u[1] != d[0] or (len(u) == 4 and tuple(u[2:]) != (1, 1)):
+        if len(u) == 4 and tuple(u[2:]) != (1, 1):
+            raise AdapterFormatError(f"up factor {list(u)} has a {u[2]}x{u[3]} kernel; a conv LoRA's up factor is "
+                                     "1x1", path=parsed.path, tensor=up,
+                                     hint="the file is damaged or holds another method")
+        if u[1] != d[0]:
             raise AdapterFormatError(f"down factor has rank {d[0]} but the up factor {list(u)} expects "
                                      f"{u[1]}", path=parsed.path, tensor=up,
                                      hint="the down and up tensors of this module do not belong together")
@@ -101,8 +108,8 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, An
 def family_problems(parsed: Parsed) -> tuple[dict[str, int], list[Problem]]:
     """Each module's in-features (the factors checked), and DIFF002 if they cannot come from one model."""
     in_features = check_factors(parsed)
-    for module, roles in parsed.loha.items():  # [r, in] (a conv's flattened in), or [r, in] with Tucker cores
-        in_features[module] = int(parsed.file.info(roles["hada_w1_b"]).shape[-1])
+    for module, roles in parsed.lycoris.items():
+        in_features[module] = in_width(parsed.method, parsed.file, roles)
     problem = mixed_family_problem(in_features)
     return in_features, ([Problem("DIFF002", problem)] if problem else [])
 
@@ -114,7 +121,7 @@ def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problem
     ``diffusion`` (what writing the key style back needs). With ``validate`` the first problem is raised;
     without (``check``), the adapter is built from what is usable and an unusable alpha reads as the rank, so
     that the problem is reported once, by its rule."""
-    if not parsed.factors and not parsed.loha:
+    if not parsed.factors and not parsed.lycoris:
         raise AdapterFormatError("holds no LoRA modules", path=parsed.path,
                                  hint="is this an image-model LoRA (kohya or diffusers keys)?")
     in_features, mixed = family_problems(parsed)
@@ -122,10 +129,15 @@ def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problem
     if validate and problems:
         raise problems[0].error(parsed.path)
     mapping = {}
-    if parsed.loha:  # LyCORIS LoHa: PEFT's LoHa roles and LycorisConfig fields (r, alpha, patterns)
-        name = "loha"
-        ranks = {m: int(parsed.file.info(roles["hada_w1_b"]).shape[0]) for m, roles in parsed.loha.items()}
-        for module, roles in parsed.loha.items():
+    full_rank_modules: dict[str, int] = {}
+    if parsed.lycoris:  # LyCORIS: PEFT's roles of the method and LycorisConfig fields (r, alpha, patterns)
+        name = parsed.method
+        ranks = {}
+        for module, roles in parsed.lycoris.items():
+            rank = rank_of(name, parsed.file, roles)
+            if rank is None:  # LoKr with both factors full: scale 1 whatever the alpha (lycoris_keys.py)
+                rank = full_rank_modules[module] = full_rank(parsed.file, roles)
+            ranks[module] = rank
             mapping.update({f"{module}.{role}": (parsed.file, key) for role, key in roles.items()})
     else:
         name = "lora"
@@ -133,11 +145,12 @@ def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problem
         for module, (down, up) in parsed.factors.items():
             mapping[f"{module}.lora_A"] = (parsed.file, down)
             mapping[f"{module}.lora_B"] = (parsed.file, up)
-    alphas = {m: (ranks[m] if parsed.alphas.get(m) is None else parsed.alphas[m]) for m in ranks}
+    alphas = {m: (ranks[m] if parsed.alphas.get(m) is None or m in full_rank_modules else parsed.alphas[m])
+              for m in ranks}
     config = lora_config(ranks, alphas)  # type: ignore[arg-type]
-    if name == "loha":
+    if name != "lora":
         config["alpha"] = config.pop("lora_alpha")
-        config["use_effective_conv2d"] = any("hada_t1" in roles for roles in parsed.loha.values())
+        config.update(method_config(name, parsed.file, parsed.lycoris))
     # The pattern keys are written for today's peft rule; with two text encoders some can only be anchored
     # full paths, which peft before 0.15 does not match. Saying which rule they follow keeps check (LORA021)
     # from reporting old peft versions that never read these files (docs/diffusion.md, "Alpha").

@@ -2,7 +2,8 @@
 with ``<prefix><flattened module>.lora_down.weight`` / ``.lora_up.weight`` and a scalar ``.alpha`` per module;
 prefixes ``lora_unet_``, ``lora_te_`` (SD 1.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL). The key grammar and the
 alpha rule (scale = alpha / rank per module; no alpha means alpha = rank) are in docs/diffusion.md. LyCORIS
-LoHa files (``.hada_w1_a``... under the same names) read into the ``loha`` method (docs/diffusion.md, "LoHa").
+LoHa and LoKr files (``.hada_w1_a``..., ``.lokr_w1``... under the same names) read into the ``loha`` and
+``lokr`` methods (lycoris_keys.py; docs/diffusion.md, "LoHa" and "LoKr").
 """
 
 from __future__ import annotations
@@ -26,18 +27,19 @@ from adaptools.plugin import (
 
 from .common import Parsed, build_adapter, family_problems, module_alphas, read_alpha
 from .lint import RULES, Problem, alpha_warnings
+from .lycoris_keys import NAMES, full_rank, incomplete, rank_of
+from .lycoris_keys import ROLES as LYCORIS_ROLES
 from .names import SGM_BLOCKS, component_of, split_flat
 
 #: kohya prefix -> pipeline component
 PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
             "lora_te_": "text_encoder"}
 FACTOR_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-#: LyCORIS LoHa's tensors under the same prefixes: the role names of the ``loha`` method (docs/diffusion.md,
-#: "LoHa")
-LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-FACTOR_SUFFIXES.update({f".{role}": role for role in LOHA_ROLES})
+#: LyCORIS LoHa's and LoKr's tensors under the same prefixes: the role names of the ``loha`` and ``lokr``
+#: methods (docs/diffusion.md, "LoHa", "LoKr")
+FACTOR_SUFFIXES.update({f".{role}": role for roles in LYCORIS_ROLES.values() for role in roles})
 #: other methods' suffixes under the same prefixes (docs/diffusion.md, "What is refused")
-OTHER_METHODS = {"lokr_": "LoKr (LyCORIS)", "dora_scale": "DoRA",
+OTHER_METHODS = {"dora_scale": "DoRA",
                  "diff": "a full weight difference (LyCORIS)", "oft_": "OFT (LyCORIS)"}
 _ALPHA_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32}
@@ -82,10 +84,11 @@ class KohyaFormat(plugin.AdapterFormat):
         return alpha_warnings(adapter, path)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
-        modules = loha_alphas(adapter) if adapter.method == "loha" else module_alphas(adapter)
+        modules = lycoris_alphas(adapter) if adapter.method in LYCORIS_ROLES else module_alphas(adapter)
         config = adapter.config
         facts = kohya_facts(adapter)
         absent = set(facts.get("alpha_absent") or [])
+        ignored = {m: (tuple(v[0]), v[1]) for m, v in (facts.get("lokr_ignored_alpha") or {}).items()}
         dtypes = facts.get("alpha_dtypes") or {}
         default_dtype = facts.get("alpha_dtype")
         te = facts.get("te_prefix")
@@ -102,24 +105,31 @@ class KohyaFormat(plugin.AdapterFormat):
                     hint="kohya keys name the component; this adapter was not made for a diffusers pipeline")
             name = f"{prefix[component]}_{inner.replace('.', '_')}"
             roles = adapter.modules()[module]
-            if adapter.method == "loha":  # LyCORIS keys are the loha roles themselves
+            if adapter.method in LYCORIS_ROLES:  # LyCORIS keys are the method's roles themselves
                 tensors.update({f"{name}.{role}": adapter.tensor(t).contiguous() for role, t in roles.items()})
             else:
                 tensors[f"{name}.lora_down.weight"] = adapter.tensor(roles["lora_A"]).contiguous()
                 tensors[f"{name}.lora_up.weight"] = adapter.tensor(roles["lora_B"]).contiguous()
             if module in absent and alpha == rank:
                 continue
+            if module in ignored and (rank, alpha) == ignored[module][0]:  # LoKr, both factors full: as read
+                alpha = ignored[module][1]
             tensors[f"{name}.alpha"] = alpha_tensor(alpha, dtypes.get(module) or default_dtype, module, adapter)
         plugin.save_tensors(path, dict(sorted(tensors.items())),
                             {"format": "pt", "adaptools.tool": f"adaptools {adaptools.__version__}"})
 
 
 #: What a kohya file says beyond the factors and alpha values, kept so that writing it again gives the same
-#: bytes: the alphas' stored types, the modules without an alpha, the text-encoder prefix.
+#: bytes: the alphas' stored types, the modules without an alpha, the text-encoder prefix, and the alpha a LoKr
+#: module with both factors full stores but nobody uses (module -> [[rank, alpha] it reads as, stored alpha]).
 FACTS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
     "alpha_dtype": {"enum": [*_ALPHA_DTYPES, None]},
     "alpha_dtypes": {"type": "object", "additionalProperties": {"enum": list(_ALPHA_DTYPES)}},
     "alpha_absent": {"type": "array", "items": {"type": "string", "maxLength": 1000}},
+    "lokr_ignored_alpha": {"type": "object", "additionalProperties": {
+        "type": "array", "minItems": 2, "maxItems": 2, "prefixItems": [
+            {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "integer", "minimum": 1}},
+            {"type": "number"}]}},
     "te_prefix": {"enum": ["lora_te", "lora_te1"]}}}
 
 
@@ -132,17 +142,17 @@ def kohya_facts(adapter: Adapter) -> dict[str, Any]:
     return dict(facts)
 
 
-def loha_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
-    """module -> (rank, alpha) of a LoHa adapter (PEFT's LycorisConfig rule), refusing roles LyCORIS' kohya
-    files do not hold."""
+def lycoris_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
+    """module -> (rank, alpha) of a LoHa or LoKr adapter (PEFT's LycorisConfig rule), refusing roles LyCORIS'
+    kohya files do not hold."""
     from ..lycoris.base import lycoris_rank_alpha
 
     out = {}
     for module, roles in adapter.modules().items():
-        extra = sorted(set(roles) - set(LOHA_ROLES))
+        extra = sorted(set(roles) - set(LYCORIS_ROLES[adapter.method]))
         if extra:
-            raise UnsupportedOperationError(f"module {module} has {', '.join(extra)}, which kohya LoHa files do "
-                                            "not hold", path=adapter.source)
+            raise UnsupportedOperationError(f"module {module} has {', '.join(extra)}, which kohya "
+                                            f"{NAMES[adapter.method]} files do not hold", path=adapter.source)
         out[module] = lycoris_rank_alpha(adapter.config, module)
     return out
 
@@ -200,26 +210,36 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     if "lora_te_" in prefixes and ({"lora_te1_", "lora_te2_"} & set(prefixes)):
         problems.append(Problem("DIFF002", "mixes lora_te_ (SD 1.x) with lora_te1_/lora_te2_ (SDXL) text-encoder "
                                            "keys"))
-    lora = {m for m, slot in found.items() if "down" in slot or "up" in slot}
-    loha = {m for m, slot in found.items() if any(r in slot for r in LOHA_ROLES)}
-    if lora and loha:
-        problems.append(Problem("DIFF003", f"mixes LoRA modules ({sorted(lora)[0]}) with LoHa modules "
-                                           f"({sorted(loha)[0]}); a file holds one method", None,
-                                "split the file per method"))
-    for module in sorted(loha - lora) if not lora else []:
-        slot = found.pop(module)
-        missing = [r for r in LOHA_ROLES[:4] if r not in slot] + (
-            [r for r in ("hada_t1", "hada_t2") if r not in slot] if "hada_t1" in slot or "hada_t2" in slot else [])
-        if missing:
-            raise AdapterFormatError(f"LoHa module has no {missing[0]}", path=path,
-                                     tensor=next(k for r, k in slot.items() if r != "alpha"),
-                                     hint="the file is incomplete; save it again")
-        parsed.loha[module] = {r: k for r, k in slot.items() if r != "alpha"}
-        if "alpha" in slot:
-            parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
-            parsed.alpha_keys[module] = slot["alpha"]
-    for module in loha & lora:
-        found.pop(module)
+    by_method = {"lora": {m for m, slot in found.items() if "down" in slot or "up" in slot}}
+    by_method.update({name: {m for m, slot in found.items() if any(r in slot for r in roles)}
+                      for name, roles in LYCORIS_ROLES.items()})
+    present = [name for name, modules in by_method.items() if modules]
+    if len(present) > 1:
+        first, second = present[:2]
+        problems.append(Problem("DIFF003", f"mixes {NAMES[first]} modules ({sorted(by_method[first])[0]}) with "
+                                           f"{NAMES[second]} modules ({sorted(by_method[second])[0]}); a file holds "
+                                           "one method", None, "split the file per method"))
+    # one method is read: LoRA if any, else the first LyCORIS one; modules of another method are dropped (the
+    # problem above says so, and refuses the file unless it is only being checked)
+    parsed.method = present[0] if present else "lora"
+    for name in present[1:]:
+        for module in by_method[name] - by_method[parsed.method]:
+            found.pop(module, None)
+    if parsed.method != "lora":
+        for module in sorted(by_method[parsed.method]):
+            slot = found.pop(module)
+            roles = {r: k for r, k in slot.items() if r != "alpha"}
+            error = incomplete(parsed.method, module, roles, path)
+            if error is not None:
+                raise error
+            parsed.lycoris[module] = roles
+            if "alpha" in slot:
+                parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
+                parsed.alpha_keys[module] = slot["alpha"]
+    else:
+        for module in by_method["lora"]:
+            if any(r in found[module] for roles in LYCORIS_ROLES.values() for r in roles):
+                found.pop(module)
     for module, slot in found.items():
         for part in ("down", "up"):
             if part not in slot:
@@ -235,8 +255,13 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     te_prefix = next((p.rstrip("_") for p in ("lora_te_", "lora_te1_") if p in prefixes), None)
     facts: dict[str, Any] = {"alpha_dtype": common,
                              "alpha_dtypes": {m: d for m, d in sorted(dtypes.items()) if d != common},
-                             "alpha_absent": sorted(m for m in [*parsed.factors, *parsed.loha]
+                             "alpha_absent": sorted(m for m in [*parsed.factors, *parsed.lycoris]
                                                     if m not in parsed.alphas)}
+    if parsed.method == "lokr":  # both factors full: LyCORIS ignores the alpha (lycoris_keys.py)
+        ignored = {m: [[full_rank(file, roles)] * 2, parsed.alphas[m]] for m, roles in parsed.lycoris.items()
+                   if rank_of("lokr", file, roles) is None and parsed.alphas.get(m) is not None}
+        if ignored:
+            facts["lokr_ignored_alpha"] = ignored
     if te_prefix:
         facts["te_prefix"] = te_prefix
     return parsed, facts, problems

@@ -370,9 +370,12 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
                 if problem:
                     raise AdapterFormatError(problem, **adapter.where(roles[b_role]))
                 b = merged_b(config, a, b)
-            if a.dim() > 2:
-                raise UnsupportedOperationError("conv LoRA is not supported by adapter algebra yet",
-                                                **adapter.where(roles[a_role]))
+            if a.dim() > 2:  # a conv LoRA: A the conv [r, in, kh, kw], B a 1x1 conv [out, r, 1, 1]
+                if b.dim() != a.dim() or any(int(k) != 1 for k in b.shape[2:]):
+                    raise UnsupportedOperationError(f"conv LoRA whose B has kernel {tuple(b.shape[2:])}: adapter "
+                                                    "algebra needs B to be 1x1", **adapter.where(roles[b_role]))
+                factors[module] = LowRank(b.flatten(1) * s, a.flatten(1), "conv", tuple(int(k) for k in a.shape[2:]))
+                continue
             factors[module] = LowRank(b * s, a, "embedding" if embedding else "linear")
         return factors
 
@@ -383,8 +386,12 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         ranks = {}
         for module, f in factors.items():
             a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if f.kind == "embedding" else ("lora_A", "lora_B")
-            tensors[f"{module}.{a_role}"] = f.a.float().contiguous()
-            tensors[f"{module}.{b_role}"] = f.b.float().contiguous()
+            a, b = f.a, f.b
+            if f.kernel:  # a conv module: back to PEFT's [r, in, kh, kw] and 1x1 [out, r, 1, 1]
+                a = a.reshape(f.rank, -1, *f.kernel)
+                b = b.reshape(b.shape[0], f.rank, *(1,) * len(f.kernel))
+            tensors[f"{module}.{a_role}"] = a.float().contiguous()
+            tensors[f"{module}.{b_role}"] = b.float().contiguous()
             ranks[module] = f.rank
         tensors.update(extra or {})
         default = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
@@ -403,8 +410,8 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
         if patterns or "rank_pattern" in had or "alpha_pattern" in had:
             config["rank_pattern"], config["alpha_pattern"] = patterns, dict(patterns)
         config["target_modules"] = sorted(factors) or config.get("target_modules")  # exact module paths
-        shapes = {f"{m}.{'lora_embedding_A' if f.kind == 'embedding' else 'lora_A'}": tuple(f.a.shape)
-                  for m, f in factors.items()}
+        shapes = {name: tuple(tensors[name].shape) for name in
+                  (f"{m}.{'lora_embedding_A' if f.kind == 'embedding' else 'lora_A'}" for m, f in factors.items())}
         config = self.from_peft(config, shapes)
         return Adapter(self.name, config, plugin.MemoryStore(tensors),
                        base=template.base if template is not None else plugin.BaseRef(),
