@@ -35,6 +35,9 @@ class Backend(ABC):
     #: True when decode and encode are plain dtype casts, so any block of rows can be decoded, updated and
     #: encoded on its own (the merge then casts blocks straight into the output).
     elementwise: ClassVar[bool] = False
+    #: A sentence a ``merge --requantize`` into this backend's groups reports, when its re-encoding is not what
+    #: the format's own tools would make (GPTQ: rounding onto the stored grid, without calibration).
+    requantize_note: ClassVar[str] = ""
 
     @property
     def implementation(self) -> str:

@@ -29,11 +29,13 @@ compressed_tensors
 mxfp4          MXFP4 expert weights (gpt-oss: FP4 e2m1 + e8m0 scales), decode only
 awq            AWQ GEMM weights (4-bit, zero points, fp16 group scales): AutoAWQ's decode bit for bit,
                ``--requantize`` onto the stored grid
+gptq           GPTQ weights (AutoGPTQ / GPTQModel: 2/3/4/8-bit codes, group scales, g_idx): GPTQModel's
+               decode bit for bit, ``--requantize`` onto the stored grid
 validators     the ``perplexity``, ``logits`` and ``generate`` checks and the ``eval`` command
 =============  ==================================================================================
 """
 
 #: The families, in the order they are registered (it decides the order of listings, never a lookup).
 FAMILIES = ("lora", "lycoris", "orthogonal", "prompt", "adapterhub", "diffusion", "peft", "schema", "gguf",
-            "dense", "bitsandbytes", "fp8", "compressed_tensors", "mxfp4", "awq",
+            "dense", "bitsandbytes", "fp8", "compressed_tensors", "mxfp4", "awq", "gptq",
             "validators")

@@ -166,6 +166,8 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     for item in inputs:  # merge_warnings is optional (Mergeable has it; a plain merge_updates need not)
         said = getattr(registry.get_method(item.adapter.method), "merge_warnings", None)
         warnings += [f"{item.adapter.source}: {w}" for w in (said(item.adapter) if said else [])]
+    if options.requantize:  # what a backend's re-encoding is, and is not, in its own words
+        warnings += sorted({g.backend.requantize_note for g in group_targets.values() if g.backend.requantize_note})
     built = MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
                       untied=bool(aliases), vocab_size=vocab, warnings=warnings, container=container)
     built.warnings += container.warnings(built)
