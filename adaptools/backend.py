@@ -38,6 +38,10 @@ class Backend(ABC):
     #: A sentence a ``merge --requantize`` into this backend's groups reports, when its re-encoding is not what
     #: the format's own tools would make (GPTQ: rounding onto the stored grid, without calibration).
     requantize_note: ClassVar[str] = ""
+    #: True for the one backend ``adaptools requantize`` uses without ``--quant-type`` (bitsandbytes NF4, what
+    #: transformers' ``load_in_4bit`` makes). Chosen by this flag, never by registration order, which plugins
+    #: loaded in another order would change.
+    quantize_default: bool = False
 
     @property
     def implementation(self) -> str:
@@ -154,6 +158,8 @@ class OutputContainer(ABC):
     file_suffix: ClassVar[str | None] = None
     #: True: the output is a folder; False: one file.
     directory: ClassVar[bool] = False
+    #: What to do when requantizing erased most of a change (the survival warning's last sentence).
+    survival_hint: ClassVar[str] = "Merge without --requantize for a faithful 16-bit model."
 
     def owns(self, path: Path) -> bool:
         """True if the regular file ``path`` was written by adaptools in this container's file format (its

@@ -67,7 +67,7 @@ def _run(base: str | MergePlan, inputs: list[MergeInput], out: str, options: Mer
 def _report(summary: MergeSummary, json_: bool, extra: dict[str, Any] | None = None, verb: str = "merged") -> None:
     for warning in summary.warnings:
         click.echo(f"warning: {warning}", err=True)
-    _report_survival(summary.survival, quiet=json_, gguf=summary.output.endswith(".gguf"))
+    _report_survival(summary.survival, summary.survival_hint, quiet=json_)
     if json_:
         emit_json({**summary.to_json(), **(extra or {})})
         return
@@ -174,10 +174,9 @@ def _echo_plan(data: dict[str, Any]) -> None:
         click.echo(f"  {shard['file']}: {shard['tensors']} tensors, {approx}{_fmt_bytes(shard['bytes'])}")
 
 
-def _report_survival(survival: list[dict[str, Any]], quiet: bool = False, gguf: bool = False) -> None:
+def _report_survival(survival: list[dict[str, Any]], hint: str, quiet: bool = False) -> None:
     """Summarise how much of the change survived requantization; warn on stderr when most was lost, naming
-    the layers (fewest kept first) and what to do: for a GGUF file (whose changed tensors keep their own
-    type, a 4-bit K-quant or Q4_0 included) a wider ``--outtype``, else a merge without ``--requantize``."""
+    the layers (fewest kept first) and what to do (``hint``, the output container's advice)."""
     if not survival:
         return
     kept = sorted(s["retained"] for s in survival)
@@ -190,8 +189,7 @@ def _report_survival(survival: list[dict[str, Any]], quiet: bool = False, gguf: 
                    "of the change")
     if lost:
         names = ", ".join(f"{name} ({share:.0%})" for share, name in lost[:4]) + (", ..." if len(lost) > 4 else "")
-        fix = ("Write the changed tensors in a wider type: --outtype q8_0 (or f16)." if gguf else
-               "Merge without --requantize for a faithful 16-bit model.")
+        fix = hint or "Merge without --requantize for a faithful 16-bit model."
         click.echo(f"WARNING: in {len(lost)} of {len(kept)} layers requantizing erased more than half of the "
                    f"adapter's change ({names}); the quantized model has largely lost the fine-tune. {fix}",
                    err=True)

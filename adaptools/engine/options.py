@@ -146,6 +146,8 @@ class MergeSummary:
     vocab_size: int | None = None
     warnings: list[str] = field(default_factory=list)
     survival: list[dict[str, Any]] = field(default_factory=list)
+    #: what to do when requantizing erased most of a change (the output container's advice)
+    survival_hint: str = ""
     checks: list[dict[str, Any]] = field(default_factory=list)
     profile: dict[str, float] = field(default_factory=dict)
 

@@ -81,6 +81,7 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
                            warnings=list(plan.warnings))
     record = provenance(checkpoint, plan.inputs, options.command, options.hash_base, options.operation)
     container = plan.container or FOLDER
+    summary.survival_hint = container.survival_hint
     total = plan.total_bytes
     workers = workers_for(options)
     inputs = [str(checkpoint.path), *(i.adapter.source for i in plan.inputs)]

@@ -66,6 +66,8 @@ class GGUFContainer(plugin.OutputContainer):
 
     name = "gguf"
     description = "one llama.cpp GGUF model file (from a GGUF base, or a dense Llama-family base)"
+    # changed tensors keep their own type (a 4-bit K-quant or Q4_0 included): a wider type keeps the change
+    survival_hint = "Write the changed tensors in a wider type: --outtype q8_0 (or f16)."
     suffix = ".gguf"
     file_suffix = ".gguf"
     directory = False
