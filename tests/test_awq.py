@@ -143,6 +143,7 @@ def test_merge_requantize_keeps_the_grid_and_every_untouched_byte(bases, tmp_pat
         assert same(ours[f"{module}.qweight"], build_awq.pack(codes.to(torch.int32))), module
         assert not same(ours[f"{module}.qweight"], base[f"{module}.qweight"])
     assert sorted(s["tensor"] for s in summary.survival) == [GATE + ".weight", Q + ".weight"]
+    assert any("this is not AWQ" in w and "docs/awq.md" in w for w in summary.warnings), summary.warnings
     assert json.loads((tmp_path / "rq" / "config.json").read_text()) == json.loads((path / "config.json").read_text())
     checkpoint = Checkpoint.open(tmp_path / "rq")
     for module in (Q, GATE):

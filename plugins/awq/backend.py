@@ -23,6 +23,9 @@ from adaptools.plugin import BaseTensor, InputError, UnsupportedOperationError
 from .codec import PACK, dequantize, quantize
 from .layout import HINT, QWEIGHT, QZEROS, SCALES, scan
 
+REQUANTIZE_NOTE = ("awq --requantize rounds each merged weight to the nearest point of its stored grid (scales "
+                   "and zero points kept): this is not AWQ, which chooses its scales from calibration activations "
+                   "(docs/awq.md)")
 NO_QUANTIZER = ("adaptools does not quantize dense weights to AWQ: AWQ chooses its scales from calibration "
                 "activations, which adaptools does not have")
 NO_QUANTIZER_HINT = ("merge onto the AWQ base itself with --requantize (keeps its scales and zeros), or quantize "
@@ -46,6 +49,7 @@ class Awq(plugin.Backend):
     """AWQ GEMM linears (4-bit, zero points, fp16 scales per group of inputs)."""
 
     name = "awq"
+    requantize_note = REQUANTIZE_NOTE
     description = ("AWQ GEMM (4-bit, zero points, fp16 group scales; AutoAWQ/transformers): AutoAWQ's "
                    "dequantize_gemm, bit for bit; --requantize onto the stored grid (not AWQ calibration)")
 
