@@ -226,6 +226,19 @@ def test_requantize_reproduces_transformers_4bit_checkpoint(llama_bf16, tmp_path
     assert len(list((tmp_path / "q").glob("*.safetensors"))) == 4  # the base's shard layout is kept
 
 
+def test_requantize_defaults_to_nf4_whatever_order_plugins_registered_in(monkeypatch):
+    """Without --quant-type, requantize makes NF4 (transformers' load_in_4bit) because that backend says so,
+    not because it was registered first: reversed, the choice holds (tests that reload plugins did reorder
+    them, and requantize then chose another format)."""
+    from adaptools import registry
+    from adaptools.engine.plan import quantizing_backend
+
+    order = registry.backends()
+    assert quantizing_backend("").name == "nf4"
+    monkeypatch.setattr(registry, "backends", lambda: dict(reversed(list(order.items()))))
+    assert quantizing_backend("").name == "nf4"
+
+
 def test_requantized_output_loads_and_runs_in_transformers(llama_bf16, tmp_path):
     from transformers import AutoModelForCausalLM
 

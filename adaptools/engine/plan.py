@@ -196,12 +196,13 @@ def quantizing_backends() -> list[str]:
 
 
 def quantizing_backend(name: str) -> Backend:
-    """The backend ``name`` (empty: the first that can quantize), refusing one that cannot."""
+    """The backend ``name`` (empty: the one marked ``quantize_default``, else the first that can quantize),
+    refusing one that cannot."""
     names = quantizing_backends()
     if not name:
         if not names:
             raise InputError("no installed backend can quantize dense weights")
-        name = names[0]
+        name = next((n for n in names if registry.get_backend(n).quantize_default), names[0])
     if name not in names:
         raise InputError(f"backend {name!r} cannot quantize dense weights", hint=f"use one of {', '.join(names)}")
     return registry.get_backend(name)

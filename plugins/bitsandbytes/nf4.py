@@ -277,6 +277,7 @@ class FourBit(plugin.Backend):
 
     def __init__(self, quant_type: str):
         self.name = quant_type  # type: ignore[misc]
+        self.quantize_default = quant_type == "nf4"  # requantize without --quant-type (transformers' default)
         self.quant_type = quant_type
         self.description = f"bitsandbytes {quant_type.upper()} 4-bit weights (decode and byte-exact encode)"  # type: ignore[misc]
 
