@@ -25,10 +25,10 @@ def ct_bases(tmp_path_factory):
     from peft_oracle import seeded_lora
 
     root = tmp_path_factory.mktemp("ct-inputs")
-    paths = build_ct.build(root, ("pack", "fp8"))
+    paths = build_ct.build(root, ("pack", "fp8", "nvfp4"))
     seeded_lora(paths["llama-ct-dense"], LoraConfig(r=2, target_modules=["gate_proj", "q_proj"]), root / "lora", 3,
                 0.05)
-    return paths["llama-ct-pack"], paths["llama-ct-fp8"], root / "lora"
+    return paths["llama-ct-pack"], paths["llama-ct-fp8"], root / "lora", paths["llama-ct-nvfp4"]
 
 
 def edited(base, tmp, tensors=None, config=None):
@@ -111,10 +111,13 @@ def test_hostile_checkpoints_end_in_one_clean_error(case, ct_bases, tmp_path, cl
     assert not (tmp_path / "out").exists()
 
 
-def _refused_when_read(path, lora, tmp_path, cli_runner, named, says):
-    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, lora, tmp_path / "out"]):
+def _refused_when_read(path, lora, tmp_path, cli_runner, named, says, *extra):
+    """Refused once the weight is decoded: the one line still names the shard holding it, as header errors do."""
+    commands = [["dequantize", path, tmp_path / "out"], ["merge", path, lora, tmp_path / "out", *extra]]
+    for command in commands:
         result = cli_runner(*command)
         assert result.exit_code == 2 and named in result.stderr and says in result.stderr, result.output
+        assert str(path / "model.safetensors") in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
@@ -145,3 +148,28 @@ def test_a_truncated_file_is_refused(ct_bases, tmp_path, cli_runner):
     result = cli_runner("dequantize", path, tmp_path / "out")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
+
+
+Q = "model.layers.0.self_attn.q_proj"  # (nvfp4 fixture) weight_packed [128, 64], weight_scale [128, 8]
+#: case -> (fixture index, tensor edit, what the one line must name, what it must say, extra merge arguments):
+#: files whose headers are sound but whose values are not, found only when the weight is decoded or written.
+READ_TIME = {
+    "fp8-scale-overflows-bf16": (1, setitem(f"{F}.weight_scale", 0, 3e38), f"{F}.weight", "NaN or infinite", ()),
+    "fp8-scale-overflows-requantize": (1, setitem(f"{F}.weight_scale", 0, 3e38), f"{F}.weight", "NaN or infinite",
+                                       ("--requantize",)),
+    "nvfp4-global-scale-subnormal": (3, setitem(f"{Q}.weight_global_scale", 0, 1e-42), f"{Q}.weight",
+                                     "NaN or infinite", ()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(READ_TIME))
+def test_values_refused_when_read_name_the_file(case, ct_bases, tmp_path, cli_runner):
+    base, tensors, named, says, extra = READ_TIME[case]
+    path = edited(ct_bases[base], tmp_path, tensors)
+    if extra:  # only a requantized output carries the tensor on: a dense one drops it
+        result = cli_runner("merge", path, ct_bases[2], tmp_path / "out", *extra)
+        assert result.exit_code == 2 and named in result.stderr and says in result.stderr, result.output
+        assert str(path / "model.safetensors") in result.stderr and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+        return
+    _refused_when_read(path, ct_bases[2], tmp_path, cli_runner, named, says)

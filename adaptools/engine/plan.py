@@ -23,7 +23,7 @@ import torch
 
 from .. import float_types, registry
 from ..checkpoint import EMBEDDING_NAMES, Checkpoint
-from ..errors import IncompatibleBaseError, InputError
+from ..errors import AdaptoolsError, IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, Mergeable, TensorUpdate, capability
 from .entries import (  # noqa: F401  (the plan's parts, re-exported for the modules that read a plan)
     CAST,
@@ -179,8 +179,11 @@ def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, G
         if not checkpoint.groups:
             raise InputError("--requantize needs a quantized base", path=checkpoint.path,
                              hint="to quantize a dense model, use `adaptools requantize`")
-        return {param: GroupOutput(backend, backend.group_settings(param, checkpoint.read_small))
-                for param, (backend, _) in checkpoint.groups.items()}
+        try:
+            return {param: GroupOutput(backend, backend.group_settings(param, checkpoint.read_small))
+                    for param, (backend, _) in checkpoint.groups.items()}
+        except AdaptoolsError as exc:  # a backend refusing to encode a weight names it, not its file
+            raise checkpoint.located(exc) from None
     if options.quantize is not None:
         backend = quantizing_backend(options.quantize.quant_type)
         return {name: GroupOutput(backend, settings)
