@@ -159,6 +159,12 @@ READ_TIME = {
                                        ("--requantize",)),
     "nvfp4-global-scale-subnormal": (3, setitem(f"{Q}.weight_global_scale", 0, 1e-42), f"{Q}.weight",
                                      "NaN or infinite", ()),
+    "nvfp4-input-global-scale-nan": (3, setitem(f"{Q}.input_global_scale", 0, float("nan")),
+                                     f"{Q}.input_global_scale", "NaN", ("--requantize",)),
+    "nvfp4-input-global-scale-inf": (3, setitem(f"{Q}.input_global_scale", 0, float("inf")),
+                                     f"{Q}.input_global_scale", "Inf", ("--requantize",)),
+    "nvfp4-input-global-scale-negative": (3, setitem(f"{Q}.input_global_scale", 0, -1.0),
+                                          f"{Q}.input_global_scale", "negative", ("--requantize",)),
 }
 
 

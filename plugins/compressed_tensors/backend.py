@@ -169,8 +169,9 @@ class CompressedTensors(plugin.Backend):
                              hint="merge into a dense output (leave out --requantize)")
         settings: dict[str, Any] = {"layout": layout}
         kept = f"{param.removesuffix('.weight')}.input_global_scale"  # not the weight's: carried unchanged
-        if kept in layout.names:
+        if kept in layout.names:  # written as it is: a NaN or a negative scale would reach the output
             settings["input_global_scale"] = read(kept)
+            check_scales(settings["input_global_scale"], kept)
         return settings
 
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
