@@ -59,6 +59,8 @@ def weights(group, **changes):
     return lambda q: q["config_groups"][group]["weights"].update(changes)
 
 
+#: A target that backtracks exponentially on a module name (the `re` module would run for hours).
+BACKTRACKS = r"re:([\w.]|[\w.])*\d$"
 S, Z, W, SH = f"{M}.weight_scale", f"{M}.weight_zero_point", f"{M}.weight_packed", f"{M}.weight_shape"
 #: case -> (tensor edit, config edit, what the one line must name)
 HOSTILE = {
@@ -94,6 +96,13 @@ HOSTILE = {
     "group-size-zero": (None, weights("group_2", group_size=0), "group_2"),
     "untargeted": (None, lambda q: q["config_groups"].pop("group_2"), "gate_proj"),
     "ignored": (None, lambda q: q.update({"ignore": ["lm_head", M]}), "gate_proj"),
+    # targets are regexes from the file: an invalid one, or one that backtracks for ages on a module name
+    "target-regex-invalid": (None, lambda q: q["config_groups"]["group_2"].update({"targets": ["re:("]}),
+                             "config_groups.group_2.targets"),
+    "target-regex-backtracks": (None, lambda q: q["config_groups"]["group_2"].update({"targets": [BACKTRACKS]}),
+                                "config_groups.group_2.targets"),
+    "ignore-regex-invalid": (None, lambda q: q.update({"ignore": ["re:[lm_head"]}), "ignore"),
+    "ignore-regex-backtracks": (None, lambda q: q.update({"ignore": [BACKTRACKS]}), "ignore"),
 }
 
 
