@@ -59,6 +59,18 @@ def weights(group, **changes):
     return lambda q: q["config_groups"][group]["weights"].update(changes)
 
 
+def _block_zero_points(dtype):
+    def change(state):
+        for module in (M, M.replace("gate", "up"), M.replace("0", "1"), M.replace("0", "1").replace("gate", "up")):
+            state[f"{module}.weight_scale"] = torch.full((7, 4), 0.01, dtype=torch.bfloat16)
+            state[f"{module}.weight_zero_point"] = torch.ones((7, 4), dtype=dtype)
+    return change
+
+
+def _block_scheme(quant):
+    quant["config_groups"]["group_2"]["weights"].update(strategy="block", block_structure=[32, 32], group_size=None)
+
+
 #: A target that backtracks exponentially on a module name (the `re` module would run for hours).
 BACKTRACKS = r"re:([\w.]|[\w.])*\d$"
 S, Z, W, SH = f"{M}.weight_scale", f"{M}.weight_zero_point", f"{M}.weight_packed", f"{M}.weight_shape"
@@ -103,6 +115,9 @@ HOSTILE = {
                                 "config_groups.group_2.targets"),
     "ignore-regex-invalid": (None, lambda q: q.update({"ignore": ["re:[lm_head"]}), "ignore"),
     "ignore-regex-backtracks": (None, lambda q: q.update({"ignore": [BACKTRACKS]}), "ignore"),
+    # the library packs zero points into int32 only for group and channel strategies: an int32 grid of block
+    # zero points is not packed, and unpacking it as if it were read garbage with exit 0
+    "block-zero-point-int32": (_block_zero_points(torch.int32), _block_scheme, Z),
 }
 
 
@@ -188,3 +203,20 @@ def test_values_refused_when_read_name_the_file(case, ct_bases, tmp_path, cli_ru
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
         return
     _refused_when_read(path, ct_bases[2], tmp_path, cli_runner, named, says)
+
+
+def test_block_zero_points_are_read_unpacked_as_the_library_reads_them(ct_bases, tmp_path):
+    """The library packs zero points only for group and channel strategies: a block-strategy pack-quantized
+    weight keeps its int8 grid (partial blocks at the 196-row edge), and decodes as its decompress does."""
+    from ct_checks import library_decompress, state_of
+
+    gen = torch.Generator().manual_seed(5)
+
+    def change(state):
+        for module in (M, M.replace("gate", "up"), M.replace("0", "1"), M.replace("0", "1").replace("gate", "up")):
+            state[f"{module}.weight_scale"] = (torch.rand((7, 4), generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
+            state[f"{module}.weight_zero_point"] = torch.randint(-8, 8, (7, 4), generator=gen, dtype=torch.int8)
+    path = edited(ct_bases[0], tmp_path, change, _block_scheme)
+    checkpoint, state = Checkpoint.open(path), state_of(path)
+    ours, theirs = checkpoint.read(f"{M}.weight"), library_decompress(path, state, M)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)

@@ -233,7 +233,8 @@ def checked(module: str, scheme: Scheme, tensors: Mapping[str, BaseTensor], shap
         return Layout(scheme, shape, "BF16", tuple(names))  # the library decodes fp4 to bf16
     zero = f"{module}.weight_zero_point"
     if not scheme.symmetric:
-        dtype = ("I32",) if scheme.format == "pack-quantized" and scheme.strategy != "tensor" else ("I8",)
+        packed = scheme.format == "pack-quantized" and scheme.strategy in ("group", "channel")  # PACK_ZP_STRATS
+        dtype = ("I32",) if packed else ("I8",)
         _expect(tensors.get(zero), zero, dtype, packed_zero_shape(scheme, shape), what)
     elif zero in tensors:
         raise _refuse("a zero point for a symmetric scheme", zero)
