@@ -118,6 +118,9 @@ HOSTILE = {
     # the library packs zero points into int32 only for group and channel strategies: an int32 grid of block
     # zero points is not packed, and unpacking it as if it were read garbage with exit 0
     "block-zero-point-int32": (_block_zero_points(torch.int32), _block_scheme, Z),
+    # a dense weight beside the packed one: which is the model's is ambiguous (MXFP4 refuses the same)
+    "dense-beside-packed": (put(f"{M}.weight", lambda s: torch.zeros(196, 128, dtype=torch.bfloat16)), None,
+                            f"{M}.weight"),
 }
 
 
@@ -220,3 +223,13 @@ def test_block_zero_points_are_read_unpacked_as_the_library_reads_them(ct_bases,
     checkpoint, state = Checkpoint.open(path), state_of(path)
     ours, theirs = checkpoint.read(f"{M}.weight"), library_decompress(path, state, M)
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+def test_a_dense_weight_beside_an_nvfp4_one_is_refused(ct_bases, tmp_path, cli_runner):
+    """(--requantize of such a checkpoint raised KeyError, a traceback.)"""
+    path = edited(ct_bases[3], tmp_path, put(f"{Q}.weight", lambda s: torch.zeros(128, 128, dtype=torch.bfloat16)))
+    for extra in ((), ("--requantize",)):
+        result = cli_runner("merge", path, ct_bases[2], tmp_path / "out", *extra)
+        assert result.exit_code == 2 and f"{Q}.weight" in result.stderr and str(path) in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -263,6 +263,9 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any], fmt: str)
     for module, scheme in schemes_of(quant, modules).items():
         if scheme.format != fmt:
             continue
+        if fmt in PACKED and f"{module}.weight" in tensors:
+            raise _refuse(f"a dense tensor beside the {fmt} {module}.weight_packed: which is the weight is "
+                          "ambiguous", f"{module}.weight")
         if fmt == "pack-quantized":
             packed = f"{module}.weight_packed"
             stored = _expect(tensors.get(packed), packed, ("I32",), None, f"{fmt} weight")
