@@ -233,3 +233,14 @@ def test_a_dense_weight_beside_an_nvfp4_one_is_refused(ct_bases, tmp_path, cli_r
         assert result.exit_code == 2 and f"{Q}.weight" in result.stderr and str(path) in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [8, -9, 127])
+def test_an_unpacked_zero_point_outside_the_bits_range_is_refused(value, ct_bases, tmp_path, cli_runner):
+    """A block-strategy int4 weight keeps its zero points unpacked (int8); the library clamps them to int4's
+    -8..7, so one outside it is a corrupt file, refused when read rather than decoded to what no one wrote."""
+    def change(state):
+        _block_zero_points(torch.int8)(state)
+        state[Z][3, 1] = value
+    path = edited(ct_bases[0], tmp_path, change, _block_scheme)
+    _refused_when_read(path, ct_bases[2], tmp_path, cli_runner, Z, "-8 to 7")
