@@ -168,3 +168,20 @@ def test_check_against_the_mxfp4_base(mx, tmp_path, cli_runner):
     (liar / "adapter_config.json").write_text(json.dumps(config))
     result = cli_runner("check", liar, "--base", mx["gptoss-mxfp4"])
     assert "LORA024" in result.output and "8 experts" in result.output, result.output
+
+
+def test_an_fp8_tensor_no_backend_decodes_is_not_passed_into_a_dense_output(mx, tmp_path, cli_runner):
+    """An FP8 linear (weight + weight_scale_inv) in an MXFP4 checkpoint: no backend of this checkpoint reads
+    it, and a dense output without quantization_config would hold its raw fp8 codes, its scales ignored."""
+    name = "model.layers.0.self_attn.k_proj.weight"
+
+    def fp8_linear(state):
+        state[name] = state[name].to(torch.float8_e4m3fn)
+        state[name + "_scale_inv"] = torch.ones(1, 1)
+    folder = _hostile(mx, tmp_path, fp8_linear)
+    for args in (("dequantize", folder, tmp_path / "a"), ("merge", folder, mx["gptoss-mxfp4-lora"], tmp_path / "b")):
+        result = cli_runner(*args)
+        assert result.exit_code == 2 and name in result.output and "F8_E4M3" in result.output, result.output
+        assert str(folder / "model.safetensors") in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

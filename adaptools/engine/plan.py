@@ -142,6 +142,8 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
         group_targets = {param: GroupOutput(backend, settings) for param, (backend, settings) in encodings.items()}
     else:
         group_targets = _group_targets(checkpoint, options)
+    if checkpoint.groups and not group_targets:
+        _refuse_undecoded_fp8(checkpoint)
     updates = plan_updates(inputs, checkpoint, options.ignore_base_mismatch)
     for target in updates:
         stored = checkpoint.aliases.get(target, target)
@@ -170,6 +172,18 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
                       untied=bool(aliases), vocab_size=vocab, warnings=warnings, container=container)
     built.warnings += container.warnings(built)
     return built
+
+
+def _refuse_undecoded_fp8(checkpoint: Checkpoint) -> None:
+    """A dense output of a quantized base drops quantization_config: an fp8 tensor that no backend decodes
+    would reach it as raw codes, its scales unread, and load as garbage (docs/outputs.md, "Never garbage")."""
+    for name in checkpoint.parameters():
+        if name in checkpoint.location and name not in checkpoint.groups:
+            shard, info = checkpoint.location[name]
+            if info.dtype in ("F8_E4M3", "F8_E5M2"):
+                raise InputError(f"an {info.dtype} tensor that no backend of this checkpoint decodes: a dense output "
+                                 "would hold its raw values", path=shard.path, tensor=name,
+                                 hint="the checkpoint mixes quantization formats adaptools does not read together")
 
 
 def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, GroupOutput]:
