@@ -158,11 +158,17 @@ class Checkpoint:
                     self.companions.update(names)
                     dtype, shape = backend.group_info(param, self.read_small)
                     self.logical[param] = BaseTensor(param, TORCH_TO_CODE[dtype], tuple(shape))
-        except AdaptoolsError as exc:  # a backend knows the tensor, not the file: name the shard holding it
-            if exc.path is not None:
-                raise
-            where = self.location[exc.tensor][0].path if exc.tensor in self.location else self.path
-            raise type(exc)(exc.message, path=where, tensor=exc.tensor, hint=exc.hint) from None
+        except AdaptoolsError as exc:
+            raise self.located(exc) from None
+
+    def located(self, exc: AdaptoolsError) -> AdaptoolsError:
+        """``exc`` naming the file: a backend knows the tensor, not the file, so the shard holding the tensor
+        (the folder when no shard holds it); an error that names a file already is returned as it is."""
+        if exc.path is not None:
+            return exc
+        stored = self.anchors.get(exc.tensor or "", exc.tensor)  # a weight stored under another name
+        where = self.location[stored][0].path if stored in self.location else self.path
+        return type(exc)(exc.message, path=where, tensor=exc.tensor, hint=exc.hint)
 
     def read_small(self, name: str) -> torch.Tensor:
         """Read one stored tensor by name (for the small parts of groups)."""
@@ -174,7 +180,10 @@ class Checkpoint:
         """A parameter's value: decoded from its group if it has one, else the stored tensor."""
         if name in self.groups:
             backend, names = self.groups[name]
-            value: torch.Tensor = backend.decode_group(name, self.read_small, names)
+            try:
+                value: torch.Tensor = backend.decode_group(name, self.read_small, names)
+            except AdaptoolsError as exc:  # found only when decoded (NaN codes, overflowing scales)
+                raise self.located(exc) from None
             if count_nonfinite(value):
                 self._refuse_overflowing_group(name, backend, names, value)
             return value

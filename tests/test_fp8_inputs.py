@@ -107,17 +107,80 @@ def test_a_truncated_file_is_refused(fp8_base, tmp_path, cli_runner):
     assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_nan_codes_in_a_weight_are_refused_when_read(fp8_base, tmp_path, cli_runner):
-    """float8_e4m3fn has NaN codes (0x7F, 0xFF) and no infinity; the headers cannot show them, the decode does."""
-    def nan_code(state):
-        raw = state[P].view(torch.uint8)
-        raw[3, 4] = 0x7F
-    path = edited(fp8_base[0], tmp_path, nan_code)
-    for command in (["dequantize", path, tmp_path / "out"],
+def _nan_code(state):
+    state[P].view(torch.uint8)[3, 4] = 0x7F
+
+
+#: case -> (tensor edit, config edit, what the one line must say): sound headers, values found only when decoded
+READ_TIME = {
+    # float8_e4m3fn has NaN codes (0x7F, 0xFF) and no infinity; the headers cannot show them, the decode does
+    "nan-code": (_nan_code, None, "NaN codes"),
+    "scale-overflows-bf16": (lambda s: s[S].__setitem__((0, 0), 3e38), None, "too large for bfloat16"),
+    "scale-overflows-f16": (lambda s: s[S].__setitem__((0, 0), 1e3), "float16", "too large for float16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(READ_TIME))
+def test_values_are_refused_when_read_naming_the_file(case, fp8_base, tmp_path, cli_runner):
+    tensors, dtype, says = READ_TIME[case]
+    path = edited(fp8_base[0], tmp_path, tensors)
+    if dtype is not None:
+        data = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**data, "dtype": dtype, "torch_dtype": dtype}))
+    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, fp8_base[1], tmp_path / "out"],
                     ["merge", path, fp8_base[1], tmp_path / "out", "--requantize"]):
         result = cli_runner(*command)
-        assert result.exit_code == 2 and P in result.stderr and "NaN codes" in result.stderr, result.output
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert result.exit_code == 2 and P in result.stderr and says in result.stderr, result.output
+        assert str(path / "model.safetensors") in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _sharded(base, tmp, change):
+    """A copy of ``base`` in two shards with an index, the state and the index then edited by ``change``."""
+    out = tmp / "base"
+    shutil.copytree(base, out)
+    state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}
+    (out / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    change(state, shards)
+    weight_map = {}
+    for file, keys in shards.items():
+        adaptools.plugin.save_tensors(out / file, {k: state[k] for k in keys}, {"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def _duplicate_scale(state, shards):
+    shards["model-00002-of-00002.safetensors"].append(S)  # the scale in both shards
+    shards["model-00001-of-00002.safetensors"].append(S)
+
+
+def _missing_shard(state, shards):
+    shards["model-00003-of-00002.safetensors"] = []  # indexed, then deleted below
+
+
+SHARDS = {"duplicate-across-shards": (_duplicate_scale, S), "index-names-a-missing-shard": (_missing_shard, "00003")}
+
+
+@pytest.mark.parametrize("case", sorted(SHARDS))
+def test_sharded_checkpoints_that_lie_are_refused(case, fp8_base, tmp_path, cli_runner):
+    change, named = SHARDS[case]
+    path = _sharded(fp8_base[0], tmp_path, change)
+    for shard in path.glob("model-00003-*"):
+        shard.unlink()
+    if case == "index-names-a-missing-shard":  # an index entry for a shard that is not there
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index["weight_map"][P] = "model-00003-of-00002.safetensors"
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, fp8_base[1], tmp_path / "out"],
+                    ["merge", path, fp8_base[1], tmp_path / "out", "--requantize"]):
+        result = cli_runner(*command)
+        assert result.exit_code == 2 and named in result.stderr and str(path) in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -89,6 +89,7 @@ def test_dequantize_merge_equals_peft_on_the_dequantized_model(mx, tmp_path, cli
 def test_requantize_is_refused_clearly(mx, tmp_path, cli_runner):
     result = cli_runner("merge", mx["gptoss-mxfp4"], mx["gptoss-mxfp4-lora"], tmp_path / "out", "--requantize")
     assert result.exit_code == 2 and "no reference MXFP4 quantizer runs on the CPU" in result.output
+    assert str(mx["gptoss-mxfp4"] / "model.safetensors") in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
@@ -103,6 +104,9 @@ def _hostile(mx, tmp_path, change):
     state = _state(folder)
     change(state)
     save_file(state, str(folder / "model.safetensors"), {"format": "pt"})
+    if change is _f16_overflow:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "dtype": "float16", "torch_dtype": "float16"}))
     return folder
 
 
@@ -126,6 +130,10 @@ def _float_blocks(state):
     state[GATE_UP + "_blocks"] = state[GATE_UP + "_blocks"].to(torch.bfloat16)
 
 
+def _f16_overflow(state):  # finite in bf16, not in a float16 model (config.json's dtype, set below)
+    state[GATE_UP + "_scales"][2, 5, 1] = 145
+
+
 def _narrow_blocks(state):
     state[GATE_UP + "_blocks"] = state[GATE_UP + "_blocks"][..., :8].contiguous()
 
@@ -133,6 +141,7 @@ def _narrow_blocks(state):
 @pytest.mark.parametrize(("change", "says"), [
     (_nan_scale, "NaN or infinite"), (_huge_scale, "NaN or infinite"), (_truncated_blocks, "must be U8"),
     (_no_scales, "without"), (_float_blocks, "MXFP4 blocks are U8"), (_narrow_blocks, "MXFP4 blocks are U8"),
+    (_f16_overflow, "too large for float16"),
 ])
 def test_hostile_checkpoints_are_refused_in_one_line(mx, tmp_path, cli_runner, change, says):
     """Exponent 255 (NaN in the format), one too large for bf16, blocks that do not match their scales, half a
@@ -142,6 +151,7 @@ def test_hostile_checkpoints_are_refused_in_one_line(mx, tmp_path, cli_runner, c
         result = cli_runner(*args)
         assert result.exit_code == 2, result.output
         assert says in result.output and "gate_up_proj" in result.output and "Traceback" not in result.output
+        assert str(folder / "model.safetensors") in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -158,3 +168,20 @@ def test_check_against_the_mxfp4_base(mx, tmp_path, cli_runner):
     (liar / "adapter_config.json").write_text(json.dumps(config))
     result = cli_runner("check", liar, "--base", mx["gptoss-mxfp4"])
     assert "LORA024" in result.output and "8 experts" in result.output, result.output
+
+
+def test_an_fp8_tensor_no_backend_decodes_is_not_passed_into_a_dense_output(mx, tmp_path, cli_runner):
+    """An FP8 linear (weight + weight_scale_inv) in an MXFP4 checkpoint: no backend of this checkpoint reads
+    it, and a dense output without quantization_config would hold its raw fp8 codes, its scales ignored."""
+    name = "model.layers.0.self_attn.k_proj.weight"
+
+    def fp8_linear(state):
+        state[name] = state[name].to(torch.float8_e4m3fn)
+        state[name + "_scale_inv"] = torch.ones(1, 1)
+    folder = _hostile(mx, tmp_path, fp8_linear)
+    for args in (("dequantize", folder, tmp_path / "a"), ("merge", folder, mx["gptoss-mxfp4-lora"], tmp_path / "b")):
+        result = cli_runner(*args)
+        assert result.exit_code == 2 and name in result.output and "F8_E4M3" in result.output, result.output
+        assert str(folder / "model.safetensors") in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

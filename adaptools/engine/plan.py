@@ -23,7 +23,7 @@ import torch
 
 from .. import float_types, registry
 from ..checkpoint import EMBEDDING_NAMES, Checkpoint
-from ..errors import IncompatibleBaseError, InputError
+from ..errors import AdaptoolsError, IncompatibleBaseError, InputError
 from ..interfaces import Backend, BaseTensor, Mergeable, TensorUpdate, capability
 from .entries import (  # noqa: F401  (the plan's parts, re-exported for the modules that read a plan)
     CAST,
@@ -142,6 +142,8 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
         group_targets = {param: GroupOutput(backend, settings) for param, (backend, settings) in encodings.items()}
     else:
         group_targets = _group_targets(checkpoint, options)
+    if checkpoint.groups and not group_targets:
+        _refuse_undecoded_fp8(checkpoint)
     updates = plan_updates(inputs, checkpoint, options.ignore_base_mismatch)
     for target in updates:
         stored = checkpoint.aliases.get(target, target)
@@ -174,6 +176,18 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     return built
 
 
+def _refuse_undecoded_fp8(checkpoint: Checkpoint) -> None:
+    """A dense output of a quantized base drops quantization_config: an fp8 tensor that no backend decodes
+    would reach it as raw codes, its scales unread, and load as garbage (docs/outputs.md, "Never garbage")."""
+    for name in checkpoint.parameters():
+        if name in checkpoint.location and name not in checkpoint.groups:
+            shard, info = checkpoint.location[name]
+            if info.dtype in ("F8_E4M3", "F8_E5M2"):
+                raise InputError(f"an {info.dtype} tensor that no backend of this checkpoint decodes: a dense output "
+                                 "would hold its raw values", path=shard.path, tensor=name,
+                                 hint="the checkpoint mixes quantization formats adaptools does not read together")
+
+
 def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, GroupOutput]:
     """Parameters the output stores as groups: every quantized one (requantize) or the chosen dense
     linear weights (quantize)."""
@@ -181,8 +195,11 @@ def _group_targets(checkpoint: Checkpoint, options: MergeOptions) -> dict[str, G
         if not checkpoint.groups:
             raise InputError("--requantize needs a quantized base", path=checkpoint.path,
                              hint="to quantize a dense model, use `adaptools requantize`")
-        return {param: GroupOutput(backend, backend.group_settings(param, checkpoint.read_small))
-                for param, (backend, _) in checkpoint.groups.items()}
+        try:
+            return {param: GroupOutput(backend, backend.group_settings(param, checkpoint.read_small))
+                    for param, (backend, _) in checkpoint.groups.items()}
+        except AdaptoolsError as exc:  # a backend refusing to encode a weight names it, not its file
+            raise checkpoint.located(exc) from None
     if options.quantize is not None:
         backend = quantizing_backend(options.quantize.quant_type)
         return {name: GroupOutput(backend, settings)

@@ -146,6 +146,11 @@ class CompressedTensors(plugin.Backend):
             check_scales(glob, f"{module}.weight_global_scale")
             return self._finite(param, dequantize_nvfp4(weight, scale, glob), layout)
         zero = read(f"{module}.weight_zero_point") if not layout.scheme.symmetric else None
+        if zero is not None and zero.dtype != torch.int32:  # unpacked: the library clamps them to the bits' range
+            low, high = -(1 << (layout.scheme.bits - 1)), (1 << (layout.scheme.bits - 1)) - 1
+            if bool(((zero < low) | (zero > high)).any()):
+                raise InputError(f"zero points outside {low} to {high}, the range of {layout.scheme.bits}-bit "
+                                 "values", tensor=f"{module}.weight_zero_point", hint=HINT)
         if layout.scheme.format == "pack-quantized" and not padding_is_zero(weight, layout):
             raise InputError(f"weight_shape says {layout.shape[1]} columns, but the packed rows hold values beyond "
                              "them", tensor=f"{module}.weight_shape", hint=HINT)
@@ -169,8 +174,9 @@ class CompressedTensors(plugin.Backend):
                              hint="merge into a dense output (leave out --requantize)")
         settings: dict[str, Any] = {"layout": layout}
         kept = f"{param.removesuffix('.weight')}.input_global_scale"  # not the weight's: carried unchanged
-        if kept in layout.names:
+        if kept in layout.names:  # written as it is: a NaN or a negative scale would reach the output
             settings["input_global_scale"] = read(kept)
+            check_scales(settings["input_global_scale"], kept)
         return settings
 
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -65,8 +65,9 @@ def padding_is_zero(words: torch.Tensor, layout: Layout) -> bool:
 
 
 def zero_points(stored: torch.Tensor, scheme: Scheme, shape: tuple[int, int]) -> torch.Tensor:
-    """The zero points as signed values of the scale's shape (pack-quantized packs them along the rows)."""
-    if stored.dtype == torch.int32:
+    """The zero points as signed values of the scale's shape (pack-quantized packs them along the rows for
+    group and channel strategies only, as the library does; layout.checked holds every other one to I8)."""
+    if scheme.format == "pack-quantized" and scheme.strategy in ("group", "channel"):
         return unpack(stored.t(), scheme.bits, shape[0]).t() - (1 << (scheme.bits - 1))
     return stored.to(torch.int32)
 

@@ -16,7 +16,6 @@ quantized module ``M`` stores, by format:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -132,22 +131,31 @@ def _scheme(name: str, group: Mapping[str, Any], default_format: str | None) -> 
                   int(args.get("group_size") or 0) if strategy == "group" else 0, (int(block[0]), int(block[1])))
 
 
-def _matches(module: str, target: str) -> bool:
+def _matches(module: str, target: str, field: str) -> bool:
     """compressed-tensors' rule: ``re:PATTERN`` matches from the start of the module's name, a plain target
-    the whole name; a target naming a class (``Linear``) is taken to match every quantized module."""
+    the whole name; a target naming a class (``Linear``) is taken to match every quantized module. The
+    pattern comes from the file: one that is invalid or backtracks past a time limit is refused naming
+    ``field`` (adaptools.patterns), not raised as ``re.error`` nor left to hang."""
     if target.startswith("re:"):
-        return re.match(target[3:], module) is not None
+        try:
+            return plugin.match_pattern(target[3:], module, field=f"quantization_config.{field}") is not None
+        except InputError as exc:
+            raise InputError(exc.message, hint=HINT) from None
     return target == module or ("." not in target and target[:1].isupper())
+
+
+def _ignored(quant: Mapping[str, Any], module: str) -> bool:
+    return any(_matches(module, t, "ignore") and (t.startswith("re:") or t == module)
+               for t in quant.get("ignore") or [])
 
 
 def scheme_for(quant: Mapping[str, Any], module: str) -> Scheme | None:
     """The scheme the config gives ``module`` (the first group targeting it), or None when no group does or
     the ``ignore`` list names it."""
-    ignore = quant.get("ignore") or []
-    if any(_matches(module, t) and (t.startswith("re:") or t == module) for t in ignore):
+    if _ignored(quant, module):
         return None
     for key, group in quant["config_groups"].items():
-        if any(_matches(module, t) for t in group["targets"]):
+        if any(_matches(module, t, f"config_groups.{key}.targets") for t in group["targets"]):
             return _scheme(f"config_groups.{key}", group, quant.get("format"))
     return None
 
@@ -159,12 +167,11 @@ def schemes_of(quant: Mapping[str, Any], modules: list[str]) -> dict[str, Scheme
     for key, group in quant["config_groups"].items():
         scheme = _scheme(f"config_groups.{key}", group, quant.get("format"))
         if scheme is not None:
-            groups.append((group["targets"], scheme))
-    ignore = quant.get("ignore") or []
+            groups.append((f"config_groups.{key}.targets", group["targets"], scheme))
     found = {}
     for module in modules:
-        scheme = next((s for targets, s in groups if any(_matches(module, t) for t in targets)), None)
-        if scheme is None or any(_matches(module, t) and (t.startswith("re:") or t == module) for t in ignore):
+        scheme = next((s for field, targets, s in groups if any(_matches(module, t, field) for t in targets)), None)
+        if scheme is None or _ignored(quant, module):
             raise _refuse("quantized tensors for a module no config group of quantization_config targets",
                           module)
         found[module] = scheme
@@ -226,7 +233,8 @@ def checked(module: str, scheme: Scheme, tensors: Mapping[str, BaseTensor], shap
         return Layout(scheme, shape, "BF16", tuple(names))  # the library decodes fp4 to bf16
     zero = f"{module}.weight_zero_point"
     if not scheme.symmetric:
-        dtype = ("I32",) if scheme.format == "pack-quantized" and scheme.strategy != "tensor" else ("I8",)
+        packed = scheme.format == "pack-quantized" and scheme.strategy in ("group", "channel")  # PACK_ZP_STRATS
+        dtype = ("I32",) if packed else ("I8",)
         _expect(tensors.get(zero), zero, dtype, packed_zero_shape(scheme, shape), what)
     elif zero in tensors:
         raise _refuse("a zero point for a symmetric scheme", zero)
@@ -255,6 +263,9 @@ def scan(tensors: Mapping[str, BaseTensor], config: Mapping[str, Any], fmt: str)
     for module, scheme in schemes_of(quant, modules).items():
         if scheme.format != fmt:
             continue
+        if fmt in PACKED and f"{module}.weight" in tensors:
+            raise _refuse(f"a dense tensor beside the {fmt} {module}.weight_packed: which is the weight is "
+                          "ambiguous", f"{module}.weight")
         if fmt == "pack-quantized":
             packed = f"{module}.weight_packed"
             stored = _expect(tensors.get(packed), packed, ("I32",), None, f"{fmt} weight")
