@@ -3,12 +3,10 @@ code 2, no traceback and nothing written, whether the command is ``dequantize`` 
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from awq_checks import build_awq
+from hostile_edits import conf, edited, put, setitem, truncated_is_refused
 from safetensors.torch import load_file
 
 import adaptools
@@ -30,32 +28,12 @@ def awq_bases(tmp_path_factory):
     return paths["llama-awq"], root / "lora"
 
 
-def edited(base, tmp, tensors=None, config=None):
-    """A copy of ``base`` with its tensors and/or its quantization_config edited."""
-    out = tmp / "base"
-    shutil.copytree(base, out)
-    if tensors is not None:
-        state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}
-        tensors(state)
-        (out / "model.safetensors").unlink()
-        adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
-    if config is not None:
-        data = json.loads((out / "config.json").read_text())
-        config(data["quantization_config"])
-        (out / "config.json").write_text(json.dumps(data))
-    return out
 
 
-def put(name, value):
-    return lambda s: s.update({name: value(s)})
 
 
-def setitem(name, index, value):
-    return lambda s: s[name].__setitem__(index, value)
 
 
-def conf(**changes):
-    return lambda q: q.update(changes)
 
 
 #: case -> (tensor edit, config edit, what the one line must name: a string, or a tuple of them)
@@ -107,12 +85,7 @@ def test_hostile_checkpoints_end_in_one_clean_error(case, awq_bases, tmp_path, c
 
 
 def test_a_truncated_file_is_refused(awq_bases, tmp_path, cli_runner):
-    path = edited(awq_bases[0], tmp_path)
-    data = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    result = cli_runner("dequantize", path, tmp_path / "out")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
-    assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
+    truncated_is_refused(cli_runner, awq_bases[0], tmp_path)
 
 
 def test_a_linear_left_dense_by_modules_to_not_convert_merges_as_dense(tmp_path, cli_runner):

@@ -3,13 +3,10 @@ exit code 2, and nothing written, whether the command is ``dequantize`` or ``mer
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from ct_checks import build_ct
-from safetensors.torch import load_file
+from hostile_edits import edited, put, refused_in_one_line, setitem, truncated_is_refused
 
 import adaptools
 from adaptools.checkpoint import Checkpoint
@@ -31,28 +28,10 @@ def ct_bases(tmp_path_factory):
     return paths["llama-ct-pack"], paths["llama-ct-fp8"], root / "lora", paths["llama-ct-nvfp4"]
 
 
-def edited(base, tmp, tensors=None, config=None):
-    """A copy of ``base`` with its tensors and/or its quantization_config edited."""
-    out = tmp / "base"
-    shutil.copytree(base, out)
-    if tensors is not None:
-        state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}
-        tensors(state)
-        (out / "model.safetensors").unlink()
-        adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
-    if config is not None:
-        data = json.loads((out / "config.json").read_text())
-        config(data["quantization_config"])
-        (out / "config.json").write_text(json.dumps(data))
-    return out
 
 
-def put(name, value):
-    return lambda s: s.update({name: value(s)})
 
 
-def setitem(name, index, value):
-    return lambda s: s[name].__setitem__(index, value)
 
 
 def weights(group, **changes):
@@ -130,12 +109,8 @@ def test_hostile_checkpoints_end_in_one_clean_error(case, ct_bases, tmp_path, cl
     path = edited(ct_bases[0], tmp_path, tensors, config)
     with pytest.raises(adaptools.InputError):
         Checkpoint.open(path)
-    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, ct_bases[2], tmp_path / "out"]):
-        result = cli_runner(*command)
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-        assert str(path) in result.stderr and named in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "out").exists()
+    commands = (["dequantize", path, tmp_path / "out"], ["merge", path, ct_bases[2], tmp_path / "out"])
+    refused_in_one_line(cli_runner, path, named, commands, tmp_path / "out")
 
 
 def _refused_when_read(path, lora, tmp_path, cli_runner, named, says, *extra):
@@ -169,12 +144,7 @@ def test_fp8_scale_nan_is_refused(ct_bases, tmp_path, cli_runner):
 
 
 def test_a_truncated_file_is_refused(ct_bases, tmp_path, cli_runner):
-    path = edited(ct_bases[0], tmp_path)
-    data = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    result = cli_runner("dequantize", path, tmp_path / "out")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
-    assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
+    truncated_is_refused(cli_runner, ct_bases[0], tmp_path)
 
 
 Q = "model.layers.0.self_attn.q_proj"  # (nvfp4 fixture) weight_packed [128, 64], weight_scale [128, 8]

@@ -124,16 +124,21 @@ def test_fp16_lora_merges_as_diffusers_fuses_it(built, family, tmp_path, cli_run
         assert_same(merged_state(tmp_path / "merged", component), state, component)
 
 
-@pytest.fixture(scope="module")
-def loha(built, tmp_path_factory):
-    """The fixture's LyCORIS LoHa in kohya keys (made by peft, fixtures/diffusion.py) and peft's merged UNet."""
+def _lycoris(built, tmp_path_factory, method):
+    """The fixture's LyCORIS ``method`` in kohya keys (made by peft, fixtures/diffusion.py) and peft's merged
+    UNet."""
     from diffusion_checks import diffusion_fixtures
 
-    path = tmp_path_factory.mktemp("loha") / "loha.safetensors"
+    path = tmp_path_factory.mktemp(method) / f"{method}.safetensors"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = diffusion_fixtures.loha_kohya(built["sd1"]["pipe"], path)
+        reference = getattr(diffusion_fixtures, f"{method}_kohya")(built["sd1"]["pipe"], path)
     return path, reference
+
+
+@pytest.fixture(scope="module")
+def loha(built, tmp_path_factory):
+    return _lycoris(built, tmp_path_factory, "loha")
 
 
 def test_kohya_loha_merges_as_peft_merges_it(built, loha, tmp_path, cli_runner):
@@ -175,14 +180,7 @@ def test_a_loha_module_missing_a_factor_is_refused(loha, tmp_path, cli_runner):
 
 @pytest.fixture(scope="module")
 def lokr(built, tmp_path_factory):
-    """The fixture's LyCORIS LoKr in kohya keys (made by peft, fixtures/diffusion.py) and peft's merged UNet."""
-    from diffusion_checks import diffusion_fixtures
-
-    path = tmp_path_factory.mktemp("lokr") / "lokr.safetensors"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = diffusion_fixtures.lokr_kohya(built["sd1"]["pipe"], path)
-    return path, reference
+    return _lycoris(built, tmp_path_factory, "lokr")
 
 
 def test_kohya_lokr_merges_as_peft_merges_it(built, lokr, tmp_path, cli_runner):

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from fp8_checks import build_fp8
+from hostile_edits import edited, put, refused_in_one_line, truncated_is_refused
 from safetensors.torch import load_file
 
 import adaptools
@@ -29,24 +30,8 @@ def fp8_base(tmp_path_factory):
     return paths["llama-fp8"], root / "lora"
 
 
-def edited(base, tmp, tensors=None, config=None):
-    """A copy of ``base`` with its tensors and/or its quantization_config edited."""
-    out = tmp / "base"
-    shutil.copytree(base, out)
-    if tensors is not None:
-        state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}  # not the mmap
-        tensors(state)
-        (out / "model.safetensors").unlink()
-        adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
-    if config is not None:
-        data = json.loads((out / "config.json").read_text())
-        config(data["quantization_config"])
-        (out / "config.json").write_text(json.dumps(data))
-    return out
 
 
-def put(name, value):
-    return lambda s: s.update({name: value(s)})
 
 
 def block(value):
@@ -90,21 +75,12 @@ def test_hostile_checkpoints_end_in_one_clean_error(case, fp8_base, tmp_path, cl
     path = edited(base, tmp_path, tensors, config)
     with pytest.raises(adaptools.InputError):
         Checkpoint.open(path)
-    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, lora, tmp_path / "out", "--requantize"]):
-        result = cli_runner(*command)
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-        assert str(path) in result.stderr and named in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "out").exists()
+    commands = (["dequantize", path, tmp_path / "out"], ["merge", path, lora, tmp_path / "out", "--requantize"])
+    refused_in_one_line(cli_runner, path, named, commands, tmp_path / "out")
 
 
 def test_a_truncated_file_is_refused(fp8_base, tmp_path, cli_runner):
-    path = edited(fp8_base[0], tmp_path)
-    data = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    result = cli_runner("dequantize", path, tmp_path / "out")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
-    assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
+    truncated_is_refused(cli_runner, fp8_base[0], tmp_path)
 
 
 def _nan_code(state):

@@ -5,14 +5,11 @@ code 2, no traceback and nothing written, whether the command is ``dequantize``,
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from gptq_checks import build_gptq
-from safetensors.torch import load_file
-
-import adaptools
+from hostile_edits import edited, put, refused_in_one_line, setitem, truncated_is_refused
 
 M = "model.layers.0.mlp.gate_proj"  # 4-bit groups of 32 (gptq, sym): qweight [16, 256], qzeros [4, 32], scales [4, 256]
 
@@ -29,28 +26,10 @@ def gptq_bases(tmp_path_factory):
     return paths["llama-gptq-4"], root / "lora"
 
 
-def edited(base, tmp, tensors=None, config=None):
-    """A copy of ``base`` with its tensors and/or its quantization_config edited."""
-    out = tmp / "base"
-    shutil.copytree(base, out)
-    if tensors is not None:
-        state = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}
-        tensors(state)
-        (out / "model.safetensors").unlink()
-        adaptools.plugin.save_tensors(out / "model.safetensors", state, {"format": "pt"})
-    if config is not None:
-        data = json.loads((out / "config.json").read_text())
-        config(data["quantization_config"])
-        (out / "config.json").write_text(json.dumps(data))
-    return out
 
 
-def put(name, value):
-    return lambda s: s.update({name: value(s)})
 
 
-def setitem(name, index, value):
-    return lambda s: s[name].__setitem__(index, value)
 
 
 W, Z, S, G = (f"{M}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx"))
@@ -91,22 +70,13 @@ HOSTILE = {
 def test_hostile_checkpoints_end_in_one_clean_error(case, gptq_bases, tmp_path, cli_runner):
     tensors, config, named = HOSTILE[case]
     path = edited(gptq_bases[0], tmp_path, tensors, config)
-    for command in (["dequantize", path, tmp_path / "out"], ["merge", path, gptq_bases[1], tmp_path / "out"],
-                    ["merge", path, gptq_bases[1], tmp_path / "out", "--requantize"]):
-        result = cli_runner(*command)
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-        assert str(path) in result.stderr and named in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "out").exists()
+    commands = (["dequantize", path, tmp_path / "out"], ["merge", path, gptq_bases[1], tmp_path / "out"],
+                ["merge", path, gptq_bases[1], tmp_path / "out", "--requantize"])
+    refused_in_one_line(cli_runner, path, named, commands, tmp_path / "out")
 
 
 def test_a_truncated_file_is_refused(gptq_bases, tmp_path, cli_runner):
-    path = edited(gptq_bases[0], tmp_path)
-    data = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    result = cli_runner("dequantize", path, tmp_path / "out")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
-    assert "model.safetensors" in result.stderr and not (tmp_path / "out").exists()
+    truncated_is_refused(cli_runner, gptq_bases[0], tmp_path)
 
 
 def test_conv1d_architectures_are_refused(gptq_bases, tmp_path, cli_runner):
