@@ -24,8 +24,8 @@ from .options import ParamType, command_line, dtype_option, force_option, json_o
 @force_option
 @json_option
 def dequantize(base: str, out: str, dtype: str, shard_size: int | None, force: bool, json_: bool) -> None:
-    """Turn a quantized checkpoint into a dense one (bitsandbytes 4-bit or 8-bit, fine-grained FP8, MXFP4:
-    any backend `adaptools plugins` lists).
+    """Turn a quantized checkpoint into a dense one (any format `adaptools plugins`
+    lists a backend for: bitsandbytes, FP8, compressed-tensors, GPTQ, AWQ, MXFP4).
 
     The output loads in transformers without the quantizer: quantization_config
     is removed and every quantized weight is decoded exactly as its library
