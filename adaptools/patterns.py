@@ -15,6 +15,7 @@ hang (docs/input-validation.md).
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import regex
@@ -23,6 +24,11 @@ from .errors import InputError
 
 #: Seconds one match may take; real patterns on real module names take microseconds.
 MATCH_TIMEOUT = 0.1
+#: Seconds one pattern may spend in slow matches (each over :data:`SLOW_MATCH`) in a process. Without it a
+#: pattern that stays just under :data:`MATCH_TIMEOUT` on each of thousands of module names would run for
+#: hours. Real patterns match in microseconds, so their matches never count, however long the process lives.
+PATTERN_BUDGET = 1.0
+SLOW_MATCH = 1e-3
 #: Longest pattern accepted (characters).
 MAX_PATTERN_LENGTH = 1000
 #: Longest module or tensor name matched against a pattern (characters).
@@ -32,6 +38,8 @@ MAX_NAME_LENGTH = 1024
 #: Patterns that already ran out of time once: refused at once after that, so a config whose regex
 #: backtracks costs one timeout, not one per module.
 _SLOW: set[str] = set()
+#: Seconds each pattern has spent in slow matches so far (see :data:`PATTERN_BUDGET`).
+_SPENT: dict[str, float] = {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -75,12 +83,20 @@ def match(pattern: str, name: str, *, field: str, path: object = None, how: str 
     try:
         if pattern in _SLOW:
             raise TimeoutError
-        return getattr(compiled, how)(name, timeout=MATCH_TIMEOUT)
+        start = time.perf_counter()
+        result = getattr(compiled, how)(name, timeout=MATCH_TIMEOUT)
+        elapsed = time.perf_counter() - start
+        if elapsed > SLOW_MATCH:
+            _SPENT[pattern] = _SPENT.get(pattern, 0.0) + elapsed
+            if _SPENT[pattern] > PATTERN_BUDGET:
+                raise TimeoutError
+        return result
     except TimeoutError:
         _SLOW.add(pattern)
         raise InputError(f"the regular expression in {field} ('{user[:80]}') takes longer than "
-                         f"{MATCH_TIMEOUT} s on a module name such as '{name[:80]}' (catastrophic "
-                         "backtracking)", path=path, hint=f"simplify the pattern in {field}") from None
+                         f"{MATCH_TIMEOUT} s on a module name such as '{name[:80]}', or {PATTERN_BUDGET} s over "
+                         "the model's module names (catastrophic backtracking)", path=path,
+                         hint=f"simplify the pattern in {field}") from None
 
 
 

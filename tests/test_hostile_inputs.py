@@ -189,6 +189,28 @@ def test_catastrophic_regexes_return_in_well_under_a_second(pattern):
     assert time.perf_counter() - start < 1.0
 
 
+def test_a_regex_slow_on_every_name_but_never_timing_out_is_refused_once_its_budget_is_spent(monkeypatch):
+    """A pattern that stays under the per-match limit on each name still runs out: its time over all the
+    names it meets is bounded too (else thousands of modules times ~0.1 s each would run for hours)."""
+    from adaptools import patterns
+
+    monkeypatch.setattr(patterns, "PATTERN_BUDGET", 0.05)
+    pattern = r"(a|aa)+b$"  # some milliseconds on 20 a's, far under the 0.1 s a match may take
+    name = "a" * 20
+    start = time.perf_counter()
+    with pytest.raises(adaptools.InputError, match="0.05 s over the model's module names"):
+        for i in range(10_000):
+            adaptools.plugin.match_pattern(pattern, name + "x" * (i % 3), field="target_modules")
+    assert time.perf_counter() - start < 1.0
+    with pytest.raises(adaptools.InputError):  # refused at once from then on
+        adaptools.plugin.match_pattern(pattern, "q", field="target_modules")
+    # a real pattern's matches take microseconds and never count, however often it runs in a process
+    monkeypatch.setattr(patterns, "PATTERN_BUDGET", 0.0)
+    for i in range(20_000):
+        adaptools.plugin.match_pattern(r"(.*\.)?(q_proj)$", f"model.layers.{i}.self_attn.q_proj",
+                                       field="target_modules")
+
+
 def test_invalid_regex_names_the_field():
     with pytest.raises(adaptools.InputError, match="rank_pattern key holds an invalid regular expression"):
         adaptools.plugin.match_pattern(r"(.*\.)?([)$", "m", field="rank_pattern key", compiled_from="[")
