@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..adapter_io import load
+from ..backend import OutputContainer
 from ..engine import MergeEvent, MergeInput, MergeOptions, MergePlan, MergeSummary, execute
 from ..engine import plan as plan_merge
 from ..engine.components import is_pipeline, merge_pipeline
@@ -189,7 +190,7 @@ def _report_survival(survival: list[dict[str, Any]], hint: str, quiet: bool = Fa
                    "of the change")
     if lost:
         names = ", ".join(f"{name} ({share:.0%})" for share, name in lost[:4]) + (", ..." if len(lost) > 4 else "")
-        fix = hint or "Merge without --requantize for a faithful 16-bit model."
+        fix = hint or OutputContainer.survival_hint  # a pipeline folder's summary names no container
         click.echo(f"WARNING: in {len(lost)} of {len(kept)} layers requantizing erased more than half of the "
                    f"adapter's change ({names}); the quantized model has largely lost the fine-tune. {fix}",
                    err=True)

@@ -66,14 +66,23 @@ def quantize_targets(checkpoint: Checkpoint, backend: Backend,
     return targets
 
 
-def distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
-    """‖a − b‖ in fp32, a chunk of elements at a time (no full-size temporaries; sums in float64)."""
-    x, y = a.reshape(-1), b.reshape(-1)
-    total = 0.0
-    for start in range(0, x.numel(), chunk):
-        d = x[start:start + chunk].float() - y[start:start + chunk].float()
-        total += float(torch.dot(d, d))
-    return float(total ** 0.5)
+def distances(pairs: list[tuple[torch.Tensor, torch.Tensor]], chunk: int = 1 << 18) -> list[float]:
+    """‖a − b‖ for each pair of same-sized tensors, in fp32, a chunk of elements at a time and every pair in
+    the same pass (no full-size temporaries, each tensor read once per chunk; sums in float64)."""
+    flat = [(a.reshape(-1), b.reshape(-1)) for a, b in pairs]
+    totals = [0.0] * len(flat)
+    for start in range(0, flat[0][0].numel() if flat else 0, chunk):
+        cast: dict[int, torch.Tensor] = {}  # a tensor that is in two pairs is cast once per chunk
+
+        def piece(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in cast:
+                cast[id(t)] = t[start:start + chunk].float()
+            return cast[id(t)]
+
+        for i, (x, y) in enumerate(flat):
+            d = piece(x) - piece(y)
+            totals[i] += float(torch.dot(d, d))
+    return [float(t ** 0.5) for t in totals]
 
 
 def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.Tensor,
@@ -82,10 +91,9 @@ def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.
     the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces (``main``,
     when it is not stored under the parameter's own name), ``group`` what the backend encoded and
     ``requantized`` that group decoded again."""
-    norm = distance(merged, base)
-    kept = distance(requantized, base)
+    norm, kept, wrong = distances([(merged, base), (requantized, base), (requantized, merged)])
     retained = kept / norm if norm > 0 else 1.0
-    error = distance(requantized, merged) / norm if norm > 0 else 0.0
+    error = wrong / norm if norm > 0 else 0.0
     old = before.reshape(-1).view(torch.uint8)
     new = group[main or name].reshape(-1).view(torch.uint8)
     changed = int(torch.count_nonzero(old != new)) / max(1, old.numel()) if old.numel() == new.numel() else 1.0
