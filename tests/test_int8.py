@@ -245,9 +245,16 @@ def test_survival_is_reported_and_a_lost_fine_tune_warned(tmp_path, cli_runner):
     assert result.exit_code == 0, result.output
     survival = json.loads(result.stdout)["survival"]
     assert len(survival) == 14 and all(0.9 < s["retained"] < 1.1 for s in survival)
+    assert json.loads(result.stdout)["survival_lost"] == []
     result = cli_runner("merge", INT8_BASE, adapter_path("llama-lora"), tmp_path / "b", "--requantize",
                         "--weight", "0.001")
     assert result.exit_code == 0 and "WARNING" in result.stderr
+    result = cli_runner("merge", INT8_BASE, adapter_path("llama-lora"), tmp_path / "c", "--requantize",
+                        "--weight", "0.001", "--json")
+    data = json.loads(result.stdout)
+    # --json names the same layers the warning does: those that kept less than half of their change
+    lost = sorted(s["tensor"] for s in data["survival"] if s["retained"] < 0.5)
+    assert lost and sorted(data["survival_lost"]) == lost
 
 
 def test_perplexity_check_on_an_8bit_base(tmp_path, cli_runner):

@@ -15,6 +15,7 @@ from ..backend import OutputContainer
 from ..engine import MergeEvent, MergeInput, MergeOptions, MergePlan, MergeSummary, execute
 from ..engine import plan as plan_merge
 from ..engine.components import is_pipeline, merge_pipeline
+from ..engine.quantized import SurvivalVerdict
 from ..errors import CheckFailedError
 from ..operations import unmerge as unmerge_op
 from ..progress import LazyBar
@@ -176,21 +177,19 @@ def _echo_plan(data: dict[str, Any]) -> None:
 
 
 def _report_survival(survival: list[dict[str, Any]], hint: str, quiet: bool = False) -> None:
-    """Summarise how much of the change survived requantization; warn on stderr when most was lost, naming
-    the layers (fewest kept first) and what to do (``hint``, the output container's advice)."""
-    if not survival:
+    """Print the engine's survival verdict: a summary line, and a warning on stderr naming the layers that lost
+    most of their change (fewest kept first) and what to do (``hint``, the output container's advice)."""
+    verdict = SurvivalVerdict.of(survival)
+    if verdict is None:
         return
-    kept = sorted(s["retained"] for s in survival)
-    median = kept[len(kept) // 2]
-    lost = sorted((s["retained"], s["tensor"]) for s in survival if s["retained"] < 0.5)
-    errors = sorted(s.get("error", 0.0) for s in survival)
     if not quiet:
-        click.echo(f"requantized {len(kept)} changed layers: median share of the change kept {median:.0%} "
-                   f"(min {kept[0]:.0%}, max {kept[-1]:.0%}); median rounding error {errors[len(errors) // 2]:.0%} "
-                   "of the change")
-    if lost:
-        names = ", ".join(f"{name} ({share:.0%})" for share, name in lost[:4]) + (", ..." if len(lost) > 4 else "")
+        click.echo(f"requantized {verdict.layers} changed layers: median share of the change kept "
+                   f"{verdict.median_retained:.0%} (min {verdict.min_retained:.0%}, max {verdict.max_retained:.0%}); "
+                   f"median rounding error {verdict.median_error:.0%} of the change")
+    if verdict.lost:
+        lost = verdict.lost
+        names = ", ".join(f"{name} ({share:.0%})" for name, share in lost[:4]) + (", ..." if len(lost) > 4 else "")
         fix = hint or OutputContainer.survival_hint  # a pipeline folder's summary names no container
-        click.echo(f"WARNING: in {len(lost)} of {len(kept)} layers requantizing erased more than half of the "
+        click.echo(f"WARNING: in {len(lost)} of {verdict.layers} layers requantizing erased more than half of the "
                    f"adapter's change ({names}); the quantized model has largely lost the fine-tune. {fix}",
                    err=True)

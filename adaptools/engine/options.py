@@ -156,4 +156,12 @@ class MergeSummary:
         return all(c["passed"] for c in self.checks)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Every field, and with a survival report the layers that lost most of their change
+        (``survival_lost``: the same judgement the warning prints, quantized.LOST_BELOW)."""
+        from .quantized import SurvivalVerdict  # quantized.py imports this module
+
+        data = dict(self.__dict__)
+        verdict = SurvivalVerdict.of(self.survival)
+        if verdict is not None:
+            data["survival_lost"] = [name for name, _ in verdict.lost]
+        return data

@@ -41,6 +41,35 @@ class Survival:
     error: float = 0.0
 
 
+#: A layer that kept less than this share of its change has "largely lost the fine-tune": the survival warning
+#: names it. One place, so the CLI, ``--json`` consumers and the library read the same judgement.
+LOST_BELOW = 0.5
+
+
+@dataclass(frozen=True)
+class SurvivalVerdict:
+    """What a run's survival entries (``MergeSummary.survival``) add up to: the median, least and most kept,
+    the median rounding error, and the layers that lost most of their change (least kept first)."""
+
+    layers: int
+    median_retained: float
+    min_retained: float
+    max_retained: float
+    median_error: float
+    lost: tuple[tuple[str, float], ...]  # (tensor, share kept), fewest kept first
+
+    @classmethod
+    def of(cls, survival: list[dict[str, Any]]) -> SurvivalVerdict | None:
+        """None when nothing was requantized."""
+        if not survival:
+            return None
+        kept = sorted(float(s["retained"]) for s in survival)
+        errors = sorted(float(s.get("error", 0.0)) for s in survival)
+        lost = sorted((float(s["retained"]), str(s["tensor"])) for s in survival if s["retained"] < LOST_BELOW)
+        return cls(len(kept), kept[len(kept) // 2], kept[0], kept[-1], errors[len(errors) // 2],
+                   tuple((name, share) for share, name in lost))
+
+
 def quantize_targets(checkpoint: Checkpoint, backend: Backend,
                      options: QuantizeOptions) -> dict[str, Mapping[str, Any]]:
     """The dense 2-D linear weights transformers' quantization integration would quantize, each with the
