@@ -254,3 +254,37 @@ def test_readme_single_file_example_runs(built, singles, tmp_path, cli_runner):
         if "model_family: sdxl" in comment:
             assert "sdxl" in result.stdout
     assert (tmp_path / "sdxl-merged.safetensors").is_file()
+
+
+#: SDXL base's UNet configuration (what differs from UNet2DConditionModel's defaults, which are SD 1.5's).
+SDXL_UNET = {"block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816}
+
+
+@pytest.mark.parametrize("config", [{}, SDXL_UNET], ids=["sd15", "sdxl"])
+def test_full_size_unet_names_match_diffusers_conversion(config):
+    """At the real SD 1.5 and SDXL layouts (4 and 3 levels, 2 resnets each, 12 and 9 input blocks, 10 transformer
+    blocks), names only: each original key our inverse gives, converted by diffusers, lands on the diffusers
+    name it came from, and our forward mapping gives that name back."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from adaptools_plugins.diffusion import ldm_names
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    names = list(unet.state_dict())
+    layout = ldm_names.layout_of_diffusers(names)
+    original = {name: ldm_names.unet_to_original(name, layout) for name in names}
+    assert None not in original.values()
+    checkpoint = {ldm_names.UNET + key: torch.tensor(i) for i, key in enumerate(original.values())}
+    assert len(checkpoint) == len(names)
+    got = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert sorted(got) == sorted(names)
+    assert all(got[name] is checkpoint[ldm_names.UNET + original[name]] for name in names)
+    assert ldm_names.layout_of_original(original.values()) == layout
+    assert all(ldm_names.unet_to_diffusers(key, layout) == name for name, key in original.items())
