@@ -288,3 +288,20 @@ def test_full_size_unet_names_match_diffusers_conversion(config):
     assert all(got[name] is checkpoint[ldm_names.UNET + original[name]] for name in names)
     assert ldm_names.layout_of_original(original.values()) == layout
     assert all(ldm_names.unet_to_diffusers(key, layout) == name for name, key in original.items())
+
+
+def test_an_fp16_file_stays_fp16_rounded_once(built, singles, tmp_path, cli_runner):
+    """Published single files are mostly fp16: changed tensors (the fused OpenCLIP in-projection's row blocks
+    included) are written in fp16, each the fp32 merge of the same weights rounded once, the merge that
+    equals fuse_lora above."""
+    half = {k: v.half() for k, v in load_file(str(singles["sdxl"])).items()}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    save_file({k: v.float() for k, v in half.items()}, str(tmp_path / "full.safetensors"))
+    lora = built["sdxl"]["diffusers"]
+    for name in ("half", "full"):
+        result = cli_runner("merge", tmp_path / f"{name}.safetensors", lora, tmp_path / f"{name}-merged.safetensors")
+        assert result.exit_code == 0, result.output
+    merged, reference = (load_file(str(tmp_path / f"{n}-merged.safetensors")) for n in ("half", "full"))
+    assert all(merged[k].dtype == torch.float16 and torch.equal(merged[k], reference[k].half()) for k in half)
+    fused_key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    assert not torch.equal(merged[fused_key], half[fused_key])
