@@ -305,3 +305,20 @@ def test_an_fp16_file_stays_fp16_rounded_once(built, singles, tmp_path, cli_runn
     assert all(merged[k].dtype == torch.float16 and torch.equal(merged[k], reference[k].half()) for k in half)
     fused_key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
     assert not torch.equal(merged[fused_key], half[fused_key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_file_loads_with_from_single_file(built, singles, family, tmp_path, cli_runner):
+    """diffusers' whole single-file loader (``from_single_file``, configs from the local pipeline folder) reads
+    the merged file into a pipeline whose every adapted component equals load_lora_weights + fuse_lora."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe, lora = built[family]["pipe"], built[family]["diffusers"]
+    out = tmp_path / "merged.safetensors"
+    assert cli_runner("merge", singles[family], lora, out).exit_code == 0
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = cls.from_single_file(str(out), config=str(pipe), local_files_only=True, torch_dtype=torch.float32)
+    for component, state in fused(pipe, lora).items():
+        assert_same({k: v.detach() for k, v in getattr(loaded, component).state_dict().items()}, state, component)
