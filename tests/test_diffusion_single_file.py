@@ -230,6 +230,11 @@ def test_library_merge_names_the_single_file_container(built, singles, tmp_path)
     plan = adaptools.plan(singles["sdxl"], [adaptools.MergeInput(adaptools.load(built["sdxl"]["kohya"]))],
                           adaptools.MergeOptions(), tmp_path / "x.safetensors")
     assert plan.container.name == "sd-single-file"
+    from conftest import FIXTURES  # a folder base's .safetensors OUT stays a folder: the container is its base's own
+
+    llama = adaptools.plan(FIXTURES / "bases" / "llama", [adaptools.MergeInput(adaptools.load(
+        FIXTURES / "adapters" / "llama-lora"))], adaptools.MergeOptions(), tmp_path / "y.safetensors")
+    assert llama.container.name == "safetensors"
     pieces = [n for n in plan.entries if ".self_attn.q_proj.weight" in n and n.startswith("text_encoder_2.")]
     assert pieces and all(plan.entries[n].merged for n in pieces)
 
