@@ -47,10 +47,12 @@ def check_backend(backend: Backend, plugin: str) -> None:
     cls = type(backend)
     tensor = all(getattr(cls, n) is not getattr(Backend, n) for n in ("claims", "decode", "encode"))
     group = all(getattr(cls, n) is not getattr(Backend, n) for n in ("find_groups", "group_info", "decode_group"))
-    if not (tensor or group):
+    # a file backend: opens a single-file base whose stored tensors other backends decode (docs/plugins.md)
+    opens = cls.open_checkpoint is not Backend.open_checkpoint and cls.containers is not Backend.containers
+    if not (tensor or group or opens):
         raise PluginContractError(
             f"plugin {plugin}: backend {backend.name!r} implements neither claims/decode/encode nor "
-            "find_groups/group_info/decode_group", hint="see docs/plugins.md, Backends")
+            "find_groups/group_info/decode_group nor open_checkpoint/containers", hint="see docs/plugins.md, Backends")
     if group and cls.encode_group is not Backend.encode_group and not _takes_settings(cls.decode_group):
         # The engine decodes every group it encoded, passing the settings it encoded with (docs/outputs.md,
         # "Never garbage"); a decode_group without that argument would fail mid-merge, after hours of work.

@@ -8,6 +8,11 @@ projection, ``proj_in``/``proj_out`` and feed-forward linear of the UNet (what k
 trainers target), then runs each contender --repeat times, interleaved (the first ``cp`` also warms the page
 cache), and prints median wall time and peak RSS with ratios against ``cp -r`` measured in the same run.
 
+The same UNet is also written as a single-file checkpoint in the original key naming
+(``model.diffusion_model.input_blocks…``, made with the diffusion family's own name mapping, a tensor at a
+time), and ``adaptools merge SINGLE LORA OUT.safetensors`` runs beside ``cp`` of that file in the same
+interleaved run (docs/diffusion.md, "Single-file checkpoints").
+
     python benchmarks/diffusion.py                  # SDXL UNet, 3 repeats
     python benchmarks/diffusion.py --size small     # a quick run on a 0.1B UNet (checks the script)
 
@@ -82,6 +87,28 @@ def build(pipe: Path, lora: Path, config: dict, rank: int = 32) -> None:
     save_file(factors, lora)
 
 
+def build_single(pipe: Path, single: Path) -> None:
+    """The pipeline's UNet as one single-file checkpoint in the original key naming, streamed a tensor at a
+    time (cached)."""
+    from safetensors import safe_open
+
+    from adaptools.plugin import SafetensorsWriter, TensorSpec
+    from adaptools_plugins.diffusion import ldm_names
+
+    if single.exists():
+        return
+    with safe_open(str(pipe / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        layout = ldm_names.layout_of_diffusers(names)
+        keys = {n: ldm_names.UNET + str(ldm_names.unet_to_original(n, layout)) for n in names}
+        specs = {keys[n]: TensorSpec(f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in names}
+        tmp = single.with_name(single.name + ".tmp")
+        with SafetensorsWriter(tmp, specs, {"format": "pt"}) as out:
+            for n in names:
+                out.write(keys[n], f.get_tensor(n))
+    tmp.rename(single)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/.work"))
@@ -94,24 +121,37 @@ def main() -> None:
     pipe, lora = args.work / f"{args.size}-pipe", args.work / f"{args.size}-lora-r32.safetensors"
     print(f"building {pipe} and {lora} (cached) ...", file=sys.stderr)
     build(pipe, lora, SIZES[args.size])
+    single = args.work / f"{args.size}-single.safetensors"
+    build_single(pipe, single)
     out = args.work / "diffusion-out"
+    single_out = args.work / "diffusion-out.safetensors"
     adaptools_cmd = [sys.executable, "-m", "adaptools"]
     contenders = {
         "cp -r (pipeline folder)": ["cp", "-r", str(pipe), str(out)],
         "adaptools merge": [*adaptools_cmd, "merge", str(pipe), str(lora), str(out), "--json"],
+        "cp (single file)": ["cp", str(single), str(single_out)],
+        "adaptools merge (single file)": [*adaptools_cmd, "merge", str(single), str(lora), str(single_out), "--json"],
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
     }
+
+    def timer(cmd: list[str], folder: Path, profile: dict | None) -> tuple[float, int]:
+        single_out.unlink(missing_ok=True)
+        try:
+            return dense.measure(cmd, folder, profile)
+        finally:
+            single_out.unlink(missing_ok=True)
+
     if not args.skip_diffusers:
         contenders["diffusers load + fuse_lora + save"] = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(pipe),
                                                            str(lora), str(out)]
-    results, _ = dense.run_interleaved(contenders, out, args.repeat, dense.measure)
-    cp = results["cp -r (pipeline folder)"]["wall_s"]
+    results, _ = dense.run_interleaved(contenders, out, args.repeat, timer)
     torch_s = results['python -c "import torch"']["wall_s"]
     size = sum(f.stat().st_size for f in pipe.rglob("*") if f.is_file())
     print(f"\nbase: {size / 1e9:.2f} GB fp16 UNet ({args.size}); rank-32 LoRA on {len(TARGETS)} linear kinds; "
           f"medians of {args.repeat}")
     print(f"{'contender':36s} {'wall s':>8s} {'x cp':>8s} {'work s':>8s} {'work x cp':>10s} {'peak RSS GiB':>13s}")
-    for name, r in results.items():
+    for name, r in results.items():  # each against the cp of its own base (folder or single file)
+        cp = results["cp (single file)" if "single file" in name else "cp -r (pipeline folder)"]["wall_s"]
         work = r["wall_s"] - torch_s if name.startswith(("adaptools", "diffusers")) else r["wall_s"]
         r["work_s"] = work
         print(f"{name:36s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {work:8.2f} {work / cp:10.2f} "

@@ -256,6 +256,32 @@ def test_a_group_backend_whose_decode_group_cannot_take_settings_is_refused_at_l
         pm.unregister(name="contract-test")
 
 
+@pytest.mark.parametrize("methods, refused", [
+    (("open_checkpoint", "containers"), False),   # a file backend: dense backends decode what it opens
+    (("open_checkpoint",), True),                 # opens files it cannot write
+    ((), True),
+])
+def test_a_backend_must_decode_or_open_files(methods, refused):
+    bodies = {"open_checkpoint": lambda self, path: None, "containers": lambda self: ()}
+    backend = type("FileBackend", (adaptools.plugin.Backend,),
+                   {"name": "file-contract-test", **{m: bodies[m] for m in methods}})
+
+    class Plugin:
+        @adaptools.plugin.hookimpl
+        def register_backends(self, register):
+            register(backend())
+
+    pm.register(Plugin(), name="contract-test")
+    try:
+        if refused:
+            with pytest.raises(adaptools.plugin.PluginContractError, match="file-contract-test.*implements neither"):
+                registry.backends()
+        else:
+            assert "file-contract-test" in registry.backends()
+    finally:
+        pm.unregister(name="contract-test")
+
+
 def test_operations_are_derived_from_capabilities():
     class Both(adaptools.plugin.AdapterMethod, adaptools.plugin.Mergeable, adaptools.plugin.RuntimeApplicable):
         name = "both"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,8 @@ class SafetensorsFolder(OutputContainer):
 
     def prepare(self, checkpoint: Checkpoint, options: MergeOptions) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
         if checkpoint.opened_by is not None:
-            suffixes = [c.suffix for c in checkpoint.opened_by.containers() if c.suffix]
+            suffixes = [c.suffix or c.file_suffix for c in checkpoint.opened_by.containers()
+                        if c.suffix or c.file_suffix]
             raise InputError("this base is a single file without config.json; it cannot become a checkpoint "
                              "folder", path=checkpoint.path,
                              hint=f"write the merge as one file: give OUT ending in {' or '.join(suffixes)}"
@@ -87,8 +88,11 @@ def containers() -> dict[str, OutputContainer]:
     return found
 
 
-def choose(options: MergeOptions, out: str | os.PathLike[str] | None) -> OutputContainer:
-    """``--to NAME``; else the container whose suffix ``out`` ends in; else the folder."""
+def choose(options: MergeOptions, out: str | os.PathLike[str] | None,
+           checkpoint: Checkpoint | None = None) -> OutputContainer:
+    """``--to NAME``; else, for a base a backend opened from one file, that backend's container whose
+    ``suffix`` or ``file_suffix`` ``out`` ends in; else any container whose suffix ``out`` ends in; else the
+    folder."""
     found = containers()
     if options.to is not None:
         if options.to not in found:
@@ -96,6 +100,11 @@ def choose(options: MergeOptions, out: str | os.PathLike[str] | None) -> OutputC
         return found[options.to]
     if out is not None:
         name = os.fspath(out).lower()
+        opened_by: Backend | None = checkpoint.opened_by if checkpoint is not None else None
+        own: Sequence[OutputContainer] = opened_by.containers() if opened_by is not None else ()
+        for container in own:
+            if any(s and name.endswith(s.lower()) for s in (container.suffix, container.file_suffix)):
+                return container
         for container in found.values():
             if container.suffix and name.endswith(container.suffix.lower()):
                 return container

@@ -124,7 +124,7 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     when given, chooses the output container by its suffix (``options.to`` names one outright)."""
     from .containers import choose
 
-    container = choose(options, out)
+    container = choose(options, out, checkpoint)
     for check in options.checks:
         registry.get_validator(check.name).check_target(container.name, container.directory)
     if options.shard_size is not None and not container.directory:

@@ -5,7 +5,9 @@ and the model family recorded (docs/diffusion.md).
 
 names.py holds the module-name rules (components, kohya's flattened names, the family); common.py what both
 key styles share (factor checks, alpha as a config); lycoris_keys.py what LyCORIS methods in kohya keys add;
-kohya.py and diffusers_format.py the two formats.
+kohya.py and diffusers_format.py the two formats. Single-file SD 1.x/SDXL checkpoints are merge bases and outputs:
+ldm_names.py maps their original key naming, single_file_layout.py says what a file holds under which name,
+single_file.py opens it (the backend), single_file_writer.py writes it (the container).
 """
 
 from typing import Any
@@ -20,3 +22,10 @@ def register_formats(register: Any) -> None:
 
     register(KohyaFormat())
     register(DiffusersFormat())
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    from .single_file import SingleFileBackend
+
+    register(SingleFileBackend())

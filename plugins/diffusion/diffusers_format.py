@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,11 @@ class DiffusersFormat(plugin.AdapterFormat):
             parsed, _, problems = scan(path)
             return [p.finding(path) for p in problems + family_problems(parsed)[1]]
         return metadata_info(adapter, path)
+
+    def base_mismatch(self, adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
+        from .single_file_layout import family_mismatch  # a single-file base of another family (docs/diffusion.md)
+
+        return family_mismatch(adapter, base_config)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         modules = module_alphas(adapter)

@@ -9,6 +9,7 @@ LoHa and LoKr files (``.hada_w1_a``..., ``.lokr_w1``... under the same names) re
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ class KohyaFormat(plugin.AdapterFormat):
             parsed, _, problems = scan(path)
             return [p.finding(path) for p in problems + family_problems(parsed)[1]]
         return alpha_warnings(adapter, path)
+
+    def base_mismatch(self, adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
+        from .single_file_layout import family_mismatch  # a single-file base of another family (docs/diffusion.md)
+
+        return family_mismatch(adapter, base_config)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         modules = lycoris_alphas(adapter) if adapter.method in LYCORIS_ROLES else module_alphas(adapter)
