@@ -1,11 +1,13 @@
-"""The image-model LoRA family (Stable Diffusion 1.x / SDXL): the kohya/sd-scripts and diffusers/PEFT key
+"""The image-model LoRA family (Stable Diffusion 1.x / SDXL, FLUX.1): the kohya/sd-scripts and diffusers/PEFT key
 styles as adapter formats, read into the ``lora`` method (LyCORIS LoHa and LoKr in kohya keys: the ``loha``
 and ``lokr`` methods) with each module's component (``unet``, ``text_encoder``, ``text_encoder_2``) in its path
 and the model family recorded (docs/diffusion.md).
 
 names.py holds the module-name rules (components, kohya's flattened names, the family); common.py what both
 key styles share (factor checks, alpha as a config); lycoris_keys.py what LyCORIS methods in kohya keys add;
-kohya.py and diffusers_format.py the two formats.
+kohya.py and diffusers_format.py the two formats. FLUX.1: flux_names.py maps BFL's layer names onto diffusers',
+flux_read.py reads the styles that use them (kohya's ``lora_unet_double_blocks_…``, BFL/ComfyUI's
+``diffusion_model.…`` in flux_format.py, OneTrainer's ``lora_transformer_…``), flux_write.py fuses them back.
 """
 
 from typing import Any
@@ -16,7 +18,9 @@ from adaptools.plugin import hookimpl
 @hookimpl
 def register_formats(register: Any) -> None:
     from .diffusers_format import DiffusersFormat
+    from .flux_format import BflFormat
     from .kohya import KohyaFormat
 
     register(KohyaFormat())
     register(DiffusersFormat())
+    register(BflFormat())
