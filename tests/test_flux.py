@@ -179,3 +179,29 @@ def test_a_partly_adapted_fused_layer_is_not_written_as_kohya(built, tmp_path, c
 def test_info_names_the_family(built, cli_runner):
     result = cli_runner("info", built["kohya"])
     assert result.exit_code == 0 and "model_family: flux" in result.output, result.output
+
+
+def test_what_convert_writes_diffusers_loads_as_the_reference(built, reference, tmp_path, cli_runner):
+    """A kohya Flux file written in diffusers keys (with its LoraConfigs as metadata) loads into diffusers with
+    every module, factor and scale of the reference."""
+    out = tmp_path / "out.safetensors"
+    assert cli_runner("convert", built["kohya"], out, "--to", "diffusers").exit_code == 0
+    got = diffusers_layers(built["pipe"], out)
+    assert sorted(got) == sorted(reference)
+    for module, (a, b, s) in reference.items():
+        assert torch.equal(got[module][0], a) and torch.equal(got[module][1], b) and got[module][2] == s, module
+
+
+def test_bfl_keys_in_the_lora_a_spelling_read_as_the_same_lora(built, reference, tmp_path):
+    """``diffusion_model.<layer>.lora_A.weight`` / ``.lora_B.weight`` (which diffusers does not convert for
+    FLUX.1) read as the ``lora_down``/``lora_up`` spelling of the same file."""
+    state = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v
+             for k, v in tensors(built["comfy"]).items()}
+    path = tmp_path / "bfl.safetensors"
+    save_file(state, str(path))
+    adapter = adaptools.load(path)
+    assert adapter.read_format == "bfl"
+    got = ours(adapter)
+    assert sorted(got) == sorted(reference)
+    for module, (a, b, s) in reference.items():
+        assert torch.equal(got[module][0], a) and torch.equal(got[module][1], b) and got[module][2] == s, module
