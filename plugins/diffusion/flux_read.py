@@ -72,8 +72,8 @@ class FluxParsed:
     pieces: dict[str, Piece] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     alphas: dict[str, float | None] = field(default_factory=dict)
-    #: stored layer name (key without suffix) -> how it was split: {"modules", "mode", "alpha", "dtype"}
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: stored layer name (key without suffix) -> its alpha's stored type (None: no alpha), for the writer
+    alpha_dtypes: dict[str, str | None] = field(default_factory=dict)
     styles: set[str] = field(default_factory=set)
     te_prefix: str | None = None
 
@@ -140,14 +140,12 @@ def scan(path: Path) -> tuple[FluxParsed, list[Problem]]:
         down, up = slot["down"], slot["up"]
         rank, out_features, in_features = _factors(file, down, up, path)
         alpha = read_alpha(file, slot["alpha"], path, problems) if "alpha" in slot else None
-        stored = f"{prefix}{name}"
-        parsed.layers[stored] = {"alpha": "alpha" in slot, "dtype": file.info(slot["alpha"]).dtype
-                                 if "alpha" in slot else None}
+        parsed.alpha_dtypes[f"{prefix}{name}"] = file.info(slot["alpha"]).dtype if "alpha" in slot else None
         if te_module is not None:
             _add(parsed, te_module, Piece(file, down), Piece(file, up), rank, alpha)
             continue
         assert layer is not None
-        _split(parsed, layer, stored, down, up, rank, out_features, in_features, alpha)
+        _split(parsed, layer, down, up, rank, out_features, in_features, alpha)
     return parsed, problems
 
 
@@ -175,8 +173,8 @@ def _add(parsed: FluxParsed, module: str, down: Piece, up: Piece, rank: int, alp
     parsed.ranks[module], parsed.alphas[module] = rank, alpha
 
 
-def _split(parsed: FluxParsed, layer: Layer, stored: str, down: str, up: str, rank: int, out_features: int,
-           in_features: int, alpha: float | None) -> None:
+def _split(parsed: FluxParsed, layer: Layer, down: str, up: str, rank: int, out_features: int, in_features: int,
+           alpha: float | None) -> None:
     """One stored layer's LoRA as one LoRA per diffusers module (diffusers' split, docs/diffusion.md "Flux")."""
     file = parsed.file
     if layer.swapped and out_features % 2:
@@ -191,8 +189,6 @@ def _split(parsed: FluxParsed, layer: Layer, stored: str, down: str, up: str, ra
     n = len(layer.modules)
     starts = [sum(rows[:i]) for i in range(n)]
     sparse = n > 1 and rank % n == 0 and _block_diagonal(file.get(up), rows, rank // n)
-    parsed.layers[stored].update(modules=list(layer.modules), mode="sparse" if sparse else "dense",
-                                 rank=rank, stored_alpha=alpha)
     for i, module in enumerate(layer.modules):
         r0, r1 = starts[i], starts[i] + rows[i]
         if sparse:
@@ -234,7 +230,7 @@ def build(parsed: FluxParsed, problems: list[Problem], validate: bool) -> Adapte
     style = "kohya" if "kohya" in parsed.styles or not parsed.styles else sorted(parsed.styles)[0]
     full["model_family"] = "flux"
     full["components"] = components(parsed.ranks)
-    dtypes = [layer["dtype"] for layer in parsed.layers.values() if layer["dtype"]]
+    dtypes = [d for d in parsed.alpha_dtypes.values() if d]
     facts: dict[str, Any] = {"alpha_dtype": max(set(dtypes), key=dtypes.count) if dtypes else None,
                              "alpha_dtypes": {},
                              "alpha_absent": sorted(m for m, a in parsed.alphas.items() if a is None)}
