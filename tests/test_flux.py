@@ -148,7 +148,11 @@ def test_bfl_styles_round_trip(built, source, target, fmt, tmp_path, cli_runner)
 
 
 def test_onetrainer_keys_read_as_the_same_lora(built, reference, tmp_path):
-    """OneTrainer's ``lora_transformer_<diffusers module, dots as _>`` with an alpha per module."""
+    """OneTrainer's ``lora_transformer_<diffusers module, dots as _>`` with an alpha per module reads as the
+    reference; diffusers' converter agrees on every layer it names right (attention projections, the layers
+    outside the blocks) and names the other layers of a block as the block itself."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
     adapter = adaptools.load(built["diffusers"])
     state = {}
     for module, (a, b, _) in ours(adapter).items():
@@ -162,6 +166,16 @@ def test_onetrainer_keys_read_as_the_same_lora(built, reference, tmp_path):
     assert sorted(got) == sorted(reference)
     for module, (a, b, s) in reference.items():
         assert torch.equal(got[module][0], a) and torch.equal(got[module][1], b) and got[module][2] == s, module
+    transformer_only = {k: v for k, v in state.items() if k.startswith("lora_transformer_")}
+    converted = FluxLoraLoaderMixin.lora_state_dict(transformer_only)
+    modules = {k[: -len(".lora_A.weight")] for k in converted if k.endswith(".lora_A.weight")}
+    right = modules & set(reference)
+    assert {m for m in right if ".attn." in m} == {m for m in reference if ".attn." in m}
+    assert modules - right == {"transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"}
+    expected = deltas(reference)
+    for module in right:
+        delta = converted[f"{module}.lora_B.weight"] @ converted[f"{module}.lora_A.weight"]
+        assert torch.equal(delta, expected[module]), module
 
 
 def test_a_partly_adapted_fused_layer_is_not_written_as_kohya(built, tmp_path, cli_runner):
