@@ -125,8 +125,9 @@ def test_merge_equals_diffusers_fuse_lora(built, style, tmp_path, cli_runner):
         assert sorted(merged) == sorted(state), component
         different = [k for k in state if not torch.equal(merged[k], state[k])]
         assert not different, (component, different[:3])
-    base = load_file(str(next((built["pipe"] / "transformer").glob("*.safetensors"))))
-    assert any(not torch.equal(base[k], v) for k, v in expected["transformer"].items())
+    for component in ("transformer", "text_encoder"):  # the LoRA changed both
+        base = load_file(str(next((built["pipe"] / component).glob("*.safetensors"))))
+        assert any(not torch.equal(base[k], v) for k, v in expected[component].items()), component
     assert (out / "model_index.json").exists()
 
 
