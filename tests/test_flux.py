@@ -220,3 +220,20 @@ def test_bfl_keys_in_the_lora_a_spelling_read_as_the_same_lora(built, reference,
     assert sorted(got) == sorted(reference)
     for module, (a, b, s) in reference.items():
         assert torch.equal(got[module][0], a) and torch.equal(got[module][1], b) and got[module][2] == s, module
+
+
+def test_bf16_kohya_lora_merges_as_diffusers_fuses_it(built, tmp_path, cli_runner):
+    """Published Flux LoRAs are mostly bf16: the fixture's kohya file in bf16 keeps its type through the split
+    (converted to diffusers keys without a cast) and merges into the fp32 pipeline bit for bit as diffusers
+    fuses that diffusers file."""
+    lora = tmp_path / "bf16-kohya.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors(built["kohya"]).items()}, str(lora))
+    as_diffusers = tmp_path / "bf16.safetensors"
+    assert cli_runner("convert", lora, as_diffusers, "--to", "diffusers").exit_code == 0
+    assert {v.dtype for v in tensors(as_diffusers).values()} == {torch.bfloat16}
+    result = cli_runner("merge", built["pipe"], lora, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    for component, state in fused(built["pipe"], as_diffusers).items():
+        merged = load_file(str(next((tmp_path / "merged" / component).glob("*.safetensors"))))
+        different = [k for k in state if not torch.equal(merged[k], state[k])]
+        assert not different, (component, different[:3])
