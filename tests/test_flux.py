@@ -237,3 +237,17 @@ def test_bf16_kohya_lora_merges_as_diffusers_fuses_it(built, tmp_path, cli_runne
         merged = load_file(str(next((tmp_path / "merged" / component).glob("*.safetensors"))))
         different = [k for k in state if not torch.equal(merged[k], state[k])]
         assert not different, (component, different[:3])
+
+
+def test_resize_keeps_the_fused_layers_writable_as_kohya(built, tmp_path, cli_runner):
+    """resize at the LoRA's own rank gives each diffusers module its own down factor, so the double block's q/k/v
+    that shared one are fused back block-diagonally; every module's change survives (to rounding)."""
+    out = tmp_path / "resized.safetensors"
+    result = cli_runner("resize", built["kohya"], out, "--rank", "4", "--to", "kohya")
+    assert result.exit_code == 0, result.output
+    stored = tensors(out)
+    assert stored["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12
+    before, after = deltas(ours(adaptools.load(built["kohya"]))), deltas(ours(adaptools.load(out)))
+    assert sorted(before) == sorted(after)
+    for module, delta in before.items():
+        torch.testing.assert_close(after[module], delta, rtol=1e-4, atol=1e-5)

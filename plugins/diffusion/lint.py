@@ -69,7 +69,7 @@ def alpha_warnings(adapter: Adapter, path: Path) -> list[plugin.Finding]:
     diffusion = adapter.config.get("diffusion") or {}
     modules = adapter.config.get("modules") or {}
     if adapter.config.get("model_family") == "flux":  # diffusers keeps each Flux layer's alpha, but these two
-        if diffusion.get("key_style") not in ("kohya", "bfl", "onetrainer"):
+        if diffusion.get("key_style") not in ("kohya", "bfl"):  # OneTrainer files keep it in diffusers
             return []
         odd = [m for m in FLUX_FINAL if m in modules and modules[m]["alpha"] != modules[m]["rank"]]
         return [_finding("DIFF007", f"{odd[0]} has alpha {modules[odd[0]]['alpha']!r} at rank "
