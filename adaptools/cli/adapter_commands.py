@@ -64,7 +64,7 @@ def info(adapter: str, show_tensors: bool, allow_pickle: bool, json_: bool) -> N
 @click.argument("out", type=click.Path())
 @click.option("--to", "to", default="schema", show_default=True,
               help="Output format (schema: one .safetensors; peft, adapterhub: a directory; gguf: a llama.cpp LoRA "
-                   "file, needs --base; kohya, diffusers: an image-model LoRA .safetensors), or a method to "
+                   "file, needs --base; kohya, diffusers, bfl: an image-model LoRA .safetensors), or a method to "
                    "convert to (lora: an OLoRA/PiSSA adapter as plain LoRA on the original base; AdaLoRA, LoHa and "
                    "LoKr adapters as plain LoRA).")
 @click.option("--base", help="With --to lora: the original base, to recompute the initial factors. With --to gguf: "

@@ -28,7 +28,7 @@ from adaptools.plugin import (
 )
 
 from .common import Parsed, build_adapter, family_problems, lora_config, module_alphas
-from .kohya import FACTS_SCHEMA, kohya_facts
+from .kohya_facts import FACTS_SCHEMA, kohya_facts
 from .lint import RULES, Problem, metadata_info
 from .names import COMPONENTS, component_of
 

@@ -26,7 +26,9 @@ from adaptools.plugin import (
     WriteOptions,
 )
 
+from . import flux_read
 from .common import Parsed, build_adapter, family_problems, module_alphas, read_alpha
+from .kohya_facts import alpha_tensor, kohya_facts
 from .lint import RULES, Problem, alpha_warnings
 from .lycoris_keys import NAMES, full_rank, incomplete, rank_of
 from .lycoris_keys import ROLES as LYCORIS_ROLES
@@ -42,9 +44,6 @@ FACTOR_SUFFIXES.update({f".{role}": role for roles in LYCORIS_ROLES.values() for
 #: other methods' suffixes under the same prefixes (docs/diffusion.md, "What is refused")
 OTHER_METHODS = {"dora_scale": "DoRA",
                  "diff": "a full weight difference (LyCORIS)", "oft_": "OFT (LyCORIS)"}
-_ALPHA_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32}
-
 
 def _prefix(key: str) -> str | None:
     return next((p for p in PREFIXES if key.startswith(p)), None)
@@ -65,10 +64,14 @@ class KohyaFormat(plugin.AdapterFormat):
         if "adaptools.schema" in header.metadata:
             return False
         keys = header.tensors
-        # any kohya-prefixed key claims the file, so that a stray key is named by read() (not "unrecognised")
-        return any(_prefix(k) for k in keys)
+        # any kohya-prefixed key claims the file, so that a stray key is named by read() (not "unrecognised");
+        # OneTrainer's lora_transformer_ (Flux) too
+        return any(_prefix(k) or k.startswith("lora_transformer_") for k in keys)
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
+        if is_flux_file(path):  # BFL layer names under lora_unet_ (docs/diffusion.md, "Flux")
+            flux, flux_problems = flux_read.scan(path)
+            return flux_read.build(flux, flux_problems, options.validate)
         parsed, facts, problems = scan(path)
         return build_adapter(parsed, "kohya", {"kohya": facts}, problems, options.validate)
 
@@ -80,6 +83,8 @@ class KohyaFormat(plugin.AdapterFormat):
         if not path.is_file():
             return []
         if adapter is None:
+            if is_flux_file(path):
+                return [p.finding(path) for p in flux_read.scan(path)[1]]
             parsed, _, problems = scan(path)
             return [p.finding(path) for p in problems + family_problems(parsed)[1]]
         return alpha_warnings(adapter, path)
@@ -90,6 +95,11 @@ class KohyaFormat(plugin.AdapterFormat):
         return family_mismatch(adapter, base_config)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
+        from .flux_write import is_flux_adapter, write
+
+        if is_flux_adapter(adapter):
+            write(adapter, path, "kohya")
+            return
         modules = lycoris_alphas(adapter) if adapter.method in LYCORIS_ROLES else module_alphas(adapter)
         config = adapter.config
         facts = kohya_facts(adapter)
@@ -125,29 +135,6 @@ class KohyaFormat(plugin.AdapterFormat):
                             {"format": "pt", "adaptools.tool": f"adaptools {adaptools.__version__}"})
 
 
-#: What a kohya file says beyond the factors and alpha values, kept so that writing it again gives the same
-#: bytes: the alphas' stored types, the modules without an alpha, the text-encoder prefix, and the alpha a LoKr
-#: module with both factors full stores but nobody uses (module -> [[rank, alpha] it reads as, stored alpha]).
-FACTS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
-    "alpha_dtype": {"enum": [*_ALPHA_DTYPES, None]},
-    "alpha_dtypes": {"type": "object", "additionalProperties": {"enum": list(_ALPHA_DTYPES)}},
-    "alpha_absent": {"type": "array", "items": {"type": "string", "maxLength": 1000}},
-    "lokr_ignored_alpha": {"type": "object", "additionalProperties": {
-        "type": "array", "minItems": 2, "maxItems": 2, "prefixItems": [
-            {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "integer", "minimum": 1}},
-            {"type": "number"}]}},
-    "te_prefix": {"enum": ["lora_te", "lora_te1"]}}}
-
-
-def kohya_facts(adapter: Adapter) -> dict[str, Any]:
-    """The kohya facts an adapter carries (read from a kohya file, or passed through a diffusers file), or {}."""
-    facts = (adapter.config.get("diffusion") or {}).get("kohya") or {}
-    problems = plugin.json_problems(facts, FACTS_SCHEMA)
-    if problems:
-        raise AdapterFormatError(f"diffusion.kohya in the config: {problems[0][1]}", path=adapter.source)
-    return dict(facts)
-
-
 def lycoris_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
     """module -> (rank, alpha) of a LoHa or LoKr adapter (PEFT's LycorisConfig rule), refusing roles LyCORIS'
     kohya files do not hold."""
@@ -163,18 +150,10 @@ def lycoris_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
     return out
 
 
-def alpha_tensor(alpha: float, dtype_name: str | None, module: str, adapter: Adapter) -> torch.Tensor:
-    """alpha as a 0-d tensor: in the type the file it came from used, else float32 (what sd-scripts writes
-    when training in fp32), widened to float64 when float32 would change the value."""
-    dtype = _ALPHA_DTYPES.get(dtype_name or "", torch.float32)
-    if dtype.is_floating_point is False and not float(alpha).is_integer():
-        dtype = torch.float32
-    value = torch.tensor(alpha, dtype=torch.float64).to(dtype)
-    if float(value) != float(alpha):
-        value = torch.tensor(alpha, dtype=torch.float64)
-    if float(value) != float(alpha):
-        raise AdapterFormatError(f"alpha {alpha!r} of {module} cannot be stored exactly", path=adapter.source)
-    return value
+def is_flux_file(path: Path) -> bool:
+    """Whether a kohya-prefixed file names FLUX.1 layers (BFL names under ``lora_unet_``, or OneTrainer's
+    ``lora_transformer_``), so the Flux reader takes it."""
+    return any(flux_read.is_flux_key(k) for k in plugin.read_header(path).tensors)
 
 
 def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:

@@ -25,6 +25,7 @@ RULES = {
     "DIFF005": ("warning", "an attention projection's alpha is not its component's most common alpha: diffusers "
                            "loads it with the common one"),
     "DIFF006": ("info", "no lora_adapter_metadata: every module is read with alpha = rank (scale 1)"),
+    "DIFF007": ("warning", "a Flux final-layer alpha is not its rank: diffusers' kohya loader drops it (scale 1)"),
 }
 FIXES = {
     "DIFF001": "set the module's alpha to the value it was trained with (its rank means scale 1)",
@@ -33,7 +34,10 @@ FIXES = {
     "DIFF004": "give every module an alpha (its rank keeps scale 1)",
     "DIFF005": "convert to the diffusers key style (adaptools convert --to diffusers), which diffusers reads exactly",
     "DIFF006": "record the LoraConfig (save_lora_weights(..., unet_lora_adapter_metadata=...)) if alpha != rank",
+    "DIFF007": "convert to the diffusers key style (adaptools convert --to diffusers), which diffusers reads exactly",
 }
+#: the Flux modules of BFL's final layer, whose alphas diffusers' kohya loader drops (docs/diffusion.md, "Flux")
+FLUX_FINAL = ("transformer.norm_out.linear", "transformer.proj_out")
 #: Attention projections diffusers' kohya loader renames to the attention-processor style.
 ATTENTION_SUFFIXES = (".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_proj", ".v_proj", ".out_proj")
 
@@ -60,11 +64,18 @@ def _finding(rule: str, message: str, path: Path, tensor: str | None = None) -> 
 
 
 def alpha_warnings(adapter: Adapter, path: Path) -> list[plugin.Finding]:
-    """DIFF004 and DIFF005 for a file read from kohya keys: where diffusers' loader departs from kohya's rule."""
+    """DIFF004 and DIFF005 for a file read from kohya keys: where diffusers' loader departs from kohya's rule;
+    DIFF007 for a Flux file in BFL's layer names."""
     diffusion = adapter.config.get("diffusion") or {}
+    modules = adapter.config.get("modules") or {}
+    if adapter.config.get("model_family") == "flux":  # diffusers keeps each Flux layer's alpha, but these two
+        if diffusion.get("key_style") not in ("kohya", "bfl"):  # OneTrainer files keep it in diffusers
+            return []
+        odd = [m for m in FLUX_FINAL if m in modules and modules[m]["alpha"] != modules[m]["rank"]]
+        return [_finding("DIFF007", f"{odd[0]} has alpha {modules[odd[0]]['alpha']!r} at rank "
+                                    f"{modules[odd[0]]['rank']}; diffusers loads it with scale 1", path)] if odd else []
     if diffusion.get("key_style") != "kohya":
         return []
-    modules = adapter.config.get("modules") or {}
     absent = set((diffusion.get("kohya") or {}).get("alpha_absent") or [])
     out = []
     if absent and len(absent) < len(modules):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 #: Module names that themselves hold an underscore, in the UNet (diffusers) and CLIP text model (transformers).
 #: A kohya name is split at an underscore unless it sits inside one of these.
@@ -33,15 +33,17 @@ _BY_LENGTH = sorted(COMPOUND_NAMES, key=len, reverse=True)
 SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
-def split_flat(flat: str) -> str:
+def split_flat(flat: str, vocabulary: Iterable[str] | None = None) -> str:
     """A kohya flattened module name (without its ``lora_unet_`` / ``lora_te*_`` prefix) -> a dotted path.
 
-    At each position the longest vocabulary name that ends at an underscore (or the end) is one segment;
-    otherwise the text up to the next underscore is. ``path.replace(".", "_") == flat`` always holds."""
+    At each position the longest vocabulary name (``COMPOUND_NAMES`` unless given) that ends at an underscore
+    (or the end) is one segment; otherwise the text up to the next underscore is.
+    ``path.replace(".", "_") == flat`` always holds."""
+    by_length = _BY_LENGTH if vocabulary is None else sorted(vocabulary, key=len, reverse=True)
     parts: list[str] = []
     i = 0
     while i < len(flat):
-        for name in _BY_LENGTH:
+        for name in by_length:
             end = i + len(name)
             if flat.startswith(name, i) and (end == len(flat) or flat[end] == "_"):
                 break
@@ -75,6 +77,12 @@ def detect_family(in_features: Mapping[str, int]) -> tuple[str, str]:
     has no attention in its first down block and stacks several transformer blocks per attention; SD 1.x/2.x
     have attention in the first down block and one transformer block each)."""
     modules = list(in_features)
+    if any(component_of(m) == "transformer" for m in modules):
+        from .flux_names import is_flux_module
+
+        if any(is_flux_module(m) for m in modules):
+            return "flux", "FLUX.1 transformer layers are adapted"
+        return "unknown", "a transformer is adapted, but no layer of it is one of FLUX.1's"
     if any(component_of(m) == "text_encoder_2" for m in modules):
         return "sdxl", "a second text encoder is adapted"
     if any(m.startswith("unet.add_embedding.") for m in modules):
@@ -102,6 +110,10 @@ def mixed_family_problem(in_features: Mapping[str, int]) -> str | None:
     if len(widths) > 1:
         return f"cross-attention layers of widths {widths}: keys of two model families are mixed"
     modules = list(in_features)
+    unet = next((m for m in modules if component_of(m) == "unet"), None)
+    transformer = next((m for m in modules if component_of(m) == "transformer"), None)
+    if unet and transformer:
+        return f"{transformer} (Flux) beside {unet} (Stable Diffusion): keys of two model families are mixed"
     sdxl_only = [m for m in modules if component_of(m) == "text_encoder_2" or m.startswith("unet.add_embedding.")]
     sd1_layout = [m for m in modules if m.startswith("unet.down_blocks.0.attentions.")]
     if sdxl_only and sd1_layout:

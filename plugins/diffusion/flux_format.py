@@ -1,0 +1,54 @@
+"""The BFL / ComfyUI key style of FLUX.1 LoRAs as an adapter format: ``diffusion_model.<BFL layer>`` with
+``lora_down.weight``/``lora_up.weight`` (or ``lora_A.weight``/``lora_B.weight``) and an optional ``alpha``, and
+CLIP-L text-encoder layers under ``text_encoders.clip_l.transformer.``. Reading is flux_read.py's (shared with
+the kohya style, which names the same layers); writing is flux_write.py's, with ComfyUI's ``lora_down``/``lora_up``
+suffixes (docs/diffusion.md, "Flux").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptools import plugin
+from adaptools.plugin import Adapter, ReadOptions, WriteOptions
+
+from . import flux_read
+from .flux_write import write
+from .lint import RULES, alpha_warnings
+
+PREFIXES = ("diffusion_model.", "text_encoders.clip_l.transformer.")
+
+
+class BflFormat(plugin.AdapterFormat):
+    name = "bfl"
+    description = "FLUX.1 LoRA in BFL / ComfyUI keys (.safetensors, diffusion_model.double_blocks.… with lora_down/up)"
+    writes_directory = False
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_file() or path.suffix != ".safetensors":
+            return False
+        try:
+            header = plugin.read_header(path)
+        except plugin.InputError:
+            return False
+        if "adaptools.schema" in header.metadata:
+            return False
+        # any BFL-prefixed key claims the file, so that a stray key is named by read()
+        return any(k.startswith(PREFIXES) for k in header.tensors)
+
+    def read(self, path: Path, options: ReadOptions) -> Adapter:
+        parsed, problems = flux_read.scan(path)
+        return flux_read.build(parsed, problems, options.validate)
+
+    rules = RULES
+
+    def lint(self, path: Path, adapter: Adapter | None, options: ReadOptions) -> list[plugin.Finding]:
+        """The file's problems (before reading), then where diffusers scales it differently (after)."""
+        if not path.is_file():
+            return []
+        if adapter is None:
+            return [p.finding(path) for p in flux_read.scan(path)[1]]
+        return alpha_warnings(adapter, path)
+
+    def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
+        write(adapter, path, "bfl")
