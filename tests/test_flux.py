@@ -251,3 +251,43 @@ def test_resize_keeps_the_fused_layers_writable_as_kohya(built, tmp_path, cli_ru
     assert sorted(before) == sorted(after)
     for module, delta in before.items():
         torch.testing.assert_close(after[module], delta, rtol=1e-4, atol=1e-5)
+
+
+def xlabs_state(prefix=""):
+    """An XLabs attention LoRA for the fixture's transformer (random, rank 4, no alpha)."""
+    torch.manual_seed(5)
+    shapes = {"double_blocks.0.processor.qkv_lora1": (32, 96), "double_blocks.0.processor.proj_lora1": (32, 32),
+              "double_blocks.0.processor.qkv_lora2": (32, 96), "double_blocks.0.processor.proj_lora2": (32, 32),
+              "single_blocks.0.processor.qkv_lora": (32, 96), "single_blocks.0.processor.proj_lora": (160, 32)}
+    state = {}
+    for name, (width, height) in shapes.items():
+        state[f"{prefix}{name}.down.weight"] = torch.randn(4, width) / 8
+        state[f"{prefix}{name}.up.weight"] = torch.randn(height, 4) / 8
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_xlabs_keys_read_and_merge_as_diffusers(built, tmp_path, cli_runner, prefix):
+    """XLabs' ``double_blocks.N.processor.qkv_lora1.down.weight``...: every module and factor as diffusers'
+    ``lora_state_dict`` converts them (scale 1), and the merge bit for bit as its fuse_lora."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    state = xlabs_state(prefix)
+    path = tmp_path / "xlabs.safetensors"
+    save_file(state, str(path))
+    adapter = adaptools.load(path)
+    assert adapter.read_format == "bfl" and adapter.config["model_family"] == "flux"
+    theirs = FluxLoraLoaderMixin.lora_state_dict(dict(state))
+    got = ours(adapter)
+    assert sorted(f"{m}.lora_A.weight" for m in got) == sorted(k for k in theirs if k.endswith(".lora_A.weight"))
+    for module, (a, b, s) in got.items():
+        assert s == 1 and torch.equal(a, theirs[f"{module}.lora_A.weight"]), module
+        assert torch.equal(b, theirs[f"{module}.lora_B.weight"]), module
+    out = tmp_path / "merged"
+    assert cli_runner("merge", built["pipe"], path, out).exit_code == 0
+    expected = fused(built["pipe"], dict(state))["transformer"]
+    merged = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert not [k for k in expected if not torch.equal(merged[k], expected[k])]
+    base = load_file(str(next((built["pipe"] / "transformer").glob("*.safetensors"))))
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(base[key], merged[key])

@@ -1,8 +1,9 @@
 """The BFL / ComfyUI key style of FLUX.1 LoRAs as an adapter format: ``diffusion_model.<BFL layer>`` with
 ``lora_down.weight``/``lora_up.weight`` (or ``lora_A.weight``/``lora_B.weight``) and an optional ``alpha``, and
-CLIP-L text-encoder layers under ``text_encoders.clip_l.transformer.``. Reading is flux_read.py's (shared with
-the kohya style, which names the same layers); writing is flux_write.py's, with ComfyUI's ``lora_down``/``lora_up``
-suffixes (docs/diffusion.md, "Flux").
+CLIP-L text-encoder layers under ``text_encoders.clip_l.transformer.``; XLabs' attention LoRAs
+(``double_blocks.N.processor.qkv_lora1.down.weight``, with or without ``diffusion_model.``) too. Reading is
+flux_read.py's (shared with the kohya style, which names the same layers); writing is flux_write.py's, with
+ComfyUI's ``lora_down``/``lora_up`` suffixes (docs/diffusion.md, "Flux").
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from .flux_write import write
 from .lint import RULES, alpha_warnings
 
 PREFIXES = ("diffusion_model.", "text_encoders.clip_l.transformer.")
+#: XLabs' keys have no prefix; a key under these counts only with ``.processor.`` (a Flux checkpoint in BFL's
+#: names is no adapter)
+XLABS = ("double_blocks.", "single_blocks.")
 
 
 class BflFormat(plugin.AdapterFormat):
@@ -34,7 +38,7 @@ class BflFormat(plugin.AdapterFormat):
         if "adaptools.schema" in header.metadata:
             return False
         # any BFL-prefixed key claims the file, so that a stray key is named by read()
-        return any(k.startswith(PREFIXES) for k in header.tensors)
+        return any(k.startswith(PREFIXES) or (k.startswith(XLABS) and ".processor." in k) for k in header.tensors)
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         parsed, problems = flux_read.scan(path)

@@ -46,6 +46,15 @@ TOP = {
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
+#: XLabs' attention LoRAs (``double_blocks.N.processor.qkv_lora1``...): name -> (block kind, diffusers layers)
+XLABS = {
+    ("double_blocks", "qkv_lora1"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+    ("double_blocks", "proj_lora1"): ("attn.to_out.0",),
+    ("double_blocks", "qkv_lora2"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("double_blocks", "proj_lora2"): ("attn.to_add_out",),
+    ("single_blocks", "qkv_lora"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+    ("single_blocks", "proj_lora"): ("proj_out",),
+}
 #: the one layer whose rows BFL and diffusers order differently: two halves, swapped
 SWAPPED = "final_layer.adaLN_modulation.1"
 
@@ -68,6 +77,8 @@ class Layer:
     bfl: str
     modules: tuple[str, ...]
     swapped: bool = False
+    #: whether a block-diagonal up factor splits into blocks (XLabs' loader always shares the down factor)
+    block_diagonal: bool = True
 
     @property
     def fused(self) -> bool:
@@ -86,6 +97,22 @@ def from_bfl(path: str) -> Layer | None:
     if inner not in table or str(int(index)) != index:
         return None
     return Layer(path, tuple(f"transformer.{block}.{index}.{m}" for m in table[inner]))
+
+
+_XLABS = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.processor\.([a-z_0-9]+)$")
+
+
+def from_xlabs(path: str) -> Layer | None:
+    """An XLabs name (``double_blocks.0.processor.qkv_lora1``) -> its diffusers layers, or None."""
+    match = _XLABS.match(path)
+    if match is None:
+        return None
+    kind, index, name = match.groups()
+    modules = XLABS.get((kind, name))
+    if modules is None or str(int(index)) != index:
+        return None
+    block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
+    return Layer(path, tuple(f"transformer.{block}.{index}.{m}" for m in modules), block_diagonal=False)
 
 
 def from_flat(flat: str) -> Layer | None:

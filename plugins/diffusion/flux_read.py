@@ -5,7 +5,9 @@ method with module paths ``transformer.<diffusers module>`` (and ``text_encoder.
   text encoder ``lora_te1_…`` (or ``lora_te_…``);
 - BFL / ComfyUI: ``diffusion_model.<BFL layer>.lora_down.weight`` (or ``.lora_A.weight``) ..., text encoder
   ``text_encoders.clip_l.transformer.<CLIP path>…``;
-- OneTrainer: ``lora_transformer_<diffusers module, dots as _>…``.
+- OneTrainer: ``lora_transformer_<diffusers module, dots as _>…``;
+- XLabs: ``(diffusion_model.)double_blocks.N.processor.qkv_lora1.down.weight`` ... (attention layers only, no
+  alpha: scale 1).
 
 The scale is kohya's rule in every style: alpha / rank per stored layer, no alpha = the rank. A LoRA on a fused
 layer becomes one LoRA per diffusers layer as diffusers splits it: the down factor shared and the up factor cut
@@ -26,7 +28,7 @@ from adaptools.plugin import Adapter, AdapterFormatError, BaseRef, SafetensorsFi
 
 from .common import PATTERN_RULE_VERSION, lora_config, read_alpha
 from .flux_names import COMPOUND_NAMES as FLUX_NAMES
-from .flux_names import Layer, from_bfl, from_flat, is_flux_module, split_rows
+from .flux_names import Layer, from_bfl, from_flat, from_xlabs, is_flux_module, split_rows
 from .flux_store import Piece, PieceStore
 from .lint import Problem
 from .names import COMPOUND_NAMES as SD_NAMES
@@ -36,13 +38,15 @@ from .names import components, split_flat
 PREFIXES = {
     "lora_unet_": ("kohya", "bfl-flat"),
     "diffusion_model.": ("bfl", "bfl"),
+    "double_blocks.": ("xlabs", "xlabs"),
+    "single_blocks.": ("xlabs", "xlabs"),
     "lora_transformer_": ("onetrainer", "diffusers-flat"),
     "lora_te1_": (None, "clip-flat"),
     "lora_te_": (None, "clip-flat"),
     "text_encoders.clip_l.transformer.": (None, "clip"),
 }
 SUFFIXES = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up",
-            "alpha": "alpha"}
+            "alpha": "alpha", "down.weight": "down", "up.weight": "up"}
 #: the first segments of an SD UNet module: a kohya key under lora_unet_ that starts so is from another family
 SD_UNET_HEADS = ("down_blocks_", "up_blocks_", "mid_block_", "input_blocks_", "middle_block_", "output_blocks_",
                  "conv_in", "conv_out", "time_embedding_", "add_embedding_")
@@ -84,7 +88,9 @@ def _module_of(prefix: str, name: str) -> tuple[Layer | None, str | None]:
     if kind == "bfl-flat":
         return from_flat(name), None
     if kind == "bfl":
-        return from_bfl(name), None
+        return (from_xlabs(name) if ".processor." in name else from_bfl(name)), None
+    if kind == "xlabs":
+        return from_xlabs(prefix + name), None
     if kind == "diffusers-flat":
         module = "transformer." + split_flat(name, FLUX_NAMES)
         return (Layer(name, (module,)) if is_flux_module(module) else None), None
@@ -188,7 +194,7 @@ def _split(parsed: FluxParsed, layer: Layer, down: str, up: str, rank: int, out_
                                  hint="the file is damaged or was made for another model")
     n = len(layer.modules)
     starts = [sum(rows[:i]) for i in range(n)]
-    sparse = n > 1 and rank % n == 0 and _block_diagonal(file.get(up), rows, rank // n)
+    sparse = n > 1 and layer.block_diagonal and rank % n == 0 and _block_diagonal(file.get(up), rows, rank // n)
     for i, module in enumerate(layer.modules):
         r0, r1 = starts[i], starts[i] + rows[i]
         if sparse:
