@@ -10,7 +10,8 @@ flux_read.py reads the styles that use them (kohya's ``lora_unet_double_blocks_�
 ``diffusion_model.…`` in flux_format.py, OneTrainer's ``lora_transformer_…``), flux_write.py fuses them back.
 Single-file SD 1.x/SDXL checkpoints are merge bases and outputs: ldm_names.py maps their original key naming,
 single_file_layout.py says what a file holds under which name, single_file.py opens it (the backend),
-single_file_writer.py writes it (the container).
+single_file_writer.py writes it (the container); flux_single_file.py says what a FLUX.1 single file in BFL's
+naming holds, for the same backend and container.
 """
 
 from typing import Any

@@ -8,7 +8,9 @@ ComfyUI's ``lora_down``/``lora_up`` suffixes (docs/diffusion.md, "Flux").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from adaptools import plugin
 from adaptools.plugin import Adapter, ReadOptions, WriteOptions
@@ -53,6 +55,11 @@ class BflFormat(plugin.AdapterFormat):
         if adapter is None:
             return [p.finding(path) for p in flux_read.scan(path)[1]]
         return alpha_warnings(adapter, path)
+
+    def base_mismatch(self, adapter: Adapter, base_config: Mapping[str, Any]) -> str | None:
+        from .single_file_layout import family_mismatch  # a single-file base of another family (docs/diffusion.md)
+
+        return family_mismatch(adapter, base_config)
 
     def write(self, adapter: Adapter, path: Path, options: WriteOptions = WriteOptions()) -> None:
         write(adapter, path, "bfl")

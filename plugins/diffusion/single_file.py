@@ -10,6 +10,10 @@ streams, decodes and merges them as any dense tensor, copies untouched ones byte
 (single_file_writer.py) writes every piece back under its stored name, the three row blocks joined into
 their one tensor again. Tensors no adapter names (the VAE, OpenCLIP's transposed ``text_projection``,
 schedules) keep their stored names (docs/diffusion.md, "Single-file checkpoints").
+
+FLUX.1 single files in Black Forest Labs' naming (``double_blocks.0.img_attn.qkv.weight``, optionally under
+``model.diffusion_model.``) are opened the same way, their tensors named ``transformer.…`` and the fused ``qkv``
+and ``linear1`` presented as row blocks (flux_single_file.py; docs/diffusion.md, "Flux single files").
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 from adaptools import plugin
 from adaptools.plugin import BaseInfo
 
+from .flux_single_file import is_flux_single_file, present_flux
 from .single_file_layout import SingleFile, components_of, is_single_file, present
 from .single_file_writer import SingleFileContainer
 
@@ -53,8 +58,8 @@ class SingleFileBackend(plugin.Backend):
     :meth:`open_checkpoint` binds a new one to the file it opens (``base``), which the container reads."""
 
     name = "sd-single-file"
-    description = ("Stable Diffusion 1.x / SDXL single-file checkpoints (.safetensors in the original "
-                   "model.diffusion_model. naming) as merge bases")
+    description = ("Stable Diffusion 1.x / SDXL and FLUX.1 single-file checkpoints (.safetensors in the original "
+                   "model.diffusion_model. / BFL naming) as merge bases")
 
     def __init__(self, base: SingleFile | None = None):
         self.base = base
@@ -66,11 +71,16 @@ class SingleFileBackend(plugin.Backend):
         if path.suffix.lower() != ".safetensors":
             return None
         header = plugin.read_header(path)
-        if not is_single_file(list(header.tensors)):
+        keys = list(header.tensors)
+        if is_single_file(keys):
+            opened = present(path, dict(header.tensors), dict(header.metadata))
+        elif is_flux_single_file(keys):
+            opened = present_flux(path, dict(header.tensors), dict(header.metadata))
+        else:
             return None
-        opened = present(path, dict(header.tensors), dict(header.metadata))
+        pipelines = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
         config: dict[str, Any] = {
-            "architectures": ["StableDiffusionXLPipeline" if opened.family == "sdxl" else "StableDiffusionPipeline"],
+            "architectures": [pipelines.get(opened.family, "StableDiffusionPipeline")],
             "tie_word_embeddings": False,
             "diffusion_single_file": {"family": opened.family, "components": components_of(opened.pieces)}}
         return SingleFileCheckpoint.from_file(path, config, opened.tensors, SingleFileBackend(opened))

@@ -42,6 +42,8 @@ class SingleFile:
     family: str
     pieces: dict[str, Piece] = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    #: stored key -> how many row blocks it is presented as (those not named: three, OpenCLIP's q, k, v)
+    blocks: dict[str, int] = field(default_factory=dict)
 
 
 def is_single_file(keys: Sequence[str]) -> bool:
@@ -113,10 +115,13 @@ def present(path: Path, stored: dict[str, TensorInfo], metadata: dict[str, str])
 
 
 def components_of(pieces: Mapping[str, Piece]) -> list[str]:
-    return [c for c in ("unet", "text_encoder", "text_encoder_2") if any(n.startswith(f"{c}.") for n in pieces)]
+    return [c for c in ("unet", "text_encoder", "text_encoder_2", "transformer")
+            if any(n.startswith(f"{c}.") for n in pieces)]
 
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "FLUX.1"}
+#: Flux's final modulation, which a BFL single file stores with its row halves swapped (flux_single_file.py)
+FLUX_FINAL = ("transformer.norm_out.linear.", "final_layer.adaLN_modulation.1")
 
 
 def family_mismatch(adapter: plugin.Adapter, base_config: Mapping[str, Any]) -> str | None:
@@ -130,6 +135,9 @@ def family_mismatch(adapter: plugin.Adapter, base_config: Mapping[str, Any]) -> 
     if family in FAMILY_NAMES and family != base["family"]:
         return (f"the adapter is an {FAMILY_NAMES[family]} LoRA ({why}); the base is an "
                 f"{FAMILY_NAMES.get(base['family'], base['family'])} single-file checkpoint")
+    if base["family"] == "flux" and any(n.startswith(FLUX_FINAL[0]) for n in adapter.tensor_names()):
+        return (f"the adapter changes the final layer's modulation ({FLUX_FINAL[0]}, stored as {FLUX_FINAL[1]} "
+                "with its row halves swapped), which merges into a Flux single file do not support yet")
     missing = sorted(n for n in adapter.tensor_names() if n.split(".", 1)[0] not in base["components"])
     if missing:
         return (f"{len(missing)} adapter tensor(s) name a component the single file lacks: "

@@ -41,7 +41,7 @@ def opened_file(checkpoint: plugin.Checkpoint) -> SingleFile:
 
 class SingleFileContainer(plugin.OutputContainer):
     name = "sd-single-file"
-    description = "one Stable Diffusion 1.x/SDXL .safetensors in the original key naming (from such a base)"
+    description = "one SD 1.x/SDXL or FLUX.1 .safetensors in the original key naming (from such a base)"
     suffix = None  # chosen for a single-file base's .safetensors OUT, never for other bases
     file_suffix = ".safetensors"
     directory = False
@@ -130,13 +130,13 @@ class SingleFileWriter:
         self._gather(key, part, data)
 
     def _gather(self, key: str, part: int, data: bytes) -> None:
-        """Row block ``part`` of ``key``; the tensor is written once its three blocks are here, in order."""
+        """Row block ``part`` of ``key``; the tensor is written once all its blocks are here, in order."""
         parts = self._gathered.setdefault(key, [])
         if len(parts) != part:
             raise UnsupportedOperationError(f"row block {part} of {key} came out of order", tensor=key,
                                             hint="report this: the plan must keep the base's order")
         parts.append(data)
-        if len(parts) == 3:
+        if len(parts) == self.opened.blocks.get(key, 3):
             self._out.write_raw(key, b"".join(self._gathered.pop(key)))
 
     def __enter__(self) -> SingleFileWriter:

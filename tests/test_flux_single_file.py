@@ -1,0 +1,234 @@
+"""Merging FLUX.1 LoRAs into single-file Flux checkpoints in Black Forest Labs' naming (as BFL publishes
+``flux1-dev.safetensors``, or under ComfyUI's ``model.diffusion_model.``), against diffusers 0.42.1.
+
+The test file is the tiny transformer of fixtures/flux.py written with the fixture's own inverse mapping and
+proved right by diffusers' own converter, ``convert_flux_transformer_checkpoint_to_diffusers``: converted back
+it is the transformer's state dict, key for key and byte for byte. That converter hard-codes FLUX.1's width
+(``inner_dim = 3072``, the split of a single block's ``linear1``), so on the tiny model it runs with that one
+constant set to the tiny width (nothing else changed); at FLUX.1's real width it runs unchanged, on meta
+tensors (names and shapes). A merged file converted back equals diffusers' ``load_lora_weights`` +
+``fuse_lora``, bit for bit in fp32 (docs/diffusion.md, "Flux single files")."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+
+import pytest
+import torch
+from flux_checks import build_all, flux_fixtures, loaded
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+PREFIXES = ("", "model.diffusion_model.")
+#: the final layer's modulation, which merges into a single file do not support yet (row halves swapped)
+FINAL = ("lora_unet_final_layer_adaLN_modulation_1", "diffusion_model.final_layer.adaLN_modulation.1",
+         "transformer.norm_out.linear.")
+#: the transformer's keys in each style (the text encoder's are left out)
+TRANSFORMER_KEYS = ("lora_unet_", "diffusion_model.", "transformer.")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_all(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def singles(built, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux-single")
+    return {p: flux_fixtures.single_file(built["pipe"], root / f"flux{len(p)}.safetensors", p) for p in PREFIXES}
+
+
+def transformer_state(pipe):
+    return {k: v for f in sorted((pipe / "transformer").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def convert(checkpoint, inner_dim=None):
+    """diffusers' converter on a copy of ``checkpoint``; with ``inner_dim``, its hard-coded width replaced."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    function = sfu.convert_flux_transformer_checkpoint_to_diffusers
+    if inner_dim is None:
+        return function(dict(checkpoint))
+    source = inspect.getsource(function)
+    assert source.count("inner_dim = 3072") == 1
+    namespace = dict(vars(sfu))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), namespace)  # noqa: S102
+    return namespace[function.__name__](dict(checkpoint))
+
+
+def tiny_width():
+    config = flux_fixtures.TRANSFORMER
+    return config["attention_head_dim"] * config["num_attention_heads"]
+
+
+def assert_same(ours, theirs):
+    assert sorted(ours) == sorted(theirs)
+    different = [k for k in theirs if not (ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]))]
+    assert not different, f"{len(different)} tensors differ, first {different[:3]}"
+
+
+def raw_tensors(path):
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], v["shape"], data[8 + length + v["data_offsets"][0]:8 + length + v["data_offsets"][1]])
+            for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_fixture_single_file_converts_back_to_the_transformer(built, singles, prefix):
+    """The inverse mapping is right: diffusers' converter gives the transformer's state dict back exactly."""
+    assert_same(convert(load_file(str(singles[prefix])), tiny_width()), transformer_state(built["pipe"]))
+
+
+def test_full_width_names_match_diffusers_conversion():
+    """At FLUX.1's real width (3072, the converter unchanged), on meta tensors: the fixture's inverse converts
+    back to every name and shape of the model, and the single-file backend presents every linear layer's
+    weight and bias under its diffusers name, in its diffusers shape."""
+    from diffusers import FluxTransformer2DModel
+
+    from adaptools.plugin import TensorInfo
+    from adaptools_plugins.diffusion.flux_single_file import present_flux
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+    state = model.state_dict()
+    checkpoint = flux_fixtures.to_bfl_checkpoint(state)
+    got = convert(checkpoint)
+    assert sorted(got) == sorted(state) and all(got[k].shape == state[k].shape for k in state)
+    stored, offset = {}, 0
+    for key, value in checkpoint.items():
+        stored[key] = TensorInfo("F32", tuple(value.shape), offset, offset + 4 * value.numel())
+        offset += 4 * value.numel()
+    opened = present_flux(__import__("pathlib").Path("flux1-dev.safetensors"), stored, {})
+    linear = {k for k, m in model.named_modules() if isinstance(m, torch.nn.Linear) and k != "norm_out.linear"}
+    for module in linear:
+        for param in ("weight", "bias"):
+            info = opened.tensors[f"transformer.{module}.{param}"]
+            assert info.shape == tuple(state[f"{module}.{param}"].shape), module
+    assert "final_layer.adaLN_modulation.1.weight" in opened.tensors  # kept under its stored name
+
+
+def without_final(lora, out):
+    """The BFL-named fixture LoRA without the final modulation's layer and the text encoder (a transformer-only
+    single file)."""
+    with safe_open(str(lora), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(FINAL) and k.startswith(TRANSFORMER_KEYS)}
+        metadata = f.metadata()
+    save_file(state, str(out), metadata=metadata)
+    return out
+
+
+def fused_transformer(pipe, lora):
+    """The transformer after diffusers loads ``lora`` and fuses it, the final modulation's LoRA zeroed (what
+    :func:`without_final` leaves out adds nothing)."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    model = loaded(pipe, lora)["transformer"]
+    with torch.no_grad():
+        model.norm_out.linear.lora_B["x"].weight.zero_()
+    model.fuse_lora(adapter_names=["x"])
+    recurse_remove_peft_layers(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("style", ["diffusers", "kohya", "comfy"])
+def test_merge_equals_diffusers_fuse_lora(built, singles, prefix, style, tmp_path, cli_runner):
+    """A LoRA in each key style merged into the single file, converted back, equals the transformer after diffusers'
+    load_lora_weights + fuse_lora of the same LoRA (diffusers keys and LoraConfigs), bit for bit; the file keeps
+    the base's keys, order, dtypes and shapes, untouched tensors byte for byte, and adds the provenance."""
+    lora = without_final(built[style], tmp_path / "lora.safetensors")
+    out = tmp_path / "merged.safetensors"
+    result = cli_runner("merge", singles[prefix], lora, out)
+    assert result.exit_code == 0, result.output
+    assert_same(convert(load_file(str(out)), tiny_width()), fused_transformer(built["pipe"], built["diffusers"]))
+    base, merged = raw_tensors(singles[prefix]), raw_tensors(out)
+    assert list(base) == list(merged) and all(base[k][:2] == merged[k][:2] for k in base)
+    changed = {k for k in base if base[k] != merged[k]}
+    assert {f"{prefix}double_blocks.0.img_attn.qkv.weight", f"{prefix}single_blocks.0.linear1.weight"} <= changed
+    assert not any(k.endswith((".bias", ".scale")) or "adaLN" in k for k in changed)
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.architecture"] == "tiny-flux" and "adaptools.provenance" in metadata
+
+
+def test_an_fp16_file_stays_fp16_rounded_once(built, singles, tmp_path, cli_runner):
+    """Changed tensors, the fused row blocks included, are written in the stored fp16, each the fp32 merge of
+    the same weights rounded once."""
+    half = {k: v.half() for k, v in load_file(str(singles[""])).items()}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    save_file({k: v.float() for k, v in half.items()}, str(tmp_path / "full.safetensors"))
+    lora = without_final(built["kohya"], tmp_path / "lora.safetensors")
+    for name in ("half", "full"):
+        result = cli_runner("merge", tmp_path / f"{name}.safetensors", lora, tmp_path / f"{name}-merged.safetensors")
+        assert result.exit_code == 0, result.output
+    merged, reference = (load_file(str(tmp_path / f"{n}-merged.safetensors")) for n in ("half", "full"))
+    assert all(merged[k].dtype == torch.float16 and torch.equal(merged[k], reference[k].half()) for k in half)
+    assert not torch.equal(merged["single_blocks.0.linear1.weight"], half["single_blocks.0.linear1.weight"])
+
+
+# --- hostile inputs: one clean line naming the file (and tensor), exit 2, nothing written --------------------
+
+
+def _refused(cli_runner, base, lora, tmp_path, *says):
+    out = tmp_path / "out.safetensors"
+    result = cli_runner("merge", base, lora, out)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for text in says:
+        assert text in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("key", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                                 "double_blocks.0.txt_attn.qkv.bias"])
+def test_a_fused_layer_that_does_not_split_is_refused(built, singles, tmp_path, cli_runner, key):
+    """A qkv whose rows are no multiple of three, a linear1 with no rows left for the MLP after q, k and v as
+    wide as its input, a bias of fewer rows than its weight."""
+    state = load_file(str(singles[""]))
+    cut = {"double_blocks.0.img_attn.qkv.weight": 95, "single_blocks.0.linear1.weight": 96,
+           "double_blocks.0.txt_attn.qkv.bias": 93}[key]
+    state[key] = state[key][:cut].contiguous()
+    save_file(state, str(tmp_path / "edited.safetensors"))
+    lora = without_final(built["kohya"], tmp_path / "lora.safetensors")
+    _refused(cli_runner, tmp_path / "edited.safetensors", lora, tmp_path, "edited.safetensors", key, "row blocks")
+
+
+def test_a_truncated_single_file_is_refused(built, singles, tmp_path, cli_runner):
+    data = singles[""].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    last = list(raw_tensors(singles[""]))[-1]
+    lora = without_final(built["kohya"], tmp_path / "lora.safetensors")
+    _refused(cli_runner, tmp_path / "cut.safetensors", lora, tmp_path, "cut.safetensors", last, "truncated")
+
+
+def test_an_sd_lora_into_a_flux_file_is_refused(singles, tmp_path, cli_runner):
+    """An SDXL LoRA (kohya keys, a second text encoder) is named as such; nothing is merged."""
+    state = {}
+    for name, down, up in (("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", (2, 12), (12, 2)),):
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = torch.ones(down), torch.ones(up)
+        state[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(tmp_path / "sdxl.safetensors"))
+    _refused(cli_runner, singles[""], tmp_path / "sdxl.safetensors", tmp_path, "SDXL LoRA", "FLUX.1 single-file")
+
+
+@pytest.mark.parametrize("style", ["kohya", "comfy"])
+def test_a_lora_on_the_final_modulation_is_refused_for_now(built, singles, tmp_path, cli_runner, style):
+    with safe_open(str(built[style]), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("lora_unet_", "diffusion_model."))}
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    _refused(cli_runner, singles[""], tmp_path / "lora.safetensors", tmp_path, "final_layer.adaLN_modulation.1",
+             "not support yet")
+
+
+def test_a_flux_lora_into_an_sd_file_or_with_text_encoder_is_named(built, singles, tmp_path, cli_runner):
+    """The fixture LoRA also adapts the CLIP text encoder, which a BFL transformer file does not hold."""
+    lora = tmp_path / "with-te.safetensors"
+    with safe_open(str(built["kohya"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith(FINAL)}, str(lora))
+    _refused(cli_runner, singles[""], lora, tmp_path, "text_encoder.", "single file lacks")
