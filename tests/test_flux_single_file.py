@@ -156,6 +156,26 @@ def test_merge_equals_diffusers_fuse_lora(built, singles, prefix, style, tmp_pat
     assert metadata["modelspec.architecture"] == "tiny-flux" and "adaptools.provenance" in metadata
 
 
+def test_xlabs_lora_merges_as_diffusers_fuses_it(built, singles, tmp_path, cli_runner):
+    """XLabs' attention LoRA: a single block's ``qkv_lora`` adapts three of ``linear1``'s four row blocks (the
+    MLP's rows stay as stored), and the file converted back equals diffusers' fuse_lora of the same keys."""
+    from flux_checks import fused
+    from test_flux import xlabs_state
+
+    state = xlabs_state("")
+    save_file(state, str(tmp_path / "xlabs.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    result = cli_runner("merge", singles[""], tmp_path / "xlabs.safetensors", out)
+    assert result.exit_code == 0, result.output
+    merged = convert(load_file(str(out)), tiny_width())
+    assert_same(merged, fused(built["pipe"], dict(state))["transformer"])
+    base = transformer_state(built["pipe"])
+    key = "single_transformer_blocks.0.proj_mlp.weight"
+    assert torch.equal(merged[key], base[key])
+    assert not torch.equal(merged["single_transformer_blocks.0.attn.to_q.weight"],
+                           base["single_transformer_blocks.0.attn.to_q.weight"])
+
+
 def test_an_fp16_file_stays_fp16_rounded_once(built, singles, tmp_path, cli_runner):
     """Changed tensors, the fused row blocks included, are written in the stored fp16, each the fp32 merge of
     the same weights rounded once."""
