@@ -144,3 +144,34 @@ def test_a_pipeline_against_a_checkpoint_is_refused(built, tmp_path, cli_runner)
     result = cli_runner("extract", built["sd1"]["pipe"], built["sd1"]["pipe"] / "unet", out, "--rank", "4")
     assert result.exit_code == 2 and "pipeline" in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_kohya_output_fuses_in_diffusers_as_the_diffusers_output(built, tuned, tmp_path, cli_runner):
+    """At one rank for every module (alpha = rank everywhere, so diffusers' kohya alpha rule does not apply),
+    the kohya file, loaded and fused by diffusers, gives what the diffusers file gives."""
+    for to in ("kohya", "diffusers"):
+        result = cli_runner("extract", built["sd1"]["pipe"], tuned["sd1"], tmp_path / f"{to}.safetensors",
+                            "--rank", "2", "--to", to)
+        assert result.exit_code == 0, result.output
+    kohya = states(fuse(built["sd1"]["pipe"], tmp_path / "kohya.safetensors"))
+    diffusers = states(fuse(built["sd1"]["pipe"], tmp_path / "diffusers.safetensors"))
+    base = states(pipeline(built["sd1"]["pipe"]))
+    assert max_error(kohya, base) > 1e-2
+    assert max_error(kohya, diffusers) < TOLERANCE
+
+
+def test_a_changed_norm_is_refused_by_the_image_model_writers(built, tuned, tmp_path, cli_runner):
+    """A changed norm has no LoRA form; it becomes a full tensor, which kohya and diffusers keys cannot hold:
+    one line naming the module, nothing written."""
+    other = tmp_path / "other"
+    shutil.copytree(tuned["sd1"], other)
+    path = other / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    key = next(k for k in sorted(state) if k.endswith("norm1.weight"))
+    state[key] = state[key] + 0.5
+    save_file(state, str(path))
+    for to in ("kohya", "diffusers"):
+        out = tmp_path / f"{to}.safetensors"
+        result = cli_runner("extract", built["sd1"]["pipe"], other, out, "--rank", "4", "--to", to)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert f"unet.{key.rpartition('.')[0]}" in result.stderr and not out.exists()
