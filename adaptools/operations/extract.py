@@ -1,4 +1,5 @@
-"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract an adapter.
+"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract an adapter
+(from two checkpoints, or two pipeline folders component by component).
 
 All three stream: one tensor of each checkpoint in memory at a time, read with plain reads.
 """
@@ -130,9 +131,9 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
 
     2-D weights of linear layers become rank-``rank`` factors (or the smallest rank keeping ``energy`` of
     the change, up to ``max_rank``); conv kernels are flattened to [out, in·k…] for the SVD and become conv
-    factors (LoCon, docs/diffusion.md "Extract"); changed embeddings, heads, norms and biases become full
-    tensors (PEFT's modules_to_save). Two pipeline folders are compared component by component, each module
-    path starting with its component (``unet.…``), as merge splits them (docs/merge-engine.md).
+    factors (a kernel-sized down, a 1x1 up; docs/diffusion.md "Extract"); changed embeddings, heads, norms
+    and biases become full tensors (PEFT's modules_to_save). Two pipeline folders are compared component by
+    component, each module path starting with its component, as merge splits them (docs/merge-engine.md).
     """
     chosen = capability(registry.get_method(method), "algebra", LowRankAlgebra)
     if (rank is None) == (energy is None):
