@@ -62,6 +62,19 @@ def components_of(base: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and (p / "config.json").is_file())
 
 
+def same_components(a: Path, b: Path) -> list[str]:
+    """The component folders two pipelines share, which must be all of each's (``extract`` compares them
+    one component at a time); pipelines of different make-up are an error naming what differs."""
+    mine, theirs = components_of(a), components_of(b)
+    if mine != theirs:
+        differ = sorted(set(mine) ^ set(theirs))
+        raise IncompatibleBaseError(f"the pipelines hold different components ({', '.join(differ)} "
+                                    "in only one)", path=b, hint="compare two pipelines of one model family")
+    if not mine:
+        raise InputError("the pipeline folder holds no component checkpoint (a folder with config.json)", path=a)
+    return mine
+
+
 def split_inputs(base: Path, inputs: Sequence[MergeInput]) -> dict[str, list[MergeInput]]:
     """component -> the inputs restricted to it. A tensor whose first path segment names no component of
     the pipeline is an error naming it (it would change nothing)."""

@@ -1,4 +1,5 @@
-"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract an adapter.
+"""Checkpoint-level algebra: compare two checkpoints, explain a fine-tune with an adapter, extract an adapter
+(from two checkpoints, or two pipeline folders component by component).
 
 All three stream: one tensor of each checkpoint in memory at a time, read with plain reads.
 """
@@ -9,12 +10,14 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import registry
 from ..checkpoint import Checkpoint
+from ..engine.components import is_pipeline, same_components
 from ..errors import IncompatibleBaseError, InputError
 from ..interfaces import LowRank, LowRankAlgebra, capability
 from ..schema import Adapter, BaseRef, MemoryStore
@@ -127,8 +130,10 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
     at a time.
 
     2-D weights of linear layers become rank-``rank`` factors (or the smallest rank keeping ``energy`` of
-    the change, up to ``max_rank``); changed embeddings, heads, norms and biases become full tensors
-    (PEFT's modules_to_save).
+    the change, up to ``max_rank``); conv kernels are flattened to [out, in·k…] for the SVD and become conv
+    factors (a kernel-sized down, a 1x1 up; docs/diffusion.md "Extract"); changed embeddings, heads, norms
+    and biases become full tensors (PEFT's modules_to_save). Two pipeline folders are compared component by
+    component, each module path starting with its component, as merge splits them (docs/merge-engine.md).
     """
     chosen = capability(registry.get_method(method), "algebra", LowRankAlgebra)
     if (rank is None) == (energy is None):
@@ -136,40 +141,78 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
     check_rank(rank)
     check_energy(energy)
     check_rank(max_rank, "--max-rank")
-    base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
-    transposed = base.config.get("model_type") == "gpt2"  # Conv1D stores [in, out]
-    shared, only_base, only_tuned = _pairs(base, tuned)
-    if only_base or only_tuned:
-        raise IncompatibleBaseError(f"the checkpoints hold different tensors ({(only_base + only_tuned)[:3]} ...)",
-                                    path=tuned_path, hint="extract needs two checkpoints of one architecture")
-    factors: dict[str, LowRank] = {}
-    full: dict[str, torch.Tensor] = {}
-    result = Extraction(adapter=None)  # type: ignore[arg-type]
-    for i, name in enumerate(shared):
-        x, y = _comparable(base.read(name)), _comparable(tuned.read(name))
-        if x.shape != y.shape:
-            raise IncompatibleBaseError(f"{list(x.shape)} vs {list(y.shape)}", path=tuned_path, tensor=name,
-                                        hint="resized vocabularies are not supported by extract yet")
-        if not x.is_floating_point() or torch.equal(x, y):
-            continue
-        module, _, param = name.rpartition(".")
-        if x.dim() == 2 and param == "weight" and not any(p in FULL_TENSOR_NAMES for p in module.split(".")):
-            d = y.double() - x.double()
-            if transposed:
-                d = d.T
-            b, a, kept = _low_rank_of(d, rank, energy, max_rank, seed + i)
-            factors[module] = LowRank(b, a, "linear")
-            result.retained[module] = kept
-        else:
-            full[f"{module}.replace_{param}"] = y.clone()
-            result.full_tensors.append(name)
-        if progress is not None:
-            progress(name)
-    saved = sorted({n.rpartition(".")[0] for n in full})
+    run = _Run(rank, energy, max_rank, seed, progress, tuned_path)
+    pipelines = is_pipeline(base_path), is_pipeline(tuned_path)
+    if any(pipelines):
+        if not all(pipelines):
+            raise IncompatibleBaseError("one input is a pipeline folder (model_index.json) and the other is not",
+                                        path=tuned_path if pipelines[0] else base_path,
+                                        hint="extract compares two checkpoints or two pipelines")
+        base_dir, tuned_dir = Path(base_path), Path(tuned_path)
+        transposed = False
+        config: dict[str, Any] = {}
+        for component in same_components(base_dir, tuned_dir):
+            transposed |= run.add(Checkpoint.open(base_dir / component), Checkpoint.open(tuned_dir / component),
+                                  f"{component}.")
+    else:
+        transposed = run.add(Checkpoint.open(base_path), Checkpoint.open(tuned_path), "")
+        config = {"task_type": "CAUSAL_LM"}
+    saved = sorted({n.rpartition(".")[0] for n in run.full})
     # The PEFT config keys every PEFT method shares: orientation of the base's layers, whole modules saved.
-    template = Adapter(method, {"task_type": "CAUSAL_LM", "fan_in_fan_out": transposed,
-                                "modules_to_save": saved or None, "inference_mode": True},
-                       MemoryStore({}), base=BaseRef(name=str(base_path)),
+    config.update({"fan_in_fan_out": transposed, "modules_to_save": saved or None, "inference_mode": True})
+    template = Adapter(method, config, MemoryStore({}), base=BaseRef(name=str(base_path)),
                        provenance={"operation": "extract", "base": str(base_path), "tuned": str(tuned_path)})
-    result.adapter = chosen.from_low_rank(template, factors, full)
-    return result
+    run.result.adapter = chosen.from_low_rank(template, run.factors, run.full)
+    return run.result
+
+
+@dataclass
+class _Run:
+    """One extraction's settings and what it has found so far, across the checkpoints it compares."""
+
+    rank: int | None
+    energy: float | None
+    max_rank: int
+    seed: int
+    progress: Callable[[str], None] | None
+    tuned_path: str | os.PathLike[str]
+    factors: dict[str, LowRank] = field(default_factory=dict)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+    result: Extraction = field(default_factory=lambda: Extraction(adapter=None))  # type: ignore[arg-type]
+    count: int = 0
+
+    def add(self, base: Checkpoint, tuned: Checkpoint, prefix: str) -> bool:
+        """Factor every changed weight of ``tuned`` against ``base`` (module paths get ``prefix``), one tensor
+        pair in memory at a time; returns whether the layers store [in, out] (GPT-2's Conv1D)."""
+        transposed = base.config.get("model_type") == "gpt2"  # Conv1D stores [in, out]
+        shared, only_base, only_tuned = _pairs(base, tuned)
+        if only_base or only_tuned:
+            raise IncompatibleBaseError(
+                f"the checkpoints hold different tensors ({[prefix + n for n in (only_base + only_tuned)[:3]]} ...)",
+                path=self.tuned_path, hint="extract needs two checkpoints of one architecture")
+        for name in shared:
+            x, y = _comparable(base.read(name)), _comparable(tuned.read(name))
+            self.count += 1
+            if x.shape != y.shape:
+                raise IncompatibleBaseError(f"{list(x.shape)} vs {list(y.shape)}", path=self.tuned_path,
+                                            tensor=prefix + name,
+                                            hint="resized vocabularies are not supported by extract yet")
+            if not x.is_floating_point() or torch.equal(x, y):
+                continue
+            module, _, param = name.rpartition(".")
+            module = prefix + module
+            if x.dim() >= 2 and param == "weight" and not any(p in FULL_TENSOR_NAMES for p in module.split(".")):
+                d = y.double() - x.double()
+                if transposed and d.dim() == 2:
+                    d = d.T
+                kernel = tuple(int(k) for k in d.shape[2:])
+                b, a, kept = _low_rank_of(d.flatten(1), self.rank, self.energy, self.max_rank,
+                                          self.seed + self.count - 1)
+                self.factors[module] = LowRank(b, a, "conv", kernel) if kernel else LowRank(b, a, "linear")
+                self.result.retained[module] = kept
+            else:
+                self.full[f"{module}.replace_{param}"] = y.clone()
+                self.result.full_tensors.append(prefix + name)
+            if self.progress is not None:
+                self.progress(prefix + name)
+        return transposed

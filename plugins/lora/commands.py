@@ -94,12 +94,16 @@ def extract_command(base: str, tuned: str, out: str, rank: int | None, energy: f
     """Extract a LoRA from the difference of two checkpoints (TUNED - BASE).
 
     Streams one weight at a time; each linear weight's change is factored by a
-    seeded randomized SVD; changed embeddings, heads, norms and biases are
-    saved whole (modules_to_save). Reports the share of each change kept.
+    seeded randomized SVD, conv kernels flattened (LoCon); changed embeddings,
+    heads, norms and biases are saved whole (modules_to_save). Reports the
+    share of each change kept. BASE and TUNED may be two diffusers pipeline
+    folders: compared component by component, modules named unet.…,
+    text_encoder.…; write them with --to kohya or --to diffusers.
 
     \b
     Example:
       adaptools extract ./llama-base ./llama-finetuned ./extracted-lora --rank 32
+      adaptools extract ./sd15 ./sd15-tuned lora.safetensors --rank 32 --to kohya
     """
     plugin.check_output(out, force, [base, tuned])
     result = adaptools.extract(base, tuned, method=METHOD, rank=rank, energy=energy, max_rank=max_rank)
