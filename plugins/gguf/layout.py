@@ -38,6 +38,7 @@ class StoredTensor:
     shape: tuple[int, ...]
     begin: int
     nbytes: int
+    file: Path | None = None  # the part of a split model holding it (None: the base's one file)
 
 
 @dataclass(frozen=True)
