@@ -16,13 +16,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 import torch
 
 from adaptools.plugin import InputError, UnsupportedOperationError, read_header
+
+if TYPE_CHECKING:
+    from .fields import Header
 
 _LLAMA_LIKE = ("model.embed_tokens", "lm_head", "model.layers.{bid}.self_attn.q_proj",
                "model.layers.{bid}.self_attn.k_proj", "model.layers.{bid}.self_attn.v_proj",
@@ -190,14 +193,14 @@ def describe_base(ref: str) -> ModelShape:
 
 
 def _describe_gguf(path: Path) -> ModelShape:
-    from .codec import open_reader
+    from .fields import open_header
     from .split import open_parts
 
-    reader = open_reader(path)
+    reader = open_header(path)
     return describe_reader(reader, path, [t for _, part in open_parts(path, reader) for t in part.tensors])
 
 
-def describe_reader(reader: gguf.GGUFReader, path: Path, tensors: Sequence[Any] | None = None) -> ModelShape:
+def describe_reader(reader: gguf.GGUFReader | Header, path: Path, tensors: Sequence[Any] | None = None) -> ModelShape:
     """The architecture facts of an open GGUF model file (refusing an adapter file); ``tensors``: those of
     every part of a split model (default: the file's own)."""
     from .codec import scalar

@@ -29,8 +29,9 @@ from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError, TensorInfo, UnsupportedOperationError
 
 from .arch import describe_reader, qk_heads
-from .codec import changed_type, decodable, is_gguf, nbytes, open_reader, scalar
+from .codec import changed_type, decodable, is_gguf, nbytes, scalar
 from .container import GGUFContainer
+from .fields import open_header
 from .layout import GGUFBase, StoredTensor, decode_encoded, encode_value, settings_for
 from .split import open_parts
 
@@ -104,7 +105,7 @@ def _check(ok: bool, message: str, path: Path, tensor: str | None = None) -> Non
 
 def open_base(path: Path) -> plugin.Checkpoint:
     """A GGUF model file as a checkpoint: every tensor checked against the file before anything trusts it."""
-    reader = open_reader(path)
+    reader = open_header(path)  # the header only: metadata arrays stay bytes
     if reader.endianess != gguf.GGUFEndian.LITTLE:
         raise UnsupportedOperationError("big-endian GGUF files are not supported", path=path)
     parts = open_parts(path, reader)  # a split model: every part, checked to belong to the set

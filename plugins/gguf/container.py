@@ -31,11 +31,12 @@ from adaptools.plugin import InputError, UnsupportedOperationError
 from .arch import ModelShape, to_gguf_layout
 from .codec import MAGIC, OUTTYPES, changed_type
 from .export import dense_encodings, dense_model, write_metadata
+from .fields import Header
 from .layout import GGUFBase, encode_value, settings_for
 from .split import KEYS as SPLIT_KEYS
 from .split import MAX_PARTS as SPLIT_MAX_PARTS
 from .split import part_names
-from .writer import PROVENANCE, GGUFFileWriter, Spec
+from .writer import PROVENANCE, GGUFFileWriter, RawValue, Spec
 
 #: How far into a GGUF file its key-value metadata is searched for adaptools' keys (:meth:`GGUFContainer.owns`).
 SNIFF_BYTES = 1 << 20
@@ -208,29 +209,16 @@ def _spec(slot: plugin.Slot, model: ModelShape, base: GGUFBase | None, dense_typ
     return Spec(entry.name, name, qtype, shape, lambda value: encode_value(settings, value))
 
 
-def alignment(reader: gguf.GGUFReader) -> int:
+def alignment(reader: Header) -> int:
     field = reader.get_field(gguf.Keys.General.ALIGNMENT)
     return int(field.contents()) if field is not None else gguf.GGUF_DEFAULT_ALIGNMENT
 
 
-def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    """Every metadata key of the base, in its order and type (strings as their stored bytes)."""
+def copy_metadata(reader: Header, writer: gguf.GGUFWriter) -> None:
+    """Every metadata key of the base, in its order and type, its value the bytes stored (a vocabulary is
+    copied, never parsed: ``fields.py``)."""
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, PROVENANCE) or \
-                field.name in SPLIT_KEYS:  # a split base's part numbers: the writer writes the output's own
-            continue  # the header's own counts; the architecture the writer starts with; our old record
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.STRING:
-            writer.add_key_value(field.name, bytes(field.parts[field.data[0]]), kind)
-        elif kind == gguf.GGUFValueType.ARRAY:
-            sub = field.types[-1]
-            if len(field.types) != 2 or not field.data:
-                raise UnsupportedOperationError(f"GGUF metadata {field.name} is an empty or nested array, which "
-                                                "gguf-py cannot write back")
-            if sub == gguf.GGUFValueType.STRING:
-                value: Any = [bytes(field.parts[i]) for i in field.data]
-            else:
-                value = field.contents()
-            writer.add_key_value(field.name, value, kind, sub)
-        else:
-            writer.add_key_value(field.name, field.contents(), kind)
+        if field.name in (gguf.Keys.General.ARCHITECTURE, PROVENANCE) or field.name in SPLIT_KEYS:
+            continue  # the architecture the writer starts with; our old record; a split base's part numbers
+        writer.add_key_value(field.name, RawValue(field.raw), field.types[0],
+                             field.types[1] if len(field.types) > 1 else None)

@@ -18,7 +18,8 @@ import gguf
 
 from adaptools.plugin import InputError
 
-from .codec import open_reader, scalar
+from .codec import scalar
+from .fields import Header, open_header
 
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
                                         gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
@@ -45,7 +46,7 @@ def part_names(name: str, count: int) -> list[str]:
     return [part_name(stem, i, count) for i in range(count)]
 
 
-def open_parts(first: Path, reader: gguf.GGUFReader) -> list[tuple[Path, gguf.GGUFReader]]:
+def open_parts(first: Path, reader: Header) -> list[tuple[Path, Header]]:
     """Every part of the set that ``first`` (opened as ``reader``) begins, in order, each checked to belong
     to it: ``[(first, reader)]`` for a file that is not split. Raises one InputError naming the part at
     fault: another part given first, a part missing, a part of another set, tensors that do not add up."""
@@ -75,7 +76,7 @@ def open_parts(first: Path, reader: gguf.GGUFReader) -> list[tuple[Path, gguf.GG
         if not path.is_file():
             raise InputError(f"part {i + 1} of this GGUF model split in {count} is missing", path=path,
                              hint="put every part of the set beside the first")
-        part = open_reader(path)
+        part = open_header(path)
         said = tuple(scalar(part, key, int, path, required=False) for key in (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS))
         if said != (i, count, total):
             raise InputError(f"not part {i + 1} of this set: its {SPLIT_NO}, {SPLIT_COUNT}, {SPLIT_TENSORS} are "

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import gguf
 import numpy as np
@@ -29,6 +29,24 @@ from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS
 #: The metadata key holding the run's provenance, written right after ``general.architecture`` so that
 #: ``--force`` finds it (``GGUFContainer.owns`` searches the start of a file for adaptools' keys).
 PROVENANCE = "adaptools.provenance"
+
+
+class RawValue(NamedTuple):
+    """A metadata value given as the bytes a GGUF file stores after its type (a copied key: ``fields.py``),
+    written unchanged."""
+
+    data: bytes
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf-py's writer, which also writes a :class:`RawValue` as its bytes (gguf-py packs every other value
+    itself, in ``_pack_val``)."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if isinstance(val, RawValue):
+            return (self._pack("I", vtype) if add_vtype else b"") + val.data
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 @dataclass
@@ -57,7 +75,7 @@ class GGUFFileWriter:
         the provenance, so that ``--force`` knows each one) and GGUF's default alignment, as llama.cpp's
         gguf-split writes them (docs/gguf.md, "Split models")."""
         self.path, self.specs, self.seconds, self._next = path, list(specs), 0.0, 0
-        self._gguf = gguf.GGUFWriter(path, arch)
+        self._gguf = _Writer(path, arch)
         self._gguf.data_alignment = align
         if split is not None and split[0] > 0:  # only the first part says the architecture and the alignment:
             self._gguf.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # the others are aligned to
