@@ -215,8 +215,7 @@ def test_a_tiny_k_quant_base_by_llama_quantize_keeps_its_types(tmp, cli_runner):
 def test_split_models_load_in_llama_cpp_as_the_whole_file(tmp, cli_runner):
     """A Q8_0 base split by gguf-py's split writer (the pip build of llama-cpp-python makes no llama-gguf-split
     tool) loads in llama.cpp from its first part and merges to the tensors of the whole file; a split output
-    (--shard-size) loads in llama.cpp from its first part with the logits of the unsplit output, bit for bit,
-    and passes --check logits (the parts' weight type read across the set)."""
+    (--shard-size) loads in llama.cpp from its first part with the logits of the unsplit output, bit for bit."""
     base = llamacpp.convert_base(BASES / "llama", llamacpp.CACHE / "gguf" / "tiny-llama-q8_0.gguf", "q8_0")
     shutil.rmtree(tmp / "split-base", ignore_errors=True)
     (tmp / "split-base").mkdir()
@@ -234,11 +233,10 @@ def test_split_models_load_in_llama_cpp_as_the_whole_file(tmp, cli_runner):
     shutil.rmtree(tmp / "split-out", ignore_errors=True)
     (tmp / "split-out").mkdir()
     result = cli_runner("merge", base, ADAPTERS / "llama-lora", tmp / "split-out" / "out.gguf", "--shard-size",
-                        "40KB", "--check", "logits", "--json")
+                        "40KB")
     assert result.exit_code == 0, result.output
     got = sorted((tmp / "split-out").iterdir())
     assert len(got) > 1 and got[0].name == f"out-00001-of-{len(got):05d}.gguf"
-    assert json.loads(result.stdout)["checks"][0]["passed"]
     ran = [llamacpp.logits(model, [None], IDS, tmp / f"split-out-{i}.npy") for i, model in enumerate((whole, got[0]))]
     assert all(r[0] is not None for r in ran), ran[1][1][-3000:]
     assert np.array_equal(ran[0][0], ran[1][0])
