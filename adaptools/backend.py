@@ -160,6 +160,8 @@ class OutputContainer(ABC):
     directory: ClassVar[bool] = False
     #: What to do when requantizing erased most of a change (the survival warning's last sentence).
     survival_hint: ClassVar[str] = "Merge without --requantize for a faithful 16-bit model."
+    #: True: a one-file output may instead be written as several part files (``--shard-size``, :meth:`split`).
+    splits: ClassVar[bool] = False
 
     def owns(self, path: Path) -> bool:
         """True if the regular file ``path`` was written by adaptools in this container's file format (its
@@ -178,6 +180,13 @@ class OutputContainer(ABC):
     def warnings(self, plan: MergePlan) -> list[str]:
         """Sentences about the finished plan the user should read (a changed tensor stored in another type)."""
         return []
+
+    def split(self, plan: MergePlan, max_bytes: int) -> list[ShardPlan]:
+        """A one-file output that :attr:`splits`, laid out in parts of at most ``max_bytes`` of tensor data
+        each (``plan.shards`` holds every slot in one shard), named as the format names its parts, first to
+        last. One part keeps the output's own name. The run writes each part beside the others and publishes
+        the first part last (:func:`adaptools.outputs.atomic_output`)."""
+        raise UnsupportedOperationError(f"a {self.name} output is one file; --shard-size does not apply")
 
     @abstractmethod
     def writer(self, path: Path, shard: ShardPlan, plan: MergePlan, record: Mapping[str, Any]) -> OutputWriter:

@@ -137,7 +137,15 @@ class Checkpoint:
         ``(nbytes,)`` for bytes only the backend decodes), ``config`` is what the file says in config.json's
         terms (``tie_word_embeddings``, ``architectures``). The backend then registers its groups with
         :meth:`find_groups`."""
-        checkpoint = cls(path, config, [Shard(path, Header(dict(tensors), {}, 0))], None)
+        return cls.from_files(path, config, [(path, tensors)], opened_by)
+
+    @classmethod
+    def from_files(cls, path: Path, config: dict[str, Any], parts: list[tuple[Path, Mapping[str, TensorInfo]]],
+                   opened_by: Any) -> Checkpoint:
+        """A base stored as several files of another format (a set of parts, opened by ``path``, its first):
+        each part's tensors as :meth:`from_file` takes them, with offsets in that part. A tensor in two parts
+        is refused."""
+        checkpoint = cls(path, config, [Shard(file, Header(dict(tensors), {}, 0)) for file, tensors in parts], None)
         checkpoint.opened_by = opened_by
         return checkpoint
 

@@ -263,7 +263,7 @@ def _publish(tmp: Path, final: Path, force: bool, inputs: Sequence[str | os.Path
 
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, force: bool = False, directory: bool = True,
-                  inputs: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+                  inputs: Sequence[str | os.PathLike[str]] = (), parts: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it to ``path``, on failure delete it.
 
     Args:
@@ -271,12 +271,16 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, director
         force: replace an existing output that adaptools wrote.
         directory: create the temporary path as an empty folder (else yield a non-existent file path).
         inputs: paths this run reads; the output may never replace them or a folder holding them.
+        parts: a one-file output written as several files instead (a split model): their names, first to
+            last, written beside the yielded path (in its folder) and each moved beside ``path``; the first
+            is moved last, so that a reader opening the set by its first part finds every other part there.
 
     Raises:
         OutputExistsError: the output exists and may not be replaced.
         OutputError: the output could not be written (permission denied, disk full), naming the path.
     """
-    final = check_output(path, force, inputs, directory)
+    final = check_output(path, force, inputs, directory) if not parts else Path(path)
+    published = [check_output(final.parent / name, force, inputs, False) for name in parts] or [final]
     remove_stale(final.parent)
     try:
         tmp_root = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARKER}{os.getpid()}-", dir=final.parent))
@@ -292,7 +296,8 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, director
         with stop_signals_raise():
             try:
                 yield tmp
-                _publish(tmp, final, force, inputs)
+                for target in reversed(published):
+                    _publish(tmp_root / target.name if parts else tmp, target, force, inputs)
             except OSError as exc:
                 writing = exc.filename is None or str(exc.filename).startswith(str(tmp_root))
                 raise OutputError(f"cannot {'write' if writing else 'read'}: {exc.strerror or exc}",

@@ -8,6 +8,7 @@ measured in the same run, and where the merge's time went (the engine profile fr
 
     python benchmarks/gguf_merge.py                 # 1.1B Q8_0, 3 repeats
     python benchmarks/gguf_merge.py --json results.json
+    python benchmarks/gguf_merge.py --header-only   # planning's header read: gguf-py's reader vs open_header
 
 (Named gguf_merge.py: a script named gguf.py would shadow the gguf package it imports.)
 
@@ -87,11 +88,29 @@ def measure(cmd: list[str], out: Path, profile: dict | None = None) -> tuple[flo
         out.unlink(missing_ok=True)
 
 
+def header_reads(base: Path, repeat: int) -> dict[str, float]:
+    """Median seconds to read the base's header as planning read it before (gguf-py's ``GGUFReader``, which
+    builds a view for every vocabulary item) and does now (``fields.open_header``: arrays kept as bytes), in
+    this process, same run."""
+    import time
+
+    from adaptools_plugins.gguf.fields import open_header
+
+    times: dict[str, list[float]] = {"gguf-py GGUFReader (before)": [], "open_header (now)": []}
+    for _ in range(repeat):
+        for name, read in (("gguf-py GGUFReader (before)", gguf.GGUFReader), ("open_header (now)", open_header)):
+            start = time.perf_counter()
+            read(base)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/.work"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--header-only", action="store_true", help="only the header reads (no merge, no cp)")
     args = parser.parse_args()
     cfg = dense.SIZES["1b"]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -99,6 +118,12 @@ def main() -> None:
     print(f"building {base} and {adapter} (cached) ...", file=sys.stderr)
     build_base(base, cfg)
     dense.build_adapter(adapter, cfg)
+    headers = header_reads(base, args.repeat)
+    print(f"header read of the base for planning (medians of {args.repeat}): "
+          + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in headers.items())
+          + f"; {headers['gguf-py GGUFReader (before)'] / headers['open_header (now)']:.0f}x faster")
+    if args.header_only:
+        return
     out = args.work / "out.gguf"
     adaptools_cmd = [sys.executable, "-m", "adaptools"]
     contenders = {
@@ -126,7 +151,8 @@ def main() -> None:
             print(f"  {name}: start-up and imports {median['wall'] - median['engine'] - median.get('plan', 0):.2f} s;"
                   f" {parts} (seconds, medians)")
     if args.json:
-        args.json.write_text(json.dumps({"bytes": base.stat().st_size, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"bytes": base.stat().st_size, "results": results, "header_reads": headers},
+                                        indent=2))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ blocks whose scales are set to small finite values (what they decode to is then 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
+from peft_oracle import load_base
 
 from adaptools.plugin import SafetensorsFile
 from adaptools_plugins.gguf import arch as gguf_arch
@@ -105,3 +107,68 @@ def metadata(path: Path) -> dict[str, tuple[list[str], object]]:
     """Every metadata key's types and value (the header counts left out)."""
     reader = gguf.GGUFReader(path)
     return {k: ([t.name for t in f.types], f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+BPE_TARGETS = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+BPE_TEXT = "The quick brown fox jumps over the lazy dog. 12345 tokens, tokens and more tokens!\n" * 20
+
+
+def write_bpe_llama(tmp: Path) -> Path:
+    """A seeded tiny Llama (vocab 300) with a byte-level BPE tokenizer in ``tmp / "base"``, and a LoRA on it in
+    ``tmp / "adapter"`` (a dense base ``--to gguf`` can write: its vocabulary is byte-level BPE)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([BPE_TEXT], trainers.BpeTrainer(
+        vocab_size=290, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(11)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                                      max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=0,
+                                      eos_token_id=0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp / "base")
+    tokenizer.save(str(tmp / "base" / "tokenizer.json"))
+    (tmp / "base" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "model_max_length": 10**30}))
+    model = get_peft_model(load_base(tmp / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=sorted(BPE_TARGETS)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp / "adapter")
+    return tmp
+
+
+#: The metadata keys of a split model (llama.cpp's gguf-split layout).
+SPLIT_KEYS = {"split.no", "split.count", "split.tensors.count"}
+
+
+def split_with_gguf_py(src: Path, out: Path, **split) -> list[Path]:
+    """``src`` rewritten by gguf-py's own split writer (``split_max_tensors=`` / ``split_max_size=``): every
+    key and tensor as stored, in order. Returns the parts, first to last."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(out, arch, **split)
+    writer.data_alignment = reader.alignment
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", *SPLIT_KEYS):
+            continue
+        sub = field.types[-1] if len(field.types) > 1 else None
+        value = field.contents()
+        if field.types[0] == gguf.GGUFValueType.STRING:
+            value = bytes(field.parts[field.data[0]])
+        elif sub == gguf.GGUFValueType.STRING:
+            value = [bytes(field.parts[i]) for i in field.data]
+        writer.add_key_value(field.name, value, field.types[0], sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=Q(t.tensor_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parts = sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
+    return parts or [out]

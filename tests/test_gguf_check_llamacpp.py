@@ -45,6 +45,18 @@ def test_a_gguf_merge_passes_the_logits_check_in_llama_cpp(outtype, bases, tmp_p
     assert figures["max_abs_logit_diff"] < figures["tolerance"]["max_logit"]
 
 
+def test_a_split_output_passes_the_logits_check_from_its_first_part(bases, tmp_path, cli_runner):
+    """--shard-size: the check loads the set from its first part (llama.cpp finds the others), with the
+    tolerance of the set's weight type, Q8_0 (counted over every part)."""
+    result = cli_runner("merge", bases["q8_0"], ADAPTERS / "llama-lora", tmp_path / "merged.gguf", "--shard-size",
+                        "40KB", "--check", "logits", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output"].endswith(f"merged-00001-of-{summary['shards']:05d}.gguf") and summary["shards"] > 1
+    check = summary["checks"][0]
+    assert check["passed"] and check["figures"]["tolerance"]["dtype"] == "Q8_0"
+
+
 def test_an_output_without_the_adapter_fails_it(bases, tmp_path):
     """The base itself passed off as the merge: the check must fail (a check that cannot fail is a defect)."""
     from adaptools_plugins.validators.logits import Logits

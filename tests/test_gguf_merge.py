@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ADAPTERS, BASES
 from gguf import GGMLQuantizationType as Q
-from gguf_bases import decoded, finish, kquant_bytes, metadata, raw, write_base
+from gguf_bases import decoded, finish, kquant_bytes, metadata, raw, write_base, write_bpe_llama
 from peft_oracle import load_base
 
 import adaptools
@@ -249,7 +249,6 @@ def test_modules_that_do_not_map_are_refused(adapter, expected, bases, tmp_path,
 @pytest.mark.parametrize("extra,expected", [
     (("--dtype", "bf16"), "--dtype bf16 does not apply to a GGUF output"),
     (("--outtype", "q4_k"), "--outtype 'q4_k' is not one of f32, f16, bf16, q8_0"),
-    (("--shard-size", "1MB"), "--shard-size does not apply"),
     (("--check", "perplexity", "--eval-text", str(BASES / "llama" / "config.json")),
      "--check perplexity runs on a checkpoint folder"),
     (("--check", "generate"), "--check generate runs on a checkpoint folder"),
@@ -401,38 +400,9 @@ def test_k_quant_blocks_decode_finite():
 
 # --- a dense Hugging Face base into one GGUF file (--to gguf) ---------------------------------------------------
 
-TEXT = "The quick brown fox jumps over the lazy dog. 12345 tokens, tokens and more tokens!\n" * 20
-
-
 @pytest.fixture(scope="module")
 def bpe_llama(tmp_path_factory):
-    """A seeded tiny Llama (vocab 300) with a byte-level BPE tokenizer, and a LoRA on it."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tmp = tmp_path_factory.mktemp("bpe-llama")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(
-        vocab_size=290, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    torch.manual_seed(11)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                                      max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=0,
-                                      eos_token_id=0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp / "base")
-    tokenizer.save(str(tmp / "base" / "tokenizer.json"))
-    (tmp / "base" / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "model_max_length": 10**30}))
-    model = get_peft_model(load_base(tmp / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=sorted(LLAMA_TARGETS)))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.save_pretrained(tmp / "adapter")
-    return tmp
+    return write_bpe_llama(tmp_path_factory.mktemp("bpe-llama"))
 
 
 @pytest.mark.parametrize("outtype,weights", [(None, Q.F16), ("q8_0", Q.Q8_0), ("f32", Q.F32), ("bf16", Q.BF16)])

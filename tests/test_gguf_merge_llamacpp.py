@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ADAPTERS, BASES, FIXTURES
-from gguf_bases import metadata, raw
+from gguf_bases import metadata, raw, split_with_gguf_py
 from peft_oracle import load_base, seeded_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
@@ -210,6 +210,36 @@ def test_a_tiny_k_quant_base_by_llama_quantize_keeps_its_types(tmp, cli_runner):
     assert error < effect / 2  # measured 0.167 against 1.10: Q4_K's own rounding of the merged weights
     assert requantized_by_llama_cpp(cli_runner, tmp, base, tmp / "wide-lora", tmp / "wide-q4_k_m-merged.gguf") \
         == len(changed)
+
+
+def test_split_models_load_in_llama_cpp_as_the_whole_file(tmp, cli_runner):
+    """A Q8_0 base split by gguf-py's split writer (the pip build of llama-cpp-python makes no llama-gguf-split
+    tool) loads in llama.cpp from its first part and merges to the tensors of the whole file; a split output
+    (--shard-size) loads in llama.cpp from its first part with the logits of the unsplit output, bit for bit."""
+    base = llamacpp.convert_base(BASES / "llama", llamacpp.CACHE / "gguf" / "tiny-llama-q8_0.gguf", "q8_0")
+    shutil.rmtree(tmp / "split-base", ignore_errors=True)
+    (tmp / "split-base").mkdir()
+    parts = split_with_gguf_py(base, tmp / "split-base" / "llama.gguf", split_max_tensors=8)
+    assert len(parts) == 3
+    whole, joined = tmp / "split-whole.gguf", tmp / "split-joined.gguf"
+    for src, out in ((base, whole), (parts[0], joined)):
+        result = cli_runner("merge", src, ADAPTERS / "llama-lora", out, "--force")
+        assert result.exit_code == 0, result.output
+    assert raw(joined) == raw(whole)
+    ran = [llamacpp.logits(model, [None], IDS, tmp / f"split-{i}.npy") for i, model in enumerate((base, parts[0]))]
+    assert all(r[0] is not None for r in ran), ran[1][1][-3000:]
+    assert np.array_equal(ran[0][0], ran[1][0])
+
+    shutil.rmtree(tmp / "split-out", ignore_errors=True)
+    (tmp / "split-out").mkdir()
+    result = cli_runner("merge", base, ADAPTERS / "llama-lora", tmp / "split-out" / "out.gguf", "--shard-size",
+                        "40KB")
+    assert result.exit_code == 0, result.output
+    got = sorted((tmp / "split-out").iterdir())
+    assert len(got) > 1 and got[0].name == f"out-00001-of-{len(got):05d}.gguf"
+    ran = [llamacpp.logits(model, [None], IDS, tmp / f"split-out-{i}.npy") for i, model in enumerate((whole, got[0]))]
+    assert all(r[0] is not None for r in ran), ran[1][1][-3000:]
+    assert np.array_equal(ran[0][0], ran[1][0])
 
 
 def test_smollm2_package_q4_1_file(smol, tmp, cli_runner):

@@ -118,7 +118,8 @@ def dtype_option(help: str) -> Callable[[F], F]:
 
 def shard_size_option(f: F) -> F:
     return click.option("--shard-size", type=ByteSize(),
-                        help="Re-shard the output (e.g. 5GB); default keeps the base's shard layout.")(f)
+                        help="Re-shard the output (e.g. 5GB); default keeps the base's shard layout. A one-file "
+                             "output whose format splits (GGUF) is written as parts OUT-00001-of-0000N.")(f)
 
 
 def adapter_format_option(default: str) -> Callable[[F], F]:

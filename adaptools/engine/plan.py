@@ -127,7 +127,7 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     container = choose(options, out, checkpoint)
     for check in options.checks:
         registry.get_validator(check.name).check_target(container.name, container.directory)
-    if options.shard_size is not None and not container.directory:
+    if options.shard_size is not None and not container.directory and not container.splits:
         raise InputError(f"a {container.name} output is one file; --shard-size does not apply")
     encodings = container.prepare(checkpoint, options)
     if options.operation == "dequantize" and not checkpoint.groups:
@@ -157,7 +157,7 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
                                options)
     aliases = _tied_aliases(checkpoint, updates, entries, backends, options)
 
-    shards = _layout(checkpoint, entries, aliases, options.shard_size)
+    shards = _layout(checkpoint, entries, aliases, options.shard_size if container.directory else None)
     if not container.directory:  # one file (named as the output): every slot, in the base's order
         shards = [ShardPlan(Path(out).name if out is not None else f"{container.name} file",
                             [slot for shard in shards for slot in shard.slots])]
@@ -173,6 +173,8 @@ def build_plan(checkpoint: Checkpoint, inputs: Sequence[MergeInput], options: Me
     built = MergePlan(checkpoint, inputs, options, entries, shards, config, changes, checkpoint.other_files(),
                       untied=bool(aliases), vocab_size=vocab, warnings=warnings, container=container)
     built.warnings += container.warnings(built)
+    if options.shard_size is not None and not container.directory:  # parts of one file, as its format splits it
+        built.shards = container.split(built, options.shard_size)
     return built
 
 

@@ -88,7 +88,10 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
     timings = {"plan": plan.seconds}
     written = 0.0
     pool = BufferPool()
-    with atomic_output(out, force=options.force, directory=container.directory, inputs=inputs) as tmp, \
+    # a one-file output laid out in several parts (a split model): each part written and published beside it
+    parts = [shard.name for shard in plan.shards] if not container.directory and len(plan.shards) > 1 else []
+    with atomic_output(out, force=options.force, directory=container.directory, inputs=inputs,
+                       parts=parts) as tmp, \
             _torch_threads(options.device, workers), Reader(checkpoint, pool) as reader:
         compute = Compute(checkpoint, reader, pool, options.device, workers)
         # quantized groups are encoded in a thread of their own, overlapping the next entries' arithmetic
@@ -100,8 +103,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
         try:
             t0 = time.perf_counter()
             for shard in plan.shards:
-                with container.writer(tmp / shard.name if container.directory else tmp, shard, plan,
-                                      record) as writer:
+                at = tmp / shard.name if container.directory else tmp.parent / shard.name if parts else tmp
+                with container.writer(at, shard, plan, record) as writer:
                     pending: deque[tuple[Slot, Future[Produced] | None]] = deque()
 
                     def emit(slot: Slot, produced: Produced | None) -> None:
@@ -151,7 +154,7 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             t1 = time.perf_counter()
             container.finalize(tmp, plan, record)
             t2 = time.perf_counter()
-            summary.checks = _run_checks(plan, tmp)
+            summary.checks = _run_checks(plan, tmp.parent / parts[0] if parts else tmp)
             if summary.checks and container.directory:  # a single-file output has no beside: the summary says it
                 record_checks(tmp, summary.checks)
             timings.update(read=reader.seconds, compute=compute.seconds["compute"], encode=compute.seconds["encode"],
@@ -163,6 +166,8 @@ def execute(plan: MergePlan, out: str | os.PathLike[str], progress: Progress | N
             compute.close()
             if gc_was_enabled:
                 gc.enable()
+    if parts:  # the set is opened by its first part
+        summary.output = str(Path(out).parent / parts[0])
     summary.shards = len(plan.shards)
     summary.seconds = time.perf_counter() - started
     summary.profile = timings

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 import torch
 
 from adaptools.plugin import InputError, UnsupportedOperationError, read_header
+
+if TYPE_CHECKING:
+    from .fields import Header
 
 _LLAMA_LIKE = ("model.embed_tokens", "lm_head", "model.layers.{bid}.self_attn.q_proj",
                "model.layers.{bid}.self_attn.k_proj", "model.layers.{bid}.self_attn.v_proj",
@@ -189,20 +193,24 @@ def describe_base(ref: str) -> ModelShape:
 
 
 def _describe_gguf(path: Path) -> ModelShape:
-    from .codec import open_reader
+    from .fields import open_header
+    from .split import open_parts
 
-    return describe_reader(open_reader(path), path)
+    reader = open_header(path)
+    return describe_reader(reader, path, [t for _, part in open_parts(path, reader) for t in part.tensors])
 
 
-def describe_reader(reader: gguf.GGUFReader, path: Path) -> ModelShape:
-    """The architecture facts of an open GGUF model file (refusing an adapter file)."""
+def describe_reader(reader: gguf.GGUFReader | Header, path: Path, tensors: Sequence[Any] | None = None) -> ModelShape:
+    """The architecture facts of an open GGUF model file (refusing an adapter file); ``tensors``: those of
+    every part of a split model (default: the file's own)."""
     from .codec import scalar
 
     if scalar(reader, "general.type", str, path, required=False) == "adapter":
         raise InputError("this GGUF file is an adapter, not a base model", path=path)
     arch = scalar(reader, "general.architecture", str, path)
     family = family_for_arch(arch, path)
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist()))
+              for t in (reader.tensors if tensors is None else tensors)}
     return ModelShape(family, scalar(reader, f"{arch}.block_count", int, path, required=False),
                       scalar(reader, f"{arch}.attention.head_count", int, path, required=False),
                       scalar(reader, f"{arch}.attention.head_count_kv", int, path, required=False),

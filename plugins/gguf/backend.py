@@ -29,9 +29,11 @@ from adaptools import plugin
 from adaptools.plugin import BaseTensor, InputError, TensorInfo, UnsupportedOperationError
 
 from .arch import describe_reader, qk_heads
-from .codec import changed_type, decodable, is_gguf, nbytes, open_reader, scalar
+from .codec import changed_type, decodable, is_gguf, nbytes, scalar
 from .container import GGUFContainer
+from .fields import open_header
 from .layout import GGUFBase, StoredTensor, decode_encoded, encode_value, settings_for
+from .split import open_parts
 
 #: Most dimensions a GGUF tensor has (ggml's GGML_MAX_DIMS).
 MAX_DIMS = 4
@@ -103,28 +105,32 @@ def _check(ok: bool, message: str, path: Path, tensor: str | None = None) -> Non
 
 def open_base(path: Path) -> plugin.Checkpoint:
     """A GGUF model file as a checkpoint: every tensor checked against the file before anything trusts it."""
-    reader = open_reader(path)
+    reader = open_header(path)  # the header only: metadata arrays stay bytes
     if reader.endianess != gguf.GGUFEndian.LITTLE:
         raise UnsupportedOperationError("big-endian GGUF files are not supported", path=path)
-    split = scalar(reader, "split.count", int, path, required=False)
-    if split is not None and split > 1:
-        raise UnsupportedOperationError(f"this is one part of a GGUF file split in {split}", path=path,
-                                        hint="join the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
-    model = describe_reader(reader, path)
+    parts = open_parts(path, reader)  # a split model: every part, checked to belong to the set
+    tensors = [(part, t) for part, r in parts for t in r.tensors]
+    model = describe_reader(reader, path, [t for _, t in tensors])
     arch = model.family.arch
     for key in ("block_count", "attention.head_count", "attention.head_count_kv"):
         value = scalar(reader, f"{arch}.{key}", int, path, required=False)
         if value is not None and value <= 0:
             raise InputError(f"GGUF metadata {arch}.{key} is {value}, not a positive count", path=path)
     if model.family.permute_qk and model.n_head is None and any(
-            t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]) for t in reader.tensors):
+            t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]) for _, t in tensors):
         raise InputError(f"the GGUF metadata has no {arch}.attention.head_count, without which the Q/K rows "
                          "cannot be put in Hugging Face order", path=path)
-    size = path.stat().st_size
-    blocks = model.n_blocks or 1 + max((int(t.name.split(".")[1]) for t in reader.tensors
+    sizes = {part: part.stat().st_size for part, _ in parts}
+    blocks = model.n_blocks or 1 + max((int(t.name.split(".")[1]) for _, t in tensors
                                         if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()), default=-1)
     stored: dict[str, StoredTensor] = {}
-    for t in reader.tensors:
+    names: dict[str, Path] = {}
+    for path, t in tensors:  # each tensor checked against its own part
+        if t.name in names:
+            raise InputError(f"tensor stored twice, in {names[t.name].name} and {path.name}", path=path,
+                             tensor=t.name, hint="the parts come from different sets; download the whole set again")
+        names[t.name] = path
+        size = sizes[path]
         qtype, shape = Q(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist()))
         _check(qtype in gguf.GGML_QUANT_SIZES, f"unknown tensor type {qtype.name}", path, t.name)
         block = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -142,11 +148,14 @@ def open_base(path: Path) -> plugin.Checkpoint:
         if param in stored:  # two GGUF tensors for one Hugging Face name: keep the second by its own name
             param = t.name
         _check(param not in stored, "tensor stored twice", path, t.name)
-        stored[param] = StoredTensor(t.name, qtype, shape, int(t.data_offset), want)
+        stored[param] = StoredTensor(t.name, qtype, shape, int(t.data_offset), want, path)
     config = {"architectures": list(model.family.hf_architectures), "model_type": model.family.model_types[0],
               "tie_word_embeddings": "output.weight" not in model.gguf_shapes}  # type: ignore[operator]
-    backend = GGUFBackend(GGUFBase(path, model, stored, reader))
-    tensors = {param: TensorInfo("U8", (s.nbytes,), s.begin, s.begin + s.nbytes) for param, s in stored.items()}
-    checkpoint = plugin.Checkpoint.from_file(path, config, tensors, backend)
+    first = parts[0][0]
+    backend = GGUFBackend(GGUFBase(first, model, stored, reader))
+    infos: dict[Path, dict[str, TensorInfo]] = {part: {} for part, _ in parts}
+    for param, s in stored.items():
+        infos[s.file or first][param] = TensorInfo("U8", (s.nbytes,), s.begin, s.begin + s.nbytes)
+    checkpoint = plugin.Checkpoint.from_files(first, config, list(infos.items()), backend)
     checkpoint.find_groups([backend])
     return checkpoint

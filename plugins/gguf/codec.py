@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from adaptools.plugin import InputError
 
 from . import kquants, native
+from .fields import Header
 from .header import check_counts
 
 MAGIC = b"GGUF"
@@ -60,7 +61,7 @@ _PY_TYPES = {
 }
 
 
-def scalar(reader: gguf.GGUFReader, key: str, kind: type, path: object, *, required: bool = True) -> Any:
+def scalar(reader: gguf.GGUFReader | Header, key: str, kind: type, path: object, *, required: bool = True) -> Any:
     """The value of a scalar key, checked to be of the GGUF type llama.cpp reads it as (float: FLOAT32 only,
     as ``gguf_get_val_f32`` asserts). None when absent and not required."""
     field = reader.get_field(key)

@@ -17,7 +17,7 @@ the backend.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,12 @@ from adaptools.plugin import InputError, UnsupportedOperationError
 from .arch import ModelShape, to_gguf_layout
 from .codec import MAGIC, OUTTYPES, changed_type
 from .export import dense_encodings, dense_model, write_metadata
+from .fields import Header
 from .layout import GGUFBase, encode_value, settings_for
-from .writer import PROVENANCE, GGUFFileWriter, Spec
+from .split import KEYS as SPLIT_KEYS
+from .split import MAX_PARTS as SPLIT_MAX_PARTS
+from .split import part_names
+from .writer import PROVENANCE, GGUFFileWriter, RawValue, Spec
 
 #: How far into a GGUF file its key-value metadata is searched for adaptools' keys (:meth:`GGUFContainer.owns`).
 SNIFF_BYTES = 1 << 20
@@ -68,6 +72,7 @@ class GGUFContainer(plugin.OutputContainer):
     description = "one llama.cpp GGUF model file (from a GGUF base, or a dense Llama-family base)"
     # changed tensors keep their own type (a 4-bit K-quant or Q4_0 included): a wider type keeps the change
     survival_hint = "Write the changed tensors in a wider type: --outtype q8_0 (or f16)."
+    splits = True  # --shard-size: parts as llama.cpp's gguf-split writes them
     suffix = ".gguf"
     file_suffix = ".gguf"
     directory = False
@@ -132,19 +137,52 @@ class GGUFContainer(plugin.OutputContainer):
                        + ("; llama.cpp's llama-quantize can re-quantize the file" if why.startswith("no enc") else ""))
         return out
 
+    def split(self, plan: plugin.MergePlan, max_bytes: int) -> list[plugin.ShardPlan]:
+        """The file in parts as gguf-py's ``GGUFWriter(split_max_size=...)`` cuts it: a new part before a
+        tensor that would take the current one past ``max_bytes`` of tensor data (metadata and padding not
+        counted; a tensor larger than that is a part of its own), named as llama.cpp finds them
+        (``split.py``, docs/gguf.md, "Split models")."""
+        slots = [slot for shard in plan.shards for slot in shard.slots]
+        groups: list[list[plugin.Slot]] = [[]]
+        size = 0
+        for slot, spec in zip(slots, _specs(plan, slots)):
+            if groups[-1] and size + spec.nbytes > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(slot)
+            size += spec.nbytes
+        if len(groups) > SPLIT_MAX_PARTS:
+            raise InputError(f"--shard-size {max_bytes} would split the GGUF file in {len(groups)} parts, more than "
+                             f"the {SPLIT_MAX_PARTS} a split model can have", hint="give a larger --shard-size")
+        name = plan.shards[0].name
+        return [plugin.ShardPlan(part, group) for part, group in zip(part_names(name, len(groups)), groups)]
+
     def writer(self, path: Path, shard: plugin.ShardPlan, plan: plugin.MergePlan,
                record: Mapping[str, Any]) -> GGUFFileWriter:
         provenance = json.dumps(record, sort_keys=True)
+        specs = _specs(plan, shard.slots)
+        split = None
+        if len(plan.shards) > 1:  # one part of a split file: its number, the part count, the set's tensors
+            no = next(i for i, part in enumerate(plan.shards) if part is shard)
+            split = (no, len(plan.shards), sum(len(part.slots) for part in plan.shards))
         base = gguf_base(plan.checkpoint)
         if base is not None:
             reader = base.reader
-            specs = [_spec(slot, base.model, base) for slot in shard.slots]
             return GGUFFileWriter(path, base.model.family.arch, provenance, lambda w: copy_metadata(reader, w),
-                                  specs, alignment(reader))
+                                  specs, alignment(reader), split)
         model = dense_model(plan.checkpoint)
-        specs = [_spec(slot, model, None, outtype_of(plan.options)) for slot in shard.slots]
-        return GGUFFileWriter(path, model.family.arch, provenance, lambda w: write_metadata(plan, model, specs, w),
-                              specs, gguf.GGUF_DEFAULT_ALIGNMENT)
+        every = _specs(plan, [slot for part in plan.shards for slot in part.slots]) if split else specs
+        return GGUFFileWriter(path, model.family.arch, provenance, lambda w: write_metadata(plan, model, every, w),
+                              specs, gguf.GGUF_DEFAULT_ALIGNMENT, split)
+
+
+def _specs(plan: plugin.MergePlan, slots: Sequence[plugin.Slot]) -> list[Spec]:
+    """The declared tensors of ``slots``, from a GGUF base or a dense one."""
+    base = gguf_base(plan.checkpoint)
+    if base is not None:
+        return [_spec(slot, base.model, base) for slot in slots]
+    model = dense_model(plan.checkpoint)
+    return [_spec(slot, model, None, outtype_of(plan.options)) for slot in slots]
 
 
 def _spec(slot: plugin.Slot, model: ModelShape, base: GGUFBase | None, dense_type: Q | None = None) -> Spec:
@@ -171,28 +209,16 @@ def _spec(slot: plugin.Slot, model: ModelShape, base: GGUFBase | None, dense_typ
     return Spec(entry.name, name, qtype, shape, lambda value: encode_value(settings, value))
 
 
-def alignment(reader: gguf.GGUFReader) -> int:
+def alignment(reader: Header) -> int:
     field = reader.get_field(gguf.Keys.General.ALIGNMENT)
     return int(field.contents()) if field is not None else gguf.GGUF_DEFAULT_ALIGNMENT
 
 
-def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    """Every metadata key of the base, in its order and type (strings as their stored bytes)."""
+def copy_metadata(reader: Header, writer: gguf.GGUFWriter) -> None:
+    """Every metadata key of the base, in its order and type, its value the bytes stored (a vocabulary is
+    copied, never parsed: ``fields.py``)."""
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, PROVENANCE):
-            continue  # the header's own counts; the architecture the writer starts with; our old record
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.STRING:
-            writer.add_key_value(field.name, bytes(field.parts[field.data[0]]), kind)
-        elif kind == gguf.GGUFValueType.ARRAY:
-            sub = field.types[-1]
-            if len(field.types) != 2 or not field.data:
-                raise UnsupportedOperationError(f"GGUF metadata {field.name} is an empty or nested array, which "
-                                                "gguf-py cannot write back")
-            if sub == gguf.GGUFValueType.STRING:
-                value: Any = [bytes(field.parts[i]) for i in field.data]
-            else:
-                value = field.contents()
-            writer.add_key_value(field.name, value, kind, sub)
-        else:
-            writer.add_key_value(field.name, field.contents(), kind)
+        if field.name in (gguf.Keys.General.ARCHITECTURE, PROVENANCE) or field.name in SPLIT_KEYS:
+            continue  # the architecture the writer starts with; our old record; a split base's part numbers
+        writer.add_key_value(field.name, RawValue(field.raw), field.types[0],
+                             field.types[1] if len(field.types) > 1 else None)

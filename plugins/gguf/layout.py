@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from .arch import ModelShape, family_for_arch, from_gguf_layout, qk_heads, to_gguf_layout
 from .codec import decode_bytes, encode
+from .fields import Header
 
 #: torch dtypes of the float GGUF types as :func:`as_torch` hands them over.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,17 +38,18 @@ class StoredTensor:
     shape: tuple[int, ...]
     begin: int
     nbytes: int
+    file: Path | None = None  # the part of a split model holding it (None: the base's one file)
 
 
 @dataclass(frozen=True)
 class GGUFBase:
     """A GGUF model file opened as a merge base: its architecture, its tensors by Hugging Face parameter
-    (by GGUF name where they have none), and gguf-py's reader (the container copies its metadata)."""
+    (by GGUF name where they have none), and its header (the container copies its metadata)."""
 
     path: Path
     model: ModelShape
     stored: dict[str, StoredTensor]
-    reader: gguf.GGUFReader
+    reader: Header
 
     def hf_shape(self, param: str) -> tuple[int, ...]:
         """The dense shape the merge sees: the stored numpy shape, transposed for Conv1D block weights."""

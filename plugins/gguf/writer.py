@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import gguf
 import numpy as np
@@ -24,10 +24,29 @@ from gguf import GGMLQuantizationType as Q
 from adaptools.plugin import InputError, TensorInfo
 
 from .codec import nbytes
+from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS
 
 #: The metadata key holding the run's provenance, written right after ``general.architecture`` so that
 #: ``--force`` finds it (``GGUFContainer.owns`` searches the start of a file for adaptools' keys).
 PROVENANCE = "adaptools.provenance"
+
+
+class RawValue(NamedTuple):
+    """A metadata value given as the bytes a GGUF file stores after its type (a copied key: ``fields.py``),
+    written unchanged."""
+
+    data: bytes
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf-py's writer, which also writes a :class:`RawValue` as its bytes (gguf-py packs every other value
+    itself, in ``_pack_val``)."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if isinstance(val, RawValue):
+            return (self._pack("I", vtype) if add_vtype else b"") + val.data
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 @dataclass
@@ -50,12 +69,25 @@ class GGUFFileWriter:
     declared tensor's bytes in order, aligned, one tensor in memory at a time."""
 
     def __init__(self, path: Path, arch: str, provenance: str, add_metadata: Callable[[gguf.GGUFWriter], None],
-                 specs: Sequence[Spec], align: int):
+                 specs: Sequence[Spec], align: int, split: tuple[int, int, int] | None = None):
+        """``split``: this file is part ``no`` (0-based) of ``count`` of a split model of ``tensors`` tensors in
+        all. The first part holds every metadata key, the others only the split keys (and, like every part,
+        the provenance, so that ``--force`` knows each one) and GGUF's default alignment, as llama.cpp's
+        gguf-split writes them (docs/gguf.md, "Split models")."""
         self.path, self.specs, self.seconds, self._next = path, list(specs), 0.0, 0
-        self._gguf = gguf.GGUFWriter(path, arch)
+        self._gguf = _Writer(path, arch)
         self._gguf.data_alignment = align
+        if split is not None and split[0] > 0:  # only the first part says the architecture and the alignment:
+            self._gguf.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # the others are aligned to
+            self._gguf.data_alignment = gguf.GGUF_DEFAULT_ALIGNMENT  # GGUF's default, as readers read them
         self._gguf.add_string(PROVENANCE, provenance)  # near the start: how --force knows the file
-        add_metadata(self._gguf)
+        if split is None or split[0] == 0:
+            add_metadata(self._gguf)
+        if split is not None:  # last, as gguf-py's and llama.cpp's split writers add them
+            no, count, tensors = split
+            self._gguf.add_uint16(SPLIT_NO, no)
+            self._gguf.add_uint16(SPLIT_COUNT, count)
+            self._gguf.add_int32(SPLIT_TENSORS, tensors)
         for spec in self.specs:
             byte_shape = gguf.quant_shape_to_byte_shape(spec.shape, spec.qtype)
             self._gguf.add_tensor_info(spec.name, byte_shape, np.dtype(np.uint8), spec.nbytes, raw_dtype=spec.qtype)

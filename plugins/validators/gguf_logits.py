@@ -36,11 +36,24 @@ GGUF_UNIT = {"F32": UNIT["F32"], "F64": UNIT["F64"], "F16": UNIT["F16"], "BF16":
 def weight_type(path: str) -> str:
     """The GGUF type holding most of the output's matrix elements (norms and biases are F32 everywhere)."""
     counts: dict[str, int] = {}
-    for tensor in gguf.GGUFReader(path).tensors:
-        if len(tensor.shape) >= 2:
-            name = tensor.tensor_type.name
-            counts[name] = counts.get(name, 0) + int(tensor.n_elements)
+    for reader in parts(path):
+        for tensor in reader.tensors:
+            if len(tensor.shape) >= 2:
+                name = tensor.tensor_type.name
+                counts[name] = counts.get(name, 0) + int(tensor.n_elements)
     return max(counts, key=counts.__getitem__) if counts else "F32"
+
+
+def parts(path: str) -> list[gguf.GGUFReader]:
+    """The output the run just wrote, every part of it when it is split: ``split.count`` parts named as
+    llama.cpp finds them from the first, ``PREFIX-00001-of-0000N.gguf`` (docs/gguf.md, "Split models")."""
+    first = gguf.GGUFReader(path)
+    field = first.get_field("split.count")
+    count = int(field.contents()) if field is not None else 1
+    if count <= 1:
+        return [first]
+    prefix = path[:-len(f"-00001-of-{count:05d}.gguf")]
+    return [first, *(gguf.GGUFReader(f"{prefix}-{i + 1:05d}-of-{count:05d}.gguf") for i in range(1, count))]
 
 
 def unit(type_name: str) -> float:
