@@ -1,5 +1,8 @@
-"""The native Q8_0 codec (plugins/gguf/csrc/gguf_kernels.c) against gguf-py's numpy code, byte for byte and
-value for value: ties, zero blocks, scales that overflow or underflow float16, long and short rows."""
+"""The native codecs (plugins/gguf/csrc/) against the Python code they replace, byte for byte and value for
+value. Q8_0 against gguf-py's numpy code: ties, zero blocks, scales that overflow or underflow float16, long
+and short rows. The K-quants against kquants.py (whose bytes are ggml's; tests/test_gguf_kquants.py checks
+the native ones against ggml itself too) on the rows that reach every branch of the searches, and their
+decoding against gguf-py's on those blocks and on random bytes (NaN and Inf scales included)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from adaptools_plugins.gguf import codec, native
+from adaptools_plugins.gguf import codec, kquants, native
 
 pytestmark = pytest.mark.skipif(native.LIB is None, reason="the GGUF kernel is not built (no C compiler at install)")
 
@@ -65,3 +68,52 @@ def test_q8_0_decoding_is_gguf_pys_value_for_value(monkeypatch):
 def test_a_row_that_is_not_whole_blocks_still_goes_to_gguf_py():
     with pytest.raises(gguf.QuantError):
         codec.encode(np.ones((2, 48), np.float32), Q.Q8_0)
+
+
+# --- K-quants ----------------------------------------------------------------------------------------------
+
+KQUANTS = sorted(native.TYPES & codec.KQUANTS, key=lambda q: q.name)
+
+
+def kquant_rows() -> np.ndarray:
+    """The byte-identity rows of tests/test_gguf_kquants.py: every branch, ties, zeros, subnormals, +-65504,
+    +-FLT_MAX, and many distributions and magnitudes."""
+    from test_gguf_kquants import hard_rows, normal_rows, varied_rows
+
+    return np.concatenate([hard_rows(), normal_rows(seed=3).reshape(-1, 256), varied_rows(n=40)])
+
+
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
+def test_k_quant_encoding_is_the_numpy_encoders_byte_for_byte(qtype, monkeypatch):
+    values = kquant_rows()
+    for rows in (values, values[:48].reshape(2, -1), values[:1]):  # one block a row, many, a single block
+        ours = codec.encode(rows, qtype)
+        theirs = gguf_py(monkeypatch, codec.encode, rows, qtype)
+        assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape
+        bad = np.nonzero((ours.reshape(-1, native.BLOCKS[qtype][1]) != theirs.reshape(-1, native.BLOCKS[qtype][1]))
+                         .any(axis=1))[0]
+        assert not len(bad), f"{len(bad)} blocks differ, first {bad[:8].tolist()}"
+    assert np.array_equal(codec.encode(values, qtype), kquants.quantize(values, qtype.name))
+
+
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
+def test_k_quant_decoding_is_gguf_pys_value_for_value(qtype, monkeypatch):
+    data = kquants.quantize(kquant_rows(), qtype.name)
+    rng = np.random.default_rng(9)
+    noise = rng.integers(0, 256, size=(64, data.shape[1]), dtype=np.uint8)  # any bytes, NaN and Inf scales too
+    data = np.concatenate([data, noise]).reshape(-1, 4 * data.shape[1])  # rows of 4 blocks
+    shape = (data.shape[0], 4 * 256)
+    ours = codec.decode_bytes(data, qtype, shape)
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.decode_bytes, data, qtype, shape)
+        direct = gguf.quants.dequantize(data, qtype)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))  # NaNs compared by their bits
+    assert np.array_equal(ours.view(np.uint32), direct.view(np.uint32))
+    assert not np.isfinite(ours).all()  # the random bytes did reach non-finite scales
+
+
+def test_plugins_names_the_native_types():
+    """``adaptools plugins`` says which types run in C (tests/test_packaging.py checks the fallback's line)."""
+    assert native.describe().startswith("native kernel (")
+    assert native.describe().endswith(f"for {', '.join(q.name for q in native.BLOCKS)}; numpy for the other types")
+    assert {Q.Q8_0, Q.Q4_K, Q.Q6_K} <= native.TYPES

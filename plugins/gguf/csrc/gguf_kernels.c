@@ -10,7 +10,8 @@
  */
 #include "adaptools_kernel.h"
 
-int adaptools_gguf_abi(void) { return 1; }
+/* 2: the K-quant codecs of gguf_kquants.c joined the library */
+int adaptools_gguf_abi(void) { return 2; }
 
 int adaptools_gguf_isa(void) { return adaptools_isa(); }
 
