@@ -1,4 +1,4 @@
-"""The GGUF kernel library (csrc/gguf_kernels.c, csrc/gguf_kquants.c): block codecs in C with the bytes and
+"""The GGUF kernel library (csrc/gguf_kernels.c, csrc/gguf_kquants*.c): block codecs in C with the bytes and
 values of the Python code they replace (gguf-py's numpy for Q8_0 and every decoder, kquants.py for the
 K-quant encoders), measured at tens of times its speed (docs/gguf.md, "The native codec"): (de)quantizing
 spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1`` turns it off; without it (no C compiler
@@ -23,7 +23,10 @@ ABI = 2
 #: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
 BLOCKS: dict[Q, tuple[int, int, str]] = {
     Q.Q8_0: (32, 34, "q8_0"),
+    Q.Q2_K: (256, 84, "q2_k"),
+    Q.Q3_K: (256, 110, "q3_k"),
     Q.Q4_K: (256, 144, "q4_k"),
+    Q.Q5_K: (256, 176, "q5_k"),
     Q.Q6_K: (256, 210, "q6_k"),
 }
 #: The types this library encodes and decodes.
