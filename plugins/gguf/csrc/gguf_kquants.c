@@ -188,12 +188,16 @@ void adaptools_q6_k_decode(const uint8_t *data, int64_t b0, int64_t b1, float *o
         uint16_t h;
         memcpy(&h, y + 208, 2);
         const float d = f16_to_f32(h);
-        float *dst = out + b * QK_K;
-        for (int e = 0; e < QK_K; e++) {
-            const int half = e / 128, k = (e % 128) / 32, l = e % 32;
-            const int lo = (y[64 * half + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 0xF;
-            const int hi = (y[128 + 32 * half + l] >> (2 * k)) & 3;
-            dst[e] = (d * (float)(int8_t)y[192 + e / 16]) * (float)((lo | (hi << 4)) - 32);
-        }
+        /* value 128h + 32k + l: low bits in nibble k / 2 of ql byte 64h + 32(k % 2) + l, high bits at 2k of
+         * qh byte 32h + l; each 16 values share a scale */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int s = 0; s < 2; s++) {
+                    const uint8_t *ql = y + 64 * h + 32 * (k & 1) + 16 * s, *qh = y + 128 + 32 * h + 16 * s;
+                    const float ds = d * (float)(int8_t)y[192 + 8 * h + 2 * k + s];
+                    float *dst = out + b * QK_K + 128 * h + 32 * k + 16 * s;
+                    for (int l = 0; l < 16; l++)
+                        dst[l] = ds * (float)((((ql[l] >> (4 * (k >> 1))) & 0xF) | (((qh[l] >> (2 * k)) & 3) << 4)) - 32);
+                }
     }
 }

@@ -69,12 +69,15 @@ void adaptools_q2_k_decode(const uint8_t *data, int64_t b0, int64_t b1, float *o
         const float d = f16_to_f32(h);
         memcpy(&h, y + 82, 2);
         const float dmin = f16_to_f32(h);
-        float *dst = out + b * QK_K;
-        for (int e = 0; e < QK_K; e++) {
-            const uint8_t sc = y[e / 16];
-            const int q = (y[16 + 32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            dst[e] = (d * (float)(sc & 0xF)) * (float)q - dmin * (float)(sc >> 4);
-        }
+        /* value 128h + 32k + l: bits 2k of byte 32h + l; each 16 values share a scale and min */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int s = 0; s < 2; s++) {
+                    const uint8_t sc = y[8 * h + 2 * k + s], *qs = y + 16 + 32 * h + 16 * s;
+                    const float dd = d * (float)(sc & 0xF), dm = dmin * (float)(sc >> 4);
+                    float *dst = out + b * QK_K + 128 * h + 32 * k + 16 * s;
+                    for (int l = 0; l < 16; l++) dst[l] = dd * (float)((qs[l] >> (2 * k)) & 3) - dm;
+                }
     }
 }
 
@@ -137,14 +140,18 @@ void adaptools_q3_k_decode(const uint8_t *data, int64_t b0, int64_t b1, float *o
         uint16_t h;
         memcpy(&h, y + 108, 2);
         const float d = f16_to_f32(h);
-        float *dst = out + b * QK_K;
-        for (int e = 0; e < QK_K; e++) {
-            const int j = e / 16;
-            const int lo = j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4;
-            const int sc = (int8_t)(lo | (((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
-            const int ql = (y[32 + 32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
-            const int high = (y[e % 32] >> (e / 32)) & 1;
-            dst[e] = (d * (float)sc) * (float)(ql - (high ? 0 : 4));
-        }
+        /* value 128h + 32k + l: low bits 2k of byte 32 + 32h + l, high bit 4h + k of byte l (its absence
+         * subtracts 4); each 16 values (group j) share a 6-bit scale */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int s = 0; s < 2; s++) {
+                    const int j = 8 * h + 2 * k + s, lo = j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4;
+                    const int sc = (lo | (((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+                    const float ds = d * (float)sc;
+                    const uint8_t *qs = y + 32 + 32 * h + 16 * s, *hm = y + 16 * s;
+                    float *dst = out + b * QK_K + 128 * h + 32 * k + 16 * s;
+                    for (int l = 0; l < 16; l++)
+                        dst[l] = ds * (float)(((qs[l] >> (2 * k)) & 3) - (((hm[l] >> (4 * h + k)) & 1) ? 0 : 4));
+                }
     }
 }
