@@ -117,3 +117,57 @@ def test_plugins_names_the_native_types():
     assert native.describe().startswith("native kernel (")
     assert native.describe().endswith(f"for {', '.join(q.name for q in native.BLOCKS)}; numpy for the other types")
     assert {Q.Q8_0, Q.Q4_K, Q.Q6_K} <= native.TYPES
+
+
+# --- Q4_0, Q4_1, Q5_0, Q5_1 ------------------------------------------------------------------------------------
+
+LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+
+
+def legacy_rows() -> np.ndarray:
+    """:func:`hostile_rows`, and blocks with NaN and infinities (gguf-py's max, min and argmax propagate NaN,
+    its float -> uint8 cast turns NaN and out-of-range codes into 0), +-3.4e38 (a range that overflows),
+    ties, signed zeros, subnormals below float16 and constant blocks."""
+    rng = np.random.default_rng(3)
+    nan = rng.standard_normal((3, 32)).astype(np.float32)
+    nan[0, 3], nan[1, 0], nan[2, 31] = np.nan, -np.nan, np.nan
+    inf = rng.standard_normal((3, 32)).astype(np.float32)
+    inf[0, 3], inf[1, 0], inf[2, :2] = np.inf, -np.inf, (np.inf, -np.inf)
+    huge = rng.standard_normal((2, 32)).astype(np.float32)
+    huge[0, 1], huge[0, 2], huge[1, 5] = 3.4e38, -3.4e38, 3.4e38
+    ties = np.tile(np.arange(32, dtype=np.float32) - 16, (2, 1))
+    ties[1] *= -1
+    with np.errstate(over="ignore"):
+        blocks = [hostile_rows(), nan, inf, huge, ties, np.full((1, 32), -0.0, np.float32),
+                  (rng.standard_normal((2, 32)) * 1e-44).astype(np.float32), np.full((1, 32), 7.0, np.float32)]
+    return np.concatenate(blocks)
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+def test_legacy_types_encode_as_gguf_py_byte_for_byte(qtype, monkeypatch):
+    assert qtype in native.TYPES
+    values = legacy_rows()
+    rows = values[: values.shape[0] // 4 * 4].reshape(-1, 4 * 32)
+    ours = codec.encode(rows, qtype)
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.encode, rows, qtype)
+        direct = gguf.quants.quantize(values, qtype)
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(native.encode(values, qtype), direct)  # one block a row
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+def test_legacy_types_decode_as_gguf_py_value_for_value(qtype, monkeypatch):
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    with np.errstate(all="ignore"):
+        data = gguf.quants.quantize(legacy_rows(), qtype).reshape(-1)
+    noise = np.random.default_rng(1).integers(0, 256, size=64 * size, dtype=np.uint8)  # NaN and Inf scales too
+    data = np.concatenate([data, noise])
+    data = data[: data.size // (2 * size) * 2 * size].reshape(-1, 2 * size)
+    shape = (data.shape[0], 64)
+    ours = codec.decode_bytes(data, qtype, shape)
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.decode_bytes, data, qtype, shape)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    assert not np.isfinite(ours).all()

@@ -24,8 +24,8 @@ from .header import check_counts
 MAGIC = b"GGUF"
 #: K-quants we encode ourselves, with the bytes of ggml's reference quantizer (kquants.py).
 KQUANTS = frozenset({Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-#: Types we can encode: gguf-py's (quantize, in Python), the native Q8_0 kernel's, and the K-quants; the
-#: others (IQ types and a few more) only decode.
+#: Types we can encode: gguf-py's (quantize, in Python) and the K-quants (kquants.py), each also in the native
+#: kernel where it is built (native.TYPES, the same bytes); the others (IQ types and a few more) only decode.
 ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}) | KQUANTS
 #: ``--outtype`` names of an adapter's tensors.
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -185,7 +185,8 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
 
 
 def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by gguf-py a row at a time."""
+    """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by the native kernel where it
+    covers the type, else by gguf-py a row at a time (the same values)."""
     row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
     if qtype in native.TYPES and native.LIB is not None:
         return native.decode(data, qtype, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")

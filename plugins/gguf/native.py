@@ -1,8 +1,9 @@
-"""The GGUF kernel library (csrc/gguf_kernels.c, csrc/gguf_kquants*.c): block codecs in C with the bytes and
-values of the Python code they replace (gguf-py's numpy for Q8_0 and every decoder, kquants.py for the
-K-quant encoders), measured at tens of times its speed (docs/gguf.md, "The native codec"): (de)quantizing
-spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1`` turns it off; without it (no C compiler
-at install) codec.py uses the Python code, which gives the same bytes.
+"""The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c): block codecs in C with the
+bytes and values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every
+decoder, kquants.py for the K-quant encoders), measured at several to tens of times its speed (docs/gguf.md,
+"The native codec"): (de)quantizing spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1``
+turns it off; without it (no C compiler at install) codec.py uses the Python code, which gives the same
+bytes.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_gguf_abi``).
-ABI = 2
+ABI = 3
 #: Each native type: (values per block, bytes per block, the name in its C functions
 #: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
 BLOCKS: dict[Q, tuple[int, int, str]] = {
     Q.Q8_0: (32, 34, "q8_0"),
+    Q.Q4_0: (32, 18, "q4_0"),
+    Q.Q4_1: (32, 20, "q4_1"),
+    Q.Q5_0: (32, 22, "q5_0"),
+    Q.Q5_1: (32, 24, "q5_1"),
     Q.Q2_K: (256, 84, "q2_k"),
     Q.Q3_K: (256, 110, "q3_k"),
     Q.Q4_K: (256, 144, "q4_k"),
