@@ -143,3 +143,13 @@ def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
     run("cc", "-shared", "-fPIC", "-o", tmp_path / "_fp8_kernels.so", src)
     assert native._load(tmp_path) is None
     assert native._load() is not None
+    from adaptools_plugins.gguf import native as gguf_native
+
+    # the library before the K-quant and Q4_0..Q5_1 codecs joined it (ABI 2 and 1) lacks their functions
+    for old in (1, 2):
+        (tmp_path / f"v{old}").mkdir()  # a folder each: dlopen would hand back a path it already loaded
+        src.write_text(f"int adaptools_gguf_abi(void) {{ return {old}; }}\n"
+                       "int adaptools_gguf_isa(void) { return 0; }\n")
+        run("cc", "-shared", "-fPIC", "-o", tmp_path / f"v{old}" / "_gguf_kernels.so", src)
+        assert gguf_native._load(tmp_path / f"v{old}") is None
+    assert gguf_native._load() is not None
