@@ -1,8 +1,9 @@
 """The native codecs (plugins/gguf/csrc/) against the Python code they replace, byte for byte and value for
 value. Q8_0 against gguf-py's numpy code: ties, zero blocks, scales that overflow or underflow float16, long
-and short rows; Q4_0, Q4_1, Q5_0 and Q5_1 against it too, NaN and infinite values included. The K-quants against kquants.py (whose bytes are ggml's; tests/test_gguf_kquants.py checks
-the native ones against ggml itself too) on the rows that reach every branch of the searches, and their
-decoding against gguf-py's on those blocks and on random bytes (NaN and Inf scales included)."""
+and short rows; Q4_0, Q4_1, Q5_0 and Q5_1 against it too, NaN and infinite values included. The K-quants
+against kquants.py (whose bytes are ggml's; tests/test_gguf_kquants.py checks the native ones against ggml
+itself too) on the rows that reach every branch of the searches, and their decoding against gguf-py's on
+those blocks and on random bytes (NaN and Inf scales included)."""
 
 from __future__ import annotations
 
