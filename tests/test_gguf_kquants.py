@@ -7,7 +7,8 @@ base whose weights are K-quants keeps their types, loads back, and reports which
 hostile K-quant bases are refused in one line.
 
 Slow (llamacpp): byte identity against ggml itself, ``quantize_row_q*_K_ref`` from ggml-quants.c of the
-llama-cpp-python sdist the llama.cpp fixture builds, compiled alone (fixtures/ggml_quants.py).
+llama-cpp-python sdist the llama.cpp fixture builds, compiled alone (fixtures/ggml_quants.py), for the numpy
+encoders and for the native ones (plugins/gguf/csrc/gguf_kquants.c) where the kernel covers the type.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf_bases import raw, write_base
 
 from adaptools_plugins.gguf import codec as gguf_codec
-from adaptools_plugins.gguf import kquants
+from adaptools_plugins.gguf import kquants, native
 
 TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K]
 #: Largest error of a decoded value relative to its 256-value block's largest magnitude (docs/validation.md);
@@ -261,11 +262,16 @@ def test_bytes_equal_ggmls_reference_quantizer(qtype, ggml):
     many[::3] += rng.standard_normal((171, 256)).astype(np.float32)  # offsets: the asymmetric types' mins
     many[::5, ::11] *= 50
     size = gguf.GGML_QUANT_SIZES[qtype][1]
+    encoders = {"numpy": lambda values: kquants.quantize(values, qtype.name)}
+    if qtype in native.TYPES and native.LIB is not None:  # the C port too (plugins/gguf/csrc/gguf_kquants.c)
+        encoders["native"] = lambda values: native.encode(values, qtype)
     for lib in ggml:
         for values in (hard_rows(), many, normal_rows(seed=3).reshape(-1, 256), varied_rows()):
-            ours, want = kquants.quantize(values, qtype.name).reshape(-1, size), reference(lib, values, qtype)
-            bad = np.nonzero((ours != want).any(axis=1))[0]
-            assert not len(bad), f"{lib}: {len(bad)} of {len(want)} blocks differ, first {bad[:8].tolist()}"
+            want = reference(lib, values, qtype)
+            for name, encoder in encoders.items():
+                ours = encoder(values).reshape(-1, size)
+                bad = np.nonzero((ours != want).any(axis=1))[0]
+                assert not len(bad), f"{lib} ({name}): {len(bad)} of {len(want)} differ, first {bad[:8].tolist()}"
         digest = hashlib.sha256(reference(lib, hard_rows(), qtype).tobytes()).hexdigest()
         assert digest == DIGESTS[qtype.name], f'"{qtype.name}": "{digest}",'
 

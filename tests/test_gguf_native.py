@@ -1,5 +1,9 @@
-"""The native Q8_0 codec (plugins/gguf/csrc/gguf_kernels.c) against gguf-py's numpy code, byte for byte and
-value for value: ties, zero blocks, scales that overflow or underflow float16, long and short rows."""
+"""The native codecs (plugins/gguf/csrc/) against the Python code they replace, byte for byte and value for
+value. Q8_0 against gguf-py's numpy code: ties, zero blocks, scales that overflow or underflow float16, long
+and short rows; Q4_0, Q4_1, Q5_0 and Q5_1 against it too, NaN and infinite values included. The K-quants
+against kquants.py (whose bytes are ggml's; tests/test_gguf_kquants.py checks the native ones against ggml
+itself too) on the rows that reach every branch of the searches, and their decoding against gguf-py's on
+those blocks and on random bytes (NaN and Inf scales included)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from adaptools_plugins.gguf import codec, native
+from adaptools_plugins.gguf import codec, kquants, native
 
 pytestmark = pytest.mark.skipif(native.LIB is None, reason="the GGUF kernel is not built (no C compiler at install)")
 
@@ -65,3 +69,107 @@ def test_q8_0_decoding_is_gguf_pys_value_for_value(monkeypatch):
 def test_a_row_that_is_not_whole_blocks_still_goes_to_gguf_py():
     with pytest.raises(gguf.QuantError):
         codec.encode(np.ones((2, 48), np.float32), Q.Q8_0)
+
+
+# --- K-quants ----------------------------------------------------------------------------------------------
+
+KQUANTS = sorted(native.TYPES & codec.KQUANTS, key=lambda q: q.name)
+
+
+def kquant_rows() -> np.ndarray:
+    """The byte-identity rows of tests/test_gguf_kquants.py: every branch, ties, zeros, subnormals, +-65504,
+    +-FLT_MAX, and many distributions and magnitudes."""
+    from test_gguf_kquants import hard_rows, normal_rows, varied_rows
+
+    return np.concatenate([hard_rows(), normal_rows(seed=3).reshape(-1, 256), varied_rows(n=40)])
+
+
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
+def test_k_quant_encoding_is_the_numpy_encoders_byte_for_byte(qtype, monkeypatch):
+    values = kquant_rows()
+    # one block a row, many, a single block, an odd count split over the threads
+    for rows in (values, values[:48].reshape(2, -1), values[:1], values[:5]):
+        ours = codec.encode(rows, qtype)
+        theirs = gguf_py(monkeypatch, codec.encode, rows, qtype)
+        assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape
+        bad = np.nonzero((ours.reshape(-1, native.BLOCKS[qtype][1]) != theirs.reshape(-1, native.BLOCKS[qtype][1]))
+                         .any(axis=1))[0]
+        assert not len(bad), f"{len(bad)} blocks differ, first {bad[:8].tolist()}"
+    assert np.array_equal(codec.encode(values, qtype), kquants.quantize(values, qtype.name))
+
+
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
+def test_k_quant_decoding_is_gguf_pys_value_for_value(qtype, monkeypatch):
+    data = kquants.quantize(kquant_rows(), qtype.name)
+    rng = np.random.default_rng(9)
+    noise = rng.integers(0, 256, size=(64, data.shape[1]), dtype=np.uint8)  # any bytes, NaN and Inf scales too
+    data = np.concatenate([data, noise]).reshape(-1, 4 * data.shape[1])  # rows of 4 blocks
+    shape = (data.shape[0], 4 * 256)
+    ours = codec.decode_bytes(data, qtype, shape)
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.decode_bytes, data, qtype, shape)
+        direct = gguf.quants.dequantize(data, qtype)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))  # NaNs compared by their bits
+    assert np.array_equal(ours.view(np.uint32), direct.view(np.uint32))
+    assert not np.isfinite(ours).all()  # the random bytes did reach non-finite scales
+
+
+def test_plugins_names_the_native_types():
+    """``adaptools plugins`` says which types run in C (tests/test_packaging.py checks the fallback's line)."""
+    assert native.describe().startswith("native kernel (")
+    assert native.describe().endswith(f"for {', '.join(q.name for q in native.BLOCKS)}; numpy for the other types")
+    assert {Q.Q8_0, Q.Q4_K, Q.Q6_K} <= native.TYPES
+
+
+# --- Q4_0, Q4_1, Q5_0, Q5_1 ------------------------------------------------------------------------------------
+
+LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+
+
+def legacy_rows() -> np.ndarray:
+    """:func:`hostile_rows`, and blocks with NaN and infinities (gguf-py's max, min and argmax propagate NaN,
+    its float -> uint8 cast turns NaN and out-of-range codes into 0), +-3.4e38 (a range that overflows),
+    ties, signed zeros, subnormals below float16 and constant blocks."""
+    rng = np.random.default_rng(3)
+    nan = rng.standard_normal((3, 32)).astype(np.float32)
+    nan[0, 3], nan[1, 0], nan[2, 31] = np.nan, -np.nan, np.nan
+    inf = rng.standard_normal((3, 32)).astype(np.float32)
+    inf[0, 3], inf[1, 0], inf[2, :2] = np.inf, -np.inf, (np.inf, -np.inf)
+    huge = rng.standard_normal((2, 32)).astype(np.float32)
+    huge[0, 1], huge[0, 2], huge[1, 5] = 3.4e38, -3.4e38, 3.4e38
+    ties = np.tile(np.arange(32, dtype=np.float32) - 16, (2, 1))
+    ties[1] *= -1
+    with np.errstate(over="ignore"):
+        blocks = [hostile_rows(), nan, inf, huge, ties, np.full((1, 32), -0.0, np.float32),
+                  (rng.standard_normal((2, 32)) * 1e-44).astype(np.float32), np.full((1, 32), 7.0, np.float32)]
+    return np.concatenate(blocks)
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+def test_legacy_types_encode_as_gguf_py_byte_for_byte(qtype, monkeypatch):
+    assert qtype in native.TYPES
+    values = legacy_rows()
+    rows = values[: values.shape[0] // 4 * 4].reshape(-1, 4 * 32)
+    ours = codec.encode(rows, qtype)
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.encode, rows, qtype)
+        direct = gguf.quants.quantize(values, qtype)
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(native.encode(values, qtype), direct)  # one block a row
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+def test_legacy_types_decode_as_gguf_py_value_for_value(qtype, monkeypatch):
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    with np.errstate(all="ignore"):
+        data = gguf.quants.quantize(legacy_rows(), qtype).reshape(-1)
+    noise = np.random.default_rng(1).integers(0, 256, size=64 * size, dtype=np.uint8)  # NaN and Inf scales too
+    data = np.concatenate([data, noise])
+    data = data[: data.size // (2 * size) * 2 * size].reshape(-1, 2 * size)
+    shape = (data.shape[0], 64)
+    ours = codec.decode_bytes(data, qtype, shape)
+    with np.errstate(all="ignore"):
+        theirs = gguf_py(monkeypatch, codec.decode_bytes, data, qtype, shape)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    assert not np.isfinite(ours).all()

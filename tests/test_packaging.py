@@ -116,7 +116,7 @@ def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
 @pytest.mark.parametrize("backend, native, variable, fallback", [
     ("nf4", "native kernel (", "ADAPTOOLS_NF4_PURE_TORCH", "torch fallback"),
     ("fp8", "native kernel (", "ADAPTOOLS_FP8_PURE_TORCH", "torch (no native kernel"),
-    ("gguf", "gguf-py, Q8_0 in a native kernel (", "ADAPTOOLS_GGUF_PURE_PYTHON", "gguf-py (no native kernel"),
+    ("gguf", "native kernel (", "ADAPTOOLS_GGUF_PURE_PYTHON", "gguf-py (no native kernel"),
 ])
 def test_plugins_says_which_code_runs(backend, native, variable, fallback):
     out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
@@ -143,3 +143,13 @@ def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
     run("cc", "-shared", "-fPIC", "-o", tmp_path / "_fp8_kernels.so", src)
     assert native._load(tmp_path) is None
     assert native._load() is not None
+    from adaptools_plugins.gguf import native as gguf_native
+
+    # the library before the K-quant and Q4_0..Q5_1 codecs joined it (ABI 2 and 1) lacks their functions
+    for old in (1, 2):
+        (tmp_path / f"v{old}").mkdir()  # a folder each: dlopen would hand back a path it already loaded
+        src.write_text(f"int adaptools_gguf_abi(void) {{ return {old}; }}\n"
+                       "int adaptools_gguf_isa(void) { return 0; }\n")
+        run("cc", "-shared", "-fPIC", "-o", tmp_path / f"v{old}" / "_gguf_kernels.so", src)
+        assert gguf_native._load(tmp_path / f"v{old}") is None
+    assert gguf_native._load() is not None

@@ -25,8 +25,8 @@ from .header import check_counts
 MAGIC = b"GGUF"
 #: K-quants we encode ourselves, with the bytes of ggml's reference quantizer (kquants.py).
 KQUANTS = frozenset({Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-#: Types we can encode: gguf-py's (quantize, in Python), the native Q8_0 kernel's, and the K-quants; the
-#: others (IQ types and a few more) only decode.
+#: Types we can encode: gguf-py's (quantize, in Python) and the K-quants (kquants.py), each also in the native
+#: kernel where it is built (native.TYPES, the same bytes); the others (IQ types and a few more) only decode.
 ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}) | KQUANTS
 #: ``--outtype`` names of an adapter's tensors.
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -118,18 +118,19 @@ def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype not in ENCODABLE:
         raise KeyError(qtype)
     values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype in KQUANTS and (values.ndim == 0 or values.shape[-1] % kquants.QK_K):
+        raise gguf.QuantError(f"{qtype.name} needs rows of whole {kquants.QK_K}-value blocks, "
+                              f"not {values.shape[-1:] or 'a scalar'}")
+    if qtype in native.TYPES and native.LIB is not None and values.ndim \
+            and values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        return native.encode(values, qtype)  # the same bytes, in C (docs/gguf.md, "The native codec")
     if qtype in KQUANTS:  # ggml's reference bytes, in numpy (docs/gguf.md, "K-quant encoders")
-        if values.ndim == 0 or values.shape[-1] % kquants.QK_K:
-            raise gguf.QuantError(f"{qtype.name} needs rows of whole {kquants.QK_K}-value blocks, "
-                                  f"not {values.shape[-1:] or 'a scalar'}")
         return kquants.quantize(values, qtype.name)
     if qtype == Q.F32:
         return values
     if qtype == Q.F16:
         with np.errstate(over="ignore"):  # overflow to infinity: the engine refuses it naming the tensor
             return values.astype(np.float16)
-    if qtype in native.TYPES and native.LIB is not None and values.ndim and values.shape[-1] % 32 == 0:
-        return native.encode_q8_0(values)  # gguf-py's bytes, in C (docs/gguf.md, "The native codec")
     if values.ndim < 2 or values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return gguf.quants.quantize(values, qtype)  # (gguf-py refuses partial blocks itself)
     return gguf.quants.quantize(wide_rows(values), qtype).reshape(*values.shape[:-1], -1)
@@ -185,10 +186,11 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
 
 
 def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by gguf-py a row at a time."""
+    """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by the native kernel where it
+    covers the type, else by gguf-py a row at a time (the same values)."""
     row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
     if qtype in native.TYPES and native.LIB is not None:
-        return native.decode_q8_0(data, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")
+        return native.decode(data, qtype, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")
     with np.errstate(all="ignore"):  # non-finite scales: the engine names the tensor (finite.py)
         values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
     return np.asarray(values, dtype=np.float32).reshape(shape)

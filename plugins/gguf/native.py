@@ -1,7 +1,9 @@
-"""The GGUF kernel library (csrc/gguf_kernels.c): Q8_0 encoding and decoding with gguf-py's bytes and values,
-measured at tens of times gguf-py's numpy code (docs/gguf.md, "The native codec"), which spent most of a
-GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1`` turns it off; without it (no C compiler at install)
-codec.py uses gguf-py.
+"""The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c): block codecs in C with the
+bytes and values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every
+decoder, kquants.py for the K-quant encoders), measured at several to tens of times its speed (docs/gguf.md,
+"The native codec"): (de)quantizing spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1``
+turns it off; without it (no C compiler at install) codec.py uses the Python code, which gives the same
+bytes.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_gguf_abi``).
-ABI = 1
-#: Values and bytes per Q8_0 block.
-Q8_0_VALUES, Q8_0_BYTES = 32, 34
+ABI = 3
+#: Each native type: (values per block, bytes per block, the name in its C functions
+#: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
+BLOCKS: dict[Q, tuple[int, int, str]] = {
+    Q.Q8_0: (32, 34, "q8_0"),
+    Q.Q4_0: (32, 18, "q4_0"),
+    Q.Q4_1: (32, 20, "q4_1"),
+    Q.Q5_0: (32, 22, "q5_0"),
+    Q.Q5_1: (32, 24, "q5_1"),
+    Q.Q2_K: (256, 84, "q2_k"),
+    Q.Q3_K: (256, 110, "q3_k"),
+    Q.Q4_K: (256, 144, "q4_k"),
+    Q.Q5_K: (256, 176, "q5_k"),
+    Q.Q6_K: (256, 210, "q6_k"),
+}
 #: The types this library encodes and decodes.
-TYPES = frozenset({Q.Q8_0})
+TYPES = frozenset(BLOCKS)
 
 
 def _load(here: Path | None = None) -> Any:
@@ -30,10 +44,11 @@ def _load(here: Path | None = None) -> Any:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.adaptools_gguf_isa.restype = ctypes.c_int
-    lib.adaptools_q8_0_encode.argtypes = [ptr, i64, i64, ptr]
-    lib.adaptools_q8_0_encode.restype = None
-    lib.adaptools_q8_0_decode.argtypes = [ptr, i64, i64, ptr]
-    lib.adaptools_q8_0_decode.restype = None
+    for _, _, name in BLOCKS.values():
+        for verb in ("encode", "decode"):
+            function = getattr(lib, f"adaptools_{name}_{verb}")
+            function.argtypes = [ptr, i64, i64, ptr]
+            function.restype = None
     return lib
 
 
@@ -42,26 +57,31 @@ LIB = None if os.environ.get("ADAPTOOLS_GGUF_PURE_PYTHON") else _load()
 
 def describe() -> str:
     if LIB is None:
-        return "gguf-py (no native kernel; reinstall with a C compiler for a faster Q8_0)"
-    return f"gguf-py, Q8_0 in a native kernel ({'avx2' if LIB.adaptools_gguf_isa() == 2 else 'baseline'})"
+        return "gguf-py (no native kernel; reinstall with a C compiler for faster Q8_0 and K-quants)"
+    isa = "avx2" if LIB.adaptools_gguf_isa() == 2 else "baseline"
+    return f"native kernel ({isa}) for {', '.join(q.name for q in BLOCKS)}; numpy for the other types"
 
 
-def encode_q8_0(values: np.ndarray) -> np.ndarray:
-    """float32 values, the last dimension whole 32-value blocks -> uint8 ``[..., blocks * 34]``, as gguf-py's
-    ``quants.quantize(values, Q8_0)``."""
+def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 values, the last dimension whole blocks of ``qtype`` -> uint8 ``[..., blocks * block bytes]``:
+    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's reference quantizer's (kquants.py) for K-quants."""
     assert LIB is not None
+    n, size, name = BLOCKS[qtype]
     values = np.ascontiguousarray(values, dtype=np.float32)
-    blocks = values.size // Q8_0_VALUES
-    out = np.empty(blocks * Q8_0_BYTES, dtype=np.uint8)
-    plugin.split(blocks, lambda b0, b1: LIB.adaptools_q8_0_encode(values.ctypes.data, b0, b1, out.ctypes.data))
-    return out.reshape(*values.shape[:-1], values.shape[-1] // Q8_0_VALUES * Q8_0_BYTES)
+    blocks = values.size // n
+    out = np.empty(blocks * size, dtype=np.uint8)
+    function = getattr(LIB, f"adaptools_{name}_encode")
+    plugin.split(blocks, lambda b0, b1: function(values.ctypes.data, b0, b1, out.ctypes.data))
+    return out.reshape(*values.shape[:-1], values.shape[-1] // n * size)
 
 
-def decode_q8_0(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Q8_0 bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize``."""
+def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize``."""
     assert LIB is not None
+    n, size, name = BLOCKS[qtype]
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
-    blocks = data.size // Q8_0_BYTES
-    out = np.empty(blocks * Q8_0_VALUES, dtype=np.float32)
-    plugin.split(blocks, lambda b0, b1: LIB.adaptools_q8_0_decode(data.ctypes.data, b0, b1, out.ctypes.data))
+    blocks = data.size // size
+    out = np.empty(blocks * n, dtype=np.float32)
+    function = getattr(LIB, f"adaptools_{name}_decode")
+    plugin.split(blocks, lambda b0, b1: function(data.ctypes.data, b0, b1, out.ctypes.data))
     return out.reshape(shape)
