@@ -49,7 +49,8 @@ static inline uint32_t extract(uint32_t w0, uint32_t w1, int shift, uint32_t mas
 }
 
 /* out_kind: 0 = float32, 1 = bfloat16, 2 = float16. zeros may be NULL: then every zero point is `offset`.
- * scratch: 4 * TILE int64 per thread. */
+ * scratch: 4 * TILE int64 per thread. Scale and zero offsets are 32-bit (the caller checks the scale and zero
+ * tensors span fewer than 2^31 elements), which lets the gathers vectorize. */
 MULTIVERSION
 void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_t stride_c, int along, int bits,
                                  const uint8_t *fields, const float *scales, int64_t scale_r, int64_t scale_g,
@@ -58,15 +59,16 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
                                  int64_t *scratch, int64_t n0, int64_t n1) {
     const uint32_t mask = (uint32_t)((UINT64_C(1) << bits) - 1);
     const int per = 32 % bits == 0 ? 32 / bits : 0;
-    int64_t *soff = scratch, *zoff = scratch + TILE, *wofs = scratch + 2 * TILE, *wnext = scratch + 3 * TILE;
+    int64_t *wofs = scratch + 2 * TILE, *wnext = scratch + 3 * TILE;
+    int32_t *soff = (int32_t *)scratch, *zoff = (int32_t *)(scratch + TILE);
     float codes[TILE], values[TILE];
     for (int64_t k0 = 0; k0 < cols; k0 += TILE) {
         const int64_t width = cols - k0 < TILE ? cols - k0 : TILE;
         for (int64_t k = 0; k < width; k++) {
-            soff[k] = index[k0 + k] * scale_g;
-            zoff[k] = index[k0 + k] * zero_g;
+            soff[k] = (int32_t)(index[k0 + k] * scale_g);
+            zoff[k] = (int32_t)(index[k0 + k] * zero_g);
         }
-        if (along == 1) { /* where each column's code sits in a row's stream: word offsets, shift in the top bits */
+        if (along == 1 && !per) { /* where each column's code sits in a row's stream: word offsets, shift in the top bits */
             for (int64_t k = 0; k < width; k++) {
                 int64_t w;
                 int shift;
@@ -76,7 +78,18 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
             }
         }
         for (int64_t n = n0; n < n1; n++) {
-            if (along == 1) {
+            if (along == 1 && per) { /* whole codes in each word: a word at a time (k0 is a multiple of per) */
+                const uint32_t *row = words + n * stride_r + (k0 / per) * stride_c;
+                int shifts[32];
+                for (int m = 0; m < per; m++) shifts[m] = bits * fields[m];
+                const int64_t whole = width / per;
+                for (int64_t j = 0; j < whole; j++) {
+                    const uint32_t w = row[j * stride_c];
+                    for (int m = 0; m < per; m++) codes[j * per + m] = (float)((w >> shifts[m]) & mask);
+                }
+                for (int64_t k = whole * per; k < width; k++)
+                    codes[k] = (float)((row[whole * stride_c] >> shifts[k - whole * per]) & mask);
+            } else if (along == 1) {
                 const uint32_t *row = words + n * stride_r;
                 for (int64_t k = 0; k < width; k++) {
                     const int shift = (int)(wnext[k] & 31);
