@@ -94,6 +94,8 @@ def dequantize_packed(words: torch.Tensor, bits: int, shape: tuple[int, int], sc
     table = _fields(bits, fields)
     factors = scales.to(torch.float32)
     offsets = zeros.to(torch.float32) if zeros is not None else None
+    if any(t is not None and groups * t.stride(1) >= 1 << 31 for t in (factors, offsets)):
+        raise ValueError("a row of scales or zero points spans more than 2^31 elements")  # the kernel's offsets
     out = torch.empty(shape, dtype=dtype)
     kind = KINDS[dtype]
 
