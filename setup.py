@@ -1,5 +1,6 @@
-"""Build the NF4/FP4, FP8 and GGUF kernel libraries (loaded with ctypes; pure-torch fallbacks give the same bytes,
-about ten times slower). Also finds the packages; everything else about the package lives in pyproject.toml.
+"""Build the NF4/FP4, FP8, GGUF and packed-integer kernel libraries (loaded with ctypes; pure-torch fallbacks
+give the same bytes, about ten times slower). Also finds the packages; everything else about the package lives
+in pyproject.toml.
 
 A build without a working C compiler fails loudly rather than shipping a platform wheel without its
 kernel. ``ADAPTOOLS_NO_NATIVE=1`` builds a pure-Python wheel on purpose; ``adaptools plugins`` then says
@@ -21,6 +22,14 @@ PACKAGES = ["adaptools", *(f"adaptools.{p}" for p in find_packages("adaptools"))
 setup(
     packages=PACKAGES,
     ext_modules=[
+        Extension(
+            "adaptools._packed_kernels",
+            sources=["adaptools/csrc/packed_kernels.c"],
+            include_dirs=["adaptools/csrc"],
+            depends=["adaptools/csrc/adaptools_kernel.h"],
+            # -fno-trapping-math lets the float16 rounding vectorize; it changes no value
+            extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"],
+        ),
         Extension(
             "adaptools_plugins.bitsandbytes._nf4_kernels",
             sources=["plugins/bitsandbytes/csrc/nf4_kernels.c"],

@@ -152,6 +152,15 @@ if TYPE_CHECKING:
     from .outputs import (
         check_output as check_output,
     )
+    from .packed import (
+        dequantize_packed as dequantize_packed,
+    )
+    from .packed import (
+        describe_packed as describe_packed,
+    )
+    from .packed import (
+        packed_available as packed_available,
+    )
     from .patterns import (
         compile_pattern as compile_pattern,
     )
@@ -307,6 +316,8 @@ EXPORTS = {
     "compile_pattern": ".patterns", "match_pattern": ".patterns",
     "count_nonfinite": ".finite", "atomic_output": ".outputs", "check_output": ".outputs",
     "progress_bar": ".progress", "load_kernel": ".kernels", "split": ".kernels",
+    "dequantize_packed": ".packed", "packed_available": ".packed",
+    "describe_packed": ".packed",
 }
 
 __all__ = list(EXPORTS)

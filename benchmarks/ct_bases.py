@@ -10,7 +10,9 @@
    ``calculate_qparams`` on each weight's minima and maxima): W4A16 (int4 symmetric groups of 128,
    pack-quantized) and FP8 per channel (float-quantized).
 
-    python benchmarks/ct_bases.py [--rows 8192 --cols 8192 --repeat 3] [--engine]
+    python benchmarks/ct_bases.py [--rows 8192 --cols 8192 --repeat 3] [--engine [--fallback]] [--engine-only]
+
+--fallback adds W4A16 with the packed-integer kernel turned off (``ADAPTOOLS_PACKED_PURE_TORCH=1``), same run.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def compress_base(dense: Path, out: Path, kind: str) -> None:
     tmp.rename(out)
 
 
-def engine(work: Path, repeat: int) -> None:
+def engine(work: Path, repeat: int, fallback: bool = False) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from merge import SIZES, build_adapter, build_base, run_interleaved
 
@@ -161,6 +163,10 @@ def engine(work: Path, repeat: int) -> None:
         compress_base(dense, base, kind)
         contenders[f"dequantize {kind}"] = [*adaptools_cmd, "dequantize", str(base), str(out), "--json"]
         contenders[f"merge {kind}"] = [*adaptools_cmd, "merge", str(base), str(adapter), str(out), "--json"]
+        if fallback and SCHEMES[kind][0] == "pack-quantized":  # the torch decoder the packed kernel replaces
+            torch_only = ["env", "ADAPTOOLS_PACKED_PURE_TORCH=1", *adaptools_cmd]
+            contenders[f"dequantize {kind} (torch)"] = [*torch_only, "dequantize", str(base), str(out), "--json"]
+            contenders[f"merge {kind} (torch)"] = [*torch_only, "merge", str(base), str(adapter), str(out), "--json"]
     contenders['python -c "import torch"'] = [sys.executable, "-c", "import torch"]
     results, _ = run_interleaved(contenders, out, repeat)
     cp = results["cp -r (dense base)"]["wall_s"]
@@ -178,8 +184,14 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=8192)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--engine", action="store_true", help="also the 1.1B dequantize/merge against cp -r")
+    parser.add_argument("--engine-only", action="store_true", help="only the 1.1B runs")
+    parser.add_argument("--fallback", action="store_true",
+                        help="with --engine: also pack-quantized with the packed kernel off (the torch decoder)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work")
     args = parser.parse_args()
+    if args.engine_only:
+        engine(args.work, args.repeat, args.fallback)
+        return
     print(f"{args.rows}x{args.cols} bf16 weight; medians of {args.repeat} fresh processes")
     print(f"{'format':8s} {'decoder':8s} {'seconds':>8s} {'peak RSS above the stored weight, MiB':>38s}")
     work = Path(tempfile.mkdtemp())
@@ -197,7 +209,7 @@ def main() -> None:
     print(f"importing compressed_tensors: {runs[0]['import_s']:.2f} s")
     shutil.rmtree(work)
     if args.engine:
-        engine(args.work, args.repeat)
+        engine(args.work, args.repeat, args.fallback)
 
 
 if __name__ == "__main__":

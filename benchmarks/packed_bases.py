@@ -5,7 +5,10 @@ The dense base and LoRA are benchmarks/merge.py's (cached under --work). Each pa
 dense one shard by shard with the format's fixture packer (round to nearest in groups of 128: the layout the
 loaders read, not a calibrated quantization, which does not change what decoding costs), and cached too.
 
-    python benchmarks/packed_bases.py [--repeat 3] [--formats awq]
+    python benchmarks/packed_bases.py [--repeat 3] [--formats awq] [--fallback]
+
+--fallback adds each format's dequantize and merge with the packed-integer kernel turned off
+(``ADAPTOOLS_PACKED_PURE_TORCH=1``: the torch decoders), same run, as the kernel's baseline.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=[f for f in PACKERS if f == "awq" or
                                                          (ROOT / "fixtures" / f"build_{f}.py").exists()])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work")
+    parser.add_argument("--fallback", action="store_true", help="also time the torch decoders (no kernel)")
     args = parser.parse_args()
     cfg = SIZES["1b"]
     dense, adapter = args.work / "base-1b", args.work / "lora-1b"
@@ -92,6 +96,10 @@ def main() -> None:
         pack_base(dense, base, fmt)
         contenders[f"dequantize {fmt}"] = [*adaptools_cmd, "dequantize", str(base), str(out), "--json"]
         contenders[f"merge {fmt}"] = [*adaptools_cmd, "merge", str(base), str(adapter), str(out), "--json"]
+        if args.fallback:
+            torch_only = ["env", "ADAPTOOLS_PACKED_PURE_TORCH=1", *adaptools_cmd]
+            contenders[f"dequantize {fmt} (torch)"] = [*torch_only, "dequantize", str(base), str(out), "--json"]
+            contenders[f"merge {fmt} (torch)"] = [*torch_only, "merge", str(base), str(adapter), str(out), "--json"]
     contenders['python -c "import torch"'] = [sys.executable, "-c", "import torch"]
     results, _ = run_interleaved(contenders, out, args.repeat)
     cp = results["cp -r (dense base)"]["wall_s"]

@@ -179,7 +179,9 @@ def test_quantizing_dense_weights_to_awq_is_refused(bases, tmp_path, cli_runner)
 
 def test_plugins_lists_the_backend(cli_runner):
     out = cli_runner("plugins").stdout
-    assert "backend awq: torch (AutoAWQ" in out
+    from adaptools import plugin
+
+    assert f"backend awq: {plugin.describe_packed()}: AutoAWQ's (q - z) * s" in out
 
 
 # --- against AutoAWQ itself (fixtures/awq_oracle.py builds its venv on first use) -------------------------------

@@ -109,7 +109,7 @@ def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl")
     import zipfile
 
-    kernels = ("_nf4_kernels", "_fp8_kernels", "_gguf_kernels")
+    kernels = ("_nf4_kernels", "_fp8_kernels", "_gguf_kernels", "_packed_kernels")
     assert not any(k in n for k in kernels for n in zipfile.ZipFile(wheel).namelist())
 
 
@@ -117,6 +117,9 @@ def test_no_native_builds_a_pure_wheel_that_says_it_falls_back(tmp_path):
     ("nf4", "native kernel (", "ADAPTOOLS_NF4_PURE_TORCH", "torch fallback"),
     ("fp8", "native kernel (", "ADAPTOOLS_FP8_PURE_TORCH", "torch (no native kernel"),
     ("gguf", "native kernel (", "ADAPTOOLS_GGUF_PURE_PYTHON", "gguf-py (no native kernel"),
+    ("awq", "native kernel (", "ADAPTOOLS_PACKED_PURE_TORCH", "torch (no native kernel"),
+    ("gptq", "native kernel (", "ADAPTOOLS_PACKED_PURE_TORCH", "torch (no native kernel"),
+    ("ct_pack", "native kernel (", "ADAPTOOLS_PACKED_PURE_TORCH", "torch (no native kernel"),
 ])
 def test_plugins_says_which_code_runs(backend, native, variable, fallback):
     out = run(sys.executable, "-m", "adaptools", "plugins", "--json").stdout
@@ -153,3 +156,10 @@ def test_a_kernel_library_of_another_interface_version_is_not_used(tmp_path):
         run("cc", "-shared", "-fPIC", "-o", tmp_path / f"v{old}" / "_gguf_kernels.so", src)
         assert gguf_native._load(tmp_path / f"v{old}") is None
     assert gguf_native._load() is not None
+    from adaptools import packed
+
+    (tmp_path / "packed").mkdir()
+    src.write_text("int adaptools_packed_abi(void) { return 999; }\nint adaptools_packed_isa(void) { return 0; }\n")
+    run("cc", "-shared", "-fPIC", "-o", tmp_path / "packed" / "_packed_kernels.so", src)
+    assert packed._load(tmp_path / "packed") is None
+    assert packed._load() is not None

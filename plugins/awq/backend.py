@@ -61,7 +61,7 @@ class Awq(plugin.Backend):
 
     @property
     def implementation(self) -> str:
-        return "torch (AutoAWQ's fp16 (q - z) * s, a few rows at a time)"
+        return f"{plugin.describe_packed()}: AutoAWQ's (q - z) * s, the fp32 product rounded once to fp16"
 
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
         """``M.weight`` -> ``[M.qweight, M.qzeros, M.scales]`` for every AWQ linear (layout.scan)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from adaptools import plugin
+
 BITS = 4
 PACK = 32 // BITS
 #: Nibble i of a word holds column ORDER[i] of its eight output columns.
@@ -49,9 +51,15 @@ def _row_chunks(rows: int, cols: int, group: int) -> list[slice]:
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """The dense ``[out, in]`` fp16 weight as AutoAWQ's ``dequantize_gemm`` gives it (transposed)."""
+    """The dense ``[out, in]`` fp16 weight as AutoAWQ's ``dequantize_gemm`` gives it (transposed): in the packed
+    kernel when it is built (each output row is a stream of codes down a word column, column ``c`` of a word's
+    eight in nibble ``REVERSE[c]``), else in torch; the same bits either way."""
     rows, cols = qweight.shape[0], scales.shape[1]
     zeros = unpack(qzeros)
+    if plugin.packed_available():
+        index = torch.arange(rows, dtype=torch.int64) // group
+        return plugin.dequantize_packed(qweight.t(), BITS, (cols, rows), scales.t(), index, torch.float16, along=0,
+                                        fields=REVERSE, zeros=zeros.t())
     out = torch.empty((cols, rows), dtype=torch.float16)
     for part in _row_chunks(rows, cols, group):
         first, last = part.start // group, -(-part.stop // group)

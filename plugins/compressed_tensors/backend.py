@@ -80,6 +80,8 @@ class CompressedTensors(plugin.Backend):
 
     @property
     def implementation(self) -> str:
+        if self.format == "pack-quantized":  # group and channel scales; a tensor or block strategy runs in torch
+            return f"{plugin.describe_packed()}: the library's (q - zp) * scale in the scale's dtype"
         return "torch (a few rows at a time)"
 
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
+from adaptools import plugin
+
 from .layout import Layout, Scheme
 
 FP8 = torch.float8_e4m3fn
@@ -109,9 +111,16 @@ def dequantize(layout: Layout, weight: torch.Tensor, scale: torch.Tensor, zero: 
     same operations in the same dtype: the integers and their differences are exact there, and the product
     is rounded once."""
     scheme, shape = layout.scheme, layout.shape
-    out = torch.empty(shape, dtype=dtype)
     factors = scale.to(dtype)
     offsets = zero_points(zero, scheme, shape).to(dtype) if zero is not None else None
+    if scheme.format == "pack-quantized" and scheme.strategy in ("group", "channel") and plugin.packed_available():
+        # the packed kernel: each row one stream of codes, stored 2^(bits-1) above the signed value
+        unsigned = float(1 << (scheme.bits - 1))
+        size = scheme.group_size if scheme.strategy == "group" else shape[1] or 1
+        index = torch.arange(shape[1], dtype=torch.int64) // size
+        return plugin.dequantize_packed(weight, scheme.bits, shape, factors, index, dtype,
+                                        zeros=offsets + unsigned if offsets is not None else None, offset=unsigned)
+    out = torch.empty(shape, dtype=dtype)
     for rows in row_chunks(shape, scheme.block[0] or 1):
         values, unsigned = _codes(layout, weight, rows, dtype)
         if scheme.strategy == "group":  # a view per group: the scales broadcast, nothing is expanded

@@ -60,7 +60,7 @@ class Gptq(plugin.Backend):
 
     @property
     def implementation(self) -> str:
-        return "torch (GPTQModel's dequantization in fp32, a few thousand inputs at a time)"
+        return f"{plugin.describe_packed()}: GPTQModel's (q - z) * s in fp32, rounded once to the scales' dtype"
 
     def find_groups(self, tensors: Mapping[str, BaseTensor]) -> dict[str, list[str]]:
         """``M.weight`` -> ``[M.qweight, M.qzeros, M.scales, M.g_idx]`` for every GPTQ linear of a checkpoint in

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from adaptools import plugin
+
 MASK32 = (1 << 32) - 1
 #: Codes decoded at a time: int64 and fp32 temporaries of a few tens of MB.
 CHUNK = 1 << 21
@@ -108,8 +110,13 @@ def zero_points(qzeros: torch.Tensor, bits: int, v1: bool) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                bits: int) -> torch.Tensor:
     """The dense ``[out, in]`` weight in the scales' dtype: ``(code - zero[g]) * scale[g]`` for each input row's
-    group ``g = g_idx[row]``, in fp32, rounded once to the scales' dtype (docs/gptq.md, "Precision")."""
+    group ``g = g_idx[row]``, in fp32, rounded once to the scales' dtype (docs/gptq.md, "Precision"); in the
+    packed kernel when it is built (each output row is the stream of codes down one word column), else in torch,
+    the same bits either way."""
     inputs, outputs = g_idx.shape[0], scales.shape[1]
+    if plugin.packed_available():
+        return plugin.dequantize_packed(qweight.t(), bits, (outputs, inputs), scales.t(), g_idx, scales.dtype,
+                                        zeros=zeros.t())
     out = torch.empty((inputs, outputs), dtype=scales.dtype)
     factors, offsets = scales.to(torch.float32), zeros.to(torch.float32)
     groups = g_idx.to(torch.long)

@@ -1,0 +1,145 @@
+"""The packed-integer kernel (adaptools/csrc/packed_kernels.c) against each family's torch decoder, bit for bit, on
+random shapes, code widths, packing orders, group indices (act-order g_idx included), zero-point conventions and
+scale dtypes, and on scales that are subnormal, huge, zero, negative, infinite or NaN. The torch decoders are the
+ones proved against AutoAWQ, GPTQModel and compressed-tensors (test_awq.py, test_gptq_oracle.py,
+test_compressed_tensors.py), so equal bits carry those proofs over to the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptools import packed, plugin
+from adaptools_plugins.awq import codec as awq
+from adaptools_plugins.compressed_tensors import codec as ct
+from adaptools_plugins.compressed_tensors.layout import Layout, Scheme
+from adaptools_plugins.gptq import codec as gptq
+
+pytestmark = pytest.mark.skipif(packed.LIB is None, reason="the packed kernel is not built (no C compiler)")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SPECIAL = (0.0, -0.0, -1.5, 1e-40, 6e-8, 3e4, 1e38, float("inf"), float("-inf"), float("nan"))
+
+
+def torch_path(fn, *args):
+    """``fn(*args)`` with the kernel turned off: the family's torch decoder."""
+    lib, packed.LIB = packed.LIB, None
+    try:
+        assert not plugin.packed_available()
+        return fn(*args)
+    finally:
+        packed.LIB = lib
+
+
+def same_bits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Equal dtype, shape and bits; NaN counts as equal to NaN (a NaN's payload is not data, and every backend
+    refuses a weight holding one before it is written)."""
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    nan = torch.isnan(ours)
+    assert torch.equal(nan, torch.isnan(theirs))
+    view = {2: torch.int16, 4: torch.int32}[ours.element_size()]
+    assert torch.equal(ours[~nan].view(view), theirs[~nan].view(view))
+
+
+def words(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, generator=generator)
+
+
+def scales_of(generator: torch.Generator, shape: tuple[int, int], dtype: torch.dtype, special: bool) -> torch.Tensor:
+    values = torch.rand(shape, generator=generator) * 0.02 + 1e-4
+    if special:
+        flat = values.view(-1)
+        picks = torch.randint(0, flat.numel(), (min(flat.numel(), 3 * len(SPECIAL)),), generator=generator)
+        flat[picks] = torch.tensor(SPECIAL * 3)[: picks.numel()]
+    return values.to(dtype)
+
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), words_out=st.integers(1, 9), group=st.sampled_from([8, 16, 32, 128]),
+       groups=st.integers(1, 4), special=st.booleans())
+def test_awq_kernel_is_the_torch_decoder(seed, words_out, group, groups, special):
+    g = torch.Generator().manual_seed(seed)
+    inputs, outputs = group * groups, 8 * words_out
+    qweight, qzeros = words(g, inputs, words_out), words(g, groups, words_out)
+    scales = scales_of(g, (groups, outputs), torch.float16, special)
+    same_bits(awq.dequantize(qweight, qzeros, scales, group),
+              torch_path(awq.dequantize, qweight, qzeros, scales, group))
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), bits=st.sampled_from([2, 3, 4, 8]), blocks=st.integers(1, 5),
+       outputs=st.integers(1, 70), groups=st.integers(1, 5), v1=st.booleans(), act_order=st.booleans(),
+       dtype=st.sampled_from(DTYPES), special=st.booleans())
+def test_gptq_kernel_is_the_torch_decoder(seed, bits, blocks, outputs, groups, v1, act_order, dtype, special):
+    g = torch.Generator().manual_seed(seed)
+    inputs = 32 * blocks  # a whole number of words for every width (3-bit: 32 codes in three words)
+    qweight = words(g, inputs * bits // 32, outputs)
+    zero_codes = torch.randint(0, 1 << bits, (groups, outputs), generator=g, dtype=torch.int32)
+    zeros = (zero_codes + 1) & ((1 << bits) - 1) if v1 else zero_codes  # what zero_points gives for each format
+    if act_order:
+        g_idx = torch.randint(0, groups, (inputs,), generator=g, dtype=torch.int32)
+    else:
+        g_idx = (torch.arange(inputs) * groups // inputs).to(torch.int32)
+    scales = scales_of(g, (groups, outputs), dtype, special)
+    same_bits(gptq.dequantize(qweight, zeros, scales, g_idx, bits),
+              torch_path(gptq.dequantize, qweight, zeros, scales, g_idx, bits))
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), bits=st.sampled_from([4, 8]), rows=st.integers(1, 40),
+       groups=st.integers(1, 6), group=st.sampled_from([8, 16, 32, 128]),
+       strategy=st.sampled_from(["group", "channel"]),
+       symmetric=st.booleans(), dtype=st.sampled_from(DTYPES), special=st.booleans())
+def test_compressed_tensors_kernel_is_the_torch_decoder(seed, bits, rows, groups, group, strategy, symmetric, dtype,
+                                                         special):
+    g = torch.Generator().manual_seed(seed)
+    cols = group * groups
+    scheme = Scheme("pack-quantized", bits, "int", strategy, symmetric, group if strategy == "group" else 0)
+    layout = Layout(scheme, (rows, cols), "", ())
+    weight = words(g, rows, -(-cols * bits // 32))
+    n_scales = groups if strategy == "group" else 1
+    scale = scales_of(g, (rows, n_scales), dtype, special)
+    zero = None
+    if not symmetric:  # stored as the library packs them: unsigned codes along the rows, 2^(bits-1) above
+        codes = torch.randint(0, 1 << bits, (rows, n_scales), generator=g, dtype=torch.int32)
+        zero = ct_pack_rows(codes, bits)
+    same_bits(ct.dequantize(layout, weight, scale, zero, dtype),
+              torch_path(ct.dequantize, layout, weight, scale, zero, dtype))
+
+
+def ct_pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero-point codes ``[rows, groups]`` packed along the rows (column j of ``[groups, rows]`` words), the
+    layout codec.zero_points reads back."""
+    per = 32 // bits
+    flat = codes.t().to(torch.int64)  # [groups, rows]
+    padded = torch.nn.functional.pad(flat, (0, -flat.shape[1] % per))
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    packed_words = (padded.reshape(flat.shape[0], -1, per) << shifts).sum(-1) & 0xFFFFFFFF
+    packed_words = torch.where(packed_words >= 1 << 31, packed_words - (1 << 32), packed_words).to(torch.int32)
+    return packed_words.t().contiguous()
+
+
+def test_ct_zero_points_round_trip_through_the_test_packer():
+    """The test's zero-point packer is the layout codec.zero_points reads (else the asymmetric case above would
+    test nothing)."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (37, 3), generator=g, dtype=torch.int32)
+    scheme = Scheme("pack-quantized", 4, "int", "group", False, 8)
+    assert torch.equal(ct.zero_points(ct_pack_rows(codes, 4), scheme, (37, 24)), codes - 8)
+
+
+def test_the_kernel_refuses_what_would_read_outside_its_tensors():
+    g = torch.Generator().manual_seed(1)
+    scales = torch.ones(4, 2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        packed.dequantize_packed(words(g, 4, 1), 4, (4, 16), scales, torch.zeros(16, dtype=torch.int64), torch.float32)
+    with pytest.raises(ValueError, match="index"):
+        packed.dequantize_packed(words(g, 4, 2), 4, (4, 16), scales, torch.full((16,), 2), torch.float32)
+    with pytest.raises(ValueError, match="fields"):
+        packed.dequantize_packed(words(g, 4, 2), 4, (4, 16), scales, torch.zeros(16, dtype=torch.int64),
+                                 torch.float32, fields=[0, 1, 2, 3, 4, 5, 6, 6])
