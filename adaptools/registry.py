@@ -41,7 +41,9 @@ class Registered(Generic[T]):
 
 
 _built: dict[str, dict[str, Registered[Any]]] = {}
-_built_for: frozenset[int] = frozenset()
+#: The plugin objects ``_built`` was collected from, compared by identity. Not their ids: an unregistered plugin
+#: that was garbage-collected can hand its id to a new one, which would then be served the old plugin's objects.
+_built_for: tuple[object, ...] = ()
 
 
 def reset() -> None:
@@ -52,8 +54,8 @@ def reset() -> None:
 def _collect(kind: str) -> dict[str, Registered[Any]]:
     global _built_for
     load_plugins()
-    current = frozenset(map(id, pm.get_plugins()))
-    if current != _built_for:
+    current = tuple(pm.get_plugins())
+    if len(current) != len(_built_for) or not all(any(p is q for q in _built_for) for p in current):
         _built.clear()
         _built_for = current
     if kind in _built:

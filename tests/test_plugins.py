@@ -480,3 +480,26 @@ def test_each_family_imports_alone():
     for family in adaptools_plugins.FAMILIES:
         result = subprocess.run([sys.executable, "-c", code.format(f=family)], capture_output=True, text=True)
         assert result.returncode == 0, (family, result.stderr[-2000:])
+
+
+def test_a_new_plugin_in_a_dead_plugins_place_is_collected_afresh(monkeypatch):
+    """The registry's cache must not serve a plugin's objects to a new plugin that CPython allocated at a dead
+    one's address (the cache was once keyed by ids, and a freed object hands its id on). Every object gets the
+    same id here, the worst case of that reuse."""
+    monkeypatch.setattr(registry, "id", lambda obj: 0, raising=False)
+
+    class Plugin:
+        def __init__(self, name):
+            self.backend = type("Seq", (adaptools.plugin.Backend,), {
+                "name": name, "open_checkpoint": lambda self, path: None, "containers": lambda self: ()})
+
+        @adaptools.plugin.hookimpl
+        def register_backends(self, register):
+            register(self.backend())
+
+    for i in range(3):
+        pm.register(Plugin(f"seq-test-{i}"), name="seq-test")
+        try:
+            assert f"seq-test-{i}" in registry.backends()
+        finally:
+            pm.unregister(name="seq-test")
