@@ -248,6 +248,9 @@ if TYPE_CHECKING:
     from .safetensors_io import (
         save_tensors as save_tensors,
     )
+    from .safetensors_io import (
+        written_by_adaptools as written_by_adaptools,
+    )
     from .schema import (
         SCHEMA_VERSION as SCHEMA_VERSION,
     )
@@ -311,6 +314,7 @@ EXPORTS = {
     # helpers: files, JSON, patterns, values, outputs, progress
     "SafetensorsFile": ".safetensors_io", "SafetensorsWriter": ".safetensors_io", "TensorInfo": ".safetensors_io",
     "TensorSpec": ".safetensors_io", "read_header": ".safetensors_io", "save_tensors": ".safetensors_io",
+    "written_by_adaptools": ".safetensors_io",
     "load_pickled_tensors": ".pickled", "parse_hub_ref": ".resolve",
     "read_json": ".jsonio", "parse_json": ".jsonio", "check_json": ".jsonio", "json_problems": ".jsonio",
     "compile_pattern": ".patterns", "match_pattern": ".patterns",

@@ -76,6 +76,23 @@ def _open_regular(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def written_by_adaptools(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a safetensors file whose header metadata has an ``adaptools.`` key (a checkpoint
+    shard, a single file or an adapter adaptools wrote): what ``--force`` asks before replacing a file
+    (docs/outputs.md). Reads only the header, and never raises (an unreadable file is not ours)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return False
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES:
+                return False
+            return b'"__metadata__"' in (raw := fh.read(length)) and b'"adaptools.' in raw
+    except OSError:
+        return False
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of a safetensors file without reading any tensor data.
 
@@ -220,4 +237,4 @@ from .safetensors_write import (  # noqa: E402  (re-exported: readers and writer
 
 __all__ = ["DTYPES", "FULL_FLOATS", "MAX_HEADER_BYTES", "TORCH_TO_CODE", "DeferredSafetensorsWriter", "Header",
            "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "TensorSpec", "read_header", "read_tensor",
-           "save_tensors", "tensor_bytes"]
+           "save_tensors", "tensor_bytes", "written_by_adaptools"]

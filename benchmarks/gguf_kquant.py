@@ -72,22 +72,8 @@ def build_base(path: Path, cfg: dict) -> dict[str, int]:
     if path.exists():
         return counts
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name("synthetic TinyLlama-1.1B shapes, Q4_K_M layout")
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(2048)
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"<t{i}>" for i in range(cfg["vocab_size"])])
-    writer.add_token_scores([0.0] * cfg["vocab_size"])
-    writer.add_token_types([1] * cfg["vocab_size"])
+    writer = gguf_merge.synthetic_writer(tmp, cfg, "synthetic TinyLlama-1.1B shapes, Q4_K_M layout",
+                                         gguf.LlamaFileType.MOSTLY_Q4_K_M)
     for name, shape in tensors:
         if types[name] == Q.F32:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])

@@ -33,6 +33,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge as dense  # noqa: E402  (the dense benchmark's shapes, adapter and timer)
 
 
+def synthetic_writer(path: Path, cfg: dict, name: str, file_type: gguf.LlamaFileType) -> gguf.GGUFWriter:
+    """A gguf-py writer at ``path`` holding a Llama model's metadata for ``cfg`` (benchmarks/merge.py's shapes)
+    and a vocabulary of that size; the caller adds the tensors."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(2048)
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>" for i in range(cfg["vocab_size"])])
+    writer.add_token_scores([0.0] * cfg["vocab_size"])
+    writer.add_token_types([1] * cfg["vocab_size"])
+    return writer
+
+
 def build_base(path: Path, cfg: dict) -> None:
     """The synthetic checkpoint of benchmarks/merge.py's shapes as one Q8_0 GGUF file, written a tensor at a
     time with gguf-py."""
@@ -43,22 +65,7 @@ def build_base(path: Path, cfg: dict) -> None:
     model = gguf_arch.ModelShape(gguf_arch.family_for_arch("llama"), n_blocks=cfg["num_hidden_layers"])
     tensors = [(model.gguf_name(name), shape) for name, shape in dense.shapes(cfg)]
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name("synthetic TinyLlama-1.1B shapes")
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(2048)
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"<t{i}>" for i in range(cfg["vocab_size"])])
-    writer.add_token_scores([0.0] * cfg["vocab_size"])
-    writer.add_token_types([1] * cfg["vocab_size"])
+    writer = synthetic_writer(tmp, cfg, "synthetic TinyLlama-1.1B shapes", gguf.LlamaFileType.MOSTLY_Q8_0)
     for name, shape in tensors:
         if len(shape) == 1:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])

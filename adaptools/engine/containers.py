@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,10 @@ from .. import registry
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..interfaces import Backend, OutputContainer
+from ..safetensors_io import written_by_adaptools
 from .entries import MergePlan, ShardPlan
 from .options import MergeOptions
 from .writer import ShardWriter
-
-#: The largest safetensors header :meth:`SafetensorsFolder.owns` reads.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class SafetensorsFolder(OutputContainer):
@@ -40,17 +37,7 @@ class SafetensorsFolder(OutputContainer):
     def owns(self, path: Path) -> bool:
         """A safetensors file whose header metadata has an ``adaptools.`` key: a shard of a checkpoint adaptools
         wrote, or an adapter file (a schema file, a PEFT folder's weights)."""
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    return False
-                (length,) = struct.unpack("<Q", head)
-                if length > MAX_HEADER_BYTES:
-                    return False
-                return b'"__metadata__"' in (raw := fh.read(length)) and b'"adaptools.' in raw
-        except OSError:
-            return False
+        return written_by_adaptools(path)
 
     def prepare(self, checkpoint: Checkpoint, options: MergeOptions) -> Mapping[str, tuple[Backend, Mapping[str, Any]]]:
         if checkpoint.opened_by is not None:

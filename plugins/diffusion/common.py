@@ -43,6 +43,20 @@ class Parsed:
     lycoris: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
+def lora_file_keys(path: Path) -> dict[str, Any] | None:
+    """The tensor entries of a .safetensors file that may be an image-model LoRA (what each format's ``detect``
+    looks at), or None: not such a file, unreadable, or an adaptools schema file (the schema format's own)."""
+    if not path.is_file() or path.suffix != ".safetensors":
+        return None
+    try:
+        header = plugin.read_header(path)
+    except plugin.InputError:
+        return None
+    if "adaptools.schema" in header.metadata:
+        return None
+    return header.tensors
+
+
 def read_alpha(file: SafetensorsFile, key: str, path: Path, problems: list[Problem]) -> float | None:
     """A stored alpha: one number, finite and positive (docs/diffusion.md, "Alpha"); None (and a problem)
     otherwise."""

@@ -27,7 +27,7 @@ from adaptools.plugin import (
     WriteOptions,
 )
 
-from .common import Parsed, build_adapter, family_problems, lora_config, module_alphas
+from .common import Parsed, build_adapter, family_problems, lora_config, lora_file_keys, module_alphas
 from .kohya_facts import FACTS_SCHEMA, kohya_facts
 from .lint import RULES, Problem, metadata_info
 from .names import COMPONENTS, component_of
@@ -96,15 +96,9 @@ class DiffusersFormat(plugin.AdapterFormat):
     writes_directory = False
 
     def detect(self, path: Path) -> bool:
-        if not path.is_file() or path.suffix != ".safetensors":
+        keys = lora_file_keys(path)
+        if keys is None:
             return False
-        try:
-            header = plugin.read_header(path)
-        except plugin.InputError:
-            return False
-        if "adaptools.schema" in header.metadata:
-            return False
-        keys = header.tensors
         # any component-prefixed LoRA key claims the file, so that a stray key is named by read()
         return any(_component(k) and ".lora" in k for k in keys)
 

@@ -16,6 +16,7 @@ from adaptools import plugin
 from adaptools.plugin import Adapter, ReadOptions, WriteOptions
 
 from . import flux_read
+from .common import lora_file_keys
 from .flux_write import write
 from .lint import RULES, alpha_warnings
 
@@ -31,16 +32,11 @@ class BflFormat(plugin.AdapterFormat):
     writes_directory = False
 
     def detect(self, path: Path) -> bool:
-        if not path.is_file() or path.suffix != ".safetensors":
-            return False
-        try:
-            header = plugin.read_header(path)
-        except plugin.InputError:
-            return False
-        if "adaptools.schema" in header.metadata:
+        keys = lora_file_keys(path)
+        if keys is None:
             return False
         # any BFL-prefixed key claims the file, so that a stray key is named by read()
-        return any(k.startswith(PREFIXES) or (k.startswith(XLABS) and ".processor." in k) for k in header.tensors)
+        return any(k.startswith(PREFIXES) or (k.startswith(XLABS) and ".processor." in k) for k in keys)
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         parsed, problems = flux_read.scan(path)

@@ -27,7 +27,7 @@ from adaptools.plugin import (
 )
 
 from . import flux_read
-from .common import Parsed, build_adapter, family_problems, module_alphas, read_alpha
+from .common import Parsed, build_adapter, family_problems, lora_file_keys, module_alphas, read_alpha
 from .kohya_facts import alpha_tensor, kohya_facts
 from .lint import RULES, Problem, alpha_warnings
 from .lycoris_keys import NAMES, full_rank, incomplete, rank_of
@@ -55,15 +55,9 @@ class KohyaFormat(plugin.AdapterFormat):
     writes_directory = False
 
     def detect(self, path: Path) -> bool:
-        if not path.is_file() or path.suffix != ".safetensors":
+        keys = lora_file_keys(path)
+        if keys is None:
             return False
-        try:
-            header = plugin.read_header(path)
-        except plugin.InputError:
-            return False
-        if "adaptools.schema" in header.metadata:
-            return False
-        keys = header.tensors
         # any kohya-prefixed key claims the file, so that a stray key is named by read() (not "unrecognised");
         # OneTrainer's lora_transformer_ (Flux) too
         return any(_prefix(k) or k.startswith("lora_transformer_") for k in keys)

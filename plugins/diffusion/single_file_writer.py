@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,8 +24,6 @@ from adaptools.plugin import InputError, TensorInfo, TensorSpec, UnsupportedOper
 
 from .single_file_layout import SingleFile
 
-#: The largest header :meth:`SingleFileContainer.owns` reads.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 PROVENANCE = "adaptools.provenance"
 
 
@@ -47,16 +44,8 @@ class SingleFileContainer(plugin.OutputContainer):
     directory = False
 
     def owns(self, path: Path) -> bool:
-        """A safetensors file whose header metadata has adaptools' provenance."""
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    return False
-                (length,) = struct.unpack("<Q", head)
-                return length <= MAX_HEADER_BYTES and f'"{PROVENANCE}"'.encode() in fh.read(length)
-        except OSError:
-            return False
+        """A safetensors file adaptools wrote (its header metadata has adaptools' keys)."""
+        return plugin.written_by_adaptools(path)
 
     def prepare(self, checkpoint: plugin.Checkpoint,
                 options: plugin.MergeOptions) -> Mapping[str, tuple[plugin.Backend, Mapping[str, Any]]]:
