@@ -119,4 +119,36 @@ def mixed_family_problem(in_features: Mapping[str, int]) -> str | None:
     if sdxl_only and sd1_layout:
         return (f"{sdxl_only[0]} (SDXL only) beside {sd1_layout[0]} (SD 1.x/2.x only): keys of two model "
                 "families are mixed")
+    return encoder_problem(in_features, widths[0] if widths else None, bool(sdxl_only))
+
+
+#: Text-encoder modules whose input is the encoder's hidden width.
+HIDDEN_INPUTS = (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj", ".mlp.fc1")
+
+
+def encoder_problem(in_features: Mapping[str, int], cross: int | None, sdxl: bool) -> str | None:
+    """Why the text-encoder modules cannot belong to the encoders this LoRA's UNet reads, or None: one encoder's
+    modules of two hidden widths; the first encoder wider than the second (SDXL's CLIP-L is narrower than its
+    OpenCLIP bigG: the prefixes are swapped); widths that do not make the UNet's cross-attention width (SD 1.x:
+    the encoder's own; SDXL: both encoders' side by side) (docs/diffusion.md, "Model family")."""
+    hidden: dict[str, set[int]] = {}
+    for module, width in in_features.items():
+        component = component_of(module)
+        if component in ("text_encoder", "text_encoder_2") and module.endswith(HIDDEN_INPUTS):
+            hidden.setdefault(component, set()).add(width)
+    for component, found in sorted(hidden.items()):
+        if len(found) > 1:
+            return f"{component} modules of hidden widths {sorted(found)}: keys of two text encoders are mixed"
+    te1 = next(iter(hidden.get("text_encoder", ())), None)
+    te2 = next(iter(hidden.get("text_encoder_2", ())), None)
+    if te1 is not None and te2 is not None:
+        if te1 >= te2:
+            return (f"text_encoder (width {te1}) is not narrower than text_encoder_2 (width {te2}): the LoRA's "
+                    "two text-encoder prefixes name each other's encoder")
+        if cross is not None and te1 + te2 != cross:
+            return (f"text encoders of widths {te1} and {te2} do not feed the UNet's cross-attention width {cross}: "
+                    "a text-encoder LoRA for another model")
+    elif te1 is not None and cross is not None and not sdxl and te1 > cross:
+        return (f"text_encoder of width {te1} is wider than the UNet's cross-attention width {cross}: a "
+                "text-encoder LoRA for another model")
     return None
