@@ -66,7 +66,7 @@ KOHYA = {
     "lora-and-loha": (lambda s: s.update({f"{TE}.{r}": torch.ones(2, 2) for r in ("hada_w1_a", "hada_w1_b",
                                                                                    "hada_w2_a", "hada_w2_b")}),
                       "mixes LoRA modules"),
-    "sgm-names": (lambda s: s.__setitem__("lora_unet_input_blocks_4_1_proj_in.alpha", torch.tensor(1.0)),
+    "sgm-and-diffusers-names": (lambda s: s.__setitem__("lora_unet_input_blocks_4_1_proj_in.alpha", torch.tensor(1.0)),
                   "lora_unet_input_blocks_4_1_proj_in.alpha"),
     "te-and-te1": (lambda s: s.update({"lora_te_" + k[len("lora_te1_"):]: s.pop(k) for k in list(s)
                                        if k.startswith(TE)}), "lora_te_"),
@@ -186,7 +186,7 @@ CHECK_RULES = {"alpha-nan": "DIFF001", "alpha-huge": "DIFF001",
                "alpha-inf": "DIFF001", "alpha-zero": "DIFF001", "alpha-negative": "DIFF001",
                "alpha-vector": "DIFF001", "unknown-key": "DIFF003", "unknown-suffix": "DIFF003",
                "oft-key": "DIFF003", "lora-and-lokr": "DIFF003",
-               "lora-and-loha": "DIFF003", "sgm-names": "DIFF003", "te-and-te1": "DIFF002",
+               "lora-and-loha": "DIFF003", "sgm-and-diffusers-names": "DIFF003", "te-and-te1": "DIFF002",
                "factor-nan": "LORA011",
                "rank-mismatch": None, "up-missing": None, "down-1d": None}
 

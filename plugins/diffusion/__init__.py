@@ -5,8 +5,9 @@ and the model family recorded (docs/diffusion.md).
 
 names.py holds the module-name rules (components, kohya's flattened names, the family); common.py what both
 key styles share (factor checks, alpha as a config); lycoris_keys.py what LyCORIS methods in kohya keys add;
-kohya.py and diffusers_format.py the two formats. FLUX.1: flux_names.py maps BFL's layer names onto diffusers',
-flux_read.py reads the styles that use them (kohya's ``lora_unet_double_blocks_…``, BFL/ComfyUI's
+kohya.py and diffusers_format.py the two formats; sgm_kohya.py reads kohya SDXL files that name the UNet's
+blocks in the original SGM layout, with ldm_names.py's table. FLUX.1: flux_names.py maps BFL's layer names onto
+diffusers', flux_read.py reads the styles that use them (kohya's ``lora_unet_double_blocks_…``, BFL/ComfyUI's
 ``diffusion_model.…`` in flux_format.py, OneTrainer's ``lora_transformer_…``), flux_write.py fuses them back.
 Single-file SD 1.x/SDXL checkpoints are merge bases and outputs: ldm_names.py maps their original key naming,
 single_file_layout.py says what a file holds under which name, single_file.py opens it (the backend),

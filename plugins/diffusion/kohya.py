@@ -26,13 +26,14 @@ from adaptools.plugin import (
     WriteOptions,
 )
 
-from . import flux_read
+from . import flux_read, sgm_kohya
 from .common import Parsed, build_adapter, family_problems, lora_file_keys, module_alphas, read_alpha
 from .kohya_facts import alpha_tensor, kohya_facts
+from .ldm_names import Layout
 from .lint import RULES, Problem, alpha_warnings
 from .lycoris_keys import NAMES, full_rank, incomplete, rank_of
 from .lycoris_keys import ROLES as LYCORIS_ROLES
-from .names import SGM_BLOCKS, component_of, split_flat
+from .names import component_of, split_flat
 
 #: kohya prefix -> pipeline component
 PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
@@ -150,6 +151,16 @@ def is_flux_file(path: Path) -> bool:
     return any(flux_read.is_flux_key(k) for k in plugin.read_header(path).tensors)
 
 
+def _sgm_layout(keys: list[str]) -> Layout | None:
+    """The UNet layout of a file naming the UNet's blocks in the original SGM names (and no block in
+    diffusers' names), or None (docs/diffusion.md, "SGM block names")."""
+    flats = [k.partition(".")[0][len("lora_unet_"):] for k in keys if k.startswith("lora_unet_")]
+    if not any(sgm_kohya.is_sgm(f) for f in flats) or \
+            any(f.startswith(("down_blocks_", "mid_block_", "up_blocks_")) for f in flats):
+        return None
+    return sgm_kohya.layout_of(sgm_kohya.original_path(f) for f in flats if sgm_kohya.is_original(f))
+
+
 def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     """A kohya file's modules, what writing it back needs, and every problem that makes it unusable (unknown
     keys are skipped, each a problem). Refuses outright what cannot be read at all (a factor without its
@@ -159,6 +170,7 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     problems: list[Problem] = []
     found: dict[str, dict[str, str]] = {}
     prefixes: Counter[str] = Counter()
+    sgm = _sgm_layout(list(file.keys()))
     for key in file.keys():
         prefix = _prefix(key)
         if prefix is None:
@@ -174,13 +186,19 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
                                     "adaptools reads plain kohya LoRA (lora_down, lora_up, alpha)", unsupported=True))
             continue
         flat = name[len(prefix):]
-        if prefix == "lora_unet_" and flat.startswith(SGM_BLOCKS):
-            problems.append(Problem("DIFF003", "original SGM block names (input_blocks/middle_block/output_blocks) "
-                                               "are not supported yet", key,
-                                    "convert the file to diffusers' block names first", unsupported=True))
+        if prefix == "lora_unet_" and sgm is not None and sgm_kohya.is_original(flat):
+            inner = sgm_kohya.to_diffusers(sgm_kohya.original_path(flat), sgm)
+            if inner is None:
+                problems.append(Problem("DIFF003", "names no module of the original (SGM) UNet", key))
+                continue
+        elif prefix == "lora_unet_" and sgm_kohya.is_sgm(flat):  # beside diffusers' block names
+            problems.append(Problem("DIFF003", "original SGM block names beside diffusers' block names", key,
+                                    "a file names the UNet's blocks one way"))
             continue
+        else:
+            inner = split_flat(flat)
         prefixes[prefix] += 1
-        module = f"{PREFIXES[prefix]}.{split_flat(flat)}"
+        module = f"{PREFIXES[prefix]}.{inner}"
         slot = found.setdefault(module, {})
         if part in slot:
             raise AdapterFormatError(f"two tensors map to module {module}: {slot[part]!r} and {key!r}",

@@ -21,7 +21,8 @@ RULES = {
     "DIFF001": ("error", "alpha is not a finite number in (0, 1e6] (NaN, infinity, 0, negative, huge)"),
     "DIFF002": ("error", "keys of two model families or of both text-encoder prefix styles are mixed, or "
                          "text-encoder modules for another encoder"),
-    "DIFF003": ("error", "a key maps to no LoRA module (unknown key, another method, original SGM block names)"),
+    "DIFF003": ("error", "a key maps to no LoRA module (unknown key, another method, SGM block names beside "
+                         "diffusers' names)"),
     "DIFF004": ("warning", "some modules have an alpha and others none: diffusers scales the others differently"),
     "DIFF005": ("warning", "an attention projection's alpha is not its component's most common alpha: diffusers "
                            "loads it with the common one"),

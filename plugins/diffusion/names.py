@@ -29,7 +29,7 @@ COMPOUND_NAMES = (
 )
 _BY_LENGTH = sorted(COMPOUND_NAMES, key=len, reverse=True)
 
-#: Original (SGM/LDM) UNet block names some sd-scripts SDXL files use instead of diffusers' names.
+#: Original (SGM/LDM) UNet block names some sd-scripts SDXL files use instead of diffusers' names (sgm_kohya.py).
 SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
