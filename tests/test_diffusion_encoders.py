@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 from diffusion_checks import build_all
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HIDDEN = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1")
 
@@ -18,11 +17,6 @@ HIDDEN = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     return build_all(tmp_path_factory)
-
-
-def state_of(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k).clone() for k in f.keys()}
 
 
 def swap_prefixes(state):
@@ -41,15 +35,15 @@ def widen_te2(state, width=20):
 
 def sdxl_te2_as_te1(built):
     """SD 1.x's UNet with SDXL's wider second encoder under lora_te1_ (in place of its own)."""
-    sd1 = {k: v for k, v in state_of(built["sd1"]["kohya"]).items() if not k.startswith(("lora_te_", "lora_te1_"))}
-    te2 = {"lora_te1_" + k[len("lora_te2_"):]: v for k, v in state_of(built["sdxl"]["kohya"]).items()
+    sd1 = {k: v for k, v in load_file(built["sd1"]["kohya"]).items() if not k.startswith(("lora_te_", "lora_te1_"))}
+    te2 = {"lora_te1_" + k[len("lora_te2_"):]: v for k, v in load_file(built["sdxl"]["kohya"]).items()
            if k.startswith("lora_te2_")}
     return {**sd1, **te2}
 
 
 def one_encoder_two_widths(built):
     """SDXL: one of the second encoder's modules under lora_te1_ beside the first encoder's own."""
-    state = state_of(built["sdxl"]["kohya"])
+    state = load_file(built["sdxl"]["kohya"])
     key = next(k for k in state if k.startswith("lora_te2_") and "_self_attn_q_proj." in k)
     stem = key.split(".")[0]
     for k in [k for k in state if k.startswith(stem + ".")]:
@@ -58,8 +52,8 @@ def one_encoder_two_widths(built):
 
 
 CASES = {
-    "swapped": (lambda b: swap_prefixes(state_of(b["sdxl"]["kohya"])), "name each other's encoder"),
-    "widths-miss-cross-attention": (lambda b: widen_te2(state_of(b["sdxl"]["kohya"])), "cross-attention width 28"),
+    "swapped": (lambda b: swap_prefixes(load_file(b["sdxl"]["kohya"])), "name each other's encoder"),
+    "widths-miss-cross-attention": (lambda b: widen_te2(load_file(b["sdxl"]["kohya"])), "cross-attention width 28"),
     "wider-than-the-unet": (sdxl_te2_as_te1, "cross-attention width 12"),
     "two-widths-in-one-encoder": (one_encoder_two_widths, "hidden widths [12, 16]"),
 }

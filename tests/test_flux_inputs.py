@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flux_checks import build_all
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"
 TXT = "lora_unet_double_blocks_0_txt_attn_qkv"
@@ -20,11 +19,6 @@ SD = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     return build_all(tmp_path_factory)
-
-
-def load_all(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k).clone() for k in f.keys()}
 
 
 def set_alpha(value):
@@ -72,7 +66,7 @@ def one_clean_line(result, path, named):
 @pytest.mark.parametrize("case", sorted(KOHYA))
 def test_hostile_kohya_flux_files_end_in_one_clean_error(case, built, tmp_path, cli_runner):
     edit, named = KOHYA[case]
-    state = load_all(built["kohya"])
+    state = load_file(built["kohya"])
     edit(state)
     path = write(tmp_path, state)
     out = tmp_path / "out.safetensors"
@@ -82,7 +76,7 @@ def test_hostile_kohya_flux_files_end_in_one_clean_error(case, built, tmp_path, 
 
 
 def test_hostile_bfl_alpha_is_named(built, tmp_path, cli_runner):
-    state = load_all(built["comfy"])
+    state = load_file(built["comfy"])
     key = "diffusion_model.single_blocks.0.linear1.alpha"
     state[key] = torch.tensor(float("nan"))
     path = write(tmp_path, state)
@@ -92,7 +86,7 @@ def test_hostile_bfl_alpha_is_named(built, tmp_path, cli_runner):
 
 
 def test_flux_and_sd_modules_in_one_diffusers_file_are_refused(built, tmp_path, cli_runner):
-    state = load_all(built["diffusers"])
+    state = load_file(built["diffusers"])
     state["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"] = torch.ones(2, 8)
     state["unet.down_blocks.0.attentions.0.proj_in.lora_B.weight"] = torch.ones(8, 2)
     path = write(tmp_path, state)
@@ -113,7 +107,7 @@ def test_a_truncated_flux_file_is_refused(built, tmp_path, cli_runner):
 
 def test_check_reports_each_problem(built, tmp_path, cli_runner):
     """check reports every unusable alpha and stray key of a Flux file, exit 1."""
-    state = load_all(built["kohya"])
+    state = load_file(built["kohya"])
     state[f"{QKV}.alpha"] = torch.tensor(0.0)
     state["lora_unet_double_blocks_0_img_attn_norm.alpha"] = torch.tensor(1.0)
     path = write(tmp_path, state)
