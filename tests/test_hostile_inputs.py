@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, adapter_path, base_path
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adaptools
 from adaptools.checkpoint import Checkpoint
@@ -468,3 +468,42 @@ def test_schema_metadata_is_checked_against_the_shipped_schema(tmp_path):
     for key, (value, expected) in cases.items():
         with pytest.raises(adaptools.InputError, match=expected):
             adaptools.plugin.parse_metadata({**good, key: value}, tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("which", ["base", "tuned"])
+@pytest.mark.parametrize("kind", ["q_proj.weight", "input_layernorm.weight"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_extract_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_path, cli_runner, which, kind, bad):
+    """A NaN or infinity in either checkpoint would reach the SVD (a LinAlgError traceback) or be copied
+    into the adapter as a full tensor: refused in one line naming the checkpoint's file and the tensor."""
+    folders = {name: tmp_path / name for name in ("base", "tuned")}
+    for folder in folders.values():
+        shutil.copytree(base_path("llama"), folder)
+    index = read_json(base_path("llama") / "model.safetensors.index.json")["weight_map"]
+    key = next(k for k in index if k.endswith(kind))
+
+    def edit(folder, change):
+        shard = folder / index[key]
+        state = load_file(str(shard))
+        state[key] = change(state[key].clone())
+        save_file(state, str(shard), metadata={"format": "pt"})
+        return shard
+
+    def poison(tensor):
+        tensor.view(-1)[3] = bad
+        return tensor
+
+    edit(folders["tuned"], lambda t: t + 0.5)  # the tuned model differs from the base at this tensor
+    shard = edit(folders[which], poison)
+    out = tmp_path / "out.safetensors"
+    result = cli_runner("extract", folders["base"], folders["tuned"], out, "--rank", "2")
+    if which == "base" and kind.endswith("norm.weight"):  # a full tensor comes from the tuned model alone
+        assert result.exit_code == 0, result.output
+        written = adaptools.load(out)
+        assert written.tensor_names()
+        assert all(torch.isfinite(written.tensor(n)).all() for n in written.tensor_names())
+        return
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert key in result.stderr and str(shard) in result.stderr and "non-finite" in result.stderr
+    assert not out.exists()

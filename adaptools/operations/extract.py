@@ -19,6 +19,7 @@ from .. import registry
 from ..checkpoint import Checkpoint
 from ..engine.components import is_pipeline, same_components
 from ..errors import IncompatibleBaseError, InputError
+from ..finite import count_nonfinite
 from ..interfaces import LowRank, LowRankAlgebra, capability
 from ..schema import Adapter, BaseRef, MemoryStore
 from .algebra import check_energy, check_rank
@@ -202,6 +203,8 @@ class _Run:
             module, _, param = name.rpartition(".")
             module = prefix + module
             if x.dim() >= 2 and param == "weight" and not any(p in FULL_TENSOR_NAMES for p in module.split(".")):
+                _refuse_non_finite(tuned, name, y)
+                _refuse_non_finite(base, name, x)  # the difference would be non-finite
                 d = y.double() - x.double()
                 if transposed and d.dim() == 2:
                     d = d.T
@@ -211,8 +214,19 @@ class _Run:
                 self.factors[module] = LowRank(b, a, "conv", kernel) if kernel else LowRank(b, a, "linear")
                 self.result.retained[module] = kept
             else:
+                _refuse_non_finite(tuned, name, y)  # copied into the adapter whole; the base's value is not used
                 self.full[f"{module}.replace_{param}"] = y.clone()
                 self.result.full_tensors.append(prefix + name)
             if self.progress is not None:
                 self.progress(prefix + name)
         return transposed
+
+
+def _refuse_non_finite(checkpoint: Checkpoint, name: str, value: torch.Tensor) -> None:
+    """Refuse a weight holding NaN or infinity, naming the file it is stored in: the SVD cannot factor it,
+    and an adapter never carries a non-finite value (docs/outputs.md, "Never garbage")."""
+    count = count_nonfinite(value)
+    if count:
+        raise checkpoint.located(InputError(
+            f"holds {count} non-finite value(s) (NaN or infinity); extract needs finite weights in both checkpoints",
+            tensor=name, hint="repair or re-export this checkpoint; adaptools will not factor or copy such values"))
