@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -204,8 +205,13 @@ def test_a_regex_slow_on_every_name_but_never_timing_out_is_refused_once_its_bud
     assert time.perf_counter() - start < 1.0
     with pytest.raises(adaptools.InputError):  # refused at once from then on
         adaptools.plugin.match_pattern(pattern, "q", field="target_modules")
-    # a real pattern's matches take microseconds and never count, however often it runs in a process
-    monkeypatch.setattr(patterns, "PATTERN_BUDGET", 0.0)
+    # a real pattern's matches take microseconds and never count, however often it runs in a process. A
+    # clock that advances 50 us a reading makes each match take exactly that, whatever the machine's load
+    # (a real clock let one preempted match count, and a budget of 0 refused the pattern): 20,000 of them
+    # would spend 1 s if fast matches counted.
+    monkeypatch.setattr(patterns, "PATTERN_BUDGET", 0.5)
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(patterns, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 50e-6))
     for i in range(20_000):
         adaptools.plugin.match_pattern(r"(.*\.)?(q_proj)$", f"model.layers.{i}.self_attn.q_proj",
                                        field="target_modules")
