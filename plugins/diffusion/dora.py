@@ -203,7 +203,10 @@ class LycorisDoRA(plugin.AdapterMethod, plugin.Mergeable):
             if not bool(values.float().isfinite().all()):
                 raise AdapterFormatError("dora_scale holds NaN or infinity", **adapter.where(d_name),
                                          hint=FIXES["DORA002"])
-        s: float = adapter.config["modules"][module]["scaling"]
+        s = ((adapter.config.get("modules") or {}).get(module) or {}).get("scaling")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+            raise AdapterFormatError(f"module {module} has no usable scaling in the config ({s!r})",
+                                     **adapter.where(a_name), hint="read the file again, or fix its alpha")
 
         def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
             a = adapter.tensor(a_name).to(current.device).float()
