@@ -1,7 +1,8 @@
 """The image-model LoRA family (Stable Diffusion 1.x / SDXL, FLUX.1): the kohya/sd-scripts and diffusers/PEFT key
 styles as adapter formats, read into the ``lora`` method (LyCORIS LoHa and LoKr in kohya keys: the ``loha``
 and ``lokr`` methods) with each module's component (``unet``, ``text_encoder``, ``text_encoder_2``) in its path
-and the model family recorded (docs/diffusion.md).
+and the model family recorded (docs/diffusion.md). kohya files with LyCORIS' ``dora_scale`` read into the
+``lycoris_dora`` method (dora.py), which this family registers.
 
 names.py holds the module-name rules (components, kohya's flattened names, the family); common.py what both
 key styles share (factor checks, alpha as a config); lycoris_keys.py what LyCORIS methods in kohya keys add;
@@ -29,6 +30,13 @@ def register_formats(register: Any) -> None:
     register(KohyaFormat())
     register(DiffusersFormat())
     register(BflFormat())
+
+
+@hookimpl
+def register_methods(register: Any) -> None:
+    from .dora import LycorisDoRA
+
+    register(LycorisDoRA())
 
 
 @hookimpl

@@ -41,6 +41,8 @@ class Parsed:
     method: str = "lora"
     #: LyCORIS modules instead: module path -> {role of the method: key}
     lycoris: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: LyCORIS DoRA: module path -> its ``dora_scale`` key (the modules are in ``factors``; dora.py)
+    dora: dict[str, str] = field(default_factory=dict)
 
 
 def lora_file_keys(path: Path) -> dict[str, Any] | None:
@@ -154,15 +156,17 @@ def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problem
             ranks[module] = rank
             mapping.update({f"{module}.{role}": (parsed.file, key) for role, key in roles.items()})
     else:
-        name = "lora"
+        name = "lycoris_dora" if parsed.dora else "lora"
         ranks = {m: int(parsed.file.info(down).shape[0]) for m, (down, _) in parsed.factors.items()}
         for module, (down, up) in parsed.factors.items():
             mapping[f"{module}.lora_A"] = (parsed.file, down)
             mapping[f"{module}.lora_B"] = (parsed.file, up)
+            if module in parsed.dora:
+                mapping[f"{module}.dora_scale"] = (parsed.file, parsed.dora[module])
     alphas = {m: (ranks[m] if parsed.alphas.get(m) is None or m in full_rank_modules else parsed.alphas[m])
               for m in ranks}
     config = lora_config(ranks, alphas)  # type: ignore[arg-type]
-    if name != "lora":
+    if name not in ("lora", "lycoris_dora"):
         config["alpha"] = config.pop("lora_alpha")
         config.update(method_config(name, parsed.file, parsed.lycoris))
     # The pattern keys are written for today's peft rule; with two text encoders some can only be anchored
@@ -181,6 +185,11 @@ def build_adapter(parsed: Parsed, key_style: str, extra: dict[str, Any], problem
 
 def module_alphas(adapter: Adapter) -> dict[str, tuple[int, float]]:
     """module -> (rank, alpha) of a LoRA adapter, refusing what an image-model key style cannot hold."""
+    if adapter.method == "lycoris_dora":  # dora.py
+        raise plugin.UnsupportedOperationError(
+            "LyCORIS DoRA (dora_scale) has no diffusers/PEFT form: diffusers' SD 1.x/SDXL loaders drop dora_scale, "
+            "and PEFT's DoRA (lora_magnitude_vector) normalises without LyCORIS' epsilon and only per output row",
+            path=adapter.source, hint="write it with --to kohya")
     if adapter.method != "lora":
         raise plugin.UnsupportedOperationError(
             f"image-model key styles hold LoRA adapters (and the kohya style LoHa), not {adapter.method}",

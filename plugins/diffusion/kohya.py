@@ -28,6 +28,8 @@ from adaptools.plugin import (
 
 from . import flux_read, sgm_kohya
 from .common import Parsed, build_adapter, family_problems, lora_file_keys, module_alphas, read_alpha
+from .dora import NAME as DORA
+from .dora import lora_view
 from .kohya_facts import alpha_tensor, kohya_facts
 from .ldm_names import Layout
 from .lint import RULES, Problem, alpha_warnings
@@ -38,13 +40,13 @@ from .names import component_of, split_flat
 #: kohya prefix -> pipeline component
 PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
             "lora_te_": "text_encoder"}
-FACTOR_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+FACTOR_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+                   ".dora_scale": "dora_scale"}
 #: LyCORIS LoHa's and LoKr's tensors under the same prefixes: the role names of the ``loha`` and ``lokr``
 #: methods (docs/diffusion.md, "LoHa", "LoKr")
 FACTOR_SUFFIXES.update({f".{role}": role for roles in LYCORIS_ROLES.values() for role in roles})
 #: other methods' suffixes under the same prefixes (docs/diffusion.md, "What is refused")
-OTHER_METHODS = {"dora_scale": "DoRA",
-                 "diff": "a full weight difference (LyCORIS)", "oft_": "OFT (LyCORIS)"}
+OTHER_METHODS = {"diff": "a full weight difference (LyCORIS)", "oft_": "OFT (LyCORIS)"}
 
 def _prefix(key: str) -> str | None:
     return next((p for p in PREFIXES if key.startswith(p)), None)
@@ -95,7 +97,10 @@ class KohyaFormat(plugin.AdapterFormat):
         if is_flux_adapter(adapter):
             write(adapter, path, "kohya")
             return
-        modules = lycoris_alphas(adapter) if adapter.method in LYCORIS_ROLES else module_alphas(adapter)
+        if adapter.method in LYCORIS_ROLES:
+            modules = lycoris_alphas(adapter)
+        else:  # LyCORIS DoRA: the factors and alphas as plain LoRA, and each dora_scale beside them
+            modules = module_alphas(lora_view(adapter) if adapter.method == DORA else adapter)
         config = adapter.config
         facts = kohya_facts(adapter)
         absent = set(facts.get("alpha_absent") or [])
@@ -121,6 +126,8 @@ class KohyaFormat(plugin.AdapterFormat):
             else:
                 tensors[f"{name}.lora_down.weight"] = adapter.tensor(roles["lora_A"]).contiguous()
                 tensors[f"{name}.lora_up.weight"] = adapter.tensor(roles["lora_B"]).contiguous()
+                if "dora_scale" in roles:
+                    tensors[f"{name}.dora_scale"] = adapter.tensor(roles["dora_scale"]).contiguous()
             if module in absent and alpha == rank:
                 continue
             if module in ignored and (rank, alpha) == ignored[module][0]:  # LoKr, both factors full: as read
@@ -226,6 +233,10 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
         for module in sorted(by_method[parsed.method]):
             slot = found.pop(module)
             roles = {r: k for r, k in slot.items() if r != "alpha"}
+            if "dora_scale" in roles:  # LyCORIS' DoHa / DoKr: not read yet (docs/diffusion.md, "DoRA")
+                problems.append(Problem("DIFF003", f"DoRA on {NAMES[parsed.method]} modules is not supported yet",
+                                        roles.pop("dora_scale"), "adaptools reads DoRA on LoRA modules",
+                                        unsupported=True))
             error = incomplete(parsed.method, module, roles, path)
             if error is not None:
                 raise error
@@ -240,10 +251,12 @@ def scan(path: Path) -> tuple[Parsed, dict[str, Any], list[Problem]]:
     for module, slot in found.items():
         for part in ("down", "up"):
             if part not in slot:
-                other = slot.get("down") or slot.get("up") or slot["alpha"]
+                other = slot.get("down") or slot.get("up") or slot.get("dora_scale") or slot["alpha"]
                 raise AdapterFormatError(f"module has no lora_{part}.weight", path=path, tensor=other,
                                          hint="the file is incomplete; save it again")
         parsed.factors[module] = (slot["down"], slot["up"])
+        if "dora_scale" in slot:  # LyCORIS DoRA (dora.py)
+            parsed.dora[module] = slot["dora_scale"]
         if "alpha" in slot:
             parsed.alphas[module] = read_alpha(file, slot["alpha"], path, problems)
             parsed.alpha_keys[module] = slot["alpha"]
