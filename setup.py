@@ -45,7 +45,8 @@ setup(
         Extension(
             "adaptools_plugins.gguf._gguf_kernels",
             sources=["plugins/gguf/csrc/gguf_kernels.c", "plugins/gguf/csrc/gguf_legacy.c",
-                     "plugins/gguf/csrc/gguf_kquants.c", "plugins/gguf/csrc/gguf_kquants_low.c"],
+                     "plugins/gguf/csrc/gguf_kquants.c", "plugins/gguf/csrc/gguf_kquants_low.c",
+                     "plugins/gguf/csrc/gguf_imatrix.c"],
             include_dirs=["adaptools/csrc"],
             depends=["adaptools/csrc/adaptools_kernel.h", "plugins/gguf/csrc/gguf_kquants.h"],
             # -fno-trapping-math lets the rounding selects vectorize; it changes no value. -Wno-psabi: the
