@@ -7,7 +7,8 @@ counts; a zero token count gives ones); every hostile file is refused in one lin
 an entry exactly as without --imatrix (and names it), and is refused for outputs that do not weight by one.
 
 Slow (llamacpp): bytes identical to llama.cpp's own ``ggml_quantize_chunk`` given the same weights, per type,
-on rows with outliers, zeros, subnormals and the largest magnitudes.
+on rows with outliers, zeros, subnormals and the largest magnitudes; and a merge into a Q4_K_M base made by
+llama.cpp equals ``llama-quantize --imatrix`` of the exact merge, tensor for tensor, in both file layouts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 from conftest import FIXTURES
 from gguf import GGMLQuantizationType as Q
 from gguf_bases import raw
@@ -356,3 +358,65 @@ def test_bytes_equal_llama_cpps_weighted_quantizer(qtype, ggml_base):
                 ours = native.encode_weighted(values, qtype, weights)
             bad = np.nonzero((ours != want).any(axis=1))[0]
             assert not len(bad), f"{row_name} rows, {kind} weights: {len(bad)} of {len(want)} rows differ"
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@needs_native
+@pytest.mark.parametrize("layout", ["gguf", "legacy"])
+def test_a_merge_equals_llama_quantize_with_the_same_imatrix(layout, tmp_path, cli_runner):
+    """A tiny Llama quantized to Q4_K_M by llama.cpp (Q4_K and Q6_K tensors), merged with --imatrix: every
+    changed tensor is the bytes ``llama-quantize --imatrix`` makes of the exact merge (the same merge with
+    --outtype f32), in both file layouts; one weight has no entry (encoded without weights on both sides),
+    and one entry has a token count of zero (weights of ones on both sides)."""
+    import subprocess
+
+    import transformers
+    from peft import LoraConfig
+    from peft_oracle import seeded_lora
+
+    sys.path.insert(0, str(FIXTURES))
+    import llamacpp
+    import llamacpp_tools
+
+    torch.manual_seed(11)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    llamacpp.python()
+    f16 = llamacpp.convert_base(tmp_path / "hf", tmp_path / "f16.gguf", "f16")
+    base = llamacpp.quantize(f16, tmp_path / "q4_k_m.gguf", "q4_k_m")
+    projections = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    seeded_lora(tmp_path / "hf", LoraConfig(r=4, lora_alpha=8, target_modules=projections),
+                tmp_path / "lora", 4, 0.05)
+    # one entry per 2-D weight but blk.1.ffn_up (left out); blk.0.attn_v's token count is zero
+    shapes = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(base).tensors if len(t.shape) == 2}
+    names = sorted(n for n in shapes if n != "blk.1.ffn_up.weight")
+    rng = np.random.default_rng(3)
+    counts = {n: (0.0 if n == "blk.0.attn_v.weight" else float(rng.integers(50, 500))) for n in names}
+    sums = {n: (rng.random(shapes[n]) ** 3 * 20 * max(counts[n], 1)).astype(np.float32) for n in names}
+    if layout == "gguf":
+        matrix = write_gguf_imatrix(tmp_path / "imatrix.gguf",
+                                    {n: (sums[n], np.array([counts[n]])) for n in names})
+    else:  # the legacy file stores mean squares times the call count, and has no zero-token case
+        matrix = tmp_path / "imatrix.dat"
+        matrix.write_bytes(legacy_bytes({n: (int(counts[n]), sums[n] / np.float32(max(counts[n], 1)) * 7)
+                                         for n in names if counts[n]}))
+    out, exact, ref = tmp_path / "out.gguf", tmp_path / "exact.gguf", tmp_path / "ref.gguf"
+    result = cli_runner("merge", base, tmp_path / "lora", out, "--imatrix", matrix, "--json")
+    assert result.exit_code == 0, result.output
+    assert cli_runner("merge", base, tmp_path / "lora", exact, "--outtype", "f32").exit_code == 0
+    done = subprocess.run([str(llamacpp_tools.tool("llama-quantize")), "--allow-requantize", "--imatrix",
+                           str(matrix), str(exact), str(ref), "Q4_K_M", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    before, got, want = raw(base), raw(out), raw(ref)
+    changed = [n for n in got if got[n] != before[n]]
+    assert len(changed) == 14 and {got[n][0] for n in changed} == {Q.Q4_K, Q.Q6_K}
+    for name in changed:
+        assert got[name][0] == want[name][0] and got[name] == want[name], name
+    plain = cli_runner("merge", base, tmp_path / "lora", tmp_path / "plain.gguf")
+    assert plain.exit_code == 0
+    unweighted = raw(tmp_path / "plain.gguf")
+    assert got["blk.1.ffn_up.weight"] == unweighted["blk.1.ffn_up.weight"]  # no entry: no weights
+    assert sum(got[n] != unweighted[n] for n in changed) >= 12
