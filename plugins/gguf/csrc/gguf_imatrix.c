@@ -1,241 +1,35 @@
 /* Importance-weighted block encoders for adaptools' `--imatrix FILE` (docs/gguf.md, "Importance matrices"):
  * the same bytes as ggml's quantizer when llama-quantize hands it a tensor's importance weights (one float
  * per column of the row). The searches are the reference encoder's (gguf_kquants.h) with the column's
- * importance folded into each value's weight; everything is scalar float32 arithmetic, each operation
- * IEEE-rounded on its own in the reference's order (no -ffast-math, no FMA contraction), so the bytes match.
+ * importance folded into each value's weight; float32 arithmetic, each operation IEEE-rounded on its own in
+ * the reference's order (no -ffast-math, no FMA contraction), so the bytes match. The per-group searches run
+ * on eight groups side by side in the lanes of gguf_kquants.h (each lane the scalar code's operations, so
+ * no sum is reordered); the scalar versions below fit the blocks of a row that do not fill eight lanes.
  *
  * One entry point per type encodes whole rows [r0, r1) of n_per_row values (row r's weights are
  * qw + (r / rows_per_weight) * n_per_row: a tensor of stacked experts has one weight vector per expert).
  * The older 32-value types compute their weighting's variance over the whole row, the K-quants over each
  * 256-value super-block, so rows, not blocks, are the unit. Q8_0 takes no weights in ggml: not here.
  */
-#include "adaptools_kernel.h"
-
-#define QK_K 256
-#define GROUP_MAX_EPS 1e-15f
-#define MAXF(a, b) ((a) > (b) ? (a) : (b))
-#define MINF(a, b) ((a) < (b) ? (a) : (b))
-
-/* the low mantissa bits of v + 1.5 * 2^23: round half to even for |v| < 2^22 (docs/gguf.md) */
-static inline int nearest_int(float v) {
-    return (int)(bits_of(v + 12582912.0f) & 0x007fffffu) - 0x00400000;
-}
-
-static inline void put_f16(uint8_t *dst, float f) {
-    const uint16_t h = f32_to_f16(f);
-    memcpy(dst, &h, 2);
-}
-
-static inline float get_f16(const uint8_t *src) {
-    uint16_t h;
-    memcpy(&h, src, 2);
-    return f16_to_f32(h);
-}
-
-/* Symmetric grid -nmax..nmax-1 with weights qw: the scale from -nmax / max, then 18 neighbours, the best
- * weighted least-squares fit kept. L gets levels + nmax. */
-static float qx_weighted(int n, int nmax, const float *x, int8_t *L, const float *qw) {
-    float max = 0.0f, amax = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.0f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MAXF(-nmax, MINF(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
-        const float w = qw[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0.0f;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            l = MAXF(-nmax, MINF(nmax - 1, l));
-            const float w = qw[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                const int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + MAXF(-nmax, MINF(nmax - 1, l)));
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    return scale;
-}
-
-/* Asymmetric grid 0..nmax with weights w: nstep + 1 candidate scales, weighted least squares for scale and
- * min together (the min kept <= 0). *the_min gets the min negated, as stored. */
-static float qkx3_weighted(int n, int nmax, const float *x, const float *w, uint8_t *L, float *the_min,
-                           uint8_t *Laux, float rmin, float rdelta, int nstep) {
-    float min = x[0], max = x[0];
-    float sum_w = w[0], sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
-    }
-    if (min > 0) min = 0;
-    if (max <= min) {
-        memset(L, 0, (size_t)n);
-        *the_min = -min;
-        return 0.0f;
-    }
-    float iscale = nmax / (max - min);
-    float scale = 1 / iscale;
-    float best = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        const int l = nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)MAXF(0, MINF(nmax, l));
-        const float diff = scale * L[i] + min - x[i];
-        best += w[i] * (diff * diff);
-    }
-    for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * (x[i] - min));
-            l = MAXF(0, MINF(nmax, l));
-            Laux[i] = (uint8_t)l;
-            sum_l += w[i] * l;
-            sum_l2 += w[i] * l * l;
-            sum_xl += w[i] * l * x[i];
-        }
-        const float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float cur = 0;
-            for (int i = 0; i < n; ++i) {
-                const float diff = this_scale * Laux[i] + this_min - x[i];
-                cur += w[i] * (diff * diff);
-            }
-            if (cur < best) {
-                memcpy(L, Laux, (size_t)n);
-                best = cur;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    *the_min = -min;
-    return scale;
-}
-
-/* The super-block's sub-block scales (or mins) on a positive grid 0..nmax, weighted by each sub-block's
- * total weight: 8 candidate scales around nmax / max, then 5 passes moving one level at a time. */
-static float qp_weighted(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
-    float max = 0;
-    for (int i = 0; i < n; ++i) max = MAXF(max, x[i]);
-    if (max < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.0f;
-    }
-    float iscale = nmax / max;
-    for (int i = 0; i < n; ++i) L[i] = (uint8_t)nearest_int(iscale * x[i]);
-    const float scale = 1 / iscale;
-    float best_mse = 0;
-    for (int i = 0; i < n; ++i) {
-        const float diff = x[i] - scale * L[i];
-        best_mse += qw[i] * diff * diff;
-    }
-    for (int is = -4; is <= 4; ++is) {
-        if (is == 0) continue;
-        const float iscale_is = (0.1f * is + nmax) / max;
-        const float scale_is = 1 / iscale_is;
-        float mse = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale_is * x[i]);
-            l = MINF(nmax, l);
-            const float diff = x[i] - scale_is * l;
-            mse += qw[i] * diff * diff;
-        }
-        if (mse < best_mse) {
-            best_mse = mse;
-            iscale = iscale_is;
-        }
-    }
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = MINF(nmax, l);
-        L[i] = (uint8_t)l;
-        sumlx += qw[i] * x[i] * l;
-        suml2 += qw[i] * l * l;
-    }
-    for (int itry = 0; itry < 5; ++itry) {
-        int changed = 0;
-        for (int i = 0; i < n; ++i) {
-            const float w = qw[i];
-            float slx = sumlx - w * x[i] * L[i];
-            float sl2 = suml2 - w * L[i] * L[i];
-            if (slx > 0 && sl2 > 0) {
-                int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = MINF(nmax, new_l);
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (uint8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        ++changed;
-                    }
-                }
-            }
-        }
-        if (!changed) break;
-    }
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
-static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
-    if (j < 4) {
-        *d = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
-    }
-}
+#include "gguf_imatrix.h"
 
 /* Q4_K and Q5_K share everything but the level count and the packing: 8 sub-blocks of 32, weights
  * qw * sqrt(sigma2 + x^2) with sigma2 = 2 * mean(x^2) over the super-block. */
-static void q45k_block(const float *x, const float *qw, int nmax, uint8_t *d_out, uint8_t *scales_out,
+INLINE void q45k_block(const float *x, const float *qw, int nmax, uint8_t *d_out, uint8_t *scales_out,
                        uint8_t *L) {
     const int clamp63 = nmax == 31; /* Q5_K caps the 6-bit levels at 63; Q4_K stores them as they come */
-    uint8_t Laux[32], Ls[8], Lm[8];
-    float weights[32], sw[8], mins[8], scales[8];
+    uint8_t Ls[8], Lm[8];
+    float weights[QK_K], sw[8], mins[8], scales[8];
     float sum_x2 = 0;
     for (int l = 0; l < QK_K; ++l) sum_x2 += x[l] * x[l];
     const float sigma2 = 2 * sum_x2 / QK_K;
+    for (int l = 0; l < QK_K; ++l) weights[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
     for (int j = 0; j < 8; ++j) {
-        for (int l = 0; l < 32; ++l) weights[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
         float sumw = 0;
-        for (int l = 0; l < 32; ++l) sumw += weights[l];
+        for (int l = 0; l < 32; ++l) sumw += weights[32 * j + l];
         sw[j] = sumw;
-        scales[j] = qkx3_weighted(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36);
     }
+    qkx3_lanes(32, nmax, x, weights, L, scales, mins);
     const float d_block = qp_weighted(8, 63, scales, Ls, sw);
     const float m_block = qp_weighted(8, 63, mins, Lm, sw);
     uint8_t *sc = scales_out;
@@ -255,7 +49,7 @@ static void q45k_block(const float *x, const float *qw, int nmax, uint8_t *d_out
     put_f16(d_out + 2, m_block);
     for (int j = 0; j < 8; ++j) {
         uint8_t s, m;
-        scale_min_k4(j, sc, &s, &m);
+        scale_min_k4(sc, j, &s, &m);
         const float d = get_f16(d_out) * s;
         if (!d) continue;
         const float dm = get_f16(d_out + 2) * m;
@@ -267,7 +61,7 @@ static void q45k_block(const float *x, const float *qw, int nmax, uint8_t *d_out
 }
 
 /* Q4_K, 144 bytes: d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit levels */
-static void q4_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+INLINE void q4_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
     uint8_t L[QK_K];
     for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K, qw += QK_K, y += 144) {
         q45k_block(x, qw, 15, y, y + 4, L);
@@ -278,7 +72,7 @@ static void q4_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
 }
 
 /* Q5_K, 176 bytes: d, dmin, 12 bytes of scales and mins, 32 bytes of fifth bits, 128 bytes of low nibbles */
-static void q5_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+INLINE void q5_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
     uint8_t L[QK_K];
     for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K, qw += QK_K, y += 176) {
         q45k_block(x, qw, 31, y, y + 4, L);
@@ -300,14 +94,15 @@ static void q5_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
 
 /* Q6_K, 210 bytes: 128 bytes of low nibbles, 64 of high pairs, 16 int8 scales, d. The importance weights
  * go to the sub-block search as they are (no sigma2 term). */
-static void q6_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+INLINE void q6_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
     int8_t L[QK_K];
     float scales[16];
     for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K, qw += QK_K, y += 210) {
         float max_scale = 0, max_abs_scale = 0;
+        qx_lanes(16, 32, x, qw, L, scales);
+        qx_lanes(16, 32, x + 128, qw + 128, L + 128, scales + 8);
         for (int ib = 0; ib < 16; ++ib) {
-            const float scale = qx_weighted(16, 32, x + 16 * ib, L + 16 * ib, qw + 16 * ib);
-            scales[ib] = scale;
+            const float scale = scales[ib];
             const float abs_scale = fabsf(scale);
             if (abs_scale > max_abs_scale) {
                 max_abs_scale = abs_scale;
@@ -346,20 +141,21 @@ static void q6_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
 
 /* Q3_K, 110 bytes: 32 bytes of third bits, 64 of 2-bit levels, 12 of 6-bit scales, d. 16 sub-blocks of 16,
  * weights qw * sqrt(sigma2 + x^2) with sigma2 = 2 * mean(x^2). */
-static void q3_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+INLINE void q3_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
     int8_t L[QK_K], Ls[16];
-    float scales[16], weight[16], sw[16];
+    float scales[16], weight[QK_K], sw[16];
     for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K, qw += QK_K, y += 110) {
         float sumx2 = 0;
         for (int j = 0; j < QK_K; ++j) sumx2 += x[j] * x[j];
         const float sigma2 = 2 * sumx2 / QK_K;
+        for (int l = 0; l < QK_K; ++l) weight[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
         for (int j = 0; j < 16; ++j) {
-            for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
             float sumw = 0;
-            for (int l = 0; l < 16; ++l) sumw += weight[l];
+            for (int l = 0; l < 16; ++l) sumw += weight[16 * j + l];
             sw[j] = sumw;
-            scales[j] = qx_weighted(16, 4, x + 16 * j, L + 16 * j, weight);
         }
+        qx_lanes(16, 4, x, weight, L, scales);
+        qx_lanes(16, 4, x + 128, weight + 128, L + 128, scales + 8);
         uint8_t *hmask = y, *qs = y + 32, *sc = y + 96;
         memset(sc, 0, 12);
         const float d_block = qx_weighted(16, 32, scales, Ls, sw);
@@ -402,19 +198,20 @@ static void q3_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
 
 /* Q2_K, 84 bytes: 16 bytes of 4-bit scale and min pairs, 64 of 2-bit levels, d, dmin. 16 sub-blocks of 16,
  * weights qw * sqrt(sigma2 + x^2) with sigma2 = mean(x^2) (no factor 2 here). */
-static void q2_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
-    uint8_t L[QK_K], Laux[16], Ls[16], Lm[16];
-    float mins[16], scales[16], sw[16], weight[16];
+INLINE void q2_k_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+    uint8_t L[QK_K], Ls[16], Lm[16];
+    float mins[16], scales[16], sw[16], weight[QK_K];
     for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K, qw += QK_K, y += 84) {
         memset(sw, 0, sizeof sw);
         float sumx2 = 0;
         for (int j = 0; j < QK_K; ++j) sumx2 += x[j] * x[j];
         const float sigma2 = sumx2 / QK_K;
-        for (int j = 0; j < 16; ++j) {
-            for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
-            for (int l = 0; l < 16; ++l) sw[j] += weight[l];
-            scales[j] = qkx3_weighted(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36);
-        }
+        for (int l = 0; l < QK_K; ++l) weight[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
+        for (int j = 0; j < 16; ++j)
+            for (int l = 0; l < 16; ++l) sw[j] += weight[16 * j + l];
+        for (int half = 0; half < 2; ++half) /* groups 0-7, then 8-15 */
+            qkx3_lanes(16, 3, x + 128 * half, weight + 128 * half, L + 128 * half, scales + 8 * half,
+                       mins + 8 * half);
         const float dm0 = qp_weighted(16, 15, scales, Ls, sw);
         const float mm0 = qp_weighted(16, 15, mins, Lm, sw);
         put_f16(y + 80, dm0);
@@ -444,27 +241,42 @@ static float row_sigma2(const float *x, int64_t n) {
     return sum_x2 / n;
 }
 
+/* Block ib of a row of the symmetric 32-value types: its levels, its scale stored as float16 at d_out. The
+ * blocks are fit 8 side by side where 8 are left (at ib % 8 == 0, into Lb and ds), else one at a time. */
+INLINE const int8_t *symmetric_block(const float *x, const float *qw, int64_t n, int64_t ib, float sigma2, int nmax,
+                                     float *weight, int8_t *Lb, float *ds, uint8_t *d_out) {
+    const float *xb = x + 32 * ib, *w = qw + 32 * ib;
+    const int lane = (int)(ib % 8);
+    if (n / 32 - (ib - lane) >= 8) {
+        if (lane == 0) {
+            for (int j = 0; j < 256; ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+            qx_lanes(32, nmax, xb, weight, Lb, ds);
+        }
+        put_f16(d_out, ds[lane]);
+        return Lb + 32 * lane;
+    }
+    for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+    put_f16(d_out, qx_weighted(32, nmax, xb, Lb, weight));
+    return Lb;
+}
+
 /* Q4_0 (18 bytes: d, 16 bytes of nibbles) and Q5_0 (22: d, 4 bytes of fifth bits, 16 of nibbles) */
-static void q4_0_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
-    float weight[32];
-    int8_t L[32];
+INLINE void q4_0_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+    float weight[256], ds[8];
+    int8_t Lb[256];
     const float sigma2 = row_sigma2(x, n);
     for (int64_t ib = 0; ib < n / 32; ++ib, y += 18) {
-        const float *xb = x + 32 * ib, *w = qw + 32 * ib;
-        for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
-        put_f16(y, qx_weighted(32, 8, xb, L, weight));
+        const int8_t *L = symmetric_block(x, qw, n, ib, sigma2, 8, weight, Lb, ds, &y[0]);
         for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
     }
 }
 
-static void q5_0_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
-    float weight[32];
-    int8_t L[32];
+INLINE void q5_0_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
+    float weight[256], ds[8];
+    int8_t Lb[256];
     const float sigma2 = row_sigma2(x, n);
     for (int64_t ib = 0; ib < n / 32; ++ib, y += 22) {
-        const float *xb = x + 32 * ib, *w = qw + 32 * ib;
-        for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
-        put_f16(y, qx_weighted(32, 16, xb, L, weight));
+        const int8_t *L = symmetric_block(x, qw, n, ib, sigma2, 16, weight, Lb, ds, &y[0]);
         uint32_t qh = 0;
         for (int j = 0; j < 16; ++j) {
             const uint8_t a = (uint8_t)L[j], b = (uint8_t)L[j + 16];
@@ -477,16 +289,30 @@ static void q5_0_row(const float *x, const float *qw, int64_t n, uint8_t *y) {
 }
 
 /* Q4_1 (20 bytes: d, m, 16 of nibbles) and Q5_1 (24: d, m, 4 of fifth bits, 16 of nibbles) */
-static void q41_51_row(const float *x, const float *qw, int64_t n, uint8_t *y, int five) {
-    float weight[32];
-    uint8_t L[32], Laux[32];
+INLINE void q41_51_row(const float *x, const float *qw, int64_t n, uint8_t *y, int five) {
+    float weight[256], ds[8], ms[8];
+    uint8_t Lb[256], Laux[32];
     const float sigma2 = row_sigma2(x, n);
-    const int size = five ? 24 : 20;
+    const int size = five ? 24 : 20, nmax = five ? 31 : 15;
     for (int64_t ib = 0; ib < n / 32; ++ib, y += size) {
         const float *xb = x + 32 * ib, *w = qw + 32 * ib;
-        for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
-        float min;
-        const float d = qkx3_weighted(32, five ? 31 : 15, xb, weight, L, &min, Laux, -0.9f, 0.05f, 36);
+        const int lane = (int)(ib % 8);
+        if (lane == 0) { /* the next 8 blocks side by side where there are 8 left, else one at a time */
+            const int batch = n / 32 - ib >= 8;
+            for (int j = 0; j < (batch ? 256 : 32); ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+            if (batch) qkx3_lanes(32, nmax, xb, weight, Lb, ds, ms);
+        }
+        const uint8_t *L;
+        float min, d;
+        if (n / 32 - (ib - lane) >= 8) {
+            L = Lb + 32 * lane;
+            d = ds[lane];
+            min = ms[lane];
+        } else {
+            for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+            d = qkx3_weighted(32, nmax, xb, weight, Lb, &min, Laux, -0.9f, 0.05f, 36);
+            L = Lb;
+        }
         put_f16(y, d);
         put_f16(y + 2, -min);
         uint8_t *qs = y + (five ? 8 : 4);
@@ -500,22 +326,18 @@ static void q41_51_row(const float *x, const float *qw, int64_t n, uint8_t *y, i
     }
 }
 
-static void q4_1_row(const float *x, const float *qw, int64_t n, uint8_t *y) { q41_51_row(x, qw, n, y, 0); }
-static void q5_1_row(const float *x, const float *qw, int64_t n, uint8_t *y) { q41_51_row(x, qw, n, y, 1); }
+INLINE void q4_1_row(const float *x, const float *qw, int64_t n, uint8_t *y) { q41_51_row(x, qw, n, y, 0); }
+INLINE void q5_1_row(const float *x, const float *qw, int64_t n, uint8_t *y) { q41_51_row(x, qw, n, y, 1); }
 
-typedef void (*row_fn)(const float *, const float *, int64_t, uint8_t *);
-
-static void rows(row_fn f, int64_t block, int64_t size, const float *x, int64_t r0, int64_t r1, int64_t n_per_row,
-                 const float *qw, int64_t rows_per_weight, uint8_t *out) {
-    const int64_t row_bytes = n_per_row / block * size;
-    for (int64_t r = r0; r < r1; ++r)
-        f(x + r * n_per_row, qw + (r / rows_per_weight) * n_per_row, n_per_row, out + r * row_bytes);
-}
-
+/* each entry point built for AVX2 and the baseline, the row code (and the lane searches) inlined into it */
 #define WEIGHTED(name, block, size)                                                                         \
+    MULTIVERSION                                                                                            \
     void adaptools_##name##_encode_weighted(const float *x, int64_t r0, int64_t r1, int64_t n_per_row,     \
                                             const float *qw, int64_t rows_per_weight, uint8_t *out) {      \
-        rows(name##_row, block, size, x, r0, r1, n_per_row, qw, rows_per_weight, out);                     \
+        const int64_t row_bytes = n_per_row / block * size;                                                 \
+        for (int64_t r = r0; r < r1; ++r)                                                                   \
+            name##_row(x + r * n_per_row, qw + (r / rows_per_weight) * n_per_row, n_per_row,              \
+                       out + r * row_bytes);                                                                \
     }
 
 WEIGHTED(q2_k, 256, 84)
