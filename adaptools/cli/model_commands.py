@@ -39,9 +39,12 @@ from .quant_commands import quantize_options_of
                    "plugins` lists them). An OUT ending in a container's suffix chooses it without --to.")
 @click.option("--outtype", metavar="TYPE",
               help="The storage type, for containers that offer several (see the container's documentation).")
+@click.option("--imatrix", metavar="FILE",
+              help="GGUF output from a GGUF base: re-encode the changed tensors with this llama.cpp importance "
+                   "matrix (llama-imatrix's .gguf or .dat), as llama-quantize --imatrix does.")
 def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, merge_base: str,
           original_base: str | None, initials: tuple[str, ...], to: str | None, outtype: str | None,
-          **kw: Any) -> None:
+          imatrix: str | None, **kw: Any) -> None:
     """Merge one or more adapters into BASE and write a full checkpoint to OUT.
 
     BASE is a Hugging Face checkpoint folder (model.safetensors, or shards
@@ -76,6 +79,7 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
       adaptools merge ./base ./my-lora ./out --dtype bf16 --shard-size 5GB
       adaptools merge ./base ./my-lora ./out --dry-run --json
       adaptools merge ./llama-nf4 ./my-qlora ./merged --check logits --check generate
+      adaptools merge model-Q4_K_M.gguf ./my-lora merged.gguf --imatrix imatrix.gguf
     """
     if len(paths) < 3:
         raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
@@ -92,7 +96,8 @@ def merge(paths: tuple[str, ...], weights: tuple[float, ...], requantize: bool, 
         base, requantize = original_base, False
     elif original_base:
         raise click.UsageError("--original-base is only used with --merge-base original")
-    options = _engine_options(kw, requantize=requantize, quantize=quantize, to=to, outtype=outtype)
+    options = _engine_options(kw, requantize=requantize, quantize=quantize, to=to, outtype=outtype,
+                              imatrix=imatrix)
     allow_pickle, dry_run, json_ = kw["allow_pickle"], kw["dry_run"], kw["json_"]
     if not dry_run:
         check_output(out, kw["force"], [base, *adapter_refs, *initials])

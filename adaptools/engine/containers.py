@@ -50,6 +50,9 @@ class SafetensorsFolder(OutputContainer):
         if options.outtype is not None:
             raise InputError(f"--outtype {options.outtype} applies to containers with storage types of their "
                              "own (--to); a checkpoint folder takes --dtype", hint="use --dtype fp32|fp16|bf16")
+        if options.imatrix is not None:
+            raise InputError("--imatrix applies to GGUF outputs only (llama.cpp's block quants)",
+                             hint="write OUT as a .gguf file from a GGUF base, or drop --imatrix")
         return {}
 
     def writer(self, path: Path, shard: ShardPlan, plan: MergePlan, record: Mapping[str, Any]) -> ShardWriter:

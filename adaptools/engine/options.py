@@ -76,6 +76,7 @@ class MergeOptions:
         to: the output container by name (default: chosen by the output path's suffix, else a checkpoint
             folder); containers other than the folder come from backends.
         outtype: the storage type, for containers that offer several (the folder takes ``dtype``).
+        imatrix: an importance-matrix file, for containers whose encoders weight by one (GGUF).
     """
 
     dtype: str = "auto"
@@ -92,9 +93,10 @@ class MergeOptions:
     checks: tuple[CheckRequest, ...] = ()
     to: str | None = None
     outtype: str | None = None
+    imatrix: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("to", "outtype"):
+        for key in ("to", "outtype", "imatrix"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InputError(f"{key} {value!r} must be a name")

@@ -51,7 +51,8 @@ class SingleFileContainer(plugin.OutputContainer):
                 options: plugin.MergeOptions) -> Mapping[str, tuple[plugin.Backend, Mapping[str, Any]]]:
         opened_file(checkpoint)
         refused = [("--dtype", options.dtype != "auto"), ("--outtype", options.outtype is not None),
-                   ("--quantize", options.quantize is not None), ("--requantize", options.requantize)]
+                   ("--quantize", options.quantize is not None), ("--requantize", options.requantize),
+                   ("--imatrix", options.imatrix is not None)]
         for flag, given in refused:
             if given:
                 raise InputError(f"{flag} does not apply to a single-file checkpoint: every tensor keeps its stored "

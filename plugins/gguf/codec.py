@@ -111,13 +111,21 @@ def decode(tensor: Any, path: object = None) -> np.ndarray:
                          tensor=tensor.name) from None
 
 
-def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+def encode(values: np.ndarray, qtype: Q, weights: np.ndarray | None = None) -> np.ndarray:
     """float32 values (numpy order) -> the array gguf-py writes for ``qtype``: float32/float16 arrays, or
     uint8 rows of blocks (BF16 and the block quants). Raises ``gguf.QuantError`` when the last dimension is
-    not a whole number of blocks, and KeyError for a type we cannot encode (see :data:`ENCODABLE`)."""
+    not a whole number of blocks, and KeyError for a type we cannot encode (see :data:`ENCODABLE`).
+    ``weights`` (an imatrix entry, ``[experts, columns]``) gives llama-quantize's weighted bytes for the types
+    ggml weights (native.WEIGHTED, native kernel only: imatrix.py's callers check); other types ignore them,
+    as ggml does (docs/gguf.md, "Importance matrices")."""
     if qtype not in ENCODABLE:
         raise KeyError(qtype)
     values = np.ascontiguousarray(values, dtype=np.float32)
+    if weights is not None and qtype in native.WEIGHTED and values.ndim >= 2 \
+            and values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        if native.LIB is None:
+            raise gguf.QuantError("importance-weighted encoding needs the native GGUF kernel")
+        return native.encode_weighted(values, qtype, weights)
     if qtype in KQUANTS and (values.ndim == 0 or values.shape[-1] % kquants.QK_K):
         raise gguf.QuantError(f"{qtype.name} needs rows of whole {kquants.QK_K}-value blocks, "
                               f"not {values.shape[-1:] or 'a scalar'}")

@@ -28,10 +28,13 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 from adaptools.plugin import InputError, UnsupportedOperationError
 
+from . import native
 from .arch import ModelShape, to_gguf_layout
 from .codec import MAGIC, OUTTYPES, changed_type
 from .export import dense_encodings, dense_model, write_metadata
 from .fields import Header
+from .imatrix import ImportanceMatrix
+from .imatrix import load as load_imatrix
 from .layout import GGUFBase, encode_value, settings_for
 from .split import KEYS as SPLIT_KEYS
 from .split import MAX_PARTS as SPLIT_MAX_PARTS
@@ -50,6 +53,39 @@ def outtype_of(options: plugin.MergeOptions) -> Q | None:
     if qtype is None:
         raise InputError(f"--outtype {options.outtype!r} is not one of {', '.join(OUTTYPES)}")
     return qtype
+
+
+def imatrix_of(options: plugin.MergeOptions, base: GGUFBase | None) -> ImportanceMatrix | None:
+    """``--imatrix`` read and checked (None when not given): it weights the block quants of a GGUF base's
+    changed tensors, and needs the native kernel (the weighted encoders are in C only; docs/gguf.md,
+    "Importance matrices")."""
+    if options.imatrix is None:
+        return None
+    if base is None:
+        raise InputError("--imatrix applies to a merge into a GGUF base (it weights the re-encoding of its "
+                         "quantized tensors); a dense base is written in --outtype", hint="drop --imatrix")
+    if native.LIB is None:
+        raise InputError("--imatrix needs adaptools' native GGUF kernel, which is not loaded "
+                         f"({native.describe()})", hint="reinstall adaptools with a C compiler, or drop --imatrix")
+    return load_imatrix(options.imatrix)
+
+
+def _imatrix_warnings(plan: plugin.MergePlan) -> list[str]:
+    """Every changed tensor whose type takes weights checked against its imatrix entry (a size that does not
+    fit is refused), and those without an entry named: they are encoded without weights, as llama-quantize
+    encodes them."""
+    missing: list[str] = []
+    path = None
+    for entry in plan.entries.values():
+        settings = entry.group.settings if entry.merged and entry.group is not None else {}
+        if settings.get("imatrix") and Q(settings["type"]) in native.WEIGHTED:
+            path = settings["imatrix"]
+            if load_imatrix(path).for_tensor(settings["name"], tuple(settings["shape"])) is None:
+                missing.append(settings["name"])
+    if not missing:
+        return []
+    return [f"{len(missing)} changed tensor(s) have no usable entry in the imatrix {path} and are encoded without "
+            f"weights, as llama-quantize does: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"]
 
 
 def gguf_base(checkpoint: plugin.Checkpoint) -> GGUFBase | None:
@@ -99,6 +135,7 @@ class GGUFContainer(plugin.OutputContainer):
                                   "(dense base)")
         outtype = outtype_of(options)
         base = gguf_base(checkpoint)
+        imatrix = imatrix_of(options, base)
         if base is None:
             return dense_encodings(checkpoint, Q.F16 if outtype is None else outtype, self.encoder)
         backend = checkpoint.opened_by  # the base's own: its untouched groups are copied byte for byte
@@ -107,7 +144,12 @@ class GGUFContainer(plugin.OutputContainer):
             settings = backend.group_settings(param, checkpoint.read_small)
             if outtype is not None:
                 settings["type"] = int(changed_type(base.stored[param].qtype, settings["shape"][-1], outtype))
+            if imatrix is not None:
+                settings["imatrix"] = str(imatrix.path)
             encodings[param] = (backend, settings)
+        if imatrix is not None and not any(s.gguf_name in imatrix.weights for s in base.stored.values()):
+            raise InputError("no entry of the imatrix names a tensor of this base", path=imatrix.path,
+                             hint="the imatrix was made for another model; use the one made for this base")
         return encodings
 
     def warnings(self, plan: plugin.MergePlan) -> list[str]:
@@ -122,13 +164,13 @@ class GGUFContainer(plugin.OutputContainer):
                     "tokenizer metadata lists the old vocabulary", tensor=entry.name,
                     hint="merge into the Hugging Face checkpoint, then convert that to GGUF with llama.cpp's "
                          "convert_hf_to_gguf.py")
+        out = _imatrix_warnings(plan)
         moved: dict[tuple[str, str], list[str]] = {}
         for entry in plan.entries.values():
             if entry.merged and entry.group is not None:
                 was, now = base.stored[entry.source].qtype, Q(entry.group.settings["type"])
                 if was != now:
                     moved.setdefault((was.name, now.name), []).append(entry.group.settings["name"])
-        out = []
         for (was_name, now_name), names in sorted(moved.items()):
             why = ("as asked (--outtype)" if plan.options.outtype else
                    "no encoder for its type" if now_name == "Q8_0" else "its rows are not whole blocks")

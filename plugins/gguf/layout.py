@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as Q
 from .arch import ModelShape, family_for_arch, from_gguf_layout, qk_heads, to_gguf_layout
 from .codec import decode_bytes, encode
 from .fields import Header
+from .imatrix import load as load_imatrix
 
 #: torch dtypes of the float GGUF types as :func:`as_torch` hands them over.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,7 +80,10 @@ def encode_value(settings: Mapping[str, Any], dense: torch.Tensor, path: object 
     model = ModelShape(family_for_arch(settings["arch"]), n_head=settings["n_head"], n_head_kv=settings["n_head_kv"])
     value = to_gguf_layout(model, settings["name"], dense.float(), path)
     qtype = Q(settings["type"])
-    return as_torch(encode(value.numpy(), qtype), qtype, settings["shape"])
+    weights = None
+    if settings.get("imatrix"):  # --imatrix: llama-quantize's weighting (docs/gguf.md, "Importance matrices")
+        weights = load_imatrix(settings["imatrix"]).for_tensor(settings["name"], tuple(settings["shape"]))
+    return as_torch(encode(value.numpy(), qtype, weights), qtype, settings["shape"])
 
 
 def decode_encoded(settings: Mapping[str, Any], value: torch.Tensor, path: object = None) -> torch.Tensor:

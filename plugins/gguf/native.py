@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_gguf_abi``).
-ABI = 3
+ABI = 4
 #: Each native type: (values per block, bytes per block, the name in its C functions
 #: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
 BLOCKS: dict[Q, tuple[int, int, str]] = {
@@ -36,6 +36,8 @@ BLOCKS: dict[Q, tuple[int, int, str]] = {
 }
 #: The types this library encodes and decodes.
 TYPES = frozenset(BLOCKS)
+#: The types it also encodes with importance weights (csrc/gguf_imatrix.c; ggml's Q8_0 takes none).
+WEIGHTED = frozenset(BLOCKS) - {Q.Q8_0}
 
 
 def _load(here: Path | None = None) -> Any:
@@ -49,6 +51,10 @@ def _load(here: Path | None = None) -> Any:
             function = getattr(lib, f"adaptools_{name}_{verb}")
             function.argtypes = [ptr, i64, i64, ptr]
             function.restype = None
+    for qtype in WEIGHTED:
+        function = getattr(lib, f"adaptools_{BLOCKS[qtype][2]}_encode_weighted")
+        function.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr]
+        function.restype = None
     return lib
 
 
@@ -85,3 +91,23 @@ def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
     function = getattr(LIB, f"adaptools_{name}_decode")
     plugin.split(blocks, lambda b0, b1: function(data.ctypes.data, b0, b1, out.ctypes.data))
     return out.reshape(shape)
+
+
+def encode_weighted(values: np.ndarray, qtype: Q, weights: np.ndarray) -> np.ndarray:
+    """float32 values ``[..., rows, n]`` -> ``qtype`` bytes as ggml's quantizer makes them when given
+    importance ``weights`` (docs/gguf.md, "Importance matrices"): ``[n]`` for every row, or ``[experts, n]``
+    for a tensor of stacked experts (``values.shape[0] == experts``), one vector per expert."""
+    assert LIB is not None
+    n, size, name = BLOCKS[qtype]
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    cols = values.shape[-1]
+    weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1, cols)
+    rows = values.size // cols
+    if cols % n or rows % weights.shape[0]:
+        raise ValueError(f"{qtype.name} importance weights {list(weights.shape)} do not fit rows {list(values.shape)}")
+    per_weight = rows // weights.shape[0]
+    out = np.empty(rows * (cols // n) * size, dtype=np.uint8)
+    function = getattr(LIB, f"adaptools_{name}_encode_weighted")
+    plugin.split(rows, lambda r0, r1: function(values.ctypes.data, r0, r1, cols, weights.ctypes.data, per_weight,
+                                               out.ctypes.data))
+    return out.reshape(*values.shape[:-1], cols // n * size)
