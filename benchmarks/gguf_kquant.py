@@ -16,6 +16,7 @@ Two parts, each with its baseline measured in the same run:
     python benchmarks/gguf_kquant.py                  # both parts, 3 repeats
     python benchmarks/gguf_kquant.py --skip-merge     # the codec table only (a minute)
     python benchmarks/gguf_kquant.py --json results.json
+    python benchmarks/gguf_kquant.py --skip-codec --llama-quantize PATH/llama-quantize   # llama.cpp for scale
 
 Set ADAPTOOLS_GGUF_PURE_PYTHON=1 to time the merge with the numpy codecs instead (the codec part always
 times both).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -135,7 +137,7 @@ def codec_table(shape: tuple[int, int], repeat: int) -> dict[str, dict[str, floa
     return table
 
 
-def merge_table(work: Path, repeat: int) -> dict:
+def merge_table(work: Path, repeat: int, llama_quantize: Path | None = None) -> dict:
     cfg = dense.SIZES["1b"]
     work.mkdir(parents=True, exist_ok=True)
     base, adapter = work / "base-1b-q4_k_m.gguf", work / "lora-1b"
@@ -149,6 +151,11 @@ def merge_table(work: Path, repeat: int) -> dict:
         "adaptools merge (Q4_K_M)": [*adaptools_cmd, "merge", str(base), str(adapter), str(out), "--json"],
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
     }
+    if llama_quantize is not None:  # llama.cpp's own K-quant encoders on the same types, for scale
+        q8 = work / "base-1b-q8_0.gguf"
+        gguf_merge.build_base(q8, cfg)
+        contenders["llama-quantize Q8_0 -> Q4_K_M"] = [str(llama_quantize), "--allow-requantize", str(q8), str(out),
+                                                       "Q4_K_M", str(os.cpu_count() or 1)]
     results, profiles = dense.run_interleaved(contenders, out, repeat, gguf_merge.measure)  # cp first: warm cache
     cp = results["cp (Q4_K_M base)"]["wall_s"]
     torch_s = results['python -c "import torch"']["wall_s"]
@@ -178,12 +185,14 @@ def main() -> None:
     parser.add_argument("--skip-codec", action="store_true")
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llama-quantize", type=Path, help="also time this llama-quantize binary requantizing the "
+                        "Q8_0 base of gguf_merge.py to Q4_K_M on every core (fixtures/llamacpp_tools.py builds it)")
     args = parser.parse_args()
     report: dict = {}
     if not args.skip_codec:
         report["codec"] = codec_table(tuple(args.shape), args.repeat)
     if not args.skip_merge:
-        report["merge"] = merge_table(args.work, args.repeat)
+        report["merge"] = merge_table(args.work, args.repeat, args.llama_quantize)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

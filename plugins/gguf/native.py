@@ -41,6 +41,8 @@ WEIGHTED = frozenset(BLOCKS) - {Q.Q8_0}
 
 
 def _load(here: Path | None = None) -> Any:
+    """The kernel library through ``ctypes.CDLL``, whose calls release the GIL: that is what lets
+    ``plugin.split`` run the blocks on several cores at once (a ``PyDLL`` would hold it)."""
     lib = plugin.load_kernel(here or Path(__file__).resolve().parent, "_gguf_kernels", "adaptools_gguf", ABI)
     if lib is None:
         return None
@@ -68,28 +70,32 @@ def describe() -> str:
     return f"native kernel ({isa}) for {', '.join(q.name for q in BLOCKS)}; numpy for the other types"
 
 
-def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+def encode(values: np.ndarray, qtype: Q, threads: int | None = None) -> np.ndarray:
     """float32 values, the last dimension whole blocks of ``qtype`` -> uint8 ``[..., blocks * block bytes]``:
-    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's reference quantizer's (kquants.py) for K-quants."""
+    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's reference quantizer's (kquants.py) for K-quants.
+
+    The blocks are split over ``threads`` (default: ``plugin.split``'s, every core up to four); each block is
+    coded on its own, so the bytes do not depend on the split (docs/gguf.md, "Threads")."""
     assert LIB is not None
     n, size, name = BLOCKS[qtype]
     values = np.ascontiguousarray(values, dtype=np.float32)
     blocks = values.size // n
     out = np.empty(blocks * size, dtype=np.uint8)
     function = getattr(LIB, f"adaptools_{name}_encode")
-    plugin.split(blocks, lambda b0, b1: function(values.ctypes.data, b0, b1, out.ctypes.data))
+    plugin.split(blocks, lambda b0, b1: function(values.ctypes.data, b0, b1, out.ctypes.data), threads)
     return out.reshape(*values.shape[:-1], values.shape[-1] // n * size)
 
 
-def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize``."""
+def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...], threads: int | None = None) -> np.ndarray:
+    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize``; the blocks
+    split over ``threads`` as in :func:`encode`."""
     assert LIB is not None
     n, size, name = BLOCKS[qtype]
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     blocks = data.size // size
     out = np.empty(blocks * n, dtype=np.float32)
     function = getattr(LIB, f"adaptools_{name}_decode")
-    plugin.split(blocks, lambda b0, b1: function(data.ctypes.data, b0, b1, out.ctypes.data))
+    plugin.split(blocks, lambda b0, b1: function(data.ctypes.data, b0, b1, out.ctypes.data), threads)
     return out.reshape(shape)
 
 
