@@ -175,3 +175,4 @@ def test_a_changed_norm_is_refused_by_the_image_model_writers(built, tuned, tmp_
         result = cli_runner("extract", built["sd1"]["pipe"], other, out, "--rank", "4", "--to", to)
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
         assert f"unet.{key.rpartition('.')[0]}" in result.stderr and not out.exists()
+        assert "<memory>" not in result.stderr and str(other) in result.stderr, result.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,9 @@ def extract(base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str
     config.update({"fan_in_fan_out": transposed, "modules_to_save": saved or None, "inference_mode": True})
     template = Adapter(method, config, MemoryStore({}), base=BaseRef(name=str(base_path)),
                        provenance={"operation": "extract", "base": str(base_path), "tuned": str(tuned_path)})
-    run.result.adapter = chosen.from_low_rank(template, run.factors, run.full)
+    # errors about the extracted adapter (a writer refusing a full tensor) name what it was extracted from
+    run.result.adapter = replace(chosen.from_low_rank(template, run.factors, run.full),
+                                 source=f"the adapter extracted from {tuned_path}")
     return run.result
 
 
