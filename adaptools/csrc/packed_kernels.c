@@ -23,7 +23,7 @@
  */
 #include "adaptools_kernel.h"
 
-int adaptools_packed_abi(void) { return 1; }
+int adaptools_packed_abi(void) { return 2; }
 
 int adaptools_packed_isa(void) { return adaptools_isa(); }
 
@@ -123,6 +123,40 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
             } else {
                 uint16_t *dst = (uint16_t *)out + n * cols + k0;
                 for (int64_t k = 0; k < width; k++) dst[k] = f32_to_f16(values[k]);
+            }
+        }
+    }
+}
+
+/* float8_e4m3fn codes times a float32 scale per tile (docs/plugins.md, "FP8 codes"):
+ *
+ *     out[r][c] = to_dtype(lut[code(r, c)] * scale[r / brow][c / bcol])
+ *
+ * the product in float32, then one rounding to the output dtype: the bits of the torch expression
+ * `(codes.float() * scales).to(dtype)`. `lut` holds the 256 codes' float32 values as torch converts them (NaN
+ * for 0x7F and 0xFF). A 16-bit scale widened to float32 gives torch's 16-bit product too: its significand times
+ * the code's 4 bits is exact in float32, so the only rounding is the final one (docs/plugins.md). Tiles are
+ * `brow` x `bcol` (the last row and column of tiles may be partial); the grid is row-major with `gcols` tiles a
+ * row. The work covers the rows of tiles [t0, t1). Measured reason for C: torch converts float8 to 16 bits
+ * at about 5 ns a value on one core, 5 s for a 1.1B model (benchmarks/ct_bases.py). */
+MULTIVERSION
+void adaptools_packed_fp8(const uint8_t *codes, const float *scale, const float *lut, int64_t rows, int64_t cols,
+                          int64_t brow, int64_t bcol, int64_t gcols, int out_kind, void *out, int64_t t0, int64_t t1) {
+    for (int64_t r = t0 * brow; r < rows && r < t1 * brow; r++) {
+        const uint8_t *src = codes + r * cols;
+        const float *scales = scale + (r / brow) * gcols;
+        for (int64_t c0 = 0; c0 < cols; c0 += bcol) {
+            const int64_t c1 = c0 + bcol < cols ? c0 + bcol : cols;
+            const float s = scales[c0 / bcol];
+            if (out_kind == 0) {
+                float *dst = (float *)out + r * cols;
+                for (int64_t c = c0; c < c1; c++) dst[c] = lut[src[c]] * s;
+            } else if (out_kind == 1) {
+                uint16_t *dst = (uint16_t *)out + r * cols;
+                for (int64_t c = c0; c < c1; c++) dst[c] = f32_to_bf16(lut[src[c]] * s);
+            } else {
+                uint16_t *dst = (uint16_t *)out + r * cols;
+                for (int64_t c = c0; c < c1; c++) dst[c] = f32_to_f16(lut[src[c]] * s);
             }
         }
     }
