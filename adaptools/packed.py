@@ -42,6 +42,8 @@ def _load(here: Path | None = None) -> Any:
     lib.adaptools_packed_dequantize.restype = None
     lib.adaptools_packed_fp8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int, ptr, i64, i64]
     lib.adaptools_packed_fp8.restype = None
+    lib.adaptools_packed_add.argtypes = [ptr, c_int, ptr, ptr, c_int, i64]
+    lib.adaptools_packed_add.restype = i64
     return lib
 
 
@@ -146,3 +148,15 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, 
     if rows and cols:
         split(grid[0], work)
     return out
+
+
+def add_rounded(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> int:
+    """``out = (base.float() + delta).to(out.dtype)`` in one pass, returning how many results are not finite
+    (then compute it again in torch: NaN payloads are torch's to choose). Contiguous tensors of the same number
+    of elements; ``delta`` float32, ``base`` and ``out`` of :data:`KINDS`. Requires :func:`packed_available`."""
+    assert LIB is not None
+    if not (base.is_contiguous() and delta.is_contiguous() and out.is_contiguous()) or delta.dtype != torch.float32 \
+            or not base.numel() == delta.numel() == out.numel():
+        raise ValueError("add_rounded needs contiguous tensors of one size and a float32 delta")
+    return int(LIB.adaptools_packed_add(base.data_ptr(), KINDS[base.dtype], delta.data_ptr(), out.data_ptr(),
+                                        KINDS[out.dtype], base.numel()))

@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..finite import count_nonfinite
 from ..interfaces import Backend, BaseTensor, TensorUpdate, UpdateKind
+from ..packed import KINDS, add_rounded, packed_available
 from ..safetensors_io import DTYPES
 from .entries import CAST, Entry
 from .quantized import Survival, survival
@@ -109,12 +110,17 @@ def merge_rows(entry: Entry, stored: torch.Tensor, out: torch.Tensor, threads: T
 
     Each thread decodes into, and takes each update's delta in, two scratch blocks of its own, allocated
     once per entry: a fresh 1 MiB tensor per block is a fresh mapping whose pages fault in on first touch,
-    which cost as much as the arithmetic (docs/merge-engine.md, "Row blocks")."""
+    which cost as much as the arithmetic (docs/merge-engine.md, "Blocks of rows")."""
     step = row_step(tuple(stored.shape))
     starts = list(range(0, stored.shape[0], step))
     decoder = entry.decoder
     chain = entry.chain
     per_row = stored[:1].numel()
+    # one delta added to a plain cast: widening, the addition, the rounding and the finite check in one pass
+    # of the C kernel (adaptools_packed_add), which gives torch's bits for every finite result
+    fused = (len(chain) == 1 and chain[0].row_delta is not None and chain[0].kind == UpdateKind.DELTA
+             and packed_available() and stored.dtype in KINDS and out.dtype in KINDS
+             and stored.is_contiguous() and out.is_contiguous())
 
     def run(block_starts: Sequence[int]) -> None:
         if chain:  # elementwise decoders are plain casts: decoded straight into the scratch block
@@ -125,7 +131,15 @@ def merge_rows(entry: Entry, stored: torch.Tensor, out: torch.Tensor, threads: T
         for start in block_starts:
             rows = slice(start, start + step)
             block = stored[rows]
-            if chain:
+            if fused:
+                shape = tuple(block.shape)
+                delta = chain[0].row_delta(rows, scratch[:block.numel()].view(shape))  # type: ignore[index,misc]
+                if not add_rounded(block, delta, out[rows]):
+                    continue  # every result finite: nothing to check
+                # a NaN or infinity: the torch steps again, so that its bits (NaN payloads) are torch's
+                current = decoded[:block.numel()].view(shape).copy_(block)
+                out[rows].copy_(current.add_(delta))
+            elif chain:
                 shape = tuple(block.shape)
                 current = decoded[:block.numel()].view(shape).copy_(block)
                 for update in chain:
