@@ -12,6 +12,7 @@ their own torch path, which must give the same bits.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from .kernels import load_kernel, split
 
 #: The library's interface version (``adaptools_packed_abi``).
-ABI = 1
+ABI = 2
 #: The kernel's codes for the result dtypes.
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: int64 scratch entries per thread (4 x the kernel's TILE).
@@ -39,6 +40,10 @@ def _load(here: Path | None = None) -> Any:
         ptr, i64, i64, c_int, c_int, ptr, ptr, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, i64, i64, c_int, ptr,
         ptr, i64, i64]
     lib.adaptools_packed_dequantize.restype = None
+    lib.adaptools_packed_fp8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int, ptr, i64, i64]
+    lib.adaptools_packed_fp8.restype = None
+    lib.adaptools_packed_add.argtypes = [ptr, c_int, ptr, ptr, c_int, i64]
+    lib.adaptools_packed_add.restype = i64
     return lib
 
 
@@ -111,3 +116,47 @@ def dequantize_packed(words: torch.Tensor, bits: int, shape: tuple[int, int], sc
     if words.numel() and rows and cols:
         split(rows, work)
     return out
+
+
+@functools.cache
+def fp8_values() -> torch.Tensor:
+    """The 256 float8_e4m3fn codes' float32 values, as torch converts them (NaN for 0x7F and 0xFF)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """The ``[rows, cols]`` result ``(codes.float() * scale).to(dtype)``, one scale per ``block`` tile from the
+    row-major grid ``scales`` (``[ceil(rows / block[0]), ceil(cols / block[1])]``, any float dtype, widened to
+    float32). The same bits as that torch expression, and as the product computed in a 16-bit ``dtype`` with
+    16-bit scales (docs/plugins.md, "FP8 codes"). Requires :func:`packed_available`."""
+    assert LIB is not None
+    rows, cols = codes.shape
+    brow, bcol = max(1, block[0]), max(1, block[1])
+    grid = (-(-rows // brow), -(-cols // bcol))
+    if codes.dtype != torch.float8_e4m3fn or codes.dim() != 2 or tuple(scales.shape) != grid:
+        raise ValueError(f"dequantize_fp8 needs 2-D float8_e4m3fn codes and a {list(grid)} scale grid")
+    codes, factors = codes.contiguous(), scales.to(torch.float32).contiguous()
+    out = torch.empty((rows, cols), dtype=dtype)
+    table = fp8_values()
+    kind = KINDS[dtype]
+
+    def work(t0: int, t1: int) -> None:
+        LIB.adaptools_packed_fp8(codes.data_ptr(), factors.data_ptr(), table.data_ptr(), rows, cols, brow, bcol,
+                                 grid[1], kind, out.data_ptr(), t0, t1)
+
+    if rows and cols:
+        split(grid[0], work)
+    return out
+
+
+def add_rounded(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> int:
+    """``out = (base.float() + delta).to(out.dtype)`` in one pass, returning how many results are not finite
+    (then compute it again in torch: NaN payloads are torch's to choose). Contiguous tensors of the same number
+    of elements; ``delta`` float32, ``base`` and ``out`` of :data:`KINDS`. Requires :func:`packed_available`."""
+    assert LIB is not None
+    if not (base.is_contiguous() and delta.is_contiguous() and out.is_contiguous()) or delta.dtype != torch.float32 \
+            or not base.numel() == delta.numel() == out.numel():
+        raise ValueError("add_rounded needs contiguous tensors of one size and a float32 delta")
+    return int(LIB.adaptools_packed_add(base.data_ptr(), KINDS[base.dtype], delta.data_ptr(), out.data_ptr(),
+                                        KINDS[out.dtype], base.numel()))

@@ -153,6 +153,9 @@ if TYPE_CHECKING:
         check_output as check_output,
     )
     from .packed import (
+        dequantize_fp8 as dequantize_fp8,
+    )
+    from .packed import (
         dequantize_packed as dequantize_packed,
     )
     from .packed import (
@@ -320,7 +323,7 @@ EXPORTS = {
     "compile_pattern": ".patterns", "match_pattern": ".patterns",
     "count_nonfinite": ".finite", "atomic_output": ".outputs", "check_output": ".outputs",
     "progress_bar": ".progress", "load_kernel": ".kernels", "split": ".kernels",
-    "dequantize_packed": ".packed", "packed_available": ".packed",
+    "dequantize_packed": ".packed", "packed_available": ".packed", "dequantize_fp8": ".packed",
     "describe_packed": ".packed",
 }
 

@@ -151,7 +151,10 @@ class TensorUpdate:
     ``fn(current, original)`` gets fp32 tensors on the merge device and returns the new value; it may
     modify ``current`` in place but never ``original``. ``rows``, when given, is the same update restricted
     to a block of rows (``rows(current_rows, row_slice)``), which lets the merge stream a large tensor
-    through the CPU cache block by block; it must give bit-identical results to ``fn``.
+    through the CPU cache block by block; it must give bit-identical results to ``fn``. ``row_delta``, when
+    given for a ``delta``, is what ``rows`` adds, written into a scratch block (``row_delta(row_slice, out)``
+    returns ``out`` holding the block's delta): ``rows(current, sl)`` must equal ``current + row_delta(sl, ·)``
+    bit for bit. The engine then adds it to its own decoded block, allocating nothing per block.
     """
 
     target: str
@@ -161,6 +164,7 @@ class TensorUpdate:
     source: str = ""  # which adapter tensors, for messages
     rows: Callable[[torch.Tensor, slice], torch.Tensor] | None = None
     needs_original: bool = False  # fn reads ``original`` (DoRA norms), so it must not alias ``current``
+    row_delta: Callable[[slice, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         try:

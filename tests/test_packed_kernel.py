@@ -112,6 +112,36 @@ def test_compressed_tensors_kernel_is_the_torch_decoder(seed, bits, rows, groups
               torch_path(ct.dequantize, layout, weight, scale, zero, dtype))
 
 
+@FAST
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 300), cols=st.integers(1, 300),
+       strategy=st.sampled_from(["tensor", "channel", "group", "block"]), group=st.sampled_from([8, 16, 32]),
+       block=st.sampled_from([(1, 1), (7, 5), (128, 128), (16, 300)]), dtype=st.sampled_from(DTYPES),
+       special=st.booleans())
+def test_compressed_tensors_fp8_kernel_is_the_torch_decoder(seed, rows, cols, strategy, group, block, dtype,
+                                                             special):
+    """Every one of the 256 fp8 codes (NaN included) times scales of each dtype, tiles partial at the edges."""
+    g = torch.Generator().manual_seed(seed)
+    if strategy == "group":
+        cols = group * -(-cols // group)
+    scheme = Scheme("float-quantized", 8, "float", strategy, True, group if strategy == "group" else 0,
+                    block if strategy == "block" else (0, 0))
+    layout = Layout(scheme, (rows, cols), "", ())
+    weight = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    grid = {"tensor": (1, 1), "channel": (rows, 1), "group": (rows, cols // group),
+            "block": (-(-rows // block[0]), -(-cols // block[1]))}[strategy]
+    scale = scales_of(g, grid, dtype, special).reshape((1,) if strategy == "tensor" else grid)
+    scale = scale * torch.tensor(2.0, dtype=dtype) ** torch.randint(-20, 20, grid, generator=g).to(dtype).reshape(
+        scale.shape)  # 16-bit scales of many magnitudes: products near each dtype's subnormal and overflow edges
+    same_bits(ct.dequantize(layout, weight, scale, None, dtype),
+              torch_path(ct.dequantize, layout, weight, scale, None, dtype))
+
+
+def test_the_fp8_kernel_refuses_a_scale_grid_of_the_wrong_shape():
+    codes = torch.zeros((4, 6), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="scale grid"):
+        plugin.dequantize_fp8(codes, torch.ones(2, 2), (2, 2), torch.float32)  # 6 columns of 2: 3 tiles a row
+
+
 def ct_pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Zero-point codes ``[rows, groups]`` packed along the rows (column j of ``[groups, rows]`` words), the
     layout codec.zero_points reads back."""

@@ -23,7 +23,7 @@
  */
 #include "adaptools_kernel.h"
 
-int adaptools_packed_abi(void) { return 1; }
+int adaptools_packed_abi(void) { return 2; }
 
 int adaptools_packed_isa(void) { return adaptools_isa(); }
 
@@ -126,4 +126,122 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
             }
         }
     }
+}
+
+/* float8_e4m3fn codes times a float32 scale per tile (docs/plugins.md, "FP8 codes"):
+ *
+ *     out[r][c] = to_dtype(lut[code(r, c)] * scale[r / brow][c / bcol])
+ *
+ * the product in float32, then one rounding to the output dtype: the bits of the torch expression
+ * `(codes.float() * scales).to(dtype)`. `lut` holds the 256 codes' float32 values as torch converts them (NaN
+ * for 0x7F and 0xFF). A 16-bit scale widened to float32 gives torch's 16-bit product too: its significand times
+ * the code's 4 bits is exact in float32, so the only rounding is the final one (docs/plugins.md). Tiles are
+ * `brow` x `bcol` (the last row and column of tiles may be partial); the grid is row-major with `gcols` tiles a
+ * row. The work covers the rows of tiles [t0, t1). Measured reason for C: torch converts float8 to 16 bits
+ * at about 5 ns a value on one core, 5 s for a 1.1B model (benchmarks/ct_bases.py). */
+MULTIVERSION
+void adaptools_packed_fp8(const uint8_t *codes, const float *scale, const float *lut, int64_t rows, int64_t cols,
+                          int64_t brow, int64_t bcol, int64_t gcols, int out_kind, void *out, int64_t t0, int64_t t1) {
+    for (int64_t r = t0 * brow; r < rows && r < t1 * brow; r++) {
+        const uint8_t *src = codes + r * cols;
+        const float *scales = scale + (r / brow) * gcols;
+        for (int64_t c0 = 0; c0 < cols; c0 += bcol) {
+            const int64_t c1 = c0 + bcol < cols ? c0 + bcol : cols;
+            const float s = scales[c0 / bcol];
+            if (out_kind == 0) {
+                float *dst = (float *)out + r * cols;
+                for (int64_t c = c0; c < c1; c++) dst[c] = lut[src[c]] * s;
+            } else if (out_kind == 1) {
+                uint16_t *dst = (uint16_t *)out + r * cols;
+                for (int64_t c = c0; c < c1; c++) dst[c] = f32_to_bf16(lut[src[c]] * s);
+            } else {
+                uint16_t *dst = (uint16_t *)out + r * cols;
+                for (int64_t c = c0; c < c1; c++) dst[c] = f32_to_f16(lut[src[c]] * s);
+            }
+        }
+    }
+}
+
+/* The merge's last step on a block of rows (docs/merge-engine.md, "Blocks of rows"):
+ *
+ *     out[i] = to_dtype(float32(base[i]) + delta[i])
+ *
+ * one float32 addition, then one rounding to the output dtype: the bits of torch's
+ * `base.float().add_(delta)` then `out.copy_(...)`. base_kind and out_kind: 0 = float32, 1 = bfloat16,
+ * 2 = float16. Returns how many results are not finite; the caller then computes the block again in torch,
+ * so that NaN payloads, which this kernel does not promise to match, are torch's own. Measured reason for
+ * C: the torch steps are four passes over each block (widen, add, round, the finite sum), this is one. */
+/* bfloat16 rounding without f32_to_bf16's NaN branch, so that the loops below vectorize: a NaN may come out as
+ * anything here, and is counted from the float32 sum instead (the caller then redoes the block in torch). */
+static inline uint16_t bf16_finite(float f) {
+    const uint32_t u = bits_of(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float widen(const void *base, int kind, int64_t i) {
+    if (kind == 0) return ((const float *)base)[i];
+    if (kind == 1) return bf16_to_f32(((const uint16_t *)base)[i]);
+    return f16_to_f32(((const uint16_t *)base)[i]);
+}
+
+#define NONFINITE(u) ((uint32_t)(((u) & 0x7f800000u) == 0x7f800000u))
+
+/* One loop per pair of kinds, each simple enough for the compiler to vectorize. */
+
+MULTIVERSION
+int64_t adaptools_packed_add(const void *base, int base_kind, const float *delta, void *out, int out_kind, int64_t n) {
+    uint32_t bad = 0;
+    int64_t total = 0;
+    const uint16_t *b16 = (const uint16_t *)base;
+    const float *b32 = (const float *)base;
+    uint16_t *o16 = (uint16_t *)out;
+    float *o32 = (float *)out;
+    /* counts are summed per chunk in 32 bits (vectorizes), then added to a 64-bit total */
+    for (int64_t start = 0; start < n; start += 1 << 20) {
+        const int64_t stop = n - start < (1 << 20) ? n : start + (1 << 20);
+        bad = 0;
+        if (base_kind == 1 && out_kind == 1) {
+            for (int64_t i = start; i < stop; i++) {
+                const float v = bf16_to_f32(b16[i]) + delta[i];
+                const uint16_t h = bf16_finite(v);
+                o16[i] = h;
+                bad += NONFINITE(bits_of(v)) | NONFINITE((uint32_t)h << 16);
+            }
+        } else if (out_kind == 1) {
+            for (int64_t i = start; i < stop; i++) {
+                const float v = widen(base, base_kind, i) + delta[i];
+                const uint16_t h = bf16_finite(v);
+                o16[i] = h;
+                bad += NONFINITE(bits_of(v)) | NONFINITE((uint32_t)h << 16);
+            }
+        } else if (base_kind == 2 && out_kind == 2) {
+            for (int64_t i = start; i < stop; i++) {
+                const float v = f16_to_f32(b16[i]) + delta[i];
+                const uint16_t h = f32_to_f16(v);
+                o16[i] = h;
+                bad += NONFINITE(bits_of(v)) | (uint32_t)((h & 0x7c00u) == 0x7c00u);
+            }
+        } else if (out_kind == 2) {
+            for (int64_t i = start; i < stop; i++) {
+                const float v = widen(base, base_kind, i) + delta[i];
+                const uint16_t h = f32_to_f16(v);
+                o16[i] = h;
+                bad += NONFINITE(bits_of(v)) | (uint32_t)((h & 0x7c00u) == 0x7c00u);
+            }
+        } else if (base_kind == 0) {
+            for (int64_t i = start; i < stop; i++) {
+                const float v = b32[i] + delta[i];
+                o32[i] = v;
+                bad += NONFINITE(bits_of(v));
+            }
+        } else {
+            for (int64_t i = start; i < stop; i++) {
+                const float v = widen(base, base_kind, i) + delta[i];
+                o32[i] = v;
+                bad += NONFINITE(bits_of(v));
+            }
+        }
+        total += bad;
+    }
+    return total;
 }

@@ -19,7 +19,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..finite import count_nonfinite
-from ..interfaces import Backend, BaseTensor, TensorUpdate
+from ..interfaces import Backend, BaseTensor, TensorUpdate, UpdateKind
+from ..packed import KINDS, add_rounded, packed_available
 from ..safetensors_io import DTYPES
 from .entries import CAST, Entry
 from .quantized import Survival, survival
@@ -105,22 +106,50 @@ def decode_rows(decoder: Backend | None, stored: torch.Tensor, rows: slice) -> t
 def merge_rows(entry: Entry, stored: torch.Tensor, out: torch.Tensor, threads: ThreadPoolExecutor | None = None,
                workers: int = 1) -> None:
     """Compute ``entry`` into ``out`` a block of rows at a time, the blocks shared over ``workers`` threads
-    (torch releases the GIL in its kernels). Bit-identical to the whole-tensor computation."""
+    (torch releases the GIL in its kernels). Bit-identical to the whole-tensor computation.
+
+    Each thread decodes into, and takes each update's delta in, two scratch blocks of its own, allocated
+    once per entry: a fresh 1 MiB tensor per block is a fresh mapping whose pages fault in on first touch,
+    which cost as much as the arithmetic (docs/merge-engine.md, "Blocks of rows")."""
     step = row_step(tuple(stored.shape))
     starts = list(range(0, stored.shape[0], step))
     decoder = entry.decoder
     chain = entry.chain
+    per_row = stored[:1].numel()
+    # one delta added to a plain cast: widening, the addition, the rounding and the finite check in one pass
+    # of the C kernel (adaptools_packed_add), which gives torch's bits for every finite result
+    fused = (len(chain) == 1 and chain[0].row_delta is not None and chain[0].kind == UpdateKind.DELTA
+             and packed_available() and stored.dtype in KINDS and out.dtype in KINDS
+             and stored.is_contiguous() and out.is_contiguous())
 
     def run(block_starts: Sequence[int]) -> None:
+        if chain:  # elementwise decoders are plain casts: decoded straight into the scratch block
+            size = min(step, stored.shape[0]) * per_row
+            decoded = torch.empty(size, dtype=torch.float32)
+            scratch = torch.empty(size, dtype=torch.float32) if any(
+                u.row_delta is not None and u.kind == UpdateKind.DELTA for u in chain) else None
         for start in block_starts:
             rows = slice(start, start + step)
-            if chain:
-                current = decoder.decode(stored[rows])  # type: ignore[union-attr]
+            block = stored[rows]
+            if fused:
+                shape = tuple(block.shape)
+                delta = chain[0].row_delta(rows, scratch[:block.numel()].view(shape))  # type: ignore[index,misc]
+                if not add_rounded(block, delta, out[rows]):
+                    continue  # every result finite: nothing to check
+                # a NaN or infinity: the torch steps again, so that its bits (NaN payloads) are torch's
+                current = decoded[:block.numel()].view(shape).copy_(block)
+                out[rows].copy_(current.add_(delta))
+            elif chain:
+                shape = tuple(block.shape)
+                current = decoded[:block.numel()].view(shape).copy_(block)
                 for update in chain:
-                    current = update.rows(current, rows)  # type: ignore[misc]
+                    if scratch is not None and update.row_delta is not None and update.kind == UpdateKind.DELTA:
+                        current.add_(update.row_delta(rows, scratch[:block.numel()].view(shape)))
+                    else:
+                        current = update.rows(current, rows)  # type: ignore[misc]
                 out[rows].copy_(current)
             else:  # elementwise backends encode by casting: no fp32 copy for a plain cast
-                out[rows].copy_(stored[rows])
+                out[rows].copy_(block)
             check_finite(entry, out[rows], functools.partial(decode_rows, decoder, stored, rows))
 
     if threads is None or workers <= 1 or len(starts) < 2 * workers:

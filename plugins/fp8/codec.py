@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from adaptools import plugin
 from adaptools.plugin import InputError
 
 from . import native
@@ -105,7 +106,7 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     Computed as ``(w / 256) · (scale_inv · 256)`` when both factors are exact (:func:`widened`; a scale below
     2^120): the real product, hence its rounding, is the same. The caller has checked that ``scale_inv`` has
     the grid's shape (:func:`grid`)."""
-    if native.LIB is not None and dtype in native.KINDS and weight.dim() == 2:
+    if native.LIB is not None and plugin.packed_available() and dtype in native.KINDS and weight.dim() == 2:
         return native.dequantize(weight, scale_inv, block, dtype)
     out = torch.empty(tuple(weight.shape), dtype=dtype)
     for rows, tiles in _tile_rows(tuple(weight.shape), block):

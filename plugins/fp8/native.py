@@ -8,7 +8,6 @@ off; a build without a C compiler has none, and codec.py then runs the torch exp
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_fp8_abi``); a library built from other sources is not called.
-ABI = 2
+ABI = 3
 #: The kernels' codes for the dense dtypes.
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -29,8 +28,6 @@ def _load(here: Path | None = None) -> Any:
         return None
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.adaptools_fp8_isa.restype = c_int
-    lib.adaptools_fp8_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, c_int, ptr, i64, i64]
-    lib.adaptools_fp8_dequantize.restype = None
     lib.adaptools_fp8_quantize.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
     lib.adaptools_fp8_quantize.restype = None
     return lib
@@ -45,28 +42,11 @@ def describe() -> str:
     return f"native kernel ({'avx2' if LIB.adaptools_fp8_isa() == 2 else 'baseline'})"
 
 
-@functools.cache
-def lut() -> torch.Tensor:
-    """The 256 float8_e4m3fn codes' float32 values, as torch converts them (NaN for 0x7F and 0xFF)."""
-    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
-
-
 def dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
                ) -> torch.Tensor:
-    """codec.dequantize in the kernel (the caller checked the kernel is loaded and ``dtype`` is in KINDS)."""
-    assert LIB is not None
-    rows, cols = codes.shape
-    codes, scale_inv = codes.contiguous(), scale_inv.to(torch.float32).contiguous()
-    out = torch.empty((rows, cols), dtype=dtype)
-    table = lut()
-    tiles, gcols = scale_inv.shape
-
-    def work(t0: int, t1: int) -> None:
-        LIB.adaptools_fp8_dequantize(codes.data_ptr(), scale_inv.data_ptr(), table.data_ptr(), rows, cols,
-                                     block[0], block[1], gcols, KINDS[dtype], out.data_ptr(), t0, t1)
-
-    plugin.split(tiles, work)
-    return out
+    """codec.dequantize in the shared fp8 kernel (adaptools' ``dequantize_fp8``, which compressed-tensors' FP8
+    weights use too); the caller checked that it is loaded and ``dtype`` is in KINDS."""
+    return plugin.dequantize_fp8(codes, scale_inv.to(torch.float32), block, dtype)
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int], grid: tuple[int, int]

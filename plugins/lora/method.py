@@ -302,19 +302,23 @@ class LoRA(plugin.AdapterMethod, plugin.Mergeable, plugin.LowRankAlgebra, plugin
             merged: torch.Tensor = factor * (current + d)  # (Tensor.norm is unannotated in torch)
             return merged if weight == 1.0 else current + weight * (merged - current)
 
-        rows = None
+        rows = row_delta = None
         if layout == "linear" and magnitude is None and not recompute:
             factors: dict[str, torch.Tensor] = {}
             lock = threading.Lock()  # the merge calls rows() from several threads
 
-            def rows(current: torch.Tensor, sl: slice) -> torch.Tensor:
-                # The same arithmetic as fn on a block of rows: (B[rows] @ A) * s, then one add.
+            def row_delta(sl: slice, out: torch.Tensor) -> torch.Tensor:
+                # The same arithmetic as fn on a block of rows: (B[rows] @ A) * s, into the engine's scratch.
                 with lock:
                     if not factors:  # read once per merge, not once per block
-                        factors["a"], factors["b"] = read_factors(current.device)
-                return current.add_((factors["b"][sl] @ factors["a"]).mul_(s))
+                        factors["a"], factors["b"] = read_factors(out.device)
+                return torch.mm(factors["b"][sl], factors["a"], out=out).mul_(s)
+
+            def rows(current: torch.Tensor, sl: slice) -> torch.Tensor:
+                return current.add_(row_delta(sl, torch.empty_like(current)))
 
         updates = [TensorUpdate(target, "delta", fn, source=f"{a_name}, {b_name}", rows=rows,
+                                row_delta=row_delta,
                                 needs_original=magnitude is not None or recompute)]
         if "lora_bias" in roles:
             bias_name = roles["lora_bias"]

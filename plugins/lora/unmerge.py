@@ -78,7 +78,7 @@ def _inverse(update: TensorUpdate, dtype: torch.dtype) -> TensorUpdate:
         assert rows is not None  # given only where the update has rows
         return _undo(current, lambda x: rows(x, sl), dtype)
 
-    return replace(update, fn=undo_fn, rows=None if rows is None else undo_rows)
+    return replace(update, fn=undo_fn, rows=None if rows is None else undo_rows, row_delta=None)
 
 
 def _undo(current: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@
  */
 #include "adaptools_kernel.h"
 
-int adaptools_fp8_abi(void) { return 2; }
+int adaptools_fp8_abi(void) { return 3; }
 
 int adaptools_fp8_isa(void) { return adaptools_isa(); }
 
@@ -34,31 +34,7 @@ static inline uint8_t e4m3fn_of_clamped(float f) {
     return (uint8_t)(result | (sign >> 24));
 }
 
-/* out_kind: 0 = float32, 1 = bfloat16, 2 = float16. `lut` holds the 256 codes' float32 values (NaN for
- * 0x7F and 0xFF), so a NaN code decodes to NaN as in torch. */
-MULTIVERSION
-void adaptools_fp8_dequantize(const uint8_t *codes, const float *scale_inv, const float *lut, int64_t rows,
-                              int64_t cols, int64_t brow, int64_t bcol, int64_t gcols, int out_kind, void *out,
-                              int64_t t0, int64_t t1) {
-    for (int64_t r = t0 * brow; r < rows && r < t1 * brow; r++) {
-        const uint8_t *src = codes + r * cols;
-        const float *scales = scale_inv + (r / brow) * gcols;
-        for (int64_t c0 = 0; c0 < cols; c0 += bcol) {
-            const int64_t c1 = c0 + bcol < cols ? c0 + bcol : cols;
-            const float s = scales[c0 / bcol];
-            if (out_kind == 0) {
-                float *dst = (float *)out + r * cols;
-                for (int64_t c = c0; c < c1; c++) dst[c] = lut[src[c]] * s;
-            } else if (out_kind == 1) {
-                uint16_t *dst = (uint16_t *)out + r * cols;
-                for (int64_t c = c0; c < c1; c++) dst[c] = f32_to_bf16(lut[src[c]] * s);
-            } else {
-                uint16_t *dst = (uint16_t *)out + r * cols;
-                for (int64_t c = c0; c < c1; c++) dst[c] = f32_to_f16(lut[src[c]] * s);
-            }
-        }
-    }
-}
+/* Dequantization is adaptools' shared kernel (adaptools/csrc/packed_kernels.c, adaptools_packed_fp8). */
 
 /* One row of the input as float32 (exact widening). */
 static void widen_row(const void *input, int in_kind, int64_t offset, int64_t n, float *row) {
