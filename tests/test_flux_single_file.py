@@ -114,11 +114,24 @@ def test_full_width_names_match_diffusers_conversion():
     assert all(opened.tensors[n] == stored[opened.pieces[n][0]] for n in final)
 
 
-def transformer_only(lora, out, drop=()):
-    """The fixture LoRA without the text encoder (a transformer-only single file) and the keys starting with
-    ``drop``."""
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_the_final_modulation_reads_in_diffusers_order(built, singles, prefix):
+    """Read through the opened checkpoint (what ``lora init`` reads), the final modulation's weight and bias are
+    the diffusers tensors, halves in diffusers' order; the stored ones are not (the test could fail)."""
+    from adaptools.plugin import Checkpoint
+
+    checkpoint = Checkpoint.open(singles[prefix])
+    state, stored = transformer_state(built["pipe"]), load_file(str(singles[prefix]))
+    for param in ("weight", "bias"):
+        theirs = state[f"norm_out.linear.{param}"]
+        assert torch.equal(checkpoint.read(f"transformer.norm_out.linear.{param}"), theirs)
+        assert not torch.equal(stored[f"{prefix}final_layer.adaLN_modulation.1.{param}"], theirs)
+
+
+def transformer_only(lora, out):
+    """The fixture LoRA without the text encoder (a transformer-only single file)."""
     with safe_open(str(lora), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(TRANSFORMER_KEYS) and not k.startswith(drop)}
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(TRANSFORMER_KEYS)}
         metadata = f.metadata()
     save_file(state, str(out), metadata=metadata)
     return out

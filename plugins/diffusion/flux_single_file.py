@@ -113,7 +113,7 @@ def present_flux(path: Path, stored: dict[str, TensorInfo], metadata: dict[str, 
     return opened
 
 
-def _swap(rows: torch.Tensor) -> torch.Tensor:
+def swap_halves(rows: torch.Tensor) -> torch.Tensor:
     """The tensor with its two row halves exchanged (its own inverse; the rows are even, present_flux checked)."""
     half = rows.shape[0] // 2
     return torch.cat((rows[half:], rows[:half]))
@@ -121,7 +121,7 @@ def _swap(rows: torch.Tensor) -> torch.Tensor:
 
 def _through_swap(update: TensorUpdate) -> TensorUpdate:
     def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        return _swap(update.fn(_swap(current), _swap(original)))
+        return swap_halves(update.fn(swap_halves(current), swap_halves(original)))
 
     # no row blocks: a block of stored rows is not a block of the update's rows
     return replace(update, fn=fn, rows=None, row_delta=None)
