@@ -121,7 +121,9 @@ def swap_halves(rows: torch.Tensor) -> torch.Tensor:
 
 def _through_swap(update: TensorUpdate) -> TensorUpdate:
     def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        return swap_halves(update.fn(swap_halves(current), swap_halves(original)))
+        swapped = swap_halves(current)
+        # an update that does not read the original may be handed it aliasing current (TensorUpdate's contract)
+        return swap_halves(update.fn(swapped, swap_halves(original) if update.needs_original else swapped))
 
     # no row blocks: a block of stored rows is not a block of the update's rows
     return replace(update, fn=fn, rows=None, row_delta=None)
