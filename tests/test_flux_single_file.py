@@ -7,7 +7,8 @@ it is the transformer's state dict, key for key and byte for byte. That converte
 (``inner_dim = 3072``, the split of a single block's ``linear1``), so on the tiny model it runs with that one
 constant set to the tiny width (nothing else changed); at FLUX.1's real width it runs unchanged, on meta
 tensors (names and shapes). A merged file converted back equals diffusers' ``load_lora_weights`` +
-``fuse_lora``, bit for bit in fp32 (docs/diffusion.md, "Flux single files")."""
+``fuse_lora``, bit for bit in fp32, the final layer's modulation included (stored with its two row halves in
+the other order from diffusers'; docs/diffusion.md, "Flux single files")."""
 
 from __future__ import annotations
 
@@ -22,9 +23,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 PREFIXES = ("", "model.diffusion_model.")
-#: the final layer's modulation, which merges into a single file do not support yet (row halves swapped)
-FINAL = ("lora_unet_final_layer_adaLN_modulation_1", "diffusion_model.final_layer.adaLN_modulation.1",
-         "transformer.norm_out.linear.")
 #: the transformer's keys in each style (the text encoder's are left out)
 TRANSFORMER_KEYS = ("lora_unet_", "diffusion_model.", "transformer.")
 
@@ -104,32 +102,47 @@ def test_full_width_names_match_diffusers_conversion():
         stored[key] = TensorInfo("F32", tuple(value.shape), offset, offset + 4 * value.numel())
         offset += 4 * value.numel()
     opened = present_flux(__import__("pathlib").Path("flux1-dev.safetensors"), stored, {})
-    linear = {k for k, m in model.named_modules() if isinstance(m, torch.nn.Linear) and k != "norm_out.linear"}
+    linear = {k for k, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for module in linear:
         for param in ("weight", "bias"):
             info = opened.tensors[f"transformer.{module}.{param}"]
             assert info.shape == tuple(state[f"{module}.{param}"].shape), module
-    assert "final_layer.adaLN_modulation.1.weight" in opened.tensors  # kept under its stored name
+    # the final modulation is presented whole (all of the stored bytes), its halves exchanged on merging
+    final = {f"transformer.norm_out.linear.{p}" for p in ("weight", "bias")}
+    assert opened.swapped == final
+    assert all(opened.pieces[n] == (f"final_layer.adaLN_modulation.1.{n.rpartition('.')[2]}", None) for n in final)
+    assert all(opened.tensors[n] == stored[opened.pieces[n][0]] for n in final)
 
 
-def without_final(lora, out):
-    """The BFL-named fixture LoRA without the final modulation's layer and the text encoder (a transformer-only
-    single file)."""
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_the_final_modulation_reads_in_diffusers_order(built, singles, prefix):
+    """Read through the opened checkpoint (what ``lora init`` reads), the final modulation's weight and bias are
+    the diffusers tensors, halves in diffusers' order; the stored ones are not (the test could fail)."""
+    from adaptools.plugin import Checkpoint
+
+    checkpoint = Checkpoint.open(singles[prefix])
+    state, stored = transformer_state(built["pipe"]), load_file(str(singles[prefix]))
+    for param in ("weight", "bias"):
+        theirs = state[f"norm_out.linear.{param}"]
+        assert torch.equal(checkpoint.read(f"transformer.norm_out.linear.{param}"), theirs)
+        assert not torch.equal(stored[f"{prefix}final_layer.adaLN_modulation.1.{param}"], theirs)
+
+
+def transformer_only(lora, out):
+    """The fixture LoRA without the text encoder (a transformer-only single file)."""
     with safe_open(str(lora), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(FINAL) and k.startswith(TRANSFORMER_KEYS)}
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(TRANSFORMER_KEYS)}
         metadata = f.metadata()
     save_file(state, str(out), metadata=metadata)
     return out
 
 
 def fused_transformer(pipe, lora):
-    """The transformer after diffusers loads ``lora`` and fuses it, the final modulation's LoRA zeroed (what
-    :func:`without_final` leaves out adds nothing)."""
+    """The transformer after diffusers loads ``lora`` and fuses it (every layer, the final modulation's too)."""
     from diffusers.utils import recurse_remove_peft_layers
 
     model = loaded(pipe, lora)["transformer"]
-    with torch.no_grad():
-        model.norm_out.linear.lora_B["x"].weight.zero_()
+    assert "x" in model.norm_out.linear.lora_A and model.norm_out.linear.lora_B["x"].weight.abs().min() > 0
     model.fuse_lora(adapter_names=["x"])
     recurse_remove_peft_layers(model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -140,8 +153,10 @@ def fused_transformer(pipe, lora):
 def test_merge_equals_diffusers_fuse_lora(built, singles, prefix, style, tmp_path, cli_runner):
     """A LoRA in each key style merged into the single file, converted back, equals the transformer after diffusers'
     load_lora_weights + fuse_lora of the same LoRA (diffusers keys and LoraConfigs), bit for bit; the file keeps
-    the base's keys, order, dtypes and shapes, untouched tensors byte for byte, and adds the provenance."""
-    lora = without_final(built[style], tmp_path / "lora.safetensors")
+    the base's keys, order, dtypes and shapes, untouched tensors byte for byte, and adds the provenance. The
+    final modulation's factor is a full one: its stored row halves are exchanged against diffusers' and the
+    merge is still exact."""
+    lora = transformer_only(built[style], tmp_path / "lora.safetensors")
     out = tmp_path / "merged.safetensors"
     result = cli_runner("merge", singles[prefix], lora, out)
     assert result.exit_code == 0, result.output
@@ -149,8 +164,9 @@ def test_merge_equals_diffusers_fuse_lora(built, singles, prefix, style, tmp_pat
     base, merged = raw_tensors(singles[prefix]), raw_tensors(out)
     assert list(base) == list(merged) and all(base[k][:2] == merged[k][:2] for k in base)
     changed = {k for k in base if base[k] != merged[k]}
-    assert {f"{prefix}double_blocks.0.img_attn.qkv.weight", f"{prefix}single_blocks.0.linear1.weight"} <= changed
-    assert not any(k.endswith((".bias", ".scale")) or "adaLN" in k for k in changed)
+    assert {f"{prefix}double_blocks.0.img_attn.qkv.weight", f"{prefix}single_blocks.0.linear1.weight",
+            f"{prefix}final_layer.adaLN_modulation.1.weight"} <= changed
+    assert not any(k.endswith((".bias", ".scale")) for k in changed)
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
     assert metadata["modelspec.architecture"] == "tiny-flux" and "adaptools.provenance" in metadata
@@ -182,13 +198,45 @@ def test_an_fp16_file_stays_fp16_rounded_once(built, singles, tmp_path, cli_runn
     half = {k: v.half() for k, v in load_file(str(singles[""])).items()}
     save_file(half, str(tmp_path / "half.safetensors"))
     save_file({k: v.float() for k, v in half.items()}, str(tmp_path / "full.safetensors"))
-    lora = without_final(built["kohya"], tmp_path / "lora.safetensors")
+    lora = transformer_only(built["kohya"], tmp_path / "lora.safetensors")
     for name in ("half", "full"):
         result = cli_runner("merge", tmp_path / f"{name}.safetensors", lora, tmp_path / f"{name}-merged.safetensors")
         assert result.exit_code == 0, result.output
     merged, reference = (load_file(str(tmp_path / f"{n}-merged.safetensors")) for n in ("half", "full"))
     assert all(merged[k].dtype == torch.float16 and torch.equal(merged[k], reference[k].half()) for k in half)
     assert not torch.equal(merged["single_blocks.0.linear1.weight"], half["single_blocks.0.linear1.weight"])
+    final = "final_layer.adaLN_modulation.1.weight"
+    assert not torch.equal(merged[final], half[final])
+
+
+def test_the_exchange_is_exact_for_any_row_wise_update():
+    """swap_updates on a chain of updates that are not low-rank products (a per-row rescale reading the
+    original, as DoRA's norm does, and a bias delta): applied to the stored tensor (halves exchanged), the
+    result is the diffusers-order result with its halves exchanged, bit for bit; no row blocks are offered."""
+    from adaptools.plugin import TensorUpdate
+    from adaptools_plugins.diffusion.flux_single_file import swap_updates
+
+    torch.manual_seed(0)
+    weight, delta, magnitude = torch.randn(8, 5), torch.randn(8, 5), torch.rand(8, 1) + 0.5
+
+    def add(current, original):
+        return current.add_(delta)
+
+    def rescale(current, original):
+        return current * (magnitude / (original + delta).norm(dim=1, keepdim=True))
+
+    chain = (TensorUpdate("w", "delta", add, rows=lambda c, sl: c.add_(delta[sl])),
+             TensorUpdate("w", "delta", rescale, needs_original=True))
+    expected = weight.clone()
+    for update in chain:
+        expected = update.fn(expected, weight)
+    stored = torch.cat((weight[4:], weight[:4]))
+    got = stored.clone()
+    for update in swap_updates(chain):
+        assert update.rows is None and update.row_delta is None
+        got = update.fn(got, stored)
+    assert torch.equal(got, torch.cat((expected[4:], expected[:4])))
+    assert not torch.equal(got, expected)
 
 
 # --- hostile inputs: one clean line naming the file (and tensor), exit 2, nothing written --------------------
@@ -215,7 +263,7 @@ def test_a_fused_layer_that_does_not_split_is_refused(built, singles, tmp_path, 
            "double_blocks.0.txt_attn.qkv.bias": 93}[key]
     state[key] = state[key][:cut].contiguous()
     save_file(state, str(tmp_path / "edited.safetensors"))
-    lora = without_final(built["kohya"], tmp_path / "lora.safetensors")
+    lora = transformer_only(built["kohya"], tmp_path / "lora.safetensors")
     _refused(cli_runner, tmp_path / "edited.safetensors", lora, tmp_path, "edited.safetensors", key, "row blocks")
 
 
@@ -223,7 +271,7 @@ def test_a_truncated_single_file_is_refused(built, singles, tmp_path, cli_runner
     data = singles[""].read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
     last = list(raw_tensors(singles[""]))[-1]
-    lora = without_final(built["kohya"], tmp_path / "lora.safetensors")
+    lora = transformer_only(built["kohya"], tmp_path / "lora.safetensors")
     _refused(cli_runner, tmp_path / "cut.safetensors", lora, tmp_path, "cut.safetensors", last, "truncated")
 
 
@@ -237,18 +285,34 @@ def test_an_sd_lora_into_a_flux_file_is_refused(singles, tmp_path, cli_runner):
     _refused(cli_runner, singles[""], tmp_path / "sdxl.safetensors", tmp_path, "SDXL LoRA", "FLUX.1 single-file")
 
 
-@pytest.mark.parametrize("style", ["kohya", "comfy"])
-def test_a_lora_on_the_final_modulation_is_refused_for_now(built, singles, tmp_path, cli_runner, style):
+def test_a_final_modulation_of_odd_rows_is_refused(built, singles, tmp_path, cli_runner):
+    """Its shift and scale halves cannot be told apart; the file is refused on opening, naming the tensor."""
+    state = load_file(str(singles[""]))
+    key = "final_layer.adaLN_modulation.1.weight"
+    state[key] = state[key][:-1].contiguous()
+    save_file(state, str(tmp_path / "edited.safetensors"))
+    lora = transformer_only(built["kohya"], tmp_path / "lora.safetensors")
+    _refused(cli_runner, tmp_path / "edited.safetensors", lora, tmp_path, "edited.safetensors", key, "halves")
+
+
+@pytest.mark.parametrize("style", ["diffusers", "kohya", "comfy"])
+def test_a_final_modulation_factor_of_odd_rows_is_refused(built, singles, tmp_path, cli_runner, style):
+    """An up factor one row short of the layer: its halves cannot be exchanged (BFL keys) nor does it fit the
+    layer (diffusers keys); refused in one line naming the factor."""
     with safe_open(str(built[style]), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("lora_unet_", "diffusion_model."))}
-    save_file(state, str(tmp_path / "lora.safetensors"))
-    _refused(cli_runner, singles[""], tmp_path / "lora.safetensors", tmp_path, "final_layer.adaLN_modulation.1",
-             "not support yet")
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(TRANSFORMER_KEYS)}
+        metadata = f.metadata()
+    up = next(k for k in state if ("adaLN" in k or "norm_out" in k) and ("lora_up" in k or "lora_B" in k))
+    state[up] = state[up][:-1].contiguous()
+    save_file(state, str(tmp_path / "lora.safetensors"), metadata=metadata)
+    factor = {"diffusers": "transformer.norm_out.linear.lora_", "kohya": "lora_unet_final_layer_adaLN_modulation_1.",
+              "comfy": "diffusion_model.final_layer.adaLN_modulation.1."}[style]
+    _refused(cli_runner, singles[""], tmp_path / "lora.safetensors", tmp_path, "lora.safetensors", factor)
 
 
 def test_a_flux_lora_into_an_sd_file_or_with_text_encoder_is_named(built, singles, tmp_path, cli_runner):
     """The fixture LoRA also adapts the CLIP text encoder, which a BFL transformer file does not hold."""
     lora = tmp_path / "with-te.safetensors"
     with safe_open(str(built["kohya"]), "pt") as f:
-        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith(FINAL)}, str(lora))
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(lora))
     _refused(cli_runner, singles[""], lora, tmp_path, "text_encoder.", "single file lacks")

@@ -3,17 +3,28 @@
 backend (single_file.py) and its container (single_file_writer.py): each linear layer's weight and bias under the
 diffusers name a LoRA uses (``transformer.transformer_blocks.0.attn.to_q.weight``; flux_names.py), as a byte
 range of the file. A fused ``qkv`` is three row blocks, a single block's ``linear1`` four (q, k, v as wide as
-the block's input, the MLP the rest), each contiguous bytes. Every other tensor (norms, and the final layer's
-modulation, whose two row halves diffusers orders the other way round so that no byte range is its diffusers
-tensor) keeps its stored name, so no adapter can change it (docs/diffusion.md, "Flux single files").
+the block's input, the MLP the rest), each contiguous bytes. Every other tensor (the norms) keeps its stored
+name, so no adapter can change it (docs/diffusion.md, "Flux single files").
+
+The final layer's modulation ``final_layer.adaLN_modulation.1`` is diffusers' ``norm_out.linear`` with its two
+row halves (shift, scale) in the other order, so no byte range is the diffusers tensor. It is presented whole
+under the diffusers name (its shape is the same) and marked ``swapped``; the container runs every update of it
+through the exchange (:func:`swap_updates`): the update sees the stored tensor with its halves exchanged (the
+diffusers tensor) and its result is exchanged back. Of the two exact ways this is the smaller: rows are only
+moved, never computed, so the bits are the diffusers merge's for any row-wise update (a LoRA's weight and
+lora_bias, DoRA's per-row norm) with no rule per method. Rewriting the adapter instead (``lora_B``'s row halves
+exchanged) is exact for a LoRA only, and no plugin hook reaches an adapter with the base it goes into.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from adaptools.plugin import InputError, TensorInfo
+import torch
+
+from adaptools.plugin import InputError, TensorInfo, TensorUpdate
 
 from .flux_names import Layer, from_bfl, split_rows
 from .single_file_layout import SingleFile
@@ -75,8 +86,16 @@ def present_flux(path: Path, stored: dict[str, TensorInfo], metadata: dict[str, 
     for key, info in stored.items():
         layer_path, _, param = key.removeprefix(prefix).rpartition(".")
         layer = from_bfl(layer_path) if key.startswith(prefix) and param in ("weight", "bias") else None
-        if layer is None or layer.swapped:
-            add(key, key, None, info)  # no adapter names it (or no byte range is its diffusers tensor)
+        if layer is None:
+            add(key, key, None, info)  # no adapter names it
+            continue
+        if layer.swapped:
+            if not info.shape or info.shape[0] % 2:
+                raise InputError(f"the final layer's modulation of shape {list(info.shape)} does not split into "
+                                 "its shift and scale halves", path=path, tensor=key,
+                                 hint="the file is corrupt or not a FLUX.1 checkpoint")
+            add(f"{layer.modules[0]}.{param}", key, None, info)
+            opened.swapped.add(f"{layer.modules[0]}.{param}")
             continue
         if not layer.fused:
             add(f"{layer.modules[0]}.{param}", key, None, info)
@@ -92,3 +111,25 @@ def present_flux(path: Path, stored: dict[str, TensorInfo], metadata: dict[str, 
             first += count
         opened.blocks[key] = len(rows)
     return opened
+
+
+def swap_halves(rows: torch.Tensor) -> torch.Tensor:
+    """The tensor with its two row halves exchanged (its own inverse; the rows are even, present_flux checked)."""
+    half = rows.shape[0] // 2
+    return torch.cat((rows[half:], rows[:half]))
+
+
+def _through_swap(update: TensorUpdate) -> TensorUpdate:
+    def fn(current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        swapped = swap_halves(current)
+        # an update that does not read the original may be handed it aliasing current (TensorUpdate's contract)
+        return swap_halves(update.fn(swapped, swap_halves(original) if update.needs_original else swapped))
+
+    # no row blocks: a block of stored rows is not a block of the update's rows
+    return replace(update, fn=fn, rows=None, row_delta=None)
+
+
+def swap_updates(chain: Sequence[TensorUpdate]) -> tuple[TensorUpdate, ...]:
+    """A chain of updates written for the diffusers tensor, applied to the stored one whose row halves are
+    exchanged: each update conjugated by the exchange (rows only move, so the bits are the diffusers merge's)."""
+    return tuple(_through_swap(u) for u in chain)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import torch
 
 from adaptools import plugin
 from adaptools.plugin import BaseInfo
 
-from .flux_single_file import is_flux_single_file, present_flux
+from .flux_single_file import is_flux_single_file, present_flux, swap_halves
 from .single_file_layout import SingleFile, components_of, is_single_file, present
 from .single_file_writer import SingleFileContainer
 
@@ -51,6 +53,14 @@ class SingleFileCheckpoint(plugin.Checkpoint):
     def base_info(self) -> BaseInfo:
         info = super().base_info()
         return PipelineNames(info.tensors, info.config, info.aliases, info.path)
+
+    def read(self, name: str, handle: BinaryIO | None = None) -> torch.Tensor:
+        """A presented tensor's value; one stored with its row halves exchanged (Flux's final modulation) is
+        given in the presented order, so whatever reads values through here (``lora init``) sees the diffusers
+        tensor. The merge reads the stored bytes and goes through the exchange itself (single_file_writer.py)."""
+        value = super().read(name, handle)
+        opened = getattr(self.opened_by, "base", None)
+        return swap_halves(value) if isinstance(opened, SingleFile) and name in opened.swapped else value
 
 
 class SingleFileBackend(plugin.Backend):

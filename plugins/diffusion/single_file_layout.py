@@ -44,6 +44,9 @@ class SingleFile:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     #: stored key -> how many row blocks it is presented as (those not named: three, OpenCLIP's q, k, v)
     blocks: dict[str, int] = field(default_factory=dict)
+    #: presented names whose stored tensor is the presented one with its two row halves exchanged (Flux's
+    #: final modulation); the container merges into them through the swap (flux_single_file.swap_updates)
+    swapped: set[str] = field(default_factory=set)
 
 
 def is_single_file(keys: Sequence[str]) -> bool:
@@ -120,8 +123,6 @@ def components_of(pieces: Mapping[str, Piece]) -> list[str]:
 
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "FLUX.1"}
-#: Flux's final modulation, which a BFL single file stores with its row halves swapped (flux_single_file.py)
-FLUX_FINAL = ("transformer.norm_out.linear.", "final_layer.adaLN_modulation.1")
 
 
 def family_mismatch(adapter: plugin.Adapter, base_config: Mapping[str, Any]) -> str | None:
@@ -135,9 +136,6 @@ def family_mismatch(adapter: plugin.Adapter, base_config: Mapping[str, Any]) -> 
     if family in FAMILY_NAMES and family != base["family"]:
         return (f"the adapter is an {FAMILY_NAMES[family]} LoRA ({why}); the base is an "
                 f"{FAMILY_NAMES.get(base['family'], base['family'])} single-file checkpoint")
-    if base["family"] == "flux" and any(n.startswith(FLUX_FINAL[0]) for n in adapter.tensor_names()):
-        return (f"the adapter changes the final layer's modulation ({FLUX_FINAL[0]}, stored as {FLUX_FINAL[1]} "
-                "with its row halves swapped), which merges into a Flux single file do not support yet")
     missing = sorted(n for n in adapter.tensor_names() if n.split(".", 1)[0] not in base["components"])
     if missing:
         return (f"{len(missing)} adapter tensor(s) name a component the single file lacks: "

@@ -22,6 +22,7 @@ import torch
 from adaptools import plugin
 from adaptools.plugin import InputError, TensorInfo, TensorSpec, UnsupportedOperationError
 
+from .flux_single_file import swap_updates
 from .single_file_layout import SingleFile
 
 PROVENANCE = "adaptools.provenance"
@@ -60,9 +61,14 @@ class SingleFileContainer(plugin.OutputContainer):
         return {}
 
     def warnings(self, plan: plugin.MergePlan) -> list[str]:
-        """Refuse what the file cannot hold: a tensor it does not store, or one of another shape or dtype."""
+        """Refuse what the file cannot hold: a tensor it does not store, or one of another shape or dtype. A
+        tensor stored with its row halves exchanged (Flux's final modulation) gets its updates through the
+        exchange, here, the one place that sees both the plan and the file, before anything is computed; no
+        other container writes a single-file base (a folder output refuses it), so none can skip this."""
         opened = opened_file(plan.checkpoint)
         for entry in plan.entries.values():
+            if entry.name in opened.swapped and entry.chain:
+                entry.chain = swap_updates(entry.chain)
             info = opened.tensors.get(entry.name)
             if info is None or tuple(entry.shape) != tuple(info.shape) or entry.dtype != info.dtype:
                 raise UnsupportedOperationError(
