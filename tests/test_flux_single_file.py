@@ -316,3 +316,15 @@ def test_a_flux_lora_into_an_sd_file_or_with_text_encoder_is_named(built, single
     with safe_open(str(built["kohya"]), "pt") as f:
         save_file({k: f.get_tensor(k) for k in f.keys()}, str(lora))
     _refused(cli_runner, singles[""], lora, tmp_path, "text_encoder.", "single file lacks")
+
+
+@pytest.mark.parametrize("container", ["safetensors", "gguf"])
+def test_other_containers_refuse_a_flux_single_file_base(built, singles, container, tmp_path, cli_runner):
+    """Only the single-file container knows the final modulation is presented in diffusers' row order (and
+    writes it back in BFL's): any other container must refuse such a base, not write the rows exchanged."""
+    lora = transformer_only(built["diffusers"], tmp_path / "lora.safetensors")
+    out = tmp_path / f"merged-{container}"
+    result = cli_runner("merge", singles[PREFIXES[0]], lora, out, "--to", container)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists()
