@@ -1,6 +1,6 @@
 """Build the NF4/FP4, FP8, GGUF and packed-integer kernel libraries (loaded with ctypes; pure-torch fallbacks
-give the same bytes, about ten times slower). Also finds the packages; everything else about the package lives
-in pyproject.toml.
+give the same bytes, about ten times slower; the packed one also holds the survival report's sums,
+csrc/norms.c). Also finds the packages; everything else about the package lives in pyproject.toml.
 
 A build without a working C compiler fails loudly rather than shipping a platform wheel without its
 kernel. ``ADAPTOOLS_NO_NATIVE=1`` builds a pure-Python wheel on purpose; ``adaptools plugins`` then says
@@ -24,7 +24,7 @@ setup(
     ext_modules=[
         Extension(
             "adaptools._packed_kernels",
-            sources=["adaptools/csrc/packed_kernels.c"],
+            sources=["adaptools/csrc/packed_kernels.c", "adaptools/csrc/norms.c"],
             include_dirs=["adaptools/csrc"],
             depends=["adaptools/csrc/adaptools_kernel.h"],
             # -fno-trapping-math lets the float16 rounding vectorize; it changes no value

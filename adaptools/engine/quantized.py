@@ -9,8 +9,11 @@ Small deltas (QLoRA's usually are) round away, which is why dequantize-merge is 
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..interfaces import Backend
+from ..kernels import load_kernel
 from .options import QuantizeOptions
 
 #: Parameters transformers never quantizes (output and input embeddings), matched by module name part.
@@ -95,9 +99,63 @@ def quantize_targets(checkpoint: Checkpoint, backend: Backend,
     return targets
 
 
+#: The norms kernel's interface version (``adaptools_norms_abi`` in csrc/norms.c).
+NORMS_ABI = 1
+#: The kernel's codes for the dtypes it widens (adaptools/packed.py's KINDS).
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _load_norms() -> Any:
+    """The survival report's C sums (csrc/norms.c, built into the packed-kernel library), or None."""
+    lib = load_kernel(Path(__file__).resolve().parent.parent, "_packed_kernels", "adaptools_norms", NORMS_ABI)
+    if lib is None:
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.adaptools_norms_distances.argtypes = [ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, ptr]
+    lib.adaptools_norms_distances.restype = None
+    lib.adaptools_norms_bytes_differ.argtypes = [ptr, ptr, i64, i64]
+    lib.adaptools_norms_bytes_differ.restype = i64
+    return lib
+
+
+#: None without a built kernel or with ``ADAPTOOLS_PACKED_PURE_TORCH=1``: then torch computes the same report.
+NORMS = None if os.environ.get("ADAPTOOLS_PACKED_PURE_TORCH") else _load_norms()
+
+
+def survival_norms(merged: torch.Tensor, base: torch.Tensor, requantized: torch.Tensor) -> tuple[float, float, float]:
+    """``‖merged − base‖, ‖requantized − base‖, ‖requantized − merged‖``: each difference in float32, squared
+    and summed in float64. In one pass of the C kernel over the three tensors when it is loaded and they are
+    contiguous float32/bfloat16/float16 of one size, else :func:`distances`; the two differ only in the order
+    of the sums. One thread: the pass is memory-bound, and a second thread made it no faster (docs/merge-engine.md,
+    "The survival report in C")."""
+    tensors = (merged, base, requantized)
+    n = merged.numel()
+    if NORMS is None or any(t.dtype not in _KINDS or not t.is_contiguous() or t.numel() != n or t.device.type != "cpu"
+                            for t in tensors):
+        norm, kept, wrong = distances([(merged, base), (requantized, base), (requantized, merged)])
+        return norm, kept, wrong
+    sums = (ctypes.c_double * 3)()
+    NORMS.adaptools_norms_distances(merged.data_ptr(), _KINDS[merged.dtype], base.data_ptr(), _KINDS[base.dtype],
+                                    requantized.data_ptr(), _KINDS[requantized.dtype], 0, n, sums)
+    return sums[0] ** 0.5, sums[1] ** 0.5, sums[2] ** 0.5
+
+
+def changed_share(old: torch.Tensor, new: torch.Tensor) -> float:
+    """The share of ``old``'s bytes that ``new`` changed (1 when their sizes differ)."""
+    a, b = old.reshape(-1).view(torch.uint8), new.reshape(-1).view(torch.uint8)
+    if a.numel() != b.numel():
+        return 1.0
+    n = a.numel()
+    if NORMS is None or not (a.is_contiguous() and b.is_contiguous()) or a.device.type != "cpu" \
+            or b.device.type != "cpu":
+        return int(torch.count_nonzero(a != b)) / max(1, n)
+    return int(NORMS.adaptools_norms_bytes_differ(a.data_ptr(), b.data_ptr(), 0, n)) / max(1, n)
+
+
 def distances(pairs: list[tuple[torch.Tensor, torch.Tensor]], chunk: int = 1 << 18) -> list[float]:
-    """‖a − b‖ for each pair of same-sized tensors, in fp32, a chunk of elements at a time and every pair in
-    the same pass (no full-size temporaries, each tensor read once per chunk; sums in float64)."""
+    """‖a − b‖ for each pair of same-sized tensors (:func:`survival_norms` without its kernel), in fp32, a chunk
+    of elements at a time and every pair in the same pass (no full-size temporaries, each tensor read once per
+    chunk; sums in float64)."""
     flat = [(a.reshape(-1), b.reshape(-1)) for a, b in pairs]
     totals = [0.0] * len(flat)
     for start in range(0, flat[0][0].numel() if flat else 0, chunk):
@@ -120,10 +178,7 @@ def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.
     the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces (``main``,
     when it is not stored under the parameter's own name), ``group`` what the backend encoded and
     ``requantized`` that group decoded again."""
-    norm, kept, wrong = distances([(merged, base), (requantized, base), (requantized, merged)])
+    norm, kept, wrong = survival_norms(merged, base, requantized)
     retained = kept / norm if norm > 0 else 1.0
     error = wrong / norm if norm > 0 else 0.0
-    old = before.reshape(-1).view(torch.uint8)
-    new = group[main or name].reshape(-1).view(torch.uint8)
-    changed = int(torch.count_nonzero(old != new)) / max(1, old.numel()) if old.numel() == new.numel() else 1.0
-    return Survival(name, norm, retained, changed, error)
+    return Survival(name, norm, retained, changed_share(before, group[main or name]), error)
