@@ -173,3 +173,53 @@ def test_the_kernel_refuses_what_would_read_outside_its_tensors():
     with pytest.raises(ValueError, match="fields"):
         packed.dequantize_packed(words(g, 4, 2), 4, (4, 16), scales, torch.zeros(16, dtype=torch.int64),
                                  torch.float32, fields=[0, 1, 2, 3, 4, 5, 6, 6])
+
+
+def unpack_stream(stream_words: torch.Tensor, bits: int, count: int, fields: list[int] | None) -> torch.Tensor:
+    """``[n, w]`` int32 words, each row a stream -> ``[n, count]`` codes, in torch (dequantize_packed's layout)."""
+    per = 32 // bits if 32 % bits == 0 else 0
+    wide = torch.cat([stream_words.to(torch.int64) & 0xFFFFFFFF,
+                      torch.zeros(stream_words.shape[0], 1, dtype=torch.int64)], dim=1)
+    p = torch.arange(count)
+    if per:
+        word, shift = p // per, bits * torch.tensor(fields or list(range(per)))[p % per]
+    else:
+        word, shift = (p * bits) // 32, (p * bits) % 32
+    both = wide[:, word] | (wide[:, word + 1] << 32)
+    return (both >> shift) & ((1 << bits) - 1)
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), bits=st.integers(1, 8), along=st.sampled_from([0, 1]), rows=st.integers(1, 24),
+       cols=st.sampled_from([1, 7, 64, 511, 512, 513, 1000, 1537]), group=st.sampled_from([1, 8, 32, 128, 600]),
+       pattern=st.sampled_from(["runs", "few", "many"]), zeros=st.booleans(), shuffled=st.booleans(),
+       dtype=st.sampled_from(DTYPES), special=st.booleans())
+def test_the_kernel_is_the_torch_expression(seed, bits, along, rows, cols, group, pattern, zeros, shuffled, dtype,
+                                            special):
+    """Both ways to a value (a per-row table of results where a tile of columns uses few groups, else each
+    value computed) give the bits of ``((code - zero) * scale).to(dtype)``: contiguous groups, a few groups
+    alternating (the table's group search), an act-order-like scatter (per value), tiles of 512 columns with
+    a partial last one, every width (3 bits crossing words), codes along either axis, shuffled fields."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group)
+    if pattern == "runs":
+        index = torch.arange(cols) // group
+    elif pattern == "few":
+        index = torch.randint(0, min(groups, 2), (cols,), generator=g)
+    else:
+        index = torch.randint(0, groups, (cols,), generator=g)
+    per = 32 // bits if 32 % bits == 0 else 0
+    fields = torch.randperm(per, generator=g).tolist() if per and shuffled else None
+    stream = cols if along == 1 else rows
+    stored = words(g, rows if along == 1 else cols, -(-stream * bits // 32))
+    codes = unpack_stream(stored, bits, stream, fields)
+    if along == 0:
+        codes, stored = codes.t(), stored.t()
+    scale = scales_of(g, (rows, groups), dtype, special)
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.float32) if zeros else None
+    offset = float(1 << (bits - 1))
+    got = packed.dequantize_packed(stored, bits, (rows, cols), scale, index, dtype, along=along, fields=fields,
+                                   zeros=zero, offset=offset)
+    subtract = torch.gather(zero, 1, index.expand(rows, cols)) if zero is not None else offset
+    want = ((codes.to(torch.float32) - subtract) * torch.gather(scale.float(), 1, index.expand(rows, cols)))
+    same_bits(got, want.to(dtype))
