@@ -1,4 +1,4 @@
-"""Micro-benchmark of the packed-integer kernel (adaptools/csrc/packed_kernels.c): ns per value on one thread
+"""Micro-benchmark of the packed-integer kernel (adaptools/csrc/packed_kernels.c): ns per value on one thread (CPU time: this machine is shared)
 for one AWQ and one GPTQ 4-bit weight (5632 x 2048 by default, group 128), decoded through each family's codec.
 
 ``--baseline DIR`` also times the ``_packed_kernels*.so`` found in DIR (say, a copy of the library built from
@@ -41,9 +41,9 @@ def cases(outputs: int, inputs: int, group: int) -> dict[str, tuple]:
 
 def timed(lib: object, call: tuple) -> tuple[float, torch.Tensor]:
     packed.LIB = lib
-    started = time.perf_counter()
+    started = time.process_time()
     result = call[0](*call[1:])
-    return time.perf_counter() - started, result
+    return time.process_time() - started, result
 
 
 def main() -> None:

@@ -137,6 +137,9 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
         }
         int64_t copied = -1; /* the word row held in `column` (along == 0) */
         for (int64_t n = n0; n < n1; n++) {
+            if (used)
+                row_table(n, bits, scales, scale_r, scale_g, zeros, zero_r, zero_g, offset, groups, used, out_kind,
+                          table);
             if (along == 1 && per) { /* whole codes in each word: a word at a time (k0 is a multiple of per) */
                 const uint32_t *row = words + n * stride_r + (k0 / per) * stride_c;
                 int shifts[32];
@@ -168,12 +171,16 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
                         for (int64_t k = 0; k < width; k++) column[k] = first[k * stride_c];
                         copied = w;
                     }
+                    if (used && out_kind != 0) { /* the common AWQ / GPTQ case in one loop: extract and look up */
+                        uint16_t *dst = (uint16_t *)out + n * cols + k0;
+                        for (int64_t k = 0; k < width; k++)
+                            dst[k] = (uint16_t)table[slot[k] + ((column[k] >> shift) & mask)];
+                        continue;
+                    }
                     for (int64_t k = 0; k < width; k++) codes[k] = (column[k] >> shift) & mask;
                 }
             }
             if (used) {
-                row_table(n, bits, scales, scale_r, scale_g, zeros, zero_r, zero_g, offset, groups, used, out_kind,
-                          table);
                 if (out_kind == 0) {
                     uint32_t *dst = (uint32_t *)out + n * cols + k0;
                     for (int64_t k = 0; k < width; k++) dst[k] = table[slot[k] + codes[k]];
