@@ -1,5 +1,6 @@
-"""Micro-benchmark of the packed-integer kernel (adaptools/csrc/packed_kernels.c): ns per value on one thread (CPU time: this machine is shared)
-for one AWQ and one GPTQ 4-bit weight (5632 x 2048 by default, group 128), decoded through each family's codec.
+"""Micro-benchmark of the packed-integer kernel (adaptools/csrc/packed_kernels.c): ns per value on one thread
+for one AWQ and one GPTQ 4-bit weight (5632 x 2048 by default, group 128), decoded through each family's codec;
+CPU seconds (process time), medians, since the benchmark machine is shared.
 
 ``--baseline DIR`` also times the ``_packed_kernels*.so`` found in DIR (say, a copy of the library built from
 the previous commit) in the same run, alternating with this build, and checks that both give the same bits.
