@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adaptools import packed, plugin
@@ -189,7 +189,24 @@ def unpack_stream(stream_words: torch.Tensor, bits: int, count: int, fields: lis
     return (both >> shift) & ((1 << bits) - 1)
 
 
+def path(bits: int, along: int, cols: int, group: int, pattern: str, dtype: torch.dtype) -> dict:
+    return {"seed": 5, "bits": bits, "along": along, "rows": 17, "cols": cols, "group": group, "pattern": pattern,
+            "zeros": True, "shuffled": True, "dtype": dtype, "special": True}
+
+
 @FAST
+# every path each run, whatever hypothesis draws: table with extract-and-look-up fused (AWQ: 4 bits down the rows,
+# 16-bit results), table after a codes pass (float32 results; codes along columns, GPTQ's and CT's; 3 bits
+# crossing words), a few alternating groups (the table's group search), per value (act-order scatter, 8 bits)
+@example(**path(4, 0, 1000, 128, "runs", torch.float16))
+@example(**path(4, 0, 1537, 32, "runs", torch.bfloat16))
+@example(**path(4, 0, 1000, 128, "runs", torch.float32))
+@example(**path(4, 1, 1537, 128, "runs", torch.float16))
+@example(**path(3, 0, 1000, 128, "runs", torch.bfloat16))
+@example(**path(3, 1, 1000, 128, "runs", torch.float32))
+@example(**path(2, 1, 513, 600, "few", torch.float16))
+@example(**path(4, 1, 1000, 128, "many", torch.float16))
+@example(**path(8, 0, 1000, 128, "runs", torch.float16))
 @given(seed=st.integers(0, 2**31), bits=st.integers(1, 8), along=st.sampled_from([0, 1]), rows=st.integers(1, 24),
        cols=st.sampled_from([1, 7, 64, 511, 512, 513, 1000, 1537]), group=st.sampled_from([1, 8, 32, 128, 600]),
        pattern=st.sampled_from(["runs", "few", "many"]), zeros=st.booleans(), shuffled=st.booleans(),
