@@ -240,3 +240,53 @@ def test_the_kernel_is_the_torch_expression(seed, bits, along, rows, cols, group
     subtract = torch.gather(zero, 1, index.expand(rows, cols)) if zero is not None else offset
     want = ((codes.to(torch.float32) - subtract) * torch.gather(scale.float(), 1, index.expand(rows, cols)))
     same_bits(got, want.to(dtype))
+
+
+@pytest.fixture(scope="module")
+def baseline_lib(tmp_path_factory):
+    """The kernel built for the baseline instruction set only (target_clones turned into a no-op attribute), as a
+    machine without AVX2 runs it."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build a baseline-only kernel")
+    folder = tmp_path_factory.mktemp("baseline")
+    source = Path(packed.__file__).parent / "csrc"
+    target = folder / f"_packed_kernels{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run(["gcc", "-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
+                    "-Dtarget_clones(...)=unused", f"-I{source}", str(source / "packed_kernels.c"), "-o", str(target)],
+                   check=True)
+    lib = packed._load(folder)
+    assert lib is not None and lib.adaptools_packed_isa() in (1, 2)
+    return lib
+
+
+@pytest.mark.parametrize("case", [path(4, 0, 1000, 128, "runs", torch.float16), path(4, 1, 1537, 32, "runs",
+                                  torch.bfloat16), path(3, 0, 1000, 128, "runs", torch.float32),
+                                  path(2, 1, 513, 600, "few", torch.float16), path(8, 1, 1000, 128, "many",
+                                  torch.bfloat16)])
+def test_the_baseline_build_gives_the_same_bytes(baseline_lib, case):
+    """Every path of a build without AVX2 gives the bytes of this build (and so of the torch expression)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    bits, cols, rows = case["bits"], case["cols"], case["rows"]
+    index = torch.arange(cols) // case["group"] if case["pattern"] == "runs" else \
+        torch.randint(0, 2 if case["pattern"] == "few" else -(-cols // case["group"]), (cols,), generator=g)
+    groups = int(index.max()) + 1
+    stored = words(g, rows, -(-cols * bits // 32)) if case["along"] else words(g, -(-rows * bits // 32), cols)
+    scale = scales_of(g, (rows, groups), case["dtype"], True)
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.float32)
+
+    def decode():
+        return packed.dequantize_packed(stored, bits, (rows, cols), scale, index, case["dtype"], along=case["along"],
+                                        zeros=zero)
+
+    ours = decode()
+    lib, packed.LIB = packed.LIB, baseline_lib
+    try:
+        theirs = decode()
+    finally:
+        packed.LIB = lib
+    view = torch.int32 if case["dtype"] == torch.float32 else torch.int16
+    assert torch.equal(ours.view(view), theirs.view(view))

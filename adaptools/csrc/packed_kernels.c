@@ -95,8 +95,8 @@ static void row_table(int64_t n, int bits, const float *scales, int64_t scale_r,
  *
  * Two ways to a value, the same bits: where a tile's columns use few groups (TABLE_SHARE below), each row
  * rounds its 2^bits results per group once into a table and every value is a lookup by group and code
- * (measured: AWQ 4.7 -> see docs/plugins.md); otherwise each value is computed, its scale and zero point
- * gathered per column. Codes packed along rows (along == 0: AWQ, GPTQ's transposed view) are read down a
+ * (measured reason: per-value conversion and gathers were most of the time; benchmarks/packed_kernel.py,
+ * docs/awq.md); otherwise each value is computed, its scale and zero point gathered per column. Codes packed along rows (along == 0: AWQ, GPTQ's transposed view) are read down a
  * column of words with a stride; the tile's words are copied to a contiguous row once and reused by every
  * result row whose codes share those words (8 for 4 bits). */
 #define TABLE_SHARE 4 /* a table is built when its entries are at most width / TABLE_SHARE */
