@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adaptools import packed, plugin
@@ -173,3 +173,120 @@ def test_the_kernel_refuses_what_would_read_outside_its_tensors():
     with pytest.raises(ValueError, match="fields"):
         packed.dequantize_packed(words(g, 4, 2), 4, (4, 16), scales, torch.zeros(16, dtype=torch.int64),
                                  torch.float32, fields=[0, 1, 2, 3, 4, 5, 6, 6])
+
+
+def unpack_stream(stream_words: torch.Tensor, bits: int, count: int, fields: list[int] | None) -> torch.Tensor:
+    """``[n, w]`` int32 words, each row a stream -> ``[n, count]`` codes, in torch (dequantize_packed's layout)."""
+    per = 32 // bits if 32 % bits == 0 else 0
+    wide = torch.cat([stream_words.to(torch.int64) & 0xFFFFFFFF,
+                      torch.zeros(stream_words.shape[0], 1, dtype=torch.int64)], dim=1)
+    p = torch.arange(count)
+    if per:
+        word, shift = p // per, bits * torch.tensor(fields or list(range(per)))[p % per]
+    else:
+        word, shift = (p * bits) // 32, (p * bits) % 32
+    both = wide[:, word] | (wide[:, word + 1] << 32)
+    return (both >> shift) & ((1 << bits) - 1)
+
+
+def path(bits: int, along: int, cols: int, group: int, pattern: str, dtype: torch.dtype) -> dict:
+    return {"seed": 5, "bits": bits, "along": along, "rows": 17, "cols": cols, "group": group, "pattern": pattern,
+            "zeros": True, "shuffled": True, "dtype": dtype, "special": True}
+
+
+@FAST
+# every path each run, whatever hypothesis draws: table with extract-and-look-up fused (AWQ: 4 bits down the rows,
+# 16-bit results), table after a codes pass (float32 results; codes along columns, GPTQ's and CT's; 3 bits
+# crossing words), a few alternating groups (the table's group search), per value (act-order scatter, 8 bits)
+@example(**path(4, 0, 1000, 128, "runs", torch.float16))
+@example(**path(4, 0, 1537, 32, "runs", torch.bfloat16))
+@example(**path(4, 0, 1000, 128, "runs", torch.float32))
+@example(**path(4, 1, 1537, 128, "runs", torch.float16))
+@example(**path(3, 0, 1000, 128, "runs", torch.bfloat16))
+@example(**path(3, 1, 1000, 128, "runs", torch.float32))
+@example(**path(2, 1, 513, 600, "few", torch.float16))
+@example(**path(4, 1, 1000, 128, "many", torch.float16))
+@example(**path(8, 0, 1000, 128, "runs", torch.float16))
+@given(seed=st.integers(0, 2**31), bits=st.integers(1, 8), along=st.sampled_from([0, 1]), rows=st.integers(1, 24),
+       cols=st.sampled_from([1, 7, 64, 511, 512, 513, 1000, 1537]), group=st.sampled_from([1, 8, 32, 128, 600]),
+       pattern=st.sampled_from(["runs", "few", "many"]), zeros=st.booleans(), shuffled=st.booleans(),
+       dtype=st.sampled_from(DTYPES), special=st.booleans())
+def test_the_kernel_is_the_torch_expression(seed, bits, along, rows, cols, group, pattern, zeros, shuffled, dtype,
+                                            special):
+    """Both ways to a value (a per-row table of results where a tile of columns uses few groups, else each
+    value computed) give the bits of ``((code - zero) * scale).to(dtype)``: contiguous groups, a few groups
+    alternating (the table's group search), an act-order-like scatter (per value), tiles of 512 columns with
+    a partial last one, every width (3 bits crossing words), codes along either axis, shuffled fields."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // group)
+    if pattern == "runs":
+        index = torch.arange(cols) // group
+    elif pattern == "few":
+        index = torch.randint(0, min(groups, 2), (cols,), generator=g)
+    else:
+        index = torch.randint(0, groups, (cols,), generator=g)
+    per = 32 // bits if 32 % bits == 0 else 0
+    fields = torch.randperm(per, generator=g).tolist() if per and shuffled else None
+    stream = cols if along == 1 else rows
+    stored = words(g, rows if along == 1 else cols, -(-stream * bits // 32))
+    codes = unpack_stream(stored, bits, stream, fields)
+    if along == 0:
+        codes, stored = codes.t(), stored.t()
+    scale = scales_of(g, (rows, groups), dtype, special)
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.float32) if zeros else None
+    offset = float(1 << (bits - 1))
+    got = packed.dequantize_packed(stored, bits, (rows, cols), scale, index, dtype, along=along, fields=fields,
+                                   zeros=zero, offset=offset)
+    subtract = torch.gather(zero, 1, index.expand(rows, cols)) if zero is not None else offset
+    want = ((codes.to(torch.float32) - subtract) * torch.gather(scale.float(), 1, index.expand(rows, cols)))
+    same_bits(got, want.to(dtype))
+
+
+@pytest.fixture(scope="module")
+def baseline_lib(tmp_path_factory):
+    """The kernel built for the baseline instruction set only (target_clones turned into a no-op attribute), as a
+    machine without AVX2 runs it."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build a baseline-only kernel")
+    folder = tmp_path_factory.mktemp("baseline")
+    source = Path(packed.__file__).parent / "csrc"
+    target = folder / f"_packed_kernels{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run(["gcc", "-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
+                    "-Dtarget_clones(...)=unused", f"-I{source}", str(source / "packed_kernels.c"), "-o", str(target)],
+                   check=True)
+    lib = packed._load(folder)
+    assert lib is not None and lib.adaptools_packed_isa() in (1, 2)
+    return lib
+
+
+@pytest.mark.parametrize("case", [path(4, 0, 1000, 128, "runs", torch.float16), path(4, 1, 1537, 32, "runs",
+                                  torch.bfloat16), path(3, 0, 1000, 128, "runs", torch.float32),
+                                  path(2, 1, 513, 600, "few", torch.float16), path(8, 1, 1000, 128, "many",
+                                  torch.bfloat16)])
+def test_the_baseline_build_gives_the_same_bytes(baseline_lib, case):
+    """Every path of a build without AVX2 gives the bytes of this build (and so of the torch expression)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    bits, cols, rows = case["bits"], case["cols"], case["rows"]
+    index = torch.arange(cols) // case["group"] if case["pattern"] == "runs" else \
+        torch.randint(0, 2 if case["pattern"] == "few" else -(-cols // case["group"]), (cols,), generator=g)
+    groups = int(index.max()) + 1
+    stored = words(g, rows, -(-cols * bits // 32)) if case["along"] else words(g, -(-rows * bits // 32), cols)
+    scale = scales_of(g, (rows, groups), case["dtype"], True)
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.float32)
+
+    def decode():
+        return packed.dequantize_packed(stored, bits, (rows, cols), scale, index, case["dtype"], along=case["along"],
+                                        zeros=zero)
+
+    ours = decode()
+    lib, packed.LIB = packed.LIB, baseline_lib
+    try:
+        theirs = decode()
+    finally:
+        packed.LIB = lib
+    view = torch.int32 if case["dtype"] == torch.float32 else torch.int16
+    assert torch.equal(ours.view(view), theirs.view(view))

@@ -48,9 +48,59 @@ static inline uint32_t extract(uint32_t w0, uint32_t w1, int shift, uint32_t mas
     return (uint32_t)(both >> shift) & mask;
 }
 
+/* The tile's columns' groups as slots in a short list of its distinct groups (`groups`, at most `most`):
+ * slot[k] is column k's. Returns how many groups the tile uses, or 0 when that is more than `most`. Runs of
+ * one group (the usual `k / group` index) cost one comparison a column; the list is searched only where the
+ * group changes, and the search gives up after `most` distinct groups (an act-order g_idx, say). */
+static int64_t tile_groups(const int64_t *index, int64_t width, int64_t most, int64_t *groups, int32_t *slot) {
+    int64_t found = 0, last = -1;
+    int32_t current = 0;
+    for (int64_t k = 0; k < width; k++) {
+        if (index[k] != last) {
+            last = index[k];
+            int64_t j = 0;
+            while (j < found && groups[j] != last) j++;
+            if (j == found) {
+                if (found == most) return 0;
+                groups[found++] = last;
+            }
+            current = (int32_t)j;
+        }
+        slot[k] = current;
+    }
+    return found;
+}
+
+/* One rounded result per (group, code) of row n: table[slot << bits | c] = to_dtype(((float)c - z) * s), the
+ * very expression of the per-value path, so a lookup gives the same bits (docs/plugins.md, "Packed integer
+ * codes": a row's group has only 2^bits distinct results). float32 results are kept as their bits. */
+static void row_table(int64_t n, int bits, const float *scales, int64_t scale_r, int64_t scale_g, const float *zeros,
+                      int64_t zero_r, int64_t zero_g, float offset, const int64_t *groups, int64_t count,
+                      int out_kind, uint32_t *table) {
+    const int codes = 1 << bits;
+    for (int64_t j = 0; j < count; j++) {
+        const float s = scales[n * scale_r + groups[j] * scale_g];
+        const float z = zeros ? zeros[n * zero_r + groups[j] * zero_g] : offset;
+        uint32_t *entry = table + (j << bits);
+        for (int c = 0; c < codes; c++) {
+            const float v = ((float)c - z) * s;
+            entry[c] = out_kind == 0 ? bits_of(v) : out_kind == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+        }
+    }
+}
+
 /* out_kind: 0 = float32, 1 = bfloat16, 2 = float16. zeros may be NULL: then every zero point is `offset`.
  * scratch: 4 * TILE int64 per thread. Scale and zero offsets are 32-bit (the caller checks the scale and zero
- * tensors span fewer than 2^31 elements), which lets the gathers vectorize. */
+ * tensors span fewer than 2^31 elements), which lets the gathers vectorize.
+ *
+ * Two ways to a value, the same bits: where a tile's columns use few groups (TABLE_SHARE below), each row
+ * rounds its 2^bits results per group once into a table and every value is a lookup by group and code
+ * (measured reason: per-value conversion and gathers were most of the time; benchmarks/packed_kernel.py,
+ * docs/awq.md); otherwise each value is computed, its scale and zero point gathered per column. Codes packed along rows (along == 0: AWQ, GPTQ's transposed view) are read down a
+ * column of words with a stride; the tile's words are copied to a contiguous row once and reused by every
+ * result row whose codes share those words (8 for 4 bits). */
+#define TABLE_SHARE 4 /* a table is built when its entries are at most width / TABLE_SHARE */
+
 MULTIVERSION
 void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_t stride_c, int along, int bits,
                                  const uint8_t *fields, const float *scales, int64_t scale_r, int64_t scale_g,
@@ -61,12 +111,20 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
     const int per = 32 % bits == 0 ? 32 / bits : 0;
     int64_t *wofs = scratch + 2 * TILE, *wnext = scratch + 3 * TILE;
     int32_t *soff = (int32_t *)scratch, *zoff = (int32_t *)(scratch + TILE);
-    float codes[TILE], values[TILE];
+    uint32_t codes[TILE], column[TILE], table[TILE / TABLE_SHARE];
+    int32_t slot[TILE];
+    int64_t groups[TILE / TABLE_SHARE];
+    float values[TILE];
     for (int64_t k0 = 0; k0 < cols; k0 += TILE) {
         const int64_t width = cols - k0 < TILE ? cols - k0 : TILE;
-        for (int64_t k = 0; k < width; k++) {
-            soff[k] = (int32_t)(index[k0 + k] * scale_g);
-            zoff[k] = (int32_t)(index[k0 + k] * zero_g);
+        const int64_t used = tile_groups(index + k0, width, (width / TABLE_SHARE) >> bits, groups, slot);
+        if (used) {
+            for (int64_t k = 0; k < width; k++) slot[k] <<= bits;
+        } else {
+            for (int64_t k = 0; k < width; k++) {
+                soff[k] = (int32_t)(index[k0 + k] * scale_g);
+                zoff[k] = (int32_t)(index[k0 + k] * zero_g);
+            }
         }
         if (along == 1 && !per) { /* where each column's code sits in a row's stream: word offsets, shift in the top bits */
             for (int64_t k = 0; k < width; k++) {
@@ -77,7 +135,11 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
                 wnext[k] = ((shift + bits > 32 ? w + 1 : w) * stride_c) * 32 + shift;
             }
         }
+        int64_t copied = -1; /* the word row held in `column` (along == 0) */
         for (int64_t n = n0; n < n1; n++) {
+            if (used)
+                row_table(n, bits, scales, scale_r, scale_g, zeros, zero_r, zero_g, offset, groups, used, out_kind,
+                          table);
             if (along == 1 && per) { /* whole codes in each word: a word at a time (k0 is a multiple of per) */
                 const uint32_t *row = words + n * stride_r + (k0 / per) * stride_c;
                 int shifts[32];
@@ -85,15 +147,15 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
                 const int64_t whole = width / per;
                 for (int64_t j = 0; j < whole; j++) {
                     const uint32_t w = row[j * stride_c];
-                    for (int m = 0; m < per; m++) codes[j * per + m] = (float)((w >> shifts[m]) & mask);
+                    for (int m = 0; m < per; m++) codes[j * per + m] = (w >> shifts[m]) & mask;
                 }
                 for (int64_t k = whole * per; k < width; k++)
-                    codes[k] = (float)((row[whole * stride_c] >> shifts[k - whole * per]) & mask);
+                    codes[k] = (row[whole * stride_c] >> shifts[k - whole * per]) & mask;
             } else if (along == 1) {
                 const uint32_t *row = words + n * stride_r;
                 for (int64_t k = 0; k < width; k++) {
                     const int shift = (int)(wnext[k] & 31);
-                    codes[k] = (float)extract(row[wofs[k]], row[wnext[k] >> 5], shift, mask);
+                    codes[k] = extract(row[wofs[k]], row[wnext[k] >> 5], shift, mask);
                 }
             } else {
                 int64_t w;
@@ -103,17 +165,37 @@ void adaptools_packed_dequantize(const uint32_t *words, int64_t stride_r, int64_
                 if (shift + bits > 32) {
                     const uint32_t *second = first + stride_r;
                     for (int64_t k = 0; k < width; k++)
-                        codes[k] = (float)extract(first[k * stride_c], second[k * stride_c], shift, mask);
+                        codes[k] = extract(first[k * stride_c], second[k * stride_c], shift, mask);
                 } else {
-                    for (int64_t k = 0; k < width; k++) codes[k] = (float)((first[k * stride_c] >> shift) & mask);
+                    if (w != copied) {
+                        for (int64_t k = 0; k < width; k++) column[k] = first[k * stride_c];
+                        copied = w;
+                    }
+                    if (used && out_kind != 0) { /* the common AWQ / GPTQ case in one loop: extract and look up */
+                        uint16_t *dst = (uint16_t *)out + n * cols + k0;
+                        for (int64_t k = 0; k < width; k++)
+                            dst[k] = (uint16_t)table[slot[k] + ((column[k] >> shift) & mask)];
+                        continue;
+                    }
+                    for (int64_t k = 0; k < width; k++) codes[k] = (column[k] >> shift) & mask;
                 }
+            }
+            if (used) {
+                if (out_kind == 0) {
+                    uint32_t *dst = (uint32_t *)out + n * cols + k0;
+                    for (int64_t k = 0; k < width; k++) dst[k] = table[slot[k] + codes[k]];
+                } else {
+                    uint16_t *dst = (uint16_t *)out + n * cols + k0;
+                    for (int64_t k = 0; k < width; k++) dst[k] = (uint16_t)table[slot[k] + codes[k]];
+                }
+                continue;
             }
             const float *s = scales + n * scale_r;
             if (zeros) {
                 const float *z = zeros + n * zero_r;
-                for (int64_t k = 0; k < width; k++) values[k] = (codes[k] - z[zoff[k]]) * s[soff[k]];
+                for (int64_t k = 0; k < width; k++) values[k] = ((float)codes[k] - z[zoff[k]]) * s[soff[k]];
             } else {
-                for (int64_t k = 0; k < width; k++) values[k] = (codes[k] - offset) * s[soff[k]];
+                for (int64_t k = 0; k < width; k++) values[k] = ((float)codes[k] - offset) * s[soff[k]];
             }
             if (out_kind == 0) {
                 memcpy((float *)out + n * cols + k0, values, (size_t)width * sizeof(float));
