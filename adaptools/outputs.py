@@ -150,10 +150,19 @@ def _refuse_replacing(path: Path, inputs: Sequence[str | os.PathLike[str]]) -> N
                                 "adaptools' own outputs", path=path, hint="remove it yourself or choose another path")
 
 
+#: Suffixes of one-file weights and adapters: a folder output never ends in one (check_output).
+FILE_SUFFIXES = frozenset({".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt"})
+
+
 def check_output(path: str | os.PathLike[str], force: bool, inputs: Sequence[str | os.PathLike[str]] = (),
                  directory: bool | None = None) -> Path:
-    """Refuse early (before any work) what the final rename would refuse."""
+    """Refuse early (before any work) what the final rename would refuse, and a folder output named like a
+    file (``lora.safetensors`` written as a PEFT folder is a folder no loader opens as the file its name says)."""
     path = Path(path)
+    if directory and path.suffix.lower() in FILE_SUFFIXES:
+        raise InputError(f"this output is a folder, but its name ends in {path.suffix}, a file's suffix", path=path,
+                         hint="name a folder without that suffix, or choose a format that writes one file "
+                              "(`adaptools plugins` lists the formats)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError("the output's parent folder does not exist", path=parent)

@@ -141,7 +141,8 @@ def test_a_tensor_of_another_shape_is_refused_naming_it(built, tuned, tmp_path, 
 
 def test_a_pipeline_against_a_checkpoint_is_refused(built, tmp_path, cli_runner):
     out = tmp_path / "out.safetensors"
-    result = cli_runner("extract", built["sd1"]["pipe"], built["sd1"]["pipe"] / "unet", out, "--rank", "4")
+    result = cli_runner("extract", built["sd1"]["pipe"], built["sd1"]["pipe"] / "unet", out, "--rank", "4",
+                        "--to", "kohya")
     assert result.exit_code == 2 and "pipeline" in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 

@@ -103,21 +103,23 @@ def test_a_byte_order_mark_before_a_base_shard_header_is_refused_before_writing(
 # --- 6. every output adaptools writes, adaptools reads back ----------------------------------------------------
 
 LORA = adapter_path("llama-lora")
-ADAPTER_OUTPUTS = [  # (command line before OUT, command line after OUT)
-    (("convert", LORA), ("--to", "schema")),
-    (("convert", LORA), ("--to", "peft")),
-    (("convert", LORA), ("--to", "gguf", "--base", base_path("llama"))),
-    (("convert", adapter_path("llama-loha")), ("--to", "lora")),
-    (("combine", LORA, LORA), ("--to", "schema")),
-    (("combine", LORA, LORA), ("--to", "peft")),
-    (("resize", LORA), ("--rank", "2")),
-    (("resize", LORA), ("--rank", "2", "--to", "peft")),
-    (("extract", base_path("llama")), ("--rank", "2")),
+ADAPTER_OUTPUTS = [  # (command line before OUT, command line after OUT, whether it writes a folder)
+    (("convert", LORA), ("--to", "schema"), False),
+    (("convert", LORA), ("--to", "peft"), True),
+    (("convert", LORA), ("--to", "gguf", "--base", base_path("llama")), False),
+    (("convert", adapter_path("llama-loha")), ("--to", "lora"), True),
+    (("combine", LORA, LORA), ("--to", "schema"), False),
+    (("combine", LORA, LORA), ("--to", "peft"), True),
+    (("resize", LORA), ("--rank", "2"), False),
+    (("resize", LORA), ("--rank", "2", "--to", "peft"), True),
+    (("extract", base_path("llama")), ("--rank", "2"), True),
 ]
 
 
-CASES = [(b, a, suffix) for b, a in ADAPTER_OUTPUTS for suffix in ("", ".safetensors", ".out")
-         if not ("gguf" in a and suffix == ".safetensors")]  # a GGUF file named .safetensors: not asked for
+# a GGUF file named .safetensors is not asked for; a folder named .safetensors is refused (the test after this one)
+CASES = [(b, a, suffix) for b, a, folder in ADAPTER_OUTPUTS for suffix in ("", ".safetensors", ".out")
+         if suffix != ".safetensors" or not (folder or "gguf" in a)]
+FOLDER_CASES = [(b, a) for b, a, folder in ADAPTER_OUTPUTS if folder]
 
 
 @pytest.mark.parametrize(("before", "after", "suffix"), CASES,
@@ -133,3 +135,18 @@ def test_every_adapter_output_reads_back(tmp_path, cli_runner, before, after, su
     adapter = adaptools.load(out)
     assert adapter.tensor_names()
     assert cli_runner("check", out).exit_code in (0, 1)  # read and linted; findings are not the point here
+
+
+@pytest.mark.parametrize(("before", "after"), [*FOLDER_CASES, (
+    ("init", base_path("llama")), ("--method", "pissa", "--rank", "2", "--targets", "q_proj"))],
+    ids=[f"{b[0]}-{'-'.join(map(str, a))[:24]}" for b, a in [*FOLDER_CASES, (("init",), ("pissa",))]])
+def test_a_folder_output_named_like_a_file_is_refused_before_any_work(tmp_path, cli_runner, before, after):
+    """`extract`'s default --to peft writes a folder: given lora.safetensors it once made a folder of that name,
+    which other loaders then fail to open as the file its name says. Refused in one line, nothing written."""
+    if before[0] == "extract":
+        before = (*before, base_path("llama"))  # refused before the two models are compared
+    out = tmp_path / "lora.safetensors"
+    result = cli_runner(*before, out, *after)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "file's suffix" in result.stderr
+    assert "lora.safetensors" in result.stderr and list(tmp_path.iterdir()) == []

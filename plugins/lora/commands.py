@@ -33,9 +33,9 @@ def initialize(base: str, out: str, *, options: dict[str, object], to_format: st
                write_base: str | None = None) -> Path:
     """A freshly initialised OLoRA/PiSSA adapter at ``out``, and optionally the residual base training uses
     (the init adapter merged with weight -1 as a plain LoRA: W - s·B0A0)."""
-    plugin.check_output(out, force, [base])
+    plugin.check_output(out, force, [base], directory=plugin.get_format(to_format).writes_directory)
     if write_base:
-        plugin.check_output(write_base, force, [base])
+        plugin.check_output(write_base, force, [base], directory=True)
     checkpoint = plugin.Checkpoint.open(base)
     method = plugin.get_method(METHOD)
     adapter = method.initialize(checkpoint.base_info(), checkpoint.read, options)  # type: ignore[attr-defined]
@@ -105,7 +105,7 @@ def extract_command(base: str, tuned: str, out: str, rank: int | None, energy: f
       adaptools extract ./llama-base ./llama-finetuned ./extracted-lora --rank 32
       adaptools extract ./sd15 ./sd15-tuned lora.safetensors --rank 32 --to kohya
     """
-    plugin.check_output(out, force, [base, tuned])
+    plugin.check_output(out, force, [base, tuned], directory=plugin.get_format(to).writes_directory)
     result = adaptools.extract(base, tuned, method=METHOD, rank=rank, energy=energy, max_rank=max_rank)
     adaptools.save(result.adapter, out, format=to, force=force)
     if json_:
