@@ -150,8 +150,9 @@ def _refuse_replacing(path: Path, inputs: Sequence[str | os.PathLike[str]]) -> N
                                 "adaptools' own outputs", path=path, hint="remove it yourself or choose another path")
 
 
-#: Suffixes of one-file weights and adapters: a folder output never ends in one (check_output).
-FILE_SUFFIXES = frozenset({".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt"})
+#: Suffixes of one-file weights and adapters in the formats the core itself reads: a folder output never ends in
+#: one (check_output).
+FILE_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt"})
 
 
 def check_output(path: str | os.PathLike[str], force: bool, inputs: Sequence[str | os.PathLike[str]] = (),

@@ -501,7 +501,7 @@ def test_extract_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_path,
 
     edit(folders["tuned"], lambda t: t + 0.5)  # the tuned model differs from the base at this tensor
     shard = edit(folders[which], poison)
-    out = tmp_path / "out.safetensors"
+    out = tmp_path / "out"
     result = cli_runner("extract", folders["base"], folders["tuned"], out, "--rank", "2")
     if which == "base" and kind.endswith("norm.weight"):  # a full tensor comes from the tuned model alone
         assert result.exit_code == 0, result.output
