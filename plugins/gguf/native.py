@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_gguf_abi``).
-ABI = 4
+ABI = 5
 #: Each native type: (values per block, bytes per block, the name in its C functions
 #: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
 BLOCKS: dict[Q, tuple[int, int, str]] = {
@@ -33,6 +33,8 @@ BLOCKS: dict[Q, tuple[int, int, str]] = {
     Q.Q4_K: (256, 144, "q4_k"),
     Q.Q5_K: (256, 176, "q5_k"),
     Q.Q6_K: (256, 210, "q6_k"),
+    Q.IQ4_NL: (32, 18, "iq4_nl"),
+    Q.IQ4_XS: (256, 136, "iq4_xs"),
 }
 #: The types this library encodes and decodes.
 TYPES = frozenset(BLOCKS)
