@@ -4,7 +4,7 @@ encoders".
 Fast: the bytes of a fixed set of hard rows hash to what ggml's quantizer gave (recorded from it by the slow
 test below), the native kernel gives the numpy encoder's bytes and gguf-py's decoded values, what is encoded
 decodes within the type's rounding, partial blocks fall back to F16, and a merge into an IQ4_XS or IQ4_NL
-GGUF keeps the type of the tensors it changes; hostile IQ4 blocks (non-finite scales, a truncated tensor)
+GGUF keeps the type of the tensors it changes, with --imatrix as the weighted encoder's bytes; hostile IQ4 blocks (non-finite scales, a truncated tensor)
 are refused in one line.
 
 Slow (llamacpp): byte identity against llama.cpp's own ``ggml_quantize_chunk`` (the function llama-quantize
@@ -144,6 +144,31 @@ def test_a_merge_keeps_the_iq4_type_and_loads_back(qtype, bases, tmp_path, cli_r
     reader = gguf.GGUFReader(tmp_path / "out.gguf")
     assert all(np.isfinite(gguf_codec.decode(t)).all() for t in reader.tensors)
     assert all(s["retained"] > 0.5 for s in summary["survival"]) and "WARNING" not in result.stderr
+
+
+@needs_native
+def test_a_merge_with_an_imatrix_weights_the_iq4_xs_tensors(bases, tmp_path, cli_runner):
+    """--imatrix into an IQ4_XS base: the changed tensors stay IQ4_XS, differ from the unweighted merge, and are
+    the weighted encoder's bytes of the merged values (decoded from an F32 merge of the same inputs)."""
+    from test_gguf_imatrix import entries_for, write_gguf_imatrix
+
+    from adaptools_plugins.gguf import imatrix
+
+    changed = {"blk.0.attn_q.weight": 256, "blk.0.attn_k.weight": 256, "blk.0.ffn_down.weight": 512}
+    matrix = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries_for(changed))
+    base = bases[Q.IQ4_XS]
+    for name, extra in (("plain", ()), ("out", ("--imatrix", matrix)), ("f32", ("--outtype", "f32"))):
+        result = cli_runner("merge", base, bases["lora"], tmp_path / f"{name}.gguf", *extra)
+        assert result.exit_code == 0, result.output
+        assert "WARNING" not in result.stderr, result.stderr
+    unweighted, weighted = raw(tmp_path / "plain.gguf"), raw(tmp_path / "out.gguf")
+    weights = imatrix.load(matrix)
+    for t in gguf.GGUFReader(tmp_path / "f32.gguf").tensors:
+        if t.name in changed:
+            values = gguf_codec.decode(t)
+            want = native.encode_weighted(values, Q.IQ4_XS, weights.for_tensor(t.name, values.shape))
+            assert weighted[t.name] == (Q.IQ4_XS, want.tobytes()), t.name
+            assert weighted[t.name][1] != unweighted[t.name][1], t.name
 
 
 @pytest.mark.parametrize("case,at,value", [("Inf d", 136 * 3, b"\x00\x7c"), ("NaN d", 136 * 5, b"\x00\x7e"),

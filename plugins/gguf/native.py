@@ -1,6 +1,6 @@
 """The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c): block codecs in C with the
 bytes and values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every
-decoder, kquants.py for the K-quant encoders), measured at several to tens of times its speed (docs/gguf.md,
+decoder, kquants.py for the K-quant encoders, iq4.py for IQ4_NL and IQ4_XS), measured at several to tens of times its speed (docs/gguf.md,
 "The native codec"): (de)quantizing spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1``
 turns it off; without it (no C compiler at install) codec.py uses the Python code, which gives the same
 bytes.
@@ -74,7 +74,7 @@ def describe() -> str:
 
 def encode(values: np.ndarray, qtype: Q, threads: int | None = None) -> np.ndarray:
     """float32 values, the last dimension whole blocks of ``qtype`` -> uint8 ``[..., blocks * block bytes]``:
-    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's reference quantizer's (kquants.py) for K-quants.
+    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's quantizer's for K-quants (kquants.py) and IQ4 (iq4.py).
 
     The blocks are split over ``threads`` (default: ``plugin.split``'s, every core up to four); each block is
     coded on its own, so the bytes do not depend on the split (docs/gguf.md, "Threads")."""
