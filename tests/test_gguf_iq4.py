@@ -4,8 +4,8 @@ encoders".
 Fast: the bytes of a fixed set of hard rows hash to what ggml's quantizer gave (recorded from it by the slow
 test below), the native kernel gives the numpy encoder's bytes and gguf-py's decoded values, what is encoded
 decodes within the type's rounding, partial blocks fall back to F16, and a merge into an IQ4_XS or IQ4_NL
-GGUF keeps the type of the tensors it changes, with --imatrix as the weighted encoder's bytes; hostile IQ4 blocks (non-finite scales, a truncated tensor)
-are refused in one line.
+GGUF keeps the type of the tensors it changes, with --imatrix as the weighted encoder's bytes; hostile IQ4
+blocks (non-finite scales, a truncated tensor) are refused in one line.
 
 Slow (llamacpp): byte identity against llama.cpp's own ``ggml_quantize_chunk`` (the function llama-quantize
 calls) with and without importance weights, for both encoders; and a merge into an IQ4_XS base made by
