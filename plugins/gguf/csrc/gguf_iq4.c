@@ -10,12 +10,9 @@
  */
 #include "gguf_iq4.h"
 
-/* One IQ4_NL block: its scale is stored as it is, and the indices are taken again from 1 / that scale. */
-static void iq4_nl_block(const float *restrict x, const float *restrict qw, uint8_t *restrict y) {
-    float w[32];
+/* An IQ4_NL block from its scale d: d stored as float16, the indices taken again from 1 / d (float32). */
+INLINE void iq4_nl_finish(const float *restrict x, float d, uint8_t *restrict y) {
     uint8_t L[32];
-    iq4_weights(x, 32, qw, w);
-    const float d = iq4_block_scale(x, w);
     const uint16_t h = f32_to_f16(d);
     memcpy(y, &h, 2);
     const float id = d != 0.0f ? 1 / d : 0.0f;
@@ -23,15 +20,36 @@ static void iq4_nl_block(const float *restrict x, const float *restrict qw, uint
     iq4_pack(L, y + 2);
 }
 
+/* One IQ4_NL block (the tails that do not fill eight lanes). */
+INLINE void iq4_nl_block(const float *restrict x, const float *restrict qw, uint8_t *restrict y) {
+    float w[32];
+    iq4_weights(x, 32, qw, w);
+    iq4_nl_finish(x, iq4_block_scale(x, w), y);
+}
+
+/* Eight consecutive IQ4_NL blocks (256 values, weights qw for them or NULL), their searches in lanes. */
+INLINE void iq4_nl_blocks8(const float *restrict x, const float *restrict qw, uint8_t *restrict y) {
+    float w[QK_K], d[8];
+    v8f xs[32], ws[32];
+    for (int b = 0; b < 8; b++) iq4_weights(x + 32 * b, 32, qw ? qw + 32 * b : NULL, w + 32 * b);
+    lanes_in(x, 32, xs);
+    lanes_in(w, 32, ws);
+    lanes_out(iq4_block_scale8(xs, ws), d);
+    for (int b = 0; b < 8; b++) iq4_nl_finish(x + 32 * b, d[b], y + 18 * b);
+}
+
 /* One IQ4_XS super-block: the 8 block scales are expressed as d * (s - 32), d = -(the scale of largest
  * magnitude) / 32 in float32 (stored as float16), s = nearest(scale / d) clamped to 0..63; each block's
  * indices are taken again from 1 / (d * (s - 32)). */
-static void iq4_xs_block(const float *restrict x, const float *restrict qw, uint8_t *restrict y) {
+INLINE void iq4_xs_block(const float *restrict x, const float *restrict qw, uint8_t *restrict y) {
     float w[QK_K], scales[8], max_scale = 0, amax_scale = 0;
+    v8f xs[32], ws[32];
     uint8_t L[32];
     iq4_weights(x, QK_K, qw, w);
+    lanes_in(x, 32, xs);
+    lanes_in(w, 32, ws);
+    lanes_out(iq4_block_scale8(xs, ws), scales);
     for (int ib = 0; ib < 8; ib++) {
-        scales[ib] = iq4_block_scale(x + 32 * ib, w + 32 * ib);
         if (fabsf(scales[ib]) > amax_scale) {
             amax_scale = fabsf(scales[ib]);
             max_scale = scales[ib];
@@ -58,7 +76,9 @@ static void iq4_xs_block(const float *restrict x, const float *restrict qw, uint
 
 MULTIVERSION
 void adaptools_iq4_nl_encode(const float *x, int64_t b0, int64_t b1, uint8_t *out) {
-    for (int64_t b = b0; b < b1; b++) iq4_nl_block(x + b * 32, NULL, out + b * 18);
+    int64_t b = b0;
+    for (; b + 8 <= b1; b += 8) iq4_nl_blocks8(x + b * 32, NULL, out + b * 18);
+    for (; b < b1; b++) iq4_nl_block(x + b * 32, NULL, out + b * 18);
 }
 
 MULTIVERSION
@@ -72,10 +92,13 @@ MULTIVERSION
 void adaptools_iq4_nl_encode_weighted(const float *x, int64_t r0, int64_t r1, int64_t n_per_row, const float *qw,
                                       int64_t rows_per_weight, uint8_t *out) {
     const int64_t blocks = n_per_row / 32;
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t b = 0; b < blocks; b++)
-            iq4_nl_block(x + r * n_per_row + b * 32, qw + (r / rows_per_weight) * n_per_row + b * 32,
-                         out + (r * blocks + b) * 18);
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + r * n_per_row, *wr = qw + (r / rows_per_weight) * n_per_row;
+        uint8_t *yr = out + r * blocks * 18;
+        int64_t b = 0;
+        for (; b + 8 <= blocks; b += 8) iq4_nl_blocks8(xr + b * 32, wr + b * 32, yr + b * 18);
+        for (; b < blocks; b++) iq4_nl_block(xr + b * 32, wr + b * 32, yr + b * 18);
+    }
 }
 
 MULTIVERSION

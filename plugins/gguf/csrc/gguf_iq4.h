@@ -62,6 +62,50 @@ INLINE float iq4_block_scale(const float *restrict x, const float *restrict w) {
     return d;
 }
 
+/* The level nearest v and the one below it in every lane: iq4_index's answer, as the level itself (the
+ * search needs only that), with selects instead of a table lookup. */
+INLINE v8f iq4_level8(v8f v) {
+    v8f below = splat(IQ4_LEVELS[0]), above = splat(IQ4_LEVELS[15]);
+    for (int k = 1; k < 15; k++) below = sel(~(v < IQ4_LEVELS[k]), splat(IQ4_LEVELS[k]), below);
+    for (int k = 14; k >= 1; k--) above = sel(v < IQ4_LEVELS[k], splat(IQ4_LEVELS[k]), above);
+    v8f q = sel(v - below < above - v, below, above);
+    q = sel(v >= IQ4_LEVELS[15], splat(IQ4_LEVELS[15]), q);
+    return sel(v <= IQ4_LEVELS[0], splat(IQ4_LEVELS[0]), q);
+}
+
+/* iq4_block_scale on 8 blocks side by side (x, w: [32] vectors of the 8 blocks' j-th values), each lane
+ * performing the scalar code's operations in its order, conditions as selects. */
+INLINE v8f iq4_block_scale8(const v8f *restrict x, const v8f *restrict w) {
+    v8f amax = splat(0.0f), max = splat(0.0f);
+    for (int j = 0; j < 32; j++) { /* the first element of largest magnitude */
+        const v8f a = vabs(x[j]);
+        max = sel(a > amax, x[j], max);
+        amax = sel(a > amax, a, amax);
+    }
+    v8f id = splat(1.0f) / (-max / IQ4_LEVELS[0]);
+    v8f sumqx = splat(0.0f), sumq2 = splat(0.0f);
+    for (int j = 0; j < 32; j++) {
+        const v8f q = iq4_level8(id * x[j]);
+        sumqx += w[j] * q * x[j];
+        sumq2 += w[j] * q * q;
+    }
+    v8f d = sel(sumq2 > 0.0f, sumqx / sumq2, splat(0.0f));
+    v8f best = d * sumqx;
+    for (int t = -IQ4_TRIES; t <= IQ4_TRIES; t++) {
+        id = splat((float)(t - 127)) / max;
+        sumqx = sumq2 = splat(0.0f);
+        for (int j = 0; j < 32; j++) {
+            const v8f q = iq4_level8(id * x[j]);
+            sumqx += w[j] * q * x[j];
+            sumq2 += w[j] * q * q;
+        }
+        const v8i take = (sumq2 > 0.0f) & (sumqx * sumqx > best * sumq2);
+        d = sel(take, sumqx / sumq2, d);
+        best = sel(take, d * sumqx, best);
+    }
+    return sel(amax < GROUP_MAX_EPS, splat(0.0f), d);
+}
+
 /* Each value's weight in its block's fit: x^2 without an importance matrix, else qw * sqrt(sigma2 + x^2) with
  * sigma2 = sum(x^2) * (2 / n) over the n values coded together (32 for IQ4_NL, 256 for IQ4_XS). */
 INLINE void iq4_weights(const float *restrict x, int n, const float *restrict qw, float *restrict w) {
