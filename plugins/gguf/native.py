@@ -1,8 +1,9 @@
-"""The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c, gguf_iq4.c): block codecs in C with the bytes and
-values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every decoder, kquants.py for
-the K-quant encoders, iq4.py for IQ4_NL and IQ4_XS), measured at several to tens of times its speed (docs/gguf.md,
-"The native codec"): (de)quantizing spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1`` turns it
-off; without it (no C compiler at install) codec.py uses the Python code, which gives the same bytes.
+"""The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c, gguf_iq4.c): block codecs in C with
+the bytes and values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every decoder,
+kquants.py for the K-quant encoders, iq4.py for IQ4_NL and IQ4_XS), measured at several to tens of times its speed
+(docs/gguf.md, "The native codec"): (de)quantizing spent most of a GGUF merge's time.
+``ADAPTOOLS_GGUF_PURE_PYTHON=1`` turns it off; without it (no C compiler at install) codec.py uses the Python code,
+which gives the same bytes.
 """
 
 from __future__ import annotations
