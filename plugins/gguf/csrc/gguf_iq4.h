@@ -62,12 +62,13 @@ INLINE float iq4_block_scale(const float *restrict x, const float *restrict w) {
     return d;
 }
 
-/* The level nearest v and the one below it in every lane: iq4_index's answer, as the level itself (the
- * search needs only that), with selects instead of a table lookup. */
+/* The level nearest v in every lane: iq4_index's answer as the level itself (the search needs only that),
+ * the two neighbours picked from the table held in two registers (a permute, no memory lookup). */
 INLINE v8f iq4_level8(v8f v) {
-    v8f below = splat(IQ4_LEVELS[0]), above = splat(IQ4_LEVELS[15]);
-    for (int k = 1; k < 15; k++) below = sel(~(v < IQ4_LEVELS[k]), splat(IQ4_LEVELS[k]), below);
-    for (int k = 14; k >= 1; k--) above = sel(v < IQ4_LEVELS[k], splat(IQ4_LEVELS[k]), above);
+    const v8f low = {-127, -104, -83, -65, -49, -35, -22, -10}, high = {1, 13, 25, 38, 53, 69, 89, 113};
+    v8i lo = splati(0); /* the count of iq4_index, then both neighbours picked from the table's two halves */
+    for (int k = 1; k < 15; k++) lo -= ~(v < IQ4_LEVELS[k]);
+    const v8f below = __builtin_shuffle(low, high, lo), above = __builtin_shuffle(low, high, lo + 1);
     v8f q = sel(v - below < above - v, below, above);
     q = sel(v >= IQ4_LEVELS[15], splat(IQ4_LEVELS[15]), q);
     return sel(v <= IQ4_LEVELS[0], splat(IQ4_LEVELS[0]), q);
