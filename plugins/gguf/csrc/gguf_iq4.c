@@ -39,8 +39,8 @@ INLINE void iq4_nl_blocks8(const float *restrict x, const float *restrict qw, ui
 }
 
 /* One IQ4_XS super-block: the 8 block scales are expressed as d * (s - 32), d = -(the scale of largest
- * magnitude) / 32 in float32 (stored as float16), s = nearest(scale / d) clamped to 0..63; each block's
- * indices are taken again from 1 / (d * (s - 32)). */
+ * magnitude) / 32 in float32 (stored as float16), s - 32 = nearest((1 / d) * scale) clamped to -32..31; each
+ * block's indices are taken again from 1 / (d * (s - 32)). */
 INLINE void iq4_xs_block(const float *restrict x, const float *restrict qw, uint8_t *restrict y) {
     float w[QK_K], scales[8], max_scale = 0, amax_scale = 0;
     v8f xs[32], ws[32];
