@@ -46,10 +46,10 @@ setup(
             "adaptools_plugins.gguf._gguf_kernels",
             sources=["plugins/gguf/csrc/gguf_kernels.c", "plugins/gguf/csrc/gguf_legacy.c",
                      "plugins/gguf/csrc/gguf_kquants.c", "plugins/gguf/csrc/gguf_kquants_low.c",
-                     "plugins/gguf/csrc/gguf_imatrix.c"],
+                     "plugins/gguf/csrc/gguf_imatrix.c", "plugins/gguf/csrc/gguf_iq4.c"],
             include_dirs=["adaptools/csrc"],
             depends=["adaptools/csrc/adaptools_kernel.h", "plugins/gguf/csrc/gguf_kquants.h",
-                     "plugins/gguf/csrc/gguf_imatrix.h"],
+                     "plugins/gguf/csrc/gguf_imatrix.h", "plugins/gguf/csrc/gguf_iq4.h"],
             # -fno-trapping-math lets the rounding selects vectorize; it changes no value. -Wno-psabi: the
             # K-quant vector helpers are always inlined, so no vector crosses a call whose ABI GCC warns about
             extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-Wno-psabi"],

@@ -1,22 +1,25 @@
-"""Benchmark the K-quant codecs and a merge into a Q4_K_M GGUF base.
+"""Benchmark the K-quant and IQ4 codecs and a merge into a Q4_K_M (or IQ4_XS) GGUF base.
 
 Two parts, each with its baseline measured in the same run:
 
-- codec: every K-quant type encoded by the numpy code (plugins/gguf/kquants.py) and by the native kernel
-  (plugins/gguf/csrc/gguf_kquants*.c) on the same float32 tensor, and decoded by gguf-py and by the kernel:
-  MB/s of float32 values (medians of --repeat) and native / numpy. The two encoders' bytes are compared too.
+- codec: every K-quant type and IQ4_NL/IQ4_XS encoded by the numpy code (plugins/gguf/kquants.py, iq4.py)
+  and by the native kernel (plugins/gguf/csrc/gguf_kquants*.c, gguf_iq4.c) on the same float32 tensor, and
+  decoded by gguf-py and by the kernel: MB/s of float32 values (medians of --repeat) and native / numpy. The
+  two encoders' bytes are compared too.
 - merge: ``adaptools merge BASE.gguf ADAPTER OUT.gguf`` against ``cp`` of the base, interleaved, medians of
   --repeat, with the engine's profile. The base (built once, cached under --work) is a synthetic Llama with
   TinyLlama-1.1B's shapes in llama-quantize's Q4_K_M layout: every linear weight and the embedding Q4_K,
   ``output.weight`` Q6_K, and ``attn_v`` and ``ffn_down`` Q6_K in the layers llama.cpp's ``use_more_bits``
   picks (the first and last eighth of the layers and every third between; docs/gguf.md, "The native
   codec"), norms F32, written with our encoders. The adapter is benchmarks/merge.py's r=16 LoRA on every
-  linear layer, so every linear weight is decoded, merged and re-encoded in its own type.
+  linear layer, so every linear weight is decoded, merged and re-encoded in its own type. ``--layout iq4_xs``:
+  every linear weight and the embedding IQ4_XS, ``output.weight`` Q6_K, instead.
 
     python benchmarks/gguf_kquant.py                  # both parts, 3 repeats
     python benchmarks/gguf_kquant.py --skip-merge     # the codec table only (a minute)
     python benchmarks/gguf_kquant.py --json results.json
     python benchmarks/gguf_kquant.py --skip-codec --llama-quantize PATH/llama-quantize   # llama.cpp for scale
+    python benchmarks/gguf_kquant.py --skip-codec --layout iq4_xs --work /tmp/w   # outputs under /tmp/w
 
 Set ADAPTOOLS_GGUF_PURE_PYTHON=1 to time the merge with the numpy codecs instead (the codec part always
 times both).
@@ -42,6 +45,7 @@ import gguf_merge  # noqa: E402  (the GGUF merge benchmark's timer)
 import merge as dense  # noqa: E402  (the dense benchmark's shapes, adapter and interleaving)
 
 KQUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+CODEC_TYPES = [*KQUANTS, Q.IQ4_NL, Q.IQ4_XS]
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
@@ -58,8 +62,17 @@ def q4_k_m_type(name: str, n_layers: int) -> Q:
     return Q.Q4_K
 
 
-def build_base(path: Path, cfg: dict) -> dict[str, int]:
-    """The synthetic checkpoint of benchmarks/merge.py's shapes as one Q4_K_M GGUF file (the pattern of
+def iq4_xs_type(name: str, n_layers: int) -> Q:
+    """The --layout iq4_xs base's types: IQ4_XS but ``output.weight`` (Q6_K)."""
+    return Q.Q6_K if name == "output.weight" else Q.IQ4_XS
+
+
+LAYOUTS = {"q4_k_m": (q4_k_m_type, gguf.LlamaFileType.MOSTLY_Q4_K_M),
+           "iq4_xs": (iq4_xs_type, gguf.LlamaFileType.MOSTLY_IQ4_XS)}
+
+
+def build_base(path: Path, cfg: dict, layout: str = "q4_k_m") -> dict[str, int]:
+    """The synthetic checkpoint of benchmarks/merge.py's shapes as one GGUF file in ``layout`` (the pattern of
     benchmarks/gguf_merge.py's Q8_0 base), each tensor encoded by adaptools' codec; returns the count of
     tensors by type."""
     from adaptools_plugins.gguf import arch as gguf_arch
@@ -67,15 +80,16 @@ def build_base(path: Path, cfg: dict) -> dict[str, int]:
 
     model = gguf_arch.ModelShape(gguf_arch.family_for_arch("llama"), n_blocks=cfg["num_hidden_layers"])
     tensors = [(model.gguf_name(name), shape) for name, shape in dense.shapes(cfg)]
-    types = {name: Q.F32 if len(shape) == 1 else q4_k_m_type(name, cfg["num_hidden_layers"]) for name, shape in tensors}
+    type_of, ftype = LAYOUTS[layout]
+    types = {name: Q.F32 if len(shape) == 1 else type_of(name, cfg["num_hidden_layers"]) for name, shape in tensors}
     counts: dict[str, int] = {}
     for qtype in types.values():
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
     if path.exists():
         return counts
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf_merge.synthetic_writer(tmp, cfg, "synthetic TinyLlama-1.1B shapes, Q4_K_M layout",
-                                         gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    writer = gguf_merge.synthetic_writer(tmp, cfg, f"synthetic TinyLlama-1.1B shapes, {layout.upper()} layout",
+                                         ftype)
     for name, shape in tensors:
         if types[name] == Q.F32:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
@@ -109,7 +123,7 @@ def _median_seconds(fn, repeat: int) -> float:
 
 def codec_table(shape: tuple[int, int], repeat: int) -> dict[str, dict[str, float]]:
     """Encode and decode MB/s (of float32 values) for each K-quant, the Python code against the kernel."""
-    from adaptools_plugins.gguf import kquants, native
+    from adaptools_plugins.gguf import iq4, kquants, native
 
     if native.LIB is None:
         raise SystemExit("the GGUF kernel is not loaded (ADAPTOOLS_GGUF_PURE_PYTHON set, or no C compiler)")
@@ -120,11 +134,12 @@ def codec_table(shape: tuple[int, int], repeat: int) -> dict[str, dict[str, floa
           f"medians of {repeat}, MB/s of float32 values")
     print(f"{'type':6s} {'enc numpy':>10s} {'enc native':>11s} {'x':>6s} {'dec gguf-py':>12s} {'dec native':>11s} "
           f"{'x':>6s}  same bytes")
-    for qtype in KQUANTS:
+    for qtype in CODEC_TYPES:
+        python = kquants.quantize if qtype in KQUANTS else iq4.quantize
         data = native.encode(values, qtype)
-        same = bool(np.array_equal(data, kquants.quantize(values, qtype.name)))
+        same = bool(np.array_equal(data, python(values, qtype.name)))
         row = {
-            "encode_numpy": mb / _median_seconds(lambda q=qtype: kquants.quantize(values, q.name), repeat),
+            "encode_numpy": mb / _median_seconds(lambda q=qtype: python(values, q.name), repeat),
             "encode_native": mb / _median_seconds(lambda q=qtype: native.encode(values, q), repeat),
             "decode_gguf_py": mb / _median_seconds(lambda q=qtype: gguf.quants.dequantize(data, q), repeat),
             "decode_native": mb / _median_seconds(lambda q=qtype: native.decode(data, q, shape), repeat),
@@ -137,27 +152,27 @@ def codec_table(shape: tuple[int, int], repeat: int) -> dict[str, dict[str, floa
     return table
 
 
-def merge_table(work: Path, repeat: int, llama_quantize: Path | None = None) -> dict:
+def merge_table(work: Path, repeat: int, llama_quantize: Path | None = None, layout: str = "q4_k_m") -> dict:
     cfg = dense.SIZES["1b"]
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter = work / "base-1b-q4_k_m.gguf", work / "lora-1b"
+    base, adapter = work / f"base-1b-{layout}.gguf", work / "lora-1b"
     print(f"building {base} and {adapter} (cached) ...", file=sys.stderr)
-    counts = build_base(base, cfg)
+    counts = build_base(base, cfg, layout)
     dense.build_adapter(adapter, cfg)
     out = work / "out.gguf"
     adaptools_cmd = [sys.executable, "-m", "adaptools"]
     contenders = {
-        "cp (Q4_K_M base)": ["cp", str(base), str(out)],
-        "adaptools merge (Q4_K_M)": [*adaptools_cmd, "merge", str(base), str(adapter), str(out), "--json"],
+        f"cp ({layout.upper()} base)": ["cp", str(base), str(out)],
+        f"adaptools merge ({layout.upper()})": [*adaptools_cmd, "merge", str(base), str(adapter), str(out), "--json"],
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
     }
     if llama_quantize is not None:  # llama.cpp's own K-quant encoders on the same types, for scale
         q8 = work / "base-1b-q8_0.gguf"
         gguf_merge.build_base(q8, cfg)
-        contenders["llama-quantize Q8_0 -> Q4_K_M"] = [str(llama_quantize), "--allow-requantize", str(q8), str(out),
-                                                       "Q4_K_M", str(os.cpu_count() or 1)]
+        contenders[f"llama-quantize Q8_0 -> {layout.upper()}"] = [
+            str(llama_quantize), "--allow-requantize", str(q8), str(out), layout.upper(), str(os.cpu_count() or 1)]
     results, profiles = dense.run_interleaved(contenders, out, repeat, gguf_merge.measure)  # cp first: warm cache
-    cp = results["cp (Q4_K_M base)"]["wall_s"]
+    cp = results[f"cp ({layout.upper()} base)"]["wall_s"]
     torch_s = results['python -c "import torch"']["wall_s"]
     print(f"\nbase: {base.stat().st_size / 1e9:.2f} GB, tensors {counts}; r=16 LoRA on every linear layer; "
           f"medians of {repeat}")
@@ -185,6 +200,7 @@ def main() -> None:
     parser.add_argument("--skip-codec", action="store_true")
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="q4_k_m", help="the merge part's base")
     parser.add_argument("--llama-quantize", type=Path, help="also time this llama-quantize binary requantizing the "
                         "Q8_0 base of gguf_merge.py to Q4_K_M on every core (fixtures/llamacpp_tools.py builds it)")
     args = parser.parse_args()
@@ -192,7 +208,7 @@ def main() -> None:
     if not args.skip_codec:
         report["codec"] = codec_table(tuple(args.shape), args.repeat)
     if not args.skip_merge:
-        report["merge"] = merge_table(args.work, args.repeat, args.llama_quantize)
+        report["merge"] = merge_table(args.work, args.repeat, args.llama_quantize, args.layout)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

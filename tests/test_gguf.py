@@ -489,6 +489,6 @@ def test_encode_decode_every_encodable_type(qtype, tol, tmp_path):
 
 def test_encode_refuses_what_gguf_py_cannot_and_falls_back_for_partial_blocks():
     with pytest.raises(KeyError):
-        gguf_codec.encode(np.zeros((2, 256), np.float32), Q.IQ4_XS)  # K-quants encode (test_gguf_kquants.py)
+        gguf_codec.encode(np.zeros((2, 256), np.float32), Q.IQ3_S)  # K-quants and IQ4 encode (test_gguf_kquants.py)
     array, qtype = gguf_codec.encode_with_fallback(np.ones((2, 40), np.float32), Q.Q8_0)
     assert qtype == Q.F16 and array.dtype == np.float16

@@ -18,16 +18,19 @@ from gguf import GGMLQuantizationType as Q
 
 from adaptools.plugin import InputError
 
-from . import kquants, native
+from . import iq4, kquants, native
 from .fields import Header
 from .header import check_counts
 
 MAGIC = b"GGUF"
 #: K-quants we encode ourselves, with the bytes of ggml's reference quantizer (kquants.py).
 KQUANTS = frozenset({Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-#: Types we can encode: gguf-py's (quantize, in Python) and the K-quants (kquants.py), each also in the native
-#: kernel where it is built (native.TYPES, the same bytes); the others (IQ types and a few more) only decode.
-ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}) | KQUANTS
+#: The non-linear 4-bit types we encode ourselves, with the bytes of ggml's quantizer (iq4.py).
+IQ4 = frozenset({Q.IQ4_NL, Q.IQ4_XS})
+#: Types we can encode: gguf-py's (quantize, in Python), the K-quants (kquants.py) and IQ4_NL/IQ4_XS (iq4.py),
+#: each also in the native kernel where it is built (native.TYPES, the same bytes); the others (the 1-3 bit
+#: IQ types and a few more) only decode.
+ENCODABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}) | KQUANTS | IQ4
 #: ``--outtype`` names of an adapter's tensors.
 OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 
@@ -134,6 +137,11 @@ def encode(values: np.ndarray, qtype: Q, weights: np.ndarray | None = None) -> n
         return native.encode(values, qtype)  # the same bytes, in C (docs/gguf.md, "The native codec")
     if qtype in KQUANTS:  # ggml's reference bytes, in numpy (docs/gguf.md, "K-quant encoders")
         return kquants.quantize(values, qtype.name)
+    if qtype in IQ4:  # ggml's bytes, in numpy (docs/gguf.md, "IQ4 encoders")
+        try:
+            return iq4.quantize(values, qtype.name)
+        except ValueError as exc:
+            raise gguf.QuantError(str(exc)) from None
     if qtype == Q.F32:
         return values
     if qtype == Q.F16:
@@ -206,7 +214,7 @@ def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarr
 
 def changed_type(stored: Q, row: int, override: Q | None = None) -> Q:
     """The type a tensor a merge changed is written in: ``override`` (``--outtype``) if given, else its own
-    where we encode it (:data:`ENCODABLE`, K-quants included), else Q8_0 (IQ types and the like); F16 where
+    where we encode it (:data:`ENCODABLE`, K-quants and IQ4 included), else Q8_0 (the other IQ types); F16 where
     its rows are not whole blocks of that type (docs/gguf.md, "Tensor types gguf-py encodes and decodes")."""
     want = override if override is not None else stored if stored in ENCODABLE else Q.Q8_0
     return want if row % gguf.GGML_QUANT_SIZES[want][0] == 0 else Q.F16

@@ -1,9 +1,9 @@
-"""The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c): block codecs in C with the
-bytes and values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every
-decoder, kquants.py for the K-quant encoders), measured at several to tens of times its speed (docs/gguf.md,
-"The native codec"): (de)quantizing spent most of a GGUF merge's time. ``ADAPTOOLS_GGUF_PURE_PYTHON=1``
-turns it off; without it (no C compiler at install) codec.py uses the Python code, which gives the same
-bytes.
+"""The GGUF kernel library (csrc/gguf_kernels.c, gguf_legacy.c, gguf_kquants*.c, gguf_iq4.c): block codecs in C with
+the bytes and values of the Python code they replace (gguf-py's numpy for Q8_0, Q4_0/1, Q5_0/1 and every decoder,
+kquants.py for the K-quant encoders, iq4.py for IQ4_NL and IQ4_XS), measured at several to tens of times its speed
+(docs/gguf.md, "The native codec"): (de)quantizing spent most of a GGUF merge's time.
+``ADAPTOOLS_GGUF_PURE_PYTHON=1`` turns it off; without it (no C compiler at install) codec.py uses the Python code,
+which gives the same bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_gguf_abi``).
-ABI = 4
+ABI = 5
 #: Each native type: (values per block, bytes per block, the name in its C functions
 #: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
 BLOCKS: dict[Q, tuple[int, int, str]] = {
@@ -33,6 +33,8 @@ BLOCKS: dict[Q, tuple[int, int, str]] = {
     Q.Q4_K: (256, 144, "q4_k"),
     Q.Q5_K: (256, 176, "q5_k"),
     Q.Q6_K: (256, 210, "q6_k"),
+    Q.IQ4_NL: (32, 18, "iq4_nl"),
+    Q.IQ4_XS: (256, 136, "iq4_xs"),
 }
 #: The types this library encodes and decodes.
 TYPES = frozenset(BLOCKS)
@@ -72,7 +74,7 @@ def describe() -> str:
 
 def encode(values: np.ndarray, qtype: Q, threads: int | None = None) -> np.ndarray:
     """float32 values, the last dimension whole blocks of ``qtype`` -> uint8 ``[..., blocks * block bytes]``:
-    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's reference quantizer's (kquants.py) for K-quants.
+    gguf-py's ``quants.quantize`` bytes for Q8_0, ggml's quantizer's for K-quants (kquants.py) and IQ4 (iq4.py).
 
     The blocks are split over ``threads`` (default: ``plugin.split``'s, every core up to four); each block is
     coded on its own, so the bytes do not depend on the split (docs/gguf.md, "Threads")."""

@@ -150,43 +150,16 @@ INLINE void qkx3_lanes(const int n, const int nmax, const float *x, const float 
 }
 
 /* The symmetric search on 8 groups of n values side by side, with weights w in place of the reference's
- * x*x: the header's qx_search, operation for operation, with that one change (qx_weighted in lanes). */
+ * x*x: the header's qx_search (which takes its weights), the groups moved into and out of its lanes. */
 INLINE void qx_lanes(const int n, const int nmax, const float *x, const float *w, int8_t *L, float *scales) {
-    v8f xv[32], wv[32];
+    v8f xv[32], wv[32], scale;
     v8i Lv[32];
     lanes_in(x, n, xv);
     lanes_in(w, n, wv);
-    v8f amax = splat(0.0f), mx = splat(0.0f), scale = splat(0.0f), best = splat(0.0f);
-    for (int i = 0; i < n; i++) { /* the first element of largest magnitude */
-        const v8f a = vabs(xv[i]);
-        mx = sel(a > amax, xv[i], mx);
-        amax = sel(a > amax, a, amax);
-    }
-    for (int step = -10; step <= 9; step++) { /* -10: the first try, -nmax / max; then the 18 neighbours */
-        if (step == 0) continue;
-        const v8f iscale = step == -10 ? splat((float)(-nmax)) / mx : -splat((float)nmax + 0.1f * (float)step) / mx;
-        v8f sumlx = splat(0.0f), suml2 = splat(0.0f);
-        for (int i = 0; i < n; i++) {
-            const v8f l = tof(clampv(nearest(iscale * xv[i]), -nmax, nmax - 1));
-            sumlx += wv[i] * xv[i] * l;
-            suml2 += wv[i] * l * l;
-        }
-        v8i take;
-        if (step == -10) {
-            scale = sel(suml2 != 0.0f, sumlx / suml2, splat(0.0f));
-            take = splati(-1);
-        } else {
-            take = (suml2 > 0.0f) & (sumlx * sumlx > best * suml2);
-            scale = sel(take, sumlx / suml2, scale);
-        }
-        best = sel(take, scale * sumlx, best);
-        for (int i = 0; i < n; i++)
-            Lv[i] = seli(take, clampv(nearest(iscale * xv[i]), -nmax, nmax - 1) + nmax, Lv[i]);
-    }
-    const v8i zero = amax < GROUP_MAX_EPS; /* all zero */
-    lanes_out(sel(zero, splat(0.0f), scale), scales);
+    qx_search(n, xv, wv, nmax, &scale, Lv);
+    lanes_out(scale, scales);
     for (int i = 0; i < n; ++i)
-        for (int g = 0; g < 8; ++g) L[g * n + i] = (int8_t)(zero[g] ? 0 : Lv[i][g]);
+        for (int g = 0; g < 8; ++g) L[g * n + i] = (int8_t)Lv[i][g];
 }
 
 /* The super-block's sub-block scales (or mins) on a positive grid 0..nmax, weighted by each sub-block's

@@ -11,8 +11,8 @@
 #include "adaptools_kernel.h"
 
 /* 2: the K-quant codecs of gguf_kquants*.c joined the library; 3: Q4_0, Q4_1, Q5_0, Q5_1 (gguf_legacy.c);
- * 4: the importance-weighted encoders (gguf_imatrix.c) */
-int adaptools_gguf_abi(void) { return 4; }
+ * 4: the importance-weighted encoders (gguf_imatrix.c); 5: IQ4_NL and IQ4_XS (gguf_iq4.c) */
+int adaptools_gguf_abi(void) { return 5; }
 
 int adaptools_gguf_isa(void) { return adaptools_isa(); }
 

@@ -133,14 +133,15 @@ void adaptools_q5_k_decode(const uint8_t *data, int64_t b0, int64_t b1, float *o
 /* --- Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d (float16) = 210 bytes ---------- */
 
 INLINE void q6_k_block(const float *restrict x, uint8_t *restrict y) {
-    v8f xs[16], vscale;
+    v8f xs[16], ws[16], vscale;
     v8i Lg[2][16];
     float scales[16];
     uint8_t L[QK_K];
     int8_t sc[16];
     for (int h = 0; h < 2; h++) { /* groups 0-7, then 8-15 */
         lanes_in(x + 128 * h, 16, xs);
-        qx_search(16, xs, 32, &vscale, Lg[h]);
+        for (int i = 0; i < 16; i++) ws[i] = xs[i] * xs[i]; /* the reference's weights without an imatrix */
+        qx_search(16, xs, ws, 32, &vscale, Lg[h]);
         lanes_out(vscale, scales + 8 * h);
     }
     float max_scale = 0.0f, max_abs = 0.0f;

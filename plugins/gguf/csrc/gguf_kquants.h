@@ -93,11 +93,13 @@ INLINE void qkx2_search(const int N, const v8f *restrict x, const v8f *restrict 
     for (int i = 0; i < N; i++) L[i] = seli(flat, splati(0), L[i]);
 }
 
-/* make_qx_quants (rmse_type 1) on 8 groups of N values (x: [N] vectors): a symmetric grid of -nmax..nmax-1
- * with weights x*x, 18 candidate scales around -nmax / max. Out: each group's scale and its levels + nmax.
- * kquants.make_qx_quants, in lanes. */
-INLINE void qx_search(const int N, const v8f *restrict x, const int nmax, v8f *restrict scale_out,
-                      v8i *restrict L) {
+/* make_qx_quants (rmse_type 1) on 8 groups of N values (x, w: [N] vectors): a symmetric grid of -nmax..nmax-1
+ * with weights w, 18 candidate scales around -nmax / max. Out: each group's scale and its levels + nmax.
+ * The reference's unweighted path is this one with w = x*x (kquants.make_qx_quants, in lanes); with an
+ * importance matrix w is the column's weighting (gguf_imatrix.h, qx_lanes). One search for both: the
+ * products are the same, ((x*x)*x)*l and (x*x)*l*l, so the bytes are (docs/gguf.md, "Importance matrices"). */
+INLINE void qx_search(const int N, const v8f *restrict x, const v8f *restrict w, const int nmax,
+                      v8f *restrict scale_out, v8i *restrict L) {
     v8f amax = splat(0.0f), mx = splat(0.0f), scale = splat(0.0f), best = splat(0.0f);
     for (int i = 0; i < N; i++) { /* the first element of largest magnitude */
         const v8f a = vabs(x[i]);
@@ -109,9 +111,9 @@ INLINE void qx_search(const int N, const v8f *restrict x, const int nmax, v8f *r
         const v8f iscale = step == -10 ? splat((float)(-nmax)) / mx : -splat((float)nmax + 0.1f * (float)step) / mx;
         v8f sumlx = splat(0.0f), suml2 = splat(0.0f);
         for (int i = 0; i < N; i++) {
-            const v8f w = x[i] * x[i], l = tof(clampv(nearest(iscale * x[i]), -nmax, nmax - 1));
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
+            const v8f l = tof(clampv(nearest(iscale * x[i]), -nmax, nmax - 1));
+            sumlx += w[i] * x[i] * l;
+            suml2 += w[i] * l * l;
         }
         v8i take;
         if (step == -10) {
