@@ -108,7 +108,7 @@ SCHEMES = {
 REQUANTIZE = ("fp8", "int8", "nvfp4")
 
 
-def _scheme(kind: str):  # noqa: ANN202 - compressed_tensors is imported lazily
+def _scheme(kind: str):  # -> QuantizationScheme (compressed_tensors is imported lazily)
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import NVFP4
 
