@@ -10,19 +10,19 @@ work time is wall time minus `python -c "import torch"` from the same run.
 
     python benchmarks/fp8.py                 # both parts
     python benchmarks/fp8.py --codec-only    # transformers' Fp8Quantize / Fp8Dequantize against ours
+    python benchmarks/fp8.py --out DIR       # where each run writes (and deletes) its output; <work>/out by default
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from merge import SIZES, build_adapter, build_base, run_interleaved
+from merge import SIZES, build_adapter, build_base, print_profiles, run_interleaved
 from nf4 import median_time
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def codec(shapes: list[tuple[int, int]]) -> None:
               f"{figures[3]:7.3f}s")
 
 
-def engine(work: Path, repeat: int) -> None:
+def engine(work: Path, repeat: int, out: Path | None = None) -> None:
     cfg = SIZES["1b"]
     dense, adapter, fp8 = work / "base-1b", work / "lora-1b", work / "base-1b-fp8"
     print(f"building {dense} and {adapter} (cached) ...", file=sys.stderr)
@@ -61,7 +61,7 @@ def engine(work: Path, repeat: int) -> None:
         print(f"quantizing {dense} to {fp8} ...", file=sys.stderr)
         subprocess.run([*adaptools_cmd, "requantize", str(dense), str(fp8), "--quant-type", "fp8"], check=True,
                        stdout=subprocess.DEVNULL)
-    out = work / "out"
+    out = out or work / "out"
     contenders = {
         "cp -r (dense base)": ["cp", "-r", str(dense), str(out)],
         "cp -r (FP8 base)": ["cp", "-r", str(fp8), str(out)],
@@ -76,16 +76,12 @@ def engine(work: Path, repeat: int) -> None:
     torch_s = results['python -c "import torch"']["wall_s"]
     sizes = {p.name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for p in (dense, fp8)}
     print(f"\ndense base {sizes[dense.name]:.2f} GB, FP8 base {sizes[fp8.name]:.2f} GB; medians of {repeat}")
-    print(f"{'contender':36s} {'wall s':>8s} {'work s':>8s} {'work x cp':>10s} {'peak RSS GiB':>13s}")
+    print(f"{'contender':36s} {'wall s':>8s} {'work s':>8s} {'work x cp':>10s} {'CPU s':>8s} {'peak RSS GiB':>13s}")
     for name, r in results.items():
         work_s = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
-        print(f"{name:36s} {r['wall_s']:8.2f} {work_s:8.2f} {work_s / cp:10.2f} {r['peak_rss_bytes'] / 2**30:13.2f}")
-    for name, runs in profiles.items():
-        if runs:
-            median = {k: statistics.median(p.get(k, 0.0) for p in runs) for k in runs[0]}
-            parts = ", ".join(f"{k} {median[k]:.2f}" for k in ("plan", "read", "compute", "encode", "write_background")
-                              if k in median)
-            print(f"  {name}: {parts} (seconds)")
+        print(f"{name:36s} {r['wall_s']:8.2f} {work_s:8.2f} {work_s / cp:10.2f} {r['cpu_s']:8.2f} "
+              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
+    print_profiles(profiles)
 
 
 def main() -> None:
@@ -93,11 +89,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--codec-only", action="store_true")
+    parser.add_argument("--out", type=Path, help="where each run writes its output (default <work>/out)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     codec([(4096, 4096), (5632, 2048)])
     if not args.codec_only:
-        engine(args.work, args.repeat)
+        engine(args.work, args.repeat, args.out)
 
 
 if __name__ == "__main__":

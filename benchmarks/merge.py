@@ -11,8 +11,9 @@ medians, with ratios against `cp -r` measured in the same run.
     python benchmarks/merge.py --nf4                 # the same base quantized to NF4: dequantize-merge and
                                                      # merge --requantize against cp -r of the dense base
 
-Peak RSS is each process's own maximum resident set, from GNU time (/usr/bin/time, Debian package
-"time"). Wall time includes interpreter start-up, so the run also times `python -c "import torch"`:
+Peak RSS is each process's own maximum resident set, and CPU time its user + system seconds, from GNU
+time (/usr/bin/time, Debian package "time"): on a machine shared with other jobs, CPU time moves less than
+wall time. Wall time includes interpreter start-up, so the run also times `python -c "import torch"`:
 work time = wall time minus that, the figure the targets are about. The profile (from `merge --json`)
 says where a merge's time went: planning, reading, computing, encoding, writing (in a background
 thread, so it overlaps the rest), finalizing; start-up is the wall time the process spent before and
@@ -61,7 +62,7 @@ def shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def build_base(path: Path, cfg: dict, shard_bytes: int = 1_000_000_000) -> None:
-    from adaptools import SafetensorsWriter, TensorSpec
+    from adaptools.plugin import SafetensorsWriter, TensorSpec
 
     if (path / "config.json").exists():
         return
@@ -100,7 +101,7 @@ def build_base(path: Path, cfg: dict, shard_bytes: int = 1_000_000_000) -> None:
 
 
 def build_adapter(path: Path, cfg: dict, rank: int = 16) -> None:
-    from adaptools import save_tensors
+    from adaptools.plugin import save_tensors
 
     if (path / "adapter_config.json").exists():
         return
@@ -134,7 +135,8 @@ model.save_pretrained(out)
 
 def measure(cmd: list[str], out: Path, profile: dict | None = None) -> tuple[float, int]:
     """Run ``cmd``; return (wall seconds, peak RSS bytes of that process); ``profile`` receives the
-    engine's profile when the command prints a --json summary.
+    process's CPU seconds (user + system) as ``cpu_s``, and the engine's profile when the command prints a
+    --json summary.
 
     GNU time reports the child's own peak; os.wait4 would count the pages this (large) parent process had
     when it forked.
@@ -144,38 +146,55 @@ def measure(cmd: list[str], out: Path, profile: dict | None = None) -> tuple[flo
     env = {**os.environ, "ADAPTOOLS_LOAD_PLUGINS": "", "TRANSFORMERS_VERBOSITY": "error"}
     timer = shutil.which("time") or "/usr/bin/time"
     start = time.perf_counter()
-    proc = subprocess.run([timer, "-f", "adaptools-bench-rss %M", *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run([timer, "-f", "adaptools-bench-rss %M %U %S", *cmd], capture_output=True, text=True,
+                          env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
-    rss_kb = int(proc.stderr.rsplit("adaptools-bench-rss ", 1)[1].split()[0])
+    rss_kb, user, system = proc.stderr.rsplit("adaptools-bench-rss ", 1)[1].split()[:3]
     shutil.rmtree(out, ignore_errors=True)
+    if profile is not None:
+        profile["cpu_s"] = float(user) + float(system)
     if profile is not None and proc.stdout.lstrip().startswith("{"):
         data = json.loads(proc.stdout)
         profile.update(data.get("profile", {}), engine=data.get("seconds", 0.0), wall=wall)
-    return wall, rss_kb * 1024
+    return wall, int(rss_kb) * 1024
 
 
 def run_interleaved(contenders: dict[str, list[str]], out: Path, repeat: int,
                     timer: Callable[[list[str], Path, dict | None], tuple[float, int]] = measure,
                     ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     """Each contender ``repeat`` times with ``timer``, after one warm-up run of the first (the page cache), in
-    turn, so that drift in disk state hits every contender alike: (median wall seconds and peak RSS bytes with
-    every run, by contender; the engine profiles of the runs that printed one, by contender)."""
+    turn, so that drift in disk state hits every contender alike: (median wall seconds, CPU seconds (NaN where
+    the timer gives none) and peak RSS bytes with every run, by contender; the engine profiles of the runs
+    that printed one, by contender)."""
     timer(next(iter(contenders.values())), out, None)  # warm the page cache
-    runs_by: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
+    runs_by: dict[str, list[tuple[float, int, float]]] = {name: [] for name in contenders}
     profiles: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(repeat):
         for name, cmd in contenders.items():
             profile: dict = {}
-            runs_by[name].append(timer(cmd, out, profile))
+            wall, rss = timer(cmd, out, profile)
+            runs_by[name].append((wall, rss, profile.pop("cpu_s", float("nan"))))
             if profile:
                 profiles[name].append(profile)
     results = {name: {"wall_s": statistics.median(r[0] for r in runs),
                       "peak_rss_bytes": statistics.median(r[1] for r in runs),
-                      "runs": [{"wall_s": w, "peak_rss_bytes": m} for w, m in runs]}
+                      "cpu_s": statistics.median(r[2] for r in runs),
+                      "runs": [{"wall_s": w, "peak_rss_bytes": m, "cpu_s": c} for w, m, c in runs]}
                for name, runs in runs_by.items()}
     return results, profiles
+
+
+def print_profiles(profiles: dict[str, list[dict]]) -> None:
+    """Where each engine run's time went (medians of the runs' ``merge --json`` profiles), one line each."""
+    for name, runs in profiles.items():
+        if runs:
+            median = {k: statistics.median(p.get(k, 0.0) for p in runs) for k in runs[0]}
+            parts = ", ".join(f"{k} {median[k]:.2f}" for k in ("plan", "read", "compute", "encode",
+                                                              "write_background", "finalize") if k in median)
+            startup = median["wall"] - median["engine"]
+            print(f"  {name}: start-up and imports {startup:.2f} s; {parts} (seconds, medians)")
 
 
 def main() -> None:
@@ -229,12 +248,13 @@ def main() -> None:
     torch_s = results['python -c "import torch"']["wall_s"]
     size_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     print(f"\ncheckpoint: {args.size}, {size_bytes / 1e9:.2f} GB; medians of {args.repeat}")
-    print(f"{'contender':36s} {'wall s':>8s} {'x cp -r':>8s} {'work s':>8s} {'work x cp':>10s} {'peak RSS GiB':>13s}")
+    print(f"{'contender':36s} {'wall s':>8s} {'x cp -r':>8s} {'work s':>8s} {'work x cp':>10s} {'CPU s':>8s} "
+          f"{'peak RSS GiB':>13s}")
     for name, r in results.items():
         work = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
         r["work_s"] = work
         print(f"{name:36s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {work:8.2f} {work / cp:10.2f} "
-              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
+              f"{r['cpu_s']:8.2f} {r['peak_rss_bytes'] / 2**30:13.2f}")
     if args.nf4:
         requantize = results["adaptools merge --requantize"]["wall_s"]
         ratio = requantize / results["adaptools merge (dequantize-merge)"]["wall_s"]
