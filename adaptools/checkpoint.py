@@ -187,18 +187,26 @@ class Checkpoint:
     def read(self, name: str, handle: BinaryIO | None = None) -> torch.Tensor:
         """A parameter's value: decoded from its group if it has one, else the stored tensor."""
         if name in self.groups:
-            backend, names = self.groups[name]
-            try:
-                value: torch.Tensor = backend.decode_group(name, self.read_small, names)
-            except AdaptoolsError as exc:  # found only when decoded (NaN codes, overflowing scales)
-                raise self.located(exc) from None
-            if count_nonfinite(value):
-                self._refuse_overflowing_group(name, backend, names, value)
-            return value
+            return self.read_group(name)
         shard, info = self.location[name]
         if handle is not None:
             return read_tensor(handle, info)
         return self.read_small(name)
+
+    def read_group(self, name: str, kept: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """A grouped parameter's decoded value. ``kept``, when given, receives the stored tensors it was decoded
+        from: the merge engine compares them with what it writes, and reading them again cost as much as the
+        encoding (docs/merge-engine.md, "Encoding a group")."""
+        backend, names = self.groups[name]
+        read = self.read_small if kept is None else lambda n: kept[n] if n in kept else kept.setdefault(
+            n, self.read_small(n))
+        try:
+            value: torch.Tensor = backend.decode_group(name, read, names)
+        except AdaptoolsError as exc:  # found only when decoded (NaN codes, overflowing scales)
+            raise self.located(exc) from None
+        if count_nonfinite(value):
+            self._refuse_overflowing_group(name, backend, names, value)
+        return value
 
     def _refuse_overflowing_group(self, name: str, backend: Backend, names: list[str], value: torch.Tensor) -> None:
         """A quantized weight whose stored tensors are finite decodes to NaN or infinity only when its scales

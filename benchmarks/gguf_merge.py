@@ -9,6 +9,7 @@ measured in the same run, and where the merge's time went (the engine profile fr
     python benchmarks/gguf_merge.py                 # 1.1B Q8_0, 3 repeats
     python benchmarks/gguf_merge.py --json results.json
     python benchmarks/gguf_merge.py --header-only   # planning's header read: gguf-py's reader vs open_header
+    python benchmarks/gguf_merge.py --out /tmp/x.gguf  # the output elsewhere (a --work shared by two checkouts)
 
 (Named gguf_merge.py: a script named gguf.py would shadow the gguf package it imports.)
 
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--header-only", action="store_true", help="only the header reads (no merge, no cp)")
+    parser.add_argument("--out", type=Path, help="where the merge and cp write (default: <work>/out.gguf; deleted "
+                                                  "after each run)")
     args = parser.parse_args()
     cfg = dense.SIZES["1b"]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,10 @@ def main() -> None:
           + f"; {headers['gguf-py GGUFReader (before)'] / headers['open_header (now)']:.0f}x faster")
     if args.header_only:
         return
-    out = args.work / "out.gguf"
+    out = args.out or args.work / "out.gguf"
+    import adaptools
+
+    print(f"adaptools from {Path(adaptools.__file__).parent}", file=sys.stderr)  # which checkout is measured
     adaptools_cmd = [sys.executable, "-m", "adaptools"]
     contenders = {
         "cp (Q8_0 base)": ["cp", str(base), str(out)],

@@ -74,6 +74,7 @@ class Reader:
         self.checkpoint = checkpoint
         self.pool = pool
         self._handles: dict[Path, BinaryIO] = {}
+        self._kept: dict[str, dict[str, torch.Tensor]] = {}  # a group's stored tensors, by parameter
         self.seconds = 0.0  # spent reading and decoding groups, for the profile
 
     def handle(self, path: Path) -> BinaryIO:
@@ -93,11 +94,20 @@ class Reader:
         started = time.perf_counter()
         try:
             if name in self.checkpoint.groups:
-                return self.checkpoint.read(name), False
+                kept: dict[str, torch.Tensor] = {}
+                value = self.checkpoint.read_group(name, kept)
+                self._kept[name] = kept
+                return value, False
             fh, info = self.raw(name)
             return read_tensor(fh, info, into=self.pool.take(info.nbytes)), True
         finally:
             self.seconds += time.perf_counter() - started
+
+    def stored_parts(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored tensors the group ``name`` was last decoded from by :meth:`read` (empty for a plain tensor),
+        handed over once: re-encoding compares its bytes with them (the survival report's changed share), and
+        reading them again cost as much as the encoding itself (docs/merge-engine.md, "Where the time goes")."""
+        return self._kept.pop(name, {})
 
     def release(self, tensor: torch.Tensor, pooled: bool) -> None:
         if pooled:
@@ -107,6 +117,7 @@ class Reader:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
+        self._kept.clear()
 
     def __enter__(self) -> Reader:
         return self

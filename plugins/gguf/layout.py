@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from . import native
 from .arch import ModelShape, family_for_arch, from_gguf_layout, qk_heads, to_gguf_layout
 from .codec import decode_bytes, encode
 from .fields import Header
@@ -84,6 +86,28 @@ def encode_value(settings: Mapping[str, Any], dense: torch.Tensor, path: object 
     if settings.get("imatrix"):  # --imatrix: llama-quantize's weighting (docs/gguf.md, "Importance matrices")
         weights = load_imatrix(settings["imatrix"]).for_tensor(settings["name"], tuple(settings["shape"]))
     return as_torch(encode(value.numpy(), qtype, weights), qtype, settings["shape"])
+
+
+def encode_value_decoded(settings: Mapping[str, Any], dense: torch.Tensor, path: object = None,
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_value` and :func:`decode_encoded` of what it made, in one pass of the native kernel where it
+    encodes the type without importance weights (native.encode_decoded: the same bytes and values), else the
+    two calls. The decoded values go into ``out`` (float32, the dense value's size) when given and the layouts
+    agree; Q/K rows, put back in Hugging Face order, and Conv1D weights come out in a new tensor."""
+    qtype = Q(settings["type"])
+    block = GGML_QUANT_SIZES[qtype][0]
+    if settings.get("imatrix") or qtype not in native.TYPES or native.LIB is None or not settings["shape"] \
+            or settings["shape"][-1] % block:
+        encoded = encode_value(settings, dense, path)
+        return encoded, decode_encoded(settings, encoded, path)
+    model = ModelShape(family_for_arch(settings["arch"]), n_head=settings["n_head"], n_head_kv=settings["n_head_kv"])
+    value = to_gguf_layout(model, settings["name"], dense.float(), path)
+    back = None
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.numel() == value.numel():
+        back = out.numpy().reshape(-1)
+    data, decoded = native.encode_decoded(value.numpy(), qtype, back)
+    values = torch.from_numpy(decoded.reshape(tuple(settings["shape"])))
+    return as_torch(data, qtype, settings["shape"]), from_gguf_layout(model, settings["name"], values, path)
 
 
 def decode_encoded(settings: Mapping[str, Any], value: torch.Tensor, path: object = None) -> torch.Tensor:
