@@ -81,6 +81,15 @@ class Backend(ABC):
         report how much of a change survived), or None for the group as the checkpoint stores it."""
         raise UnsupportedOperationError(f"backend {self.name!r} stores no groups")
 
+    def decode_group_into(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                          out: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_group` of the group as stored, into ``out`` where the backend can: an uninitialised tensor
+        of the group's dense dtype and shape (:meth:`group_info`) that the merge engine lends from its buffer
+        pool. Why: a fresh tensor per decoded weight faults its pages in on first touch, a cost of the same order
+        as decoding (docs/merge-engine.md, "Where the time goes", "Fresh memory"). The value returned is what
+        counts: the engine keeps ``out`` only if that value is it. The default ignores ``out``."""
+        return self.decode_group(param, read, names)
+
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """How a grouped parameter was encoded (to encode a changed value the same way)."""
         raise UnsupportedOperationError(f"backend {self.name!r} cannot re-encode groups")

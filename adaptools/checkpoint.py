@@ -193,15 +193,18 @@ class Checkpoint:
             return read_tensor(handle, info)
         return self.read_small(name)
 
-    def read_group(self, name: str, kept: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def read_group(self, name: str, kept: dict[str, torch.Tensor] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """A grouped parameter's decoded value. ``kept``, when given, receives the stored tensors it was decoded
         from: the merge engine compares them with what it writes, and reading them again cost as much as the
-        encoding (docs/merge-engine.md, "Encoding a group")."""
+        encoding (docs/merge-engine.md, "Encoding a group"). ``out``: a buffer the backend may decode into
+        (Backend.decode_group_into)."""
         backend, names = self.groups[name]
         read = self.read_small if kept is None else lambda n: kept[n] if n in kept else kept.setdefault(
             n, self.read_small(n))
         try:
-            value: torch.Tensor = backend.decode_group(name, read, names)
+            value: torch.Tensor = backend.decode_group(name, read, names) if out is None else \
+                backend.decode_group_into(name, read, names, out)
         except AdaptoolsError as exc:  # found only when decoded (NaN codes, overflowing scales)
             raise self.located(exc) from None
         if count_nonfinite(value):

@@ -564,3 +564,22 @@ def test_each_changed_tensor_is_read_from_the_base_once(bases, tmp_path, cli_run
                                   "--json")).stdout)
     merged = [s["tensor"] for s in summary["survival"]]
     assert len(merged) == 14 and all(reads[name] == 1 for name in merged), reads
+
+
+def test_the_reader_decodes_a_gguf_weight_into_a_pooled_buffer(bases):
+    """Backend.decode_group_into: the read-ahead decodes each Q8_0 weight into a buffer of the engine's pool
+    (a fresh 46 MB array per weight faulted in page by page), with the values of the plain decode; Q/K rows,
+    put back in Hugging Face order, come out in a new tensor instead, and nothing is lent then."""
+    from adaptools.engine.source import BufferPool, Reader
+
+    checkpoint = Checkpoint.open(bases["llama-q8"])
+    pool = BufferPool()
+    with Reader(checkpoint, pool) as reader:
+        for name, pooled_expected in (("model.layers.0.mlp.up_proj.weight", True),
+                                      ("model.layers.0.self_attn.q_proj.weight", False)):
+            value, pooled = reader.read(name)
+            assert pooled is pooled_expected and torch.equal(value, checkpoint.read(name)), name
+            assert set(reader.stored_parts(name)) == {name} and reader.stored_parts(name) == {}
+            assert bool(pool._lent) is pooled
+            reader.release(value, pooled)
+            assert not pool._lent

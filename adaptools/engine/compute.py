@@ -201,7 +201,9 @@ class Compute:
         try:
             if entry.group is None:
                 out = self._dense(entry, stored, entry.encoder, DTYPES[entry.dtype][0])
-                produced = Produced({entry.name: out}, [out] if out is not stored else [])
+                if out is stored and pooled:  # written as read (a group decoded to its own dtype): the writer
+                    handed_on = True  # gives the reader's buffer back once written, not the reader now
+                produced = Produced({entry.name: out}, [out] if out is not stored or pooled else [])
                 return lambda: produced
             if entry.chain:
                 merged = self._dense(entry, stored, entry.decoder, DTYPES[entry.dtype][0])

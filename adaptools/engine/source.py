@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..checkpoint import Checkpoint
-from ..safetensors_io import TensorInfo, read_tensor
+from ..safetensors_io import DTYPES, TensorInfo, read_tensor
 
 #: Free buffers kept for reuse; more would only hold memory the next tensors will not need.
 KEEP_FREE = 4
@@ -93,10 +93,19 @@ class Reader:
         on a pooled buffer (then :meth:`release` it)."""
         started = time.perf_counter()
         try:
-            if name in self.checkpoint.groups:
+            if name in self.checkpoint.groups:  # decoded into a pooled buffer where the backend can
+                logical = self.checkpoint.tensor(name)
+                lent = self.pool.tensor(DTYPES[logical.dtype][0], tuple(logical.shape))
                 kept: dict[str, torch.Tensor] = {}
-                value = self.checkpoint.read_group(name, kept)
+                try:
+                    value = self.checkpoint.read_group(name, kept, lent)
+                except BaseException:
+                    self.pool.give(lent)
+                    raise
                 self._kept[name] = kept
+                if value.data_ptr() == lent.data_ptr() and value.numel() == lent.numel():
+                    return value, True
+                self.pool.give(lent)
                 return value, False
             fh, info = self.raw(name)
             return read_tensor(fh, info, into=self.pool.take(info.nbytes)), True

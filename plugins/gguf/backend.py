@@ -87,6 +87,12 @@ class GGUFBackend(plugin.Backend):
             return decode_encoded(settings, read(param), self.base.path if self.base is not None else None)
         return self._bound().decode(param, read(param), settings)
 
+    def decode_group_into(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                          out: torch.Tensor) -> torch.Tensor:
+        """Decoded into ``out`` by the native kernel where the GGUF layout is the Hugging Face one (not Q/K rows,
+        not Conv1D weights)."""
+        return self._bound().decode(param, read(param), out=out)
+
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """How ``param`` is written when changed: its GGUF name, numpy shape and type, and the layout facts
         (architecture and head counts) that put a Hugging Face value into GGUF's layout."""

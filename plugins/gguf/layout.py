@@ -12,6 +12,7 @@ type, and the layout facts (architecture, head counts) that put a Hugging Face v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +61,15 @@ class GGUFBase:
         transposed = self.model.family.conv1d and len(stored.shape) == 2 and stored.gguf_name.startswith("blk.")
         return tuple(reversed(stored.shape)) if transposed else stored.shape
 
-    def decode(self, param: str, value: torch.Tensor, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def decode(self, param: str, value: torch.Tensor, settings: Mapping[str, Any] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """``value`` (the stored bytes of ``param``, or what :func:`encode_value` made with ``settings``) as
-        float32 in the Hugging Face layout."""
+        float32 in the Hugging Face layout; into ``out`` (float32, contiguous, of that size) where the native
+        kernel decodes the type and the layouts agree, else in a new tensor."""
         if settings is not None:
             return decode_encoded(settings, value, self.path)
         stored = self.stored[param]
-        values = torch.from_numpy(decode_value(value, stored.qtype, stored.shape))
+        values = torch.from_numpy(decode_value(value, stored.qtype, stored.shape, out))
         return from_gguf_layout(self.model, stored.gguf_name, values, self.path)
 
 
@@ -130,9 +133,14 @@ def as_torch(array: np.ndarray, qtype: Q, shape: Sequence[int]) -> torch.Tensor:
     return flat.view(torch.bfloat16).reshape(tuple(shape)) if qtype == Q.BF16 else flat
 
 
-def decode_value(value: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+def decode_value(value: torch.Tensor, qtype: Q, shape: tuple[int, ...], out: torch.Tensor | None = None) -> np.ndarray:
     """A tensor of ``qtype`` (bytes read from the file, or :func:`as_torch`'s float tensor) -> float32 in
-    GGUF's numpy layout."""
+    GGUF's numpy layout; into ``out`` where the native kernel decodes the type (and ``out`` is contiguous
+    float32 of that size)."""
     if value.dtype in FLOAT_DTYPES:
         return value.float().numpy().reshape(shape)
-    return decode_bytes(value.reshape(-1).numpy(), qtype, shape)
+    into = None
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu" \
+            and out.numel() == math.prod(shape):
+        into = out.numpy().reshape(-1)
+    return decode_bytes(value.reshape(-1).numpy(), qtype, shape, into)

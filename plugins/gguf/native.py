@@ -125,14 +125,18 @@ def encode_decoded(values: np.ndarray, qtype: Q, back: np.ndarray | None = None,
     return out.reshape(*values.shape[:-1], values.shape[-1] // n * size), back.reshape(values.shape)
 
 
-def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...], threads: int | None = None) -> np.ndarray:
-    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize``; the blocks
-    split over ``threads`` as in :func:`encode`."""
+def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...], threads: int | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize`` (into ``out``,
+    contiguous float32 of that size, when given: the merge lends a pooled buffer); the blocks split over
+    ``threads`` as in :func:`encode`."""
     assert LIB is not None
     n, size, name = BLOCKS[qtype]
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     blocks = data.size // size
-    out = np.empty(blocks * n, dtype=np.float32)
+    if out is None:
+        out = np.empty(blocks * n, dtype=np.float32)
+    assert out.dtype == np.float32 and out.size == blocks * n and out.flags.c_contiguous
     function = getattr(LIB, f"adaptools_{name}_decode")
     plugin.split(blocks, lambda b0, b1: function(data.ctypes.data, b0, b1, out.ctypes.data), threads)
     return out.reshape(shape)
