@@ -86,7 +86,7 @@ class Backend(ABC):
         """:meth:`decode_group` of the group as stored, into ``out`` where the backend can: an uninitialised tensor
         of the group's dense dtype and shape (:meth:`group_info`) that the merge engine lends from its buffer
         pool. Why: a fresh tensor per decoded weight faults its pages in on first touch, a cost of the same order
-        as decoding (docs/merge-engine.md, "Where the time goes", "Fresh memory"). The value returned is what
+        as decoding (docs/merge-engine.md, "Where the time goes"). The value returned is what
         counts: the engine keeps ``out`` only if that value is it. The default ignores ``out``."""
         return self.decode_group(param, read, names)
 

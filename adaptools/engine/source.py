@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
@@ -40,7 +41,9 @@ class BufferPool:
             if fitting:  # (by index: ``list.remove`` would compare tensors element by element)
                 buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
             else:
-                buffer = torch.empty(max(GRANULE, -(-nbytes // GRANULE) * GRANULE), dtype=torch.uint8)
+                # numpy's allocator advises transparent huge pages for large arrays, so a new buffer faults
+                # in 2 MiB at a time where torch.empty's does 4 KiB (docs/merge-engine.md, "Where the time goes")
+                buffer = torch.from_numpy(np.empty(max(GRANULE, -(-nbytes // GRANULE) * GRANULE), dtype=np.uint8))
             view = buffer[:nbytes]
             self._lent[view.data_ptr()] = buffer
             return view
