@@ -9,7 +9,8 @@ what the config says, and which parameters are tied (``lm_head.weight`` absent u
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -100,6 +101,17 @@ class Shard:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def _keeping(kept: dict[str, torch.Tensor]) -> Callable[[Checkpoint, str], torch.Tensor]:
+    """``Checkpoint.read_small`` that also puts what it reads in ``kept``; bound to the checkpoint (``__self__``),
+    as ``read_small`` is, because backends tell the checkpoint a reader reads from by it (compressed-tensors, FP8)."""
+    def read(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        if name not in kept:
+            kept[name] = checkpoint.read_small(name)
+        return kept[name]
+
+    return read
 
 
 class Checkpoint:
@@ -200,8 +212,7 @@ class Checkpoint:
         encoding (docs/merge-engine.md, "Encoding a group"). ``out``: a buffer the backend may decode into
         (Backend.decode_group_into)."""
         backend, names = self.groups[name]
-        read = self.read_small if kept is None else lambda n: kept[n] if n in kept else kept.setdefault(
-            n, self.read_small(n))
+        read = self.read_small if kept is None else types.MethodType(_keeping(kept), self)
         try:
             value: torch.Tensor = backend.decode_group(name, read, names) if out is None else \
                 backend.decode_group_into(name, read, names, out)
