@@ -81,6 +81,15 @@ class Backend(ABC):
         report how much of a change survived), or None for the group as the checkpoint stores it."""
         raise UnsupportedOperationError(f"backend {self.name!r} stores no groups")
 
+    def decode_group_into(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                          out: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_group` of the group as stored, into ``out`` where the backend can: an uninitialised tensor
+        of the group's dense dtype and shape (:meth:`group_info`) that the merge engine lends from its buffer
+        pool. Why: a fresh tensor per decoded weight faults its pages in on first touch, a cost of the same order
+        as decoding (docs/merge-engine.md, "Where the time goes"). The value returned is what
+        counts: the engine keeps ``out`` only if that value is it. The default ignores ``out``."""
+        return self.decode_group(param, read, names)
+
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """How a grouped parameter was encoded (to encode a changed value the same way)."""
         raise UnsupportedOperationError(f"backend {self.name!r} cannot re-encode groups")
@@ -88,6 +97,21 @@ class Backend(ABC):
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Encode a dense value as this backend's group of tensors, named as the checkpoint names them."""
         raise UnsupportedOperationError(f"backend {self.name!r} cannot encode groups")
+
+    def encode_group_decoded(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any],
+                             out: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`encode_group`, and what it wrote decoded again as ``decode_group(..., settings)`` decodes it.
+
+        Why: the merge engine decodes every group it encodes, to check that what is written is finite where its
+        source was and to report how much of the change survived (docs/merge-engine.md, "Encoding a group").
+        A codec that can give back each block's decoded values while it encodes it (they are in cache then)
+        saves a second pass over the whole tensor; such a backend overrides this with the same results. ``out``,
+        an uninitialised tensor of ``dense``'s dtype and shape, may receive the decoded values (the engine lends
+        a pooled buffer: a fresh one per tensor faults in page by page); the value returned is what counts. The
+        default makes the two calls and ignores ``out``."""
+        group = self.encode_group(param, dense, settings)
+        written = self.decode_group(param, group.__getitem__, [k for k in group if k != param], settings)
+        return group, written
 
     def quantize_settings(self, tensor: BaseTensor, options: Any) -> Mapping[str, Any]:
         """How a dense weight would be encoded as this backend's group (``adaptools requantize``), given the

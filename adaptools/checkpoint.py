@@ -9,7 +9,8 @@ what the config says, and which parameters are tied (``lm_head.weight`` absent u
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -102,6 +103,17 @@ class Shard:
         return self.path.name
 
 
+def _keeping(kept: dict[str, torch.Tensor]) -> Callable[[Checkpoint, str], torch.Tensor]:
+    """``Checkpoint.read_small`` that also puts what it reads in ``kept``; bound to the checkpoint (``__self__``),
+    as ``read_small`` is, because backends tell the checkpoint a reader reads from by it (compressed-tensors, FP8)."""
+    def read(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        if name not in kept:
+            kept[name] = checkpoint.read_small(name)
+        return kept[name]
+
+    return read
+
+
 class Checkpoint:
     """A local checkpoint folder (one ``model.safetensors`` or shards with an index)."""
 
@@ -187,18 +199,28 @@ class Checkpoint:
     def read(self, name: str, handle: BinaryIO | None = None) -> torch.Tensor:
         """A parameter's value: decoded from its group if it has one, else the stored tensor."""
         if name in self.groups:
-            backend, names = self.groups[name]
-            try:
-                value: torch.Tensor = backend.decode_group(name, self.read_small, names)
-            except AdaptoolsError as exc:  # found only when decoded (NaN codes, overflowing scales)
-                raise self.located(exc) from None
-            if count_nonfinite(value):
-                self._refuse_overflowing_group(name, backend, names, value)
-            return value
+            return self.read_group(name)
         shard, info = self.location[name]
         if handle is not None:
             return read_tensor(handle, info)
         return self.read_small(name)
+
+    def read_group(self, name: str, kept: dict[str, torch.Tensor] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """A grouped parameter's decoded value. ``kept``, when given, receives the stored tensors it was decoded
+        from: the merge engine compares them with what it writes, and reading them again cost as much as the
+        encoding (docs/merge-engine.md, "Encoding a group"). ``out``: a buffer the backend may decode into
+        (Backend.decode_group_into)."""
+        backend, names = self.groups[name]
+        read = self.read_small if kept is None else types.MethodType(_keeping(kept), self)
+        try:
+            value: torch.Tensor = backend.decode_group(name, read, names) if out is None else \
+                backend.decode_group_into(name, read, names, out)
+        except AdaptoolsError as exc:  # found only when decoded (NaN codes, overflowing scales)
+            raise self.located(exc) from None
+        if count_nonfinite(value):
+            self._refuse_overflowing_group(name, backend, names, value)
+        return value
 
     def _refuse_overflowing_group(self, name: str, backend: Backend, names: list[str], value: torch.Tensor) -> None:
         """A quantized weight whose stored tensors are finite decodes to NaN or infinity only when its scales

@@ -3,12 +3,14 @@
 Builds (once, cached under --work) a synthetic Llama GGUF file in Q8_0 with TinyLlama-1.1B's shapes (about
 1.1B parameters, 1.2 GB; norms in F32, a 32000-token vocabulary in the metadata) and the r=16 PEFT LoRA on
 every linear layer that benchmarks/merge.py uses, then runs each contender --repeat times, interleaved (the
-first ``cp`` also warms the page cache), and prints median wall time and peak RSS with ratios against ``cp``
-measured in the same run, and where the merge's time went (the engine profile from ``merge --json``).
+first ``cp`` also warms the page cache), and prints median wall time, peak RSS and CPU time (user + sys,
+less noisy on a shared machine) with ratios against ``cp`` measured in the same run, and where the merge's
+time went (the engine profile from ``merge --json``).
 
     python benchmarks/gguf_merge.py                 # 1.1B Q8_0, 3 repeats
     python benchmarks/gguf_merge.py --json results.json
     python benchmarks/gguf_merge.py --header-only   # planning's header read: gguf-py's reader vs open_header
+    python benchmarks/gguf_merge.py --out /tmp/x.gguf  # the output elsewhere (a --work shared by two checkouts)
 
 (Named gguf_merge.py: a script named gguf.py would shadow the gguf package it imports.)
 
@@ -86,12 +88,22 @@ def build_base(path: Path, cfg: dict) -> None:
     tmp.rename(path)
 
 
+#: CPU seconds (user + sys, the command and its children) of each run, by command: less noisy than wall time
+#: on a machine shared with other work.
+CPU: dict[tuple[str, ...], list[float]] = {}
+
+
 def measure(cmd: list[str], out: Path, profile: dict | None = None) -> tuple[float, int]:
-    """benchmarks/merge.py's timer for a command whose output is one file."""
+    """benchmarks/merge.py's timer for a command whose output is one file, noting its CPU time in :data:`CPU`."""
+    import resource
+
     out.unlink(missing_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         return dense.measure(cmd, out, profile)
     finally:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        CPU.setdefault(tuple(cmd), []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         out.unlink(missing_ok=True)
 
 
@@ -118,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--header-only", action="store_true", help="only the header reads (no merge, no cp)")
+    parser.add_argument("--out", type=Path, help="where the merge and cp write (default: <work>/out.gguf; deleted "
+                                                  "after each run)")
     args = parser.parse_args()
     cfg = dense.SIZES["1b"]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -131,7 +145,10 @@ def main() -> None:
           + f"; {headers['gguf-py GGUFReader (before)'] / headers['open_header (now)']:.0f}x faster")
     if args.header_only:
         return
-    out = args.work / "out.gguf"
+    out = args.out or args.work / "out.gguf"
+    import adaptools
+
+    print(f"adaptools from {Path(adaptools.__file__).parent}", file=sys.stderr)  # which checkout is measured
     adaptools_cmd = [sys.executable, "-m", "adaptools"]
     contenders = {
         "cp (Q8_0 base)": ["cp", str(base), str(out)],
@@ -143,12 +160,14 @@ def main() -> None:
     cp = results["cp (Q8_0 base)"]["wall_s"]
     torch_s = results['python -c "import torch"']["wall_s"]
     print(f"\nbase: {base.stat().st_size / 1e9:.2f} GB Q8_0; r=16 LoRA on every linear layer; medians of {args.repeat}")
-    print(f"{'contender':30s} {'wall s':>8s} {'x cp':>8s} {'work s':>8s} {'work x cp':>10s} {'peak RSS GiB':>13s}")
+    print(f"{'contender':30s} {'wall s':>8s} {'x cp':>8s} {'work s':>8s} {'work x cp':>10s} {'peak RSS GiB':>13s} "
+          f"{'CPU s':>7s}")
     for name, r in results.items():
         work = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
         r["work_s"] = work
+        r["cpu_s"] = statistics.median(CPU[tuple(contenders[name])][-args.repeat:])  # (the warm-up run is first)
         print(f"{name:30s} {r['wall_s']:8.2f} {r['wall_s'] / cp:8.2f} {work:8.2f} {work / cp:10.2f} "
-              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
+              f"{r['peak_rss_bytes'] / 2**30:13.2f} {r['cpu_s']:7.2f}")
     for name, runs in profiles.items():
         if runs:
             median = {k: statistics.median(p.get(k, 0.0) for p in runs) for k in runs[0]}

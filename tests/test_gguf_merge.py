@@ -515,3 +515,71 @@ def test_a_dense_base_merged_to_gguf_f16_beyond_its_range_is_refused(bpe_llama, 
     result = merge(cli_runner, bpe_llama / "base", adapter, out, "--outtype", "f16")
     assert result.exit_code == 2 and "non-finite" in result.stderr and "Traceback" not in result.output, result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kernel", ["native", "gguf-py"])
+def test_a_q8_0_scale_beyond_float16_made_by_the_encoding_is_refused(kernel, bases, tmp_path, cli_runner, monkeypatch):
+    """docs/outputs.md, "Never garbage": merged values that are finite in float32 but whose Q8_0 block scale
+    (max |x| / 127) overflows float16 would be written as infinite scales; the check of what was written
+    (fused into the encoding with the native kernel, Backend.encode_group_decoded) refuses it, exit 2, naming
+    the tensor and the encoding, with the kernel and without it."""
+    from safetensors.torch import load_file, save_file
+
+    from adaptools_plugins.gguf import native
+
+    if kernel == "gguf-py":
+        monkeypatch.setattr(native, "LIB", None)
+    elif native.LIB is None:
+        pytest.skip("the GGUF kernel is not built")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTERS / "llama-lora", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    factors = load_file(weights)
+    save_file({k: v * (1e9 if "lora_B" in k else 1) for k, v in factors.items()}, weights)
+    out = tmp_path / "out.gguf"
+    result = merge(cli_runner, bases["llama-q8"], adapter, out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "non-finite" in result.stderr and "its encoding" in result.stderr and ".weight" in result.stderr
+    assert not out.exists()
+    # the same adapter a thousand times smaller merges: the refusal is the overflow's, not the adapter's
+    save_file({k: v * (1e6 if "lora_B" in k else 1) for k, v in factors.items()}, weights)
+    ok(merge(cli_runner, bases["llama-q8"], adapter, out))
+
+
+def test_each_changed_tensor_is_read_from_the_base_once(bases, tmp_path, cli_runner, monkeypatch):
+    """The survival report compares the written bytes with the base's: the reader keeps the stored bytes it
+    decoded (Reader.stored_parts) instead of the encoding reading them again (docs/merge-engine.md,
+    "Encoding a group")."""
+    from collections import Counter
+
+    reads: Counter[str] = Counter()
+    original = Checkpoint.read_small
+
+    def counted(self, name):
+        reads[name] += 1
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read_small", counted)
+    summary = json.loads(ok(merge(cli_runner, bases["llama-q8"], ADAPTERS / "llama-lora", tmp_path / "out.gguf",
+                                  "--json")).stdout)
+    merged = [s["tensor"] for s in summary["survival"]]
+    assert len(merged) == 14 and all(reads[name] == 1 for name in merged), reads
+
+
+def test_the_reader_decodes_a_gguf_weight_into_a_pooled_buffer(bases):
+    """Backend.decode_group_into: the read-ahead decodes each Q8_0 weight into a buffer of the engine's pool
+    (a fresh 46 MB array per weight faulted in page by page), with the values of the plain decode; Q/K rows,
+    put back in Hugging Face order, come out in a new tensor instead, and nothing is lent then."""
+    from adaptools.engine.source import BufferPool, Reader
+
+    checkpoint = Checkpoint.open(bases["llama-q8"])
+    pool = BufferPool()
+    with Reader(checkpoint, pool) as reader:
+        for name, pooled_expected in (("model.layers.0.mlp.up_proj.weight", True),
+                                      ("model.layers.0.self_attn.q_proj.weight", False)):
+            value, pooled = reader.read(name)
+            assert pooled is pooled_expected and torch.equal(value, checkpoint.read(name)), name
+            assert set(reader.stored_parts(name)) == {name} and reader.stored_parts(name) == {}
+            assert bool(pool._lent) is pooled
+            reader.release(value, pooled)
+            assert not pool._lent

@@ -173,3 +173,38 @@ def test_legacy_types_decode_as_gguf_py_value_for_value(qtype, monkeypatch):
         theirs = gguf_py(monkeypatch, codec.decode_bytes, data, qtype, shape)
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
     assert not np.isfinite(ours).all()
+
+
+# --- encoded and decoded in one pass (native.encode_decoded, the merge's re-encoding) ------------------------
+
+
+def _hostile_for(qtype: Q) -> np.ndarray:
+    values = kquant_rows() if qtype in codec.KQUANTS else legacy_rows()
+    n = native.BLOCKS[qtype][0]
+    return values.reshape(-1)[: values.size // (4 * n) * 4 * n].reshape(-1, 4 * n)  # rows of 4 blocks
+
+
+@pytest.mark.parametrize("qtype", sorted(native.TYPES, key=lambda q: q.name), ids=lambda q: q.name)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_encoded_and_decoded_in_one_pass_are_gguf_pys_bytes_and_values(qtype, threads, monkeypatch):
+    """The fused pass (Q8_0's own kernel, the other types a piece of blocks at a time) gives the bytes gguf-py
+    (kquants.py for the K-quants) encodes and the values gguf-py decodes from them, bit for bit, NaN,
+    infinities and float16-overflowing scales included; into a lent buffer too, and over more blocks than a
+    piece (native.PIECE_BLOCKS) so that pieces and threads split them."""
+    rows = _hostile_for(qtype)
+    with np.errstate(all="ignore"):
+        want = gguf_py(monkeypatch, codec.encode, rows, qtype)
+        back = gguf.quants.dequantize(want, qtype)
+    many = np.concatenate([rows] * (2 * native.PIECE_BLOCKS // rows.shape[0] + 1))
+    with np.errstate(all="ignore"):
+        many_want = gguf_py(monkeypatch, codec.encode, many, qtype)
+        many_back = gguf.quants.dequantize(many_want, qtype)
+    for values, data, decoded in ((rows, want, back), (many, many_want, many_back)):
+        lent = np.full(values.size, 7.0, np.float32)
+        for buffer in (None, lent):
+            got, got_back = native.encode_decoded(values, qtype, buffer, threads=threads)
+            assert got.shape == data.shape and np.array_equal(got, data)
+            assert got_back.shape == values.shape
+            assert np.array_equal(got_back.view(np.uint32), decoded.view(np.uint32))  # NaNs by their bits
+        assert np.shares_memory(native.encode_decoded(values, qtype, lent)[1], lent)
+    assert not np.isfinite(back).all()  # the hostile rows did write non-finite values

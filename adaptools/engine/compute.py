@@ -9,6 +9,7 @@ where the base had a finite value (docs/merge-engine.md, "Never garbage").
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from ..interfaces import Backend, BaseTensor, TensorUpdate, UpdateKind
 from ..packed import KINDS, add_rounded, packed_available
 from ..safetensors_io import DTYPES
 from .entries import CAST, Entry
-from .quantized import Survival, survival
+from .quantized import Survival, survival, survival_norms
 from .source import BufferPool, Reader
 
 
@@ -194,12 +195,15 @@ class Compute:
         entry order) while this one computes the next entry: encoding is single-threaded, the dense
         arithmetic uses every core, and overlapping the two is what keeps ``--requantize`` near a plain merge."""
         stored, pooled = source if source is not None else self.reader.read(entry.source)
+        parts = self.reader.stored_parts(entry.source)  # the group's stored bytes, if it was one
         started = time.perf_counter()
         handed_on = False
         try:
             if entry.group is None:
                 out = self._dense(entry, stored, entry.encoder, DTYPES[entry.dtype][0])
-                produced = Produced({entry.name: out}, [out] if out is not stored else [])
+                if out is stored and pooled:  # written as read (a group decoded to its own dtype): the writer
+                    handed_on = True  # gives the reader's buffer back once written, not the reader now
+                produced = Produced({entry.name: out}, [out] if out is not stored or pooled else [])
                 return lambda: produced
             if entry.chain:
                 merged = self._dense(entry, stored, entry.decoder, DTYPES[entry.dtype][0])
@@ -209,7 +213,7 @@ class Compute:
 
             def finish() -> Produced:
                 try:
-                    return self._encode(entry, stored, merged)
+                    return self._encode(entry, stored, merged, parts)
                 finally:
                     if merged is not stored:
                         self.pool.give(merged)
@@ -243,28 +247,45 @@ class Compute:
         check_finite(entry, value, lambda: entry.decoder.decode(stored.to(self.device)))  # type: ignore[union-attr]
         return value
 
-    def _encode(self, entry: Entry, stored: torch.Tensor, merged: torch.Tensor) -> Produced:
+    def _encode(self, entry: Entry, stored: torch.Tensor, merged: torch.Tensor,
+                parts: dict[str, torch.Tensor] | None = None) -> Produced:
         """A parameter encoded as a backend's group (a quantized weight), from its merged dense value, with
-        the report of how much of the change survived."""
+        the report of how much of the change survived; ``parts`` are the stored tensors the base's group was
+        decoded from, when the reader kept them (else the report reads them)."""
         assert entry.group is not None
         started = time.perf_counter()
         try:
             backend, settings = entry.group.backend, entry.group.settings
-            group = backend.encode_group(entry.name, merged, settings)
-            # What is written, decoded again, is finite wherever its source was: the rule every encoder
-            # inherits (a Q8_0 block scale or an F16 value beyond fp16's range, a 4-bit group whose dtype
-            # cannot hold its scale). docs/outputs.md, "Never garbage".
-            written = backend.decode_group(entry.name, group.__getitem__, [k for k in group if k != entry.name],
-                                           settings)
-            check_finite(entry, written, lambda: merged, what="its encoding")
-            report = None
-            if entry.survival:
-                main = self.checkpoint.anchors.get(entry.name, entry.name)  # the stored tensor the codes are in
-                before = self.checkpoint.read_small(main)
-                report = survival(entry.name, before, merged, stored, group, written, main)
+            # encoded and decoded again in one call: a backend whose codec gives back each block's decoded
+            # values as it encodes it saves a pass over the tensor (Backend.encode_group_decoded)
+            lent = self.pool.tensor(merged.dtype, tuple(merged.shape))  # for the decoded values
+            try:
+                group, written = backend.encode_group_decoded(entry.name, merged, settings, lent)
+                report = self._check_written(entry, stored, merged, group, written, parts)
+            finally:
+                self.pool.give(lent)
         finally:
             self.seconds["encode"] += time.perf_counter() - started
         return Produced(group, survival=report)
+
+    def _check_written(self, entry: Entry, stored: torch.Tensor, merged: torch.Tensor, group: dict[str, torch.Tensor],
+                       written: torch.Tensor, parts: dict[str, torch.Tensor] | None) -> Survival | None:
+        """Refuse a group whose decoded values are not finite where ``merged`` was, and report how much of the
+        change survived (None when the entry asks for no report)."""
+        # the report's norms first: ‖written − merged‖ is finite only if every written value is
+        norms = survival_norms(merged, stored, written) if entry.survival else None
+        # What is written, decoded again, is finite wherever its source was: the rule every encoder
+        # inherits (a Q8_0 block scale or an F16 value beyond fp16's range, a 4-bit group whose dtype
+        # cannot hold its scale). docs/outputs.md, "Never garbage". A finite norm proves it without the
+        # check's own pass over the tensor; anything else takes the check.
+        if norms is None or not math.isfinite(norms[2]):
+            check_finite(entry, written, lambda: merged, what="its encoding")
+        report = None
+        if entry.survival:
+            main = self.checkpoint.anchors.get(entry.name, entry.name)  # the stored tensor the codes are in
+            before = parts[main] if parts and main in parts else self.checkpoint.read_small(main)
+            report = survival(entry.name, before, merged, stored, group, written, main, norms)
+        return report
 
 
 def dense_value(entry: Entry, checkpoint: Checkpoint, device: str) -> torch.Tensor:

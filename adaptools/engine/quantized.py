@@ -173,12 +173,14 @@ def distances(pairs: list[tuple[torch.Tensor, torch.Tensor]], chunk: int = 1 << 
 
 
 def survival(name: str, before: torch.Tensor, merged: torch.Tensor, base: torch.Tensor,
-             group: Mapping[str, torch.Tensor], requantized: torch.Tensor, main: str | None = None) -> Survival:
+             group: Mapping[str, torch.Tensor], requantized: torch.Tensor, main: str | None = None,
+             norms: tuple[float, float, float] | None = None) -> Survival:
     """Share of the change kept: ‖deq(q(W+Δ)) − W‖ / ‖Δ‖, with W the decoded base and W+Δ as rounded to
     the stored dtype (what was encoded); ``before`` is the stored main tensor the group replaces (``main``,
     when it is not stored under the parameter's own name), ``group`` what the backend encoded and
-    ``requantized`` that group decoded again."""
-    norm, kept, wrong = survival_norms(merged, base, requantized)
+    ``requantized`` that group decoded again. ``norms``: :func:`survival_norms` of the three, if the caller
+    already took them (the engine does, to check what it wrote)."""
+    norm, kept, wrong = norms if norms is not None else survival_norms(merged, base, requantized)
     retained = kept / norm if norm > 0 else 1.0
     error = wrong / norm if norm > 0 else 0.0
     return Survival(name, norm, retained, changed_share(before, group[main or name]), error)

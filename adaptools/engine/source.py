@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..safetensors_io import TensorInfo, read_tensor
+from ..safetensors_io import DTYPES, TensorInfo, read_tensor
 
 #: Free buffers kept for reuse; more would only hold memory the next tensors will not need.
 KEEP_FREE = 4
@@ -40,7 +41,9 @@ class BufferPool:
             if fitting:  # (by index: ``list.remove`` would compare tensors element by element)
                 buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
             else:
-                buffer = torch.empty(max(GRANULE, -(-nbytes // GRANULE) * GRANULE), dtype=torch.uint8)
+                # numpy's allocator advises transparent huge pages for large arrays, so a new buffer faults
+                # in 2 MiB at a time where torch.empty's does 4 KiB (docs/merge-engine.md, "Where the time goes")
+                buffer = torch.from_numpy(np.empty(max(GRANULE, -(-nbytes // GRANULE) * GRANULE), dtype=np.uint8))
             view = buffer[:nbytes]
             self._lent[view.data_ptr()] = buffer
             return view
@@ -74,6 +77,7 @@ class Reader:
         self.checkpoint = checkpoint
         self.pool = pool
         self._handles: dict[Path, BinaryIO] = {}
+        self._kept: dict[str, dict[str, torch.Tensor]] = {}  # a group's stored tensors, by parameter
         self.seconds = 0.0  # spent reading and decoding groups, for the profile
 
     def handle(self, path: Path) -> BinaryIO:
@@ -92,12 +96,30 @@ class Reader:
         on a pooled buffer (then :meth:`release` it)."""
         started = time.perf_counter()
         try:
-            if name in self.checkpoint.groups:
-                return self.checkpoint.read(name), False
+            if name in self.checkpoint.groups:  # decoded into a pooled buffer where the backend can
+                logical = self.checkpoint.tensor(name)
+                lent = self.pool.tensor(DTYPES[logical.dtype][0], tuple(logical.shape))
+                kept: dict[str, torch.Tensor] = {}
+                try:
+                    value = self.checkpoint.read_group(name, kept, lent)
+                except BaseException:
+                    self.pool.give(lent)
+                    raise
+                self._kept[name] = kept
+                if value.data_ptr() == lent.data_ptr() and value.numel() == lent.numel():
+                    return value, True
+                self.pool.give(lent)
+                return value, False
             fh, info = self.raw(name)
             return read_tensor(fh, info, into=self.pool.take(info.nbytes)), True
         finally:
             self.seconds += time.perf_counter() - started
+
+    def stored_parts(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored tensors the group ``name`` was last decoded from by :meth:`read` (empty for a plain tensor),
+        handed over once: re-encoding compares its bytes with them (the survival report's changed share), and
+        reading them again cost as much as the encoding itself (docs/merge-engine.md, "Where the time goes")."""
+        return self._kept.pop(name, {})
 
     def release(self, tensor: torch.Tensor, pooled: bool) -> None:
         if pooled:
@@ -107,6 +129,7 @@ class Reader:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
+        self._kept.clear()
 
     def __enter__(self) -> Reader:
         return self

@@ -32,7 +32,7 @@ from .arch import describe_reader, qk_heads
 from .codec import changed_type, decodable, is_gguf, nbytes, scalar
 from .container import GGUFContainer
 from .fields import open_header
-from .layout import GGUFBase, StoredTensor, decode_encoded, encode_value, settings_for
+from .layout import GGUFBase, StoredTensor, decode_encoded, encode_value, encode_value_decoded, settings_for
 from .split import open_parts
 
 #: Most dimensions a GGUF tensor has (ggml's GGML_MAX_DIMS).
@@ -87,6 +87,12 @@ class GGUFBackend(plugin.Backend):
             return decode_encoded(settings, read(param), self.base.path if self.base is not None else None)
         return self._bound().decode(param, read(param), settings)
 
+    def decode_group_into(self, param: str, read: Callable[[str], torch.Tensor], names: list[str],
+                          out: torch.Tensor) -> torch.Tensor:
+        """Decoded into ``out`` by the native kernel where the GGUF layout is the Hugging Face one (not Q/K rows,
+        not Conv1D weights)."""
+        return self._bound().decode(param, read(param), out=out)
+
     def group_settings(self, param: str, read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
         """How ``param`` is written when changed: its GGUF name, numpy shape and type, and the layout facts
         (architecture and head counts) that put a Hugging Face value into GGUF's layout."""
@@ -96,6 +102,13 @@ class GGUFBackend(plugin.Backend):
 
     def encode_group(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {param: encode_value(settings, dense, self.base.path if self.base is not None else None)}
+
+    def encode_group_decoded(self, param: str, dense: torch.Tensor, settings: Mapping[str, Any],
+                             out: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Encoded and decoded again in one pass where the native kernel encodes the type (layout.py)."""
+        encoded, written = encode_value_decoded(settings, dense, self.base.path if self.base is not None else None,
+                                                out)
+        return {param: encoded}, written
 
 
 def _check(ok: bool, message: str, path: Path, tensor: str | None = None) -> None:

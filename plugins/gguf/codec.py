@@ -201,12 +201,14 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
     return numel // block * type_size
 
 
-def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+def decode_bytes(data: np.ndarray, qtype: Q, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
     """A tensor's stored bytes (uint8) -> float32 in numpy ``shape``, decoded by the native kernel where it
-    covers the type, else by gguf-py a row at a time (the same values)."""
+    covers the type (into ``out``, flat float32 of that size, when given), else by gguf-py a row at a time
+    (the same values)."""
     row_bytes = nbytes(qtype, (shape[-1] if shape else 1,))
     if qtype in native.TYPES and native.LIB is not None:
-        return native.decode(data, qtype, shape)  # gguf-py's values, in C (docs/gguf.md, "The native codec")
+        # gguf-py's values, in C (docs/gguf.md, "The native codec")
+        return native.decode(data, qtype, shape, out=out)
     with np.errstate(all="ignore"):  # non-finite scales: the engine names the tensor (finite.py)
         values = gguf.quants.dequantize(wide_rows(np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)), qtype)
     return np.asarray(values, dtype=np.float32).reshape(shape)

@@ -12,6 +12,7 @@ type, and the layout facts (architecture, head counts) that put a Hugging Face v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from . import native
 from .arch import ModelShape, family_for_arch, from_gguf_layout, qk_heads, to_gguf_layout
 from .codec import decode_bytes, encode
 from .fields import Header
@@ -58,13 +61,15 @@ class GGUFBase:
         transposed = self.model.family.conv1d and len(stored.shape) == 2 and stored.gguf_name.startswith("blk.")
         return tuple(reversed(stored.shape)) if transposed else stored.shape
 
-    def decode(self, param: str, value: torch.Tensor, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def decode(self, param: str, value: torch.Tensor, settings: Mapping[str, Any] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """``value`` (the stored bytes of ``param``, or what :func:`encode_value` made with ``settings``) as
-        float32 in the Hugging Face layout."""
+        float32 in the Hugging Face layout; into ``out`` (float32, contiguous, of that size) where the native
+        kernel decodes the type and the layouts agree, else in a new tensor."""
         if settings is not None:
             return decode_encoded(settings, value, self.path)
         stored = self.stored[param]
-        values = torch.from_numpy(decode_value(value, stored.qtype, stored.shape))
+        values = torch.from_numpy(decode_value(value, stored.qtype, stored.shape, out))
         return from_gguf_layout(self.model, stored.gguf_name, values, self.path)
 
 
@@ -84,6 +89,28 @@ def encode_value(settings: Mapping[str, Any], dense: torch.Tensor, path: object 
     if settings.get("imatrix"):  # --imatrix: llama-quantize's weighting (docs/gguf.md, "Importance matrices")
         weights = load_imatrix(settings["imatrix"]).for_tensor(settings["name"], tuple(settings["shape"]))
     return as_torch(encode(value.numpy(), qtype, weights), qtype, settings["shape"])
+
+
+def encode_value_decoded(settings: Mapping[str, Any], dense: torch.Tensor, path: object = None,
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_value` and :func:`decode_encoded` of what it made, in one pass of the native kernel where it
+    encodes the type without importance weights (native.encode_decoded: the same bytes and values), else the
+    two calls. The decoded values go into ``out`` (float32, the dense value's size) when given and the layouts
+    agree; Q/K rows, put back in Hugging Face order, and Conv1D weights come out in a new tensor."""
+    qtype = Q(settings["type"])
+    block = GGML_QUANT_SIZES[qtype][0]
+    if settings.get("imatrix") or qtype not in native.TYPES or native.LIB is None or not settings["shape"] \
+            or settings["shape"][-1] % block:
+        encoded = encode_value(settings, dense, path)
+        return encoded, decode_encoded(settings, encoded, path)
+    model = ModelShape(family_for_arch(settings["arch"]), n_head=settings["n_head"], n_head_kv=settings["n_head_kv"])
+    value = to_gguf_layout(model, settings["name"], dense.float(), path)
+    back = None
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.numel() == value.numel():
+        back = out.numpy().reshape(-1)
+    data, decoded = native.encode_decoded(value.numpy(), qtype, back)
+    values = torch.from_numpy(decoded.reshape(tuple(settings["shape"])))
+    return as_torch(data, qtype, settings["shape"]), from_gguf_layout(model, settings["name"], values, path)
 
 
 def decode_encoded(settings: Mapping[str, Any], value: torch.Tensor, path: object = None) -> torch.Tensor:
@@ -106,9 +133,14 @@ def as_torch(array: np.ndarray, qtype: Q, shape: Sequence[int]) -> torch.Tensor:
     return flat.view(torch.bfloat16).reshape(tuple(shape)) if qtype == Q.BF16 else flat
 
 
-def decode_value(value: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+def decode_value(value: torch.Tensor, qtype: Q, shape: tuple[int, ...], out: torch.Tensor | None = None) -> np.ndarray:
     """A tensor of ``qtype`` (bytes read from the file, or :func:`as_torch`'s float tensor) -> float32 in
-    GGUF's numpy layout."""
+    GGUF's numpy layout; into ``out`` where the native kernel decodes the type (and ``out`` is contiguous
+    float32 of that size)."""
     if value.dtype in FLOAT_DTYPES:
         return value.float().numpy().reshape(shape)
-    return decode_bytes(value.reshape(-1).numpy(), qtype, shape)
+    into = None
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu" \
+            and out.numel() == math.prod(shape):
+        into = out.numpy().reshape(-1)
+    return decode_bytes(value.reshape(-1).numpy(), qtype, shape, into)

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from adaptools import plugin
 
 #: The library's interface version (``adaptools_gguf_abi``).
-ABI = 5
+ABI = 6
 #: Each native type: (values per block, bytes per block, the name in its C functions
 #: ``adaptools_<name>_encode`` / ``adaptools_<name>_decode``).
 BLOCKS: dict[Q, tuple[int, int, str]] = {
@@ -55,6 +55,8 @@ def _load(here: Path | None = None) -> Any:
             function = getattr(lib, f"adaptools_{name}_{verb}")
             function.argtypes = [ptr, i64, i64, ptr]
             function.restype = None
+    lib.adaptools_q8_0_encode_decoded.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.adaptools_q8_0_encode_decoded.restype = None
     for qtype in WEIGHTED:
         function = getattr(lib, f"adaptools_{BLOCKS[qtype][2]}_encode_weighted")
         function.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr]
@@ -88,14 +90,55 @@ def encode(values: np.ndarray, qtype: Q, threads: int | None = None) -> np.ndarr
     return out.reshape(*values.shape[:-1], values.shape[-1] // n * size)
 
 
-def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...], threads: int | None = None) -> np.ndarray:
-    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize``; the blocks
-    split over ``threads`` as in :func:`encode`."""
+#: Blocks encoded, then decoded again, at a time in :func:`encode_decoded` for the types without a fused kernel:
+#: a piece's values (128 KiB of float32 for 32-value blocks) are still in the core's cache when they are decoded.
+PIECE_BLOCKS = 1024
+
+
+def encode_decoded(values: np.ndarray, qtype: Q, back: np.ndarray | None = None,
+                   threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode`'s bytes and :func:`decode` of them (into ``back``, float32 of ``values``' size, when
+    given), in one pass: the merge decodes everything it encodes, and a second pass over the tensor cost as
+    much as the encoding (docs/gguf.md, "Where a merge's time goes"). Q8_0 in one fused kernel, the other types
+    a piece of blocks at a time, each piece decoded while its codes are in cache. The same bytes and values as
+    the two calls: each block is coded on its own."""
+    assert LIB is not None
+    n, size, name = BLOCKS[qtype]
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    blocks = values.size // n
+    out = np.empty(blocks * size, dtype=np.uint8)
+    if back is None:
+        back = np.empty(blocks * n, dtype=np.float32)
+    assert back.dtype == np.float32 and back.size == blocks * n and back.flags.c_contiguous
+    src, dst, again = values.ctypes.data, out.ctypes.data, back.ctypes.data
+    if qtype == Q.Q8_0:
+        fused = LIB.adaptools_q8_0_encode_decoded
+        plugin.split(blocks, lambda b0, b1: fused(src, b0, b1, dst, again), threads)
+    else:
+        enc, dec = getattr(LIB, f"adaptools_{name}_encode"), getattr(LIB, f"adaptools_{name}_decode")
+
+        def work(b0: int, b1: int) -> None:
+            for p0 in range(b0, b1, PIECE_BLOCKS):
+                p1 = min(p0 + PIECE_BLOCKS, b1)
+                enc(src, p0, p1, dst)
+                dec(dst, p0, p1, again)
+
+        plugin.split(blocks, work, threads)
+    return out.reshape(*values.shape[:-1], values.shape[-1] // n * size), back.reshape(values.shape)
+
+
+def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...], threads: int | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """``qtype`` bytes -> float32 values in numpy ``shape``, as gguf-py's ``quants.dequantize`` (into ``out``,
+    contiguous float32 of that size, when given: the merge lends a pooled buffer); the blocks split over
+    ``threads`` as in :func:`encode`."""
     assert LIB is not None
     n, size, name = BLOCKS[qtype]
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     blocks = data.size // size
-    out = np.empty(blocks * n, dtype=np.float32)
+    if out is None:
+        out = np.empty(blocks * n, dtype=np.float32)
+    assert out.dtype == np.float32 and out.size == blocks * n and out.flags.c_contiguous
     function = getattr(LIB, f"adaptools_{name}_decode")
     plugin.split(blocks, lambda b0, b1: function(data.ctypes.data, b0, b1, out.ctypes.data), threads)
     return out.reshape(shape)
