@@ -179,7 +179,8 @@ def test_legacy_types_decode_as_gguf_py_value_for_value(qtype, monkeypatch):
 
 
 def _hostile_for(qtype: Q) -> np.ndarray:
-    values = kquant_rows() if qtype in codec.KQUANTS else legacy_rows()
+    # super-blocks of 256 (the K-quants, IQ4_XS) take the K-quant rows, whose hostile blocks are whole super-blocks
+    values = kquant_rows() if native.BLOCKS[qtype][0] == 256 else legacy_rows()
     n = native.BLOCKS[qtype][0]
     return values.reshape(-1)[: values.size // (4 * n) * 4 * n].reshape(-1, 4 * n)  # rows of 4 blocks
 
