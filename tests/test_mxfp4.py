@@ -34,18 +34,51 @@ def _bits(t):
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def _every_code_and_exponent(experts, rows, groups):
+    """Seeded random bytes (every code occurs) and scales cycling through all 256 exponent bytes."""
+    gen = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 256, (experts, rows, groups, 16), generator=gen, dtype=torch.uint8)
+    scales = (torch.arange(experts * rows * groups) % 256).to(torch.uint8).reshape(experts, rows, groups)
+    return blocks, scales
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_decode_equals_transformers_convert_moe_packed_tensors(dtype):
-    """Every code and every exponent byte (0 to 255, overflow and NaN included), as bits."""
+@pytest.mark.parametrize("shape", [(3, 256, 2), (2, 257, 3), (1, 1, 1), (5, 3, 7)])
+def test_decode_equals_transformers_convert_moe_packed_tensors(dtype, shape):
+    """Every code and every exponent byte (0 to 255, overflow and subnormals included), as bits; odd row and
+    group counts for the transposed write."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    gen = torch.Generator().manual_seed(7)
-    blocks = torch.randint(0, 256, (3, 256, 2, 16), generator=gen, dtype=torch.uint8)
-    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(3, 2, 1).transpose(1, 2).contiguous()
+    blocks, scales = _every_code_and_exponent(*shape)
+    if shape == (3, 256, 2):  # each exponent byte in each group, for every code
+        scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(3, 2, 1).transpose(1, 2).contiguous()
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
     ours = codec.dequantize(blocks, scales, dtype)
-    assert ours.shape == theirs.shape == (3, 64, 256) and ours.dtype == dtype
+    assert ours.shape == theirs.shape == (shape[0], shape[2] * 32, shape[1]) and ours.dtype == dtype
     assert torch.equal(_bits(ours), _bits(theirs))
+
+
+def _power_rounded_to_dtype_first(dtype):
+    values = torch.tensor(codec.FP4_VALUES, dtype=dtype).reshape(1, 16)
+    return values * torch.pow(2.0, torch.arange(256.0) - codec.BIAS).to(dtype).reshape(256, 1)
+
+
+def _product_of_fp32_power(dtype):  # torch.ldexp's documented formula: 0 x 2**128 = 0 x inf = NaN
+    values = torch.tensor(codec.FP4_VALUES, dtype=dtype).reshape(1, 16)
+    return (values * torch.pow(2.0, torch.arange(256, dtype=torch.int32) - codec.BIAS).reshape(256, 1)).to(dtype)
+
+
+@pytest.mark.parametrize("wrong", [_power_rounded_to_dtype_first, _product_of_fp32_power])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_bit_comparison_catches_a_wrong_value_table(dtype, wrong, monkeypatch):
+    """The decode test's inputs tell torch.ldexp from two plausible stand-ins (docs/mxfp4.md, "Decoding
+    fast"): a codec whose value table is built another way does not pass it."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    monkeypatch.setattr(codec, "value_table", wrong)
+    blocks, scales = _every_code_and_exponent(2, 257, 3)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    assert not torch.equal(_bits(codec.dequantize(blocks, scales, dtype)), _bits(theirs))
 
 
 def test_checkpoint_sees_dense_expert_parameters(mx):
