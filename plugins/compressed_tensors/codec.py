@@ -156,6 +156,14 @@ def dequantize(layout: Layout, weight: torch.Tensor, scale: torch.Tensor, zero: 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
+#: For each byte 0..255, the fp32 values of its low and high nibble side by side, read as one int64: one gather
+#: then writes both values of a byte, where indexing the 16-value table per nibble (two int64 index tensors and a
+#: stacked copy) cost most of the decode (docs/compressed-tensors.md, "Speed and memory"). The values, hence
+#: the bits, are :data:`E2M1`'s.
+_BYTES = torch.arange(256)
+_E2M1_PAIRS = torch.stack([E2M1[_BYTES & 0xF], E2M1[_BYTES >> 4]], 1).view(torch.int64).reshape(256)
+
+
 def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """An NVFP4 weight as the library decompresses it, in bf16: two fp4 codes per byte (low nibble first),
     each group of 16 times ``fp32(scale) / global_scale`` (one fp32 division, then one fp32 product), the
@@ -163,12 +171,16 @@ def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: to
     rows, cols = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((rows, cols), dtype=torch.bfloat16)
     factors = scale.to(torch.bfloat16).to(torch.float32) / global_scale.to(torch.float32)
-    for part in row_chunks((rows, cols)):
-        codes = packed[part]
-        values = E2M1[torch.stack((codes & 0xF, codes >> 4), dim=-1).view(codes.shape[0], cols).long()]
-        grouped = values.view(codes.shape[0], cols // 16, 16)
+    step = max(1, CHUNK // max(1, cols))
+    values = torch.empty(min(rows, step) * cols, dtype=torch.float32)  # one scratch for every chunk
+    for first in range(0, rows, step):
+        part = slice(first, min(rows, first + step))
+        codes = packed[part].reshape(-1)
+        chunk = values[:codes.numel() * 2]
+        torch.index_select(_E2M1_PAIRS, 0, codes.to(torch.int32), out=chunk.view(torch.int64))
+        grouped = chunk.view(-1, cols // 16, 16)
         grouped *= factors[part].unsqueeze(-1)
-        out[part] = values
+        out[part] = grouped.view(-1, cols)
     return out
 
 
