@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from merge import SIZES, build_adapter, build_base, print_profiles, run_interleaved
+from merge import SIZES, build_adapter, build_base, print_against_dense_cp, run_interleaved
 from nf4 import median_time
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,16 +72,9 @@ def engine(work: Path, repeat: int, out: Path | None = None) -> None:
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
     }
     results, profiles = run_interleaved(contenders, out, repeat)
-    cp = results["cp -r (dense base)"]["wall_s"]
-    torch_s = results['python -c "import torch"']["wall_s"]
     sizes = {p.name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for p in (dense, fp8)}
-    print(f"\ndense base {sizes[dense.name]:.2f} GB, FP8 base {sizes[fp8.name]:.2f} GB; medians of {repeat}")
-    print(f"{'contender':36s} {'wall s':>8s} {'work s':>8s} {'work x cp':>10s} {'CPU s':>8s} {'peak RSS GiB':>13s}")
-    for name, r in results.items():
-        work_s = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
-        print(f"{name:36s} {r['wall_s']:8.2f} {work_s:8.2f} {work_s / cp:10.2f} {r['cpu_s']:8.2f} "
-              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
-    print_profiles(profiles)
+    print_against_dense_cp(results, profiles, f"dense base {sizes[dense.name]:.2f} GB, FP8 base "
+                                              f"{sizes[fp8.name]:.2f} GB; medians of {repeat}")
 
 
 def main() -> None:

@@ -197,6 +197,21 @@ def run_interleaved(contenders: dict[str, list[str]], out: Path, repeat: int,
     return results, profiles
 
 
+def print_against_dense_cp(results: dict[str, dict], profiles: dict[str, list[dict]], title: str) -> None:
+    """The table of a quantized-base benchmark (fp8.py, mxfp4.py): each contender's wall, work (wall minus
+    ``python -c "import torch"`` for adaptools' runs), work over ``cp -r (dense base)``, CPU and peak RSS, then
+    the engine profiles."""
+    cp = results["cp -r (dense base)"]["wall_s"]
+    torch_s = results['python -c "import torch"']["wall_s"]
+    print(f"\n{title}")
+    print(f"{'contender':36s} {'wall s':>8s} {'work s':>8s} {'work x cp':>10s} {'CPU s':>8s} {'peak RSS GiB':>13s}")
+    for name, r in results.items():
+        work_s = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
+        print(f"{name:36s} {r['wall_s']:8.2f} {work_s:8.2f} {work_s / cp:10.2f} {r['cpu_s']:8.2f} "
+              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
+    print_profiles(profiles)
+
+
 def print_profiles(profiles: dict[str, list[dict]]) -> None:
     """Where each engine run's time went (medians of the runs' ``merge --json`` profiles), one line each."""
     for name, runs in profiles.items():

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from merge import print_profiles, run_interleaved
+from merge import print_against_dense_cp, run_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
@@ -140,16 +140,9 @@ def main() -> None:
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
     }
     results, profiles = run_interleaved(contenders, out, args.repeat)
-    cp = results["cp -r (dense base)"]["wall_s"]
-    torch_s = results['python -c "import torch"']["wall_s"]
     sizes = {p.name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for p in (dense, base)}
-    print(f"\ndense base {sizes[dense.name]:.2f} GB, MXFP4 base {sizes[base.name]:.2f} GB; medians of {args.repeat}")
-    print(f"{'contender':36s} {'wall s':>8s} {'work s':>8s} {'work x cp':>10s} {'CPU s':>8s} {'peak RSS GiB':>13s}")
-    for name, r in results.items():
-        work_s = r["wall_s"] - torch_s if name.startswith("adaptools") else r["wall_s"]
-        print(f"{name:36s} {r['wall_s']:8.2f} {work_s:8.2f} {work_s / cp:10.2f} {r['cpu_s']:8.2f} "
-              f"{r['peak_rss_bytes'] / 2**30:13.2f}")
-    print_profiles(profiles)
+    print_against_dense_cp(results, profiles, f"dense base {sizes[dense.name]:.2f} GB, MXFP4 base "
+                                              f"{sizes[base.name]:.2f} GB; medians of {args.repeat}")
 
 
 if __name__ == "__main__":

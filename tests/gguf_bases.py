@@ -172,3 +172,31 @@ def split_with_gguf_py(src: Path, out: Path, **split) -> list[Path]:
     writer.close()
     parts = sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
     return parts or [out]
+
+
+def llama_cpp_quantized(tmp_path: Path, qtype: str, seed: int) -> tuple[Path, Path]:
+    """A 256-wide two-layer tiny Llama saved by transformers, converted to F16 and quantized to ``qtype`` by
+    llama.cpp itself (the slow tests' K-quant and IQ bases), and a seeded r=4 LoRA on every projection of it:
+    (the quantized GGUF file, the LoRA folder)."""
+    import sys
+
+    import transformers
+    from conftest import FIXTURES
+    from peft import LoraConfig
+    from peft_oracle import seeded_lora
+
+    sys.path.insert(0, str(FIXTURES))
+    import llamacpp
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    llamacpp.python()
+    f16 = llamacpp.convert_base(tmp_path / "hf", tmp_path / "f16.gguf", "f16")
+    base = llamacpp.quantize(f16, tmp_path / f"{qtype}.gguf", qtype)
+    projections = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    seeded_lora(tmp_path / "hf", LoraConfig(r=4, lora_alpha=8, target_modules=projections), tmp_path / "lora", 4,
+                0.05)
+    return base, tmp_path / "lora"

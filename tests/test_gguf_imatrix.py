@@ -22,10 +22,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from conftest import FIXTURES
 from gguf import GGMLQuantizationType as Q
-from gguf_bases import raw
+from gguf_bases import llama_cpp_quantized, raw
 from test_gguf_kquants import hard_rows, varied_rows, wide  # noqa: F401  (wide: the module's Q4_K base)
 
 from adaptools.plugin import InputError
@@ -374,25 +373,10 @@ def test_a_merge_equals_llama_quantize_with_the_same_imatrix(layout, tmp_path, c
     and one entry has a token count of zero (weights of ones on both sides)."""
     import subprocess
 
-    import transformers
-    from peft import LoraConfig
-    from peft_oracle import seeded_lora
-
     sys.path.insert(0, str(FIXTURES))
-    import llamacpp
     import llamacpp_tools
 
-    torch.manual_seed(11)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    llamacpp.python()
-    f16 = llamacpp.convert_base(tmp_path / "hf", tmp_path / "f16.gguf", "f16")
-    base = llamacpp.quantize(f16, tmp_path / "q4_k_m.gguf", "q4_k_m")
-    projections = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    seeded_lora(tmp_path / "hf", LoraConfig(r=4, lora_alpha=8, target_modules=projections),
-                tmp_path / "lora", 4, 0.05)
+    base, _ = llama_cpp_quantized(tmp_path, "q4_k_m", 11)
     # one entry per 2-D weight but blk.1.ffn_up (left out); blk.0.attn_v's token count is zero
     shapes = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(base).tensors if len(t.shape) == 2}
     names = sorted(n for n in shapes if n != "blk.1.ffn_up.weight")

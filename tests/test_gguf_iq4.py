@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 from gguf import GGMLQuantizationType as Q
-from gguf_bases import raw, write_base
+from gguf_bases import llama_cpp_quantized, raw, write_base
 from test_gguf_kquants import _one_line_refusal, _patched, hard_rows, normal_rows, varied_rows
 
 from adaptools_plugins.gguf import codec as gguf_codec
@@ -274,24 +274,10 @@ def test_a_merge_into_llama_quantizes_iq4_xs_equals_llama_quantize_and_loads(tmp
     """A tiny Llama quantized to IQ4_XS by llama.cpp, merged: every changed IQ4_XS tensor keeps its type and
     is the bytes llama.cpp's quantizer makes of the exact merge (the same merge with --outtype f32), and
     llama.cpp loads the result and gives finite logits."""
-    import transformers
-    from peft import LoraConfig
-    from peft_oracle import seeded_lora
-
     sys.path.insert(0, str(FIXTURES))
     import llamacpp
 
-    torch.manual_seed(13)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    llamacpp.python()
-    f16 = llamacpp.convert_base(tmp_path / "hf", tmp_path / "f16.gguf", "f16")
-    base = llamacpp.quantize(f16, tmp_path / "iq4_xs.gguf", "iq4_xs")
-    projections = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    seeded_lora(tmp_path / "hf", LoraConfig(r=4, lora_alpha=8, target_modules=projections), tmp_path / "lora", 4,
-                0.05)
+    base, _ = llama_cpp_quantized(tmp_path, "iq4_xs", 13)
     out, exact = tmp_path / "out.gguf", tmp_path / "exact.gguf"
     result = cli_runner("merge", base, tmp_path / "lora", out, "--json")
     assert result.exit_code == 0, result.output
