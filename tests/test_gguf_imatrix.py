@@ -328,14 +328,27 @@ def ggml_base():
     return lib
 
 
-def ggml_weighted(lib, values: np.ndarray, qtype: Q, weights: np.ndarray) -> np.ndarray:
+def ggml_bytes(lib, values: np.ndarray, qtype: Q, weights: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's bytes for ``values`` in ``qtype``, weighted by ``weights`` (an imatrix row) when given."""
     values = np.ascontiguousarray(values, np.float32)
-    weights = np.ascontiguousarray(weights, np.float32)
     rows, cols = values.shape
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     out = np.zeros(rows * cols // block * size, np.uint8)
-    lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, cols, weights.ctypes.data)
+    lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, cols,
+                            None if weights is None else np.ascontiguousarray(weights, np.float32).ctypes.data)
     return out.reshape(rows, -1)
+
+
+def weight_kinds() -> dict[str, np.ndarray]:
+    """512 importance weights of six kinds for the byte-identity tests: random, zeros, ones, spiky (with zeros),
+    tiny (1e-30) and huge (a quarter of float32's largest)."""
+    rng = np.random.default_rng(17)
+    f32max = np.finfo(np.float32).max
+    kinds = {"random": rng.random(512).astype(np.float32) * 3, "zeros": np.zeros(512, np.float32),
+             "ones": np.ones(512, np.float32), "spiky": (rng.random(512) ** 8 * 1e4).astype(np.float32),
+             "tiny": np.full(512, 1e-30, np.float32), "huge": np.full(512, f32max / 4, np.float32)}
+    kinds["spiky"][::50] = 0
+    return kinds
 
 
 @pytest.mark.slow
@@ -343,19 +356,14 @@ def ggml_weighted(lib, values: np.ndarray, qtype: Q, weights: np.ndarray) -> np.
 @needs_native
 @pytest.mark.parametrize("qtype", WEIGHTED, ids=lambda q: q.name)
 def test_bytes_equal_llama_cpps_weighted_quantizer(qtype, ggml_base):
-    rng = np.random.default_rng(17)
-    f32max = np.finfo(np.float32).max
-    kinds = {"random": rng.random(512).astype(np.float32) * 3, "zeros": np.zeros(512, np.float32),
-             "ones": np.ones(512, np.float32), "spiky": (rng.random(512) ** 8 * 1e4).astype(np.float32),
-             "tiny": np.full(512, 1e-30, np.float32), "huge": np.full(512, f32max / 4, np.float32)}
-    kinds["spiky"][::50] = 0
+    kinds = weight_kinds()
     rows = {"hard": hard_rows().reshape(-1, 512), "varied": varied_rows(n=40).reshape(-1, 512)}
     if gguf.GGML_QUANT_SIZES[qtype][0] == 32:  # 11 blocks a row: 8 fit side by side, then 3 one at a time
         rows["tail"] = np.ascontiguousarray(varied_rows(n=40).reshape(-1, 256)[:, :32 * 11])
     for row_name, values in rows.items():
         for kind, full in kinds.items():
             weights = np.ascontiguousarray(full[:values.shape[1]])
-            want = ggml_weighted(ggml_base, values, qtype, weights)
+            want = ggml_bytes(ggml_base, values, qtype, weights)
             with np.errstate(all="ignore"):
                 ours = native.encode_weighted(values, qtype, weights)
             bad = np.nonzero((ours != want).any(axis=1))[0]

@@ -14,7 +14,6 @@ llama.cpp equals ``llama_model_quantize`` of the exact merge tensor for tensor, 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import sys
@@ -26,6 +25,7 @@ import torch
 from conftest import FIXTURES
 from gguf import GGMLQuantizationType as Q
 from gguf_bases import llama_cpp_quantized, raw, write_base
+from test_gguf_imatrix import ggml_base, ggml_bytes, weight_kinds  # noqa: F401  (ggml_base: llama.cpp's library)
 from test_gguf_kquants import _one_line_refusal, _patched, hard_rows, normal_rows, varied_rows
 
 from adaptools_plugins.gguf import codec as gguf_codec
@@ -192,32 +192,6 @@ def test_truncated_iq4_blocks_are_refused(bases, tmp_path, cli_runner):
 # --- slow: llama.cpp itself ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ggml_base():
-    """llama.cpp's own libggml-base (the full llama.cpp fixture): ``ggml_quantize_chunk``, what llama-quantize
-    calls for each tensor, with or without an importance matrix."""
-    sys.path.insert(0, str(FIXTURES))
-    import llamacpp
-
-    llamacpp.python()  # built the first time
-    built = sorted(llamacpp.VENV.glob("lib/python*/site-packages/**/libggml-base.so"))
-    lib = ctypes.CDLL(str(built[0]))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
-
-
-def ggml_bytes(lib, values: np.ndarray, qtype: Q, weights: np.ndarray | None = None) -> np.ndarray:
-    values = np.ascontiguousarray(values, np.float32)
-    rows, cols = values.shape
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    out = np.zeros(rows * cols // block * size, np.uint8)
-    lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, cols,
-                            None if weights is None else np.ascontiguousarray(weights, np.float32).ctypes.data)
-    return out.reshape(rows, -1)
-
-
 def slow_rows() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(11)
     scales = np.float32(10.0) ** rng.uniform(-8, 4, (256, 1)).astype(np.float32)
@@ -231,7 +205,7 @@ def slow_rows() -> dict[str, np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_bytes_equal_llama_cpps_quantizer(qtype, ggml_base):
+def test_bytes_equal_llama_cpps_quantizer(qtype, ggml_base):  # noqa: F811 (the imported fixture)
     for row_name, values in slow_rows().items():
         if values.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             continue
@@ -247,13 +221,8 @@ def test_bytes_equal_llama_cpps_quantizer(qtype, ggml_base):
 @pytest.mark.llamacpp
 @needs_native
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_weighted_bytes_equal_llama_cpps_quantizer(qtype, ggml_base):
-    rng = np.random.default_rng(17)
-    f32max = np.finfo(np.float32).max
-    kinds = {"random": rng.random(512).astype(np.float32) * 3, "zeros": np.zeros(512, np.float32),
-             "ones": np.ones(512, np.float32), "spiky": (rng.random(512) ** 8 * 1e4).astype(np.float32),
-             "tiny": np.full(512, 1e-30, np.float32), "huge": np.full(512, f32max / 4, np.float32)}
-    kinds["spiky"][::50] = 0
+def test_weighted_bytes_equal_llama_cpps_quantizer(qtype, ggml_base):  # noqa: F811 (the imported fixture)
+    kinds = weight_kinds()
     for row_name, values in slow_rows().items():
         if values.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             continue
