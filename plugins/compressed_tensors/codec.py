@@ -171,10 +171,10 @@ def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: to
     rows, cols = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((rows, cols), dtype=torch.bfloat16)
     factors = scale.to(torch.bfloat16).to(torch.float32) / global_scale.to(torch.float32)
-    step = max(1, CHUNK // max(1, cols))
-    values = torch.empty(min(rows, step) * cols, dtype=torch.float32)  # one scratch for every chunk
-    for first in range(0, rows, step):
-        part = slice(first, min(rows, first + step))
+    parts = list(row_chunks((rows, cols)))
+    first = parts[0].stop - parts[0].start if parts else 0
+    values = torch.empty(first * cols, dtype=torch.float32)  # one scratch for every chunk (the first is the largest)
+    for part in parts:
         codes = packed[part].reshape(-1)
         chunk = values[:codes.numel() * 2]
         torch.index_select(_E2M1_PAIRS, 0, codes.to(torch.int32), out=chunk.view(torch.int64))
